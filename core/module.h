@@ -1,0 +1,115 @@
+// Module trees: torch.nn.Module's registry of parameters, buffers and children.
+//
+// Modules are built mutable, then shared as `std::shared_ptr<const Module>` and
+// never changed again: a load builds new modules for the changed paths and
+// shares everything else (see state_dict.h). A tree is therefore safe to read
+// from any thread.
+#ifndef MODELSTATE_CORE_MODULE_H_
+#define MODELSTATE_CORE_MODULE_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/optional.h"
+#include "core/tensor.h"
+
+namespace modelstate {
+
+enum class TensorKind { kParameter, kBuffer };
+
+// A registered parameter or buffer. `tensor` is empty for torch's
+// `register_parameter(name, None)`.
+struct TensorSlot {
+  std::string name;
+  absl::optional<Tensor> tensor;
+  bool persistent = true;  // Buffers only; parameters are always persistent.
+};
+
+class Module;
+using ModulePtr = std::shared_ptr<const Module>;
+
+// A registered child. `module` is null for a child registered as None.
+struct ChildSlot {
+  std::string name;
+  ModulePtr module;
+};
+
+class Module {
+ public:
+  // `type_name` is the torch class name ("Linear"); `version` is the module's
+  // `_version` (1 by default, 2 for BatchNorm), stored in state-dict metadata.
+  explicit Module(std::string type_name, int version = 1);
+
+  const std::string& type_name() const { return type_name_; }
+  int version() const { return version_; }
+
+  // Registers a parameter (or a None parameter). Returns InvalidArgument for an
+  // empty name or one containing '.', AlreadyExists if the name is taken by a
+  // parameter, buffer or child.
+  absl::Status AddParameter(absl::string_view name,
+                            absl::optional<Tensor> tensor);
+
+  // Registers a buffer; errors as AddParameter. Non-persistent buffers stay out
+  // of state dicts.
+  absl::Status AddBuffer(absl::string_view name, absl::optional<Tensor> tensor,
+                         bool persistent = true);
+
+  // Registers a child (null registers None); errors as AddParameter.
+  absl::Status AddChild(absl::string_view name, ModulePtr child);
+
+  const std::vector<TensorSlot>& parameters() const { return parameters_; }
+  const std::vector<TensorSlot>& buffers() const { return buffers_; }
+  const std::vector<ChildSlot>& children() const { return children_; }
+
+  // Returns the slot list for `kind`, for code that treats both alike.
+  const std::vector<TensorSlot>& slots(TensorKind kind) const {
+    return kind == TensorKind::kParameter ? parameters_ : buffers_;
+  }
+
+  // Returns the child registered as `name` (the ChildSlot, whose module may be
+  // null), or null when no child has that name.
+  const ChildSlot* FindChild(absl::string_view name) const;
+
+  // Returns the module at dotted `path` ("" is this module; "layers.1" never
+  // matches "layers.10"; a trailing '.' is ignored). NotFound names the first
+  // missing component, or says the child is None.
+  absl::StatusOr<ModulePtr> GetSubmodule(const ModulePtr& self,
+                                         absl::string_view path) const;
+
+  // Replaces the tensor of slot `index` of `kind` (copy-on-write helpers for
+  // loads).
+  void SetTensor(TensorKind kind, size_t index, Tensor tensor);
+  void SetChild(size_t index, ModulePtr child) {
+    children_[index].module = std::move(child);
+  }
+
+  // Returns a copy of this module that shares every tensor and child.
+  std::shared_ptr<Module> ShallowCopy() const {
+    return std::make_shared<Module>(*this);
+  }
+
+  // Sum of the bytes of every distinct storage reachable from this module
+  // (shared storages once).
+  size_t TotalTensorBytes() const;
+
+ private:
+  absl::Status CheckNewName(absl::string_view name) const;
+
+  std::string type_name_;
+  int version_;
+  std::vector<TensorSlot> parameters_;
+  std::vector<TensorSlot> buffers_;
+  std::vector<ChildSlot> children_;
+};
+
+// Returns OK if `name` can name a parameter, buffer or child: non-empty and
+// without '.'.
+absl::Status ValidateMemberName(absl::string_view name);
+
+}  // namespace modelstate
+
+#endif  // MODELSTATE_CORE_MODULE_H_

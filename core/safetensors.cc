@@ -1,0 +1,440 @@
+#include "core/safetensors.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <limits>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
+#include "nlohmann/json.hpp"
+
+namespace modelstate {
+namespace {
+
+using Json = nlohmann::ordered_json;
+
+constexpr uint64_t kLengthBytes = 8;
+constexpr uint64_t kMmapThreshold = 1 << 20;
+
+absl::Status Invalid(absl::string_view kind, absl::string_view detail) {
+  return absl::InvalidArgumentError(absl::StrCat(kind, ": ", detail));
+}
+
+uint64_t ReadLittleEndian64(const uint8_t* p) {
+  uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+
+// Strict UTF-8 (no overlong forms, no surrogates, nothing above U+10FFFF).
+bool IsValidUtf8(absl::Span<const uint8_t> s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const uint8_t c = s[i];
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    int extra;
+    uint32_t min;
+    uint32_t cp;
+    if ((c & 0xE0) == 0xC0) {
+      extra = 1, min = 0x80, cp = c & 0x1F;
+    } else if ((c & 0xF0) == 0xE0) {
+      extra = 2, min = 0x800, cp = c & 0x0F;
+    } else if ((c & 0xF8) == 0xF0) {
+      extra = 3, min = 0x10000, cp = c & 0x07;
+    } else {
+      return false;
+    }
+    if (s.size() - i <= static_cast<size_t>(extra)) return false;
+    for (int k = 1; k <= extra; ++k) {
+      if ((s[i + k] & 0xC0) != 0x80) return false;
+      cp = (cp << 6) | (s[i + k] & 0x3F);
+    }
+    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+      return false;
+    i += extra + 1;
+  }
+  return true;
+}
+
+absl::StatusOr<uint64_t> JsonUnsigned(const Json& value,
+                                      absl::string_view what) {
+  if (!value.is_number_unsigned()) {
+    return Invalid("invalid header",
+                   absl::StrCat(what, " must be a non-negative integer"));
+  }
+  return value.get<uint64_t>();
+}
+
+absl::StatusOr<SafetensorsEntry> ParseEntry(const std::string& name,
+                                            const Json& info) {
+  if (!info.is_object()) {
+    return Invalid("invalid header",
+                   absl::StrCat("entry \"", name, "\" is not an object"));
+  }
+  auto dtype_it = info.find("dtype");
+  auto shape_it = info.find("shape");
+  auto offsets_it = info.find("data_offsets");
+  if (dtype_it == info.end() || shape_it == info.end() ||
+      offsets_it == info.end()) {
+    return Invalid("invalid header",
+                   absl::StrCat("entry \"", name,
+                                "\" needs dtype, shape and data_offsets"));
+  }
+  if (!dtype_it->is_string()) {
+    return Invalid("invalid header",
+                   absl::StrCat("dtype of \"", name, "\" is not a string"));
+  }
+  absl::StatusOr<DType> dtype =
+      ParseSafetensorsDType(dtype_it->get<std::string>());
+  if (!dtype.ok()) return Invalid("invalid header", dtype.status().message());
+  if (!shape_it->is_array()) {
+    return Invalid("invalid header",
+                   absl::StrCat("shape of \"", name, "\" is not an array"));
+  }
+  SafetensorsEntry entry{name, *dtype, {}, 0, 0};
+  bool dim_overflow = false;
+  for (const Json& dim : *shape_it) {
+    ASSIGN_OR_RETURN(
+        uint64_t d, JsonUnsigned(dim, absl::StrCat("shape of \"", name, "\"")));
+    if (d > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+      dim_overflow = true;
+    entry.shape.push_back(static_cast<int64_t>(d));
+  }
+  if (dim_overflow)
+    entry.shape.assign(1, -1);  // Reported as an overflow during validation.
+  if (!offsets_it->is_array() || offsets_it->size() != 2) {
+    return Invalid("invalid header", absl::StrCat("data_offsets of \"", name,
+                                                  "\" must be [begin, end]"));
+  }
+  ASSIGN_OR_RETURN(entry.begin, JsonUnsigned((*offsets_it)[0], "data_offsets"));
+  ASSIGN_OR_RETURN(entry.end, JsonUnsigned((*offsets_it)[1], "data_offsets"));
+  return entry;
+}
+
+}  // namespace
+
+absl::StatusOr<uint64_t> SafetensorsHeaderLength(
+    absl::Span<const uint8_t> prefix, uint64_t file_size) {
+  if (file_size < kLengthBytes || prefix.size() < kLengthBytes) {
+    return Invalid("header too small",
+                   absl::StrCat("file has ", file_size, " bytes"));
+  }
+  const uint64_t n = ReadLittleEndian64(prefix.data());
+  if (n > kSafetensorsMaxHeaderBytes) {
+    return Invalid(
+        "header too large",
+        absl::StrCat(n, " bytes exceeds ", kSafetensorsMaxHeaderBytes));
+  }
+  if (n + kLengthBytes > file_size) {
+    return Invalid("invalid header length",
+                   absl::StrCat("header of ", n, " bytes exceeds the file of ",
+                                file_size));
+  }
+  return n;
+}
+
+absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(
+    absl::Span<const uint8_t> prefix, uint64_t file_size) {
+  ASSIGN_OR_RETURN(uint64_t n, SafetensorsHeaderLength(prefix, file_size));
+  if (prefix.size() < kLengthBytes + n) {
+    return Invalid("invalid header length", "header bytes not provided");
+  }
+  absl::Span<const uint8_t> text = prefix.subspan(kLengthBytes, n);
+  if (!IsValidUtf8(text))
+    return Invalid("invalid header", "header is not valid UTF-8");
+
+  // Serde would keep the last of two equal keys; a checkpoint with duplicate
+  // names is ambiguous, so it is refused.
+  absl::flat_hash_set<std::string> top_level_keys;
+  std::string duplicate;
+  Json::parser_callback_t on_event = [&](int depth, Json::parse_event_t event,
+                                         Json& parsed) {
+    if (depth == 1 && event == Json::parse_event_t::key && duplicate.empty()) {
+      std::string key = parsed.get<std::string>();
+      if (!top_level_keys.insert(key).second) duplicate = std::move(key);
+    }
+    return true;
+  };
+  Json header = Json::parse(text.begin(), text.end(), on_event,
+                            /*allow_exceptions=*/false);
+  if (header.is_discarded())
+    return Invalid("invalid header", "header is not valid JSON");
+  if (!duplicate.empty()) {
+    return Invalid("invalid header",
+                   absl::StrCat("duplicate tensor name \"", duplicate, "\""));
+  }
+  if (!header.is_object())
+    return Invalid("invalid header", "header is not a JSON object");
+
+  SafetensorsHeader result;
+  result.data_start = kLengthBytes + n;
+  for (auto it = header.begin(); it != header.end(); ++it) {
+    if (it.key() == "__metadata__") {
+      if (!it.value().is_object()) {
+        return Invalid("invalid header",
+                       "__metadata__ must be a map of strings");
+      }
+      for (auto m = it.value().begin(); m != it.value().end(); ++m) {
+        if (!m.value().is_string()) {
+          return Invalid("invalid header",
+                         absl::StrCat("__metadata__ value of \"", m.key(),
+                                      "\" is not a string"));
+        }
+        result.metadata.emplace_back(m.key(), m.value().get<std::string>());
+      }
+      continue;
+    }
+    ASSIGN_OR_RETURN(SafetensorsEntry entry, ParseEntry(it.key(), it.value()));
+    result.entries.push_back(std::move(entry));
+  }
+
+  std::vector<const SafetensorsEntry*> by_offset;
+  by_offset.reserve(result.entries.size());
+  for (const SafetensorsEntry& entry : result.entries)
+    by_offset.push_back(&entry);
+  std::stable_sort(by_offset.begin(), by_offset.end(),
+                   [](const auto* a, const auto* b) {
+                     return std::make_pair(a->begin, a->end) <
+                            std::make_pair(b->begin, b->end);
+                   });
+  uint64_t cursor = 0;
+  for (const SafetensorsEntry* entry : by_offset) {
+    if (entry->begin != cursor || entry->end < entry->begin) {
+      return Invalid(
+          "invalid offset",
+          absl::StrCat("tensor \"", entry->name, "\" has data_offsets [",
+                       entry->begin, ", ", entry->end,
+                       "] but the previous tensor ends at ", cursor));
+    }
+    cursor = entry->end;
+    absl::StatusOr<int64_t> bytes = entry->shape == Shape{-1}
+                                        ? absl::InvalidArgumentError("")
+                                        : NumBytes(entry->dtype, entry->shape);
+    if (!bytes.ok()) {
+      return Invalid(
+          "validation overflow",
+          absl::StrCat("size of tensor \"", entry->name, "\" overflows"));
+    }
+    if (entry->end - entry->begin != static_cast<uint64_t>(*bytes)) {
+      return Invalid(
+          "tensor invalid info",
+          absl::StrCat("tensor \"", entry->name, "\" spans ",
+                       entry->end - entry->begin,
+                       " bytes but its dtype and shape need ", *bytes));
+    }
+  }
+  if (result.data_start + cursor != file_size) {
+    return Invalid(
+        "incomplete buffer",
+        absl::StrCat("tensors end at byte ", result.data_start + cursor,
+                     " but the file has ", file_size));
+  }
+  return result;
+}
+
+absl::StatusOr<SafetensorsFile> ReadSafetensors(
+    std::shared_ptr<const Storage> bytes) {
+  absl::Span<const uint8_t> all(bytes->data(), bytes->size());
+  ASSIGN_OR_RETURN(SafetensorsHeader header,
+                   ParseSafetensorsHeader(all, all.size()));
+  SafetensorsFile file;
+  file.metadata = std::move(header.metadata);
+  for (SafetensorsEntry& entry : header.entries) {
+    ASSIGN_OR_RETURN(Tensor tensor,
+                     Tensor::View(entry.dtype, entry.shape, bytes,
+                                  header.data_start + entry.begin));
+    RETURN_IF_ERROR(
+        file.tensors.Insert(std::move(entry.name), std::move(tensor)));
+  }
+  return file;
+}
+
+namespace {
+
+absl::Status ErrnoStatus(absl::string_view what, const std::string& path) {
+  const int err = errno;
+  std::string message = absl::StrCat(what, " ", path, ": ", std::strerror(err));
+  switch (err) {
+    case ENOENT:
+      return absl::NotFoundError(message);
+    case EACCES:
+    case EPERM:
+      return absl::PermissionDeniedError(message);
+    case ENOSPC:
+    case EDQUOT:
+      return absl::ResourceExhaustedError(message);
+    default:
+      return absl::UnavailableError(message);
+  }
+}
+
+struct Fd {
+  int fd = -1;
+  ~Fd() {
+    if (fd >= 0) close(fd);
+  }
+};
+
+absl::Status ReadFully(int fd, uint8_t* out, size_t size,
+                       const std::string& path) {
+  size_t done = 0;
+  while (done < size) {
+    ssize_t got = pread(fd, out + done, size - done, static_cast<off_t>(done));
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) return ErrnoStatus("cannot read", path);
+    if (got == 0)
+      return absl::DataLossError(
+          absl::StrCat(path, " shrank while being read"));
+    done += static_cast<size_t>(got);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<SafetensorsFile> ReadSafetensorsFile(const std::string& path) {
+  Fd file;
+  file.fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (file.fd < 0) return ErrnoStatus("cannot open", path);
+  struct stat info;
+  if (fstat(file.fd, &info) != 0) return ErrnoStatus("cannot stat", path);
+  if (!S_ISREG(info.st_mode)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, " is not a regular file"));
+  }
+  const uint64_t size = static_cast<uint64_t>(info.st_size);
+  uint8_t length_bytes[kLengthBytes] = {};
+  if (size >= kLengthBytes) {
+    RETURN_IF_ERROR(ReadFully(file.fd, length_bytes, kLengthBytes, path));
+  }
+  RETURN_IF_ERROR(
+      SafetensorsHeaderLength({length_bytes, kLengthBytes}, size).status());
+
+  std::shared_ptr<const Storage> bytes;
+  if (size >= kMmapThreshold) {
+    void* mapping = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, file.fd, 0);
+    if (mapping == MAP_FAILED) return ErrnoStatus("cannot map", path);
+    std::shared_ptr<const void> owner(
+        mapping, [size](const void* p) { munmap(const_cast<void*>(p), size); });
+    bytes = Storage::Borrow(static_cast<const uint8_t*>(mapping), size,
+                            std::move(owner));
+  } else {
+    ASSIGN_OR_RETURN(std::shared_ptr<Storage> buffer, Storage::Allocate(size));
+    RETURN_IF_ERROR(
+        ReadFully(file.fd, const_cast<uint8_t*>(buffer->data()), size, path));
+    bytes = std::move(buffer);
+  }
+  absl::StatusOr<SafetensorsFile> parsed = ReadSafetensors(std::move(bytes));
+  if (!parsed.ok()) {
+    return absl::Status(parsed.status().code(),
+                        absl::StrCat(path, ": ", parsed.status().message()));
+  }
+  return parsed;
+}
+
+absl::StatusOr<std::pair<std::string, std::vector<size_t>>>
+SerializeSafetensorsHeader(const StateDict& state,
+                           const SafetensorsMetadata& metadata) {
+  const auto& entries = state.entries();
+  std::vector<size_t> order(entries.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    const size_t sa = ElementSize(entries[a].tensor.dtype());
+    const size_t sb = ElementSize(entries[b].tensor.dtype());
+    if (sa != sb) return sa > sb;
+    return entries[a].key < entries[b].key;
+  });
+  std::string json = "{";
+  if (!metadata.empty()) {
+    json += "\"__metadata__\":{";
+    for (size_t i = 0; i < metadata.size(); ++i) {
+      absl::StrAppend(&json, i ? "," : "", Json(metadata[i].first).dump(), ":",
+                      Json(metadata[i].second).dump());
+    }
+    json += "}";
+  }
+  uint64_t offset = 0;
+  for (size_t i = 0; i < order.size(); ++i) {
+    const StateDict::Entry& entry = entries[order[i]];
+    if (entry.key == "__metadata__") {
+      return absl::InvalidArgumentError(
+          "a tensor can't be named \"__metadata__\"");
+    }
+    std::string shape;
+    for (size_t d = 0; d < entry.tensor.shape().size(); ++d) {
+      absl::StrAppend(&shape, d ? "," : "", entry.tensor.shape()[d]);
+    }
+    const uint64_t end = offset + entry.tensor.num_bytes();
+    absl::StrAppend(&json, (i || !metadata.empty()) ? "," : "",
+                    Json(entry.key).dump(), ":{\"dtype\":\"",
+                    SafetensorsName(entry.tensor.dtype()), "\",\"shape\":[",
+                    shape, "],\"data_offsets\":[", offset, ",", end, "]}");
+    offset = end;
+  }
+  json += "}";
+  json.append((8 - json.size() % 8) % 8, ' ');
+  std::string header(kLengthBytes, '\0');
+  uint64_t n = json.size();
+  for (size_t i = 0; i < kLengthBytes; ++i)
+    header[i] = static_cast<char>((n >> (8 * i)) & 0xFF);
+  header += json;
+  return std::make_pair(std::move(header), std::move(order));
+}
+
+absl::Status WriteSafetensors(
+    const StateDict& state, const SafetensorsMetadata& metadata,
+    const std::function<absl::Status(absl::Span<const uint8_t>)>& sink) {
+  ASSIGN_OR_RETURN(auto header_and_order,
+                   SerializeSafetensorsHeader(state, metadata));
+  const std::string& header = header_and_order.first;
+  RETURN_IF_ERROR(
+      sink({reinterpret_cast<const uint8_t*>(header.data()), header.size()}));
+  for (size_t index : header_and_order.second) {
+    const Tensor& tensor = state.entries()[index].tensor;
+    if (tensor.num_bytes() > 0) RETURN_IF_ERROR(sink(tensor.bytes()));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> SerializeSafetensors(
+    const StateDict& state, const SafetensorsMetadata& metadata) {
+  std::string out;
+  RETURN_IF_ERROR(
+      WriteSafetensors(state, metadata, [&](absl::Span<const uint8_t> piece) {
+        out.append(reinterpret_cast<const char*>(piece.data()), piece.size());
+        return absl::OkStatus();
+      }));
+  return out;
+}
+
+absl::Status WriteSafetensorsFile(const std::string& path,
+                                  const StateDict& state,
+                                  const SafetensorsMetadata& metadata) {
+  Fd file;
+  file.fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (file.fd < 0) return ErrnoStatus("cannot create", path);
+  return WriteSafetensors(
+      state, metadata, [&](absl::Span<const uint8_t> piece) {
+        size_t done = 0;
+        while (done < piece.size()) {
+          ssize_t wrote =
+              write(file.fd, piece.data() + done, piece.size() - done);
+          if (wrote < 0 && errno == EINTR) continue;
+          if (wrote < 0) return ErrnoStatus("cannot write", path);
+          done += static_cast<size_t>(wrote);
+        }
+        return absl::OkStatus();
+      });
+}
+
+}  // namespace modelstate

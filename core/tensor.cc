@@ -1,0 +1,177 @@
+#include "core/tensor.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "core/status_macros.h"
+#include "xxhash.h"
+
+namespace modelstate {
+namespace {
+constexpr size_t kAlignment = 64;
+
+const std::shared_ptr<const Storage>& EmptyStorage() {
+  static const auto* empty =
+      new std::shared_ptr<const Storage>(Storage::Allocate(0).value());
+  return *empty;
+}
+}  // namespace
+
+Storage::Storage(uint8_t* data, size_t size, bool owned,
+                 std::shared_ptr<const void> owner)
+    : data_(data), size_(size), owned_(owned), owner_(std::move(owner)) {}
+
+Storage::~Storage() {
+  if (accountant_ != nullptr) {
+    accountant_->live_bytes_.fetch_sub(static_cast<int64_t>(size_),
+                                       std::memory_order_relaxed);
+  }
+  if (owned_) std::free(data_);
+}
+
+absl::StatusOr<std::shared_ptr<Storage>> Storage::Allocate(size_t bytes) {
+  // aligned_alloc needs a size that is a multiple of the alignment, and a
+  // non-zero one.
+  const size_t rounded =
+      bytes == 0 ? kAlignment
+                 : (bytes + kAlignment - 1) / kAlignment * kAlignment;
+  if (rounded < bytes) return absl::ResourceExhaustedError("tensor too large");
+  void* data = std::aligned_alloc(kAlignment, rounded);
+  if (data == nullptr) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("cannot allocate ", bytes, " bytes"));
+  }
+  std::memset(data, 0, bytes);
+  return std::shared_ptr<Storage>(
+      new Storage(static_cast<uint8_t*>(data), bytes, /*owned=*/true, nullptr));
+}
+
+std::shared_ptr<Storage> Storage::Borrow(const uint8_t* data, size_t bytes,
+                                         std::shared_ptr<const void> owner) {
+  return std::shared_ptr<Storage>(new Storage(const_cast<uint8_t*>(data), bytes,
+                                              /*owned=*/false,
+                                              std::move(owner)));
+}
+
+void Storage::AttachAccountant(
+    const std::shared_ptr<MemoryAccountant>& accountant) const {
+  if (attached_.test_and_set(std::memory_order_acq_rel)) return;
+  accountant_ = accountant;
+  accountant_->live_bytes_.fetch_add(static_cast<int64_t>(size_),
+                                     std::memory_order_relaxed);
+}
+
+absl::StatusOr<int64_t> NumElements(const Shape& shape) {
+  int64_t count = 1;
+  for (int64_t dim : shape) {
+    if (dim < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "negative dimension in shape [", absl::StrJoin(shape, ", "), "]"));
+    }
+    if (__builtin_mul_overflow(count, dim, &count)) {
+      return absl::InvalidArgumentError(absl::StrCat("element count of shape [",
+                                                     absl::StrJoin(shape, ", "),
+                                                     "] overflows"));
+    }
+  }
+  return count;
+}
+
+absl::StatusOr<int64_t> NumBytes(DType dtype, const Shape& shape) {
+  ASSIGN_OR_RETURN(int64_t count, NumElements(shape));
+  int64_t bytes;
+  if (__builtin_mul_overflow(count, static_cast<int64_t>(ElementSize(dtype)),
+                             &bytes)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "byte size of shape [", absl::StrJoin(shape, ", "), "] overflows"));
+  }
+  return bytes;
+}
+
+std::string TorchSizeString(const Shape& shape) {
+  return absl::StrCat("torch.Size([", absl::StrJoin(shape, ", "), "])");
+}
+
+Tensor::Tensor() : Tensor(DType::kFloat32, Shape{0}, 0, EmptyStorage(), 0) {}
+
+Tensor::Tensor(DType dtype, Shape shape, int64_t num_elements,
+               std::shared_ptr<const Storage> storage, size_t offset)
+    : dtype_(dtype),
+      shape_(std::move(shape)),
+      num_elements_(num_elements),
+      storage_(std::move(storage)),
+      offset_(offset) {}
+
+absl::StatusOr<Tensor> Tensor::Zeros(DType dtype, const Shape& shape) {
+  ASSIGN_OR_RETURN(TensorBuilder builder, TensorBuilder::Create(dtype, shape));
+  return std::move(builder).Build();
+}
+
+absl::StatusOr<Tensor> Tensor::FromBytes(DType dtype, const Shape& shape,
+                                         absl::Span<const uint8_t> bytes) {
+  ASSIGN_OR_RETURN(TensorBuilder builder, TensorBuilder::Create(dtype, shape));
+  if (bytes.size() != builder.num_bytes()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tensor of shape [", absl::StrJoin(shape, ", "),
+                     "] and dtype ", TorchName(dtype), " needs ",
+                     builder.num_bytes(), " bytes, got ", bytes.size()));
+  }
+  if (!bytes.empty())
+    std::memcpy(builder.mutable_data(), bytes.data(), bytes.size());
+  return std::move(builder).Build();
+}
+
+absl::StatusOr<Tensor> Tensor::View(DType dtype, const Shape& shape,
+                                    std::shared_ptr<const Storage> storage,
+                                    size_t offset) {
+  ASSIGN_OR_RETURN(int64_t bytes, NumBytes(dtype, shape));
+  if (offset > storage->size() ||
+      static_cast<uint64_t>(bytes) > storage->size() - offset) {
+    return absl::InvalidArgumentError("tensor view exceeds its storage");
+  }
+  ASSIGN_OR_RETURN(int64_t count, NumElements(shape));
+  return Tensor(dtype, shape, count, std::move(storage), offset);
+}
+
+absl::StatusOr<Tensor> Tensor::CastTo(DType dtype) const {
+  if (dtype == dtype_) return *this;
+  ASSIGN_OR_RETURN(TensorBuilder builder, TensorBuilder::Create(dtype, shape_));
+  ConvertElements(dtype_, data(), dtype, builder.mutable_data(), num_elements_);
+  return std::move(builder).Build();
+}
+
+absl::StatusOr<Tensor> Tensor::Reshape(const Shape& shape) const {
+  ASSIGN_OR_RETURN(int64_t count, NumElements(shape));
+  if (count != num_elements_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot reshape ", TorchSizeString(shape_), " to ",
+                     TorchSizeString(shape)));
+  }
+  return Tensor(dtype_, shape, count, storage_, offset_);
+}
+
+uint64_t Tensor::Checksum() const { return XXH3_64bits(data(), num_bytes()); }
+
+bool Tensor::BitwiseEquals(const Tensor& other) const {
+  return dtype_ == other.dtype_ && shape_ == other.shape_ &&
+         (num_bytes() == 0 ||
+          std::memcmp(data(), other.data(), num_bytes()) == 0);
+}
+
+absl::StatusOr<TensorBuilder> TensorBuilder::Create(DType dtype,
+                                                    const Shape& shape) {
+  ASSIGN_OR_RETURN(int64_t bytes, NumBytes(dtype, shape));
+  ASSIGN_OR_RETURN(int64_t count, NumElements(shape));
+  ASSIGN_OR_RETURN(std::shared_ptr<Storage> storage,
+                   Storage::Allocate(static_cast<size_t>(bytes)));
+  return TensorBuilder(dtype, shape, count, std::move(storage));
+}
+
+Tensor TensorBuilder::Build() && {
+  return Tensor::View(dtype_, shape_, std::move(storage_), 0).value();
+}
+
+}  // namespace modelstate

@@ -1,0 +1,196 @@
+// Tensors: a dtype, a shape and an immutable, reference-counted byte storage.
+//
+// Thread-safety: a Tensor is an immutable value; copies share storage and may
+// be used from any thread. A TensorBuilder is owned by one thread until Build()
+// publishes its bytes.
+#ifndef MODELSTATE_CORE_TENSOR_H_
+#define MODELSTATE_CORE_TENSOR_H_
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "core/dtype.h"
+
+namespace modelstate {
+
+using Shape = std::vector<int64_t>;
+
+// Counts the bytes of storages attached to it, for as long as they live.
+// Storages held only by snapshots still count, which is the point: they are
+// memory the process really holds.
+class MemoryAccountant {
+ public:
+  // Returns the bytes of all attached storages that are still alive.
+  int64_t live_bytes() const {
+    return live_bytes_.load(std::memory_order_relaxed);
+  }
+
+ private:
+  friend class Storage;
+  std::atomic<int64_t> live_bytes_{0};
+};
+
+// A contiguous block of bytes. Owned blocks are 64-byte aligned and
+// zero-initialised; a block may also borrow memory kept alive by an owner (a
+// memory-mapped file).
+class Storage {
+ public:
+  // Allocates `bytes` zeroed bytes, 64-byte aligned. Returns ResourceExhausted
+  // if the allocation fails.
+  static absl::StatusOr<std::shared_ptr<Storage>> Allocate(size_t bytes);
+
+  // Wraps memory that `owner` keeps alive (e.g. a mapping). Never copies.
+  static std::shared_ptr<Storage> Borrow(const uint8_t* data, size_t bytes,
+                                         std::shared_ptr<const void> owner);
+
+  ~Storage();
+  Storage(const Storage&) = delete;
+  Storage& operator=(const Storage&) = delete;
+
+  const uint8_t* data() const { return data_; }
+  size_t size() const { return size_; }
+
+  // Makes `accountant` count this storage's bytes until the storage dies.
+  // Attaching to the same accountant again is a no-op; a storage counts towards
+  // at most one accountant (the first). The accountant must outlive the
+  // storage.
+  void AttachAccountant(
+      const std::shared_ptr<MemoryAccountant>& accountant) const;
+
+ private:
+  friend class TensorBuilder;
+  Storage(uint8_t* data, size_t size, bool owned,
+          std::shared_ptr<const void> owner);
+
+  uint8_t* data_;
+  size_t size_;
+  bool owned_;
+  std::shared_ptr<const void> owner_;
+  mutable std::shared_ptr<MemoryAccountant> accountant_;
+  mutable std::atomic_flag attached_ = ATOMIC_FLAG_INIT;
+};
+
+// Returns the number of elements of `shape`, or InvalidArgument for a negative
+// dimension or a count that overflows int64.
+absl::StatusOr<int64_t> NumElements(const Shape& shape);
+
+// Returns the byte size of a tensor of `dtype` and `shape`, with the same
+// errors as NumElements plus InvalidArgument when the byte count overflows
+// int64.
+absl::StatusOr<int64_t> NumBytes(DType dtype, const Shape& shape);
+
+// Formats a shape the way torch prints it: "torch.Size([3, 4])",
+// "torch.Size([])".
+std::string TorchSizeString(const Shape& shape);
+
+class Tensor {
+ public:
+  // An empty float32 tensor of shape [0]; mostly for containers.
+  Tensor();
+
+  // Returns a tensor of zeros. Errors as NumBytes, or ResourceExhausted.
+  static absl::StatusOr<Tensor> Zeros(DType dtype, const Shape& shape);
+
+  // Returns a tensor whose bytes are a copy of `bytes`, which must hold exactly
+  // NumBytes(dtype, shape) bytes (InvalidArgument otherwise).
+  static absl::StatusOr<Tensor> FromBytes(DType dtype, const Shape& shape,
+                                          absl::Span<const uint8_t> bytes);
+
+  // Returns a view of `storage` starting at `offset`; never copies.
+  // InvalidArgument when the view does not fit inside the storage.
+  static absl::StatusOr<Tensor> View(DType dtype, const Shape& shape,
+                                     std::shared_ptr<const Storage> storage,
+                                     size_t offset);
+
+  DType dtype() const { return dtype_; }
+  const Shape& shape() const { return shape_; }
+  int64_t num_elements() const { return num_elements_; }
+  size_t num_bytes() const { return num_elements_ * ElementSize(dtype_); }
+  const uint8_t* data() const { return storage_->data() + offset_; }
+  absl::Span<const uint8_t> bytes() const { return {data(), num_bytes()}; }
+  const std::shared_ptr<const Storage>& storage() const { return storage_; }
+  size_t storage_offset() const { return offset_; }
+
+  template <typename T>
+  const T* data_as() const {
+    return reinterpret_cast<const T*>(data());
+  }
+
+  // Returns a tensor of `dtype` holding this tensor's values converted as
+  // torch's copy_ does (see ConvertElements). Shares storage, without copying,
+  // when the dtype is already `dtype`.
+  absl::StatusOr<Tensor> CastTo(DType dtype) const;
+
+  // Returns a tensor of the same bytes under another shape with the same
+  // element count; shares storage. InvalidArgument when the counts differ.
+  absl::StatusOr<Tensor> Reshape(const Shape& shape) const;
+
+  // True when both tensors are views of the same bytes (same storage, offset
+  // and size): torch's "tied" parameters.
+  bool SharesBytesWith(const Tensor& other) const {
+    return storage_ == other.storage_ && offset_ == other.offset_ &&
+           num_bytes() == other.num_bytes();
+  }
+
+  // XXH3-64 of the tensor's bytes (the protocol's per-tensor checksum).
+  uint64_t Checksum() const;
+
+  // True when dtype, shape and bytes are all equal.
+  bool BitwiseEquals(const Tensor& other) const;
+
+ private:
+  Tensor(DType dtype, Shape shape, int64_t num_elements,
+         std::shared_ptr<const Storage> storage, size_t offset);
+
+  DType dtype_;
+  Shape shape_;
+  int64_t num_elements_;
+  std::shared_ptr<const Storage> storage_;
+  size_t offset_;
+};
+
+// Writable tensor under construction. Fill mutable_data(), then Build() to
+// freeze it.
+class TensorBuilder {
+ public:
+  // Allocates a zeroed tensor. Errors as Tensor::Zeros.
+  static absl::StatusOr<TensorBuilder> Create(DType dtype, const Shape& shape);
+
+  DType dtype() const { return dtype_; }
+  const Shape& shape() const { return shape_; }
+  size_t num_bytes() const { return storage_->size(); }
+  int64_t num_elements() const { return num_elements_; }
+  uint8_t* mutable_data() { return storage_->data_; }
+  template <typename T>
+  T* mutable_data_as() {
+    return reinterpret_cast<T*>(storage_->data_);
+  }
+
+  // Freezes the bytes into an immutable Tensor. The builder must not be used
+  // afterwards.
+  Tensor Build() &&;
+
+ private:
+  TensorBuilder(DType dtype, Shape shape, int64_t num_elements,
+                std::shared_ptr<Storage> storage)
+      : dtype_(dtype),
+        shape_(std::move(shape)),
+        num_elements_(num_elements),
+        storage_(std::move(storage)) {}
+
+  DType dtype_;
+  Shape shape_;
+  int64_t num_elements_;
+  std::shared_ptr<Storage> storage_;
+};
+
+}  // namespace modelstate
+
+#endif  // MODELSTATE_CORE_TENSOR_H_
