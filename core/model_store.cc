@@ -1,0 +1,343 @@
+#include "core/model_store.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "core/module_factory.h"
+#include "core/status_macros.h"
+
+namespace modelstate {
+
+absl::Status ValidateModelName(absl::string_view name) {
+  if (name.empty() || name.size() > 128) {
+    return absl::InvalidArgumentError(
+        "model name must have 1 to 128 characters");
+  }
+  if (name[0] == '.')
+    return absl::InvalidArgumentError("model name must not start with '.'");
+  for (char c : name) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                    (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-';
+    if (!ok) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("model name \"", name,
+                       "\" may only use letters, digits, '.', '_' and '-'"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+PendingLoad::~PendingLoad() {
+  if (store_ != nullptr && reserved_bytes_ > 0)
+    store_->Release(reserved_bytes_);
+}
+
+ModelStore::ModelStore(Options options)
+    : options_(options), accountant_(std::make_shared<MemoryAccountant>()) {}
+
+ModelStore::~ModelStore() = default;
+
+namespace {
+
+void AttachStorages(const Module& module,
+                    const std::shared_ptr<MemoryAccountant>& accountant) {
+  for (const auto* slots : {&module.parameters(), &module.buffers()}) {
+    for (const TensorSlot& slot : *slots) {
+      if (slot.tensor) slot.tensor->storage()->AttachAccountant(accountant);
+    }
+  }
+  for (const ChildSlot& child : module.children()) {
+    if (child.module) AttachStorages(*child.module, accountant);
+  }
+}
+
+absl::Status ModelNotFound(const std::string& name) {
+  return absl::NotFoundError(absl::StrCat("model \"", name, "\" not found"));
+}
+
+// The destinations of two plans of the same inputs agree (same dtype and shape
+// for each input).
+bool SameDestinations(const LoadPlan& a, const LoadPlan& b) {
+  if (a.targets.size() != b.targets.size()) return false;
+  for (size_t i = 0; i < a.targets.size(); ++i) {
+    if (a.targets[i].has_value() != b.targets[i].has_value()) return false;
+    if (a.targets[i] && (a.targets[i]->dtype != b.targets[i]->dtype ||
+                         a.targets[i]->shape != b.targets[i]->shape)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+void ModelStore::AttachTree(const Module& root) {
+  AttachStorages(root, accountant_);
+}
+
+absl::Status ModelStore::CheckMemory(int64_t extra_bytes) const {
+  if (options_.memory_limit_bytes <= 0) return absl::OkStatus();
+  const int64_t in_use = accountant_->live_bytes() + reserved_bytes_;
+  if (in_use + extra_bytes > options_.memory_limit_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "memory limit: ", extra_bytes, " more bytes needed, ", in_use, " of ",
+        options_.memory_limit_bytes, " bytes in use"));
+  }
+  return absl::OkStatus();
+}
+
+void ModelStore::Release(int64_t reserved_bytes) {
+  absl::MutexLock lock(&mu_);
+  reserved_bytes_ -= reserved_bytes;
+}
+
+void ModelStore::Notify(const ModelEvent& event) {
+  for (const auto& [id, listener] : listeners_) listener(event);
+}
+
+absl::Status ModelStore::Create(const std::string& name, ModulePtr root,
+                                std::string architecture) {
+  RETURN_IF_ERROR(ValidateModelName(name));
+  const int64_t bytes = static_cast<int64_t>(root->TotalTensorBytes());
+  absl::MutexLock events_lock(&events_mu_);
+  ModelEvent event;
+  {
+    absl::MutexLock lock(&mu_);
+    if (models_.count(name) > 0) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("model \"", name, "\" already exists"));
+    }
+    RETURN_IF_ERROR(CheckMemory(bytes));
+    auto retired = retired_versions_.find(name);
+    const int64_t version =
+        retired == retired_versions_.end() ? 1 : retired->second + 1;
+    AttachTree(*root);
+    models_[name] = Entry{
+        Snapshot{name, version, std::move(root), std::move(architecture)}};
+    event = ModelEvent{ModelEvent::Type::kCreated, name, version};
+  }
+  Notify(event);
+  return absl::OkStatus();
+}
+
+absl::Status ModelStore::Delete(const std::string& name) {
+  absl::MutexLock events_lock(&events_mu_);
+  ModelEvent event;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = models_.find(name);
+    if (it == models_.end()) return ModelNotFound(name);
+    retired_versions_[name] = it->second.current.version;
+    event = ModelEvent{ModelEvent::Type::kDeleted, name,
+                       it->second.current.version};
+    models_.erase(it);
+  }
+  Notify(event);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Snapshot> ModelStore::GetSnapshot(
+    const std::string& name) const {
+  absl::ReaderMutexLock lock(&mu_);
+  auto it = models_.find(name);
+  if (it == models_.end()) return ModelNotFound(name);
+  return it->second.current;
+}
+
+std::vector<Snapshot> ModelStore::List() const {
+  absl::ReaderMutexLock lock(&mu_);
+  std::vector<Snapshot> out;
+  out.reserve(models_.size());
+  for (const auto& [name, entry] : models_) out.push_back(entry.current);
+  return out;
+}
+
+absl::StatusOr<std::unique_ptr<PendingLoad>> ModelStore::BeginLoad(
+    const std::string& name, std::vector<TensorSpec> inputs,
+    const StoreLoadOptions& options) {
+  RETURN_IF_ERROR(ValidateModelName(name));
+  std::unique_ptr<PendingLoad> load(new PendingLoad());
+  load->model_ = name;
+  load->options_ = options;
+  int64_t needed = 0;
+  for (const TensorSpec& spec : inputs) {
+    ASSIGN_OR_RETURN(int64_t bytes, NumBytes(spec.dtype, spec.shape));
+    needed += bytes;
+  }
+  absl::StatusOr<Snapshot> base = GetSnapshot(name);
+  if (!base.ok()) {
+    if (!options.create_if_missing ||
+        base.status().code() != absl::StatusCode::kNotFound) {
+      return base.status();
+    }
+    if (options.expected_version.has_value() &&
+        *options.expected_version != 0) {
+      return absl::AbortedError(
+          absl::StrCat("model \"", name, "\" does not exist, expected version ",
+                       *options.expected_version));
+    }
+    if (!options.load.submodule.empty()) {
+      return absl::InvalidArgumentError(
+          "a load that creates a model can't name a submodule");
+    }
+    load->creates_model_ = true;
+    StateDict
+        probe;  // Checks the keys form a module tree before any data arrives.
+    for (const TensorSpec& spec : inputs) {
+      RETURN_IF_ERROR(probe.Insert(spec.key, Tensor()));
+    }
+    RETURN_IF_ERROR(
+        BuildModuleFromStateDict(probe, options.buffer_keys).status());
+    load->plan_.targets.assign(inputs.size(), absl::nullopt);
+  } else {
+    if (options.expected_version.has_value() &&
+        *options.expected_version != base->version) {
+      return absl::AbortedError(
+          absl::StrCat("model \"", name, "\" is at version ", base->version,
+                       ", expected ", *options.expected_version));
+    }
+    ASSIGN_OR_RETURN(load->plan_, PlanLoad(base->root, inputs, options.load));
+    needed += load->plan_.conversion_bytes;
+    load->base_ = *std::move(base);
+  }
+  load->inputs_ = std::move(inputs);
+  {
+    absl::MutexLock lock(&mu_);
+    RETURN_IF_ERROR(CheckMemory(needed));
+    reserved_bytes_ += needed;
+  }
+  load->store_ = this;
+  load->reserved_bytes_ = needed;
+  return load;
+}
+
+absl::StatusOr<StoreLoadResult> ModelStore::CommitLoad(
+    std::unique_ptr<PendingLoad> load, std::vector<Tensor> tensors) {
+  const std::vector<TensorSpec>& inputs = load->inputs_;
+  if (tensors.size() != inputs.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("load declared ", inputs.size(), " tensors but ",
+                     tensors.size(), " arrived"));
+  }
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (tensors[i].dtype() != inputs[i].dtype ||
+        tensors[i].shape() != inputs[i].shape) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor \"", inputs[i].key,
+                       "\" does not match its declared dtype and shape"));
+    }
+  }
+  StoreLoadResult result;
+  if (load->creates_model_) {
+    StateDict state;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      RETURN_IF_ERROR(state.Insert(inputs[i].key, tensors[i]));
+    }
+    ASSIGN_OR_RETURN(ModulePtr root, BuildModuleFromStateDict(
+                                         state, load->options_.buffer_keys));
+    Release(load->reserved_bytes_);
+    load->reserved_bytes_ = 0;
+    RETURN_IF_ERROR(Create(load->model_, std::move(root)));
+    ASSIGN_OR_RETURN(Snapshot created, GetSnapshot(load->model_));
+    result.version = created.version;
+    result.created = true;
+    return result;
+  }
+
+  // Conversions and the tree rebuild happen before taking the lock; readers
+  // never wait on them.
+  std::vector<Tensor> converted;
+  converted.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    ASSIGN_OR_RETURN(Tensor tensor,
+                     ConvertForTarget(load->plan_.targets[i], tensors[i]));
+    converted.push_back(std::move(tensor));
+  }
+  tensors.clear();
+  const LoadOptions& options = load->options_.load;
+  ASSIGN_OR_RETURN(ModulePtr rebuilt,
+                   ApplyLoad(load->base_.root, options.submodule, load->plan_,
+                             options, converted));
+  ModelEvent event;
+  absl::MutexLock events_lock(&events_mu_);
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = models_.find(load->model_);
+    if (it == models_.end()) {
+      return absl::NotFoundError(absl::StrCat(
+          "model \"", load->model_, "\" was deleted during the load"));
+    }
+    Snapshot& current = it->second.current;
+    if (current.root != load->base_.root) {
+      // Another load committed first: apply ours on top of it, as torch would
+      // have.
+      if (load->options_.expected_version.has_value()) {
+        return absl::AbortedError(absl::StrCat(
+            "model \"", load->model_, "\" is at version ", current.version,
+            ", expected ", *load->options_.expected_version));
+      }
+      ASSIGN_OR_RETURN(LoadPlan replanned,
+                       PlanLoad(current.root, inputs, options));
+      if (!SameDestinations(replanned, load->plan_)) {
+        return absl::AbortedError(
+            absl::StrCat("model \"", load->model_,
+                         "\" changed dtype during the load; retry"));
+      }
+      ASSIGN_OR_RETURN(rebuilt, ApplyLoad(current.root, options.submodule,
+                                          replanned, options, converted));
+    }
+    for (const Tensor& tensor : converted)
+      tensor.storage()->AttachAccountant(accountant_);
+    current.root = std::move(rebuilt);
+    current.version += 1;
+    reserved_bytes_ -= load->reserved_bytes_;
+    load->reserved_bytes_ = 0;
+    result.version = current.version;
+    event =
+        ModelEvent{ModelEvent::Type::kUpdated, load->model_, current.version};
+  }
+  Notify(event);
+  result.missing_keys = load->plan_.missing_keys;
+  result.unexpected_keys = load->plan_.unexpected_keys;
+  return result;
+}
+
+absl::StatusOr<StoreLoadResult> ModelStore::Load(
+    const std::string& name, const StateDict& state,
+    const StoreLoadOptions& options) {
+  std::vector<TensorSpec> specs;
+  std::vector<Tensor> tensors;
+  specs.reserve(state.size());
+  tensors.reserve(state.size());
+  for (const StateDict::Entry& entry : state.entries()) {
+    specs.push_back(
+        TensorSpec{entry.key, entry.tensor.dtype(), entry.tensor.shape()});
+    tensors.push_back(entry.tensor);
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<PendingLoad> load,
+                   BeginLoad(name, std::move(specs), options));
+  return CommitLoad(std::move(load), std::move(tensors));
+}
+
+int64_t ModelStore::AddListener(
+    std::function<void(const ModelEvent&)> listener) {
+  absl::MutexLock lock(&events_mu_);
+  const int64_t id = next_listener_id_++;
+  listeners_.emplace(id, std::move(listener));
+  return id;
+}
+
+void ModelStore::RemoveListener(int64_t id) {
+  absl::MutexLock lock(&events_mu_);
+  listeners_.erase(id);
+}
+
+int64_t ModelStore::live_bytes() const { return accountant_->live_bytes(); }
+
+int64_t ModelStore::reserved_bytes() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return reserved_bytes_;
+}
+
+}  // namespace modelstate

@@ -1,0 +1,204 @@
+// The set of named model instances the daemon serves, with atomic loads and
+// point-in-time snapshots.
+//
+// Thread-safety: every method may be called from any thread. Readers
+// (GetSnapshot, List) hold the store's lock only to copy a pointer, and writers
+// hold it only to validate and swap pointers, so no reader ever waits for a
+// writer's data transfer or dtype conversion.
+#ifndef MODELSTATE_CORE_MODEL_STORE_H_
+#define MODELSTATE_CORE_MODEL_STORE_H_
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/types/optional.h"
+#include "core/module.h"
+#include "core/state_dict.h"
+
+namespace modelstate {
+
+// An immutable point-in-time view of a model. It shares storage with the model
+// and is never changed by later loads.
+struct Snapshot {
+  std::string model;
+  int64_t version = 0;
+  ModulePtr root;
+  // The architecture spec the model was created from; empty for models made
+  // from a checkpoint.
+  std::string architecture;
+};
+
+struct ModelEvent {
+  enum class Type { kCreated, kUpdated, kDeleted };
+  Type type;
+  std::string model;
+  int64_t version;
+};
+
+struct StoreLoadOptions {
+  LoadOptions load;
+  // When set, the load fails with Aborted unless the model is at this version
+  // (compare-and-set).
+  absl::optional<int64_t> expected_version;
+  // When the model does not exist, create it from the loaded tensors instead of
+  // NotFound.
+  bool create_if_missing = false;
+  // With create_if_missing: keys that become buffers rather than parameters.
+  std::vector<std::string> buffer_keys;
+};
+
+struct StoreLoadResult {
+  int64_t version = 0;
+  std::vector<std::string> missing_keys;
+  std::vector<std::string> unexpected_keys;
+  bool created = false;
+};
+
+class ModelStore;
+
+// A load that passed validation and holds its memory reservation. Fill the
+// staged tensors
+// (`inputs()` order), then hand it to ModelStore::CommitLoad. Destroying it
+// without committing aborts the load, releases the reservation and leaves the
+// model unchanged.
+class PendingLoad {
+ public:
+  ~PendingLoad();
+  PendingLoad(const PendingLoad&) = delete;
+  PendingLoad& operator=(const PendingLoad&) = delete;
+
+  const std::string& model() const { return model_; }
+  const std::vector<TensorSpec>& inputs() const { return inputs_; }
+  // Missing and unexpected keys as torch reports them (also when the load is
+  // not strict).
+  const LoadPlan& plan() const { return plan_; }
+  bool creates_model() const { return creates_model_; }
+  int64_t base_version() const { return base_.version; }
+  // Bytes reserved against the store's memory limit until commit or abort.
+  int64_t reserved_bytes() const { return reserved_bytes_; }
+
+ private:
+  friend class ModelStore;
+  PendingLoad() = default;
+
+  ModelStore* store_ = nullptr;
+  std::string model_;
+  std::vector<TensorSpec> inputs_;
+  StoreLoadOptions options_;
+  LoadPlan plan_;
+  Snapshot base_;
+  bool creates_model_ = false;
+  int64_t reserved_bytes_ = 0;
+};
+
+class ModelStore {
+ public:
+  struct Options {
+    // Live tensor bytes (models, snapshots still held, staged loads) may not
+    // exceed this. 0 means unlimited.
+    int64_t memory_limit_bytes = 0;
+  };
+
+  explicit ModelStore(Options options);
+  ModelStore() : ModelStore(Options{}) {}
+  ~ModelStore();
+
+  // Adds model `name` at version 1 (or, for a name used before, one past its
+  // last version). Returns InvalidArgument for a bad name, AlreadyExists if the
+  // name is taken, and ResourceExhausted if its bytes would exceed the memory
+  // limit.
+  absl::Status Create(const std::string& name, ModulePtr root,
+                      std::string architecture = "");
+
+  // Removes model `name`; snapshots already taken stay valid. NotFound if it
+  // does not exist.
+  absl::Status Delete(const std::string& name);
+
+  // Returns the current state of `name`, or NotFound.
+  absl::StatusOr<Snapshot> GetSnapshot(const std::string& name) const;
+
+  // Returns a snapshot of every model, ordered by name.
+  std::vector<Snapshot> List() const;
+
+  // Validates a load of tensors described by `inputs` from their names, dtypes
+  // and shapes alone, and reserves the memory it needs. Returns NotFound
+  // (unknown model or submodule), InvalidArgument (duplicate keys, bad name),
+  // Aborted (expected version differs), FailedPrecondition with torch's text
+  // (strict key errors, shape mismatches), or ResourceExhausted (memory limit).
+  absl::StatusOr<std::unique_ptr<PendingLoad>> BeginLoad(
+      const std::string& name, std::vector<TensorSpec> inputs,
+      const StoreLoadOptions& options);
+
+  // Applies `load` with `tensors` (parallel to load->inputs(), each matching
+  // its spec) as one atomic step: converts dtypes outside the lock, then swaps
+  // the model in and bumps its version. If the model changed since BeginLoad,
+  // the plan is re-validated against the new state: an expected version that no
+  // longer matches, or a changed destination dtype, gives Aborted; a model
+  // deleted (or created) meanwhile gives NotFound (or AlreadyExists). On any
+  // error the model is unchanged.
+  absl::StatusOr<StoreLoadResult> CommitLoad(std::unique_ptr<PendingLoad> load,
+                                             std::vector<Tensor> tensors);
+
+  // BeginLoad + CommitLoad for a state dict already in memory.
+  absl::StatusOr<StoreLoadResult> Load(const std::string& name,
+                                       const StateDict& state,
+                                       const StoreLoadOptions& options);
+
+  // Calls `listener` after every create, committed load and delete, in commit
+  // order, from the committing thread. It must be quick and must not call back
+  // into the store. Returns an id for RemoveListener.
+  int64_t AddListener(std::function<void(const ModelEvent&)> listener);
+  void RemoveListener(int64_t id);
+
+  // Bytes of all live tensor storages the store has seen (models and snapshots
+  // still held).
+  int64_t live_bytes() const;
+  // Bytes reserved by pending loads.
+  int64_t reserved_bytes() const;
+  int64_t memory_limit_bytes() const { return options_.memory_limit_bytes; }
+
+ private:
+  friend class PendingLoad;
+  struct Entry {
+    Snapshot current;
+    // Retained history (for rollback) would sit here beside `current`.
+  };
+
+  absl::Status CheckMemory(int64_t extra_bytes) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Release(int64_t reserved_bytes);
+  void AttachTree(const Module& root);
+  void Notify(const ModelEvent& event)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(events_mu_);
+
+  const Options options_;
+  std::shared_ptr<MemoryAccountant> accountant_;
+
+  // Serialises writers' swap-and-notify so listeners see events in commit
+  // order. Taken before mu_.
+  absl::Mutex events_mu_;
+  std::map<int64_t, std::function<void(const ModelEvent&)>> listeners_
+      ABSL_GUARDED_BY(events_mu_);
+  int64_t next_listener_id_ ABSL_GUARDED_BY(events_mu_) = 1;
+
+  mutable absl::Mutex mu_ ABSL_ACQUIRED_AFTER(events_mu_);
+  std::map<std::string, Entry> models_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, int64_t> retired_versions_ ABSL_GUARDED_BY(mu_);
+  int64_t reserved_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+// Returns OK for a model name of 1 to 128 characters from [A-Za-z0-9._-] that
+// does not start with '.'; InvalidArgument otherwise.
+absl::Status ValidateModelName(absl::string_view name);
+
+}  // namespace modelstate
+
+#endif  // MODELSTATE_CORE_MODEL_STORE_H_
