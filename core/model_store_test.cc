@@ -1,0 +1,257 @@
+#include "core/model_store.h"
+
+#include <atomic>
+#include <thread>
+
+#include "core/test_util.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace modelstate {
+namespace {
+
+using ::testing::ElementsAre;
+
+constexpr char kTwoLayers[] = R"({"type": "Sequential", "modules": [
+    {"type": "Linear", "args": [64, 64]}, {"type": "Linear", "args": [64, 64]}]})";
+
+StateDict Filled(const ModulePtr& model, float value) {
+  StateDict state;
+  const StateDict current = GetStateDict(model).value();
+  for (const auto& entry : current.entries()) {
+    state.Set(entry.key,
+              FullTensor(entry.tensor.dtype(), entry.tensor.shape(), value));
+  }
+  return state;
+}
+
+// Returns the one value every element of every tensor holds, or NaN if they
+// differ (torn).
+float UniformValue(const ModulePtr& model) {
+  float seen = 0;
+  bool first = true;
+  const StateDict state = GetStateDict(model).value();
+  for (const auto& entry : state.entries()) {
+    const float* data = entry.tensor.data_as<float>();
+    for (int64_t i = 0; i < entry.tensor.num_elements(); ++i) {
+      if (first) seen = data[i], first = false;
+      if (data[i] != seen) return std::nanf("");
+    }
+  }
+  return seen;
+}
+
+TEST(ModelStoreTest, CreateListDeleteAndVersions) {
+  ModelStore store;
+  ASSERT_TRUE(store.Create("m", MustBuild(kTwoLayers), kTwoLayers).ok());
+  EXPECT_EQ(store.Create("m", MustBuild(kTwoLayers)).code(),
+            absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(store.Create("bad/name", MustBuild(kTwoLayers)).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(store.GetSnapshot("m").value().version, 1);
+  EXPECT_EQ(store.GetSnapshot("m").value().architecture, kTwoLayers);
+  ModulePtr model = store.GetSnapshot("m").value().root;
+  ASSERT_TRUE(store.Load("m", Filled(model, 2), {}).ok());
+  EXPECT_EQ(store.GetSnapshot("m").value().version, 2);
+  ASSERT_EQ(store.List().size(), 1u);
+  ASSERT_TRUE(store.Delete("m").ok());
+  EXPECT_EQ(store.Delete("m").code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store.GetSnapshot("m").status().code(),
+            absl::StatusCode::kNotFound);
+  // Versions of a name never go backwards, even across delete and create.
+  ASSERT_TRUE(store.Create("m", MustBuild(kTwoLayers)).ok());
+  EXPECT_EQ(store.GetSnapshot("m").value().version, 3);
+}
+
+TEST(ModelStoreTest, SnapshotsArePointInTimeAndShareStorage) {
+  ModelStore store;
+  ASSERT_TRUE(store.Create("m", MustBuild(kTwoLayers)).ok());
+  Snapshot before = store.GetSnapshot("m").value();
+  const Tensor weight = *GetStateDict(before.root).value().Find("0.weight");
+  ASSERT_TRUE(store.Load("m", Filled(before.root, 5), {}).ok());
+  // The old snapshot still sees the old bytes, at the same address (no copy was
+  // made).
+  const Tensor still = *GetStateDict(before.root).value().Find("0.weight");
+  EXPECT_EQ(still.data(), weight.data());
+  EXPECT_EQ(UniformValue(store.GetSnapshot("m").value().root), 5.0f);
+}
+
+TEST(ModelStoreTest, CompareAndSetAndBadLoadsLeaveTheModelUnchanged) {
+  ModelStore store;
+  ASSERT_TRUE(store.Create("m", MustBuild(kTwoLayers)).ok());
+  Snapshot base = store.GetSnapshot("m").value();
+  StoreLoadOptions cas;
+  cas.expected_version = 7;
+  EXPECT_EQ(store.Load("m", Filled(base.root, 1), cas).status().code(),
+            absl::StatusCode::kAborted);
+  StateDict broken = Filled(base.root, 1);
+  broken.Set("0.weight", FullTensor(DType::kFloat32, {3}, 1));
+  EXPECT_EQ(store.Load("m", broken, {}).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(store.Load("nope", broken, {}).status().code(),
+            absl::StatusCode::kNotFound);
+  StoreLoadOptions sub;
+  sub.load.submodule = "7";
+  EXPECT_EQ(store.Load("m", broken, sub).status().code(),
+            absl::StatusCode::kNotFound);
+  Snapshot after = store.GetSnapshot("m").value();
+  EXPECT_EQ(after.version, 1);
+  EXPECT_EQ(after.root, base.root);
+  cas.expected_version = 1;
+  EXPECT_EQ(store.Load("m", Filled(base.root, 1), cas).value().version, 2);
+  EXPECT_EQ(store.reserved_bytes(), 0);
+}
+
+TEST(ModelStoreTest, MemoryLimitCountsSnapshotsAndPendingLoads) {
+  ModulePtr model = MustBuild(kTwoLayers);
+  const int64_t model_bytes = static_cast<int64_t>(model->TotalTensorBytes());
+  ModelStore store(ModelStore::Options{model_bytes * 2 + model_bytes / 2});
+  ASSERT_TRUE(store.Create("m", model).ok());
+  EXPECT_EQ(store.live_bytes(), model_bytes);
+  // One full load fits (old + new), and the old tensors die with the last
+  // reference.
+  Snapshot held = store.GetSnapshot("m").value();
+  model = nullptr;
+  ASSERT_TRUE(store.Load("m", Filled(held.root, 1), {}).ok());
+  EXPECT_EQ(store.live_bytes(),
+            2 * model_bytes);  // the held snapshot keeps v1 alive
+  // A second load would need a third copy while the snapshot is held: refused
+  // up front.
+  absl::Status refused = store.Load("m", Filled(held.root, 2), {}).status();
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
+  EXPECT_EQ(store.GetSnapshot("m").value().version, 2);
+  held = Snapshot();
+  EXPECT_EQ(store.live_bytes(), model_bytes);
+  ASSERT_TRUE(
+      store.Load("m", Filled(store.GetSnapshot("m").value().root, 2), {}).ok());
+
+  // A pending load holds its reservation until it commits or is dropped.
+  std::vector<TensorSpec> specs;
+  const StateDict current =
+      GetStateDict(store.GetSnapshot("m").value().root).value();
+  for (const auto& entry : current.entries()) {
+    specs.push_back({entry.key, entry.tensor.dtype(), entry.tensor.shape()});
+  }
+  auto pending = store.BeginLoad("m", specs, {}).value();
+  EXPECT_EQ(store.reserved_bytes(), model_bytes);
+  EXPECT_EQ(store.BeginLoad("m", specs, {}).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  pending.reset();
+  EXPECT_EQ(store.reserved_bytes(), 0);
+}
+
+TEST(ModelStoreTest, CreateIfMissingBuildsTheModelFromTheLoad) {
+  ModelStore store;
+  StoreLoadOptions options;
+  options.create_if_missing = true;
+  options.buffer_keys = {"bn.running_mean"};
+  StateDict state;
+  state.Set("fc.weight", FullTensor(DType::kFloat32, {2, 2}, 1));
+  state.Set("bn.running_mean", FullTensor(DType::kFloat32, {2}, 0));
+  StoreLoadResult result = store.Load("fresh", state, options).value();
+  EXPECT_TRUE(result.created);
+  EXPECT_EQ(result.version, 1);
+  Snapshot snapshot = store.GetSnapshot("fresh").value();
+  EXPECT_THAT(KeysOf(snapshot.root),
+              ElementsAre("fc.weight", "bn.running_mean"));
+  EXPECT_EQ(snapshot.root->GetSubmodule(snapshot.root, "bn")
+                .value()
+                ->buffers()
+                .size(),
+            1u);
+  // The next such load is an ordinary strict load.
+  EXPECT_EQ(store.Load("fresh", state, options).value().version, 2);
+}
+
+TEST(ModelStoreTest, ListenersSeeEventsInCommitOrder) {
+  ModelStore store;
+  std::vector<std::string> events;
+  const int64_t id = store.AddListener([&](const ModelEvent& event) {
+    events.push_back(std::to_string(static_cast<int>(event.type)) + ":" +
+                     event.model + "@" + std::to_string(event.version));
+  });
+  ASSERT_TRUE(store.Create("m", MustBuild(kTwoLayers)).ok());
+  ASSERT_TRUE(
+      store.Load("m", Filled(store.GetSnapshot("m").value().root, 1), {}).ok());
+  ASSERT_TRUE(store.Delete("m").ok());
+  store.RemoveListener(id);
+  ASSERT_TRUE(store.Create("n", MustBuild(kTwoLayers)).ok());
+  EXPECT_THAT(events, ElementsAre("0:m@1", "1:m@2", "2:m@2"));
+}
+
+TEST(ModelStoreTest, ConcurrentLoadsAndSnapshotsNeverTear) {
+  ModelStore store;
+  ASSERT_TRUE(store.Create("m", MustBuild(kTwoLayers)).ok());
+  ModulePtr shape = store.GetSnapshot("m").value().root;
+  ASSERT_TRUE(store.Load("m", Filled(shape, 0), {}).ok());
+  std::atomic<bool> stop{false};
+  std::atomic<int> torn{0};
+  std::atomic<int> reads{0};
+  std::vector<std::thread> threads;
+  for (int w = 0; w < 3; ++w) {
+    threads.emplace_back([&, w] {
+      for (int i = 1; i <= 40; ++i) {
+        ASSERT_TRUE(
+            store.Load("m", Filled(shape, static_cast<float>(w * 1000 + i)), {})
+                .ok());
+      }
+    });
+  }
+  for (int r = 0; r < 3; ++r) {
+    threads.emplace_back([&] {
+      while (!stop.load()) {
+        Snapshot snapshot = store.GetSnapshot("m").value();
+        if (std::isnan(UniformValue(snapshot.root))) ++torn;
+        ++reads;
+      }
+    });
+  }
+  for (int w = 0; w < 3; ++w) threads[w].join();
+  stop = true;
+  for (size_t t = 3; t < threads.size(); ++t) threads[t].join();
+  EXPECT_EQ(torn.load(), 0);
+  EXPECT_GT(reads.load(), 0);
+  EXPECT_EQ(store.GetSnapshot("m").value().version, 2 + 3 * 40);
+}
+
+TEST(ModelStoreTest, ConcurrentPartialLoadsBothLand) {
+  ModelStore store;
+  ASSERT_TRUE(store.Create("m", MustBuild(kTwoLayers)).ok());
+  ModulePtr base = store.GetSnapshot("m").value().root;
+  StoreLoadOptions first;
+  first.load.submodule = "0";
+  StoreLoadOptions second;
+  second.load.submodule = "1";
+  auto specs_of = [](const StateDict& state) {
+    std::vector<TensorSpec> specs;
+    std::vector<Tensor> tensors;
+    for (const auto& e : state.entries()) {
+      specs.push_back({e.key, e.tensor.dtype(), e.tensor.shape()});
+      tensors.push_back(e.tensor);
+    }
+    return std::make_pair(specs, tensors);
+  };
+  StateDict layer;
+  layer.Set("weight", FullTensor(DType::kFloat32, {64, 64}, 1));
+  layer.Set("bias", FullTensor(DType::kFloat32, {64}, 1));
+  auto [specs, tensors] = specs_of(layer);
+  // Both loads validate against version 1, then commit one after the other.
+  auto a = store.BeginLoad("m", specs, first).value();
+  auto b = store.BeginLoad("m", specs, second).value();
+  ASSERT_TRUE(store.CommitLoad(std::move(a), tensors).ok());
+  ASSERT_TRUE(store.CommitLoad(std::move(b), tensors).ok());
+  EXPECT_EQ(UniformValue(store.GetSnapshot("m").value().root), 1.0f);
+  EXPECT_EQ(store.GetSnapshot("m").value().version, 3);
+  // With compare-and-set, the second of two racing loads is refused.
+  StoreLoadOptions cas = first;
+  cas.expected_version = 3;
+  auto c = store.BeginLoad("m", specs, cas).value();
+  auto d = store.BeginLoad("m", specs, cas).value();
+  ASSERT_TRUE(store.CommitLoad(std::move(c), tensors).ok());
+  EXPECT_EQ(store.CommitLoad(std::move(d), tensors).status().code(),
+            absl::StatusCode::kAborted);
+  EXPECT_EQ(store.reserved_bytes(), 0);
+}
+
+}  // namespace
+}  // namespace modelstate

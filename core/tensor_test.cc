@@ -1,0 +1,81 @@
+#include "core/tensor.h"
+
+#include <cstdint>
+#include <limits>
+
+#include "gtest/gtest.h"
+
+namespace modelstate {
+namespace {
+
+TEST(TensorTest, ZeroSizeAndScalarTensors) {
+  Tensor empty = Tensor::Zeros(DType::kFloat32, {0, 5}).value();
+  EXPECT_EQ(empty.num_elements(), 0);
+  EXPECT_EQ(empty.num_bytes(), 0u);
+  Tensor scalar = Tensor::Zeros(DType::kInt64, {}).value();
+  EXPECT_EQ(scalar.num_elements(), 1);
+  EXPECT_EQ(scalar.num_bytes(), 8u);
+  EXPECT_EQ(TorchSizeString({}), "torch.Size([])");
+  EXPECT_EQ(TorchSizeString({2, 3}), "torch.Size([2, 3])");
+}
+
+TEST(TensorTest, SizesAreOverflowChecked) {
+  const int64_t big = std::numeric_limits<int64_t>::max() / 2 + 1;
+  EXPECT_FALSE(NumElements({big, 2}).ok());
+  EXPECT_FALSE(NumBytes(DType::kFloat32, {big}).ok());
+  EXPECT_FALSE(NumElements({-1}).ok());
+  EXPECT_EQ(NumBytes(DType::kFloat64, {3, 4}).value(), 96);
+  EXPECT_FALSE(Tensor::Zeros(DType::kFloat32, {big, 2}).ok());
+}
+
+TEST(TensorTest, StorageIsAlignedAndSharedWithoutCopies) {
+  Tensor a = Tensor::Zeros(DType::kFloat32, {3, 7}).value();
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(a.data()) % 64, 0u);
+  Tensor b = a;
+  EXPECT_EQ(a.data(), b.data());
+  EXPECT_TRUE(a.SharesBytesWith(b));
+  Tensor same_dtype = a.CastTo(DType::kFloat32).value();
+  EXPECT_EQ(same_dtype.data(), a.data());
+  Tensor reshaped = a.Reshape({21}).value();
+  EXPECT_EQ(reshaped.data(), a.data());
+  EXPECT_FALSE(a.Reshape({20}).ok());
+  Tensor cast = a.CastTo(DType::kFloat16).value();
+  EXPECT_NE(cast.data(), a.data());
+  EXPECT_EQ(cast.num_bytes(), 42u);
+}
+
+TEST(TensorTest, FromBytesChecksTheSize) {
+  const uint8_t bytes[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+  EXPECT_TRUE(Tensor::FromBytes(DType::kInt32, {2}, {bytes, 8}).ok());
+  EXPECT_FALSE(Tensor::FromBytes(DType::kInt32, {3}, {bytes, 8}).ok());
+  Tensor t = Tensor::FromBytes(DType::kUInt8, {8}, {bytes, 8}).value();
+  EXPECT_TRUE(t.BitwiseEquals(
+      Tensor::FromBytes(DType::kUInt8, {8}, {bytes, 8}).value()));
+  EXPECT_EQ(
+      t.Checksum(),
+      Tensor::FromBytes(DType::kUInt8, {8}, {bytes, 8}).value().Checksum());
+  EXPECT_FALSE(t.BitwiseEquals(
+      Tensor::FromBytes(DType::kUInt8, {2, 4}, {bytes, 8}).value()));
+}
+
+TEST(TensorTest, ViewsStayInsideTheirStorage) {
+  auto storage = Storage::Allocate(16).value();
+  EXPECT_TRUE(Tensor::View(DType::kFloat32, {2}, storage, 8).ok());
+  EXPECT_FALSE(Tensor::View(DType::kFloat32, {3}, storage, 8).ok());
+  EXPECT_FALSE(Tensor::View(DType::kFloat32, {0}, storage, 17).ok());
+}
+
+TEST(TensorTest, AccountantCountsLiveStoragesOnce) {
+  auto accountant = std::make_shared<MemoryAccountant>();
+  {
+    Tensor a = Tensor::Zeros(DType::kFloat32, {256}).value();
+    a.storage()->AttachAccountant(accountant);
+    a.storage()->AttachAccountant(accountant);
+    Tensor copy = a;
+    EXPECT_EQ(accountant->live_bytes(), 1024);
+  }
+  EXPECT_EQ(accountant->live_bytes(), 0);
+}
+
+}  // namespace
+}  // namespace modelstate
