@@ -155,14 +155,26 @@ float Float16BitsToFloat32(uint16_t h) {
                                                 : FloatBits(normalized)));
 }
 
-// bfloat16: c10::detail::round_to_nearest_even; every NaN becomes the canonical
-// 0x7FC0.
+// bfloat16: round to nearest even (c10::detail::round_to_nearest_even). NaN
+// becomes 0x7FC0, as in torch's scalar path; float32 sources take torch's
+// vectorised AVX2 path instead, whose NaN is 0xFFFF (see
+// Float32ToBFloat16BitsVectorPath). Branch-free so conversion loops vectorise.
 uint16_t Float32ToBFloat16Bits(float f) {
-  if (std::isnan(f)) return 0x7FC0;
   const uint32_t u = FloatBits(f);
   const uint32_t rounding_bias = ((u >> 16) & 1) + UINT32_C(0x7FFF);
-  return static_cast<uint16_t>((u + rounding_bias) >> 16);
+  const uint16_t rounded = static_cast<uint16_t>((u + rounding_bias) >> 16);
+  return f != f ? uint16_t{0x7FC0} : rounded;
 }
+
+namespace {
+// torch 1.13's copy_ from float32 to bfloat16 (cvtfp32_bf16 in
+// vec256_bfloat16.h): the same rounding, but NaN gives 0xFFFF. Newer torch
+// releases give 0x7FC0 here too; both are NaN.
+uint16_t Float32ToBFloat16BitsVectorPath(float f) {
+  const uint16_t rounded = Float32ToBFloat16Bits(f);
+  return f != f ? uint16_t{0xFFFF} : rounded;
+}
+}  // namespace
 
 float BFloat16BitsToFloat32(uint16_t bits) {
   return BitsFloat(static_cast<uint32_t>(bits) << 16);
@@ -344,8 +356,13 @@ void ConvertLoop(const void* src, void* dst, size_t count) {
   for (size_t i = 0; i < count; ++i) {
     S s;
     std::memcpy(&s, in + i * sizeof(S), sizeof(S));
-    const T t = Traits<To>::Encode(
-        CastValue<typename Traits<To>::Compute>(Traits<From>::Decode(s)));
+    T t;
+    if constexpr (From == DType::kFloat32 && To == DType::kBFloat16) {
+      t = Float32ToBFloat16BitsVectorPath(s);
+    } else {
+      t = Traits<To>::Encode(
+          CastValue<typename Traits<To>::Compute>(Traits<From>::Decode(s)));
+    }
     std::memcpy(out + i * sizeof(T), &t, sizeof(T));
   }
 }

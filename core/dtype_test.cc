@@ -58,6 +58,12 @@ TEST(DTypeTest, BFloat16RoundsToNearestEvenAndKeepsSpecials) {
   EXPECT_EQ(Float32ToBFloat16Bits(-std::numeric_limits<float>::infinity()),
             0xFF80);
   EXPECT_EQ(Float32ToBFloat16Bits(std::nanf("")), 0x7FC0);
+  // A float32 tensor's copy_ takes torch's vectorised path, whose NaN is
+  // 0xFFFF.
+  const float nan = std::nanf("");
+  uint16_t copied;
+  ConvertElements(DType::kFloat32, &nan, DType::kBFloat16, &copied, 1);
+  EXPECT_EQ(copied, 0xFFFF);
   EXPECT_EQ(Float32ToBFloat16Bits(FromBits(0x00010000)),
             0x0001);  // subnormal kept
   EXPECT_EQ(Float32ToBFloat16Bits(FromBits(0x7F7FFFFF)),
