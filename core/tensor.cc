@@ -33,6 +33,14 @@ Storage::~Storage() {
 }
 
 absl::StatusOr<std::shared_ptr<Storage>> Storage::Allocate(size_t bytes) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Storage> storage,
+                   AllocateUninitialized(bytes));
+  std::memset(storage->data_, 0, bytes);
+  return storage;
+}
+
+absl::StatusOr<std::shared_ptr<Storage>> Storage::AllocateUninitialized(
+    size_t bytes) {
   // aligned_alloc needs a size that is a multiple of the alignment, and a
   // non-zero one.
   const size_t rounded =
@@ -44,7 +52,6 @@ absl::StatusOr<std::shared_ptr<Storage>> Storage::Allocate(size_t bytes) {
     return absl::ResourceExhaustedError(
         absl::StrCat("cannot allocate ", bytes, " bytes"));
   }
-  std::memset(data, 0, bytes);
   return std::shared_ptr<Storage>(
       new Storage(static_cast<uint8_t*>(data), bytes, /*owned=*/true, nullptr));
 }
@@ -98,12 +105,15 @@ std::string TorchSizeString(const Shape& shape) {
 Tensor::Tensor() : Tensor(DType::kFloat32, Shape{0}, 0, EmptyStorage(), 0) {}
 
 Tensor::Tensor(DType dtype, Shape shape, int64_t num_elements,
-               std::shared_ptr<const Storage> storage, size_t offset)
+               std::shared_ptr<const Storage> storage, size_t offset,
+               std::shared_ptr<ChecksumCell> checksum)
     : dtype_(dtype),
       shape_(std::move(shape)),
       num_elements_(num_elements),
       storage_(std::move(storage)),
-      offset_(offset) {}
+      offset_(offset),
+      checksum_(checksum ? std::move(checksum)
+                         : std::make_shared<ChecksumCell>()) {}
 
 absl::StatusOr<Tensor> Tensor::Zeros(DType dtype, const Shape& shape) {
   ASSIGN_OR_RETURN(TensorBuilder builder, TensorBuilder::Create(dtype, shape));
@@ -138,7 +148,8 @@ absl::StatusOr<Tensor> Tensor::View(DType dtype, const Shape& shape,
 
 absl::StatusOr<Tensor> Tensor::CastTo(DType dtype) const {
   if (dtype == dtype_) return *this;
-  ASSIGN_OR_RETURN(TensorBuilder builder, TensorBuilder::Create(dtype, shape_));
+  ASSIGN_OR_RETURN(TensorBuilder builder,
+                   TensorBuilder::CreateUninitialized(dtype, shape_));
   ConvertElements(dtype_, data(), dtype, builder.mutable_data(), num_elements_);
   return std::move(builder).Build();
 }
@@ -150,10 +161,22 @@ absl::StatusOr<Tensor> Tensor::Reshape(const Shape& shape) const {
         absl::StrCat("cannot reshape ", TorchSizeString(shape_), " to ",
                      TorchSizeString(shape)));
   }
-  return Tensor(dtype_, shape, count, storage_, offset_);
+  return Tensor(dtype_, shape, count, storage_, offset_, checksum_);
 }
 
-uint64_t Tensor::Checksum() const { return XXH3_64bits(data(), num_bytes()); }
+uint64_t Tensor::Checksum() const {
+  if (checksum_->known.load(std::memory_order_acquire)) {
+    return checksum_->value.load(std::memory_order_relaxed);
+  }
+  const uint64_t checksum = XXH3_64bits(data(), num_bytes());
+  RememberChecksum(checksum);
+  return checksum;
+}
+
+void Tensor::RememberChecksum(uint64_t checksum) const {
+  checksum_->value.store(checksum, std::memory_order_relaxed);
+  checksum_->known.store(true, std::memory_order_release);
+}
 
 bool Tensor::BitwiseEquals(const Tensor& other) const {
   return dtype_ == other.dtype_ && shape_ == other.shape_ &&
@@ -167,6 +190,15 @@ absl::StatusOr<TensorBuilder> TensorBuilder::Create(DType dtype,
   ASSIGN_OR_RETURN(int64_t count, NumElements(shape));
   ASSIGN_OR_RETURN(std::shared_ptr<Storage> storage,
                    Storage::Allocate(static_cast<size_t>(bytes)));
+  return TensorBuilder(dtype, shape, count, std::move(storage));
+}
+
+absl::StatusOr<TensorBuilder> TensorBuilder::CreateUninitialized(
+    DType dtype, const Shape& shape) {
+  ASSIGN_OR_RETURN(int64_t bytes, NumBytes(dtype, shape));
+  ASSIGN_OR_RETURN(int64_t count, NumElements(shape));
+  ASSIGN_OR_RETURN(std::shared_ptr<Storage> storage,
+                   Storage::AllocateUninitialized(static_cast<size_t>(bytes)));
   return TensorBuilder(dtype, shape, count, std::move(storage));
 }
 

@@ -46,6 +46,11 @@ class Storage {
   // if the allocation fails.
   static absl::StatusOr<std::shared_ptr<Storage>> Allocate(size_t bytes);
 
+  // As Allocate, but the bytes are left uninitialised: for buffers about to be
+  // overwritten whole.
+  static absl::StatusOr<std::shared_ptr<Storage>> AllocateUninitialized(
+      size_t bytes);
+
   // Wraps memory that `owner` keeps alive (e.g. a mapping). Never copies.
   static std::shared_ptr<Storage> Borrow(const uint8_t* data, size_t bytes,
                                          std::shared_ptr<const void> owner);
@@ -140,20 +145,33 @@ class Tensor {
   }
 
   // XXH3-64 of the tensor's bytes (the protocol's per-tensor checksum).
+  // Computed once and remembered by every copy of this tensor.
   uint64_t Checksum() const;
+
+  // Records `checksum` as this tensor's XXH3-64 when the caller has just
+  // verified it (a received tensor), so Checksum() need not read the bytes
+  // again.
+  void RememberChecksum(uint64_t checksum) const;
 
   // True when dtype, shape and bytes are all equal.
   bool BitwiseEquals(const Tensor& other) const;
 
  private:
+  struct ChecksumCell {
+    std::atomic<bool> known{false};
+    std::atomic<uint64_t> value{0};
+  };
+
   Tensor(DType dtype, Shape shape, int64_t num_elements,
-         std::shared_ptr<const Storage> storage, size_t offset);
+         std::shared_ptr<const Storage> storage, size_t offset,
+         std::shared_ptr<ChecksumCell> checksum = nullptr);
 
   DType dtype_;
   Shape shape_;
   int64_t num_elements_;
   std::shared_ptr<const Storage> storage_;
   size_t offset_;
+  std::shared_ptr<ChecksumCell> checksum_;
 };
 
 // Writable tensor under construction. Fill mutable_data(), then Build() to
@@ -162,6 +180,11 @@ class TensorBuilder {
  public:
   // Allocates a zeroed tensor. Errors as Tensor::Zeros.
   static absl::StatusOr<TensorBuilder> Create(DType dtype, const Shape& shape);
+
+  // As Create, but the bytes start uninitialised; the caller must write every
+  // byte.
+  static absl::StatusOr<TensorBuilder> CreateUninitialized(DType dtype,
+                                                           const Shape& shape);
 
   DType dtype() const { return dtype_; }
   const Shape& shape() const { return shape_; }

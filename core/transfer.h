@@ -1,0 +1,120 @@
+// The data path of a streamed state dict, independent of any transport: a
+// sender cuts the tensors' bytes into chunks, a receiver writes chunks straight
+// into preallocated tensors and verifies each tensor's XXH3-64 as soon as its
+// last byte arrives (docs/protocol.md).
+//
+// The stream's data is the concatenation of every tensor's bytes in manifest
+// order, without padding; a chunk is (offset into that concatenation, bytes).
+// Chunks must arrive in order.
+#ifndef MODELSTATE_CORE_TRANSFER_H_
+#define MODELSTATE_CORE_TRANSFER_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/optional.h"
+#include "absl/types/span.h"
+#include "core/tensor.h"
+
+namespace modelstate {
+
+// One tensor of a transfer, as a manifest describes it.
+struct TransferEntry {
+  std::string key;
+  DType dtype;
+  Shape shape;
+  uint64_t checksum = 0;  // XXH3-64 of the tensor's bytes.
+};
+
+// Returns the byte size of every entry and checks the whole transfer:
+// InvalidArgument for a bad shape or a total that overflows.
+absl::StatusOr<std::vector<uint64_t>> TransferSizes(
+    const std::vector<TransferEntry>& entries);
+
+// Receives one transfer. Not thread-safe; one stream feeds it.
+class ChunkReceiver {
+ public:
+  // Called with each tensor as soon as it is complete and verified. Returning
+  // an error stops the transfer with that error.
+  using TensorCallback =
+      std::function<absl::Status(size_t index, Tensor tensor)>;
+
+  // Returns a receiver for `entries`, or InvalidArgument (see TransferSizes).
+  // With `on_tensor`, completed tensors are handed over and not kept; without
+  // it, Finish returns them.
+  static absl::StatusOr<std::unique_ptr<ChunkReceiver>> Create(
+      std::vector<TransferEntry> entries, TensorCallback on_tensor = nullptr);
+
+  // Writes the next chunk. Returns InvalidArgument when `offset` is not where
+  // the previous chunk ended (chunks out of order, overlapping, or bytes
+  // missing) or the chunk runs past the end, DataLoss when a tensor completed
+  // by this chunk fails its checksum, ResourceExhausted when a tensor cannot be
+  // allocated, or the callback's error. After an error the receiver is dead.
+  absl::Status Accept(uint64_t offset, absl::string_view data);
+
+  // Checks the end marker: returns InvalidArgument unless every byte arrived
+  // and `total_bytes` matches. Returns the tensors in manifest order (empty
+  // with a callback).
+  absl::StatusOr<std::vector<Tensor>> Finish(uint64_t total_bytes);
+
+  uint64_t received_bytes() const { return received_; }
+  uint64_t total_bytes() const { return total_; }
+  const std::vector<TransferEntry>& entries() const { return entries_; }
+
+ private:
+  ChunkReceiver(std::vector<TransferEntry> entries, std::vector<uint64_t> sizes,
+                TensorCallback on_tensor);
+  // Completes tensors (verifying checksums) while the current one is full.
+  absl::Status CompleteFullTensors();
+
+  std::vector<TransferEntry> entries_;
+  std::vector<uint64_t> sizes_;
+  TensorCallback on_tensor_;
+  std::vector<Tensor> done_;
+  size_t current_ = 0;           // Index of the tensor being filled.
+  uint64_t current_filled_ = 0;  // Bytes of it received.
+  absl::optional<TensorBuilder> builder_;
+  uint64_t received_ = 0;
+  uint64_t total_ = 0;
+  absl::Status error_;
+};
+
+// Cuts tensors into chunks of at most `chunk_bytes`. Small tensors share a
+// chunk; large ones span several. The pieces alias the tensors' storage:
+// nothing is copied.
+class ChunkSender {
+ public:
+  struct Chunk {
+    uint64_t offset = 0;
+    uint64_t size = 0;
+    std::vector<absl::Span<const uint8_t>> pieces;
+  };
+
+  // `chunk_bytes` must be positive.
+  ChunkSender(std::vector<Tensor> tensors, uint64_t chunk_bytes);
+
+  // Fills `chunk` with the next chunk and returns true, or returns false at the
+  // end.
+  bool Next(Chunk* chunk);
+
+  uint64_t total_bytes() const { return total_; }
+  const std::vector<Tensor>& tensors() const { return tensors_; }
+
+ private:
+  std::vector<Tensor> tensors_;
+  uint64_t chunk_bytes_;
+  uint64_t total_ = 0;
+  uint64_t sent_ = 0;
+  size_t tensor_ = 0;
+  uint64_t within_ = 0;
+};
+
+}  // namespace modelstate
+
+#endif  // MODELSTATE_CORE_TRANSFER_H_
