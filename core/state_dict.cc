@@ -10,23 +10,25 @@
 
 namespace modelstate {
 
-void StateDict::Set(std::string key, Tensor tensor) {
+void StateDict::Set(std::string key, Tensor tensor, TensorKind kind) {
   auto it = index_.find(key);
   if (it != index_.end()) {
     entries_[it->second].tensor = std::move(tensor);
+    entries_[it->second].kind = kind;
     return;
   }
   index_.emplace(key, entries_.size());
-  entries_.push_back(Entry{std::move(key), std::move(tensor)});
+  entries_.push_back(Entry{std::move(key), std::move(tensor), kind});
 }
 
-absl::Status StateDict::Insert(std::string key, Tensor tensor) {
+absl::Status StateDict::Insert(std::string key, Tensor tensor,
+                               TensorKind kind) {
   if (index_.contains(key)) {
     return absl::InvalidArgumentError(
         absl::StrCat("duplicate key \"", key, "\""));
   }
   index_.emplace(key, entries_.size());
-  entries_.push_back(Entry{std::move(key), std::move(tensor)});
+  entries_.push_back(Entry{std::move(key), std::move(tensor), kind});
   return absl::OkStatus();
 }
 
@@ -83,12 +85,15 @@ void EmitModule(const Module& module, const std::string& prefix,
   out->SetModuleVersion(std::string(WithoutTrailingDot(prefix)),
                         module.version());
   for (const TensorSlot& slot : module.parameters()) {
-    if (slot.tensor) out->Set(prefix + slot.name, *slot.tensor);
+    if (slot.tensor) {
+      out->Set(prefix + slot.name, *slot.tensor, TensorKind::kParameter);
+    }
   }
   if (options.include_buffers) {
     for (const TensorSlot& slot : module.buffers()) {
-      if (slot.tensor && slot.persistent)
-        out->Set(prefix + slot.name, *slot.tensor);
+      if (slot.tensor && slot.persistent) {
+        out->Set(prefix + slot.name, *slot.tensor, TensorKind::kBuffer);
+      }
     }
   }
   if (!options.recurse) return;
@@ -115,12 +120,15 @@ absl::Status AppendStateDict(const ModulePtr& root,
   }
   StateDict all;
   EmitModule(*module, prefix, options, &all);
+  absl::flat_hash_map<absl::string_view, const StateDict::Entry*> by_key;
+  for (const StateDict::Entry& entry : all.entries())
+    by_key.emplace(entry.key, &entry);
   for (const std::string& key : options.keys) {
-    const Tensor* tensor = all.Find(key);
-    if (tensor == nullptr) {
+    auto it = by_key.find(key);
+    if (it == by_key.end()) {
       return absl::NotFoundError(absl::StrCat("no tensor named \"", key, "\""));
     }
-    destination->Set(key, *tensor);
+    destination->Set(key, it->second->tensor, it->second->kind);
   }
   for (const auto& [path, version] : all.metadata()) {
     destination->SetModuleVersion(path, version);
@@ -133,6 +141,27 @@ absl::StatusOr<StateDict> GetStateDict(const ModulePtr& root,
   StateDict state;
   RETURN_IF_ERROR(AppendStateDict(root, options, &state));
   return state;
+}
+
+absl::StatusOr<StateDict> CastFloatingTensors(const StateDict& state,
+                                              DType dtype) {
+  if (!IsFloatingPoint(dtype)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("can only cast floating tensors to a floating dtype, not ",
+                     TorchName(dtype)));
+  }
+  StateDict out;
+  for (const StateDict::Entry& entry : state.entries()) {
+    if (IsFloatingPoint(entry.tensor.dtype())) {
+      ASSIGN_OR_RETURN(Tensor cast, entry.tensor.CastTo(dtype));
+      out.Set(entry.key, std::move(cast), entry.kind);
+    } else {
+      out.Set(entry.key, entry.tensor, entry.kind);
+    }
+  }
+  for (const auto& [path, version] : state.metadata())
+    out.SetModuleVersion(path, version);
+  return out;
 }
 
 namespace {

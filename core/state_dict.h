@@ -25,14 +25,17 @@ class StateDict {
   struct Entry {
     std::string key;
     Tensor tensor;
+    TensorKind kind = TensorKind::kParameter;  // As the module registered it.
   };
 
   // Appends `key`, or replaces the tensor of an existing key in place (keeping
   // its position), as assigning into a Python OrderedDict does.
-  void Set(std::string key, Tensor tensor);
+  void Set(std::string key, Tensor tensor,
+           TensorKind kind = TensorKind::kParameter);
 
   // Appends `key`. Returns InvalidArgument if the key is already present.
-  absl::Status Insert(std::string key, Tensor tensor);
+  absl::Status Insert(std::string key, Tensor tensor,
+                      TensorKind kind = TensorKind::kParameter);
 
   // Returns the tensor under `key`, or null.
   const Tensor* Find(absl::string_view key) const;
@@ -91,6 +94,13 @@ absl::Status AppendStateDict(const ModulePtr& root,
 // destination.
 absl::StatusOr<StateDict> GetStateDict(const ModulePtr& root,
                                        const StateDictOptions& options = {});
+
+// Returns `state` with every floating tensor (IsFloatingPoint) converted to
+// `dtype` as torch's
+// `.to(dtype)` does; other tensors are shared unchanged. InvalidArgument unless
+// `dtype` is floating.
+absl::StatusOr<StateDict> CastFloatingTensors(const StateDict& state,
+                                              DType dtype);
 
 // The name, dtype and shape of a tensor offered for loading (all a load plan
 // needs).

@@ -1,0 +1,135 @@
+// modelstated: serves PyTorch-style model state over gRPC. See README.md and
+// docs/operations.md.
+#include <pthread.h>
+#include <signal.h>
+
+#include <cstdio>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/time.h"
+#include "server/server.h"
+
+ABSL_FLAG(std::string, listen, "127.0.0.1:50551",
+          "host:port to serve on (port 0: any free port)");
+ABSL_FLAG(std::vector<std::string>, preload, {},
+          "NAME=PATH of a model to load at start (.safetensors checkpoint or "
+          "architecture .json); "
+          "repeatable");
+ABSL_FLAG(std::string, demo_model, "demo",
+          "name of the built-in demo CNN to serve; empty to serve none");
+ABSL_FLAG(uint32_t, chunk_bytes, 1 << 20,
+          "default chunk size of StateDict streams (max 3 MiB)");
+ABSL_FLAG(int64_t, memory_limit_bytes, 0,
+          "refuse loads past this many live tensor bytes; 0: none");
+ABSL_FLAG(std::string, tls_cert, "", "PEM server certificate (enables TLS)");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM CA that client certificates must chain to (mTLS)");
+ABSL_FLAG(std::string, health_listen, "",
+          "host:port of an extra plaintext port serving only grpc.health.v1");
+ABSL_FLAG(absl::Duration, shutdown_grace, absl::Seconds(30),
+          "on SIGTERM/SIGINT, how long streams in flight may take to finish");
+ABSL_FLAG(bool, log_rpcs, true, "write one line per RPC to stderr");
+
+namespace {
+
+// absl flags keep the last of repeated flags; --preload may repeat, so fold
+// every occurrence into one comma-separated value first.
+std::vector<char*> FoldRepeatedPreload(int argc, char** argv,
+                                       std::string* folded) {
+  std::vector<std::string> values;
+  std::vector<char*> args;
+  for (int i = 0; i < argc; ++i) {
+    absl::string_view arg = argv[i];
+    if (absl::ConsumePrefix(&arg, "--preload=")) {
+      values.emplace_back(arg);
+    } else if (arg == "--preload" && i + 1 < argc) {
+      values.emplace_back(argv[++i]);
+    } else {
+      args.push_back(argv[i]);
+    }
+  }
+  if (!values.empty()) {
+    *folded = absl::StrCat("--preload=", absl::StrJoin(values, ","));
+    args.push_back(folded->data());
+  }
+  return args;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "modelstated [--listen=HOST:PORT] [--preload=NAME=PATH ...] "
+      "[--tls_cert=PEM --tls_key=PEM "
+      "[--tls_client_ca=PEM]]");
+  std::string folded;
+  std::vector<char*> args = FoldRepeatedPreload(argc, argv, &folded);
+  absl::ParseCommandLine(static_cast<int>(args.size()), args.data());
+
+  modelstate::ServerOptions options;
+  options.listen = absl::GetFlag(FLAGS_listen);
+  for (const std::string& item : absl::GetFlag(FLAGS_preload)) {
+    std::pair<std::string, std::string> pair =
+        absl::StrSplit(item, absl::MaxSplits('=', 1));
+    if (pair.first.empty() || pair.second.empty()) {
+      std::fprintf(stderr,
+                   "modelstated: --preload wants NAME=PATH, got \"%s\"\n",
+                   item.c_str());
+      return 2;
+    }
+    options.preload.push_back(pair);
+  }
+  options.demo_model = absl::GetFlag(FLAGS_demo_model);
+  options.chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);
+  options.memory_limit_bytes = absl::GetFlag(FLAGS_memory_limit_bytes);
+  options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
+  options.tls_key_file = absl::GetFlag(FLAGS_tls_key);
+  options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
+  options.health_listen = absl::GetFlag(FLAGS_health_listen);
+  options.log_rpcs = absl::GetFlag(FLAGS_log_rpcs);
+
+  // Block the stop signals in every thread; one thread waits for them.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  absl::StatusOr<std::unique_ptr<modelstate::Server>> server =
+      modelstate::Server::BuildAndStart(options);
+  if (!server.ok()) {
+    std::fprintf(stderr, "modelstated: %s\n",
+                 server.status().ToString().c_str());
+    return 1;
+  }
+  std::fprintf(stderr, "modelstated: serving on port %d%s\n", (*server)->port(),
+               options.tls_cert_file.empty() ? "" : " (TLS)");
+  if ((*server)->health_port() != 0) {
+    std::fprintf(stderr, "modelstated: health on port %d\n",
+                 (*server)->health_port());
+  }
+  std::fflush(stderr);
+
+  const absl::Duration grace = absl::GetFlag(FLAGS_shutdown_grace);
+  std::thread signal_waiter([&stop_signals, &server, grace] {
+    int signal = 0;
+    sigwait(&stop_signals, &signal);
+    std::fprintf(stderr, "modelstated: signal %d, draining for up to %s\n",
+                 signal, absl::FormatDuration(grace).c_str());
+    (*server)->Shutdown(grace);
+  });
+  (*server)->Wait();
+  signal_waiter.join();
+  std::fprintf(stderr, "modelstated: stopped\n");
+  return 0;
+}

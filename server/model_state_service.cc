@@ -1,0 +1,494 @@
+#include "server/model_state_service.h"
+
+#include <deque>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "core/module_factory.h"
+#include "core/transfer.h"
+#include "server/grpc_status.h"
+#include "server/proto_convert.h"
+#include "server/rpc_log.h"
+
+namespace modelstate {
+namespace {
+
+// Finishes a unary call: converts the status and writes the log line.
+grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
+                                      RpcRecord& record,
+                                      const absl::Status& status) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  const grpc::Status grpc_status = ToGrpcStatus(status);
+  record.Log(grpc_status);
+  reactor->Finish(grpc_status);
+  return reactor;
+}
+
+absl::StatusOr<StoreLoadOptions> ToStoreOptions(const v1::LoadHeader& header) {
+  StoreLoadOptions options;
+  options.load.strict = !header.non_strict();
+  options.load.assign = header.assign();
+  options.load.submodule = header.module();
+  if (header.has_expected_version())
+    options.expected_version = header.expected_version();
+  options.create_if_missing = header.create_if_missing();
+  for (const v1::TensorInfo& info : header.tensors()) {
+    if (info.kind() == v1::BUFFER) options.buffer_keys.push_back(info.name());
+  }
+  return options;
+}
+
+// Streams a snapshot: manifest, chunks, end marker; one write in flight.
+class StateDictReactor
+    : public grpc::ServerWriteReactor<v1::StateDictResponse> {
+ public:
+  StateDictReactor(ModelStore* store, const ServiceOptions& options,
+                   const v1::StateDictRequest& request)
+      : record_("StateDict", options.log_rpcs) {
+    record_.set_model(request.model());
+    absl::Status prepared = Prepare(store, options, request);
+    if (!prepared.ok()) {
+      FinishWith(ToGrpcStatus(prepared));
+      return;
+    }
+    StartWrite(&response_);
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      FinishWith(grpc::Status(grpc::StatusCode::CANCELLED, "client went away"));
+      return;
+    }
+    if (end_sent_) {
+      FinishWith(grpc::Status::OK);
+      return;
+    }
+    response_.Clear();
+    if (sender_->Next(&chunk_)) {
+      v1::Chunk* chunk = response_.mutable_chunk();
+      chunk->set_offset(chunk_.offset);
+      std::string* data = chunk->mutable_data();
+      data->reserve(chunk_.size);
+      for (absl::Span<const uint8_t> piece : chunk_.pieces) {
+        data->append(reinterpret_cast<const char*>(piece.data()), piece.size());
+      }
+      record_.add_bytes(chunk_.size);
+    } else {
+      response_.mutable_end()->set_total_bytes(sender_->total_bytes());
+      end_sent_ = true;
+    }
+    StartWrite(&response_);
+  }
+
+  void OnDone() override {
+    record_.Log(status_);
+    delete this;
+  }
+
+ private:
+  absl::Status Prepare(ModelStore* store, const ServiceOptions& service,
+                       const v1::StateDictRequest& request) {
+    if (request.chunk_bytes() > kMaxChunkBytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("chunk_bytes may be at most ", kMaxChunkBytes));
+    }
+    absl::StatusOr<Snapshot> snapshot = store->GetSnapshot(request.model());
+    if (!snapshot.ok()) return snapshot.status();
+    StateDictOptions options;
+    options.submodule = request.module();
+    options.keep_submodule_prefix = !request.strip_module_prefix();
+    options.recurse = !request.own_tensors_only();
+    options.include_buffers = !request.exclude_buffers();
+    options.keys.assign(request.keys().begin(), request.keys().end());
+    absl::StatusOr<modelstate::StateDict> state =
+        GetStateDict(snapshot->root, options);
+    if (!state.ok()) return state.status();
+    if (request.cast_floating_to() != v1::DTYPE_UNSPECIFIED) {
+      absl::StatusOr<DType> dtype = FromProto(request.cast_floating_to());
+      if (!dtype.ok()) return dtype.status();
+      state = CastFloatingTensors(*state, *dtype);
+      if (!state.ok()) return state.status();
+    }
+    v1::Manifest* manifest = response_.mutable_manifest();
+    manifest->set_model(snapshot->model);
+    manifest->set_version(snapshot->version);
+    ToTensorInfos(*state, manifest->mutable_tensors());
+    std::vector<Tensor> tensors;
+    tensors.reserve(state->size());
+    for (const auto& entry : state->entries()) tensors.push_back(entry.tensor);
+    const uint32_t chunk_bytes = request.chunk_bytes() > 0
+                                     ? request.chunk_bytes()
+                                     : service.default_chunk_bytes;
+    sender_ = std::make_unique<ChunkSender>(std::move(tensors), chunk_bytes);
+    manifest->set_total_bytes(sender_->total_bytes());
+    return absl::OkStatus();
+  }
+
+  void FinishWith(const grpc::Status& status) {
+    status_ = status;
+    Finish(status);
+  }
+
+  RpcRecord record_;
+  v1::StateDictResponse response_;
+  std::unique_ptr<ChunkSender> sender_;
+  ChunkSender::Chunk chunk_;
+  bool end_sent_ = false;
+  grpc::Status status_;
+};
+
+// Receives a load: header (validated before any data), chunks into preallocated
+// tensors, end marker, then one atomic commit. Anything else leaves the model
+// untouched.
+class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest> {
+ public:
+  LoadReactor(ModelStore* store, const ServiceOptions& options,
+              v1::LoadStateDictResponse* response)
+      : store_(store),
+        response_(response),
+        record_("LoadStateDict", options.log_rpcs) {
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      FinishWith(absl::InvalidArgumentError(
+          "load stream ended before its end marker; nothing was changed"));
+      return;
+    }
+    absl::Status handled = Handle();
+    if (!handled.ok()) {
+      FinishWith(handled);
+      return;
+    }
+    if (committed_) {
+      FinishWith(absl::OkStatus());
+      return;
+    }
+    StartRead(&request_);
+  }
+
+  void OnDone() override {
+    record_.Log(status_);
+    delete this;  // Drops any pending load: its staging memory and reservation
+                  // go with it.
+  }
+
+ private:
+  absl::Status Handle() {
+    switch (request_.kind_case()) {
+      case v1::LoadStateDictRequest::kHeader:
+        return HandleHeader(request_.header());
+      case v1::LoadStateDictRequest::kChunk: {
+        if (receiver_ == nullptr) {
+          return absl::InvalidArgumentError(
+              "a load must start with its header");
+        }
+        record_.add_bytes(request_.chunk().data().size());
+        return receiver_->Accept(request_.chunk().offset(),
+                                 request_.chunk().data());
+      }
+      case v1::LoadStateDictRequest::kEnd:
+        return HandleEnd(request_.end());
+      default:
+        return absl::InvalidArgumentError("empty load message");
+    }
+  }
+
+  absl::Status HandleHeader(const v1::LoadHeader& header) {
+    if (receiver_ != nullptr)
+      return absl::InvalidArgumentError("a load has only one header");
+    record_.set_model(header.model());
+    absl::StatusOr<std::vector<TransferEntry>> entries =
+        ToTransferEntries(header.tensors());
+    if (!entries.ok()) return entries.status();
+    absl::StatusOr<StoreLoadOptions> options = ToStoreOptions(header);
+    if (!options.ok()) return options.status();
+    absl::StatusOr<std::unique_ptr<PendingLoad>> pending =
+        store_->BeginLoad(header.model(), ToTensorSpecs(*entries), *options);
+    if (!pending.ok()) return pending.status();
+    absl::StatusOr<std::unique_ptr<ChunkReceiver>> receiver =
+        ChunkReceiver::Create(*std::move(entries));
+    if (!receiver.ok()) return receiver.status();
+    if ((*receiver)->total_bytes() != header.total_bytes()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "header says ", header.total_bytes(),
+          " bytes but its tensors add up to ", (*receiver)->total_bytes()));
+    }
+    pending_ = *std::move(pending);
+    receiver_ = *std::move(receiver);
+    return absl::OkStatus();
+  }
+
+  absl::Status HandleEnd(const v1::End& end) {
+    if (receiver_ == nullptr)
+      return absl::InvalidArgumentError("a load must start with its header");
+    absl::StatusOr<std::vector<Tensor>> tensors =
+        receiver_->Finish(end.total_bytes());
+    receiver_.reset();
+    if (!tensors.ok()) return tensors.status();
+    absl::StatusOr<StoreLoadResult> result =
+        store_->CommitLoad(std::move(pending_), *std::move(tensors));
+    if (!result.ok()) return result.status();
+    response_->set_version(result->version);
+    response_->set_created(result->created);
+    for (const std::string& key : result->missing_keys)
+      response_->add_missing_keys(key);
+    for (const std::string& key : result->unexpected_keys)
+      response_->add_unexpected_keys(key);
+    committed_ = true;
+    return absl::OkStatus();
+  }
+
+  void FinishWith(const absl::Status& status) {
+    pending_.reset();
+    receiver_.reset();
+    status_ = ToGrpcStatus(status);
+    Finish(status_);
+  }
+
+  ModelStore* store_;
+  v1::LoadStateDictResponse* response_;
+  RpcRecord record_;
+  v1::LoadStateDictRequest request_;
+  std::unique_ptr<PendingLoad> pending_;
+  std::unique_ptr<ChunkReceiver> receiver_;
+  bool committed_ = false;
+  grpc::Status status_;
+};
+
+v1::WatchModelResponse ToProto(const ModelEvent& event) {
+  v1::WatchModelResponse response;
+  switch (event.type) {
+    case ModelEvent::Type::kCreated:
+      response.set_type(v1::WatchModelResponse::CREATED);
+      break;
+    case ModelEvent::Type::kUpdated:
+      response.set_type(v1::WatchModelResponse::UPDATED);
+      break;
+    case ModelEvent::Type::kDeleted:
+      response.set_type(v1::WatchModelResponse::DELETED);
+      break;
+  }
+  response.set_model(event.model);
+  response.set_version(event.version);
+  return response;
+}
+
+}  // namespace
+
+// Streams one model's events; one write in flight, later events queue behind
+// it.
+class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
+ public:
+  WatchReactor(ModelStateService* service, ModelStore* store,
+               const std::string& model)
+      : service_(service),
+        store_(store),
+        model_(model),
+        record_("WatchModel", service->options().log_rpcs) {
+    record_.set_model(model);
+    listener_id_ = store_->AddListener([this](const ModelEvent& event) {
+      if (event.model == model_) Enqueue(ToProto(event));
+    });
+    absl::MutexLock lock(&mu_);
+    absl::StatusOr<Snapshot> snapshot = store_->GetSnapshot(model_);
+    v1::WatchModelResponse first;
+    first.set_model(model_);
+    // Drop events the snapshot already reflects (they raced with AddListener).
+    std::deque<v1::WatchModelResponse> fresh;
+    if (snapshot.ok()) {
+      first.set_type(v1::WatchModelResponse::CURRENT);
+      first.set_version(snapshot->version);
+      for (auto& event : queue_) {
+        if (event.type() == v1::WatchModelResponse::DELETED ||
+            event.version() > snapshot->version) {
+          fresh.push_back(std::move(event));
+        }
+      }
+    } else {
+      first.set_type(v1::WatchModelResponse::ABSENT);
+      for (auto& event : queue_) {
+        if (event.type() != v1::WatchModelResponse::DELETED)
+          fresh.push_back(std::move(event));
+      }
+    }
+    fresh.push_front(std::move(first));
+    queue_ = std::move(fresh);
+    WriteNextLocked();
+  }
+
+  void Enqueue(v1::WatchModelResponse event) {
+    absl::MutexLock lock(&mu_);
+    if (finished_) return;
+    queue_.push_back(std::move(event));
+    if (!writing_ && started_) WriteNextLocked();
+  }
+
+  void Stop() {
+    absl::MutexLock lock(&mu_);
+    FinishLocked(
+        grpc::Status(grpc::StatusCode::UNAVAILABLE, "server shutting down"));
+  }
+
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&mu_);
+    writing_ = false;
+    if (!ok) {
+      FinishLocked(
+          grpc::Status(grpc::StatusCode::CANCELLED, "client went away"));
+      return;
+    }
+    WriteNextLocked();
+  }
+
+  void OnCancel() override {
+    absl::MutexLock lock(&mu_);
+    FinishLocked(
+        grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"));
+  }
+
+  void OnDone() override {
+    store_->RemoveListener(listener_id_);
+    service_->Forget(this);
+    record_.Log(status_);
+    delete this;
+  }
+
+ private:
+  void WriteNextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    started_ = true;
+    if (finished_ || writing_ || queue_.empty()) return;
+    current_ = std::move(queue_.front());
+    queue_.pop_front();
+    writing_ = true;
+    StartWrite(&current_);
+  }
+
+  void FinishLocked(const grpc::Status& status)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (finished_) return;
+    finished_ = true;
+    status_ = status;
+    Finish(status);
+  }
+
+  ModelStateService* service_;
+  ModelStore* store_;
+  const std::string model_;
+  RpcRecord record_;
+  int64_t listener_id_ = 0;
+  absl::Mutex mu_;
+  std::deque<v1::WatchModelResponse> queue_ ABSL_GUARDED_BY(mu_);
+  v1::WatchModelResponse current_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool started_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status status_;
+};
+
+ModelStateService::ModelStateService(ModelStore* store, ServiceOptions options)
+    : store_(store), options_(options) {}
+
+ModelStateService::~ModelStateService() = default;
+
+grpc::ServerUnaryReactor* ModelStateService::ListModels(
+    grpc::CallbackServerContext* context, const v1::ListModelsRequest* request,
+    v1::ListModelsResponse* response) {
+  RpcRecord record("ListModels", options_.log_rpcs);
+  for (const Snapshot& snapshot : store_->List())
+    *response->add_models() = ToSummary(snapshot);
+  return FinishUnary(context, record, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* ModelStateService::GetModel(
+    grpc::CallbackServerContext* context, const v1::GetModelRequest* request,
+    v1::GetModelResponse* response) {
+  RpcRecord record("GetModel", options_.log_rpcs);
+  record.set_model(request->model());
+  absl::StatusOr<Snapshot> snapshot = store_->GetSnapshot(request->model());
+  if (!snapshot.ok()) return FinishUnary(context, record, snapshot.status());
+  StateDictOptions options;
+  options.submodule = request->module();
+  absl::StatusOr<modelstate::StateDict> state =
+      GetStateDict(snapshot->root, options);
+  if (!state.ok()) return FinishUnary(context, record, state.status());
+  *response->mutable_summary() = ToSummary(*snapshot);
+  ToTensorInfos(*state, response->mutable_tensors());
+  response->set_architecture_json(snapshot->architecture);
+  return FinishUnary(context, record, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* ModelStateService::CreateModel(
+    grpc::CallbackServerContext* context, const v1::CreateModelRequest* request,
+    v1::CreateModelResponse* response) {
+  RpcRecord record("CreateModel", options_.log_rpcs);
+  record.set_model(request->model());
+  absl::Status valid = ValidateModelName(request->model());
+  if (!valid.ok()) return FinishUnary(context, record, valid);
+  absl::StatusOr<ModulePtr> root = BuildModuleFromSpec(
+      request->architecture_json(), BuildOptions{request->seed()});
+  if (!root.ok()) return FinishUnary(context, record, root.status());
+  absl::Status created =
+      store_->Create(request->model(), *root, request->architecture_json());
+  if (!created.ok()) return FinishUnary(context, record, created);
+  absl::StatusOr<Snapshot> snapshot = store_->GetSnapshot(request->model());
+  if (snapshot.ok()) *response->mutable_summary() = ToSummary(*snapshot);
+  return FinishUnary(context, record, snapshot.status());
+}
+
+grpc::ServerUnaryReactor* ModelStateService::DeleteModel(
+    grpc::CallbackServerContext* context, const v1::DeleteModelRequest* request,
+    v1::DeleteModelResponse* response) {
+  RpcRecord record("DeleteModel", options_.log_rpcs);
+  record.set_model(request->model());
+  return FinishUnary(context, record, store_->Delete(request->model()));
+}
+
+grpc::ServerWriteReactor<v1::StateDictResponse>* ModelStateService::StateDict(
+    grpc::CallbackServerContext* context, const v1::StateDictRequest* request) {
+  return new StateDictReactor(store_, options_, *request);
+}
+
+grpc::ServerReadReactor<v1::LoadStateDictRequest>*
+ModelStateService::LoadStateDict(grpc::CallbackServerContext* context,
+                                 v1::LoadStateDictResponse* response) {
+  return new LoadReactor(store_, options_, response);
+}
+
+grpc::ServerWriteReactor<v1::WatchModelResponse>* ModelStateService::WatchModel(
+    grpc::CallbackServerContext* context,
+    const v1::WatchModelRequest* request) {
+  absl::MutexLock lock(&watches_mu_);
+  if (stopping_) {
+    // A reactor that finishes at once, so the call still gets a proper status.
+    class Refused : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
+     public:
+      Refused() {
+        Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                            "server shutting down"));
+      }
+      void OnDone() override { delete this; }
+    };
+    return new Refused();
+  }
+  auto* reactor = new WatchReactor(this, store_, request->model());
+  watches_.insert(reactor);
+  return reactor;
+}
+
+void ModelStateService::StopWatches() {
+  absl::MutexLock lock(&watches_mu_);
+  stopping_ = true;
+  for (WatchReactor* reactor : watches_) reactor->Stop();
+}
+
+void ModelStateService::Forget(WatchReactor* reactor) {
+  absl::MutexLock lock(&watches_mu_);
+  watches_.erase(reactor);
+}
+
+}  // namespace modelstate

@@ -1,0 +1,86 @@
+// The modelstated server: a ModelStore served over gRPC, with health,
+// reflection and TLS.
+//
+// Thread-safety: Wait() and Shutdown() may be called from different threads.
+#ifndef MODELSTATE_SERVER_SERVER_H_
+#define MODELSTATE_SERVER_SERVER_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "core/model_store.h"
+#include "grpcpp/server.h"
+#include "server/model_state_service.h"
+
+namespace modelstate {
+
+// The port modelstated listens on by default.
+inline constexpr int kDefaultPort = 50551;
+
+struct ServerOptions {
+  // host:port; port 0 picks a free port (see Server::port()).
+  std::string listen = "127.0.0.1:" + std::to_string(kDefaultPort);
+  // Models to load before reporting SERVING: name -> .safetensors or
+  // architecture .json path.
+  std::vector<std::pair<std::string, std::string>> preload;
+  // Name of the built-in demo model to create at start; empty for none.
+  std::string demo_model;
+  uint32_t chunk_bytes = 1 << 20;
+  int64_t memory_limit_bytes = 0;  // 0: unlimited.
+  // PEM files. With cert and key the port uses TLS; with a client CA too,
+  // clients must present a certificate it signed (mTLS).
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_client_ca_file;
+  // A second, plaintext port that serves only grpc.health.v1 (for probes when
+  // the main port requires mTLS); empty for none.
+  std::string health_listen;
+  bool log_rpcs = true;
+};
+
+class Server {
+ public:
+  // Starts serving: listens, reports NOT_SERVING while the demo and preload
+  // models are loaded, then SERVING. Returns InvalidArgument for bad options,
+  // the preload's error for a model that does not load, or Unavailable if the
+  // address cannot be bound.
+  static absl::StatusOr<std::unique_ptr<Server>> BuildAndStart(
+      ServerOptions options);
+
+  ~Server();
+
+  // The bound port of the main listener.
+  int port() const { return port_; }
+  // The bound port of the health-only listener, or 0.
+  int health_port() const { return health_port_; }
+  ModelStore& store() { return *store_; }
+
+  // Blocks until the server has shut down.
+  void Wait();
+
+  // Graceful stop: health goes NOT_SERVING, watch streams end, transfers in
+  // flight get `grace` to finish, then whatever is left is cancelled.
+  // Idempotent.
+  void Shutdown(absl::Duration grace);
+
+ private:
+  Server() = default;
+
+  std::unique_ptr<ModelStore> store_;
+  std::unique_ptr<ModelStateService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<grpc::Server> health_server_;
+  int port_ = 0;
+  int health_port_ = 0;
+  absl::Mutex shutdown_mu_;
+  bool shut_down_ ABSL_GUARDED_BY(shutdown_mu_) = false;
+};
+
+}  // namespace modelstate
+
+#endif  // MODELSTATE_SERVER_SERVER_H_
