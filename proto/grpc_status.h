@@ -1,6 +1,6 @@
 // The one place where core statuses become gRPC statuses.
-#ifndef MODELSTATE_SERVER_GRPC_STATUS_H_
-#define MODELSTATE_SERVER_GRPC_STATUS_H_
+#ifndef MODELSTATE_PROTO_GRPC_STATUS_H_
+#define MODELSTATE_PROTO_GRPC_STATUS_H_
 
 #include "absl/status/status.h"
 #include "grpcpp/support/status.h"
@@ -17,4 +17,4 @@ absl::Status FromGrpcStatus(const grpc::Status& status);
 
 }  // namespace modelstate
 
-#endif  // MODELSTATE_SERVER_GRPC_STATUS_H_
+#endif  // MODELSTATE_PROTO_GRPC_STATUS_H_

@@ -1,7 +1,7 @@
 // Conversions between core types and modelstate.v1 messages. No business rules
 // live here.
-#ifndef MODELSTATE_SERVER_PROTO_CONVERT_H_
-#define MODELSTATE_SERVER_PROTO_CONVERT_H_
+#ifndef MODELSTATE_PROTO_CONVERT_H_
+#define MODELSTATE_PROTO_CONVERT_H_
 
 #include <vector>
 
@@ -38,4 +38,4 @@ v1::ModelSummary ToSummary(const Snapshot& snapshot);
 
 }  // namespace modelstate
 
-#endif  // MODELSTATE_SERVER_PROTO_CONVERT_H_
+#endif  // MODELSTATE_PROTO_CONVERT_H_

@@ -1,4 +1,4 @@
-#include "server/proto_convert.h"
+#include "proto/convert.h"
 
 #include "absl/strings/str_cat.h"
 

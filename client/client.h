@@ -1,0 +1,174 @@
+// modelstate::Client: a thin C++ client of the modelstate.v1.ModelState
+// service.
+//
+// Every call returns absl::Status / absl::StatusOr with the server's gRPC code
+// and message. Thread-safety: a Client may be used from several threads at once
+// (one channel, many calls).
+#ifndef MODELSTATE_CLIENT_CLIENT_H_
+#define MODELSTATE_CLIENT_CLIENT_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "absl/types/optional.h"
+#include "core/state_dict.h"
+#include "core/tensor.h"
+#include "modelstate/v1/model_state.grpc.pb.h"
+
+namespace modelstate {
+
+struct ClientOptions {
+  // TLS: set `use_tls` (system roots) or a CA file; a cert and key add a client
+  // certificate (mTLS).
+  bool use_tls = false;
+  std::string tls_ca_file;
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  // Name to verify the server certificate against, when it differs from the
+  // target's host.
+  std::string tls_server_name;
+  // Deadline of each call; infinite by default since transfers can be long.
+  absl::Duration timeout = absl::InfiniteDuration();
+};
+
+struct ModelSummary {
+  std::string name;
+  int64_t version = 0;
+  int64_t num_tensors = 0;
+  uint64_t num_bytes = 0;
+  std::string root_class;
+};
+
+struct TensorDescription {
+  std::string name;
+  TensorKind kind = TensorKind::kParameter;
+  DType dtype = DType::kFloat32;
+  Shape shape;
+  uint64_t num_bytes = 0;
+  uint64_t checksum = 0;  // XXH3-64 of the bytes.
+};
+
+struct ModelManifest {
+  ModelSummary summary;
+  std::vector<TensorDescription> tensors;
+  std::string architecture_json;
+};
+
+// Called with (bytes done, bytes in all) as a transfer advances.
+using ProgressCallback = std::function<void(uint64_t, uint64_t)>;
+
+struct FetchOptions {
+  std::string module;             // Submodule path; empty for the whole model.
+  std::vector<std::string> keys;  // Only these keys.
+  bool recurse = true;            // torch's recurse.
+  bool include_buffers = true;
+  absl::optional<DType> cast_floating_to;
+  uint32_t chunk_bytes = 0;  // 0: the server's default.
+  bool strip_module_prefix = false;
+  ProgressCallback progress;
+};
+
+struct FetchedStateDict {
+  std::string model;
+  int64_t version = 0;
+  StateDict state;  // Keys in torch's order; every tensor's checksum verified.
+};
+
+struct PushOptions {
+  bool strict = true;
+  bool assign = false;
+  std::string module;
+  absl::optional<int64_t>
+      expected_version;  // Compare-and-set; 0 means "must not exist".
+  bool create_if_missing = false;
+  uint32_t chunk_bytes = 1 << 20;
+  ProgressCallback progress;
+};
+
+struct PushResult {
+  int64_t version = 0;
+  std::vector<std::string> missing_keys;
+  std::vector<std::string> unexpected_keys;
+  bool created = false;
+};
+
+struct WatchEvent {
+  enum class Type { kCurrent, kAbsent, kCreated, kUpdated, kDeleted };
+  Type type;
+  std::string model;
+  int64_t version = 0;
+};
+
+class Client {
+ public:
+  // Creates a client for `target` ("host:port", "dns:///name:port", ...). Does
+  // not wait for the connection. Returns InvalidArgument for unreadable TLS
+  // files.
+  static absl::StatusOr<std::unique_ptr<Client>> Connect(
+      const std::string& target, const ClientOptions& options = {});
+
+  // Returns every model, ordered by name.
+  absl::StatusOr<std::vector<ModelSummary>> ListModels();
+
+  // Returns a model's manifest (of one submodule when `module` is set).
+  // NotFound if unknown.
+  absl::StatusOr<ModelManifest> GetModel(const std::string& model,
+                                         const std::string& module = "");
+
+  // Creates a model from an architecture spec. AlreadyExists if the name is
+  // taken.
+  absl::StatusOr<ModelSummary> CreateModel(const std::string& model,
+                                           const std::string& architecture_json,
+                                           uint64_t seed = 0);
+
+  absl::Status DeleteModel(const std::string& model);
+
+  // Fetches a state dict. Each tensor is written once, in place, and its
+  // checksum verified (DataLoss otherwise). A stream cut short is Unavailable
+  // or DataLoss, never a partial result.
+  absl::StatusOr<FetchedStateDict> StateDict(const std::string& model,
+                                             const FetchOptions& options = {});
+
+  // Fetches a state dict tensor by tensor: `on_tensor` gets each one as soon as
+  // it is complete and verified, and the client keeps no reference to it
+  // afterwards, so a worker can copy into its own buffers while at most one
+  // tensor of ours is alive. Returns the version fetched, or the first error
+  // (including the callback's).
+  absl::StatusOr<int64_t> StateDictStreaming(
+      const std::string& model, const FetchOptions& options,
+      const std::function<absl::Status(const TensorDescription&, Tensor)>&
+          on_tensor);
+
+  // Loads `state` into `model` (torch's load_state_dict); all or nothing on the
+  // server.
+  absl::StatusOr<PushResult> LoadStateDict(const std::string& model,
+                                           const modelstate::StateDict& state,
+                                           const PushOptions& options = {});
+
+  // Delivers the model's events to `on_event` until it returns false or the
+  // server ends the stream. Returns OK when `on_event` stopped it, otherwise
+  // the stream's status.
+  absl::Status Watch(const std::string& model,
+                     const std::function<bool(const WatchEvent&)>& on_event);
+
+  // The channel, for health checks and reflection.
+  const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
+
+ private:
+  Client(std::shared_ptr<grpc::Channel> channel, ClientOptions options);
+  void Prepare(grpc::ClientContext* context) const;
+
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::ModelState::Stub> stub_;
+  ClientOptions options_;
+};
+
+}  // namespace modelstate
+
+#endif  // MODELSTATE_CLIENT_CLIENT_H_

@@ -1,0 +1,307 @@
+// modelstatectl: command line of the modelstate client. `modelstatectl --help`
+// lists the flags.
+#include <unistd.h>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "client/client.h"
+#include "core/safetensors.h"
+
+ABSL_FLAG(std::string, server, "127.0.0.1:50551", "HOST:PORT of modelstated");
+ABSL_FLAG(std::string, tls_ca, "",
+          "PEM CA that signed the server's certificate (enables TLS)");
+ABSL_FLAG(std::string, tls_cert, "", "PEM client certificate (mTLS)");
+ABSL_FLAG(std::string, tls_key, "", "PEM key of --tls_cert");
+ABSL_FLAG(std::string, tls_server_name, "",
+          "name to verify the server certificate against");
+ABSL_FLAG(absl::Duration, timeout, absl::InfiniteDuration(),
+          "deadline of each call");
+ABSL_FLAG(std::string, module, "", "submodule path (info, pull, push)");
+ABSL_FLAG(std::string, arch, "", "architecture spec .json (create)");
+ABSL_FLAG(std::string, from, "",
+          ".safetensors checkpoint to create the model from (create)");
+ABSL_FLAG(uint64_t, seed, 0, "seed of random initialisers (create --arch)");
+ABSL_FLAG(std::vector<std::string>, keys, {}, "only these keys (pull)");
+ABSL_FLAG(std::string, dtype, "",
+          "cast floating tensors: bf16, f16 or f32 (pull)");
+ABSL_FLAG(bool, no_buffers, false, "parameters only (pull)");
+ABSL_FLAG(bool, strip_module_prefix, false,
+          "with --module: keys relative to the submodule, as torch's "
+          "submodule.state_dict() (pull)");
+ABSL_FLAG(bool, non_strict, false, "torch's strict=False (push)");
+ABSL_FLAG(bool, assign, false, "torch's assign=True (push)");
+ABSL_FLAG(int64_t, if_version, -1,
+          "push only if the model is at this version (push)");
+ABSL_FLAG(int64_t, count, 0, "stop after this many events; 0: never (watch)");
+ABSL_FLAG(uint32_t, chunk_bytes, 0, "chunk size of transfers; 0: default");
+
+namespace modelstate {
+namespace {
+
+constexpr char kUsage[] =
+    R"(modelstatectl [--server=HOST:PORT] [--tls_ca=PEM] [--tls_cert=PEM --tls_key=PEM] COMMAND
+  models                                              name, version, tensors, bytes
+  info MODEL [--module=PATH]                          key, kind, dtype, shape, bytes, checksum
+  create MODEL --arch=SPEC.json | --from=FILE.safetensors
+  delete MODEL
+  pull MODEL OUT.safetensors [--module=PATH [--strip_module_prefix]] [--keys=a,b] [--dtype=bf16|f16|f32] [--no_buffers]
+  push MODEL IN.safetensors [--module=PATH] [--non_strict] [--assign] [--if_version=N]
+  watch MODEL [--count=N])";
+
+// Exit codes: 0 success, 1 the call failed, 2 bad usage.
+int Fail(const absl::Status& status) {
+  std::fprintf(stderr, "ERROR: %s: %s\n",
+               absl::StatusCodeToString(status.code()).c_str(),
+               std::string(status.message()).c_str());
+  return 1;
+}
+
+int Usage(const std::string& problem) {
+  std::fprintf(stderr, "modelstatectl: %s\n%s\n", problem.c_str(), kUsage);
+  return 2;
+}
+
+std::string HumanBytes(double bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int unit = 0;
+  while (bytes >= 1024 && unit < 4) bytes /= 1024, ++unit;
+  return absl::StrFormat(unit == 0 ? "%.0f %s" : "%.1f %s", bytes, units[unit]);
+}
+
+// A progress bar with bytes/s on stderr, only when stderr is a terminal.
+class ProgressBar {
+ public:
+  explicit ProgressBar(const char* verb)
+      : verb_(verb), enabled_(isatty(STDERR_FILENO)) {}
+  ~ProgressBar() {
+    if (drawn_) std::fprintf(stderr, "\n");
+  }
+  ProgressCallback Callback() {
+    if (!enabled_) return nullptr;
+    return [this](uint64_t done, uint64_t total) { Draw(done, total); };
+  }
+
+ private:
+  void Draw(uint64_t done, uint64_t total) {
+    const absl::Time now = absl::Now();
+    if (done != total && now - last_ < absl::Milliseconds(100)) return;
+    last_ = now;
+    const double seconds = std::max(1e-6, absl::ToDoubleSeconds(now - start_));
+    const double fraction =
+        total == 0 ? 1.0 : static_cast<double>(done) / total;
+    const int width = 30;
+    const int filled = static_cast<int>(fraction * width);
+    std::fprintf(stderr, "\r%s [%s%s] %3.0f%% %s/%s %s/s   ", verb_,
+                 std::string(filled, '=').c_str(),
+                 std::string(width - filled, ' ').c_str(), fraction * 100,
+                 HumanBytes(done).c_str(), HumanBytes(total).c_str(),
+                 HumanBytes(done / seconds).c_str());
+    drawn_ = true;
+  }
+
+  const char* verb_;
+  bool enabled_;
+  bool drawn_ = false;
+  absl::Time start_ = absl::Now();
+  absl::Time last_ = absl::InfinitePast();
+};
+
+std::string ShapeString(const Shape& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
+
+int Models(Client& client) {
+  absl::StatusOr<std::vector<ModelSummary>> models = client.ListModels();
+  if (!models.ok()) return Fail(models.status());
+  std::printf("%-24s %8s %8s %14s\n", "NAME", "VERSION", "TENSORS", "BYTES");
+  for (const ModelSummary& model : *models) {
+    std::printf("%-24s %8lld %8lld %14llu\n", model.name.c_str(),
+                static_cast<long long>(model.version),
+                static_cast<long long>(model.num_tensors),
+                static_cast<unsigned long long>(model.num_bytes));
+  }
+  return 0;
+}
+
+int Info(Client& client, const std::string& model) {
+  absl::StatusOr<ModelManifest> manifest =
+      client.GetModel(model, absl::GetFlag(FLAGS_module));
+  if (!manifest.ok()) return Fail(manifest.status());
+  std::printf("model %s version %lld class %s: %lld tensors, %llu bytes\n",
+              model.c_str(), static_cast<long long>(manifest->summary.version),
+              manifest->summary.root_class.c_str(),
+              static_cast<long long>(manifest->summary.num_tensors),
+              static_cast<unsigned long long>(manifest->summary.num_bytes));
+  std::printf("%-48s %-9s %-13s %-20s %12s %16s\n", "KEY", "KIND", "DTYPE",
+              "SHAPE", "BYTES", "XXH3");
+  for (const TensorDescription& tensor : manifest->tensors) {
+    std::printf("%-48s %-9s %-13s %-20s %12llu %016llx\n", tensor.name.c_str(),
+                tensor.kind == TensorKind::kBuffer ? "buffer" : "parameter",
+                std::string(TorchName(tensor.dtype)).c_str(),
+                ShapeString(tensor.shape).c_str(),
+                static_cast<unsigned long long>(tensor.num_bytes),
+                static_cast<unsigned long long>(tensor.checksum));
+  }
+  return 0;
+}
+
+int PrintPush(const absl::StatusOr<PushResult>& result) {
+  if (!result.ok()) return Fail(result.status());
+  std::printf("version %lld%s\n", static_cast<long long>(result->version),
+              result->created ? " (created)" : "");
+  std::printf("missing keys: %s\n",
+              result->missing_keys.empty()
+                  ? "none"
+                  : absl::StrJoin(result->missing_keys, ", ").c_str());
+  std::printf("unexpected keys: %s\n",
+              result->unexpected_keys.empty()
+                  ? "none"
+                  : absl::StrJoin(result->unexpected_keys, ", ").c_str());
+  return 0;
+}
+
+int Create(Client& client, const std::string& model) {
+  const std::string arch = absl::GetFlag(FLAGS_arch);
+  const std::string from = absl::GetFlag(FLAGS_from);
+  if (arch.empty() == from.empty())
+    return Usage("create needs exactly one of --arch or --from");
+  if (!arch.empty()) {
+    std::FILE* file = std::fopen(arch.c_str(), "rb");
+    if (file == nullptr)
+      return Fail(absl::NotFoundError(absl::StrCat("cannot open ", arch)));
+    std::string text;
+    char buffer[65536];
+    size_t got;
+    while ((got = std::fread(buffer, 1, sizeof buffer, file)) > 0)
+      text.append(buffer, got);
+    std::fclose(file);
+    absl::StatusOr<ModelSummary> created =
+        client.CreateModel(model, text, absl::GetFlag(FLAGS_seed));
+    if (!created.ok()) return Fail(created.status());
+    std::printf("created %s version %lld: %lld tensors, %llu bytes\n",
+                model.c_str(), static_cast<long long>(created->version),
+                static_cast<long long>(created->num_tensors),
+                static_cast<unsigned long long>(created->num_bytes));
+    return 0;
+  }
+  absl::StatusOr<SafetensorsFile> file = ReadSafetensorsFile(from);
+  if (!file.ok()) return Fail(file.status());
+  PushOptions options;
+  options.create_if_missing = true;
+  options.expected_version = 0;  // Refuse to overwrite an existing model.
+  options.chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);
+  ProgressBar bar("create");
+  options.progress = bar.Callback();
+  absl::StatusOr<PushResult> result =
+      client.LoadStateDict(model, file->tensors, options);
+  if (!result.ok() && result.status().code() == absl::StatusCode::kAborted) {
+    return Fail(absl::AlreadyExistsError(
+        absl::StrCat("model \"", model, "\" already exists")));
+  }
+  return PrintPush(result);
+}
+
+int Pull(Client& client, const std::string& model, const std::string& path) {
+  FetchOptions options;
+  options.module = absl::GetFlag(FLAGS_module);
+  options.keys = absl::GetFlag(FLAGS_keys);
+  options.include_buffers = !absl::GetFlag(FLAGS_no_buffers);
+  options.strip_module_prefix = absl::GetFlag(FLAGS_strip_module_prefix);
+  options.chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);
+  const std::string dtype = absl::GetFlag(FLAGS_dtype);
+  if (!dtype.empty()) {
+    if (dtype != "bf16" && dtype != "f16" && dtype != "f32") {
+      return Usage("--dtype must be bf16, f16 or f32");
+    }
+    options.cast_floating_to = ParseTorchDType(dtype).value();
+  }
+  ProgressBar bar("pull");
+  options.progress = bar.Callback();
+  absl::StatusOr<FetchedStateDict> fetched = client.StateDict(model, options);
+  if (!fetched.ok()) return Fail(fetched.status());
+  absl::Status written =
+      WriteSafetensorsFile(path, fetched->state, {{"format", "pt"}});
+  if (!written.ok()) return Fail(written);
+  std::printf("pulled %s version %lld: %zu tensors, %zu bytes -> %s\n",
+              model.c_str(), static_cast<long long>(fetched->version),
+              fetched->state.size(), fetched->state.TotalBytes(), path.c_str());
+  return 0;
+}
+
+int Push(Client& client, const std::string& model, const std::string& path) {
+  absl::StatusOr<SafetensorsFile> file = ReadSafetensorsFile(path);
+  if (!file.ok()) return Fail(file.status());
+  PushOptions options;
+  options.strict = !absl::GetFlag(FLAGS_non_strict);
+  options.assign = absl::GetFlag(FLAGS_assign);
+  options.module = absl::GetFlag(FLAGS_module);
+  if (absl::GetFlag(FLAGS_if_version) >= 0)
+    options.expected_version = absl::GetFlag(FLAGS_if_version);
+  options.chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);
+  ProgressBar bar("push");
+  options.progress = bar.Callback();
+  return PrintPush(client.LoadStateDict(model, file->tensors, options));
+}
+
+int Watch(Client& client, const std::string& model) {
+  const int64_t count = absl::GetFlag(FLAGS_count);
+  int64_t seen = 0;
+  absl::Status status = client.Watch(model, [&](const WatchEvent& event) {
+    static const char* const kNames[] = {"CURRENT", "ABSENT", "CREATED",
+                                         "UPDATED", "DELETED"};
+    std::printf("%s %s %lld\n", kNames[static_cast<int>(event.type)],
+                event.model.c_str(), static_cast<long long>(event.version));
+    std::fflush(stdout);
+    return count <= 0 || ++seen < count;
+  });
+  return status.ok() ? 0 : Fail(status);
+}
+
+int Run(const std::vector<char*>& positional) {
+  if (positional.size() < 2) return Usage("missing COMMAND");
+  const std::string command = positional[1];
+  std::vector<std::string> args(positional.begin() + 2, positional.end());
+  ClientOptions options;
+  options.tls_ca_file = absl::GetFlag(FLAGS_tls_ca);
+  options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
+  options.tls_key_file = absl::GetFlag(FLAGS_tls_key);
+  options.tls_server_name = absl::GetFlag(FLAGS_tls_server_name);
+  options.timeout = absl::GetFlag(FLAGS_timeout);
+  absl::StatusOr<std::unique_ptr<Client>> client =
+      Client::Connect(absl::GetFlag(FLAGS_server), options);
+  if (!client.ok()) return Fail(client.status());
+  auto want = [&](size_t n) { return args.size() == n; };
+  if (command == "models" && want(0)) return Models(**client);
+  if (command == "info" && want(1)) return Info(**client, args[0]);
+  if (command == "create" && want(1)) return Create(**client, args[0]);
+  if (command == "delete" && want(1)) {
+    absl::Status deleted = (*client)->DeleteModel(args[0]);
+    if (!deleted.ok()) return Fail(deleted);
+    std::printf("deleted %s\n", args[0].c_str());
+    return 0;
+  }
+  if (command == "pull" && want(2)) return Pull(**client, args[0], args[1]);
+  if (command == "push" && want(2)) return Push(**client, args[0], args[1]);
+  if (command == "watch" && want(1)) return Watch(**client, args[0]);
+  return Usage(absl::StrCat("bad command or arguments: ", command));
+}
+
+}  // namespace
+}  // namespace modelstate
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(modelstate::kUsage);
+  std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
+  return modelstate::Run(positional);
+}
