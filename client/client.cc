@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
 #include "core/transfer.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "proto/convert.h"
@@ -299,6 +300,18 @@ absl::StatusOr<PushResult> Client::LoadStateDict(
   result.unexpected_keys.assign(response.unexpected_keys().begin(),
                                 response.unexpected_keys().end());
   return result;
+}
+
+absl::StatusOr<bool> Client::CheckHealth(const std::string& service) {
+  grpc::ClientContext context;
+  Prepare(&context);
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(service);
+  grpc::health::v1::HealthCheckResponse response;
+  RETURN_IF_ERROR(
+      FromGrpcStatus(grpc::health::v1::Health::NewStub(channel_)->Check(
+          &context, request, &response)));
+  return response.status() == grpc::health::v1::HealthCheckResponse::SERVING;
 }
 
 absl::Status Client::Watch(

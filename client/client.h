@@ -157,7 +157,12 @@ class Client {
   absl::Status Watch(const std::string& model,
                      const std::function<bool(const WatchEvent&)>& on_event);
 
-  // The channel, for health checks and reflection.
+  // Asks grpc.health.v1 about `service` ("" for the whole server). Returns true
+  // for SERVING, false for NOT_SERVING, or the call's error (NotFound for an
+  // unknown service).
+  absl::StatusOr<bool> CheckHealth(const std::string& service = "");
+
+  // The channel, for other services such as reflection.
   const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
 
  private:

@@ -57,7 +57,8 @@ constexpr char kUsage[] =
   delete MODEL
   pull MODEL OUT.safetensors [--module=PATH [--strip_module_prefix]] [--keys=a,b] [--dtype=bf16|f16|f32] [--no_buffers]
   push MODEL IN.safetensors [--module=PATH] [--non_strict] [--assign] [--if_version=N]
-  watch MODEL [--count=N])";
+  watch MODEL [--count=N]
+  health                                              SERVING or NOT_SERVING (exit 0 or 1))";
 
 // Exit codes: 0 success, 1 the call failed, 2 bad usage.
 int Fail(const absl::Status& status) {
@@ -294,6 +295,12 @@ int Run(const std::vector<char*>& positional) {
   if (command == "pull" && want(2)) return Pull(**client, args[0], args[1]);
   if (command == "push" && want(2)) return Push(**client, args[0], args[1]);
   if (command == "watch" && want(1)) return Watch(**client, args[0]);
+  if (command == "health" && want(0)) {
+    absl::StatusOr<bool> serving = (*client)->CheckHealth();
+    if (!serving.ok()) return Fail(serving.status());
+    std::printf("%s\n", *serving ? "SERVING" : "NOT_SERVING");
+    return *serving ? 0 : 1;
+  }
   return Usage(absl::StrCat("bad command or arguments: ", command));
 }
 

@@ -2,8 +2,8 @@
 
     /usr/bin/python3 tests/torch_oracle.py OUTDIR
 
-writes, for every parity model, OUTDIR/<model>.spec.json (our architecture spec of the same
-model), OUTDIR/<model>.safetensors (torch's state_dict), and OUTDIR/<model>.cases.json: torch's
+writes, for every parity model (whose architecture spec is tests/models/<model>.json),
+OUTDIR/<model>.safetensors (torch's state_dict), and OUTDIR/<model>.cases.json: torch's
 key order, shapes, dtypes, the keys whose default values are deterministic, and for a set of
 broken state dicts (each in its own .safetensors file) torch's exact error text or its
 missing/unexpected lists plus the state after a successful load. It also writes
@@ -41,15 +41,13 @@ def save(path, state, order=None):
                                  for k in keys])
 
 
-# --- Parity models: (name, torch constructor, our spec) -------------------------------------
+# --- Parity models: torch constructors (specs in tests/models/) -------------------------------------
 
 def mlp():
     return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
 
 
-MLP_SPEC = {"type": "Sequential", "modules": [
-    {"type": "Linear", "in_features": 3, "out_features": 4}, {"type": "ReLU"},
-    {"type": "Linear", "in_features": 4, "out_features": 2}]}
+
 
 
 def cnn():
@@ -59,13 +57,7 @@ def cnn():
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
 
 
-CNN_SPEC = {"type": "Sequential", "modules": [
-    {"type": "Conv2d", "args": [3, 8, 3], "padding": 1}, {"type": "BatchNorm2d", "args": [8]},
-    {"type": "ReLU"},
-    {"type": "Conv2d", "args": [8, 16, 3], "stride": 2, "bias": False},
-    {"type": "BatchNorm2d", "args": [16]}, {"type": "ReLU"},
-    {"type": "AdaptiveAvgPool2d", "args": [1]}, {"type": "Flatten"},
-    {"type": "Linear", "args": [16, 10]}]}
+
 
 
 class Attention(nn.Module):
@@ -75,18 +67,14 @@ class Attention(nn.Module):
         self.separate = nn.MultiheadAttention(16, 2, kdim=8, vdim=12, add_bias_kv=True)
 
 
-ATTENTION_SPEC = {"type": "Module", "class_name": "Attention", "children": {
-    "packed": {"type": "MultiheadAttention", "embed_dim": 16, "num_heads": 4},
-    "separate": {"type": "MultiheadAttention", "args": [16, 2], "kdim": 8, "vdim": 12,
-                 "add_bias_kv": True}}}
+
 
 
 def transformer():
     return nn.TransformerEncoderLayer(d_model=16, nhead=4, dim_feedforward=32)
 
 
-TRANSFORMER_SPEC = {"type": "TransformerEncoderLayer", "d_model": 16, "nhead": 4,
-                    "dim_feedforward": 32}
+
 
 
 class Conv1D(nn.Module):  # Hugging Face's GPT-2 projection: weight is [in, out].
@@ -131,26 +119,7 @@ class GPT2Model(nn.Module):
         self.ln_f = nn.LayerNorm(h)
 
 
-def conv1d_spec(nf, nx):
-    return {"type": "Module", "class_name": "Conv1D", "parameters": {
-        "weight": {"shape": [nx, nf], "init": "normal", "std": 0.02}, "bias": {"shape": [nf]}}}
 
-
-def gpt2_spec(vocab=50, n_pos=16, h=8, layers=2):
-    block = {"type": "Module", "class_name": "GPT2Block", "children": {
-        "ln_1": {"type": "LayerNorm", "args": [h]},
-        "attn": {"type": "Module", "class_name": "GPT2Attention",
-                 "buffers": {"bias": {"shape": [1, 1, n_pos, n_pos], "persistent": False}},
-                 "children": {"c_attn": conv1d_spec(3 * h, h), "c_proj": conv1d_spec(h, h)}},
-        "ln_2": {"type": "LayerNorm", "args": [h]},
-        "mlp": {"type": "Module", "class_name": "GPT2MLP", "children": {
-            "c_fc": conv1d_spec(4 * h, h), "c_proj": conv1d_spec(h, 4 * h)}}}}
-    return {"type": "Module", "class_name": "GPT2Model", "children": {
-        "wte": {"type": "Embedding", "args": [vocab, h]},
-        "wpe": {"type": "Embedding", "args": [n_pos, h]},
-        "drop": {"type": "Dropout", "p": 0.1},
-        "h": {"type": "ModuleList", "modules": [block] * layers},
-        "ln_f": {"type": "LayerNorm", "args": [h]}}}
 
 
 class RMSNorm(nn.Module):
@@ -202,40 +171,17 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(h, vocab, bias=False)
 
 
-def llama_spec(vocab=64, h=16, heads=4, kv_heads=2, head_dim=4, inter=40, layers=2):
-    def linear(i, o):
-        return {"type": "Linear", "args": [i, o], "bias": False}
-
-    def rms(n):
-        return {"type": "Module", "class_name": "RMSNorm",
-                "parameters": {"weight": {"shape": [n], "init": "ones"}}}
-
-    layer = {"type": "Module", "class_name": "LlamaDecoderLayer", "children": {
-        "self_attn": {"type": "Module", "class_name": "LlamaAttention",
-                      "buffers": {"inv_freq": {"shape": [head_dim // 2], "persistent": False}},
-                      "children": {"q_proj": linear(h, heads * head_dim),
-                                   "k_proj": linear(h, kv_heads * head_dim),
-                                   "v_proj": linear(h, kv_heads * head_dim),
-                                   "o_proj": linear(heads * head_dim, h)}},
-        "mlp": {"type": "Module", "class_name": "LlamaMLP", "children": {
-            "gate_proj": linear(h, inter), "up_proj": linear(h, inter),
-            "down_proj": linear(inter, h)}},
-        "input_layernorm": rms(h), "post_attention_layernorm": rms(h)}}
-    return {"type": "Module", "class_name": "LlamaForCausalLM", "children": {
-        "model": {"type": "Module", "class_name": "LlamaModel", "children": {
-            "embed_tokens": {"type": "Embedding", "args": [vocab, h]},
-            "layers": {"type": "ModuleList", "modules": [layer] * layers},
-            "norm": rms(h)}},
-        "lm_head": linear(h, vocab)}}
 
 
+
+# Each torch model's architecture spec is tests/models/<name>.json, shared with the C++ tests.
 MODELS = [
-    ("mlp", mlp, MLP_SPEC),
-    ("cnn", cnn, CNN_SPEC),
-    ("attention", Attention, ATTENTION_SPEC),
-    ("transformer", transformer, TRANSFORMER_SPEC),
-    ("gpt2", GPT2Model, gpt2_spec()),
-    ("llama", LlamaForCausalLM, llama_spec()),
+    ("mlp", mlp),
+    ("cnn", cnn),
+    ("attention", Attention),
+    ("transformer", transformer),
+    ("gpt2", GPT2Model),
+    ("llama", LlamaForCausalLM),
 ]
 
 
@@ -289,15 +235,13 @@ def outcome(make, state, strict):
             "after": model.state_dict()}
 
 
-def model_fixtures(out, name, make, spec):
+def model_fixtures(out, name, make):
     torch.manual_seed(0)
     model = make()
     reference = model.state_dict()
     torch.manual_seed(12345)
     other = make().state_dict()
     deterministic = [k for k in reference if torch.equal(reference[k], other[k])]
-    with open(os.path.join(out, f"{name}.spec.json"), "w") as f:
-        json.dump(spec, f, indent=1)
     save(os.path.join(out, f"{name}.safetensors"), reference)
     cases = []
     for case, state in broken_cases(reference):
@@ -395,8 +339,8 @@ def main():
     out = sys.argv[1]
     os.makedirs(out, exist_ok=True)
     torch.set_num_threads(1)
-    for name, make, spec in MODELS:
-        model_fixtures(out, name, make, spec)
+    for name, make in MODELS:
+        model_fixtures(out, name, make)
     conversion_fixtures(out)
     with open(os.path.join(out, "torch_version.txt"), "w") as f:
         f.write(torch.__version__)

@@ -59,7 +59,8 @@ class TorchParityTest : public testing::TestWithParam<std::string> {
   void SetUp() override {
     const std::string dir = FixtureDir();
     manifest_ = ReadJson(dir + "/" + GetParam() + ".cases.json");
-    std::ifstream spec_file(dir + "/" + GetParam() + ".spec.json");
+    std::ifstream spec_file(std::string(MODELSTATE_SOURCE_DIR) +
+                            "/tests/models/" + GetParam() + ".json");
     std::stringstream spec;
     spec << spec_file.rdbuf();
     absl::StatusOr<ModulePtr> model = BuildModuleFromSpec(spec.str());
