@@ -317,8 +317,12 @@ absl::StatusOr<SafetensorsFile> ReadSafetensorsFile(const std::string& path) {
   if (size >= kLengthBytes) {
     RETURN_IF_ERROR(ReadFully(file.fd, length_bytes, kLengthBytes, path));
   }
-  RETURN_IF_ERROR(
-      SafetensorsHeaderLength({length_bytes, kLengthBytes}, size).status());
+  absl::Status length =
+      SafetensorsHeaderLength({length_bytes, kLengthBytes}, size).status();
+  if (!length.ok()) {
+    return absl::Status(length.code(),
+                        absl::StrCat(path, ": ", length.message()));
+  }
 
   std::shared_ptr<const Storage> bytes;
   if (size >= kMmapThreshold) {

@@ -9,8 +9,8 @@
 #include "absl/strings/str_cat.h"
 #include "core/module_factory.h"
 #include "core/transfer.h"
-#include "proto/grpc_status.h"
 #include "proto/convert.h"
+#include "proto/grpc_status.h"
 #include "server/rpc_log.h"
 
 namespace modelstate {

@@ -108,9 +108,14 @@ absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
           server->store_->Create(options.demo_model, demo, kDemoArchitecture));
     }
     for (const auto& [name, path] : options.preload) {
-      ASSIGN_OR_RETURN(ModelFromFile model, LoadModelFile(path));
+      absl::StatusOr<ModelFromFile> model = LoadModelFile(path);
+      if (!model.ok()) {
+        return absl::Status(
+            model.status().code(),
+            absl::StrCat("preload ", name, ": ", model.status().message()));
+      }
       absl::Status created =
-          server->store_->Create(name, model.root, model.architecture);
+          server->store_->Create(name, model->root, model->architecture);
       if (!created.ok()) {
         return absl::Status(created.code(), absl::StrCat("preload ", name, ": ",
                                                          created.message()));

@@ -1,0 +1,726 @@
+// End to end over loopback with an in-process server: snapshots, partial
+// prefixes, loads, bad loads, concurrency, a 1 GiB round trip, watch, health,
+// reflection, TLS and mTLS.
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+#include "core/model_files.h"
+#include "core/module_factory.h"
+#include "gmock/gmock.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
+#include "grpcpp/create_channel.h"
+#include "gtest/gtest.h"
+#include "modelstate/v1/model_state.grpc.pb.h"
+#include "proto/convert.h"
+#include "tests/test_support.h"
+#include "xxhash.h"
+
+namespace modelstate {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using testing_support::ConnectTo;
+using testing_support::ReadSourceFile;
+using testing_support::StartServer;
+
+constexpr const char* kParityModels[] = {"mlp",         "cnn",  "attention",
+                                         "transformer", "gpt2", "llama"};
+
+StateDict CoreState(Server& server, const std::string& model,
+                    const StateDictOptions& options = {}) {
+  return GetStateDict(server.store().GetSnapshot(model).value().root, options)
+      .value();
+}
+
+void ExpectSameState(const StateDict& a, const StateDict& b) {
+  ASSERT_EQ(a.Keys(), b.Keys());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_TRUE(a.entries()[i].tensor.BitwiseEquals(b.entries()[i].tensor))
+        << a.entries()[i].key;
+    EXPECT_EQ(a.entries()[i].kind, b.entries()[i].kind) << a.entries()[i].key;
+  }
+}
+
+// Every tensor of `state` filled with `value`.
+StateDict Filled(const StateDict& state, float value) {
+  StateDict out;
+  for (const auto& entry : state.entries()) {
+    const int64_t n = entry.tensor.num_elements();
+    std::vector<float> values(n, value);
+    Tensor f = Tensor::FromBytes(
+                   DType::kFloat32, entry.tensor.shape(),
+                   {reinterpret_cast<const uint8_t*>(values.data()), n * 4u})
+                   .value();
+    out.Set(entry.key, f.CastTo(entry.tensor.dtype()).value(), entry.kind);
+  }
+  return out;
+}
+
+TEST(ServerTest, SnapshotsMatchTheCoreStateDictBitForBit) {
+  auto server = StartServer();
+  auto client = ConnectTo(*server);
+  for (const char* name : kParityModels) {
+    SCOPED_TRACE(name);
+    ASSERT_TRUE(client
+                    ->CreateModel(name,
+                                  ReadSourceFile(std::string("tests/models/") +
+                                                 name + ".json"),
+                                  7)
+                    .ok());
+    const StateDict expected = CoreState(*server, name);
+    for (uint32_t chunk_bytes : {0u, 100u, 4096u}) {
+      FetchOptions options;
+      options.chunk_bytes = chunk_bytes;
+      absl::StatusOr<FetchedStateDict> fetched =
+          client->StateDict(name, options);
+      ASSERT_TRUE(fetched.ok()) << fetched.status();
+      EXPECT_EQ(fetched->version, 1);
+      ExpectSameState(fetched->state, expected);
+    }
+    ModelManifest manifest = client->GetModel(name).value();
+    ASSERT_EQ(manifest.tensors.size(), expected.size());
+    for (size_t i = 0; i < expected.size(); ++i) {
+      EXPECT_EQ(manifest.tensors[i].checksum,
+                expected.entries()[i].tensor.Checksum());
+    }
+  }
+  EXPECT_EQ(client->ListModels().value().size(), std::size(kParityModels));
+}
+
+TEST(ServerTest, PartialPrefixOnNestedModules) {
+  auto server = StartServer();
+  auto client = ConnectTo(*server);
+  ASSERT_TRUE(
+      client->CreateModel("gpt2", ReadSourceFile("tests/models/gpt2.json"))
+          .ok());
+  FetchOptions options;
+  options.module = "h.1.attn";
+  FetchedStateDict kept = client->StateDict("gpt2", options).value();
+  EXPECT_THAT(kept.state.Keys(),
+              ElementsAre("h.1.attn.c_attn.weight", "h.1.attn.c_attn.bias",
+                          "h.1.attn.c_proj.weight", "h.1.attn.c_proj.bias"));
+  StateDictOptions core;
+  core.submodule = "h.1.attn";
+  ExpectSameState(kept.state, CoreState(*server, "gpt2", core));
+  options.strip_module_prefix = true;
+  EXPECT_THAT(client->StateDict("gpt2", options).value().state.Keys(),
+              ElementsAre("c_attn.weight", "c_attn.bias", "c_proj.weight",
+                          "c_proj.bias"));
+  options.module = "h.10";  // never matches "h.1"
+  EXPECT_EQ(client->StateDict("gpt2", options).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(client->GetModel("gpt2", "h.10").status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(client->GetModel("gpt2", "h.1").value().tensors.size(), 12u);
+
+  FetchOptions filtered;
+  filtered.keys = {"ln_f.bias", "wte.weight"};
+  EXPECT_THAT(client->StateDict("gpt2", filtered).value().state.Keys(),
+              ElementsAre("ln_f.bias", "wte.weight"));
+  filtered.keys = {"nope"};
+  EXPECT_EQ(client->StateDict("gpt2", filtered).status().code(),
+            absl::StatusCode::kNotFound);
+
+  ASSERT_TRUE(
+      client->CreateModel("cnn", ReadSourceFile("tests/models/cnn.json")).ok());
+  FetchOptions params;
+  params.include_buffers = false;
+  for (const std::string& key :
+       client->StateDict("cnn", params).value().state.Keys()) {
+    EXPECT_THAT(key, ::testing::Not(HasSubstr("running")));
+  }
+  FetchOptions own;
+  own.recurse = false;
+  own.module = "1";
+  EXPECT_EQ(client->StateDict("cnn", own).value().state.size(), 5u);
+
+  FetchOptions cast;
+  cast.cast_floating_to = DType::kBFloat16;
+  FetchedStateDict bf16 = client->StateDict("cnn", cast).value();
+  const StateDict full = CoreState(*server, "cnn");
+  for (const auto& entry : bf16.state.entries()) {
+    const Tensor& source = *full.Find(entry.key);
+    if (source.dtype() == DType::kInt64) {
+      EXPECT_EQ(entry.tensor.dtype(), DType::kInt64);
+    } else {
+      EXPECT_TRUE(
+          entry.tensor.BitwiseEquals(source.CastTo(DType::kBFloat16).value()));
+    }
+  }
+  cast.cast_floating_to = DType::kInt32;
+  EXPECT_EQ(client->StateDict("cnn", cast).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(ServerTest, LoadsStrictNonStrictAssignAndIntoASubmodule) {
+  auto server = StartServer();
+  auto client = ConnectTo(*server);
+  ASSERT_TRUE(
+      client->CreateModel("cnn", ReadSourceFile("tests/models/cnn.json")).ok());
+  const StateDict original = CoreState(*server, "cnn");
+
+  PushResult strict =
+      client->LoadStateDict("cnn", Filled(original, 0.5f)).value();
+  EXPECT_EQ(strict.version, 2);
+  ExpectSameState(CoreState(*server, "cnn"), Filled(original, 0.5f));
+
+  StateDict partial;
+  partial.Set("0.weight", Filled(original, 2).Find("0.weight")[0]);
+  partial.Set("stray", Filled(original, 2).Find("0.bias")[0]);
+  PushOptions loose;
+  loose.strict = false;
+  PushResult non_strict = client->LoadStateDict("cnn", partial, loose).value();
+  EXPECT_EQ(non_strict.version, 3);
+  EXPECT_THAT(non_strict.unexpected_keys, ElementsAre("stray"));
+  // Everything but 0.weight is missing, except the two num_batches_tracked
+  // buffers, which torch fills in for checkpoints without BatchNorm version
+  // metadata.
+  EXPECT_EQ(non_strict.missing_keys.size(), original.size() - 3);
+  EXPECT_TRUE(CoreState(*server, "cnn")
+                  .Find("0.weight")
+                  ->BitwiseEquals(*partial.Find("0.weight")));
+
+  StateDict half;
+  half.Set(
+      "weight",
+      Filled(original, 3).Find("8.weight")->CastTo(DType::kFloat16).value());
+  half.Set("bias",
+           Filled(original, 3).Find("8.bias")->CastTo(DType::kFloat16).value());
+  PushOptions assign;
+  assign.assign = true;
+  assign.module = "8";
+  EXPECT_EQ(client->LoadStateDict("cnn", half, assign).value().version, 4);
+  EXPECT_EQ(CoreState(*server, "cnn").Find("8.weight")->dtype(),
+            DType::kFloat16);
+  EXPECT_EQ(CoreState(*server, "cnn").Find("0.weight")->dtype(),
+            DType::kFloat32);
+
+  PushOptions into_submodule;
+  into_submodule.module = "8";
+  EXPECT_EQ(client->LoadStateDict("cnn", half, into_submodule).value().version,
+            5);
+  EXPECT_EQ(CoreState(*server, "cnn").Find("8.weight")->dtype(),
+            DType::kFloat16);
+
+  PushOptions cas;
+  cas.expected_version = 5;
+  EXPECT_EQ(
+      client->LoadStateDict("cnn", Filled(original, 1), cas).value().version,
+      6);
+  EXPECT_EQ(
+      client->LoadStateDict("cnn", Filled(original, 1), cas).status().code(),
+      absl::StatusCode::kAborted);
+
+  PushOptions create;
+  create.create_if_missing = true;
+  PushResult created = client->LoadStateDict("fresh", original, create).value();
+  EXPECT_TRUE(created.created);
+  EXPECT_EQ(client->GetModel("fresh").value().tensors[4].kind,
+            TensorKind::kBuffer);
+  ASSERT_TRUE(client->DeleteModel("fresh").ok());
+  EXPECT_EQ(client->DeleteModel("fresh").code(), absl::StatusCode::kNotFound);
+}
+
+// Sends a load stream message by message, for the bad cases a well-behaved
+// client never makes.
+class RawLoad {
+ public:
+  RawLoad(const Server& server)
+      : channel_(
+            grpc::CreateChannel("127.0.0.1:" + std::to_string(server.port()),
+                                grpc::InsecureChannelCredentials())),
+        stub_(v1::ModelState::NewStub(channel_)),
+        writer_(stub_->LoadStateDict(&context_, &response_)) {}
+
+  bool Header(const std::string& model, const StateDict& state,
+              bool strict = true) {
+    v1::LoadStateDictRequest request;
+    v1::LoadHeader* header = request.mutable_header();
+    header->set_model(model);
+    header->set_non_strict(!strict);
+    ToTensorInfos(state, header->mutable_tensors());
+    header->set_total_bytes(state.TotalBytes());
+    return Send(request);
+  }
+  bool Chunk(uint64_t offset, std::string data) {
+    v1::LoadStateDictRequest request;
+    request.mutable_chunk()->set_offset(offset);
+    request.mutable_chunk()->set_data(std::move(data));
+    return Send(request);
+  }
+  bool End(uint64_t total) {
+    v1::LoadStateDictRequest request;
+    request.mutable_end()->set_total_bytes(total);
+    return Send(request);
+  }
+  bool Send(const v1::LoadStateDictRequest& request) {
+    return writer_->Write(request);
+  }
+  void Cancel() { context_.TryCancel(); }
+  grpc::Status Finish() {
+    writer_->WritesDone();
+    return writer_->Finish();
+  }
+  v1::LoadStateDictRequest* scratch() { return &scratch_; }
+
+ private:
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::ModelState::Stub> stub_;
+  grpc::ClientContext context_;
+  v1::LoadStateDictResponse response_;
+  std::unique_ptr<grpc::ClientWriter<v1::LoadStateDictRequest>> writer_;
+  v1::LoadStateDictRequest scratch_;
+};
+
+std::string Bytes(const StateDict& state) {
+  std::string out;
+  for (const auto& entry : state.entries()) {
+    out.append(reinterpret_cast<const char*>(entry.tensor.data()),
+               entry.tensor.num_bytes());
+  }
+  return out;
+}
+
+TEST(ServerTest, EveryBadLoadLeavesTheModelBitwiseUnchanged) {
+  ServerOptions limited;
+  limited.memory_limit_bytes = 1 << 20;
+  auto server = StartServer(limited);
+  auto client = ConnectTo(*server);
+  ASSERT_TRUE(
+      client->CreateModel("m", ReadSourceFile("tests/models/mlp.json")).ok());
+  const StateDict before = CoreState(*server, "m");
+  const StateDict good = Filled(before, 9);
+  const std::string data = Bytes(good);
+  StateDict missing_key = good;
+  missing_key = StateDict();
+  for (const auto& e : good.entries()) {
+    if (e.key != "2.bias") missing_key.Set(e.key, e.tensor);
+  }
+  StateDict wrong_shape = good;
+  wrong_shape.Set("0.weight", Tensor::Zeros(DType::kFloat32, {4, 4}).value());
+  StateDict huge = good;
+  huge.Set("0.weight", Tensor::Zeros(DType::kFloat32, {4, 3}).value());
+
+  struct Case {
+    std::string name;
+    std::function<void(RawLoad&)> send;
+    grpc::StatusCode code;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {"unknown model", [&](RawLoad& l) { l.Header("nope", good); },
+       grpc::NOT_FOUND, "not found"},
+      {"strict missing key", [&](RawLoad& l) { l.Header("m", missing_key); },
+       grpc::FAILED_PRECONDITION,
+       "Error(s) in loading state_dict for Sequential:\n\tMissing key(s) in "
+       "state_dict: "
+       "\"2.bias\". "},
+      {"shape mismatch", [&](RawLoad& l) { l.Header("m", wrong_shape); },
+       grpc::FAILED_PRECONDITION, "size mismatch for 0.weight"},
+      {"version conflict",
+       [&](RawLoad& l) {
+         v1::LoadStateDictRequest request;
+         request.mutable_header()->set_model("m");
+         request.mutable_header()->set_has_expected_version(true);
+         request.mutable_header()->set_expected_version(42);
+         ToTensorInfos(good, request.mutable_header()->mutable_tensors());
+         request.mutable_header()->set_total_bytes(data.size());
+         l.Send(request);
+       },
+       grpc::ABORTED, "expected 42"},
+      {"memory limit",
+       [&](RawLoad& l) {
+         StateDict big;
+         big.Set("0.weight", Tensor::Zeros(DType::kFloat32, {1 << 20}).value());
+         l.Header("m", big, /*strict=*/false);
+       },
+       grpc::FAILED_PRECONDITION, "size mismatch"},
+      {"unknown dtype",
+       [&](RawLoad& l) {
+         v1::LoadStateDictRequest request;
+         request.mutable_header()->set_model("m");
+         ToTensorInfos(good, request.mutable_header()->mutable_tensors());
+         request.mutable_header()->mutable_tensors(0)->set_dtype(
+             static_cast<v1::DType>(99));
+         l.Send(request);
+       },
+       grpc::INVALID_ARGUMENT, "unknown dtype"},
+      {"chunk before header", [&](RawLoad& l) { l.Chunk(0, data); },
+       grpc::INVALID_ARGUMENT, "must start with its header"},
+      {"offset out of range",
+       [&](RawLoad& l) {
+         l.Header("m", good);
+         l.Chunk(0, data + "extra");
+       },
+       grpc::INVALID_ARGUMENT, "runs past the end"},
+      {"overlapping chunks",
+       [&](RawLoad& l) {
+         l.Header("m", good);
+         l.Chunk(0, data.substr(0, 20));
+         l.Chunk(10, data.substr(10));
+       },
+       grpc::INVALID_ARGUMENT, "overlap"},
+      {"missing bytes",
+       [&](RawLoad& l) {
+         l.Header("m", good);
+         l.Chunk(0, data.substr(0, 8));
+         l.Chunk(12, data.substr(12));
+       },
+       grpc::INVALID_ARGUMENT, "missing bytes"},
+      {"checksum mismatch",
+       [&](RawLoad& l) {
+         l.Header("m", good);
+         std::string corrupt = data;
+         corrupt[5] ^= 0x40;
+         l.Chunk(0, corrupt);
+       },
+       grpc::DATA_LOSS, "checksum mismatch for tensor \"0.weight\""},
+      {"end before the data",
+       [&](RawLoad& l) {
+         l.Header("m", good);
+         l.Chunk(0, data.substr(0, 16));
+         l.End(data.size());
+       },
+       grpc::INVALID_ARGUMENT, "stream ended after 16"},
+      {"no end marker",
+       [&](RawLoad& l) {
+         l.Header("m", good);
+         l.Chunk(0, data);
+       },
+       grpc::INVALID_ARGUMENT, "before its end marker"},
+      {"second header",
+       [&](RawLoad& l) {
+         l.Header("m", good);
+         l.Header("m", good);
+       },
+       grpc::INVALID_ARGUMENT, "only one header"},
+      {"cancelled mid-stream",
+       [&](RawLoad& l) {
+         l.Header("m", good);
+         l.Chunk(0, data.substr(0, 16));
+         l.Cancel();
+       },
+       grpc::CANCELLED, ""},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    RawLoad load(*server);
+    c.send(load);
+    grpc::Status status = load.Finish();
+    EXPECT_EQ(status.error_code(), c.code) << status.error_message();
+    EXPECT_THAT(status.error_message(), HasSubstr(c.message));
+    Snapshot after = server->store().GetSnapshot("m").value();
+    EXPECT_EQ(after.version, 1);
+    ExpectSameState(GetStateDict(after.root).value(), before);
+  }
+  // The memory limit itself: a load whose staging would not fit is refused from
+  // the header.
+  ASSERT_TRUE(
+      server->store()
+          .Create(
+              "big",
+              BuildModuleFromSpec(
+                  R"({"type": "Module", "parameters": {"w": {"shape": [200000]}}})")
+                  .value())
+          .ok());
+  StateDict big_state = CoreState(*server, "big");
+  RawLoad over_limit(*server);
+  over_limit.Header("big", big_state);
+  grpc::Status refused = over_limit.Finish();
+  EXPECT_EQ(refused.error_code(), grpc::RESOURCE_EXHAUSTED)
+      << refused.error_message();
+  EXPECT_EQ(server->store().GetSnapshot("big").value().version, 1);
+
+  // Staging memory is released once the failed streams are gone.
+  for (int i = 0; i < 200 && server->store().reserved_bytes() != 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(server->store().reserved_bytes(), 0);
+  // And a good load still works.
+  EXPECT_EQ(client->LoadStateDict("m", good).value().version, 2);
+}
+
+TEST(ServerTest, ABadHeaderIsRefusedBeforeAnyData) {
+  auto server = StartServer();
+  ASSERT_TRUE(server->store()
+                  .Create("m", BuildModuleFromSpec(
+                                   ReadSourceFile("tests/models/mlp.json"))
+                                   .value())
+                  .ok());
+  StateDict wrong;
+  wrong.Set("x", Tensor::Zeros(DType::kFloat32, {1 << 20}).value());
+  RawLoad load(*server);
+  ASSERT_TRUE(load.Header("m", wrong));
+  // No chunk is sent: the answer comes from the header alone.
+  grpc::Status status = load.Finish();
+  EXPECT_EQ(status.error_code(), grpc::FAILED_PRECONDITION);
+  EXPECT_THAT(status.error_message(),
+              HasSubstr("Unexpected key(s) in state_dict: \"x\""));
+}
+
+TEST(ServerTest, ConcurrentLoadsAndSnapshotsNeverTear) {
+  auto server = StartServer();
+  ASSERT_TRUE(
+      server->store()
+          .Create(
+              "m",
+              BuildModuleFromSpec(
+                  R"({"type": "Sequential", "modules": [{"type": "Linear", "args": [256, 256]},
+                                             {"type": "Linear", "args": [256, 256]}]})")
+                  .value())
+          .ok());
+  const StateDict shape = CoreState(*server, "m");
+  ASSERT_TRUE(ConnectTo(*server)
+                  ->LoadStateDict("m", Filled(shape, 0))
+                  .ok());  // uniform start
+  std::atomic<bool> stop{false};
+  std::atomic<int> torn{0}, reads{0};
+  std::vector<std::thread> threads;
+  for (int w = 0; w < 2; ++w) {
+    threads.emplace_back([&, w] {
+      auto client = ConnectTo(*server);
+      for (int i = 1; i <= 15; ++i) {
+        ASSERT_TRUE(
+            client->LoadStateDict("m", Filled(shape, w * 100 + i)).ok());
+      }
+    });
+  }
+  for (int r = 0; r < 2; ++r) {
+    threads.emplace_back([&] {
+      auto client = ConnectTo(*server);
+      FetchOptions options;
+      options.chunk_bytes = 64 << 10;
+      while (!stop.load()) {
+        FetchedStateDict fetched = client->StateDict("m", options).value();
+        const float first =
+            fetched.state.entries()[0].tensor.data_as<float>()[0];
+        for (const auto& entry : fetched.state.entries()) {
+          for (int64_t i = 0; i < entry.tensor.num_elements(); ++i) {
+            if (entry.tensor.data_as<float>()[i] != first) {
+              ++torn;
+              break;
+            }
+          }
+        }
+        ++reads;
+      }
+    });
+  }
+  threads[0].join();
+  threads[1].join();
+  stop = true;
+  threads[2].join();
+  threads[3].join();
+  EXPECT_EQ(torn.load(), 0);
+  EXPECT_GT(reads.load(), 0);
+  EXPECT_EQ(server->store().GetSnapshot("m").value().version, 32);
+}
+
+TEST(ServerTest, OneGibModelRoundTrips) {
+  auto server = StartServer();
+  auto client = ConnectTo(*server);
+  // 16 tensors of 64 MiB with distinct, position-dependent contents.
+  auto root = std::make_shared<Module>("Big");
+  for (int t = 0; t < 16; ++t) {
+    TensorBuilder builder =
+        TensorBuilder::CreateUninitialized(DType::kFloat32, {16 << 20}).value();
+    uint32_t* words = builder.mutable_data_as<uint32_t>();
+    for (int64_t i = 0; i < builder.num_elements(); ++i) {
+      words[i] =
+          static_cast<uint32_t>(i * 2654435761u) ^ static_cast<uint32_t>(t);
+    }
+    ASSERT_TRUE(
+        root->AddParameter("w" + std::to_string(t), std::move(builder).Build())
+            .ok());
+  }
+  ASSERT_TRUE(server->store().Create("big", root).ok());
+  const StateDict served = CoreState(*server, "big");
+  ASSERT_EQ(served.TotalBytes(), size_t{1} << 30);
+
+  FetchedStateDict fetched = client->StateDict("big").value();
+  ASSERT_EQ(fetched.state.size(), 16u);
+  for (size_t i = 0; i < 16; ++i) {
+    EXPECT_EQ(fetched.state.entries()[i].tensor.Checksum(),
+              served.entries()[i].tensor.Checksum());
+    EXPECT_EQ(XXH3_64bits(fetched.state.entries()[i].tensor.data(), 64 << 20),
+              served.entries()[i].tensor.Checksum());
+  }
+  PushResult pushed = client->LoadStateDict("big", fetched.state).value();
+  EXPECT_EQ(pushed.version, 2);
+  const StateDict after = CoreState(*server, "big");
+  for (size_t i = 0; i < 16; ++i) {
+    EXPECT_EQ(XXH3_64bits(after.entries()[i].tensor.data(), 64 << 20),
+              served.entries()[i].tensor.Checksum());
+  }
+}
+
+TEST(ServerTest, StreamingFetchHandsOverEachTensorOnce) {
+  auto server = StartServer();
+  auto client = ConnectTo(*server);
+  ASSERT_TRUE(
+      client->CreateModel("llama", ReadSourceFile("tests/models/llama.json"))
+          .ok());
+  const StateDict expected = CoreState(*server, "llama");
+  size_t index = 0;
+  FetchOptions options;
+  options.chunk_bytes = 1000;
+  absl::StatusOr<int64_t> version = client->StateDictStreaming(
+      "llama", options,
+      [&](const TensorDescription& description, Tensor tensor) {
+        EXPECT_EQ(description.name, expected.entries()[index].key);
+        EXPECT_TRUE(tensor.BitwiseEquals(expected.entries()[index].tensor));
+        ++index;
+        return absl::OkStatus();
+      });
+  EXPECT_EQ(version.value(), 1);
+  EXPECT_EQ(index, expected.size());
+  // A callback error stops the transfer and comes back as the result.
+  absl::Status stopped =
+      client
+          ->StateDictStreaming(
+              "llama", options,
+              [&](const TensorDescription&, Tensor) {
+                return absl::CancelledError("worker says stop");
+              })
+          .status();
+  EXPECT_EQ(stopped.code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ(stopped.message(), "worker says stop");
+}
+
+TEST(ServerTest, WatchStartsWithTheCurrentStateThenFollowsCommits) {
+  auto server = StartServer();
+  auto client = ConnectTo(*server);
+  std::vector<std::string> events;
+  absl::Mutex mu;
+  auto watch = [&](const std::string& model, int count) {
+    return std::thread([&, model, count] {
+      auto watcher = ConnectTo(*server);
+      int seen = 0;
+      EXPECT_TRUE(watcher
+                      ->Watch(model,
+                              [&](const WatchEvent& event) {
+                                absl::MutexLock lock(&mu);
+                                events.push_back(
+                                    absl::StrCat(static_cast<int>(event.type),
+                                                 "@", event.version));
+                                return ++seen < count;
+                              })
+                      .ok());
+    });
+  };
+  auto wait_for = [&](size_t n) {
+    for (int i = 0; i < 500; ++i) {
+      {
+        absl::MutexLock lock(&mu);
+        if (events.size() >= n) return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  };
+  std::thread watcher = watch("m", 4);
+  wait_for(1);  // ABSENT
+  ASSERT_TRUE(
+      client->CreateModel("m", ReadSourceFile("tests/models/mlp.json")).ok());
+  wait_for(2);
+  ASSERT_TRUE(
+      client->LoadStateDict("m", Filled(CoreState(*server, "m"), 1)).ok());
+  wait_for(3);
+  ASSERT_TRUE(client->DeleteModel("m").ok());
+  watcher.join();
+  EXPECT_THAT(events, ElementsAre("1@0", "2@1", "3@2", "4@2"));
+}
+
+TEST(ServerTest, HealthAndReflectionAnswer) {
+  ServerOptions options;
+  options.demo_model = "demo";
+  options.health_listen = "127.0.0.1:0";
+  auto server = StartServer(options);
+  auto client = ConnectTo(*server);
+  EXPECT_TRUE(client->CheckHealth().value());
+  EXPECT_TRUE(client->CheckHealth("modelstate.v1.ModelState").value());
+  EXPECT_EQ(client->CheckHealth("nope").status().code(),
+            absl::StatusCode::kNotFound);
+  auto health_only =
+      Client::Connect("127.0.0.1:" + std::to_string(server->health_port()))
+          .value();
+  EXPECT_TRUE(health_only->CheckHealth().value());
+  EXPECT_EQ(health_only->ListModels().status().code(),
+            absl::StatusCode::kUnimplemented);
+  EXPECT_EQ(client->GetModel("demo").value().summary.root_class, "Sequential");
+
+  auto reflection =
+      grpc::reflection::v1alpha::ServerReflection::NewStub(client->channel());
+  grpc::ClientContext context;
+  auto stream = reflection->ServerReflectionInfo(&context);
+  grpc::reflection::v1alpha::ServerReflectionRequest request;
+  request.set_list_services("*");
+  ASSERT_TRUE(stream->Write(request));
+  stream->WritesDone();
+  grpc::reflection::v1alpha::ServerReflectionResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  std::vector<std::string> services;
+  for (const auto& service : response.list_services_response().service()) {
+    services.push_back(service.name());
+  }
+  EXPECT_THAT(services, ::testing::Contains("modelstate.v1.ModelState"));
+  EXPECT_THAT(services, ::testing::Contains("grpc.health.v1.Health"));
+  while (stream->Read(&response)) {
+  }
+  EXPECT_TRUE(stream->Finish().ok());
+
+  server->Shutdown(absl::Seconds(1));
+  server->Wait();
+}
+
+TEST(ServerTest, TlsAndMutualTls) {
+  const testing_support::Certificates pki = testing_support::MakeCertificates();
+  ServerOptions tls;
+  tls.demo_model = "demo";
+  tls.tls_cert_file = pki.server_cert;
+  tls.tls_key_file = pki.server_key;
+  auto server = StartServer(tls);
+  const std::string target = "localhost:" + std::to_string(server->port());
+  ClientOptions trusted;
+  trusted.tls_ca_file = pki.ca;
+  EXPECT_EQ(
+      Client::Connect(target, trusted).value()->ListModels().value().size(),
+      1u);
+  ClientOptions plaintext;
+  plaintext.timeout = absl::Seconds(5);
+  EXPECT_FALSE(Client::Connect(target, plaintext).value()->ListModels().ok());
+
+  ServerOptions mtls = tls;
+  mtls.tls_client_ca_file = pki.ca;
+  auto mutual = StartServer(mtls);
+  const std::string mutual_target =
+      "localhost:" + std::to_string(mutual->port());
+  ClientOptions with_cert = trusted;
+  with_cert.tls_cert_file = pki.client_cert;
+  with_cert.tls_key_file = pki.client_key;
+  EXPECT_EQ(Client::Connect(mutual_target, with_cert)
+                .value()
+                ->ListModels()
+                .value()
+                .size(),
+            1u);
+  ClientOptions without_cert = trusted;
+  without_cert.timeout = absl::Seconds(5);
+  absl::Status refused = Client::Connect(mutual_target, without_cert)
+                             .value()
+                             ->ListModels()
+                             .status();
+  EXPECT_EQ(refused.code(), absl::StatusCode::kUnavailable) << refused;
+  ClientOptions rogue = trusted;
+  rogue.tls_cert_file = pki.rogue_cert;
+  rogue.tls_key_file = pki.rogue_key;
+  rogue.timeout = absl::Seconds(5);
+  EXPECT_FALSE(
+      Client::Connect(mutual_target, rogue).value()->ListModels().ok());
+}
+
+}  // namespace
+}  // namespace modelstate
