@@ -52,6 +52,7 @@ v1::StateDictRequest ToRequest(const std::string& model,
     request.set_cast_floating_to(ToProto(*options.cast_floating_to));
   request.set_chunk_bytes(options.chunk_bytes);
   request.set_strip_module_prefix(options.strip_module_prefix);
+  request.set_version(options.version);
   return request;
 }
 
@@ -114,19 +115,25 @@ absl::StatusOr<std::vector<ModelSummary>> Client::ListModels() {
 }
 
 absl::StatusOr<ModelManifest> Client::GetModel(const std::string& model,
-                                               const std::string& module) {
+                                               const std::string& module,
+                                               int64_t version) {
   grpc::ClientContext context;
   Prepare(&context);
   v1::GetModelRequest request;
   request.set_model(model);
   request.set_module(module);
+  request.set_version(version);
   v1::GetModelResponse response;
   RETURN_IF_ERROR(
       FromGrpcStatus(stub_->GetModel(&context, request, &response)));
   ASSIGN_OR_RETURN(std::vector<TransferEntry> entries,
                    ToTransferEntries(response.tensors()));
-  ModelManifest manifest{
-      FromProto(response.summary()), {}, response.architecture_json()};
+  ModelManifest manifest;
+  manifest.summary = FromProto(response.summary());
+  manifest.version = response.version();
+  manifest.retained_versions.assign(response.retained_versions().begin(),
+                                    response.retained_versions().end());
+  manifest.architecture_json = response.architecture_json();
   for (int i = 0; i < response.tensors_size(); ++i) {
     manifest.tensors.push_back(Describe(response.tensors(i), entries[i]));
   }
@@ -145,6 +152,19 @@ absl::StatusOr<ModelSummary> Client::CreateModel(
   v1::CreateModelResponse response;
   RETURN_IF_ERROR(
       FromGrpcStatus(stub_->CreateModel(&context, request, &response)));
+  return FromProto(response.summary());
+}
+
+absl::StatusOr<ModelSummary> Client::RollbackModel(const std::string& model,
+                                                   int64_t version) {
+  grpc::ClientContext context;
+  Prepare(&context);
+  v1::RollbackModelRequest request;
+  request.set_model(model);
+  request.set_version(version);
+  v1::RollbackModelResponse response;
+  RETURN_IF_ERROR(
+      FromGrpcStatus(stub_->RollbackModel(&context, request, &response)));
   return FromProto(response.summary());
 }
 

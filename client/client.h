@@ -56,6 +56,8 @@ struct TensorDescription {
 
 struct ModelManifest {
   ModelSummary summary;
+  int64_t version = 0;  // The version described (summary has the current).
+  std::vector<int64_t> retained_versions;  // Held in memory, newest first.
   std::vector<TensorDescription> tensors;
   std::string architecture_json;
 };
@@ -71,6 +73,7 @@ struct FetchOptions {
   absl::optional<DType> cast_floating_to;
   uint32_t chunk_bytes = 0;  // 0: the server's default.
   bool strip_module_prefix = false;
+  int64_t version = 0;  // A retained version; 0 for the current one.
   ProgressCallback progress;
 };
 
@@ -119,7 +122,14 @@ class Client {
   // Returns a model's manifest (of one submodule when `module` is set).
   // NotFound if unknown.
   absl::StatusOr<ModelManifest> GetModel(const std::string& model,
-                                         const std::string& module = "");
+                                         const std::string& module = "",
+                                         int64_t version = 0);
+
+  // Makes retained version `version` current again as a new version; returns
+  // the model's summary at that new version. NotFound if the version is not
+  // retained.
+  absl::StatusOr<ModelSummary> RollbackModel(const std::string& model,
+                                             int64_t version);
 
   // Creates a model from an architecture spec. AlreadyExists if the name is
   // taken.

@@ -45,6 +45,8 @@ ABSL_FLAG(int64_t, if_version, -1,
           "push only if the model is at this version (push)");
 ABSL_FLAG(int64_t, count, 0, "stop after this many events; 0: never (watch)");
 ABSL_FLAG(uint32_t, chunk_bytes, 0, "chunk size of transfers; 0: default");
+ABSL_FLAG(int64_t, version, 0,
+          "a retained version instead of the current one (info, pull)");
 
 namespace modelstate {
 namespace {
@@ -52,12 +54,14 @@ namespace {
 constexpr char kUsage[] =
     R"(modelstatectl [--server=HOST:PORT] [--tls_ca=PEM] [--tls_cert=PEM --tls_key=PEM] COMMAND
   models                                              name, version, tensors, bytes
-  info MODEL [--module=PATH]                          key, kind, dtype, shape, bytes, checksum
+  info MODEL [--module=PATH] [--version=N]            key, kind, dtype, shape, bytes, checksum
   create MODEL --arch=SPEC.json | --from=FILE.safetensors
   delete MODEL
-  pull MODEL OUT.safetensors [--module=PATH [--strip_module_prefix]] [--keys=a,b] [--dtype=bf16|f16|f32] [--no_buffers]
+  pull MODEL OUT.safetensors [--module=PATH [--strip_module_prefix]] [--keys=a,b] [--dtype=bf16|f16|f32] [--no_buffers] [--version=N]
   push MODEL IN.safetensors [--module=PATH] [--non_strict] [--assign] [--if_version=N]
   watch MODEL [--count=N]
+  versions MODEL                                      retained versions, newest first
+  rollback MODEL VERSION                              make a retained version current again
   health                                              SERVING or NOT_SERVING (exit 0 or 1))";
 
 // Exit codes: 0 success, 1 the call failed, 2 bad usage.
@@ -136,8 +140,8 @@ int Models(Client& client) {
 }
 
 int Info(Client& client, const std::string& model) {
-  absl::StatusOr<ModelManifest> manifest =
-      client.GetModel(model, absl::GetFlag(FLAGS_module));
+  absl::StatusOr<ModelManifest> manifest = client.GetModel(
+      model, absl::GetFlag(FLAGS_module), absl::GetFlag(FLAGS_version));
   if (!manifest.ok()) return Fail(manifest.status());
   std::printf("model %s version %lld class %s: %lld tensors, %llu bytes\n",
               model.c_str(), static_cast<long long>(manifest->summary.version),
@@ -219,6 +223,7 @@ int Pull(Client& client, const std::string& model, const std::string& path) {
   options.keys = absl::GetFlag(FLAGS_keys);
   options.include_buffers = !absl::GetFlag(FLAGS_no_buffers);
   options.strip_module_prefix = absl::GetFlag(FLAGS_strip_module_prefix);
+  options.version = absl::GetFlag(FLAGS_version);
   options.chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);
   const std::string dtype = absl::GetFlag(FLAGS_dtype);
   if (!dtype.empty()) {
@@ -295,6 +300,27 @@ int Run(const std::vector<char*>& positional) {
   if (command == "pull" && want(2)) return Pull(**client, args[0], args[1]);
   if (command == "push" && want(2)) return Push(**client, args[0], args[1]);
   if (command == "watch" && want(1)) return Watch(**client, args[0]);
+  if (command == "versions" && want(1)) {
+    absl::StatusOr<ModelManifest> manifest = (*client)->GetModel(args[0]);
+    if (!manifest.ok()) return Fail(manifest.status());
+    for (int64_t version : manifest->retained_versions) {
+      std::printf("%lld%s\n", static_cast<long long>(version),
+                  version == manifest->summary.version ? " (current)" : "");
+    }
+    return 0;
+  }
+  if (command == "rollback" && want(2)) {
+    int64_t version;
+    if (!absl::SimpleAtoi(args[1], &version))
+      return Usage("VERSION must be a number");
+    absl::StatusOr<ModelSummary> rolled =
+        (*client)->RollbackModel(args[0], version);
+    if (!rolled.ok()) return Fail(rolled.status());
+    std::printf("%s is at version %lld (the state of version %lld)\n",
+                args[0].c_str(), static_cast<long long>(rolled->version),
+                static_cast<long long>(version));
+    return 0;
+  }
   if (command == "health" && want(0)) {
     absl::StatusOr<bool> serving = (*client)->CheckHealth();
     if (!serving.ok()) return Fail(serving.status());

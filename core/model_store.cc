@@ -98,10 +98,24 @@ void ModelStore::Notify(const ModelEvent& event) {
 
 absl::Status ModelStore::Create(const std::string& name, ModulePtr root,
                                 std::string architecture) {
+  return Add(name, std::move(root), std::move(architecture), /*version=*/0,
+             /*persist=*/true);
+}
+
+absl::Status ModelStore::Restore(const std::string& name, ModulePtr root,
+                                 std::string architecture, int64_t version) {
+  if (version <= 0)
+    return absl::InvalidArgumentError("restored version must be positive");
+  return Add(name, std::move(root), std::move(architecture), version,
+             /*persist=*/false);
+}
+
+absl::Status ModelStore::Add(const std::string& name, ModulePtr root,
+                             std::string architecture, int64_t version,
+                             bool persist) {
   RETURN_IF_ERROR(ValidateModelName(name));
   const int64_t bytes = static_cast<int64_t>(root->TotalTensorBytes());
-  absl::MutexLock events_lock(&events_mu_);
-  ModelEvent event;
+  absl::MutexLock admin(&admin_mu_);
   {
     absl::MutexLock lock(&mu_);
     if (models_.count(name) > 0) {
@@ -109,19 +123,33 @@ absl::Status ModelStore::Create(const std::string& name, ModulePtr root,
           absl::StrCat("model \"", name, "\" already exists"));
     }
     RETURN_IF_ERROR(CheckMemory(bytes));
-    auto retired = retired_versions_.find(name);
-    const int64_t version =
-        retired == retired_versions_.end() ? 1 : retired->second + 1;
-    AttachTree(*root);
-    models_[name] = Entry{
-        Snapshot{name, version, std::move(root), std::move(architecture)}};
-    event = ModelEvent{ModelEvent::Type::kCreated, name, version};
+    if (version == 0) {
+      auto retired = retired_versions_.find(name);
+      version = retired == retired_versions_.end() ? 1 : retired->second + 1;
+    }
   }
-  Notify(event);
+  Snapshot snapshot{name, version, std::move(root), std::move(architecture)};
+  if (persist && options_.persister != nullptr) {
+    RETURN_IF_ERROR(options_.persister->Persist(snapshot));
+  }
+  absl::MutexLock events_lock(&events_mu_);
+  {
+    absl::MutexLock lock(&mu_);
+    AttachTree(*snapshot.root);
+    Entry& entry = models_[name];
+    entry.current = std::move(snapshot);
+  }
+  Notify(ModelEvent{ModelEvent::Type::kCreated, name, version});
   return absl::OkStatus();
 }
 
 absl::Status ModelStore::Delete(const std::string& name) {
+  absl::MutexLock admin(&admin_mu_);
+  ASSIGN_OR_RETURN(std::shared_ptr<absl::Mutex> commit_mu, CommitMutex(name));
+  absl::MutexLock commit(commit_mu.get());
+  absl::Status removed = options_.persister != nullptr
+                             ? options_.persister->Remove(name)
+                             : absl::OkStatus();
   absl::MutexLock events_lock(&events_mu_);
   ModelEvent event;
   {
@@ -134,15 +162,85 @@ absl::Status ModelStore::Delete(const std::string& name) {
     models_.erase(it);
   }
   Notify(event);
-  return absl::OkStatus();
+  // The model is gone from memory either way; a leftover file is reported.
+  return removed;
 }
 
-absl::StatusOr<Snapshot> ModelStore::GetSnapshot(
+absl::StatusOr<std::shared_ptr<absl::Mutex>> ModelStore::CommitMutex(
     const std::string& name) const {
   absl::ReaderMutexLock lock(&mu_);
   auto it = models_.find(name);
   if (it == models_.end()) return ModelNotFound(name);
-  return it->second.current;
+  return it->second.commit_mu;
+}
+
+absl::Status ModelStore::Publish(const std::shared_ptr<absl::Mutex>& commit_mu,
+                                 const Snapshot& next,
+                                 ModelEvent::Type event_type) {
+  if (options_.persister != nullptr)
+    RETURN_IF_ERROR(options_.persister->Persist(next));
+  absl::MutexLock events_lock(&events_mu_);
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = models_.find(next.model);
+    if (it == models_.end() || it->second.commit_mu != commit_mu) {
+      return absl::NotFoundError(absl::StrCat(
+          "model \"", next.model, "\" was deleted during the update"));
+    }
+    Entry& entry = it->second;
+    AttachTree(*next.root);
+    if (options_.retain_versions > 1) {
+      entry.history.push_front(std::move(entry.current));
+      while (entry.history.size() >
+             static_cast<size_t>(options_.retain_versions - 1)) {
+        entry.history.pop_back();
+      }
+    }
+    entry.current = next;
+  }
+  Notify(ModelEvent{event_type, next.model, next.version});
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Snapshot> ModelStore::GetSnapshot(const std::string& name,
+                                                 int64_t version) const {
+  absl::ReaderMutexLock lock(&mu_);
+  auto it = models_.find(name);
+  if (it == models_.end()) return ModelNotFound(name);
+  if (version == 0 || version == it->second.current.version)
+    return it->second.current;
+  for (const Snapshot& old : it->second.history) {
+    if (old.version == version) return old;
+  }
+  return absl::NotFoundError(absl::StrCat("version ", version, " of model \"",
+                                          name, "\" is not retained"));
+}
+
+absl::StatusOr<std::vector<int64_t>> ModelStore::RetainedVersions(
+    const std::string& name) const {
+  absl::ReaderMutexLock lock(&mu_);
+  auto it = models_.find(name);
+  if (it == models_.end()) return ModelNotFound(name);
+  std::vector<int64_t> versions = {it->second.current.version};
+  for (const Snapshot& old : it->second.history)
+    versions.push_back(old.version);
+  return versions;
+}
+
+absl::StatusOr<int64_t> ModelStore::Rollback(const std::string& name,
+                                             int64_t version) {
+  ASSIGN_OR_RETURN(std::shared_ptr<absl::Mutex> commit_mu, CommitMutex(name));
+  absl::MutexLock commit(commit_mu.get());
+  ASSIGN_OR_RETURN(Snapshot target, GetSnapshot(name, version));
+  ASSIGN_OR_RETURN(Snapshot current, GetSnapshot(name));
+  Snapshot next{name, current.version + 1, target.root, current.architecture};
+  RETURN_IF_ERROR(Publish(commit_mu, next, ModelEvent::Type::kUpdated));
+  return next.version;
+}
+
+absl::StatusOr<Snapshot> ModelStore::GetSnapshot(
+    const std::string& name) const {
+  return GetSnapshot(name, 0);
 }
 
 std::vector<Snapshot> ModelStore::List() const {
@@ -259,45 +357,37 @@ absl::StatusOr<StoreLoadResult> ModelStore::CommitLoad(
   ASSIGN_OR_RETURN(ModulePtr rebuilt,
                    ApplyLoad(load->base_.root, options.submodule, load->plan_,
                              options, converted));
-  ModelEvent event;
-  absl::MutexLock events_lock(&events_mu_);
-  {
-    absl::MutexLock lock(&mu_);
-    auto it = models_.find(load->model_);
-    if (it == models_.end()) {
-      return absl::NotFoundError(absl::StrCat(
-          "model \"", load->model_, "\" was deleted during the load"));
-    }
-    Snapshot& current = it->second.current;
-    if (current.root != load->base_.root) {
-      // Another load committed first: apply ours on top of it, as torch would
-      // have.
-      if (load->options_.expected_version.has_value()) {
-        return absl::AbortedError(absl::StrCat(
-            "model \"", load->model_, "\" is at version ", current.version,
-            ", expected ", *load->options_.expected_version));
-      }
-      ASSIGN_OR_RETURN(LoadPlan replanned,
-                       PlanLoad(current.root, inputs, options));
-      if (!SameDestinations(replanned, load->plan_)) {
-        return absl::AbortedError(
-            absl::StrCat("model \"", load->model_,
-                         "\" changed dtype during the load; retry"));
-      }
-      ASSIGN_OR_RETURN(rebuilt, ApplyLoad(current.root, options.submodule,
-                                          replanned, options, converted));
-    }
-    for (const Tensor& tensor : converted)
-      tensor.storage()->AttachAccountant(accountant_);
-    current.root = std::move(rebuilt);
-    current.version += 1;
-    reserved_bytes_ -= load->reserved_bytes_;
-    load->reserved_bytes_ = 0;
-    result.version = current.version;
-    event =
-        ModelEvent{ModelEvent::Type::kUpdated, load->model_, current.version};
+  absl::StatusOr<std::shared_ptr<absl::Mutex>> commit_mu =
+      CommitMutex(load->model_);
+  if (!commit_mu.ok()) {
+    return absl::NotFoundError(absl::StrCat("model \"", load->model_,
+                                            "\" was deleted during the load"));
   }
-  Notify(event);
+  absl::MutexLock commit(commit_mu->get());
+  ASSIGN_OR_RETURN(Snapshot current, GetSnapshot(load->model_));
+  if (current.root != load->base_.root) {
+    // Another load committed first: apply ours on top of it, as torch would
+    // have.
+    if (load->options_.expected_version.has_value()) {
+      return absl::AbortedError(absl::StrCat(
+          "model \"", load->model_, "\" is at version ", current.version,
+          ", expected ", *load->options_.expected_version));
+    }
+    ASSIGN_OR_RETURN(LoadPlan replanned,
+                     PlanLoad(current.root, inputs, options));
+    if (!SameDestinations(replanned, load->plan_)) {
+      return absl::AbortedError(absl::StrCat(
+          "model \"", load->model_, "\" changed dtype during the load; retry"));
+    }
+    ASSIGN_OR_RETURN(rebuilt, ApplyLoad(current.root, options.submodule,
+                                        replanned, options, converted));
+  }
+  Snapshot next{load->model_, current.version + 1, std::move(rebuilt),
+                current.architecture};
+  RETURN_IF_ERROR(Publish(*commit_mu, next, ModelEvent::Type::kUpdated));
+  Release(load->reserved_bytes_);
+  load->reserved_bytes_ = 0;
+  result.version = next.version;
   result.missing_keys = load->plan_.missing_keys;
   result.unexpected_keys = load->plan_.unexpected_keys;
   return result;

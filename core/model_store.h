@@ -9,6 +9,7 @@
 #define MODELSTATE_CORE_MODEL_STORE_H_
 
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -99,12 +100,31 @@ class PendingLoad {
   int64_t reserved_bytes_ = 0;
 };
 
+// Where committed versions go to become durable (see core/data_dir.h). The
+// store calls it with the model's commit lock held, before the version becomes
+// visible.
+class StatePersister {
+ public:
+  virtual ~StatePersister() = default;
+  // Makes `snapshot` durable (or schedules it, for asynchronous persisters). A
+  // non-OK status fails the create, load or rollback, which then changes
+  // nothing.
+  virtual absl::Status Persist(const Snapshot& snapshot) = 0;
+  // Removes every persisted version of `model`.
+  virtual absl::Status Remove(const std::string& model) = 0;
+};
+
 class ModelStore {
  public:
   struct Options {
-    // Live tensor bytes (models, snapshots still held, staged loads) may not
-    // exceed this. 0 means unlimited.
+    // Live tensor bytes (models, retained versions, snapshots still held,
+    // staged loads) may not exceed this. 0 means unlimited.
     int64_t memory_limit_bytes = 0;
+    // Versions kept in memory per model, the current one included (>= 1). Older
+    // versions share the storage of tensors they have in common.
+    int retain_versions = 1;
+    // Persists every committed version when set; must outlive the store.
+    StatePersister* persister = nullptr;
   };
 
   explicit ModelStore(Options options);
@@ -113,17 +133,36 @@ class ModelStore {
 
   // Adds model `name` at version 1 (or, for a name used before, one past its
   // last version). Returns InvalidArgument for a bad name, AlreadyExists if the
-  // name is taken, and ResourceExhausted if its bytes would exceed the memory
-  // limit.
+  // name is taken, ResourceExhausted if its bytes would exceed the memory
+  // limit, or the persister's error.
   absl::Status Create(const std::string& name, ModulePtr root,
                       std::string architecture = "");
 
-  // Removes model `name`; snapshots already taken stay valid. NotFound if it
-  // does not exist.
+  // Adds a model restored from disk at `version`, without persisting it again.
+  // Errors as Create.
+  absl::Status Restore(const std::string& name, ModulePtr root,
+                       std::string architecture, int64_t version);
+
+  // Removes model `name` and its persisted versions; snapshots already taken
+  // stay valid. NotFound if it does not exist.
   absl::Status Delete(const std::string& name);
 
   // Returns the current state of `name`, or NotFound.
   absl::StatusOr<Snapshot> GetSnapshot(const std::string& name) const;
+
+  // Returns version `version` of `name` if it is current or retained (0 means
+  // current); NotFound otherwise.
+  absl::StatusOr<Snapshot> GetSnapshot(const std::string& name,
+                                       int64_t version) const;
+
+  // Returns the versions of `name` held in memory, newest first, or NotFound.
+  absl::StatusOr<std::vector<int64_t>> RetainedVersions(
+      const std::string& name) const;
+
+  // Makes retained version `version` of `name` current again, as a new version
+  // number (which it returns). NotFound for an unknown model or a version not
+  // retained; the persister's error otherwise.
+  absl::StatusOr<int64_t> Rollback(const std::string& name, int64_t version);
 
   // Returns a snapshot of every model, ordered by name.
   std::vector<Snapshot> List() const;
@@ -138,12 +177,13 @@ class ModelStore {
       const StoreLoadOptions& options);
 
   // Applies `load` with `tensors` (parallel to load->inputs(), each matching
-  // its spec) as one atomic step: converts dtypes outside the lock, then swaps
-  // the model in and bumps its version. If the model changed since BeginLoad,
+  // its spec) as one atomic step: converts dtypes and rebuilds the tree outside
+  // the store's lock, persists the new version (if a persister is set), then
+  // swaps it in and bumps the version. If the model changed since BeginLoad,
   // the plan is re-validated against the new state: an expected version that no
   // longer matches, or a changed destination dtype, gives Aborted; a model
   // deleted (or created) meanwhile gives NotFound (or AlreadyExists). On any
-  // error the model is unchanged.
+  // error, including the persister's, the model is unchanged.
   absl::StatusOr<StoreLoadResult> CommitLoad(std::unique_ptr<PendingLoad> load,
                                              std::vector<Tensor> tensors);
 
@@ -152,14 +192,14 @@ class ModelStore {
                                        const StateDict& state,
                                        const StoreLoadOptions& options);
 
-  // Calls `listener` after every create, committed load and delete, in commit
-  // order, from the committing thread. It must be quick and must not call back
-  // into the store. Returns an id for RemoveListener.
+  // Calls `listener` after every create, committed load, rollback and delete,
+  // in commit order, from the committing thread. It must be quick and must not
+  // call back into the store. Returns an id for RemoveListener.
   int64_t AddListener(std::function<void(const ModelEvent&)> listener);
   void RemoveListener(int64_t id);
 
-  // Bytes of all live tensor storages the store has seen (models and snapshots
-  // still held).
+  // Bytes of all live tensor storages the store has seen (models, retained
+  // versions and snapshots still held).
   int64_t live_bytes() const;
   // Bytes reserved by pending loads.
   int64_t reserved_bytes() const;
@@ -169,7 +209,10 @@ class ModelStore {
   friend class PendingLoad;
   struct Entry {
     Snapshot current;
-    // Retained history (for rollback) would sit here beside `current`.
+    std::deque<Snapshot> history;  // Older retained versions, newest first.
+    // Serialises commits of this model, including their persisting; readers
+    // never take it.
+    std::shared_ptr<absl::Mutex> commit_mu = std::make_shared<absl::Mutex>();
   };
 
   absl::Status CheckMemory(int64_t extra_bytes) const
@@ -178,12 +221,25 @@ class ModelStore {
   void AttachTree(const Module& root);
   void Notify(const ModelEvent& event)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(events_mu_);
+  absl::Status Add(const std::string& name, ModulePtr root,
+                   std::string architecture, int64_t version, bool persist);
+  // Returns the commit mutex of `name`, or NotFound.
+  absl::StatusOr<std::shared_ptr<absl::Mutex>> CommitMutex(
+      const std::string& name) const;
+  // With the model's commit mutex held: persists `next` and publishes it as
+  // the current version of the same entry (`commit_mu` identifies it).
+  absl::Status Publish(const std::shared_ptr<absl::Mutex>& commit_mu,
+                       const Snapshot& next, ModelEvent::Type event_type);
 
   const Options options_;
   std::shared_ptr<MemoryAccountant> accountant_;
 
+  // Serialises creates and deletes (which persist and remove files). Taken
+  // first.
+  absl::Mutex admin_mu_;
+
   // Serialises writers' swap-and-notify so listeners see events in commit
-  // order. Taken before mu_.
+  // order. Taken after any commit mutex and before mu_.
   absl::Mutex events_mu_;
   std::map<int64_t, std::function<void(const ModelEvent&)>> listeners_
       ABSL_GUARDED_BY(events_mu_);

@@ -4,6 +4,7 @@
 #include <signal.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <thread>
 #include <vector>
@@ -39,6 +40,15 @@ ABSL_FLAG(std::string, health_listen, "",
 ABSL_FLAG(absl::Duration, shutdown_grace, absl::Seconds(30),
           "on SIGTERM/SIGINT, how long streams in flight may take to finish");
 ABSL_FLAG(bool, log_rpcs, true, "write one line per RPC to stderr");
+ABSL_FLAG(std::string, data_dir, "",
+          "persist every committed version here and restore from it at start; "
+          "empty: memory only");
+ABSL_FLAG(std::string, durability, "sync",
+          "with --data_dir: sync (a load returns once durable) or async "
+          "(written in the background)");
+ABSL_FLAG(int32_t, retain_versions, 1,
+          "versions kept per model in memory and on disk, for older snapshots "
+          "and rollback");
 
 namespace {
 
@@ -97,6 +107,14 @@ int main(int argc, char** argv) {
   options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
   options.health_listen = absl::GetFlag(FLAGS_health_listen);
   options.log_rpcs = absl::GetFlag(FLAGS_log_rpcs);
+  options.data_dir = absl::GetFlag(FLAGS_data_dir);
+  const std::string durability = absl::GetFlag(FLAGS_durability);
+  if (durability != "sync" && durability != "async") {
+    std::fprintf(stderr, "modelstated: --durability must be sync or async\n");
+    return 2;
+  }
+  options.sync_durability = durability == "sync";
+  options.retain_versions = absl::GetFlag(FLAGS_retain_versions);
 
   // Block the stop signals in every thread; one thread waits for them.
   sigset_t stop_signals;
@@ -130,6 +148,9 @@ int main(int argc, char** argv) {
   });
   (*server)->Wait();
   signal_waiter.join();
+  // Destroying the server ends every call and writes any pending async
+  // persistence.
+  server->reset();
   std::fprintf(stderr, "modelstated: stopped\n");
   return 0;
 }

@@ -95,7 +95,8 @@ class StateDictReactor
       return absl::InvalidArgumentError(
           absl::StrCat("chunk_bytes may be at most ", kMaxChunkBytes));
     }
-    absl::StatusOr<Snapshot> snapshot = store->GetSnapshot(request.model());
+    absl::StatusOr<Snapshot> snapshot =
+        store->GetSnapshot(request.model(), request.version());
     if (!snapshot.ok()) return snapshot.status();
     StateDictOptions options;
     options.submodule = request.module();
@@ -409,7 +410,8 @@ grpc::ServerUnaryReactor* ModelStateService::GetModel(
     v1::GetModelResponse* response) {
   RpcRecord record("GetModel", options_.log_rpcs);
   record.set_model(request->model());
-  absl::StatusOr<Snapshot> snapshot = store_->GetSnapshot(request->model());
+  absl::StatusOr<Snapshot> snapshot =
+      store_->GetSnapshot(request->model(), request->version());
   if (!snapshot.ok()) return FinishUnary(context, record, snapshot.status());
   StateDictOptions options;
   options.submodule = request->module();
@@ -419,6 +421,13 @@ grpc::ServerUnaryReactor* ModelStateService::GetModel(
   *response->mutable_summary() = ToSummary(*snapshot);
   ToTensorInfos(*state, response->mutable_tensors());
   response->set_architecture_json(snapshot->architecture);
+  response->set_version(snapshot->version);
+  absl::StatusOr<std::vector<int64_t>> retained =
+      store_->RetainedVersions(request->model());
+  if (retained.ok()) {
+    response->mutable_retained_versions()->Add(retained->begin(),
+                                               retained->end());
+  }
   return FinishUnary(context, record, absl::OkStatus());
 }
 
@@ -446,6 +455,21 @@ grpc::ServerUnaryReactor* ModelStateService::DeleteModel(
   RpcRecord record("DeleteModel", options_.log_rpcs);
   record.set_model(request->model());
   return FinishUnary(context, record, store_->Delete(request->model()));
+}
+
+grpc::ServerUnaryReactor* ModelStateService::RollbackModel(
+    grpc::CallbackServerContext* context,
+    const v1::RollbackModelRequest* request,
+    v1::RollbackModelResponse* response) {
+  RpcRecord record("RollbackModel", options_.log_rpcs);
+  record.set_model(request->model());
+  absl::StatusOr<int64_t> version =
+      store_->Rollback(request->model(), request->version());
+  if (!version.ok()) return FinishUnary(context, record, version.status());
+  absl::StatusOr<Snapshot> snapshot =
+      store_->GetSnapshot(request->model(), *version);
+  if (snapshot.ok()) *response->mutable_summary() = ToSummary(*snapshot);
+  return FinishUnary(context, record, snapshot.status());
 }
 
 grpc::ServerWriteReactor<v1::StateDictResponse>* ModelStateService::StateDict(

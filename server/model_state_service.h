@@ -45,6 +45,10 @@ class ModelStateService final : public v1::ModelState::CallbackService {
       grpc::CallbackServerContext* context,
       const v1::DeleteModelRequest* request,
       v1::DeleteModelResponse* response) override;
+  grpc::ServerUnaryReactor* RollbackModel(
+      grpc::CallbackServerContext* context,
+      const v1::RollbackModelRequest* request,
+      v1::RollbackModelResponse* response) override;
   grpc::ServerWriteReactor<v1::StateDictResponse>* StateDict(
       grpc::CallbackServerContext* context,
       const v1::StateDictRequest* request) override;

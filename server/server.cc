@@ -1,6 +1,8 @@
 #include "server/server.h"
 
+#include <cstdio>
 #include <fstream>
+#include <set>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
@@ -65,9 +67,25 @@ absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
         absl::StrCat("chunk_bytes must be between 1 and ", kMaxChunkBytes));
   }
   ASSIGN_OR_RETURN(auto credentials, Credentials(options));
+  if (options.retain_versions < 1) {
+    return absl::InvalidArgumentError("retain_versions must be at least 1");
+  }
   std::unique_ptr<Server> server(new Server());
-  server->store_ = std::make_unique<ModelStore>(
-      ModelStore::Options{options.memory_limit_bytes});
+  StatePersister* persister = nullptr;
+  if (!options.data_dir.empty()) {
+    DataDirOptions dir_options;
+    dir_options.keep_versions = options.retain_versions;
+    ASSIGN_OR_RETURN(server->data_dir_,
+                     DataDir::Open(options.data_dir, dir_options));
+    persister = server->data_dir_.get();
+    if (!options.sync_durability) {
+      server->async_ =
+          std::make_unique<AsyncPersister>(server->data_dir_.get());
+      persister = server->async_.get();
+    }
+  }
+  server->store_ = std::make_unique<ModelStore>(ModelStore::Options{
+      options.memory_limit_bytes, options.retain_versions, persister});
   server->service_ = std::make_unique<ModelStateService>(
       server->store_.get(),
       ServiceOptions{options.chunk_bytes, options.log_rpcs});
@@ -102,12 +120,32 @@ absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
   SetServing(server->health_server_.get(), false);
 
   auto preload = [&]() -> absl::Status {
-    if (!options.demo_model.empty()) {
+    std::set<std::string> restored;
+    if (server->data_dir_ != nullptr) {
+      RestoreReport report = server->data_dir_->Restore();
+      for (const std::string& problem : report.problems) {
+        std::fprintf(stderr, "modelstated: restore: %s\n", problem.c_str());
+      }
+      for (RestoredModel& model : report.models) {
+        const Snapshot& snapshot = model.snapshot;
+        RETURN_IF_ERROR(server->store_->Restore(snapshot.model, snapshot.root,
+                                                snapshot.architecture,
+                                                snapshot.version));
+        std::fprintf(stderr, "modelstated: restored %s at version %lld\n",
+                     snapshot.model.c_str(),
+                     static_cast<long long>(snapshot.version));
+        restored.insert(snapshot.model);
+      }
+    }
+    if (!options.demo_model.empty() &&
+        restored.count(options.demo_model) == 0) {
       ASSIGN_OR_RETURN(ModulePtr demo, BuildModuleFromSpec(kDemoArchitecture));
       RETURN_IF_ERROR(
           server->store_->Create(options.demo_model, demo, kDemoArchitecture));
     }
     for (const auto& [name, path] : options.preload) {
+      if (restored.count(name) > 0)
+        continue;  // The persisted state wins over the seed.
       absl::StatusOr<ModelFromFile> model = LoadModelFile(path);
       if (!model.ok()) {
         return absl::Status(

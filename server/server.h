@@ -13,6 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "core/data_dir.h"
 #include "core/model_store.h"
 #include "grpcpp/server.h"
 #include "server/model_state_service.h"
@@ -41,6 +42,16 @@ struct ServerOptions {
   // the main port requires mTLS); empty for none.
   std::string health_listen;
   bool log_rpcs = true;
+  // Directory where every committed version is persisted and from which models
+  // are restored at start; empty keeps state in memory only.
+  std::string data_dir;
+  // With data_dir: true makes a load return only once its version is durable;
+  // false writes in the background (newest version per model, superseded ones
+  // skipped).
+  bool sync_durability = true;
+  // Versions kept in memory per model (and on disk with data_dir), for
+  // snapshots of older versions and rollback.
+  int retain_versions = 1;
 };
 
 class Server {
@@ -59,6 +70,8 @@ class Server {
   // The bound port of the health-only listener, or 0.
   int health_port() const { return health_port_; }
   ModelStore& store() { return *store_; }
+  // The background persister (with data_dir and async durability), or null.
+  AsyncPersister* async_persister() { return async_.get(); }
 
   // Blocks until the server has shut down.
   void Wait();
@@ -71,6 +84,8 @@ class Server {
  private:
   Server() = default;
 
+  std::unique_ptr<DataDir> data_dir_;
+  std::unique_ptr<AsyncPersister> async_;
   std::unique_ptr<ModelStore> store_;
   std::unique_ptr<ModelStateService> service_;
   std::unique_ptr<grpc::Server> server_;
