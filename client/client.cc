@@ -70,6 +70,8 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(
   // Chunks are at most 3 MiB; manifests of huge models can be larger.
   args.SetMaxReceiveMessageSize(256 << 20);
   args.SetMaxSendMessageSize(256 << 20);
+  if (options.own_connection)
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   const bool tls = options.use_tls || !options.tls_ca_file.empty() ||
                    !options.tls_cert_file.empty();
   if (tls) {

@@ -35,6 +35,10 @@ struct ClientOptions {
   std::string tls_server_name;
   // Deadline of each call; infinite by default since transfers can be long.
   absl::Duration timeout = absl::InfiniteDuration();
+  // Open a TCP connection of this client's own instead of sharing one with
+  // other clients of the same target in this process (gRPC's global subchannel
+  // pool). Parallel fetchers in one process want this.
+  bool own_connection = false;
 };
 
 struct ModelSummary {

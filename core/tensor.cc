@@ -1,5 +1,7 @@
 #include "core/tensor.h"
 
+#include <sys/mman.h>
+
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -12,6 +14,7 @@
 namespace modelstate {
 namespace {
 constexpr size_t kAlignment = 64;
+constexpr size_t kHugePage = 2 << 20;
 
 const std::shared_ptr<const Storage>& EmptyStorage() {
   static const auto* empty =
@@ -41,17 +44,20 @@ absl::StatusOr<std::shared_ptr<Storage>> Storage::Allocate(size_t bytes) {
 
 absl::StatusOr<std::shared_ptr<Storage>> Storage::AllocateUninitialized(
     size_t bytes) {
-  // aligned_alloc needs a size that is a multiple of the alignment, and a
-  // non-zero one.
+  // Large buffers get 2 MiB alignment and transparent huge pages: filling a
+  // fresh 1 GiB tensor then takes 512 page faults instead of 262,144, which is
+  // most of the cost of receiving it. aligned_alloc needs a non-zero multiple
+  // of the alignment.
+  const size_t alignment = bytes >= kHugePage ? kHugePage : kAlignment;
   const size_t rounded =
-      bytes == 0 ? kAlignment
-                 : (bytes + kAlignment - 1) / kAlignment * kAlignment;
+      bytes == 0 ? alignment : (bytes + alignment - 1) / alignment * alignment;
   if (rounded < bytes) return absl::ResourceExhaustedError("tensor too large");
-  void* data = std::aligned_alloc(kAlignment, rounded);
+  void* data = std::aligned_alloc(alignment, rounded);
   if (data == nullptr) {
     return absl::ResourceExhaustedError(
         absl::StrCat("cannot allocate ", bytes, " bytes"));
   }
+  if (alignment == kHugePage) madvise(data, rounded, MADV_HUGEPAGE);
   return std::shared_ptr<Storage>(
       new Storage(static_cast<uint8_t*>(data), bytes, /*owned=*/true, nullptr));
 }

@@ -15,6 +15,8 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   # Test oracles: real PyTorch 1.13 and numpy, run with Debian's own interpreter.
   python3 python3-numpy python3-torch
+  # Benchmark contenders: nginx serving the same weights, fetched with libcurl.
+  nginx-light libcurl4-openssl-dev
   # Used by the TLS tests to mint throwaway certificates.
   openssl
 )
