@@ -39,6 +39,10 @@ struct ClientOptions {
   // other clients of the same target in this process (gRPC's global subchannel
   // pool). Parallel fetchers in one process want this.
   bool own_connection = false;
+  // gRPC load-balancing policy, e.g. "round_robin" to spread calls over every
+  // address a dns:/// target resolves to (a headless Service); empty for gRPC's
+  // default (pick_first).
+  std::string load_balancing_policy;
 };
 
 struct ModelSummary {

@@ -25,6 +25,9 @@ ABSL_FLAG(std::string, tls_cert, "", "PEM client certificate (mTLS)");
 ABSL_FLAG(std::string, tls_key, "", "PEM key of --tls_cert");
 ABSL_FLAG(std::string, tls_server_name, "",
           "name to verify the server certificate against");
+ABSL_FLAG(std::string, lb_policy, "",
+          "gRPC load balancing, e.g. round_robin with a dns:/// target of a "
+          "headless Service");
 ABSL_FLAG(absl::Duration, timeout, absl::InfiniteDuration(),
           "deadline of each call");
 ABSL_FLAG(std::string, module, "", "submodule path (info, pull, push)");
@@ -284,6 +287,7 @@ int Run(const std::vector<char*>& positional) {
   options.tls_key_file = absl::GetFlag(FLAGS_tls_key);
   options.tls_server_name = absl::GetFlag(FLAGS_tls_server_name);
   options.timeout = absl::GetFlag(FLAGS_timeout);
+  options.load_balancing_policy = absl::GetFlag(FLAGS_lb_policy);
   absl::StatusOr<std::unique_ptr<Client>> client =
       Client::Connect(absl::GetFlag(FLAGS_server), options);
   if (!client.ok()) return Fail(client.status());

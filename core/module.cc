@@ -27,13 +27,7 @@ Module::Module(std::string type_name, int version)
 absl::Status Module::CheckNewName(absl::string_view name) const {
   absl::Status valid = ValidateMemberName(name);
   if (!valid.ok()) return valid;
-  auto taken = [&](const auto& slots) {
-    for (const auto& slot : slots) {
-      if (slot.name == name) return true;
-    }
-    return false;
-  };
-  if (taken(parameters_) || taken(buffers_) || taken(children_)) {
+  if (members_.contains(name)) {
     return absl::AlreadyExistsError(
         absl::StrCat("attribute '", name, "' already exists in ", type_name_));
   }
@@ -44,6 +38,8 @@ absl::Status Module::AddParameter(absl::string_view name,
                                   absl::optional<Tensor> tensor) {
   absl::Status status = CheckNewName(name);
   if (!status.ok()) return status;
+  members_.emplace(name,
+                   MemberRef{MemberRef::List::kParameter, parameters_.size()});
   parameters_.push_back(TensorSlot{std::string(name), std::move(tensor), true});
   return absl::OkStatus();
 }
@@ -52,6 +48,7 @@ absl::Status Module::AddBuffer(absl::string_view name,
                                absl::optional<Tensor> tensor, bool persistent) {
   absl::Status status = CheckNewName(name);
   if (!status.ok()) return status;
+  members_.emplace(name, MemberRef{MemberRef::List::kBuffer, buffers_.size()});
   buffers_.push_back(
       TensorSlot{std::string(name), std::move(tensor), persistent});
   return absl::OkStatus();
@@ -60,15 +57,34 @@ absl::Status Module::AddBuffer(absl::string_view name,
 absl::Status Module::AddChild(absl::string_view name, ModulePtr child) {
   absl::Status status = CheckNewName(name);
   if (!status.ok()) return status;
+  members_.emplace(name, MemberRef{MemberRef::List::kChild, children_.size()});
   children_.push_back(ChildSlot{std::string(name), std::move(child)});
   return absl::OkStatus();
 }
 
+int64_t Module::FindChildIndex(absl::string_view name) const {
+  auto it = members_.find(name);
+  if (it == members_.end() || it->second.list != MemberRef::List::kChild)
+    return -1;
+  return static_cast<int64_t>(it->second.index);
+}
+
 const ChildSlot* Module::FindChild(absl::string_view name) const {
-  for (const ChildSlot& child : children_) {
-    if (child.name == name) return &child;
+  const int64_t index = FindChildIndex(name);
+  return index < 0 ? nullptr : &children_[index];
+}
+
+const TensorSlot* Module::FindTensor(absl::string_view name) const {
+  auto it = members_.find(name);
+  if (it == members_.end()) return nullptr;
+  switch (it->second.list) {
+    case MemberRef::List::kParameter:
+      return &parameters_[it->second.index];
+    case MemberRef::List::kBuffer:
+      return &buffers_[it->second.index];
+    default:
+      return nullptr;
   }
-  return nullptr;
 }
 
 absl::StatusOr<ModulePtr> Module::GetSubmodule(const ModulePtr& self,

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -74,6 +75,13 @@ class Module {
   // null), or null when no child has that name.
   const ChildSlot* FindChild(absl::string_view name) const;
 
+  // Returns the index in children() of the child named `name`, or -1.
+  int64_t FindChildIndex(absl::string_view name) const;
+
+  // Returns the slot of the parameter or buffer named `name` (which may hold no
+  // tensor), or null.
+  const TensorSlot* FindTensor(absl::string_view name) const;
+
   // Returns the module at dotted `path` ("" is this module; "layers.1" never
   // matches "layers.10"; a trailing '.' is ignored). NotFound names the first
   // missing component, or says the child is None.
@@ -99,11 +107,20 @@ class Module {
  private:
   absl::Status CheckNewName(absl::string_view name) const;
 
+  // Where a member name is registered: which list and at which index. Keeps
+  // lookups O(1) for modules with very many members (a ModuleList of 100,000
+  // layers).
+  struct MemberRef {
+    enum class List { kParameter, kBuffer, kChild } list;
+    size_t index;
+  };
+
   std::string type_name_;
   int version_;
   std::vector<TensorSlot> parameters_;
   std::vector<TensorSlot> buffers_;
   std::vector<ChildSlot> children_;
+  absl::flat_hash_map<std::string, MemberRef> members_;
 };
 
 // Returns OK if `name` can name a parameter, buffer or child: non-empty and

@@ -205,16 +205,12 @@ class LoadPlanner {
           absl::string_view(inputs_[input].key).substr(prefix.size());
       const size_t dot = rest.find('.');
       if (dot != absl::string_view::npos) {
-        absl::string_view head = rest.substr(0, dot);
-        bool is_child = false;
-        for (size_t c = 0; c < module.children().size(); ++c) {
-          if (module.children()[c].name == head) {
-            is_child = true;
-            if (module.children()[c].module) child_keys[c].push_back(input);
-            break;
-          }
+        const int64_t child = module.FindChildIndex(rest.substr(0, dot));
+        if (child < 0) {
+          plan_->unexpected_keys.push_back(inputs_[input].key);
+        } else if (module.children()[child].module) {
+          child_keys[child].push_back(input);
         }
-        if (!is_child) plan_->unexpected_keys.push_back(inputs_[input].key);
       } else if (!IsOwnStateName(module, rest)) {
         plan_->unexpected_keys.push_back(inputs_[input].key);
       }
@@ -233,13 +229,8 @@ class LoadPlanner {
 
  private:
   static bool IsOwnStateName(const Module& module, absl::string_view name) {
-    for (const TensorSlot& slot : module.parameters()) {
-      if (slot.tensor && slot.name == name) return true;
-    }
-    for (const TensorSlot& slot : module.buffers()) {
-      if (slot.tensor && slot.persistent && slot.name == name) return true;
-    }
-    return false;
+    const TensorSlot* slot = module.FindTensor(name);
+    return slot != nullptr && slot->tensor.has_value() && slot->persistent;
   }
 
   void VisitOwnTensors(const Module& module, const std::string& prefix,
