@@ -18,7 +18,10 @@
 namespace modelstate {
 namespace {
 
-using Json = nlohmann::ordered_json;
+// A sorted map: nlohmann's ordered_json finds keys by linear search, which is
+// quadratic for a header of 100,000 tensors. Entries are put in data order
+// afterwards.
+using Json = nlohmann::json;
 
 constexpr uint64_t kLengthBytes = 8;
 constexpr uint64_t kMmapThreshold = 1 << 20;
@@ -65,6 +68,35 @@ bool IsValidUtf8(absl::Span<const uint8_t> s) {
   }
   return true;
 }
+
+// Collects the keys of the top-level object and remembers the first repeated
+// one.
+struct TopLevelKeys : nlohmann::json_sax<Json> {
+  int depth = 0;
+  absl::flat_hash_set<std::string> seen;
+  std::string duplicate;
+
+  bool null() override { return true; }
+  bool boolean(bool) override { return true; }
+  bool number_integer(number_integer_t) override { return true; }
+  bool number_unsigned(number_unsigned_t) override { return true; }
+  bool number_float(number_float_t, const string_t&) override { return true; }
+  bool string(string_t&) override { return true; }
+  bool binary(binary_t&) override { return true; }
+  bool start_object(std::size_t) override { return ++depth, true; }
+  bool end_object() override { return --depth, true; }
+  bool start_array(std::size_t) override { return ++depth, true; }
+  bool end_array() override { return --depth, true; }
+  bool key(string_t& key) override {
+    if (depth == 1 && duplicate.empty() && !seen.insert(key).second)
+      duplicate = key;
+    return true;
+  }
+  bool parse_error(std::size_t, const std::string&,
+                   const nlohmann::detail::exception&) override {
+    return false;
+  }
+};
 
 absl::StatusOr<uint64_t> JsonUnsigned(const Json& value,
                                       absl::string_view what) {
@@ -154,25 +186,21 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(
     return Invalid("invalid header", "header is not valid UTF-8");
 
   // Serde would keep the last of two equal keys; a checkpoint with duplicate
-  // names is ambiguous, so it is refused.
-  absl::flat_hash_set<std::string> top_level_keys;
-  std::string duplicate;
-  Json::parser_callback_t on_event = [&](int depth, Json::parse_event_t event,
-                                         Json& parsed) {
-    if (depth == 1 && event == Json::parse_event_t::key && duplicate.empty()) {
-      std::string key = parsed.get<std::string>();
-      if (!top_level_keys.insert(key).second) duplicate = std::move(key);
-    }
-    return true;
-  };
-  Json header = Json::parse(text.begin(), text.end(), on_event,
+  // names is ambiguous, so it is refused. A SAX pass finds them: nlohmann's DOM
+  // keeps the last silently, and its callback parser rescans the parent object
+  // after every entry, which is quadratic in the number of tensors.
+  TopLevelKeys keys;
+  if (!Json::sax_parse(text.begin(), text.end(), &keys)) {
+    return Invalid("invalid header", "header is not valid JSON");
+  }
+  if (!keys.duplicate.empty()) {
+    return Invalid("invalid header", absl::StrCat("duplicate tensor name \"",
+                                                  keys.duplicate, "\""));
+  }
+  Json header = Json::parse(text.begin(), text.end(), nullptr,
                             /*allow_exceptions=*/false);
   if (header.is_discarded())
     return Invalid("invalid header", "header is not valid JSON");
-  if (!duplicate.empty()) {
-    return Invalid("invalid header",
-                   absl::StrCat("duplicate tensor name \"", duplicate, "\""));
-  }
   if (!header.is_object())
     return Invalid("invalid header", "header is not a JSON object");
 
@@ -198,6 +226,13 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(
     result.entries.push_back(std::move(entry));
   }
 
+  // Data order (offsets, then name): the order the writer laid the tensors out
+  // in.
+  std::sort(result.entries.begin(), result.entries.end(),
+            [](const SafetensorsEntry& a, const SafetensorsEntry& b) {
+              return std::tie(a.begin, a.end, a.name) <
+                     std::tie(b.begin, b.end, b.name);
+            });
   std::vector<const SafetensorsEntry*> by_offset;
   by_offset.reserve(result.entries.size());
   for (const SafetensorsEntry& entry : result.entries)

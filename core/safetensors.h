@@ -33,13 +33,13 @@ struct SafetensorsEntry {
 };
 
 struct SafetensorsHeader {
-  std::vector<SafetensorsEntry> entries;  // In the header's JSON order.
-  SafetensorsMetadata metadata;           // "__metadata__", in JSON order.
+  std::vector<SafetensorsEntry> entries;  // In data order (by offset).
+  SafetensorsMetadata metadata;           // "__metadata__", sorted by key.
   uint64_t data_start = 0;                // 8 + header length.
 };
 
 struct SafetensorsFile {
-  StateDict tensors;  // In the header's JSON order; views of the file's bytes.
+  StateDict tensors;  // In data order (by offset); views of the file's bytes.
   SafetensorsMetadata metadata;
 };
 

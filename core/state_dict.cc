@@ -51,21 +51,19 @@ size_t StateDict::TotalBytes() const {
 }
 
 void StateDict::SetModuleVersion(std::string module_path, int version) {
-  for (auto& [path, existing] : metadata_) {
-    if (path == module_path) {
-      existing = version;
-      return;
-    }
+  auto [it, inserted] = metadata_index_.emplace(module_path, metadata_.size());
+  if (!inserted) {
+    metadata_[it->second].second = version;
+    return;
   }
   metadata_.emplace_back(std::move(module_path), version);
 }
 
 absl::optional<int> StateDict::ModuleVersion(
     absl::string_view module_path) const {
-  for (const auto& [path, version] : metadata_) {
-    if (path == module_path) return version;
-  }
-  return absl::nullopt;
+  auto it = metadata_index_.find(module_path);
+  if (it == metadata_index_.end()) return absl::nullopt;
+  return metadata_[it->second].second;
 }
 
 namespace {

@@ -60,6 +60,7 @@ class StateDict {
   std::vector<Entry> entries_;
   absl::flat_hash_map<std::string, size_t> index_;
   std::vector<std::pair<std::string, int>> metadata_;
+  absl::flat_hash_map<std::string, size_t> metadata_index_;
 };
 
 struct StateDictOptions {
