@@ -1,9 +1,7 @@
 #include "client/client.h"
 
-#include <fstream>
-#include <sstream>
-
 #include "absl/strings/str_cat.h"
+#include "core/file_util.h"
 #include "core/status_macros.h"
 #include "core/transfer.h"
 #include "grpc/health/v1/health.grpc.pb.h"
@@ -14,15 +12,6 @@
 
 namespace modelstate {
 namespace {
-
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  if (!in)
-    return absl::InvalidArgumentError(absl::StrCat("cannot read ", path));
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
 
 ModelSummary FromProto(const v1::ModelSummary& proto) {
   return ModelSummary{proto.name(), proto.version(), proto.num_tensors(),
@@ -77,15 +66,18 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(
   if (tls) {
     grpc::SslCredentialsOptions ssl;
     if (!options.tls_ca_file.empty()) {
-      ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadFile(options.tls_ca_file));
+      ASSIGN_OR_RETURN(ssl.pem_root_certs,
+                       ReadFileToString(options.tls_ca_file));
     }
     if (options.tls_cert_file.empty() != options.tls_key_file.empty()) {
       return absl::InvalidArgumentError(
           "a client certificate needs both --tls_cert and --tls_key");
     }
     if (!options.tls_cert_file.empty()) {
-      ASSIGN_OR_RETURN(ssl.pem_cert_chain, ReadFile(options.tls_cert_file));
-      ASSIGN_OR_RETURN(ssl.pem_private_key, ReadFile(options.tls_key_file));
+      ASSIGN_OR_RETURN(ssl.pem_cert_chain,
+                       ReadFileToString(options.tls_cert_file));
+      ASSIGN_OR_RETURN(ssl.pem_private_key,
+                       ReadFileToString(options.tls_key_file));
     }
     credentials = grpc::SslCredentials(ssl);
     if (!options.tls_server_name.empty()) {

@@ -16,6 +16,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "client/client.h"
+#include "core/file_util.h"
 #include "core/safetensors.h"
 
 ABSL_FLAG(std::string, server, "127.0.0.1:50551", "HOST:PORT of modelstated");
@@ -185,17 +186,10 @@ int Create(Client& client, const std::string& model) {
   if (arch.empty() == from.empty())
     return Usage("create needs exactly one of --arch or --from");
   if (!arch.empty()) {
-    std::FILE* file = std::fopen(arch.c_str(), "rb");
-    if (file == nullptr)
-      return Fail(absl::NotFoundError(absl::StrCat("cannot open ", arch)));
-    std::string text;
-    char buffer[65536];
-    size_t got;
-    while ((got = std::fread(buffer, 1, sizeof buffer, file)) > 0)
-      text.append(buffer, got);
-    std::fclose(file);
+    absl::StatusOr<std::string> text = ReadFileToString(arch);
+    if (!text.ok()) return Fail(text.status());
     absl::StatusOr<ModelSummary> created =
-        client.CreateModel(model, text, absl::GetFlag(FLAGS_seed));
+        client.CreateModel(model, *text, absl::GetFlag(FLAGS_seed));
     if (!created.ok()) return Fail(created.status());
     std::printf("created %s version %lld: %lld tensors, %llu bytes\n",
                 model.c_str(), static_cast<long long>(created->version),

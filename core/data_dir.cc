@@ -9,14 +9,13 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
-#include <sstream>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
+#include "core/file_util.h"
 #include "core/module_factory.h"
 #include "core/safetensors.h"
 #include "core/status_macros.h"
@@ -113,10 +112,8 @@ absl::StatusOr<Snapshot> ReadVersion(const std::string& dir,
                                      const std::string& model,
                                      int64_t version) {
   const std::string base = dir + "/" + VersionName(version);
-  std::ifstream in(base + kManifestSuffix);
-  std::stringstream text;
-  text << in.rdbuf();
-  Json manifest = Json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
+  ASSIGN_OR_RETURN(std::string text, ReadFileToString(base + kManifestSuffix));
+  Json manifest = Json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (manifest.is_discarded() || !manifest.is_object() ||
       manifest.value("format", "") != kManifestFormat ||
       !manifest.contains("tensors") || !manifest["tensors"].is_array() ||

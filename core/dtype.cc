@@ -367,28 +367,22 @@ void ConvertLoop(const void* src, void* dst, size_t count) {
   }
 }
 
+// Applies X to every dtype, for switches that must name them all.
+#define MS_FOR_EACH_DTYPE(X)                                                 \
+  X(DType::kFloat64)                                                         \
+  X(DType::kFloat32) X(DType::kFloat16) X(DType::kBFloat16) X(DType::kInt64) \
+      X(DType::kInt32) X(DType::kInt16) X(DType::kInt8) X(DType::kUInt8)     \
+          X(DType::kUInt16) X(DType::kUInt32) X(DType::kUInt64)              \
+              X(DType::kBool) X(DType::kComplex64) X(DType::kFloat8E4M3)     \
+                  X(DType::kFloat8E5M2)
+
 template <DType From>
 void ConvertFrom(const void* src, DType to, void* dst, size_t count) {
   switch (to) {
 #define MS_CASE(D) \
   case D:          \
     return ConvertLoop<From, D>(src, dst, count);
-    MS_CASE(DType::kFloat64)
-    MS_CASE(DType::kFloat32)
-    MS_CASE(DType::kFloat16)
-    MS_CASE(DType::kBFloat16)
-    MS_CASE(DType::kInt64)
-    MS_CASE(DType::kInt32)
-    MS_CASE(DType::kInt16)
-    MS_CASE(DType::kInt8)
-    MS_CASE(DType::kUInt8)
-    MS_CASE(DType::kUInt16)
-    MS_CASE(DType::kUInt32)
-    MS_CASE(DType::kUInt64)
-    MS_CASE(DType::kBool)
-    MS_CASE(DType::kComplex64)
-    MS_CASE(DType::kFloat8E4M3)
-    MS_CASE(DType::kFloat8E5M2)
+    MS_FOR_EACH_DTYPE(MS_CASE)
 #undef MS_CASE
   }
 }
@@ -405,22 +399,7 @@ void ConvertElements(DType from, const void* src, DType to, void* dst,
 #define MS_CASE(D) \
   case D:          \
     return ConvertFrom<D>(src, to, dst, count);
-    MS_CASE(DType::kFloat64)
-    MS_CASE(DType::kFloat32)
-    MS_CASE(DType::kFloat16)
-    MS_CASE(DType::kBFloat16)
-    MS_CASE(DType::kInt64)
-    MS_CASE(DType::kInt32)
-    MS_CASE(DType::kInt16)
-    MS_CASE(DType::kInt8)
-    MS_CASE(DType::kUInt8)
-    MS_CASE(DType::kUInt16)
-    MS_CASE(DType::kUInt32)
-    MS_CASE(DType::kUInt64)
-    MS_CASE(DType::kBool)
-    MS_CASE(DType::kComplex64)
-    MS_CASE(DType::kFloat8E4M3)
-    MS_CASE(DType::kFloat8E5M2)
+    MS_FOR_EACH_DTYPE(MS_CASE)
 #undef MS_CASE
   }
 }

@@ -1,10 +1,8 @@
 #include "core/model_files.h"
 
-#include <fstream>
-#include <sstream>
-
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "core/file_util.h"
 #include "core/safetensors.h"
 #include "core/status_macros.h"
 
@@ -30,16 +28,13 @@ absl::StatusOr<ModelFromFile> LoadModelFile(const std::string& path,
     return ModelFromFile{std::move(root), ""};
   }
   if (absl::EndsWith(path, ".json")) {
-    std::ifstream in(path);
-    if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
-    std::stringstream text;
-    text << in.rdbuf();
-    absl::StatusOr<ModulePtr> root = BuildModuleFromSpec(text.str(), options);
+    ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
+    absl::StatusOr<ModulePtr> root = BuildModuleFromSpec(text, options);
     if (!root.ok()) {
       return absl::Status(root.status().code(),
                           absl::StrCat(path, ": ", root.status().message()));
     }
-    return ModelFromFile{*std::move(root), text.str()};
+    return ModelFromFile{*std::move(root), std::move(text)};
   }
   return absl::InvalidArgumentError(absl::StrCat(
       path,

@@ -1,11 +1,10 @@
 #include "server/server.h"
 
 #include <cstdio>
-#include <fstream>
 #include <set>
-#include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "core/file_util.h"
 #include "core/model_files.h"
 #include "core/status_macros.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
@@ -15,15 +14,6 @@
 
 namespace modelstate {
 namespace {
-
-absl::StatusOr<std::string> ReadPem(const std::string& path) {
-  std::ifstream in(path);
-  if (!in)
-    return absl::InvalidArgumentError(absl::StrCat("cannot read ", path));
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
 
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(
     const ServerOptions& options) {
@@ -39,11 +29,12 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(
         "TLS needs both --tls_cert and --tls_key");
   }
   grpc::SslServerCredentialsOptions ssl;
-  ASSIGN_OR_RETURN(std::string cert, ReadPem(options.tls_cert_file));
-  ASSIGN_OR_RETURN(std::string key, ReadPem(options.tls_key_file));
+  ASSIGN_OR_RETURN(std::string cert, ReadFileToString(options.tls_cert_file));
+  ASSIGN_OR_RETURN(std::string key, ReadFileToString(options.tls_key_file));
   ssl.pem_key_cert_pairs.push_back({key, cert});
   if (!options.tls_client_ca_file.empty()) {
-    ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadPem(options.tls_client_ca_file));
+    ASSIGN_OR_RETURN(ssl.pem_root_certs,
+                     ReadFileToString(options.tls_client_ca_file));
     ssl.client_certificate_request =
         GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
   }

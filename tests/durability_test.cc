@@ -20,6 +20,7 @@ using ::testing::HasSubstr;
 using ::testing::Not;
 using testing_support::CtlPath;
 using testing_support::Daemon;
+using testing_support::FilledLike;
 using testing_support::RunCommand;
 
 constexpr char kModel[] = R"({"type": "Sequential", "modules": [
@@ -31,21 +32,6 @@ std::string FreshDir(const std::string& name) {
                           std::to_string(getpid());
   std::system(("rm -rf " + dir).c_str());
   return dir;
-}
-
-// A state dict for the model above whose floating tensors all hold `value`.
-StateDict Filled(const StateDict& shape, float value) {
-  StateDict out;
-  for (const auto& entry : shape.entries()) {
-    std::vector<float> values(entry.tensor.num_elements(), value);
-    Tensor f =
-        Tensor::FromBytes(DType::kFloat32, entry.tensor.shape(),
-                          {reinterpret_cast<const uint8_t*>(values.data()),
-                           values.size() * 4})
-            .value();
-    out.Set(entry.key, f.CastTo(entry.tensor.dtype()).value(), entry.kind);
-  }
-  return out;
 }
 
 std::map<std::string, uint64_t> Checksums(const ModelManifest& manifest) {
@@ -70,10 +56,11 @@ TEST(DurabilityTest, RestartRestoresEveryModelAtItsVersion) {
     auto client = Client::Connect(daemon.address()).value();
     ASSERT_TRUE(client->CreateModel("net", kModel).ok());
     StateDict shape = client->StateDict("net").value().state;
-    ASSERT_TRUE(client->LoadStateDict("net", Filled(shape, 3)).ok());
+    ASSERT_TRUE(client->LoadStateDict("net", FilledLike(shape, 3)).ok());
     PushOptions create;
     create.create_if_missing = true;
-    ASSERT_TRUE(client->LoadStateDict("flat", Filled(shape, 4), create).ok());
+    ASSERT_TRUE(
+        client->LoadStateDict("flat", FilledLike(shape, 4), create).ok());
     for (const char* name : {"net", "flat", "demo"})
       before[name] = client->GetModel(name).value();
     EXPECT_EQ(daemon.Stop(SIGTERM, 30), 0);
@@ -145,7 +132,7 @@ TEST(DurabilityTest, SigkillAtRandomPointsLosesNothingAcknowledged) {
       auto pusher = Client::Connect(daemon.address()).value();
       int64_t base = acknowledged;
       while (!stop) {
-        StateDict state = Filled(shape, next_value++);
+        StateDict state = FilledLike(shape, next_value++);
         pushed[base + 1] = Checksums(state);
         absl::StatusOr<PushResult> result = pusher->LoadStateDict("net", state);
         if (!result.ok()) break;  // killed mid-push
@@ -171,7 +158,7 @@ TEST(DurabilityTest, AsyncDurabilityWritesTheNewestVersionInTheBackground) {
     ASSERT_TRUE(client->CreateModel("net", kModel).ok());
     StateDict shape = client->StateDict("net").value().state;
     for (int i = 0; i < 10; ++i) {
-      StateDict state = Filled(shape, static_cast<float>(i));
+      StateDict state = FilledLike(shape, static_cast<float>(i));
       last = client->LoadStateDict("net", state).value().version;
       expected = Checksums(state);
     }
@@ -194,8 +181,8 @@ TEST(DurabilityTest, VersionsAndRollbackFromTheCommandLine) {
   ASSERT_EQ(RunCommand(ctl + "pull demo " + file).exit_code, 0);
   auto client = Client::Connect(daemon.address()).value();
   StateDict shape = client->StateDict("demo").value().state;
-  ASSERT_TRUE(client->LoadStateDict("demo", Filled(shape, 1)).ok());
-  ASSERT_TRUE(client->LoadStateDict("demo", Filled(shape, 2)).ok());
+  ASSERT_TRUE(client->LoadStateDict("demo", FilledLike(shape, 1)).ok());
+  ASSERT_TRUE(client->LoadStateDict("demo", FilledLike(shape, 2)).ok());
   auto versions = RunCommand(ctl + "versions demo");
   EXPECT_EQ(versions.exit_code, 0);
   EXPECT_EQ(versions.output, "3 (current)\n2\n1\n");
@@ -210,7 +197,7 @@ TEST(DurabilityTest, VersionsAndRollbackFromTheCommandLine) {
   FetchOptions old;
   old.version = 2;
   EXPECT_EQ(Checksums(client->StateDict("demo", old).value().state),
-            Checksums(Filled(shape, 1)));
+            Checksums(FilledLike(shape, 1)));
   EXPECT_EQ(RunCommand(ctl + "rollback demo 1").exit_code,
             1);  // no longer retained
   // The rollback is durable like any other version.

@@ -24,6 +24,7 @@ namespace {
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using testing_support::ConnectTo;
+using testing_support::FilledLike;
 using testing_support::ReadSourceFile;
 using testing_support::StartServer;
 
@@ -43,21 +44,6 @@ void ExpectSameState(const StateDict& a, const StateDict& b) {
         << a.entries()[i].key;
     EXPECT_EQ(a.entries()[i].kind, b.entries()[i].kind) << a.entries()[i].key;
   }
-}
-
-// Every tensor of `state` filled with `value`.
-StateDict Filled(const StateDict& state, float value) {
-  StateDict out;
-  for (const auto& entry : state.entries()) {
-    const int64_t n = entry.tensor.num_elements();
-    std::vector<float> values(n, value);
-    Tensor f = Tensor::FromBytes(
-                   DType::kFloat32, entry.tensor.shape(),
-                   {reinterpret_cast<const uint8_t*>(values.data()), n * 4u})
-                   .value();
-    out.Set(entry.key, f.CastTo(entry.tensor.dtype()).value(), entry.kind);
-  }
-  return out;
 }
 
 TEST(ServerTest, SnapshotsMatchTheCoreStateDictBitForBit) {
@@ -164,13 +150,13 @@ TEST(ServerTest, LoadsStrictNonStrictAssignAndIntoASubmodule) {
   const StateDict original = CoreState(*server, "cnn");
 
   PushResult strict =
-      client->LoadStateDict("cnn", Filled(original, 0.5f)).value();
+      client->LoadStateDict("cnn", FilledLike(original, 0.5f)).value();
   EXPECT_EQ(strict.version, 2);
-  ExpectSameState(CoreState(*server, "cnn"), Filled(original, 0.5f));
+  ExpectSameState(CoreState(*server, "cnn"), FilledLike(original, 0.5f));
 
   StateDict partial;
-  partial.Set("0.weight", Filled(original, 2).Find("0.weight")[0]);
-  partial.Set("stray", Filled(original, 2).Find("0.bias")[0]);
+  partial.Set("0.weight", FilledLike(original, 2).Find("0.weight")[0]);
+  partial.Set("stray", FilledLike(original, 2).Find("0.bias")[0]);
   PushOptions loose;
   loose.strict = false;
   PushResult non_strict = client->LoadStateDict("cnn", partial, loose).value();
@@ -185,11 +171,13 @@ TEST(ServerTest, LoadsStrictNonStrictAssignAndIntoASubmodule) {
                   ->BitwiseEquals(*partial.Find("0.weight")));
 
   StateDict half;
+  half.Set("weight", FilledLike(original, 3)
+                         .Find("8.weight")
+                         ->CastTo(DType::kFloat16)
+                         .value());
   half.Set(
-      "weight",
-      Filled(original, 3).Find("8.weight")->CastTo(DType::kFloat16).value());
-  half.Set("bias",
-           Filled(original, 3).Find("8.bias")->CastTo(DType::kFloat16).value());
+      "bias",
+      FilledLike(original, 3).Find("8.bias")->CastTo(DType::kFloat16).value());
   PushOptions assign;
   assign.assign = true;
   assign.module = "8";
@@ -208,12 +196,14 @@ TEST(ServerTest, LoadsStrictNonStrictAssignAndIntoASubmodule) {
 
   PushOptions cas;
   cas.expected_version = 5;
-  EXPECT_EQ(
-      client->LoadStateDict("cnn", Filled(original, 1), cas).value().version,
-      6);
-  EXPECT_EQ(
-      client->LoadStateDict("cnn", Filled(original, 1), cas).status().code(),
-      absl::StatusCode::kAborted);
+  EXPECT_EQ(client->LoadStateDict("cnn", FilledLike(original, 1), cas)
+                .value()
+                .version,
+            6);
+  EXPECT_EQ(client->LoadStateDict("cnn", FilledLike(original, 1), cas)
+                .status()
+                .code(),
+            absl::StatusCode::kAborted);
 
   PushOptions create;
   create.create_if_missing = true;
@@ -293,7 +283,7 @@ TEST(ServerTest, EveryBadLoadLeavesTheModelBitwiseUnchanged) {
   ASSERT_TRUE(
       client->CreateModel("m", ReadSourceFile("tests/models/mlp.json")).ok());
   const StateDict before = CoreState(*server, "m");
-  const StateDict good = Filled(before, 9);
+  const StateDict good = FilledLike(before, 9);
   const std::string data = Bytes(good);
   StateDict missing_key = good;
   missing_key = StateDict();
@@ -475,7 +465,7 @@ TEST(ServerTest, ConcurrentLoadsAndSnapshotsNeverTear) {
           .ok());
   const StateDict shape = CoreState(*server, "m");
   ASSERT_TRUE(ConnectTo(*server)
-                  ->LoadStateDict("m", Filled(shape, 0))
+                  ->LoadStateDict("m", FilledLike(shape, 0))
                   .ok());  // uniform start
   std::atomic<bool> stop{false};
   std::atomic<int> torn{0}, reads{0};
@@ -485,7 +475,7 @@ TEST(ServerTest, ConcurrentLoadsAndSnapshotsNeverTear) {
       auto client = ConnectTo(*server);
       for (int i = 1; i <= 15; ++i) {
         ASSERT_TRUE(
-            client->LoadStateDict("m", Filled(shape, w * 100 + i)).ok());
+            client->LoadStateDict("m", FilledLike(shape, w * 100 + i)).ok());
       }
     });
   }
@@ -627,7 +617,7 @@ TEST(ServerTest, WatchStartsWithTheCurrentStateThenFollowsCommits) {
       client->CreateModel("m", ReadSourceFile("tests/models/mlp.json")).ok());
   wait_for(2);
   ASSERT_TRUE(
-      client->LoadStateDict("m", Filled(CoreState(*server, "m"), 1)).ok());
+      client->LoadStateDict("m", FilledLike(CoreState(*server, "m"), 1)).ok());
   wait_for(3);
   ASSERT_TRUE(client->DeleteModel("m").ok());
   watcher.join();

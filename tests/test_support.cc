@@ -39,6 +39,20 @@ std::unique_ptr<Client> ConnectTo(const Server& server) {
   return Client::Connect("127.0.0.1:" + std::to_string(server.port())).value();
 }
 
+StateDict FilledLike(const StateDict& shape, float value) {
+  StateDict out;
+  for (const auto& entry : shape.entries()) {
+    std::vector<float> values(entry.tensor.num_elements(), value);
+    Tensor f =
+        Tensor::FromBytes(DType::kFloat32, entry.tensor.shape(),
+                          {reinterpret_cast<const uint8_t*>(values.data()),
+                           values.size() * sizeof(float)})
+            .value();
+    out.Set(entry.key, f.CastTo(entry.tensor.dtype()).value(), entry.kind);
+  }
+  return out;
+}
+
 std::string DaemonPath() { return MODELSTATED_PATH; }
 std::string CtlPath() { return MODELSTATECTL_PATH; }
 

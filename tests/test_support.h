@@ -57,6 +57,10 @@ struct CommandResult {
 // Runs `command` through /bin/sh and returns its exit code and output.
 CommandResult RunCommand(const std::string& command);
 
+// A state dict with the keys, shapes, dtypes and kinds of `shape` whose every
+// element holds `value` (converted to each tensor's dtype).
+StateDict FilledLike(const StateDict& shape, float value);
+
 // Paths of the built binaries.
 std::string DaemonPath();
 std::string CtlPath();
