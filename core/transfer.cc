@@ -142,13 +142,17 @@ ChunkSender::ChunkSender(std::vector<Tensor> tensors, uint64_t chunk_bytes)
 
 bool ChunkSender::Next(Chunk* chunk) {
   chunk->pieces.clear();
+  chunk->owners.clear();
   chunk->offset = sent_;
   chunk->size = 0;
   while (tensor_ < tensors_.size() && chunk->size < chunk_bytes_) {
     const Tensor& tensor = tensors_[tensor_];
     const uint64_t available = tensor.num_bytes() - within_;
     const uint64_t take = std::min(available, chunk_bytes_ - chunk->size);
-    if (take > 0) chunk->pieces.emplace_back(tensor.data() + within_, take);
+    if (take > 0) {
+      chunk->pieces.emplace_back(tensor.data() + within_, take);
+      chunk->owners.push_back(tensor.storage());
+    }
     chunk->size += take;
     within_ += take;
     if (within_ == tensor.num_bytes()) {

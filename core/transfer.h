@@ -94,6 +94,9 @@ class ChunkSender {
     uint64_t offset = 0;
     uint64_t size = 0;
     std::vector<absl::Span<const uint8_t>> pieces;
+    // The storage each piece lies in, for senders that hand the bytes to a
+    // transport without copying them and must keep them alive until it lets go.
+    std::vector<std::shared_ptr<const Storage>> owners;
   };
 
   // `chunk_bytes` must be positive.

@@ -31,8 +31,12 @@ echo "health (port $health): $("$CTL" --server="127.0.0.1:$health" health)"
 echo "user inside: $(buildah run --isolation chroot "$container" -- id -u)"
 "$CTL" --server="127.0.0.1:$port" models
 "$CTL" --server="127.0.0.1:$port" pull demo /tmp/modelstate-image-demo.safetensors
-kill -TERM "$pid"
-wait "$pid" || true
+# SIGTERM to the daemon itself (chroot isolation shares the host's process table): it drains
+# and exits 0, and buildah run returns with it.
+daemon_pid="$(pgrep -f -- "--listen=127.0.0.1:$port" | grep -vx "$pid" | tail -1)"
+kill -TERM "$daemon_pid"
+wait "$pid"
+echo "buildah run exited with $?"
 pid=""
 echo "daemon log:"
 cat "$log"

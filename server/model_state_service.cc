@@ -9,6 +9,8 @@
 #include "absl/strings/str_cat.h"
 #include "core/module_factory.h"
 #include "core/transfer.h"
+#include "grpcpp/support/proto_buffer_reader.h"
+#include "proto/chunk_frame.h"
 #include "proto/convert.h"
 #include "proto/grpc_status.h"
 #include "server/rpc_log.h"
@@ -41,20 +43,41 @@ absl::StatusOr<StoreLoadOptions> ToStoreOptions(const v1::LoadHeader& header) {
   return options;
 }
 
-// Streams a snapshot: manifest, chunks, end marker; one write in flight.
-class StateDictReactor
-    : public grpc::ServerWriteReactor<v1::StateDictResponse> {
+// Serializes `message` into a ByteBuffer for a raw (ByteBuffer) reactor.
+template <typename Message>
+grpc::ByteBuffer Serialize(const Message& message) {
+  grpc::ByteBuffer buffer;
+  bool own_buffer;
+  grpc::SerializationTraits<Message>::Serialize(message, &buffer, &own_buffer);
+  return buffer;
+}
+
+// Streams a snapshot: manifest, chunks, end marker; one write in flight. It is
+// a raw handler so that chunks go out without copying tensor bytes: each chunk
+// message is framed by FrameStateDictChunk around slices of tensor storage.
+class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
   StateDictReactor(ModelStore* store, const ServiceOptions& options,
-                   const v1::StateDictRequest& request)
+                   const grpc::ByteBuffer& raw_request)
       : record_("StateDict", options.log_rpcs) {
+    v1::StateDictRequest request;
+    grpc::ByteBuffer copy(raw_request);
+    if (!grpc::SerializationTraits<v1::StateDictRequest>::Deserialize(&copy,
+                                                                      &request)
+             .ok()) {
+      FinishWith(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                              "malformed StateDictRequest"));
+      return;
+    }
     record_.set_model(request.model());
-    absl::Status prepared = Prepare(store, options, request);
+    v1::StateDictResponse manifest;
+    absl::Status prepared = Prepare(store, options, request, &manifest);
     if (!prepared.ok()) {
       FinishWith(ToGrpcStatus(prepared));
       return;
     }
-    StartWrite(&response_);
+    buffer_ = Serialize(manifest);
+    StartWrite(&buffer_);
   }
 
   void OnWriteDone(bool ok) override {
@@ -66,21 +89,16 @@ class StateDictReactor
       FinishWith(grpc::Status::OK);
       return;
     }
-    response_.Clear();
     if (sender_->Next(&chunk_)) {
-      v1::Chunk* chunk = response_.mutable_chunk();
-      chunk->set_offset(chunk_.offset);
-      std::string* data = chunk->mutable_data();
-      data->reserve(chunk_.size);
-      for (absl::Span<const uint8_t> piece : chunk_.pieces) {
-        data->append(reinterpret_cast<const char*>(piece.data()), piece.size());
-      }
+      buffer_ = FrameStateDictChunk(chunk_);
       record_.add_bytes(chunk_.size);
     } else {
-      response_.mutable_end()->set_total_bytes(sender_->total_bytes());
+      v1::StateDictResponse end;
+      end.mutable_end()->set_total_bytes(sender_->total_bytes());
+      buffer_ = Serialize(end);
       end_sent_ = true;
     }
-    StartWrite(&response_);
+    StartWrite(&buffer_);
   }
 
   void OnDone() override {
@@ -90,7 +108,8 @@ class StateDictReactor
 
  private:
   absl::Status Prepare(ModelStore* store, const ServiceOptions& service,
-                       const v1::StateDictRequest& request) {
+                       const v1::StateDictRequest& request,
+                       v1::StateDictResponse* response) {
     if (request.chunk_bytes() > kMaxChunkBytes) {
       return absl::InvalidArgumentError(
           absl::StrCat("chunk_bytes may be at most ", kMaxChunkBytes));
@@ -113,7 +132,7 @@ class StateDictReactor
       state = CastFloatingTensors(*state, *dtype);
       if (!state.ok()) return state.status();
     }
-    v1::Manifest* manifest = response_.mutable_manifest();
+    v1::Manifest* manifest = response->mutable_manifest();
     manifest->set_model(snapshot->model);
     manifest->set_version(snapshot->version);
     ToTensorInfos(*state, manifest->mutable_tensors());
@@ -134,7 +153,7 @@ class StateDictReactor
   }
 
   RpcRecord record_;
-  v1::StateDictResponse response_;
+  grpc::ByteBuffer buffer_;
   std::unique_ptr<ChunkSender> sender_;
   ChunkSender::Chunk chunk_;
   bool end_sent_ = false;
@@ -472,8 +491,8 @@ grpc::ServerUnaryReactor* ModelStateService::RollbackModel(
   return FinishUnary(context, record, snapshot.status());
 }
 
-grpc::ServerWriteReactor<v1::StateDictResponse>* ModelStateService::StateDict(
-    grpc::CallbackServerContext* context, const v1::StateDictRequest* request) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* ModelStateService::StateDict(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) {
   return new StateDictReactor(store_, options_, *request);
 }
 

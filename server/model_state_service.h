@@ -24,7 +24,11 @@ struct ServiceOptions {
 // limit.
 inline constexpr uint32_t kMaxChunkBytes = 3 << 20;
 
-class ModelStateService final : public v1::ModelState::CallbackService {
+// StateDict is a raw (ByteBuffer) method so that chunks are sent without
+// copying tensor bytes; its messages are exactly the proto's.
+class ModelStateService final
+    : public v1::ModelState::WithRawCallbackMethod_StateDict<
+          v1::ModelState::CallbackService> {
  public:
   // `store` must outlive the service.
   ModelStateService(ModelStore* store, ServiceOptions options);
@@ -49,9 +53,9 @@ class ModelStateService final : public v1::ModelState::CallbackService {
       grpc::CallbackServerContext* context,
       const v1::RollbackModelRequest* request,
       v1::RollbackModelResponse* response) override;
-  grpc::ServerWriteReactor<v1::StateDictResponse>* StateDict(
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* StateDict(
       grpc::CallbackServerContext* context,
-      const v1::StateDictRequest* request) override;
+      const grpc::ByteBuffer* request) override;
   grpc::ServerReadReactor<v1::LoadStateDictRequest>* LoadStateDict(
       grpc::CallbackServerContext* context,
       v1::LoadStateDictResponse* response) override;
