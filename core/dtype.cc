@@ -371,10 +371,11 @@ void ConvertLoop(const void* src, void* dst, size_t count) {
 #define MS_FOR_EACH_DTYPE(X)                                               \
   X(DType::kFloat64)                                                       \
   X(DType::kFloat32)                                                       \
-  X(DType::kFloat16) X(DType::kBFloat16) X(DType::kInt64) X(DType::kInt32) \
-      X(DType::kInt16) X(DType::kInt8) X(DType::kUInt8) X(DType::kUInt16)  \
-          X(DType::kUInt32) X(DType::kUInt64) X(DType::kBool)              \
-              X(DType::kComplex64) X(DType::kFloat8E4M3) X(DType::kFloat8E5M2)
+  X(DType::kFloat16)                                                       \
+  X(DType::kBFloat16) X(DType::kInt64) X(DType::kInt32) X(DType::kInt16)   \
+      X(DType::kInt8) X(DType::kUInt8) X(DType::kUInt16) X(DType::kUInt32) \
+          X(DType::kUInt64) X(DType::kBool) X(DType::kComplex64)           \
+              X(DType::kFloat8E4M3) X(DType::kFloat8E5M2)
 
 template <DType From>
 void ConvertFrom(const void* src, DType to, void* dst, size_t count) {
