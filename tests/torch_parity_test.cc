@@ -1,6 +1,8 @@
 // Parity with real PyTorch: fixtures come from tests/torch_oracle.py, run at
 // test time with Debian's python3-torch, and are written by the independent
 // tests/safetensors_ref.py.
+#include <unistd.h>
+
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -21,14 +23,26 @@ namespace {
 
 using Json = nlohmann::ordered_json;
 
+const std::string* fixture_dir = nullptr;
+
+void RemoveFixtures() {
+  if (fixture_dir != nullptr) std::system(("rm -rf " + *fixture_dir).c_str());
+}
+
 std::string FixtureDir() {
   static const std::string* dir = [] {
-    auto* path = new std::string(testing::TempDir() + "/torch_oracle");
+    // One directory per process: CTest runs these tests in parallel processes,
+    // and two oracles writing the same files would let one test read another's
+    // half-written fixture.
+    auto* path = new std::string(testing::TempDir() + "/torch_oracle." +
+                                 std::to_string(getpid()));
     const std::string command = std::string(MODELSTATE_PYTHON3) + " " +
                                 MODELSTATE_SOURCE_DIR +
                                 "/tests/torch_oracle.py " + *path + " 2>&1";
     const int rc = std::system(command.c_str());
     EXPECT_EQ(rc, 0) << "the PyTorch oracle failed: " << command;
+    fixture_dir = path;
+    std::atexit(RemoveFixtures);
     return path;
   }();
   return *dir;
