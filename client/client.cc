@@ -6,7 +6,9 @@
 #include "core/transfer.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/create_channel.h"
+#include "grpcpp/impl/codegen/proto_utils.h"
 #include "grpcpp/security/credentials.h"
+#include "proto/chunk_frame.h"
 #include "proto/convert.h"
 #include "proto/grpc_status.h"
 
@@ -177,22 +179,40 @@ absl::StatusOr<int64_t> Client::StateDictStreaming(
         on_tensor) {
   grpc::ClientContext context;
   Prepare(&context);
-  std::unique_ptr<grpc::ClientReader<v1::StateDictResponse>> reader =
-      stub_->StateDict(&context, ToRequest(model, options));
+  // The stream is read as raw messages so that chunk bytes go from the received
+  // slices straight into the tensors (ReadStateDictFrame), copied once.
+  grpc::ByteBuffer request;
+  bool own_buffer;
+  grpc::SerializationTraits<v1::StateDictRequest>::Serialize(
+      ToRequest(model, options), &request, &own_buffer);
+  static const grpc::internal::RpcMethod kStateDict(
+      "/modelstate.v1.ModelState/StateDict",
+      grpc::internal::RpcMethod::SERVER_STREAMING);
+  std::unique_ptr<grpc::ClientReader<grpc::ByteBuffer>> reader(
+      grpc::internal::ClientReaderFactory<grpc::ByteBuffer>::Create(
+          channel_.get(), kStateDict, &context, request));
+  grpc::ByteBuffer buffer;
   v1::StateDictResponse response;
   // Stops the stream and reports `status` (the server's status wins if it has
   // one).
   auto abandon = [&](absl::Status status) {
     context.TryCancel();
-    while (reader->Read(&response)) {
+    while (reader->Read(&buffer)) {
     }
     absl::Status server = FromGrpcStatus(reader->Finish());
     return server.ok() || server.code() == absl::StatusCode::kCancelled
                ? status
                : server;
   };
-  if (!reader->Read(&response)) return FromGrpcStatus(reader->Finish());
-  if (!response.has_manifest()) {
+  auto no_chunk_yet = [](uint64_t, absl::string_view) {
+    return absl::DataLossError("stream did not start with a manifest");
+  };
+  if (!reader->Read(&buffer)) return FromGrpcStatus(reader->Finish());
+  absl::StatusOr<bool> first =
+      ReadStateDictFrame(&buffer, &response, no_chunk_yet);
+  if (!first.ok())
+    return abandon(absl::DataLossError(first.status().message()));
+  if (*first || !response.has_manifest()) {
     return abandon(absl::DataLossError("stream did not start with a manifest"));
   }
   const v1::Manifest manifest = response.manifest();
@@ -207,21 +227,22 @@ absl::StatusOr<int64_t> Client::StateDictStreaming(
       });
   if (!receiver.ok()) return abandon(receiver.status());
   bool ended = false;
-  while (reader->Read(&response)) {
-    absl::Status step;
-    if (ended) {
-      step = absl::DataLossError("data after the end marker");
-    } else if (response.has_chunk()) {
-      step = (*receiver)->Accept(response.chunk().offset(),
-                                 response.chunk().data());
-      if (step.ok() && options.progress) {
+  auto accept = [&](uint64_t offset, absl::string_view piece) {
+    if (ended) return absl::DataLossError("data after the end marker");
+    return (*receiver)->Accept(offset, piece);
+  };
+  while (reader->Read(&buffer)) {
+    absl::StatusOr<bool> chunk = ReadStateDictFrame(&buffer, &response, accept);
+    absl::Status step = chunk.status();
+    if (step.ok() && *chunk) {
+      if (options.progress) {
         options.progress((*receiver)->received_bytes(),
                          (*receiver)->total_bytes());
       }
-    } else if (response.has_end()) {
+    } else if (step.ok() && response.has_end() && !ended) {
       step = (*receiver)->Finish(response.end().total_bytes()).status();
       ended = true;
-    } else {
+    } else if (step.ok()) {
       step = absl::DataLossError("unexpected message in a StateDict stream");
     }
     if (!step.ok()) {

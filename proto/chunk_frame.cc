@@ -3,6 +3,7 @@
 #include <memory>
 #include <vector>
 
+#include "grpcpp/impl/codegen/proto_utils.h"
 #include "grpcpp/support/slice.h"
 
 namespace modelstate {
@@ -61,6 +62,100 @@ grpc::ByteBuffer FrameStateDictChunk(const ChunkSender::Chunk& chunk) {
                         chunk.pieces[i].size(), &ReleaseStorage, owner);
   }
   return grpc::ByteBuffer(slices.data(), slices.size());
+}
+
+namespace {
+
+// Reads bytes across a list of slices.
+class SliceCursor {
+ public:
+  explicit SliceCursor(const std::vector<grpc::Slice>& slices)
+      : slices_(slices) {}
+
+  bool Byte(uint8_t* out) {
+    while (slice_ < slices_.size() && at_ == slices_[slice_].size())
+      ++slice_, at_ = 0;
+    if (slice_ == slices_.size()) return false;
+    *out = slices_[slice_].begin()[at_++];
+    ++consumed_;
+    return true;
+  }
+  bool Varint(uint64_t* out) {
+    uint64_t value = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      uint8_t byte;
+      if (!Byte(&byte)) return false;
+      value |= static_cast<uint64_t>(byte & 0x7F) << shift;
+      if ((byte & 0x80) == 0) {
+        *out = value;
+        return true;
+      }
+    }
+    return false;
+  }
+  // Calls `f` with every remaining byte range.
+  template <typename F>
+  absl::Status Rest(F&& f) {
+    for (; slice_ < slices_.size(); ++slice_, at_ = 0) {
+      const grpc::Slice& slice = slices_[slice_];
+      if (at_ == slice.size()) continue;
+      absl::Status status = f(
+          absl::string_view(reinterpret_cast<const char*>(slice.begin()) + at_,
+                            slice.size() - at_));
+      if (!status.ok()) return status;
+    }
+    return absl::OkStatus();
+  }
+  size_t consumed() const { return consumed_; }
+
+ private:
+  const std::vector<grpc::Slice>& slices_;
+  size_t slice_ = 0;
+  size_t at_ = 0;
+  size_t consumed_ = 0;
+};
+
+}  // namespace
+
+absl::StatusOr<bool> ReadStateDictFrame(
+    grpc::ByteBuffer* buffer, v1::StateDictResponse* message,
+    const std::function<absl::Status(uint64_t offset, absl::string_view piece)>&
+        on_data) {
+  std::vector<grpc::Slice> slices;
+  if (!buffer->Dump(&slices).ok())
+    return absl::InvalidArgumentError("unreadable message");
+  const size_t total = buffer->Length();
+  SliceCursor cursor(slices);
+  uint8_t tag;
+  uint64_t inner = 0, offset = 0, length = 0;
+  bool canonical = cursor.Byte(&tag) && tag == kResponseChunkTag &&
+                   cursor.Varint(&inner) &&
+                   inner == total - cursor.consumed() && cursor.Byte(&tag);
+  if (canonical && tag == kOffsetTag)
+    canonical = cursor.Varint(&offset) && cursor.Byte(&tag);
+  canonical = canonical && tag == kDataTag && cursor.Varint(&length) &&
+              length == total - cursor.consumed();
+  if (canonical) {
+    uint64_t at = offset;
+    absl::Status status = cursor.Rest([&](absl::string_view piece) {
+      absl::Status accepted = on_data(at, piece);
+      at += piece.size();
+      return accepted;
+    });
+    if (!status.ok()) return status;
+    return true;
+  }
+  message->Clear();
+  if (!grpc::SerializationTraits<v1::StateDictResponse>::Deserialize(buffer,
+                                                                     message)
+           .ok()) {
+    return absl::InvalidArgumentError("malformed StateDictResponse");
+  }
+  if (!message->has_chunk()) return false;
+  absl::Status status =
+      on_data(message->chunk().offset(), message->chunk().data());
+  if (!status.ok()) return status;
+  return true;
 }
 
 }  // namespace modelstate

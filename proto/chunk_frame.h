@@ -2,8 +2,14 @@
 #ifndef MODELSTATE_PROTO_CHUNK_FRAME_H_
 #define MODELSTATE_PROTO_CHUNK_FRAME_H_
 
+#include <cstdint>
+#include <functional>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "core/transfer.h"
 #include "grpcpp/support/byte_buffer.h"
+#include "modelstate/v1/model_state.pb.h"
 
 namespace modelstate {
 
@@ -12,6 +18,19 @@ namespace modelstate {
 // copying the data: the buffer's slices alias the tensors' storage and keep it
 // alive until gRPC releases them.
 grpc::ByteBuffer FrameStateDictChunk(const ChunkSender::Chunk& chunk);
+
+// Reads one StateDictResponse from `buffer`. A chunk in protobuf's canonical
+// layout is not parsed into a message: `on_data` gets its bytes where they lie
+// in the received slices, piece by piece with each piece's stream offset, so
+// the receiver copies them once, into the tensor. Anything else (manifest, end
+// marker, a chunk laid out differently) is parsed into `message`, and a chunk
+// found that way is still handed to `on_data`. Returns true for a chunk, false
+// for another message, InvalidArgument if the bytes do not parse, or
+// `on_data`'s error.
+absl::StatusOr<bool> ReadStateDictFrame(
+    grpc::ByteBuffer* buffer, v1::StateDictResponse* message,
+    const std::function<absl::Status(uint64_t offset, absl::string_view piece)>&
+        on_data);
 
 }  // namespace modelstate
 
