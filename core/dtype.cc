@@ -368,14 +368,13 @@ void ConvertLoop(const void* src, void* dst, size_t count) {
 }
 
 // Applies X to every dtype, for switches that must name them all.
-#define MS_FOR_EACH_DTYPE(X)                                               \
-  X(DType::kFloat64)                                                       \
-  X(DType::kFloat32)                                                       \
-  X(DType::kFloat16)                                                       \
-  X(DType::kBFloat16) X(DType::kInt64) X(DType::kInt32) X(DType::kInt16)   \
-      X(DType::kInt8) X(DType::kUInt8) X(DType::kUInt16) X(DType::kUInt32) \
-          X(DType::kUInt64) X(DType::kBool) X(DType::kComplex64)           \
-              X(DType::kFloat8E4M3) X(DType::kFloat8E5M2)
+// clang-format off
+#define MS_FOR_EACH_DTYPE(X)                                                     \
+  X(DType::kFloat64) X(DType::kFloat32) X(DType::kFloat16) X(DType::kBFloat16)   \
+  X(DType::kInt64) X(DType::kInt32) X(DType::kInt16) X(DType::kInt8)             \
+  X(DType::kUInt8) X(DType::kUInt16) X(DType::kUInt32) X(DType::kUInt64)         \
+  X(DType::kBool) X(DType::kComplex64) X(DType::kFloat8E4M3) X(DType::kFloat8E5M2)
+// clang-format on
 
 template <DType From>
 void ConvertFrom(const void* src, DType to, void* dst, size_t count) {
