@@ -29,7 +29,7 @@ grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
   return reactor;
 }
 
-absl::StatusOr<StoreLoadOptions> ToStoreOptions(const v1::LoadHeader& header) {
+StoreLoadOptions ToStoreOptions(const v1::LoadHeader& header) {
   StoreLoadOptions options;
   options.load.strict = !header.non_strict();
   options.load.assign = header.assign();
@@ -225,10 +225,8 @@ class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest> {
     absl::StatusOr<std::vector<TransferEntry>> entries =
         ToTransferEntries(header.tensors());
     if (!entries.ok()) return entries.status();
-    absl::StatusOr<StoreLoadOptions> options = ToStoreOptions(header);
-    if (!options.ok()) return options.status();
-    absl::StatusOr<std::unique_ptr<PendingLoad>> pending =
-        store_->BeginLoad(header.model(), ToTensorSpecs(*entries), *options);
+    absl::StatusOr<std::unique_ptr<PendingLoad>> pending = store_->BeginLoad(
+        header.model(), ToTensorSpecs(*entries), ToStoreOptions(header));
     if (!pending.ok()) return pending.status();
     absl::StatusOr<std::unique_ptr<ChunkReceiver>> receiver =
         ChunkReceiver::Create(*std::move(entries));
