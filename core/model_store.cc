@@ -199,6 +199,7 @@ absl::Status ModelStore::Publish(const std::shared_ptr<absl::Mutex>& commit_mu,
     entry.current = next;
   }
   Notify(ModelEvent{event_type, next.model, next.version});
+  cast_cache_.Purge();
   return absl::OkStatus();
 }
 
@@ -421,6 +422,37 @@ int64_t ModelStore::AddListener(
 void ModelStore::RemoveListener(int64_t id) {
   absl::MutexLock lock(&events_mu_);
   listeners_.erase(id);
+}
+
+absl::StatusOr<StateDict> ModelStore::CastFloatingForFetch(
+    const StateDict& state, DType dtype) {
+  if (!IsFloatingPoint(dtype)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("can only cast floating tensors to a floating dtype, not ",
+                     TorchName(dtype)));
+  }
+  cast_cache_.Purge();
+  StateDict out;
+  for (const StateDict::Entry& entry : state.entries()) {
+    if (!IsFloatingPoint(entry.tensor.dtype())) {
+      out.Set(entry.key, entry.tensor, entry.kind);
+      continue;
+    }
+    bool remember = true;
+    if (options_.memory_limit_bytes > 0) {
+      absl::ReaderMutexLock lock(&mu_);
+      remember =
+          CheckMemory(NumBytes(dtype, entry.tensor.shape()).value()).ok();
+    }
+    ASSIGN_OR_RETURN(Tensor cast,
+                     cast_cache_.Get(entry.tensor, dtype, remember));
+    if (remember) cast.storage()->AttachAccountant(accountant_);
+    out.Set(entry.key, std::move(cast), entry.kind);
+  }
+  for (const auto& [path, version] : state.metadata()) {
+    out.SetModuleVersion(path, version);
+  }
+  return out;
 }
 
 int64_t ModelStore::live_bytes() const { return accountant_->live_bytes(); }

@@ -21,6 +21,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/types/optional.h"
+#include "core/cast_cache.h"
 #include "core/module.h"
 #include "core/state_dict.h"
 
@@ -167,6 +168,15 @@ class ModelStore {
   // Returns a snapshot of every model, ordered by name.
   std::vector<Snapshot> List() const;
 
+  // Returns `state` (from a snapshot) with its floating tensors converted to
+  // `dtype` as CastFloatingTensors does, reusing conversions of the same bytes
+  // made for earlier fetches, so that many workers fetching a model as bf16 pay
+  // for the conversion once. Kept conversions count as live bytes, are kept
+  // only while they fit the memory limit, and go when their source tensors do.
+  // InvalidArgument unless `dtype` is floating.
+  absl::StatusOr<StateDict> CastFloatingForFetch(const StateDict& state,
+                                                 DType dtype);
+
   // Validates a load of tensors described by `inputs` from their names, dtypes
   // and shapes alone, and reserves the memory it needs. Returns NotFound
   // (unknown model or submodule), InvalidArgument (duplicate keys, bad name),
@@ -216,7 +226,7 @@ class ModelStore {
   };
 
   absl::Status CheckMemory(int64_t extra_bytes) const
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
   void Release(int64_t reserved_bytes);
   void AttachTree(const Module& root);
   void Notify(const ModelEvent& event)
@@ -233,6 +243,7 @@ class ModelStore {
 
   const Options options_;
   std::shared_ptr<MemoryAccountant> accountant_;
+  CastCache cast_cache_;
 
   // Serialises creates and deletes (which persist and remove files). Taken
   // first.

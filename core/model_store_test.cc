@@ -253,5 +253,36 @@ TEST(ModelStoreTest, ConcurrentPartialLoadsBothLand) {
   EXPECT_EQ(store.reserved_bytes(), 0);
 }
 
+TEST(ModelStoreTest, CastsForFetchAreMadeOnceAndDieWithTheirSource) {
+  ModelStore store;
+  ASSERT_TRUE(store.Create("m", MustBuild(kTwoLayers)).ok());
+  const int64_t model_bytes = store.live_bytes();
+  StateDict state = GetStateDict(store.GetSnapshot("m").value().root).value();
+  StateDict first = store.CastFloatingForFetch(state, DType::kBFloat16).value();
+  StateDict second =
+      store.CastFloatingForFetch(state, DType::kBFloat16).value();
+  for (size_t i = 0; i < first.size(); ++i) {
+    EXPECT_EQ(first.entries()[i].tensor.dtype(), DType::kBFloat16);
+    EXPECT_EQ(first.entries()[i].tensor.data(),
+              second.entries()[i].tensor.data());
+    EXPECT_TRUE(first.entries()[i].tensor.BitwiseEquals(
+        state.entries()[i].tensor.CastTo(DType::kBFloat16).value()));
+  }
+  EXPECT_EQ(store.live_bytes(),
+            model_bytes + model_bytes / 2);  // counted while kept
+  EXPECT_EQ(store.CastFloatingForFetch(state, DType::kInt8).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // A load replaces the tensors; once nothing holds the old ones, their casts
+  // go too.
+  first = StateDict();
+  second = StateDict();
+  ASSERT_TRUE(
+      store.Load("m", Filled(store.GetSnapshot("m").value().root, 2), {}).ok());
+  state = StateDict();
+  StateDict fresh = GetStateDict(store.GetSnapshot("m").value().root).value();
+  ASSERT_TRUE(store.CastFloatingForFetch(fresh, DType::kBFloat16).ok());
+  EXPECT_EQ(store.live_bytes(), model_bytes + model_bytes / 2);
+}
+
 }  // namespace
 }  // namespace modelstate

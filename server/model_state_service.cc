@@ -129,7 +129,7 @@ class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
     if (request.cast_floating_to() != v1::DTYPE_UNSPECIFIED) {
       absl::StatusOr<DType> dtype = FromProto(request.cast_floating_to());
       if (!dtype.ok()) return dtype.status();
-      state = CastFloatingTensors(*state, *dtype);
+      state = store->CastFloatingForFetch(*state, *dtype);
       if (!state.ok()) return state.status();
     }
     v1::Manifest* manifest = response->mutable_manifest();
