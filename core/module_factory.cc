@@ -246,6 +246,22 @@ class Builder {
     return module->AddParameter("bias", std::move(b));
   }
 
+  // The affine parameters of normalisation layers: weight of ones and bias of
+  // zeros, each registered as None when switched off (torch's `affine`,
+  // `elementwise_affine`, `bias`).
+  absl::Status AddAffine(Module* module, DType dtype, const Shape& shape,
+                         bool weight, bool bias) {
+    absl::optional<Tensor> w, b;
+    if (weight) {
+      ASSIGN_OR_RETURN(w, Filled(dtype, shape, 1));
+    }
+    if (bias) {
+      ASSIGN_OR_RETURN(b, Filled(dtype, shape, 0));
+    }
+    RETURN_IF_ERROR(module->AddParameter("weight", std::move(w)));
+    return module->AddParameter("bias", std::move(b));
+  }
+
   static absl::StatusOr<DType> ModuleDType(const Json& spec,
                                            const std::string& path,
                                            DType inherited) {
@@ -386,15 +402,7 @@ absl::StatusOr<std::shared_ptr<Module>> Builder::BatchNorm(
     return SpecError(path, "\"momentum\" must be a number or null");
   }
   auto module = std::make_shared<Module>(type, /*version=*/2);
-  if (affine) {
-    ASSIGN_OR_RETURN(Tensor weight, Filled(dtype, {c}, 1));
-    ASSIGN_OR_RETURN(Tensor bias, Filled(dtype, {c}, 0));
-    RETURN_IF_ERROR(module->AddParameter("weight", std::move(weight)));
-    RETURN_IF_ERROR(module->AddParameter("bias", std::move(bias)));
-  } else {
-    RETURN_IF_ERROR(module->AddParameter("weight", absl::nullopt));
-    RETURN_IF_ERROR(module->AddParameter("bias", absl::nullopt));
-  }
+  RETURN_IF_ERROR(AddAffine(module.get(), dtype, {c}, affine, affine));
   if (track) {
     ASSIGN_OR_RETURN(Tensor mean, Filled(dtype, {c}, 0));
     ASSIGN_OR_RETURN(Tensor var, Filled(dtype, {c}, 1));
@@ -420,19 +428,8 @@ absl::StatusOr<std::shared_ptr<Module>> Builder::LayerNorm(
   ASSIGN_OR_RETURN(bool bias, args.Bool("bias", true));
   RETURN_IF_ERROR(args.Number("eps", 1e-5).status());
   auto module = std::make_shared<Module>("LayerNorm");
-  if (affine) {
-    ASSIGN_OR_RETURN(Tensor weight, Filled(dtype, shape, 1));
-    RETURN_IF_ERROR(module->AddParameter("weight", std::move(weight)));
-    if (bias) {
-      ASSIGN_OR_RETURN(Tensor b, Filled(dtype, shape, 0));
-      RETURN_IF_ERROR(module->AddParameter("bias", std::move(b)));
-    } else {
-      RETURN_IF_ERROR(module->AddParameter("bias", absl::nullopt));
-    }
-  } else {
-    RETURN_IF_ERROR(module->AddParameter("weight", absl::nullopt));
-    RETURN_IF_ERROR(module->AddParameter("bias", absl::nullopt));
-  }
+  RETURN_IF_ERROR(
+      AddAffine(module.get(), dtype, shape, affine, affine && bias));
   return module;
 }
 
@@ -448,15 +445,7 @@ absl::StatusOr<std::shared_ptr<Module>> Builder::GroupNorm(
     return SpecError(path, "num_channels must be divisible by num_groups");
   }
   auto module = std::make_shared<Module>("GroupNorm");
-  if (affine) {
-    ASSIGN_OR_RETURN(Tensor weight, Filled(dtype, {channels}, 1));
-    ASSIGN_OR_RETURN(Tensor bias, Filled(dtype, {channels}, 0));
-    RETURN_IF_ERROR(module->AddParameter("weight", std::move(weight)));
-    RETURN_IF_ERROR(module->AddParameter("bias", std::move(bias)));
-  } else {
-    RETURN_IF_ERROR(module->AddParameter("weight", absl::nullopt));
-    RETURN_IF_ERROR(module->AddParameter("bias", absl::nullopt));
-  }
+  RETURN_IF_ERROR(AddAffine(module.get(), dtype, {channels}, affine, affine));
   return module;
 }
 
