@@ -1,0 +1,34 @@
+// Protocol and input limits, in one place: the server, the client, the core's
+// validators and docs/protocol.md all use these numbers.
+#ifndef MODELSTATE_CORE_LIMITS_H_
+#define MODELSTATE_CORE_LIMITS_H_
+
+#include <cstdint>
+
+namespace modelstate {
+
+// Data chunks of StateDict and LoadStateDict streams. A request's chunk size
+// of 0 means the default; a larger one than the maximum is INVALID_ARGUMENT
+// on both streams.
+inline constexpr uint32_t kDefaultChunkBytes = 1u << 20;
+inline constexpr uint32_t kMaxChunkBytes = 3u << 20;
+
+// Largest gRPC message either side sends or accepts. Chunks are far smaller;
+// the bound is for manifests (about 100 bytes a tensor: 64 MiB holds
+// manifests of several hundred thousand tensors).
+inline constexpr int kMaxMessageBytes = 64 << 20;
+
+// Model names: 1 to this many characters from [A-Za-z0-9._-], not starting
+// with '.'.
+inline constexpr int kMaxModelNameLength = 128;
+
+// State-dict keys and module paths.
+inline constexpr int kMaxKeyLength = 4096;
+inline constexpr int kMaxKeyComponents = 256;
+
+// Nesting of an architecture spec (modules inside containers).
+inline constexpr int kMaxSpecDepth = 128;
+
+}  // namespace modelstate
+
+#endif  // MODELSTATE_CORE_LIMITS_H_
