@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/file_util.h"
+#include "core/limits.h"
 #include "core/status_macros.h"
 #include "core/transfer.h"
 #include "grpc/health/v1/health.grpc.pb.h"
@@ -15,36 +16,19 @@
 namespace modelstate {
 namespace {
 
-ModelSummary FromProto(const v1::ModelSummary& proto) {
-  return ModelSummary{proto.name(), proto.version(), proto.num_tensors(),
-                      proto.num_bytes(), proto.root_class()};
-}
-
 TensorDescription Describe(const v1::TensorInfo& info,
                            const TransferEntry& entry) {
-  return TensorDescription{
-      info.name(),
-      info.kind() == v1::BUFFER ? TensorKind::kBuffer : TensorKind::kParameter,
-      entry.dtype,
-      entry.shape,
-      info.num_bytes(),
-      info.xxh3_64()};
+  return TensorDescription{info.name(),      FromProto(info.kind()).value(),
+                           entry.dtype,      entry.shape,
+                           info.num_bytes(), info.xxh3_64()};
 }
 
-v1::StateDictRequest ToRequest(const std::string& model,
-                               const FetchOptions& options) {
-  v1::StateDictRequest request;
-  request.set_model(model);
-  request.set_module(options.module);
-  for (const std::string& key : options.keys) request.add_keys(key);
-  request.set_own_tensors_only(!options.recurse);
-  request.set_exclude_buffers(!options.include_buffers);
-  if (options.cast_floating_to)
-    request.set_cast_floating_to(ToProto(*options.cast_floating_to));
-  request.set_chunk_bytes(options.chunk_bytes);
-  request.set_strip_module_prefix(options.strip_module_prefix);
-  request.set_version(options.version);
-  return request;
+template <typename Message>
+grpc::ByteBuffer Serialize(const Message& message) {
+  grpc::ByteBuffer buffer;
+  bool own_buffer;
+  grpc::SerializationTraits<Message>::Serialize(message, &buffer, &own_buffer);
+  return buffer;
 }
 
 }  // namespace
@@ -58,9 +42,10 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(
     const std::string& target, const ClientOptions& options) {
   std::shared_ptr<grpc::ChannelCredentials> credentials;
   grpc::ChannelArguments args;
-  // Chunks are at most 3 MiB; manifests of huge models can be larger.
-  args.SetMaxReceiveMessageSize(256 << 20);
-  args.SetMaxSendMessageSize(256 << 20);
+  args.SetMaxReceiveMessageSize(kMaxMessageBytes);
+  args.SetMaxSendMessageSize(kMaxMessageBytes);
+  if (!options.load_balancing_policy.empty())
+    args.SetLoadBalancingPolicyName(options.load_balancing_policy);
   if (options.own_connection)
     args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   const bool tls = options.use_tls || !options.tls_ca_file.empty() ||
@@ -105,6 +90,7 @@ absl::StatusOr<std::vector<ModelSummary>> Client::ListModels() {
   RETURN_IF_ERROR(FromGrpcStatus(
       stub_->ListModels(&context, v1::ListModelsRequest(), &response)));
   std::vector<ModelSummary> models;
+  models.reserve(response.models_size());
   for (const v1::ModelSummary& summary : response.models())
     models.push_back(FromProto(summary));
   return models;
@@ -115,25 +101,14 @@ absl::StatusOr<ModelManifest> Client::GetModel(const std::string& model,
                                                int64_t version) {
   grpc::ClientContext context;
   Prepare(&context);
-  v1::GetModelRequest request;
-  request.set_model(model);
-  request.set_module(module);
-  request.set_version(version);
+  FetchRequest selection;
+  selection.model = model;
+  selection.module = module;
+  selection.version = version;
   v1::GetModelResponse response;
-  RETURN_IF_ERROR(
-      FromGrpcStatus(stub_->GetModel(&context, request, &response)));
-  ASSIGN_OR_RETURN(std::vector<TransferEntry> entries,
-                   ToTransferEntries(response.tensors()));
-  ModelManifest manifest;
-  manifest.summary = FromProto(response.summary());
-  manifest.version = response.version();
-  manifest.retained_versions.assign(response.retained_versions().begin(),
-                                    response.retained_versions().end());
-  manifest.architecture_json = response.architecture_json();
-  for (int i = 0; i < response.tensors_size(); ++i) {
-    manifest.tensors.push_back(Describe(response.tensors(i), entries[i]));
-  }
-  return manifest;
+  RETURN_IF_ERROR(FromGrpcStatus(
+      stub_->GetModel(&context, ToGetModelRequest(selection), &response)));
+  return FromProto(response);
 }
 
 absl::StatusOr<ModelSummary> Client::CreateModel(
@@ -174,17 +149,16 @@ absl::Status Client::DeleteModel(const std::string& model) {
 }
 
 absl::StatusOr<int64_t> Client::StateDictStreaming(
-    const std::string& model, const FetchOptions& options,
+    const FetchRequest& fetch, const TransferOptions& transfer,
     const std::function<absl::Status(const TensorDescription&, Tensor)>&
         on_tensor) {
   grpc::ClientContext context;
   Prepare(&context);
   // The stream is read as raw messages so that chunk bytes go from the received
   // slices straight into the tensors (ReadStateDictFrame), copied once.
-  grpc::ByteBuffer request;
-  bool own_buffer;
-  grpc::SerializationTraits<v1::StateDictRequest>::Serialize(
-      ToRequest(model, options), &request, &own_buffer);
+  v1::StateDictRequest proto = ToProto(fetch);
+  proto.set_chunk_bytes(transfer.chunk_bytes);
+  const grpc::ByteBuffer request = Serialize(proto);
   static const grpc::internal::RpcMethod kStateDict(
       "/modelstate.v1.ModelState/StateDict",
       grpc::internal::RpcMethod::SERVER_STREAMING);
@@ -235,9 +209,9 @@ absl::StatusOr<int64_t> Client::StateDictStreaming(
     absl::StatusOr<bool> chunk = ReadStateDictFrame(&buffer, &response, accept);
     absl::Status step = chunk.status();
     if (step.ok() && *chunk) {
-      if (options.progress) {
-        options.progress((*receiver)->received_bytes(),
-                         (*receiver)->total_bytes());
+      if (transfer.progress) {
+        transfer.progress((*receiver)->received_bytes(),
+                          (*receiver)->total_bytes());
       }
     } else if (step.ok() && response.has_end() && !ended) {
       step = (*receiver)->Finish(response.end().total_bytes()).status();
@@ -261,13 +235,13 @@ absl::StatusOr<int64_t> Client::StateDictStreaming(
 }
 
 absl::StatusOr<FetchedStateDict> Client::StateDict(
-    const std::string& model, const FetchOptions& options) {
+    const FetchRequest& request, const TransferOptions& transfer) {
   FetchedStateDict fetched;
-  fetched.model = model;
+  fetched.model = request.model;
   ASSIGN_OR_RETURN(
       fetched.version,
       StateDictStreaming(
-          model, options,
+          request, transfer,
           [&](const TensorDescription& description, Tensor tensor) {
             return fetched.state.Insert(description.name, std::move(tensor),
                                         description.kind);
@@ -275,38 +249,23 @@ absl::StatusOr<FetchedStateDict> Client::StateDict(
   return fetched;
 }
 
-absl::StatusOr<PushResult> Client::LoadStateDict(
-    const std::string& model, const modelstate::StateDict& state,
-    const PushOptions& options) {
+absl::StatusOr<LoadOutcome> Client::LoadStateDict(
+    const LoadRequest& load, const modelstate::StateDict& state,
+    const TransferOptions& transfer) {
+  ASSIGN_OR_RETURN(const uint32_t chunk_bytes,
+                   ResolveChunkBytes(transfer.chunk_bytes, kDefaultChunkBytes));
   grpc::ClientContext context;
   Prepare(&context);
   v1::LoadStateDictResponse response;
   std::unique_ptr<grpc::ClientWriter<v1::LoadStateDictRequest>> writer =
       stub_->LoadStateDict(&context, &response);
+  ChunkSender sender(state.Tensors(), chunk_bytes);
   v1::LoadStateDictRequest request;
-  v1::LoadHeader* header = request.mutable_header();
-  header->set_model(model);
-  header->set_non_strict(!options.strict);
-  header->set_assign(options.assign);
-  header->set_module(options.module);
-  if (options.expected_version) {
-    header->set_has_expected_version(true);
-    header->set_expected_version(*options.expected_version);
-  }
-  header->set_create_if_missing(options.create_if_missing);
-  ToTensorInfos(state, header->mutable_tensors());
-  std::vector<Tensor> tensors;
-  tensors.reserve(state.size());
-  for (const auto& entry : state.entries()) tensors.push_back(entry.tensor);
-  ChunkSender sender(std::move(tensors),
-                     options.chunk_bytes > 0 ? options.chunk_bytes : 1 << 20);
-  header->set_total_bytes(sender.total_bytes());
-
+  *request.mutable_header() = ToLoadHeader(load, state, sender.total_bytes());
   // A failed write means the server has already answered (e.g. it refused the
   // header); its status is collected by Finish below.
   bool open = writer->Write(request);
   ChunkSender::Chunk chunk;
-  uint64_t sent = 0;
   while (open && sender.Next(&chunk)) {
     request.Clear();
     v1::Chunk* message = request.mutable_chunk();
@@ -317,8 +276,8 @@ absl::StatusOr<PushResult> Client::LoadStateDict(
       data->append(reinterpret_cast<const char*>(piece.data()), piece.size());
     }
     open = writer->Write(request);
-    sent += chunk.size;
-    if (options.progress) options.progress(sent, sender.total_bytes());
+    if (transfer.progress)
+      transfer.progress(chunk.offset + chunk.size, sender.total_bytes());
   }
   if (open) {
     request.Clear();
@@ -327,14 +286,7 @@ absl::StatusOr<PushResult> Client::LoadStateDict(
   }
   if (open) writer->WritesDone();
   RETURN_IF_ERROR(FromGrpcStatus(writer->Finish()));
-  PushResult result;
-  result.version = response.version();
-  result.created = response.created();
-  result.missing_keys.assign(response.missing_keys().begin(),
-                             response.missing_keys().end());
-  result.unexpected_keys.assign(response.unexpected_keys().begin(),
-                                response.unexpected_keys().end());
-  return result;
+  return FromProto(response);
 }
 
 absl::StatusOr<bool> Client::CheckHealth(const std::string& service) {
@@ -351,7 +303,7 @@ absl::StatusOr<bool> Client::CheckHealth(const std::string& service) {
 
 absl::Status Client::Watch(
     const std::string& model,
-    const std::function<bool(const WatchEvent&)>& on_event) {
+    const std::function<bool(const ModelEvent&)>& on_event) {
   grpc::ClientContext context;
   Prepare(&context);
   v1::WatchModelRequest request;
@@ -359,32 +311,19 @@ absl::Status Client::Watch(
   std::unique_ptr<grpc::ClientReader<v1::WatchModelResponse>> reader =
       stub_->WatchModel(&context, request);
   v1::WatchModelResponse response;
+  absl::Status stopped;  // Why we stopped reading early, if we did.
   while (reader->Read(&response)) {
-    WatchEvent event{WatchEvent::Type::kUpdated, response.model(),
-                     response.version()};
-    switch (response.type()) {
-      case v1::WatchModelResponse::CURRENT:
-        event.type = WatchEvent::Type::kCurrent;
-        break;
-      case v1::WatchModelResponse::ABSENT:
-        event.type = WatchEvent::Type::kAbsent;
-        break;
-      case v1::WatchModelResponse::CREATED:
-        event.type = WatchEvent::Type::kCreated;
-        break;
-      case v1::WatchModelResponse::DELETED:
-        event.type = WatchEvent::Type::kDeleted;
-        break;
-      default:
-        break;
+    absl::StatusOr<ModelEvent> event = FromProto(response);
+    if (!event.ok()) {
+      stopped = absl::DataLossError(event.status().message());
+    } else if (on_event(*event)) {
+      continue;
     }
-    if (!on_event(event)) {
-      context.TryCancel();
-      while (reader->Read(&response)) {
-      }
-      reader->Finish();
-      return absl::OkStatus();
+    context.TryCancel();
+    while (reader->Read(&response)) {
     }
+    reader->Finish();
+    return stopped;
   }
   return FromGrpcStatus(reader->Finish());
 }

@@ -17,6 +17,8 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "absl/types/optional.h"
+#include "core/model_store.h"
+#include "core/requests.h"
 #include "core/state_dict.h"
 #include "core/tensor.h"
 #include "modelstate/v1/model_state.grpc.pb.h"
@@ -40,48 +42,21 @@ struct ClientOptions {
   // pool). Parallel fetchers in one process want this.
   bool own_connection = false;
   // gRPC load-balancing policy, e.g. "round_robin" to spread calls over every
-  // address a dns:/// target resolves to (a headless Service); empty for gRPC's
-  // default (pick_first).
+  // address the target resolves to (a headless Service behind dns:///, or
+  // "ipv4:10.0.0.1:50551,10.0.0.2:50551"); empty for gRPC's default
+  // (pick_first).
   std::string load_balancing_policy;
-};
-
-struct ModelSummary {
-  std::string name;
-  int64_t version = 0;
-  int64_t num_tensors = 0;
-  uint64_t num_bytes = 0;
-  std::string root_class;
-};
-
-struct TensorDescription {
-  std::string name;
-  TensorKind kind = TensorKind::kParameter;
-  DType dtype = DType::kFloat32;
-  Shape shape;
-  uint64_t num_bytes = 0;
-  uint64_t checksum = 0;  // XXH3-64 of the bytes.
-};
-
-struct ModelManifest {
-  ModelSummary summary;
-  int64_t version = 0;  // The version described (summary has the current).
-  std::vector<int64_t> retained_versions;  // Held in memory, newest first.
-  std::vector<TensorDescription> tensors;
-  std::string architecture_json;
 };
 
 // Called with (bytes done, bytes in all) as a transfer advances.
 using ProgressCallback = std::function<void(uint64_t, uint64_t)>;
 
-struct FetchOptions {
-  std::string module;             // Submodule path; empty for the whole model.
-  std::vector<std::string> keys;  // Only these keys.
-  bool recurse = true;            // torch's recurse.
-  bool include_buffers = true;
-  absl::optional<DType> cast_floating_to;
-  uint32_t chunk_bytes = 0;  // 0: the server's default.
-  bool strip_module_prefix = false;
-  int64_t version = 0;  // A retained version; 0 for the current one.
+// How a state dict travels; what it selects is the FetchRequest or
+// LoadRequest (core/requests.h).
+struct TransferOptions {
+  // Bytes per data chunk, at most kMaxChunkBytes; 0: the server's default for
+  // fetches, kDefaultChunkBytes for loads.
+  uint32_t chunk_bytes = 0;
   ProgressCallback progress;
 };
 
@@ -89,31 +64,6 @@ struct FetchedStateDict {
   std::string model;
   int64_t version = 0;
   StateDict state;  // Keys in torch's order; every tensor's checksum verified.
-};
-
-struct PushOptions {
-  bool strict = true;
-  bool assign = false;
-  std::string module;
-  absl::optional<int64_t>
-      expected_version;  // Compare-and-set; 0 means "must not exist".
-  bool create_if_missing = false;
-  uint32_t chunk_bytes = 1 << 20;
-  ProgressCallback progress;
-};
-
-struct PushResult {
-  int64_t version = 0;
-  std::vector<std::string> missing_keys;
-  std::vector<std::string> unexpected_keys;
-  bool created = false;
-};
-
-struct WatchEvent {
-  enum class Type { kCurrent, kAbsent, kCreated, kUpdated, kDeleted };
-  Type type;
-  std::string model;
-  int64_t version = 0;
 };
 
 class Client {
@@ -150,8 +100,8 @@ class Client {
   // Fetches a state dict. Each tensor is written once, in place, and its
   // checksum verified (DataLoss otherwise). A stream cut short is Unavailable
   // or DataLoss, never a partial result.
-  absl::StatusOr<FetchedStateDict> StateDict(const std::string& model,
-                                             const FetchOptions& options = {});
+  absl::StatusOr<FetchedStateDict> StateDict(
+      const FetchRequest& request, const TransferOptions& transfer = {});
 
   // Fetches a state dict tensor by tensor: `on_tensor` gets each one as soon as
   // it is complete and verified, and the client keeps no reference to it
@@ -159,21 +109,23 @@ class Client {
   // tensor of ours is alive. Returns the version fetched, or the first error
   // (including the callback's).
   absl::StatusOr<int64_t> StateDictStreaming(
-      const std::string& model, const FetchOptions& options,
+      const FetchRequest& request, const TransferOptions& transfer,
       const std::function<absl::Status(const TensorDescription&, Tensor)>&
           on_tensor);
 
-  // Loads `state` into `model` (torch's load_state_dict); all or nothing on the
-  // server.
-  absl::StatusOr<PushResult> LoadStateDict(const std::string& model,
-                                           const modelstate::StateDict& state,
-                                           const PushOptions& options = {});
+  // Loads `state` into `request.model` (torch's load_state_dict); all or
+  // nothing on the server. Strict-key and shape errors are FailedPrecondition
+  // with torch's text; Aborted when `expected_version` differs.
+  absl::StatusOr<LoadOutcome> LoadStateDict(
+      const LoadRequest& request, const modelstate::StateDict& state,
+      const TransferOptions& transfer = {});
 
   // Delivers the model's events to `on_event` until it returns false or the
   // server ends the stream. Returns OK when `on_event` stopped it, otherwise
   // the stream's status.
+  // The first event is kCurrent or kAbsent.
   absl::Status Watch(const std::string& model,
-                     const std::function<bool(const WatchEvent&)>& on_event);
+                     const std::function<bool(const ModelEvent&)>& on_event);
 
   // Asks grpc.health.v1 about `service` ("" for the whole server). Returns true
   // for SERVING, false for NOT_SERVING, or the call's error (NotFound for an

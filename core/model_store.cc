@@ -4,15 +4,16 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "core/limits.h"
 #include "core/module_factory.h"
 #include "core/status_macros.h"
 
 namespace modelstate {
 
 absl::Status ValidateModelName(absl::string_view name) {
-  if (name.empty() || name.size() > 128) {
-    return absl::InvalidArgumentError(
-        "model name must have 1 to 128 characters");
+  if (name.empty() || name.size() > kMaxModelNameLength) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "model name must have 1 to ", kMaxModelNameLength, " characters"));
   }
   if (name[0] == '.')
     return absl::InvalidArgumentError("model name must not start with '.'");
@@ -203,18 +204,23 @@ absl::Status ModelStore::Publish(const std::shared_ptr<absl::Mutex>& commit_mu,
   return absl::OkStatus();
 }
 
+absl::StatusOr<Snapshot> ModelStore::FindVersion(const Entry& entry,
+                                                 int64_t version) {
+  if (version == 0 || version == entry.current.version) return entry.current;
+  for (const Snapshot& old : entry.history) {
+    if (old.version == version) return old;
+  }
+  return absl::NotFoundError(absl::StrCat("version ", version, " of model \"",
+                                          entry.current.model,
+                                          "\" is not retained"));
+}
+
 absl::StatusOr<Snapshot> ModelStore::GetSnapshot(const std::string& name,
                                                  int64_t version) const {
   absl::ReaderMutexLock lock(&mu_);
   auto it = models_.find(name);
   if (it == models_.end()) return ModelNotFound(name);
-  if (version == 0 || version == it->second.current.version)
-    return it->second.current;
-  for (const Snapshot& old : it->second.history) {
-    if (old.version == version) return old;
-  }
-  return absl::NotFoundError(absl::StrCat("version ", version, " of model \"",
-                                          name, "\" is not retained"));
+  return FindVersion(it->second, version);
 }
 
 absl::StatusOr<std::vector<int64_t>> ModelStore::RetainedVersions(
@@ -228,15 +234,15 @@ absl::StatusOr<std::vector<int64_t>> ModelStore::RetainedVersions(
   return versions;
 }
 
-absl::StatusOr<int64_t> ModelStore::Rollback(const std::string& name,
-                                             int64_t version) {
+absl::StatusOr<Snapshot> ModelStore::Rollback(const std::string& name,
+                                              int64_t version) {
   ASSIGN_OR_RETURN(std::shared_ptr<absl::Mutex> commit_mu, CommitMutex(name));
   absl::MutexLock commit(commit_mu.get());
   ASSIGN_OR_RETURN(Snapshot target, GetSnapshot(name, version));
   ASSIGN_OR_RETURN(Snapshot current, GetSnapshot(name));
   Snapshot next{name, current.version + 1, target.root, current.architecture};
   RETURN_IF_ERROR(Publish(commit_mu, next, ModelEvent::Type::kUpdated));
-  return next.version;
+  return next;
 }
 
 absl::StatusOr<Snapshot> ModelStore::GetSnapshot(
@@ -252,53 +258,79 @@ std::vector<Snapshot> ModelStore::List() const {
   return out;
 }
 
+namespace {
+
+LoadOptions ToLoadOptions(const LoadRequest& request) {
+  LoadOptions options;
+  options.strict = request.strict;
+  options.assign = request.assign;
+  options.module = request.module;
+  return options;
+}
+
+ModuleTreeOptions ToTreeOptions(const LoadRequest& request) {
+  ModuleTreeOptions options;
+  options.buffer_keys = request.buffer_keys;
+  options.class_names = request.class_names;
+  return options;
+}
+
+// Checks that a load creating `request.model` from `inputs` can succeed, from
+// the keys alone: they must form a module tree before any data arrives.
+absl::Status ValidateCreatingLoad(const LoadRequest& request,
+                                  absl::Span<const TensorSpec> inputs) {
+  if (request.expected_version.has_value() && *request.expected_version != 0) {
+    return absl::AbortedError(absl::StrCat(
+        "model \"", request.model, "\" does not exist, expected version ",
+        *request.expected_version));
+  }
+  if (!request.module.empty()) {
+    return absl::InvalidArgumentError(
+        "a load that creates a model can't name a submodule");
+  }
+  StateDict probe;
+  for (const TensorSpec& spec : inputs) {
+    RETURN_IF_ERROR(probe.Insert(spec.key, Tensor()));
+  }
+  return BuildModuleFromStateDict(probe, ToTreeOptions(request)).status();
+}
+
+absl::Status CheckExpectedVersion(const LoadRequest& request, int64_t version) {
+  if (request.expected_version.has_value() &&
+      *request.expected_version != version) {
+    return absl::AbortedError(
+        absl::StrCat("model \"", request.model, "\" is at version ", version,
+                     ", expected ", *request.expected_version));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<PendingLoad>> ModelStore::BeginLoad(
-    const std::string& name, std::vector<TensorSpec> inputs,
-    const StoreLoadOptions& options) {
-  RETURN_IF_ERROR(ValidateModelName(name));
+    const LoadRequest& request, std::vector<TensorSpec> inputs) {
+  RETURN_IF_ERROR(ValidateModelName(request.model));
   std::unique_ptr<PendingLoad> load(new PendingLoad());
-  load->model_ = name;
-  load->options_ = options;
+  load->request_ = request;
   int64_t needed = 0;
   for (const TensorSpec& spec : inputs) {
     ASSIGN_OR_RETURN(int64_t bytes, NumBytes(spec.dtype, spec.shape));
     needed += bytes;
   }
-  absl::StatusOr<Snapshot> base = GetSnapshot(name);
-  if (!base.ok()) {
-    if (!options.create_if_missing ||
-        base.status().code() != absl::StatusCode::kNotFound) {
-      return base.status();
-    }
-    if (options.expected_version.has_value() &&
-        *options.expected_version != 0) {
-      return absl::AbortedError(
-          absl::StrCat("model \"", name, "\" does not exist, expected version ",
-                       *options.expected_version));
-    }
-    if (!options.load.submodule.empty()) {
-      return absl::InvalidArgumentError(
-          "a load that creates a model can't name a submodule");
-    }
-    load->creates_model_ = true;
-    StateDict
-        probe;  // Checks the keys form a module tree before any data arrives.
-    for (const TensorSpec& spec : inputs) {
-      RETURN_IF_ERROR(probe.Insert(spec.key, Tensor()));
-    }
-    RETURN_IF_ERROR(
-        BuildModuleFromStateDict(probe, options.buffer_keys).status());
-    load->plan_.targets.assign(inputs.size(), absl::nullopt);
-  } else {
-    if (options.expected_version.has_value() &&
-        *options.expected_version != base->version) {
-      return absl::AbortedError(
-          absl::StrCat("model \"", name, "\" is at version ", base->version,
-                       ", expected ", *options.expected_version));
-    }
-    ASSIGN_OR_RETURN(load->plan_, PlanLoad(base->root, inputs, options.load));
+  absl::StatusOr<Snapshot> base = GetSnapshot(request.model);
+  if (base.ok()) {
+    RETURN_IF_ERROR(CheckExpectedVersion(request, base->version));
+    ASSIGN_OR_RETURN(load->plan_,
+                     PlanLoad(base->root, inputs, ToLoadOptions(request)));
     needed += load->plan_.conversion_bytes;
     load->base_ = *std::move(base);
+  } else if (request.create_if_missing &&
+             base.status().code() == absl::StatusCode::kNotFound) {
+    RETURN_IF_ERROR(ValidateCreatingLoad(request, inputs));
+    load->creates_model_ = true;
+    load->plan_.targets.assign(inputs.size(), absl::nullopt);
+  } else {
+    return base.status();
   }
   load->inputs_ = std::move(inputs);
   {
@@ -311,9 +343,10 @@ absl::StatusOr<std::unique_ptr<PendingLoad>> ModelStore::BeginLoad(
   return load;
 }
 
-absl::StatusOr<StoreLoadResult> ModelStore::CommitLoad(
-    std::unique_ptr<PendingLoad> load, std::vector<Tensor> tensors) {
-  const std::vector<TensorSpec>& inputs = load->inputs_;
+namespace {
+
+absl::Status CheckArrivedTensors(absl::Span<const TensorSpec> inputs,
+                                 absl::Span<const Tensor> tensors) {
   if (tensors.size() != inputs.size()) {
     return absl::InvalidArgumentError(
         absl::StrCat("load declared ", inputs.size(), " tensors but ",
@@ -327,23 +360,15 @@ absl::StatusOr<StoreLoadResult> ModelStore::CommitLoad(
                        "\" does not match its declared dtype and shape"));
     }
   }
-  StoreLoadResult result;
-  if (load->creates_model_) {
-    StateDict state;
-    for (size_t i = 0; i < inputs.size(); ++i) {
-      RETURN_IF_ERROR(state.Insert(inputs[i].key, tensors[i]));
-    }
-    ASSIGN_OR_RETURN(ModulePtr root, BuildModuleFromStateDict(
-                                         state, load->options_.buffer_keys));
-    Release(load->reserved_bytes_);
-    load->reserved_bytes_ = 0;
-    RETURN_IF_ERROR(Create(load->model_, std::move(root)));
-    ASSIGN_OR_RETURN(Snapshot created, GetSnapshot(load->model_));
-    result.version = created.version;
-    result.created = true;
-    return result;
-  }
+  return absl::OkStatus();
+}
 
+}  // namespace
+
+absl::StatusOr<LoadOutcome> ModelStore::CommitLoad(
+    std::unique_ptr<PendingLoad> load, std::vector<Tensor> tensors) {
+  RETURN_IF_ERROR(CheckArrivedTensors(load->inputs_, tensors));
+  if (load->creates_model_) return CommitCreatingLoad(*load, tensors);
   // Conversions and the tree rebuild happen before taking the lock; readers
   // never wait on them.
   std::vector<Tensor> converted;
@@ -354,49 +379,69 @@ absl::StatusOr<StoreLoadResult> ModelStore::CommitLoad(
     converted.push_back(std::move(tensor));
   }
   tensors.clear();
-  const LoadOptions& options = load->options_.load;
-  ASSIGN_OR_RETURN(ModulePtr rebuilt,
-                   ApplyLoad(load->base_.root, options.submodule, load->plan_,
-                             options, converted));
-  absl::StatusOr<std::shared_ptr<absl::Mutex>> commit_mu =
-      CommitMutex(load->model_);
-  if (!commit_mu.ok()) {
-    return absl::NotFoundError(absl::StrCat("model \"", load->model_,
-                                            "\" was deleted during the load"));
-  }
-  absl::MutexLock commit(commit_mu->get());
-  ASSIGN_OR_RETURN(Snapshot current, GetSnapshot(load->model_));
-  if (current.root != load->base_.root) {
-    // Another load committed first: apply ours on top of it, as torch would
-    // have.
-    if (load->options_.expected_version.has_value()) {
-      return absl::AbortedError(absl::StrCat(
-          "model \"", load->model_, "\" is at version ", current.version,
-          ", expected ", *load->options_.expected_version));
-    }
-    ASSIGN_OR_RETURN(LoadPlan replanned,
-                     PlanLoad(current.root, inputs, options));
-    if (!SameDestinations(replanned, load->plan_)) {
-      return absl::AbortedError(absl::StrCat(
-          "model \"", load->model_, "\" changed dtype during the load; retry"));
-    }
-    ASSIGN_OR_RETURN(rebuilt, ApplyLoad(current.root, options.submodule,
-                                        replanned, options, converted));
-  }
-  Snapshot next{load->model_, current.version + 1, std::move(rebuilt),
-                current.architecture};
-  RETURN_IF_ERROR(Publish(*commit_mu, next, ModelEvent::Type::kUpdated));
+  ASSIGN_OR_RETURN(int64_t version, CommitConverted(*load, converted));
   Release(load->reserved_bytes_);
   load->reserved_bytes_ = 0;
-  result.version = next.version;
-  result.missing_keys = load->plan_.missing_keys;
-  result.unexpected_keys = load->plan_.unexpected_keys;
-  return result;
+  LoadOutcome outcome;
+  outcome.version = version;
+  outcome.missing_keys = load->plan_.missing_keys;
+  outcome.unexpected_keys = load->plan_.unexpected_keys;
+  return outcome;
 }
 
-absl::StatusOr<StoreLoadResult> ModelStore::Load(
-    const std::string& name, const StateDict& state,
-    const StoreLoadOptions& options) {
+absl::StatusOr<LoadOutcome> ModelStore::CommitCreatingLoad(
+    PendingLoad& load, absl::Span<const Tensor> tensors) {
+  StateDict state;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    RETURN_IF_ERROR(state.Insert(load.inputs_[i].key, tensors[i]));
+  }
+  ASSIGN_OR_RETURN(ModulePtr root, BuildModuleFromStateDict(
+                                       state, ToTreeOptions(load.request_)));
+  Release(load.reserved_bytes_);
+  load.reserved_bytes_ = 0;
+  RETURN_IF_ERROR(Create(load.request_.model, std::move(root)));
+  ASSIGN_OR_RETURN(Snapshot created, GetSnapshot(load.request_.model));
+  LoadOutcome outcome;
+  outcome.version = created.version;
+  outcome.created = true;
+  return outcome;
+}
+
+absl::StatusOr<int64_t> ModelStore::CommitConverted(
+    const PendingLoad& load, absl::Span<const Tensor> converted) {
+  const std::string& name = load.request_.model;
+  const LoadOptions options = ToLoadOptions(load.request_);
+  ASSIGN_OR_RETURN(ModulePtr rebuilt,
+                   ApplyLoad(load.base_.root, options.module, load.plan_,
+                             options, converted));
+  absl::StatusOr<std::shared_ptr<absl::Mutex>> commit_mu = CommitMutex(name);
+  if (!commit_mu.ok()) {
+    return absl::NotFoundError(
+        absl::StrCat("model \"", name, "\" was deleted during the load"));
+  }
+  absl::MutexLock commit(commit_mu->get());
+  ASSIGN_OR_RETURN(Snapshot current, GetSnapshot(name));
+  if (current.root != load.base_.root) {
+    // Another load committed first: apply ours on top of it, as torch would
+    // have.
+    RETURN_IF_ERROR(CheckExpectedVersion(load.request_, current.version));
+    ASSIGN_OR_RETURN(LoadPlan replanned,
+                     PlanLoad(current.root, load.inputs_, options));
+    if (!SameDestinations(replanned, load.plan_)) {
+      return absl::AbortedError(absl::StrCat(
+          "model \"", name, "\" changed dtype during the load; retry"));
+    }
+    ASSIGN_OR_RETURN(rebuilt, ApplyLoad(current.root, options.module, replanned,
+                                        options, converted));
+  }
+  Snapshot next{name, current.version + 1, std::move(rebuilt),
+                current.architecture};
+  RETURN_IF_ERROR(Publish(*commit_mu, next, ModelEvent::Type::kUpdated));
+  return next.version;
+}
+
+absl::StatusOr<LoadOutcome> ModelStore::Load(const LoadRequest& request,
+                                             const StateDict& state) {
   std::vector<TensorSpec> specs;
   std::vector<Tensor> tensors;
   specs.reserve(state.size());
@@ -407,8 +452,103 @@ absl::StatusOr<StoreLoadResult> ModelStore::Load(
     tensors.push_back(entry.tensor);
   }
   ASSIGN_OR_RETURN(std::unique_ptr<PendingLoad> load,
-                   BeginLoad(name, std::move(specs), options));
+                   BeginLoad(request, std::move(specs)));
   return CommitLoad(std::move(load), std::move(tensors));
+}
+
+StateDictOptions ToStateDictOptions(const FetchRequest& request) {
+  StateDictOptions options;
+  options.module = request.module;
+  options.keep_module_prefix = request.keep_module_prefix;
+  options.recurse = request.recurse;
+  options.include_buffers = request.include_buffers;
+  options.keys = request.keys;
+  return options;
+}
+
+absl::StatusOr<Snapshot> ModelStore::CreateFromSpec(
+    const std::string& name, const std::string& spec_json, uint64_t seed) {
+  RETURN_IF_ERROR(ValidateModelName(name));
+  BuildOptions options;
+  options.seed = seed;
+  ASSIGN_OR_RETURN(ModulePtr root, BuildModuleFromSpec(spec_json, options));
+  RETURN_IF_ERROR(Create(name, std::move(root), spec_json));
+  return GetSnapshot(name);
+}
+
+absl::StatusOr<FetchPlan> ModelStore::Fetch(const FetchRequest& request) {
+  ASSIGN_OR_RETURN(Snapshot snapshot,
+                   GetSnapshot(request.model, request.version));
+  FetchPlan plan;
+  plan.model = snapshot.model;
+  plan.version = snapshot.version;
+  ASSIGN_OR_RETURN(plan.state,
+                   GetStateDict(snapshot.root, ToStateDictOptions(request)));
+  if (request.dtype.has_value()) {
+    ASSIGN_OR_RETURN(plan.state,
+                     CastFloatingForFetch(plan.state, *request.dtype));
+  }
+  return plan;
+}
+
+absl::StatusOr<ModelManifest> ModelStore::Describe(
+    const FetchRequest& request) const {
+  ModelManifest manifest;
+  Snapshot snapshot;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    auto it = models_.find(request.model);
+    if (it == models_.end()) return ModelNotFound(request.model);
+    ASSIGN_OR_RETURN(snapshot, FindVersion(it->second, request.version));
+    manifest.summary.version = it->second.current.version;
+    manifest.retained_versions.push_back(manifest.summary.version);
+    for (const Snapshot& old : it->second.history)
+      manifest.retained_versions.push_back(old.version);
+  }
+  ASSIGN_OR_RETURN(ModulePtr module,
+                   snapshot.root->GetSubmodule(snapshot.root, request.module));
+  StateDictOptions options;
+  options.module = request.module;
+  ASSIGN_OR_RETURN(StateDict state, GetStateDict(snapshot.root, options));
+  manifest.summary.name = snapshot.model;
+  manifest.summary.num_tensors = static_cast<int64_t>(state.size());
+  manifest.summary.num_bytes = state.TotalBytes();
+  manifest.summary.root_class = module->type_name();
+  manifest.version = snapshot.version;
+  manifest.tensors = DescribeTensors(state);
+  manifest.architecture_json = snapshot.architecture;
+  return manifest;
+}
+
+std::vector<ModelSummary> ModelStore::Summaries() const {
+  std::vector<ModelSummary> summaries;
+  for (const Snapshot& snapshot : List())
+    summaries.push_back(Summarize(snapshot));
+  return summaries;
+}
+
+ModelSummary Summarize(const Snapshot& snapshot) {
+  ModelSummary summary;
+  summary.name = snapshot.model;
+  summary.version = snapshot.version;
+  summary.root_class = snapshot.root->type_name();
+  absl::StatusOr<StateDict> state = GetStateDict(snapshot.root);
+  if (state.ok()) {
+    summary.num_tensors = static_cast<int64_t>(state->size());
+    summary.num_bytes = state->TotalBytes();
+  }
+  return summary;
+}
+
+std::vector<TensorDescription> DescribeTensors(const StateDict& state) {
+  std::vector<TensorDescription> tensors;
+  tensors.reserve(state.size());
+  for (const StateDict::Entry& entry : state.entries()) {
+    tensors.push_back(TensorDescription{
+        entry.key, entry.kind, entry.tensor.dtype(), entry.tensor.shape(),
+        entry.tensor.num_bytes(), entry.tensor.Checksum()});
+  }
+  return tensors;
 }
 
 int64_t ModelStore::AddListener(
@@ -416,6 +556,22 @@ int64_t ModelStore::AddListener(
   absl::MutexLock lock(&events_mu_);
   const int64_t id = next_listener_id_++;
   listeners_.emplace(id, std::move(listener));
+  return id;
+}
+
+int64_t ModelStore::Watch(const std::string& model,
+                          std::function<void(const ModelEvent&)> listener) {
+  absl::MutexLock lock(&events_mu_);
+  // Holding events_mu_ orders this first event before any later commit's.
+  absl::StatusOr<Snapshot> current = GetSnapshot(model);
+  listener(current.ok()
+               ? ModelEvent{ModelEvent::Type::kCurrent, model, current->version}
+               : ModelEvent{ModelEvent::Type::kAbsent, model, 0});
+  const int64_t id = next_listener_id_++;
+  listeners_.emplace(
+      id, [model, listener = std::move(listener)](const ModelEvent& event) {
+        if (event.model == model) listener(event);
+      });
   return id;
 }
 

@@ -23,6 +23,7 @@
 #include "absl/types/optional.h"
 #include "core/cast_cache.h"
 #include "core/module.h"
+#include "core/requests.h"
 #include "core/state_dict.h"
 
 namespace modelstate {
@@ -39,45 +40,27 @@ struct Snapshot {
 };
 
 struct ModelEvent {
-  enum class Type { kCreated, kUpdated, kDeleted };
+  // kCurrent and kAbsent only open a watch (ModelStore::Watch): the model's
+  // state when the watch began.
+  enum class Type { kCreated, kUpdated, kDeleted, kCurrent, kAbsent };
   Type type;
   std::string model;
-  int64_t version;
-};
-
-struct StoreLoadOptions {
-  LoadOptions load;
-  // When set, the load fails with Aborted unless the model is at this version
-  // (compare-and-set).
-  absl::optional<int64_t> expected_version;
-  // When the model does not exist, create it from the loaded tensors instead of
-  // NotFound.
-  bool create_if_missing = false;
-  // With create_if_missing: keys that become buffers rather than parameters.
-  std::vector<std::string> buffer_keys;
-};
-
-struct StoreLoadResult {
   int64_t version = 0;
-  std::vector<std::string> missing_keys;
-  std::vector<std::string> unexpected_keys;
-  bool created = false;
 };
 
 class ModelStore;
 
-// A load that passed validation and holds its memory reservation. Fill the
-// staged tensors
-// (`inputs()` order), then hand it to ModelStore::CommitLoad. Destroying it
-// without committing aborts the load, releases the reservation and leaves the
-// model unchanged.
+// A load that passed validation and holds its memory reservation. Receive the
+// tensors `inputs()` describes, then hand them with it to
+// ModelStore::CommitLoad. Destroying it without committing aborts the load,
+// releases the reservation and leaves the model unchanged.
 class PendingLoad {
  public:
   ~PendingLoad();
   PendingLoad(const PendingLoad&) = delete;
   PendingLoad& operator=(const PendingLoad&) = delete;
 
-  const std::string& model() const { return model_; }
+  const std::string& model() const { return request_.model; }
   const std::vector<TensorSpec>& inputs() const { return inputs_; }
   // Missing and unexpected keys as torch reports them (also when the load is
   // not strict).
@@ -92,9 +75,8 @@ class PendingLoad {
   PendingLoad() = default;
 
   ModelStore* store_ = nullptr;
-  std::string model_;
   std::vector<TensorSpec> inputs_;
-  StoreLoadOptions options_;
+  LoadRequest request_;
   LoadPlan plan_;
   Snapshot base_;
   bool creates_model_ = false;
@@ -161,12 +143,32 @@ class ModelStore {
       const std::string& name) const;
 
   // Makes retained version `version` of `name` current again, as a new version
-  // number (which it returns). NotFound for an unknown model or a version not
-  // retained; the persister's error otherwise.
-  absl::StatusOr<int64_t> Rollback(const std::string& name, int64_t version);
+  // number, and returns the model at that new version. NotFound for an unknown
+  // model or a version not retained; the persister's error otherwise.
+  absl::StatusOr<Snapshot> Rollback(const std::string& name, int64_t version);
 
   // Returns a snapshot of every model, ordered by name.
   std::vector<Snapshot> List() const;
+
+  // Builds a model from an architecture spec (core/module_factory.h) with
+  // `seed` and adds it as Create does. Returns the new model's snapshot, or
+  // InvalidArgument for a bad name or spec, and Create's errors.
+  absl::StatusOr<Snapshot> CreateFromSpec(const std::string& name,
+                                          const std::string& spec_json,
+                                          uint64_t seed);
+
+  // torch's state_dict() of a model version, or of one submodule, with the
+  // tensors cast when asked (reusing earlier conversions, see
+  // CastFloatingForFetch). Returns NotFound for an unknown model, version,
+  // submodule or key, and InvalidArgument for a non-floating cast dtype.
+  absl::StatusOr<FetchPlan> Fetch(const FetchRequest& request);
+
+  // Describes a model version, or the submodule `request.module` of it (the
+  // other selection fields are ignored). Errors as Fetch.
+  absl::StatusOr<ModelManifest> Describe(const FetchRequest& request) const;
+
+  // Summaries of every model at its current version, ordered by name.
+  std::vector<ModelSummary> Summaries() const;
 
   // Returns `state` (from a snapshot) with its floating tensors converted to
   // `dtype` as CastFloatingTensors does, reusing conversions of the same bytes
@@ -183,8 +185,7 @@ class ModelStore {
   // Aborted (expected version differs), FailedPrecondition with torch's text
   // (strict key errors, shape mismatches), or ResourceExhausted (memory limit).
   absl::StatusOr<std::unique_ptr<PendingLoad>> BeginLoad(
-      const std::string& name, std::vector<TensorSpec> inputs,
-      const StoreLoadOptions& options);
+      const LoadRequest& request, std::vector<TensorSpec> inputs);
 
   // Applies `load` with `tensors` (parallel to load->inputs(), each matching
   // its spec) as one atomic step: converts dtypes and rebuilds the tree outside
@@ -194,18 +195,26 @@ class ModelStore {
   // longer matches, or a changed destination dtype, gives Aborted; a model
   // deleted (or created) meanwhile gives NotFound (or AlreadyExists). On any
   // error, including the persister's, the model is unchanged.
-  absl::StatusOr<StoreLoadResult> CommitLoad(std::unique_ptr<PendingLoad> load,
-                                             std::vector<Tensor> tensors);
+  absl::StatusOr<LoadOutcome> CommitLoad(std::unique_ptr<PendingLoad> load,
+                                         std::vector<Tensor> tensors);
 
   // BeginLoad + CommitLoad for a state dict already in memory.
-  absl::StatusOr<StoreLoadResult> Load(const std::string& name,
-                                       const StateDict& state,
-                                       const StoreLoadOptions& options);
+  absl::StatusOr<LoadOutcome> Load(const LoadRequest& request,
+                                   const StateDict& state);
 
   // Calls `listener` after every create, committed load, rollback and delete,
   // in commit order, from the committing thread. It must be quick and must not
   // call back into the store. Returns an id for RemoveListener.
   int64_t AddListener(std::function<void(const ModelEvent&)> listener);
+
+  // As AddListener, for the events of `model` only, and first calls `listener`
+  // once with kCurrent (and the current version) or kAbsent, atomically with
+  // its registration: no event is missed or seen twice.
+  int64_t Watch(const std::string& model,
+                std::function<void(const ModelEvent&)> listener);
+
+  // Removes a listener added by AddListener or Watch. Once it returns, the
+  // listener is not running and will not be called again.
   void RemoveListener(int64_t id);
 
   // Bytes of all live tensor storages the store has seen (models, retained
@@ -213,7 +222,6 @@ class ModelStore {
   int64_t live_bytes() const;
   // Bytes reserved by pending loads.
   int64_t reserved_bytes() const;
-  int64_t memory_limit_bytes() const { return options_.memory_limit_bytes; }
 
  private:
   friend class PendingLoad;
@@ -225,6 +233,9 @@ class ModelStore {
     std::shared_ptr<absl::Mutex> commit_mu = std::make_shared<absl::Mutex>();
   };
 
+  // Version `version` (0: current) of a model's entry, or NotFound.
+  static absl::StatusOr<Snapshot> FindVersion(const Entry& entry,
+                                              int64_t version);
   absl::Status CheckMemory(int64_t extra_bytes) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   void Release(int64_t reserved_bytes);
@@ -236,6 +247,13 @@ class ModelStore {
   // Returns the commit mutex of `name`, or NotFound.
   absl::StatusOr<std::shared_ptr<absl::Mutex>> CommitMutex(
       const std::string& name) const;
+  // The commit of a load that creates its model.
+  absl::StatusOr<LoadOutcome> CommitCreatingLoad(
+      PendingLoad& load, absl::Span<const Tensor> tensors);
+  // Rebuilds the tree with `converted` (re-planned if another load committed
+  // first) and publishes it; returns the new version.
+  absl::StatusOr<int64_t> CommitConverted(const PendingLoad& load,
+                                          absl::Span<const Tensor> converted);
   // With the model's commit mutex held: persists `next` and publishes it as
   // the current version of the same entry (`commit_mu` identifies it).
   absl::Status Publish(const std::shared_ptr<absl::Mutex>& commit_mu,
@@ -261,6 +279,10 @@ class ModelStore {
   std::map<std::string, int64_t> retired_versions_ ABSL_GUARDED_BY(mu_);
   int64_t reserved_bytes_ ABSL_GUARDED_BY(mu_) = 0;
 };
+
+// A model's summary: its root class, and the tensor count and bytes of its
+// full state dict.
+ModelSummary Summarize(const Snapshot& snapshot);
 
 // Returns OK for a model name of 1 to 128 characters from [A-Za-z0-9._-] that
 // does not start with '.'; InvalidArgument otherwise.

@@ -44,6 +44,13 @@ std::vector<std::string> StateDict::Keys() const {
   return keys;
 }
 
+std::vector<Tensor> StateDict::Tensors() const {
+  std::vector<Tensor> tensors;
+  tensors.reserve(entries_.size());
+  for (const Entry& entry : entries_) tensors.push_back(entry.tensor);
+  return tensors;
+}
+
 size_t StateDict::TotalBytes() const {
   size_t total = 0;
   for (const Entry& entry : entries_) total += entry.tensor.num_bytes();
@@ -106,10 +113,10 @@ void EmitModule(const Module& module, const std::string& prefix,
 absl::Status AppendStateDict(const ModulePtr& root,
                              const StateDictOptions& options,
                              StateDict* destination) {
-  const std::string submodule = NormalizePath(options.submodule);
+  const std::string submodule = NormalizePath(options.module);
   ASSIGN_OR_RETURN(ModulePtr module, root->GetSubmodule(root, submodule));
   std::string prefix = options.prefix;
-  if (options.keep_submodule_prefix && !submodule.empty()) {
+  if (options.keep_module_prefix && !submodule.empty()) {
     absl::StrAppend(&prefix, submodule, ".");
   }
   if (options.keys.empty()) {
@@ -209,7 +216,9 @@ class LoadPlanner {
         } else if (module.children()[child].module) {
           child_keys[child].push_back(input);
         }
-      } else if (!IsOwnStateName(module, rest)) {
+      } else if (!IsOwnStateName(module, rest) &&
+                 module.FindChildIndex(rest) < 0) {
+        // torch 1.13 ignores a key naming a child ("head" for child head).
         plan_->unexpected_keys.push_back(inputs_[input].key);
       }
     }
@@ -301,8 +310,7 @@ absl::StatusOr<LoadPlan> PlanLoad(const ModulePtr& root,
                                   absl::Span<const TensorSpec> inputs,
                                   const LoadOptions& options,
                                   const StateDict* metadata) {
-  ASSIGN_OR_RETURN(ModulePtr module,
-                   root->GetSubmodule(root, options.submodule));
+  ASSIGN_OR_RETURN(ModulePtr module, root->GetSubmodule(root, options.module));
   LoadPlan plan;
   plan.root_type = module->type_name();
   LoadPlanner planner(inputs, metadata, options, &plan);
@@ -481,8 +489,8 @@ absl::StatusOr<LoadResult> LoadStateDict(const ModulePtr& root,
         ConvertForTarget(plan.targets[i], state.entries()[i].tensor));
     converted.push_back(std::move(tensor));
   }
-  ASSIGN_OR_RETURN(ModulePtr model, ApplyLoad(root, options.submodule, plan,
-                                              options, converted));
+  ASSIGN_OR_RETURN(ModulePtr model,
+                   ApplyLoad(root, options.module, plan, options, converted));
   return LoadResult{std::move(model), std::move(plan.missing_keys),
                     std::move(plan.unexpected_keys)};
 }

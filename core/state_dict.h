@@ -44,6 +44,8 @@ class StateDict {
   size_t size() const { return entries_.size(); }
   bool empty() const { return entries_.empty(); }
   std::vector<std::string> Keys() const;
+  // The tensors in key order (sharing storage), for a transfer.
+  std::vector<Tensor> Tensors() const;
 
   // Sum of the tensors' byte sizes (a shared tensor counts once per key).
   size_t TotalBytes() const;
@@ -66,11 +68,11 @@ class StateDict {
 struct StateDictOptions {
   // Dotted path of the submodule whose state is wanted ("" for the whole
   // model).
-  std::string submodule;
+  std::string module;
   // With a submodule: keep its path in the keys ("encoder.fc.weight") rather
   // than "fc.weight". Like torch.distributed.checkpoint's
-  // keep_submodule_prefixes.
-  bool keep_submodule_prefix = true;
+  // keep_module_prefixes.
+  bool keep_module_prefix = true;
   // Extra prefix put before every key (torch's `prefix` argument).
   std::string prefix;
   // False: only the module's own tensors, not its children's.
@@ -117,7 +119,7 @@ struct LoadOptions {
   // checkpoint's dtype) instead of converting into the module's dtype.
   bool assign = false;
   // Dotted path of the submodule to load into; keys are relative to it.
-  std::string submodule;
+  std::string module;
 };
 
 // Where one input tensor goes.

@@ -241,18 +241,18 @@ TEST(StateDictTest, SubmoduleStateDictUsesModulePathSemantics) {
   ModulePtr model = MustBuild(R"({"type": "Module", "children": {"layers": )" +
                               layers + "}}");
   StateDictOptions options;
-  options.submodule = "layers.1";
+  options.module = "layers.1";
   EXPECT_THAT(GetStateDict(model, options).value().Keys(),
               ElementsAre("layers.1.weight", "layers.1.bias"));
-  options.keep_submodule_prefix = false;
+  options.keep_module_prefix = false;
   EXPECT_THAT(GetStateDict(model, options).value().Keys(),
               ElementsAre("weight", "bias"));
-  options.submodule =
+  options.module =
       "layers.1.";  // A prefix spelled with its trailing dot works too.
   options.prefix = "p.";
   EXPECT_THAT(GetStateDict(model, options).value().Keys(),
               ElementsAre("p.weight", "p.bias"));
-  options.submodule = "layers.11";
+  options.module = "layers.11";
   EXPECT_EQ(GetStateDict(model, options).status().code(),
             absl::StatusCode::kNotFound);
 }
@@ -288,7 +288,7 @@ TEST(StateDictTest, LoadIntoSubmoduleLeavesTheRestShared) {
   StateDict state;
   state.Set("weight", FullTensor(DType::kFloat32, {2, 2}, 9));
   LoadOptions options;
-  options.submodule = "encoder";
+  options.module = "encoder";
   options.strict = false;
   LoadResult result = LoadStateDict(model, state, options).value();
   EXPECT_THAT(result.missing_keys, ElementsAre("bias"));

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "core/limits.h"
 #include "core/status_macros.h"
 #include "xxhash.h"
 
@@ -92,6 +93,11 @@ absl::Status ChunkReceiver::Accept(uint64_t offset, absl::string_view data) {
         offset < received_ ? "overlap or repeat"
                            : "are missing bytes or out of order")));
   }
+  if (data.size() > kMaxChunkBytes) {
+    return fail(absl::InvalidArgumentError(
+        absl::StrCat("chunk of ", data.size(), " bytes at offset ", offset,
+                     " is larger than the maximum of ", kMaxChunkBytes)));
+  }
   if (data.size() > total_ - received_) {
     return fail(absl::InvalidArgumentError(
         absl::StrCat("chunk of ", data.size(), " bytes at offset ", offset,
@@ -162,6 +168,15 @@ bool ChunkSender::Next(Chunk* chunk) {
   }
   sent_ += chunk->size;
   return chunk->size > 0;
+}
+
+absl::StatusOr<uint32_t> ResolveChunkBytes(uint32_t requested,
+                                           uint32_t default_bytes) {
+  if (requested > kMaxChunkBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("chunk_bytes may be at most ", kMaxChunkBytes));
+  }
+  return requested > 0 ? requested : default_bytes;
 }
 
 }  // namespace modelstate

@@ -24,6 +24,11 @@
 
 namespace modelstate {
 
+// The chunk size for a stream: `requested`, or `default_bytes` when it is 0.
+// InvalidArgument above kMaxChunkBytes (core/limits.h).
+absl::StatusOr<uint32_t> ResolveChunkBytes(uint32_t requested,
+                                           uint32_t default_bytes);
+
 // One tensor of a transfer, as a manifest describes it.
 struct TransferEntry {
   std::string key;
@@ -53,9 +58,10 @@ class ChunkReceiver {
 
   // Writes the next chunk. Returns InvalidArgument when `offset` is not where
   // the previous chunk ended (chunks out of order, overlapping, or bytes
-  // missing) or the chunk runs past the end, DataLoss when a tensor completed
-  // by this chunk fails its checksum, ResourceExhausted when a tensor cannot be
-  // allocated, or the callback's error. After an error the receiver is dead.
+  // missing), the chunk is larger than kMaxChunkBytes or runs past the end,
+  // DataLoss when a tensor completed by this chunk fails its checksum,
+  // ResourceExhausted when a tensor cannot be allocated, or the callback's
+  // error. After an error the receiver is dead.
   absl::Status Accept(uint64_t offset, absl::string_view data);
 
   // Checks the end marker: returns InvalidArgument unless every byte arrived

@@ -27,7 +27,7 @@ ABSL_FLAG(std::vector<std::string>, preload, {},
           "repeatable");
 ABSL_FLAG(std::string, demo_model, "demo",
           "name of the built-in demo CNN to serve; empty to serve none");
-ABSL_FLAG(uint32_t, chunk_bytes, 1 << 20,
+ABSL_FLAG(uint32_t, chunk_bytes, modelstate::kDefaultChunkBytes,
           "default chunk size of StateDict streams (max 3 MiB)");
 ABSL_FLAG(int64_t, memory_limit_bytes, 0,
           "refuse loads past this many live tensor bytes; 0: none");

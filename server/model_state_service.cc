@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "core/module_factory.h"
+#include "core/status_macros.h"
 #include "core/transfer.h"
 #include "grpcpp/support/proto_buffer_reader.h"
 #include "proto/chunk_frame.h"
@@ -27,20 +27,6 @@ grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
   record.Log(grpc_status);
   reactor->Finish(grpc_status);
   return reactor;
-}
-
-StoreLoadOptions ToStoreOptions(const v1::LoadHeader& header) {
-  StoreLoadOptions options;
-  options.load.strict = !header.non_strict();
-  options.load.assign = header.assign();
-  options.load.submodule = header.module();
-  if (header.has_expected_version())
-    options.expected_version = header.expected_version();
-  options.create_if_missing = header.create_if_missing();
-  for (const v1::TensorInfo& info : header.tensors()) {
-    if (info.kind() == v1::BUFFER) options.buffer_keys.push_back(info.name());
-  }
-  return options;
 }
 
 // Serializes `message` into a ByteBuffer for a raw (ByteBuffer) reactor.
@@ -70,13 +56,11 @@ class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
       return;
     }
     record_.set_model(request.model());
-    v1::StateDictResponse manifest;
-    absl::Status prepared = Prepare(store, options, request, &manifest);
+    absl::Status prepared = Prepare(store, options, request);
     if (!prepared.ok()) {
       FinishWith(ToGrpcStatus(prepared));
       return;
     }
-    buffer_ = Serialize(manifest);
     StartWrite(&buffer_);
   }
 
@@ -107,43 +91,19 @@ class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   }
 
  private:
+  // Decode, one core call, encode: the manifest goes into buffer_ and the
+  // tensors into the sender.
   absl::Status Prepare(ModelStore* store, const ServiceOptions& service,
-                       const v1::StateDictRequest& request,
-                       v1::StateDictResponse* response) {
-    if (request.chunk_bytes() > kMaxChunkBytes) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("chunk_bytes may be at most ", kMaxChunkBytes));
-    }
-    absl::StatusOr<Snapshot> snapshot =
-        store->GetSnapshot(request.model(), request.version());
-    if (!snapshot.ok()) return snapshot.status();
-    StateDictOptions options;
-    options.submodule = request.module();
-    options.keep_submodule_prefix = !request.strip_module_prefix();
-    options.recurse = !request.own_tensors_only();
-    options.include_buffers = !request.exclude_buffers();
-    options.keys.assign(request.keys().begin(), request.keys().end());
-    absl::StatusOr<modelstate::StateDict> state =
-        GetStateDict(snapshot->root, options);
-    if (!state.ok()) return state.status();
-    if (request.cast_floating_to() != v1::DTYPE_UNSPECIFIED) {
-      absl::StatusOr<DType> dtype = FromProto(request.cast_floating_to());
-      if (!dtype.ok()) return dtype.status();
-      state = store->CastFloatingForFetch(*state, *dtype);
-      if (!state.ok()) return state.status();
-    }
-    v1::Manifest* manifest = response->mutable_manifest();
-    manifest->set_model(snapshot->model);
-    manifest->set_version(snapshot->version);
-    ToTensorInfos(*state, manifest->mutable_tensors());
-    std::vector<Tensor> tensors;
-    tensors.reserve(state->size());
-    for (const auto& entry : state->entries()) tensors.push_back(entry.tensor);
-    const uint32_t chunk_bytes = request.chunk_bytes() > 0
-                                     ? request.chunk_bytes()
-                                     : service.default_chunk_bytes;
-    sender_ = std::make_unique<ChunkSender>(std::move(tensors), chunk_bytes);
-    manifest->set_total_bytes(sender_->total_bytes());
+                       const v1::StateDictRequest& proto) {
+    ASSIGN_OR_RETURN(const FetchRequest request, FromProto(proto));
+    ASSIGN_OR_RETURN(
+        const uint32_t chunk_bytes,
+        ResolveChunkBytes(proto.chunk_bytes(), service.default_chunk_bytes));
+    ASSIGN_OR_RETURN(const FetchPlan plan, store->Fetch(request));
+    sender_ = std::make_unique<ChunkSender>(plan.state.Tensors(), chunk_bytes);
+    v1::StateDictResponse manifest;
+    *manifest.mutable_manifest() = ToManifest(plan, sender_->total_bytes());
+    buffer_ = Serialize(manifest);
     return absl::OkStatus();
   }
 
@@ -222,22 +182,17 @@ class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest> {
     if (receiver_ != nullptr)
       return absl::InvalidArgumentError("a load has only one header");
     record_.set_model(header.model());
-    absl::StatusOr<std::vector<TransferEntry>> entries =
-        ToTransferEntries(header.tensors());
-    if (!entries.ok()) return entries.status();
-    absl::StatusOr<std::unique_ptr<PendingLoad>> pending = store_->BeginLoad(
-        header.model(), ToTensorSpecs(*entries), ToStoreOptions(header));
-    if (!pending.ok()) return pending.status();
-    absl::StatusOr<std::unique_ptr<ChunkReceiver>> receiver =
-        ChunkReceiver::Create(*std::move(entries));
-    if (!receiver.ok()) return receiver.status();
-    if ((*receiver)->total_bytes() != header.total_bytes()) {
+    ASSIGN_OR_RETURN(const LoadRequest request, FromProto(header));
+    ASSIGN_OR_RETURN(std::vector<TransferEntry> entries,
+                     ToTransferEntries(header.tensors()));
+    ASSIGN_OR_RETURN(pending_,
+                     store_->BeginLoad(request, ToTensorSpecs(entries)));
+    ASSIGN_OR_RETURN(receiver_, ChunkReceiver::Create(std::move(entries)));
+    if (receiver_->total_bytes() != header.total_bytes()) {
       return absl::InvalidArgumentError(absl::StrCat(
           "header says ", header.total_bytes(),
-          " bytes but its tensors add up to ", (*receiver)->total_bytes()));
+          " bytes but its tensors add up to ", receiver_->total_bytes()));
     }
-    pending_ = *std::move(pending);
-    receiver_ = *std::move(receiver);
     return absl::OkStatus();
   }
 
@@ -248,15 +203,10 @@ class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest> {
         receiver_->Finish(end.total_bytes());
     receiver_.reset();
     if (!tensors.ok()) return tensors.status();
-    absl::StatusOr<StoreLoadResult> result =
-        store_->CommitLoad(std::move(pending_), *std::move(tensors));
-    if (!result.ok()) return result.status();
-    response_->set_version(result->version);
-    response_->set_created(result->created);
-    for (const std::string& key : result->missing_keys)
-      response_->add_missing_keys(key);
-    for (const std::string& key : result->unexpected_keys)
-      response_->add_unexpected_keys(key);
+    ASSIGN_OR_RETURN(
+        const LoadOutcome outcome,
+        store_->CommitLoad(std::move(pending_), *std::move(tensors)));
+    *response_ = ToProto(outcome);
     committed_ = true;
     return absl::OkStatus();
   }
@@ -278,24 +228,6 @@ class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest> {
   grpc::Status status_;
 };
 
-v1::WatchModelResponse ToProto(const ModelEvent& event) {
-  v1::WatchModelResponse response;
-  switch (event.type) {
-    case ModelEvent::Type::kCreated:
-      response.set_type(v1::WatchModelResponse::CREATED);
-      break;
-    case ModelEvent::Type::kUpdated:
-      response.set_type(v1::WatchModelResponse::UPDATED);
-      break;
-    case ModelEvent::Type::kDeleted:
-      response.set_type(v1::WatchModelResponse::DELETED);
-      break;
-  }
-  response.set_model(event.model);
-  response.set_version(event.version);
-  return response;
-}
-
 }  // namespace
 
 // Streams one model's events; one write in flight, later events queue behind
@@ -309,33 +241,10 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
         model_(model),
         record_("WatchModel", service->options().log_rpcs) {
     record_.set_model(model);
-    listener_id_ = store_->AddListener([this](const ModelEvent& event) {
-      if (event.model == model_) Enqueue(ToProto(event));
-    });
+    // The store delivers CURRENT or ABSENT first, then every later event.
+    listener_id_ = store_->Watch(
+        model_, [this](const ModelEvent& event) { Enqueue(ToProto(event)); });
     absl::MutexLock lock(&mu_);
-    absl::StatusOr<Snapshot> snapshot = store_->GetSnapshot(model_);
-    v1::WatchModelResponse first;
-    first.set_model(model_);
-    // Drop events the snapshot already reflects (they raced with AddListener).
-    std::deque<v1::WatchModelResponse> fresh;
-    if (snapshot.ok()) {
-      first.set_type(v1::WatchModelResponse::CURRENT);
-      first.set_version(snapshot->version);
-      for (auto& event : queue_) {
-        if (event.type() == v1::WatchModelResponse::DELETED ||
-            event.version() > snapshot->version) {
-          fresh.push_back(std::move(event));
-        }
-      }
-    } else {
-      first.set_type(v1::WatchModelResponse::ABSENT);
-      for (auto& event : queue_) {
-        if (event.type() != v1::WatchModelResponse::DELETED)
-          fresh.push_back(std::move(event));
-      }
-    }
-    fresh.push_front(std::move(first));
-    queue_ = std::move(fresh);
     WriteNextLocked();
   }
 
@@ -417,8 +326,8 @@ grpc::ServerUnaryReactor* ModelStateService::ListModels(
     grpc::CallbackServerContext* context, const v1::ListModelsRequest* request,
     v1::ListModelsResponse* response) {
   RpcRecord record("ListModels", options_.log_rpcs);
-  for (const Snapshot& snapshot : store_->List())
-    *response->add_models() = ToSummary(snapshot);
+  for (const ModelSummary& summary : store_->Summaries())
+    *response->add_models() = ToProto(summary);
   return FinishUnary(context, record, absl::OkStatus());
 }
 
@@ -427,25 +336,10 @@ grpc::ServerUnaryReactor* ModelStateService::GetModel(
     v1::GetModelResponse* response) {
   RpcRecord record("GetModel", options_.log_rpcs);
   record.set_model(request->model());
-  absl::StatusOr<Snapshot> snapshot =
-      store_->GetSnapshot(request->model(), request->version());
-  if (!snapshot.ok()) return FinishUnary(context, record, snapshot.status());
-  StateDictOptions options;
-  options.submodule = request->module();
-  absl::StatusOr<modelstate::StateDict> state =
-      GetStateDict(snapshot->root, options);
-  if (!state.ok()) return FinishUnary(context, record, state.status());
-  *response->mutable_summary() = ToSummary(*snapshot);
-  ToTensorInfos(*state, response->mutable_tensors());
-  response->set_architecture_json(snapshot->architecture);
-  response->set_version(snapshot->version);
-  absl::StatusOr<std::vector<int64_t>> retained =
-      store_->RetainedVersions(request->model());
-  if (retained.ok()) {
-    response->mutable_retained_versions()->Add(retained->begin(),
-                                               retained->end());
-  }
-  return FinishUnary(context, record, absl::OkStatus());
+  absl::StatusOr<ModelManifest> manifest =
+      store_->Describe(FromProto(*request));
+  if (manifest.ok()) *response = ToProto(*manifest);
+  return FinishUnary(context, record, manifest.status());
 }
 
 grpc::ServerUnaryReactor* ModelStateService::CreateModel(
@@ -453,17 +347,10 @@ grpc::ServerUnaryReactor* ModelStateService::CreateModel(
     v1::CreateModelResponse* response) {
   RpcRecord record("CreateModel", options_.log_rpcs);
   record.set_model(request->model());
-  absl::Status valid = ValidateModelName(request->model());
-  if (!valid.ok()) return FinishUnary(context, record, valid);
-  absl::StatusOr<ModulePtr> root = BuildModuleFromSpec(
-      request->architecture_json(), BuildOptions{request->seed()});
-  if (!root.ok()) return FinishUnary(context, record, root.status());
-  absl::Status created =
-      store_->Create(request->model(), *root, request->architecture_json());
-  if (!created.ok()) return FinishUnary(context, record, created);
-  absl::StatusOr<Snapshot> snapshot = store_->GetSnapshot(request->model());
-  if (snapshot.ok()) *response->mutable_summary() = ToSummary(*snapshot);
-  return FinishUnary(context, record, snapshot.status());
+  absl::StatusOr<Snapshot> created = store_->CreateFromSpec(
+      request->model(), request->architecture_json(), request->seed());
+  if (created.ok()) *response->mutable_summary() = ToProto(Summarize(*created));
+  return FinishUnary(context, record, created.status());
 }
 
 grpc::ServerUnaryReactor* ModelStateService::DeleteModel(
@@ -480,13 +367,10 @@ grpc::ServerUnaryReactor* ModelStateService::RollbackModel(
     v1::RollbackModelResponse* response) {
   RpcRecord record("RollbackModel", options_.log_rpcs);
   record.set_model(request->model());
-  absl::StatusOr<int64_t> version =
+  absl::StatusOr<Snapshot> current =
       store_->Rollback(request->model(), request->version());
-  if (!version.ok()) return FinishUnary(context, record, version.status());
-  absl::StatusOr<Snapshot> snapshot =
-      store_->GetSnapshot(request->model(), *version);
-  if (snapshot.ok()) *response->mutable_summary() = ToSummary(*snapshot);
-  return FinishUnary(context, record, snapshot.status());
+  if (current.ok()) *response->mutable_summary() = ToProto(Summarize(*current));
+  return FinishUnary(context, record, current.status());
 }
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* ModelStateService::StateDict(

@@ -8,6 +8,7 @@
 #include <set>
 
 #include "absl/synchronization/mutex.h"
+#include "core/limits.h"
 #include "core/model_store.h"
 #include "modelstate/v1/model_state.grpc.pb.h"
 
@@ -16,13 +17,9 @@ namespace modelstate {
 class WatchReactor;
 
 struct ServiceOptions {
-  uint32_t default_chunk_bytes = 1 << 20;
+  uint32_t default_chunk_bytes = kDefaultChunkBytes;
   bool log_rpcs = true;
 };
-
-// Largest chunk a client may ask for: well below gRPC's 4 MiB default message
-// limit.
-inline constexpr uint32_t kMaxChunkBytes = 3 << 20;
 
 // StateDict is a raw (ByteBuffer) method so that chunks are sent without
 // copying tensor bytes; its messages are exactly the proto's.

@@ -88,8 +88,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
   builder.RegisterService(server->service_.get());
   // Chunks stay under 3 MiB; leave room for the envelope and the load header's
   // manifest.
-  builder.SetMaxReceiveMessageSize(64 << 20);
-  builder.SetMaxSendMessageSize(64 << 20);
+  builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
+  builder.SetMaxSendMessageSize(kMaxMessageBytes);
   server->server_ = builder.BuildAndStart();
   if (server->server_ == nullptr || server->port_ == 0) {
     return absl::UnavailableError(

@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "core/data_dir.h"
+#include "core/limits.h"
 #include "core/model_store.h"
 #include "grpcpp/server.h"
 #include "server/model_state_service.h"
@@ -31,7 +32,7 @@ struct ServerOptions {
   std::vector<std::pair<std::string, std::string>> preload;
   // Name of the built-in demo model to create at start; empty for none.
   std::string demo_model;
-  uint32_t chunk_bytes = 1 << 20;
+  uint32_t chunk_bytes = kDefaultChunkBytes;
   int64_t memory_limit_bytes = 0;  // 0: unlimited.
   // PEM files. With cert and key the port uses TLS; with a client CA too,
   // clients must present a certificate it signed (mTLS).
@@ -70,8 +71,6 @@ class Server {
   // The bound port of the health-only listener, or 0.
   int health_port() const { return health_port_; }
   ModelStore& store() { return *store_; }
-  // The background persister (with data_dir and async durability), or null.
-  AsyncPersister* async_persister() { return async_.get(); }
 
   // Blocks until the server has shut down.
   void Wait();

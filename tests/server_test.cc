@@ -4,14 +4,17 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <set>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "core/model_files.h"
 #include "core/module_factory.h"
 #include "gmock/gmock.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
 #include "grpcpp/create_channel.h"
+#include "grpcpp/impl/codegen/client_unary_call.h"
 #include "gtest/gtest.h"
 #include "modelstate/v1/model_state.grpc.pb.h"
 #include "proto/convert.h"
@@ -59,10 +62,10 @@ TEST(ServerTest, SnapshotsMatchTheCoreStateDictBitForBit) {
                     .ok());
     const StateDict expected = CoreState(*server, name);
     for (uint32_t chunk_bytes : {0u, 100u, 4096u}) {
-      FetchOptions options;
+      TransferOptions options;
       options.chunk_bytes = chunk_bytes;
       absl::StatusOr<FetchedStateDict> fetched =
-          client->StateDict(name, options);
+          client->StateDict({name}, options);
       ASSERT_TRUE(fetched.ok()) << fetched.status();
       EXPECT_EQ(fetched->version, 1);
       ExpectSameState(fetched->state, expected);
@@ -83,50 +86,50 @@ TEST(ServerTest, PartialPrefixOnNestedModules) {
   ASSERT_TRUE(
       client->CreateModel("gpt2", ReadSourceFile("tests/models/gpt2.json"))
           .ok());
-  FetchOptions options;
+  FetchRequest options{"gpt2"};
   options.module = "h.1.attn";
-  FetchedStateDict kept = client->StateDict("gpt2", options).value();
+  FetchedStateDict kept = client->StateDict(options).value();
   EXPECT_THAT(kept.state.Keys(),
               ElementsAre("h.1.attn.c_attn.weight", "h.1.attn.c_attn.bias",
                           "h.1.attn.c_proj.weight", "h.1.attn.c_proj.bias"));
   StateDictOptions core;
   core.submodule = "h.1.attn";
   ExpectSameState(kept.state, CoreState(*server, "gpt2", core));
-  options.strip_module_prefix = true;
-  EXPECT_THAT(client->StateDict("gpt2", options).value().state.Keys(),
+  options.keep_module_prefix = false;
+  EXPECT_THAT(client->StateDict(options).value().state.Keys(),
               ElementsAre("c_attn.weight", "c_attn.bias", "c_proj.weight",
                           "c_proj.bias"));
   options.module = "h.10";  // never matches "h.1"
-  EXPECT_EQ(client->StateDict("gpt2", options).status().code(),
+  EXPECT_EQ(client->StateDict(options).status().code(),
             absl::StatusCode::kNotFound);
   EXPECT_EQ(client->GetModel("gpt2", "h.10").status().code(),
             absl::StatusCode::kNotFound);
   EXPECT_EQ(client->GetModel("gpt2", "h.1").value().tensors.size(), 12u);
 
-  FetchOptions filtered;
+  FetchRequest filtered{"gpt2"};
   filtered.keys = {"ln_f.bias", "wte.weight"};
-  EXPECT_THAT(client->StateDict("gpt2", filtered).value().state.Keys(),
+  EXPECT_THAT(client->StateDict(filtered).value().state.Keys(),
               ElementsAre("ln_f.bias", "wte.weight"));
   filtered.keys = {"nope"};
-  EXPECT_EQ(client->StateDict("gpt2", filtered).status().code(),
+  EXPECT_EQ(client->StateDict(filtered).status().code(),
             absl::StatusCode::kNotFound);
 
   ASSERT_TRUE(
       client->CreateModel("cnn", ReadSourceFile("tests/models/cnn.json")).ok());
-  FetchOptions params;
+  FetchRequest params{"cnn"};
   params.include_buffers = false;
   for (const std::string& key :
-       client->StateDict("cnn", params).value().state.Keys()) {
+       client->StateDict(params).value().state.Keys()) {
     EXPECT_THAT(key, ::testing::Not(HasSubstr("running")));
   }
-  FetchOptions own;
+  FetchRequest own{"cnn"};
   own.recurse = false;
   own.module = "1";
-  EXPECT_EQ(client->StateDict("cnn", own).value().state.size(), 5u);
+  EXPECT_EQ(client->StateDict(own).value().state.size(), 5u);
 
-  FetchOptions cast;
-  cast.cast_floating_to = DType::kBFloat16;
-  FetchedStateDict bf16 = client->StateDict("cnn", cast).value();
+  FetchRequest cast{"cnn"};
+  cast.dtype = DType::kBFloat16;
+  FetchedStateDict bf16 = client->StateDict(cast).value();
   const StateDict full = CoreState(*server, "cnn");
   for (const auto& entry : bf16.state.entries()) {
     const Tensor& source = *full.Find(entry.key);
@@ -137,8 +140,8 @@ TEST(ServerTest, PartialPrefixOnNestedModules) {
           entry.tensor.BitwiseEquals(source.CastTo(DType::kBFloat16).value()));
     }
   }
-  cast.cast_floating_to = DType::kInt32;
-  EXPECT_EQ(client->StateDict("cnn", cast).status().code(),
+  cast.dtype = DType::kInt32;
+  EXPECT_EQ(client->StateDict(cast).status().code(),
             absl::StatusCode::kInvalidArgument);
 }
 
@@ -149,17 +152,17 @@ TEST(ServerTest, LoadsStrictNonStrictAssignAndIntoASubmodule) {
       client->CreateModel("cnn", ReadSourceFile("tests/models/cnn.json")).ok());
   const StateDict original = CoreState(*server, "cnn");
 
-  PushResult strict =
-      client->LoadStateDict("cnn", FilledLike(original, 0.5f)).value();
+  LoadOutcome strict =
+      client->LoadStateDict({"cnn"}, FilledLike(original, 0.5f)).value();
   EXPECT_EQ(strict.version, 2);
   ExpectSameState(CoreState(*server, "cnn"), FilledLike(original, 0.5f));
 
   StateDict partial;
   partial.Set("0.weight", FilledLike(original, 2).Find("0.weight")[0]);
   partial.Set("stray", FilledLike(original, 2).Find("0.bias")[0]);
-  PushOptions loose;
+  LoadRequest loose{"cnn"};
   loose.strict = false;
-  PushResult non_strict = client->LoadStateDict("cnn", partial, loose).value();
+  LoadOutcome non_strict = client->LoadStateDict(loose, partial).value();
   EXPECT_EQ(non_strict.version, 3);
   EXPECT_THAT(non_strict.unexpected_keys, ElementsAre("stray"));
   // Everything but 0.weight is missing, except the two num_batches_tracked
@@ -178,36 +181,31 @@ TEST(ServerTest, LoadsStrictNonStrictAssignAndIntoASubmodule) {
   half.Set(
       "bias",
       FilledLike(original, 3).Find("8.bias")->CastTo(DType::kFloat16).value());
-  PushOptions assign;
+  LoadRequest assign{"cnn"};
   assign.assign = true;
   assign.module = "8";
-  EXPECT_EQ(client->LoadStateDict("cnn", half, assign).value().version, 4);
+  EXPECT_EQ(client->LoadStateDict(assign, half).value().version, 4);
   EXPECT_EQ(CoreState(*server, "cnn").Find("8.weight")->dtype(),
             DType::kFloat16);
   EXPECT_EQ(CoreState(*server, "cnn").Find("0.weight")->dtype(),
             DType::kFloat32);
 
-  PushOptions into_submodule;
+  LoadRequest into_submodule{"cnn"};
   into_submodule.module = "8";
-  EXPECT_EQ(client->LoadStateDict("cnn", half, into_submodule).value().version,
-            5);
+  EXPECT_EQ(client->LoadStateDict(into_submodule, half).value().version, 5);
   EXPECT_EQ(CoreState(*server, "cnn").Find("8.weight")->dtype(),
             DType::kFloat16);
 
-  PushOptions cas;
+  LoadRequest cas{"cnn"};
   cas.expected_version = 5;
-  EXPECT_EQ(client->LoadStateDict("cnn", FilledLike(original, 1), cas)
-                .value()
-                .version,
+  EXPECT_EQ(client->LoadStateDict(cas, FilledLike(original, 1)).value().version,
             6);
-  EXPECT_EQ(client->LoadStateDict("cnn", FilledLike(original, 1), cas)
-                .status()
-                .code(),
+  EXPECT_EQ(client->LoadStateDict(cas, FilledLike(original, 1)).status().code(),
             absl::StatusCode::kAborted);
 
-  PushOptions create;
+  LoadRequest create{"fresh"};
   create.create_if_missing = true;
-  PushResult created = client->LoadStateDict("fresh", original, create).value();
+  LoadOutcome created = client->LoadStateDict(create, original).value();
   EXPECT_TRUE(created.created);
   EXPECT_EQ(client->GetModel("fresh").value().tensors[4].kind,
             TensorKind::kBuffer);
@@ -285,15 +283,12 @@ TEST(ServerTest, EveryBadLoadLeavesTheModelBitwiseUnchanged) {
   const StateDict before = CoreState(*server, "m");
   const StateDict good = FilledLike(before, 9);
   const std::string data = Bytes(good);
-  StateDict missing_key = good;
-  missing_key = StateDict();
+  StateDict missing_key;
   for (const auto& e : good.entries()) {
     if (e.key != "2.bias") missing_key.Set(e.key, e.tensor);
   }
   StateDict wrong_shape = good;
   wrong_shape.Set("0.weight", Tensor::Zeros(DType::kFloat32, {4, 4}).value());
-  StateDict huge = good;
-  huge.Set("0.weight", Tensor::Zeros(DType::kFloat32, {4, 3}).value());
 
   struct Case {
     std::string name;
@@ -322,13 +317,42 @@ TEST(ServerTest, EveryBadLoadLeavesTheModelBitwiseUnchanged) {
          l.Send(request);
        },
        grpc::ABORTED, "expected 42"},
-      {"memory limit",
+      {"oversized tensor of the wrong shape",
        [&](RawLoad& l) {
          StateDict big;
          big.Set("0.weight", Tensor::Zeros(DType::kFloat32, {1 << 20}).value());
          l.Header("m", big, /*strict=*/false);
        },
        grpc::FAILED_PRECONDITION, "size mismatch"},
+      {"memory limit",
+       [&](RawLoad& l) {
+         v1::LoadStateDictRequest request;
+         v1::LoadHeader* header = request.mutable_header();
+         header->set_model("grown");
+         header->set_create_if_missing(true);
+         StateDict big;
+         big.Set("w", Tensor::Zeros(DType::kFloat32, {1 << 19}).value());
+         ToTensorInfos(big, header->mutable_tensors());
+         header->set_total_bytes(big.TotalBytes());
+         l.Send(request);
+       },
+       grpc::RESOURCE_EXHAUSTED, "memory limit"},
+      {"unknown tensor kind",
+       [&](RawLoad& l) {
+         v1::LoadStateDictRequest request;
+         request.mutable_header()->set_model("m");
+         ToTensorInfos(good, request.mutable_header()->mutable_tensors());
+         request.mutable_header()->mutable_tensors(0)->set_kind(
+             static_cast<v1::TensorKind>(7));
+         l.Send(request);
+       },
+       grpc::INVALID_ARGUMENT, "unknown tensor kind"},
+      {"chunk over the maximum",
+       [&](RawLoad& l) {
+         l.Header("m", good);
+         l.Chunk(0, std::string(kMaxChunkBytes + 1, '\0'));
+       },
+       grpc::INVALID_ARGUMENT, "larger than the maximum"},
       {"unknown dtype",
        [&](RawLoad& l) {
          v1::LoadStateDictRequest request;
@@ -406,6 +430,8 @@ TEST(ServerTest, EveryBadLoadLeavesTheModelBitwiseUnchanged) {
     Snapshot after = server->store().GetSnapshot("m").value();
     EXPECT_EQ(after.version, 1);
     ExpectSameState(GetStateDict(after.root).value(), before);
+    EXPECT_EQ(server->store().GetSnapshot("grown").status().code(),
+              absl::StatusCode::kNotFound);
   }
   // The memory limit itself: a load whose staging would not fit is refused from
   // the header.
@@ -431,7 +457,7 @@ TEST(ServerTest, EveryBadLoadLeavesTheModelBitwiseUnchanged) {
   }
   EXPECT_EQ(server->store().reserved_bytes(), 0);
   // And a good load still works.
-  EXPECT_EQ(client->LoadStateDict("m", good).value().version, 2);
+  EXPECT_EQ(client->LoadStateDict({"m"}, good).value().version, 2);
 }
 
 TEST(ServerTest, ABadHeaderIsRefusedBeforeAnyData) {
@@ -465,7 +491,7 @@ TEST(ServerTest, ConcurrentLoadsAndSnapshotsNeverTear) {
           .ok());
   const StateDict shape = CoreState(*server, "m");
   ASSERT_TRUE(ConnectTo(*server)
-                  ->LoadStateDict("m", FilledLike(shape, 0))
+                  ->LoadStateDict({"m"}, FilledLike(shape, 0))
                   .ok());  // uniform start
   std::atomic<bool> stop{false};
   std::atomic<int> torn{0}, reads{0};
@@ -475,17 +501,17 @@ TEST(ServerTest, ConcurrentLoadsAndSnapshotsNeverTear) {
       auto client = ConnectTo(*server);
       for (int i = 1; i <= 15; ++i) {
         ASSERT_TRUE(
-            client->LoadStateDict("m", FilledLike(shape, w * 100 + i)).ok());
+            client->LoadStateDict({"m"}, FilledLike(shape, w * 100 + i)).ok());
       }
     });
   }
   for (int r = 0; r < 2; ++r) {
     threads.emplace_back([&] {
       auto client = ConnectTo(*server);
-      FetchOptions options;
+      TransferOptions options;
       options.chunk_bytes = 64 << 10;
       while (!stop.load()) {
-        FetchedStateDict fetched = client->StateDict("m", options).value();
+        FetchedStateDict fetched = client->StateDict({"m"}, options).value();
         const float first =
             fetched.state.entries()[0].tensor.data_as<float>()[0];
         for (const auto& entry : fetched.state.entries()) {
@@ -531,7 +557,7 @@ TEST(ServerTest, OneGibModelRoundTrips) {
   const StateDict served = CoreState(*server, "big");
   ASSERT_EQ(served.TotalBytes(), size_t{1} << 30);
 
-  FetchedStateDict fetched = client->StateDict("big").value();
+  FetchedStateDict fetched = client->StateDict({"big"}).value();
   ASSERT_EQ(fetched.state.size(), 16u);
   for (size_t i = 0; i < 16; ++i) {
     EXPECT_EQ(fetched.state.entries()[i].tensor.Checksum(),
@@ -539,7 +565,7 @@ TEST(ServerTest, OneGibModelRoundTrips) {
     EXPECT_EQ(XXH3_64bits(fetched.state.entries()[i].tensor.data(), 64 << 20),
               served.entries()[i].tensor.Checksum());
   }
-  PushResult pushed = client->LoadStateDict("big", fetched.state).value();
+  LoadOutcome pushed = client->LoadStateDict({"big"}, fetched.state).value();
   EXPECT_EQ(pushed.version, 2);
   const StateDict after = CoreState(*server, "big");
   for (size_t i = 0; i < 16; ++i) {
@@ -556,10 +582,10 @@ TEST(ServerTest, StreamingFetchHandsOverEachTensorOnce) {
           .ok());
   const StateDict expected = CoreState(*server, "llama");
   size_t index = 0;
-  FetchOptions options;
+  TransferOptions options;
   options.chunk_bytes = 1000;
   absl::StatusOr<int64_t> version = client->StateDictStreaming(
-      "llama", options,
+      {"llama"}, options,
       [&](const TensorDescription& description, Tensor tensor) {
         EXPECT_EQ(description.name, expected.entries()[index].key);
         EXPECT_TRUE(tensor.BitwiseEquals(expected.entries()[index].tensor));
@@ -572,7 +598,7 @@ TEST(ServerTest, StreamingFetchHandsOverEachTensorOnce) {
   absl::Status stopped =
       client
           ->StateDictStreaming(
-              "llama", options,
+              {"llama"}, options,
               [&](const TensorDescription&, Tensor) {
                 return absl::CancelledError("worker says stop");
               })
@@ -592,11 +618,12 @@ TEST(ServerTest, WatchStartsWithTheCurrentStateThenFollowsCommits) {
       int seen = 0;
       EXPECT_TRUE(watcher
                       ->Watch(model,
-                              [&](const WatchEvent& event) {
+                              [&](const ModelEvent& event) {
                                 absl::MutexLock lock(&mu);
-                                events.push_back(
-                                    absl::StrCat(static_cast<int>(event.type),
-                                                 "@", event.version));
+                                events.push_back(absl::StrCat(
+                                    v1::WatchModelResponse::Type_Name(
+                                        ToProto(event).type()),
+                                    "@", event.version));
                                 return ++seen < count;
                               })
                       .ok());
@@ -617,11 +644,85 @@ TEST(ServerTest, WatchStartsWithTheCurrentStateThenFollowsCommits) {
       client->CreateModel("m", ReadSourceFile("tests/models/mlp.json")).ok());
   wait_for(2);
   ASSERT_TRUE(
-      client->LoadStateDict("m", FilledLike(CoreState(*server, "m"), 1)).ok());
+      client->LoadStateDict({"m"}, FilledLike(CoreState(*server, "m"), 1))
+          .ok());
   wait_for(3);
   ASSERT_TRUE(client->DeleteModel("m").ok());
   watcher.join();
-  EXPECT_THAT(events, ElementsAre("1@0", "2@1", "3@2", "4@2"));
+  EXPECT_THAT(events,
+              ElementsAre("ABSENT@0", "CREATED@1", "UPDATED@2", "DELETED@2"));
+}
+
+TEST(ServerTest, RoundRobinSpreadsCallsOverEveryAddress) {
+  auto first = StartServer();
+  auto second = StartServer();
+  ASSERT_TRUE(first->store()
+                  .CreateFromSpec("on_first", "{\"type\": \"ReLU\"}", 0)
+                  .ok());
+  ASSERT_TRUE(second->store()
+                  .CreateFromSpec("on_second", "{\"type\": \"ReLU\"}", 0)
+                  .ok());
+  const std::string target = absl::StrCat("ipv4:127.0.0.1:", first->port(),
+                                          ",127.0.0.1:", second->port());
+  // Which servers `calls` ListModels calls reach, by their one model's name.
+  auto reached = [&](const ClientOptions& options, int calls) {
+    std::set<std::string> names;
+    auto client = Client::Connect(target, options).value();
+    for (int i = 0; i < calls; ++i) {
+      absl::StatusOr<std::vector<ModelSummary>> models = client->ListModels();
+      if (models.ok() && models->size() == 1) names.insert((*models)[0].name);
+      if (names.size() == 2) break;
+    }
+    return names;
+  };
+  ClientOptions round_robin;
+  round_robin.load_balancing_policy = "round_robin";
+  round_robin.own_connection = true;
+  EXPECT_THAT(reached(round_robin, 200), ElementsAre("on_first", "on_second"));
+  // gRPC's default, pick_first, stays on one address: the option is what
+  // spreads the calls.
+  ClientOptions pinned;
+  pinned.own_connection = true;
+  EXPECT_EQ(reached(pinned, 20).size(), 1u);
+}
+
+// A client built against the v1 proto before later fields were added sends
+// messages without them; hand-encoded here, they still work.
+TEST(ServerTest, MessagesOfTheFirstV1ClientsStillWork) {
+  auto server = StartServer();
+  ASSERT_TRUE(
+      server->store()
+          .CreateFromSpec("m", ReadSourceFile("tests/models/mlp.json"), 0)
+          .ok());
+  auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", server->port()),
+                                     grpc::InsecureChannelCredentials());
+  // GetModelRequest{model: "m"}: field 1, length-delimited.
+  const std::string get_model("\x0a\x01m", 3);
+  grpc::Slice slice(get_model);
+  grpc::ByteBuffer request(&slice, 1);
+  grpc::ByteBuffer reply;
+  grpc::ClientContext context;
+  const grpc::internal::RpcMethod method("/modelstate.v1.ModelState/GetModel",
+                                         grpc::internal::RpcMethod::NORMAL_RPC);
+  ASSERT_TRUE(
+      (grpc::internal::BlockingUnaryCall<grpc::ByteBuffer, grpc::ByteBuffer>(
+           channel.get(), method, &context, request, &reply))
+          .ok());
+  v1::GetModelResponse response;
+  ASSERT_TRUE(grpc::SerializationTraits<v1::GetModelResponse>::Deserialize(
+                  &reply, &response)
+                  .ok());
+  EXPECT_EQ(response.summary().name(), "m");
+  EXPECT_EQ(response.tensors_size(), 4);
+
+  // A load that creates a model, with no class names: every module is
+  // "Module", as before class names existed.
+  StateDict state = CoreState(*server, "m");
+  auto client = ConnectTo(*server);
+  LoadRequest create{"copy"};
+  create.create_if_missing = true;
+  ASSERT_TRUE(client->LoadStateDict(create, state).ok());
+  EXPECT_EQ(client->GetModel("copy").value().summary.root_class, "Module");
 }
 
 TEST(ServerTest, HealthAndReflectionAnswer) {

@@ -110,15 +110,20 @@ TEST_P(TorchParityTest, DeterministicDefaultsAreBitIdentical) {
   }
 }
 
-TEST_P(TorchParityTest, BrokenStateDictsGiveTorchsOutcome) {
-  for (const Json& broken : manifest_["cases"]) {
+// Loads every broken state dict of the oracle into `model`, strict and not,
+// and compares the outcome with torch's: error text, missing and unexpected
+// keys, and the bits of every loaded tensor.
+void ExpectTorchOutcomes(const Json& manifest, const std::string& model_name,
+                         const ModulePtr& model) {
+  for (const Json& broken : manifest["cases"]) {
     const std::string name = broken["name"].get<std::string>();
     StateDict input = ReadState(broken["file"].get<std::string>());
     for (const char* mode : {"strict", "loose"}) {
-      SCOPED_TRACE(GetParam() + "." + name + " " + mode);
+      SCOPED_TRACE(model_name + "." + name + " " + mode);
       const Json& expected = broken[mode];
-      absl::StatusOr<LoadResult> result = LoadStateDict(
-          model_, input, LoadOptions{std::string(mode) == "strict"});
+      LoadOptions options;
+      options.strict = std::string(mode) == "strict";
+      absl::StatusOr<LoadResult> result = LoadStateDict(model, input, options);
       if (expected.contains("error")) {
         ASSERT_FALSE(result.ok());
         EXPECT_EQ(result.status().code(),
@@ -144,6 +149,35 @@ TEST_P(TorchParityTest, BrokenStateDictsGiveTorchsOutcome) {
       }
     }
   }
+}
+
+// torch's refusal of a bad load into one child names the child's class.
+void ExpectSubmoduleLoadMessage(const Json& manifest, const ModulePtr& model) {
+  const Json& case_ = manifest["submodule_load"];
+  LoadOptions options;
+  options.module = case_["module"].get<std::string>();
+  absl::StatusOr<LoadResult> result = LoadStateDict(
+      model, ReadState(case_["file"].get<std::string>()), options);
+  ASSERT_FALSE(result.ok());
+  EXPECT_EQ(result.status().message(), case_["error"].get<std::string>());
+}
+
+TEST_P(TorchParityTest, BrokenStateDictsGiveTorchsOutcome) {
+  ExpectTorchOutcomes(manifest_, GetParam(), model_);
+  ExpectSubmoduleLoadMessage(manifest_, model_);
+}
+
+TEST_P(TorchParityTest, ModelsCreatedFromTensorsSpeakWithTorchsClassNames) {
+  ModuleTreeOptions options;
+  options.buffer_keys = Strings(manifest_["buffers"]);
+  for (const auto& [path, name] : manifest_["class_names"].items())
+    options.class_names[path] = name.get<std::string>();
+  absl::StatusOr<ModulePtr> model =
+      BuildModuleFromStateDict(ReadState(GetParam() + ".safetensors"), options);
+  ASSERT_TRUE(model.ok()) << model.status();
+  EXPECT_EQ((*model)->type_name(), manifest_["class"].get<std::string>());
+  ExpectTorchOutcomes(manifest_, GetParam() + " from tensors", *model);
+  ExpectSubmoduleLoadMessage(manifest_, *model);
 }
 
 TEST_P(TorchParityTest, OurFilesReadTheSameInTheReferenceReader) {
