@@ -337,8 +337,7 @@ absl::StatusOr<SafetensorsFile> ReadSafetensorsFile(const std::string& path) {
                             std::move(owner));
   } else {
     ASSIGN_OR_RETURN(std::shared_ptr<Storage> buffer, Storage::Allocate(size));
-    RETURN_IF_ERROR(ReadFully(file.fd, 0, const_cast<uint8_t*>(buffer->data()),
-                              size, path));
+    RETURN_IF_ERROR(ReadFully(file.fd, 0, buffer->mutable_data(), size, path));
     bytes = std::move(buffer);
   }
   absl::StatusOr<SafetensorsFile> parsed = ReadSafetensors(std::move(bytes));
