@@ -23,7 +23,7 @@ namespace modelstate {
 // message "<what> <path>: <strerror(err)>": NotFound for ENOENT,
 // ResourceExhausted for ENOSPC and EDQUOT (a full disk or quota),
 // PermissionDenied for EACCES, EPERM and EROFS, and Unavailable for anything
-// else (an I/O error may pass). Never returns OK.
+// else (EIO and the like, which a retry may get past). Never returns OK.
 absl::Status ErrnoToStatus(int err, absl::string_view what,
                            absl::string_view path);
 
