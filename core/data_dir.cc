@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
-#include <cstring>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -31,30 +30,20 @@ constexpr char kDataSuffix[] = ".safetensors";
 constexpr char kTempPrefix[] = ".tmp-";
 constexpr char kManifestFormat[] = "modelstate-manifest-v1";
 
-absl::Status IoError(absl::string_view what, const std::string& path, int err) {
-  std::string message = absl::StrCat(what, " ", path, ": ", std::strerror(err));
-  if (err == ENOSPC || err == EDQUOT)
-    return absl::ResourceExhaustedError(message);
-  if (err == EACCES || err == EPERM || err == EROFS)
-    return absl::PermissionDeniedError(message);
-  if (err == ENOENT) return absl::NotFoundError(message);
-  return absl::UnavailableError(message);
-}
-
 absl::Status MakeDir(const std::string& path) {
   if (mkdir(path.c_str(), 0755) == 0 || errno == EEXIST)
     return absl::OkStatus();
-  return IoError("cannot create directory", path, errno);
+  return ErrnoToStatus(errno, "cannot create directory", path);
 }
 
 absl::Status SyncDir(const std::string& path) {
   const int fd = open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return IoError("cannot open directory", path, errno);
+  if (fd < 0) return ErrnoToStatus(errno, "cannot open directory", path);
   const int rc = fsync(fd);
   const int err = errno;
   close(fd);
   return rc == 0 ? absl::OkStatus()
-                 : IoError("cannot sync directory", path, err);
+                 : ErrnoToStatus(err, "cannot sync directory", path);
 }
 
 std::vector<std::string> ListDir(const std::string& path) {
@@ -211,27 +200,17 @@ absl::Status DataDir::WriteFileAtomically(
   const std::string final_path = dir + "/" + name;
   const int fd =
       open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-  if (fd < 0) return IoError("cannot create", temp, errno);
-  auto write_all = [&](const void* data, size_t size) -> absl::Status {
-    const char* p = static_cast<const char*>(data);
-    while (size > 0) {
-      const ssize_t wrote =
-          options_.write ? options_.write(fd, p, size) : write(fd, p, size);
-      if (wrote < 0 && errno == EINTR) continue;
-      if (wrote <= 0)
-        return IoError("cannot write", temp, wrote < 0 ? errno : ENOSPC);
-      p += wrote;
-      size -= static_cast<size_t>(wrote);
-    }
-    return absl::OkStatus();
+  if (fd < 0) return ErrnoToStatus(errno, "cannot create", temp);
+  auto write_all = [&](const void* data, size_t size) {
+    return WriteAll(fd, data, size, temp, options_.write);
   };
   absl::Status status = produce(write_all);
   if (status.ok() && fsync(fd) != 0)
-    status = IoError("cannot sync", temp, errno);
+    status = ErrnoToStatus(errno, "cannot sync", temp);
   if (close(fd) != 0 && status.ok())
-    status = IoError("cannot close", temp, errno);
+    status = ErrnoToStatus(errno, "cannot close", temp);
   if (status.ok() && rename(temp.c_str(), final_path.c_str()) != 0) {
-    status = IoError("cannot rename", temp, errno);
+    status = ErrnoToStatus(errno, "cannot rename", temp);
   }
   if (!status.ok()) {
     unlink(temp.c_str());
@@ -289,10 +268,10 @@ absl::Status DataDir::Remove(const std::string& model) {
   for (const std::string& name : ListDir(dir)) {
     const std::string file = dir + "/" + name;
     if (unlink(file.c_str()) != 0 && errno != ENOENT)
-      return IoError("cannot remove", file, errno);
+      return ErrnoToStatus(errno, "cannot remove", file);
   }
   if (rmdir(dir.c_str()) != 0 && errno != ENOENT)
-    return IoError("cannot remove", dir, errno);
+    return ErrnoToStatus(errno, "cannot remove", dir);
   return SyncDir(path_);
 }
 

@@ -1,10 +1,14 @@
 #include "core/dtype.h"
 
+#include <array>
 #include <cmath>
 #include <complex>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -14,35 +18,60 @@
 namespace modelstate {
 namespace {
 
+// Everything the lookups below need to know about one dtype.
 struct DTypeInfo {
   DType dtype;
-  size_t size;
-  absl::string_view torch_name;
+  absl::string_view torch_name;  // Without the "torch." prefix.
   absl::string_view safetensors_name;
+  size_t size;    // Bytes per element.
+  bool floating;  // IsFloatingPoint.
 };
 
+// The one list of dtypes: row i describes the DType of value i + 1, so lookups
+// index it directly. Checked against the enum (and against the Traits the
+// conversions use) by the static_asserts of CheckRow below.
 constexpr DTypeInfo kInfos[] = {
-    {DType::kFloat64, 8, "float64", "F64"},
-    {DType::kFloat32, 4, "float32", "F32"},
-    {DType::kFloat16, 2, "float16", "F16"},
-    {DType::kBFloat16, 2, "bfloat16", "BF16"},
-    {DType::kInt64, 8, "int64", "I64"},
-    {DType::kInt32, 4, "int32", "I32"},
-    {DType::kInt16, 2, "int16", "I16"},
-    {DType::kInt8, 1, "int8", "I8"},
-    {DType::kUInt8, 1, "uint8", "U8"},
-    {DType::kUInt16, 2, "uint16", "U16"},
-    {DType::kUInt32, 4, "uint32", "U32"},
-    {DType::kUInt64, 8, "uint64", "U64"},
-    {DType::kBool, 1, "bool", "BOOL"},
-    {DType::kComplex64, 8, "complex64", "C64"},
-    {DType::kFloat8E4M3, 1, "float8_e4m3fn", "F8_E4M3"},
-    {DType::kFloat8E5M2, 1, "float8_e5m2", "F8_E5M2"},
+    // dtype, torch name, safetensors name, size, floating point
+    {DType::kFloat64, "float64", "F64", 8, true},
+    {DType::kFloat32, "float32", "F32", 4, true},
+    {DType::kFloat16, "float16", "F16", 2, true},
+    {DType::kBFloat16, "bfloat16", "BF16", 2, true},
+    {DType::kInt64, "int64", "I64", 8, false},
+    {DType::kInt32, "int32", "I32", 4, false},
+    {DType::kInt16, "int16", "I16", 2, false},
+    {DType::kInt8, "int8", "I8", 1, false},
+    {DType::kUInt8, "uint8", "U8", 1, false},
+    {DType::kUInt16, "uint16", "U16", 2, false},
+    {DType::kUInt32, "uint32", "U32", 4, false},
+    {DType::kUInt64, "uint64", "U64", 8, false},
+    {DType::kBool, "bool", "BOOL", 1, false},
+    {DType::kComplex64, "complex64", "C64", 8, false},
+    {DType::kFloat8E4M3, "float8_e4m3fn", "F8_E4M3", 1, true},
+    {DType::kFloat8E5M2, "float8_e5m2", "F8_E5M2", 1, true},
 };
+constexpr size_t kNumDTypes = sizeof(kInfos) / sizeof(kInfos[0]);
+static_assert(kNumDTypes == static_cast<size_t>(kLastDType),
+              "kInfos needs exactly one row per DType value 1..kLastDType");
 
-const DTypeInfo& Info(DType dtype) {
-  return kInfos[static_cast<int>(dtype) - 1];
+// The row of `dtype` in kInfos; kNumDTypes or more for an invalid value.
+constexpr size_t RowOf(DType dtype) { return static_cast<size_t>(dtype) - 1; }
+
+[[noreturn]] void DieOfInvalidDType(DType dtype) {
+  std::fprintf(stderr, "modelstate: invalid DType value %d\n",
+               static_cast<int>(dtype));
+  std::abort();
 }
+
+// RowOf for a DType that indexes kInfos; an invalid value (a bug: untrusted
+// values are checked with IsValidDType first) aborts instead of reading past
+// the table.
+size_t CheckedRow(DType dtype) {
+  const size_t row = RowOf(dtype);
+  if (row >= kNumDTypes) DieOfInvalidDType(dtype);
+  return row;
+}
+
+const DTypeInfo& Info(DType dtype) { return kInfos[CheckedRow(dtype)]; }
 
 inline uint32_t FloatBits(float f) {
   uint32_t u;
@@ -63,23 +92,10 @@ absl::string_view SafetensorsName(DType dtype) {
   return Info(dtype).safetensors_name;
 }
 
-bool IsFloatingPoint(DType dtype) {
-  switch (dtype) {
-    case DType::kFloat64:
-    case DType::kFloat32:
-    case DType::kFloat16:
-    case DType::kBFloat16:
-    case DType::kFloat8E4M3:
-    case DType::kFloat8E5M2:
-      return true;
-    default:
-      return false;
-  }
-}
+bool IsFloatingPoint(DType dtype) { return Info(dtype).floating; }
 
 bool IsValidDType(int value) {
-  return value >= static_cast<int>(DType::kFloat64) &&
-         value <= static_cast<int>(DType::kFloat8E5M2);
+  return value >= 1 && static_cast<size_t>(value) <= kNumDTypes;
 }
 
 absl::StatusOr<DType> ParseSafetensorsDType(absl::string_view name) {
@@ -367,25 +383,46 @@ void ConvertLoop(const void* src, void* dst, size_t count) {
   }
 }
 
-// Applies X to every dtype, for switches that must name them all.
-// clang-format off
-#define MS_FOR_EACH_DTYPE(X)                                                     \
-  X(DType::kFloat64) X(DType::kFloat32) X(DType::kFloat16) X(DType::kBFloat16)   \
-  X(DType::kInt64) X(DType::kInt32) X(DType::kInt16) X(DType::kInt8)             \
-  X(DType::kUInt8) X(DType::kUInt16) X(DType::kUInt32) X(DType::kUInt64)         \
-  X(DType::kBool) X(DType::kComplex64) X(DType::kFloat8E4M3) X(DType::kFloat8E5M2)
-// clang-format on
+// Checks row `Row` of kInfos against the enum and against the Traits its
+// conversions use, so the table and the types cannot drift apart.
+template <size_t Row>
+struct CheckRow {
+  static constexpr DType kDType = kInfos[Row].dtype;
+  static_assert(RowOf(kDType) == Row,
+                "kInfos row i must describe the DType of value i + 1");
+  static_assert(sizeof(typename Traits<kDType>::Storage) == kInfos[Row].size,
+                "a dtype's size must be the size of its Traits' Storage");
+  static_assert(
+      std::is_floating_point<typename Traits<kDType>::Compute>::value ==
+          kInfos[Row].floating,
+      "a dtype is floating point exactly when its Traits compute in float");
+  static constexpr bool kChecked = true;
+};
 
-template <DType From>
-void ConvertFrom(const void* src, DType to, void* dst, size_t count) {
-  switch (to) {
-#define MS_CASE(D) \
-  case D:          \
-    return ConvertLoop<From, D>(src, dst, count);
-    MS_FOR_EACH_DTYPE(MS_CASE)
-#undef MS_CASE
-  }
+template <size_t... Rows>
+constexpr bool CheckRows(std::index_sequence<Rows...>) {
+  return (CheckRow<Rows>::kChecked && ...);
 }
+static_assert(CheckRows(std::make_index_sequence<kNumDTypes>()));
+
+using ConvertFunction = void (*)(const void* src, void* dst, size_t count);
+
+template <size_t FromRow, size_t... ToRows>
+constexpr std::array<ConvertFunction, kNumDTypes> ConvertersFrom(
+    std::index_sequence<ToRows...>) {
+  return {{&ConvertLoop<kInfos[FromRow].dtype, kInfos[ToRows].dtype>...}};
+}
+
+template <size_t... FromRows>
+constexpr std::array<std::array<ConvertFunction, kNumDTypes>, kNumDTypes>
+MakeConverters(std::index_sequence<FromRows...>) {
+  return {
+      {ConvertersFrom<FromRows>(std::make_index_sequence<kNumDTypes>())...}};
+}
+
+// kConverters[RowOf(from)][RowOf(to)] converts elements of `from` to `to`.
+constexpr auto kConverters =
+    MakeConverters(std::make_index_sequence<kNumDTypes>());
 
 }  // namespace
 
@@ -395,13 +432,7 @@ void ConvertElements(DType from, const void* src, DType to, void* dst,
     if (count > 0) std::memcpy(dst, src, count * ElementSize(from));
     return;
   }
-  switch (from) {
-#define MS_CASE(D) \
-  case D:          \
-    return ConvertFrom<D>(src, to, dst, count);
-    MS_FOR_EACH_DTYPE(MS_CASE)
-#undef MS_CASE
-  }
+  kConverters[CheckedRow(from)][CheckedRow(to)](src, dst, count);
 }
 
 }  // namespace modelstate

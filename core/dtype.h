@@ -3,6 +3,7 @@
 #ifndef MODELSTATE_CORE_DTYPE_H_
 #define MODELSTATE_CORE_DTYPE_H_
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -13,7 +14,10 @@
 namespace modelstate {
 
 // The numeric values are part of the wire protocol (proto DType mirrors them);
-// never renumber.
+// never renumber. They run from 1 to kLastDType without gaps, and dtype.cc's
+// table has one row per value (checked at compile time). Functions taking a
+// DType require a valid enumerator (check untrusted values with IsValidDType)
+// and abort on anything else.
 enum class DType : int {
   kFloat64 = 1,
   kFloat32 = 2,
@@ -33,11 +37,15 @@ enum class DType : int {
   kFloat8E5M2 = 16,  // torch.float8_e5m2
 };
 
-inline constexpr DType kAllDTypes[] = {
-    DType::kFloat64, DType::kFloat32,   DType::kFloat16,    DType::kBFloat16,
-    DType::kInt64,   DType::kInt32,     DType::kInt16,      DType::kInt8,
-    DType::kUInt8,   DType::kUInt16,    DType::kUInt32,     DType::kUInt64,
-    DType::kBool,    DType::kComplex64, DType::kFloat8E4M3, DType::kFloat8E5M2};
+// The enumerator with the largest value; move it when adding a dtype.
+inline constexpr DType kLastDType = DType::kFloat8E5M2;
+
+// Every dtype, in the order of their values.
+inline constexpr auto kAllDTypes = [] {
+  std::array<DType, static_cast<size_t>(kLastDType)> all{};
+  for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<DType>(i + 1);
+  return all;
+}();
 
 // Returns the size of one element in bytes (1 to 8).
 size_t ElementSize(DType dtype);

@@ -46,6 +46,33 @@ TEST(DTypeTest, NamesRoundTrip) {
   EXPECT_FALSE(IsFloatingPoint(DType::kComplex64));
 }
 
+TEST(DTypeTest, EveryPairOfDTypesConvertsOne) {
+  EXPECT_EQ(kAllDTypes.size(), 16u);
+  for (DType from : kAllDTypes) {
+    EXPECT_TRUE(IsValidDType(static_cast<int>(from)));
+    const float one = 1.0f;
+    uint8_t source[8] = {};
+    ConvertElements(DType::kFloat32, &one, from, source, 1);
+    for (DType to : kAllDTypes) {
+      uint8_t converted[8] = {};
+      ConvertElements(from, source, to, converted, 1);
+      float back = 0.0f;
+      ConvertElements(to, converted, DType::kFloat32, &back, 1);
+      EXPECT_EQ(back, 1.0f) << TorchName(from) << " -> " << TorchName(to);
+    }
+  }
+}
+
+TEST(DTypeDeathTest, AnInvalidDTypeAbortsInsteadOfReadingPastTheTable) {
+  EXPECT_DEATH(ElementSize(static_cast<DType>(0)), "invalid DType value 0");
+  EXPECT_DEATH(TorchName(static_cast<DType>(17)), "invalid DType value 17");
+  float in = 1.0f;
+  float out = 0.0f;
+  EXPECT_DEATH(
+      ConvertElements(DType::kFloat32, &in, static_cast<DType>(-3), &out, 1),
+      "invalid DType value -3");
+}
+
 TEST(DTypeTest, BFloat16RoundsToNearestEvenAndKeepsSpecials) {
   EXPECT_EQ(Float32ToBFloat16Bits(1.0f), 0x3F80);
   // 1 + 2^-8 is exactly halfway between two bfloat16 values: ties go to the
@@ -92,7 +119,9 @@ TEST(DTypeTest, Float16RoundsToNearestEvenAndKeepsSpecials) {
   EXPECT_TRUE(std::isnan(Float16BitsToFloat32(0x7E00)));
   for (uint32_t h = 0; h < 0x10000; ++h) {
     const float f = Float16BitsToFloat32(static_cast<uint16_t>(h));
-    if (!std::isnan(f)) ASSERT_EQ(Float32ToFloat16Bits(f), h) << h;
+    if (!std::isnan(f)) {
+      ASSERT_EQ(Float32ToFloat16Bits(f), h) << h;
+    }
   }
 }
 
@@ -105,7 +134,9 @@ TEST(DTypeTest, Float8RoundTripsEveryValue) {
       EXPECT_EQ(Float32ToFloat8E4M3Bits(e4m3), b);
     }
     const float e5m2 = Float8E5M2BitsToFloat32(static_cast<uint8_t>(b));
-    if (!std::isnan(e5m2)) EXPECT_EQ(Float32ToFloat8E5M2Bits(e5m2), b);
+    if (!std::isnan(e5m2)) {
+      EXPECT_EQ(Float32ToFloat8E5M2Bits(e5m2), b);
+    }
   }
   EXPECT_EQ(Float8E4M3BitsToFloat32(0x7E), 448.0f);
   EXPECT_EQ(Float32ToFloat8E4M3Bits(460.0f), 0x7E);  // rounds down to the max

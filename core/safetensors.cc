@@ -7,11 +7,11 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <cstring>
 #include <limits>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "core/file_util.h"
 #include "core/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -296,23 +296,6 @@ absl::StatusOr<SafetensorsFile> ReadSafetensors(
 
 namespace {
 
-absl::Status ErrnoStatus(absl::string_view what, const std::string& path) {
-  const int err = errno;
-  std::string message = absl::StrCat(what, " ", path, ": ", std::strerror(err));
-  switch (err) {
-    case ENOENT:
-      return absl::NotFoundError(message);
-    case EACCES:
-    case EPERM:
-      return absl::PermissionDeniedError(message);
-    case ENOSPC:
-    case EDQUOT:
-      return absl::ResourceExhaustedError(message);
-    default:
-      return absl::UnavailableError(message);
-  }
-}
-
 struct Fd {
   int fd = -1;
   ~Fd() {
@@ -320,29 +303,15 @@ struct Fd {
   }
 };
 
-absl::Status ReadFully(int fd, uint8_t* out, size_t size,
-                       const std::string& path) {
-  size_t done = 0;
-  while (done < size) {
-    ssize_t got = pread(fd, out + done, size - done, static_cast<off_t>(done));
-    if (got < 0 && errno == EINTR) continue;
-    if (got < 0) return ErrnoStatus("cannot read", path);
-    if (got == 0)
-      return absl::DataLossError(
-          absl::StrCat(path, " shrank while being read"));
-    done += static_cast<size_t>(got);
-  }
-  return absl::OkStatus();
-}
-
 }  // namespace
 
 absl::StatusOr<SafetensorsFile> ReadSafetensorsFile(const std::string& path) {
   Fd file;
   file.fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (file.fd < 0) return ErrnoStatus("cannot open", path);
+  if (file.fd < 0) return ErrnoToStatus(errno, "cannot open", path);
   struct stat info;
-  if (fstat(file.fd, &info) != 0) return ErrnoStatus("cannot stat", path);
+  if (fstat(file.fd, &info) != 0)
+    return ErrnoToStatus(errno, "cannot stat", path);
   if (!S_ISREG(info.st_mode)) {
     return absl::InvalidArgumentError(
         absl::StrCat(path, " is not a regular file"));
@@ -350,7 +319,7 @@ absl::StatusOr<SafetensorsFile> ReadSafetensorsFile(const std::string& path) {
   const uint64_t size = static_cast<uint64_t>(info.st_size);
   uint8_t length_bytes[kLengthBytes] = {};
   if (size >= kLengthBytes) {
-    RETURN_IF_ERROR(ReadFully(file.fd, length_bytes, kLengthBytes, path));
+    RETURN_IF_ERROR(ReadFully(file.fd, 0, length_bytes, kLengthBytes, path));
   }
   absl::Status length =
       SafetensorsHeaderLength({length_bytes, kLengthBytes}, size).status();
@@ -362,15 +331,13 @@ absl::StatusOr<SafetensorsFile> ReadSafetensorsFile(const std::string& path) {
   std::shared_ptr<const Storage> bytes;
   if (size >= kMmapThreshold) {
     void* mapping = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, file.fd, 0);
-    if (mapping == MAP_FAILED) return ErrnoStatus("cannot map", path);
-    std::shared_ptr<const void> owner(
-        mapping, [size](const void* p) { munmap(const_cast<void*>(p), size); });
+    if (mapping == MAP_FAILED) return ErrnoToStatus(errno, "cannot map", path);
+    std::shared_ptr<void> owner(mapping, [size](void* p) { munmap(p, size); });
     bytes = Storage::Borrow(static_cast<const uint8_t*>(mapping), size,
                             std::move(owner));
   } else {
     ASSIGN_OR_RETURN(std::shared_ptr<Storage> buffer, Storage::Allocate(size));
-    RETURN_IF_ERROR(
-        ReadFully(file.fd, const_cast<uint8_t*>(buffer->data()), size, path));
+    RETURN_IF_ERROR(ReadFully(file.fd, 0, buffer->mutable_data(), size, path));
     bytes = std::move(buffer);
   }
   absl::StatusOr<SafetensorsFile> parsed = ReadSafetensors(std::move(bytes));
@@ -461,18 +428,10 @@ absl::Status WriteSafetensorsFile(const std::string& path,
                                   const SafetensorsMetadata& metadata) {
   Fd file;
   file.fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (file.fd < 0) return ErrnoStatus("cannot create", path);
+  if (file.fd < 0) return ErrnoToStatus(errno, "cannot create", path);
   return WriteSafetensors(
       state, metadata, [&](absl::Span<const uint8_t> piece) {
-        size_t done = 0;
-        while (done < piece.size()) {
-          ssize_t wrote =
-              write(file.fd, piece.data() + done, piece.size() - done);
-          if (wrote < 0 && errno == EINTR) continue;
-          if (wrote < 0) return ErrnoStatus("cannot write", path);
-          done += static_cast<size_t>(wrote);
-        }
-        return absl::OkStatus();
+        return WriteAll(file.fd, piece.data(), piece.size(), path);
       });
 }
 

@@ -68,7 +68,8 @@ absl::StatusOr<SafetensorsFile> ReadSafetensors(
 
 // Reads the file at `path`. Files of 1 MiB and more are memory-mapped
 // (read-only, private) and the tensors borrow the mapping; smaller ones are
-// read into memory. NotFound/PermissionDenied etc. for I/O failures, otherwise
+// read into memory. I/O failures are reported as ErrnoToStatus
+// (core/file_util.h) and a file that shrinks while read as DataLoss; otherwise
 // errors as ParseSafetensorsHeader.
 absl::StatusOr<SafetensorsFile> ReadSafetensorsFile(const std::string& path);
 
@@ -93,6 +94,8 @@ absl::StatusOr<std::string> SerializeSafetensors(
     const StateDict& state, const SafetensorsMetadata& metadata = {});
 
 // Writes the file at `path` (created or truncated; not atomic and not fsynced).
+// I/O failures are reported as ErrnoToStatus (core/file_util.h); otherwise
+// errors as SerializeSafetensorsHeader.
 absl::Status WriteSafetensorsFile(const std::string& path,
                                   const StateDict& state,
                                   const SafetensorsMetadata& metadata = {});

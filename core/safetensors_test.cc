@@ -29,7 +29,7 @@ std::string File(const std::string& header, size_t data_bytes) {
 
 absl::StatusOr<SafetensorsFile> Parse(const std::string& file) {
   auto storage = Storage::Allocate(file.size()).value();
-  std::memcpy(const_cast<uint8_t*>(storage->data()), file.data(), file.size());
+  std::memcpy(storage->mutable_data(), file.data(), file.size());
   return ReadSafetensors(storage);
 }
 

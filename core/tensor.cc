@@ -23,22 +23,25 @@ const std::shared_ptr<const Storage>& EmptyStorage() {
 }
 }  // namespace
 
-Storage::Storage(uint8_t* data, size_t size, bool owned,
+Storage::Storage(const uint8_t* data, uint8_t* allocated, size_t size,
                  std::shared_ptr<const void> owner)
-    : data_(data), size_(size), owned_(owned), owner_(std::move(owner)) {}
+    : data_(data),
+      allocated_(allocated),
+      size_(size),
+      owner_(std::move(owner)) {}
 
 Storage::~Storage() {
   if (accountant_ != nullptr) {
     accountant_->live_bytes_.fetch_sub(static_cast<int64_t>(size_),
                                        std::memory_order_relaxed);
   }
-  if (owned_) std::free(data_);
+  std::free(allocated_);
 }
 
 absl::StatusOr<std::shared_ptr<Storage>> Storage::Allocate(size_t bytes) {
   ASSIGN_OR_RETURN(std::shared_ptr<Storage> storage,
                    AllocateUninitialized(bytes));
-  std::memset(storage->data_, 0, bytes);
+  std::memset(storage->mutable_data(), 0, bytes);
   return storage;
 }
 
@@ -58,15 +61,15 @@ absl::StatusOr<std::shared_ptr<Storage>> Storage::AllocateUninitialized(
         absl::StrCat("cannot allocate ", bytes, " bytes"));
   }
   if (alignment == kHugePage) madvise(data, rounded, MADV_HUGEPAGE);
+  uint8_t* allocated = static_cast<uint8_t*>(data);
   return std::shared_ptr<Storage>(
-      new Storage(static_cast<uint8_t*>(data), bytes, /*owned=*/true, nullptr));
+      new Storage(allocated, allocated, bytes, /*owner=*/nullptr));
 }
 
-std::shared_ptr<Storage> Storage::Borrow(const uint8_t* data, size_t bytes,
-                                         std::shared_ptr<const void> owner) {
-  return std::shared_ptr<Storage>(new Storage(const_cast<uint8_t*>(data), bytes,
-                                              /*owned=*/false,
-                                              std::move(owner)));
+std::shared_ptr<const Storage> Storage::Borrow(
+    const uint8_t* data, size_t bytes, std::shared_ptr<const void> owner) {
+  return std::shared_ptr<const Storage>(
+      new Storage(data, /*allocated=*/nullptr, bytes, std::move(owner)));
 }
 
 void Storage::AttachAccountant(
@@ -175,13 +178,9 @@ uint64_t Tensor::Checksum() const {
     return checksum_->value.load(std::memory_order_relaxed);
   }
   const uint64_t checksum = XXH3_64bits(data(), num_bytes());
-  RememberChecksum(checksum);
-  return checksum;
-}
-
-void Tensor::RememberChecksum(uint64_t checksum) const {
   checksum_->value.store(checksum, std::memory_order_relaxed);
   checksum_->known.store(true, std::memory_order_release);
+  return checksum;
 }
 
 bool Tensor::BitwiseEquals(const Tensor& other) const {

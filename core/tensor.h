@@ -37,12 +37,21 @@ class MemoryAccountant {
   std::atomic<int64_t> live_bytes_{0};
 };
 
-// A contiguous block of bytes. Owned blocks are 64-byte aligned and
-// zero-initialised; a block may also borrow memory kept alive by an owner (a
-// memory-mapped file).
+// A contiguous block of bytes: either allocated here, or borrowed from memory
+// an owner keeps alive (a memory-mapped file).
+//
+// Allocated blocks start at a 64-byte boundary; blocks of 2 MiB and more start
+// at a 2 MiB boundary and are advised (MADV_HUGEPAGE) to use transparent huge
+// pages, so filling a fresh large tensor takes few page faults. A borrowed
+// block has whatever alignment its owner gives it.
+//
+// Writing: Allocate returns the only writable handle (a non-const Storage);
+// fill the bytes through mutable_data() before sharing the storage with
+// Tensors, which assume their bytes never change afterwards. Borrowed blocks
+// are read-only.
 class Storage {
  public:
-  // Allocates `bytes` zeroed bytes, 64-byte aligned. Returns ResourceExhausted
+  // Allocates `bytes` zeroed bytes, aligned as above. Returns ResourceExhausted
   // if the allocation fails.
   static absl::StatusOr<std::shared_ptr<Storage>> Allocate(size_t bytes);
 
@@ -51,9 +60,10 @@ class Storage {
   static absl::StatusOr<std::shared_ptr<Storage>> AllocateUninitialized(
       size_t bytes);
 
-  // Wraps memory that `owner` keeps alive (e.g. a mapping). Never copies.
-  static std::shared_ptr<Storage> Borrow(const uint8_t* data, size_t bytes,
-                                         std::shared_ptr<const void> owner);
+  // Wraps read-only memory that `owner` keeps alive (e.g. a mapping). Never
+  // copies.
+  static std::shared_ptr<const Storage> Borrow(
+      const uint8_t* data, size_t bytes, std::shared_ptr<const void> owner);
 
   ~Storage();
   Storage(const Storage&) = delete;
@@ -62,21 +72,24 @@ class Storage {
   const uint8_t* data() const { return data_; }
   size_t size() const { return size_; }
 
+  // The writable bytes of an allocated storage (only Allocate and
+  // AllocateUninitialized hand out non-const storages).
+  uint8_t* mutable_data() { return allocated_; }
+
   // Makes `accountant` count this storage's bytes until the storage dies.
   // Attaching to the same accountant again is a no-op; a storage counts towards
-  // at most one accountant (the first). The accountant must outlive the
-  // storage.
+  // at most one accountant (the first), which the storage keeps alive.
   void AttachAccountant(
       const std::shared_ptr<MemoryAccountant>& accountant) const;
 
  private:
-  friend class TensorBuilder;
-  Storage(uint8_t* data, size_t size, bool owned,
+  Storage(const uint8_t* data, uint8_t* allocated, size_t size,
           std::shared_ptr<const void> owner);
 
-  uint8_t* data_;
+  const uint8_t* data_;
+  uint8_t* allocated_;  // data_ when allocated here (freed with the storage),
+                        // null when borrowed.
   size_t size_;
-  bool owned_;
   std::shared_ptr<const void> owner_;
   mutable std::shared_ptr<MemoryAccountant> accountant_;
   mutable std::atomic_flag attached_ = ATOMIC_FLAG_INIT;
@@ -118,11 +131,16 @@ class Tensor {
   const Shape& shape() const { return shape_; }
   int64_t num_elements() const { return num_elements_; }
   size_t num_bytes() const { return num_elements_ * ElementSize(dtype_); }
+  // The first byte. Tensors made here (Zeros, FromBytes, CastTo,
+  // TensorBuilder) start at their storage's start, so they are aligned as
+  // Storage::Allocate promises; a View is aligned only as far as its storage
+  // and offset make it (a safetensors file's tensors may not be).
   const uint8_t* data() const { return storage_->data() + offset_; }
   absl::Span<const uint8_t> bytes() const { return {data(), num_bytes()}; }
   const std::shared_ptr<const Storage>& storage() const { return storage_; }
   size_t storage_offset() const { return offset_; }
 
+  // data() as T*; the caller must know data() is aligned for T.
   template <typename T>
   const T* data_as() const {
     return reinterpret_cast<const T*>(data());
@@ -145,13 +163,9 @@ class Tensor {
   }
 
   // XXH3-64 of the tensor's bytes (the protocol's per-tensor checksum).
-  // Computed once and remembered by every copy of this tensor.
+  // Computed on first use and remembered by every copy and reshape of this
+  // tensor (threads that ask at the same moment may each compute it once).
   uint64_t Checksum() const;
-
-  // Records `checksum` as this tensor's XXH3-64 when the caller has just
-  // verified it (a received tensor), so Checksum() need not read the bytes
-  // again.
-  void RememberChecksum(uint64_t checksum) const;
 
   // True when dtype, shape and bytes are all equal.
   bool BitwiseEquals(const Tensor& other) const;
@@ -190,10 +204,10 @@ class TensorBuilder {
   const Shape& shape() const { return shape_; }
   size_t num_bytes() const { return storage_->size(); }
   int64_t num_elements() const { return num_elements_; }
-  uint8_t* mutable_data() { return storage_->data_; }
+  uint8_t* mutable_data() { return storage_->mutable_data(); }
   template <typename T>
   T* mutable_data_as() {
-    return reinterpret_cast<T*>(storage_->data_);
+    return reinterpret_cast<T*>(storage_->mutable_data());
   }
 
   // Freezes the bytes into an immutable Tensor. The builder must not be used

@@ -1,7 +1,10 @@
 #include "core/tensor.h"
 
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <memory>
+#include <type_traits>
 
 #include "gtest/gtest.h"
 
@@ -44,6 +47,43 @@ TEST(TensorTest, StorageIsAlignedAndSharedWithoutCopies) {
   EXPECT_EQ(cast.num_bytes(), 42u);
 }
 
+TEST(TensorTest, LargeStoragesAreHugePageAlignedAndAllocateZeroes) {
+  constexpr size_t kHugePage = 2 << 20;
+  auto small = Storage::Allocate(100).value();
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(small->data()) % 64, 0u);
+  auto large = Storage::Allocate(kHugePage + 1).value();
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(large->data()) % kHugePage, 0u);
+  for (size_t i = 0; i < large->size(); i += 4096)
+    EXPECT_EQ(large->data()[i], 0);
+  EXPECT_EQ(large->data()[large->size() - 1], 0);
+  auto builder = TensorBuilder::Create(DType::kUInt8, {kHugePage}).value();
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(builder.mutable_data()) % kHugePage,
+            0u);
+  EXPECT_EQ(builder.mutable_data()[kHugePage / 2], 0);
+}
+
+TEST(TensorTest, OnlyAllocatedStoragesAreWritable) {
+  auto storage = Storage::Allocate(8).value();
+  storage->mutable_data()[3] = 42;
+  EXPECT_EQ(storage->data(), storage->mutable_data());
+  Tensor view = Tensor::View(DType::kUInt8, {8}, storage, 0).value();
+  EXPECT_EQ(view.data()[3], 42);
+
+  // Borrowed memory is read-only: Borrow hands out only a const Storage.
+  static_assert(std::is_same<decltype(Storage::Borrow(nullptr, 0, nullptr)),
+                             std::shared_ptr<const Storage>>::value,
+                "a borrowed storage must not be writable");
+  const uint8_t bytes[4] = {1, 2, 3, 4};
+  auto owner = std::make_shared<int>(0);
+  std::weak_ptr<int> watch = owner;
+  std::shared_ptr<const Storage> borrowed =
+      Storage::Borrow(bytes, sizeof bytes, std::move(owner));
+  EXPECT_EQ(borrowed->data(), bytes);
+  EXPECT_FALSE(watch.expired());
+  borrowed.reset();
+  EXPECT_TRUE(watch.expired());
+}
+
 TEST(TensorTest, FromBytesChecksTheSize) {
   const uint8_t bytes[8] = {1, 2, 3, 4, 5, 6, 7, 8};
   EXPECT_TRUE(Tensor::FromBytes(DType::kInt32, {2}, {bytes, 8}).ok());
@@ -75,6 +115,17 @@ TEST(TensorTest, AccountantCountsLiveStoragesOnce) {
     EXPECT_EQ(accountant->live_bytes(), 1024);
   }
   EXPECT_EQ(accountant->live_bytes(), 0);
+}
+
+TEST(TensorTest, AStorageKeepsItsAccountantAlive) {
+  Tensor a = Tensor::Zeros(DType::kFloat32, {4}).value();
+  auto accountant = std::make_shared<MemoryAccountant>();
+  std::weak_ptr<MemoryAccountant> watch = accountant;
+  a.storage()->AttachAccountant(accountant);
+  accountant.reset();
+  EXPECT_FALSE(watch.expired());
+  a = Tensor();
+  EXPECT_TRUE(watch.expired());
 }
 
 }  // namespace

@@ -58,6 +58,7 @@ grpc::ByteBuffer FrameStateDictChunk(const ChunkSender::Chunk& chunk) {
   slices.emplace_back(header, n);  // copies the few header bytes
   for (size_t i = 0; i < chunk.pieces.size(); ++i) {
     auto* owner = new std::shared_ptr<const Storage>(chunk.owners[i]);
+    // grpc::Slice wants a void*, but gRPC only reads an outgoing message.
     slices.emplace_back(const_cast<uint8_t*>(chunk.pieces[i].data()),
                         chunk.pieces[i].size(), &ReleaseStorage, owner);
   }
