@@ -18,6 +18,7 @@
 #include "client/format.h"
 #include "core/file_util.h"
 #include "core/safetensors.h"
+#include "proto/convert.h"
 
 ABSL_FLAG(std::string, server, "127.0.0.1:50551", "HOST:PORT of modelstated");
 ABSL_FLAG(std::string, tls_ca, "",
@@ -174,7 +175,15 @@ int Info(Client& client, const std::string& model) {
   return 0;
 }
 
-int PrintPush(const absl::StatusOr<PushResult>& result) {
+// The chunk size flag and a progress bar.
+TransferOptions Transfer(ProgressBar& bar) {
+  TransferOptions transfer;
+  transfer.chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);
+  transfer.progress = bar.Callback();
+  return transfer;
+}
+
+int PrintPush(const absl::StatusOr<LoadOutcome>& result) {
   if (!result.ok()) return Fail(result.status());
   std::printf("version %lld%s\n", static_cast<long long>(result->version),
               result->created ? " (created)" : "");
@@ -208,14 +217,12 @@ int Create(Client& client, const std::string& model) {
   }
   absl::StatusOr<SafetensorsFile> file = ReadSafetensorsFile(from);
   if (!file.ok()) return Fail(file.status());
-  PushOptions options;
-  options.create_if_missing = true;
-  options.expected_version = 0;  // Refuse to overwrite an existing model.
-  options.chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);
+  LoadRequest request(model);
+  request.create_if_missing = true;
+  request.expected_version = 0;  // Refuse to overwrite an existing model.
   ProgressBar bar("create");
-  options.progress = bar.Callback();
-  absl::StatusOr<PushResult> result =
-      client.LoadStateDict(model, file->tensors, options);
+  absl::StatusOr<LoadOutcome> result =
+      client.LoadStateDict(request, file->tensors, Transfer(bar));
   if (!result.ok() && result.status().code() == absl::StatusCode::kAborted) {
     return Fail(absl::AlreadyExistsError(
         absl::StrCat("model \"", model, "\" already exists")));
@@ -224,23 +231,22 @@ int Create(Client& client, const std::string& model) {
 }
 
 int Pull(Client& client, const std::string& model, const std::string& path) {
-  FetchOptions options;
-  options.module = absl::GetFlag(FLAGS_module);
-  options.keys = absl::GetFlag(FLAGS_keys);
-  options.include_buffers = !absl::GetFlag(FLAGS_no_buffers);
-  options.strip_module_prefix = absl::GetFlag(FLAGS_strip_module_prefix);
-  options.version = absl::GetFlag(FLAGS_version);
-  options.chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);
+  FetchRequest request(model);
+  request.module = absl::GetFlag(FLAGS_module);
+  request.keys = absl::GetFlag(FLAGS_keys);
+  request.include_buffers = !absl::GetFlag(FLAGS_no_buffers);
+  request.keep_module_prefix = !absl::GetFlag(FLAGS_strip_module_prefix);
+  request.version = absl::GetFlag(FLAGS_version);
   const std::string dtype = absl::GetFlag(FLAGS_dtype);
   if (!dtype.empty()) {
     if (dtype != "bf16" && dtype != "f16" && dtype != "f32") {
       return Usage("--dtype must be bf16, f16 or f32");
     }
-    options.cast_floating_to = ParseTorchDType(dtype).value();
+    request.dtype = ParseTorchDType(dtype).value();
   }
   ProgressBar bar("pull");
-  options.progress = bar.Callback();
-  absl::StatusOr<FetchedStateDict> fetched = client.StateDict(model, options);
+  absl::StatusOr<FetchedStateDict> fetched =
+      client.StateDict(request, Transfer(bar));
   if (!fetched.ok()) return Fail(fetched.status());
   absl::Status written =
       WriteSafetensorsFile(path, fetched->state, {{"format", "pt"}});
@@ -254,26 +260,25 @@ int Pull(Client& client, const std::string& model, const std::string& path) {
 int Push(Client& client, const std::string& model, const std::string& path) {
   absl::StatusOr<SafetensorsFile> file = ReadSafetensorsFile(path);
   if (!file.ok()) return Fail(file.status());
-  PushOptions options;
-  options.strict = !absl::GetFlag(FLAGS_non_strict);
-  options.assign = absl::GetFlag(FLAGS_assign);
-  options.module = absl::GetFlag(FLAGS_module);
+  LoadRequest request(model);
+  request.strict = !absl::GetFlag(FLAGS_non_strict);
+  request.assign = absl::GetFlag(FLAGS_assign);
+  request.module = absl::GetFlag(FLAGS_module);
   if (absl::GetFlag(FLAGS_if_version) >= 0)
-    options.expected_version = absl::GetFlag(FLAGS_if_version);
-  options.chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);
+    request.expected_version = absl::GetFlag(FLAGS_if_version);
   ProgressBar bar("push");
-  options.progress = bar.Callback();
-  return PrintPush(client.LoadStateDict(model, file->tensors, options));
+  return PrintPush(
+      client.LoadStateDict(request, file->tensors, Transfer(bar)));
 }
 
 int Watch(Client& client, const std::string& model) {
   const int64_t count = absl::GetFlag(FLAGS_count);
   int64_t seen = 0;
-  absl::Status status = client.Watch(model, [&](const WatchEvent& event) {
-    static const char* const kNames[] = {"CURRENT", "ABSENT", "CREATED",
-                                         "UPDATED", "DELETED"};
-    std::printf("%s %s %lld\n", kNames[static_cast<int>(event.type)],
-                event.model.c_str(), static_cast<long long>(event.version));
+  absl::Status status = client.Watch(model, [&](const ModelEvent& event) {
+    std::printf(
+        "%s %s %lld\n",
+        v1::WatchModelResponse::Type_Name(ToProto(event).type()).c_str(),
+        event.model.c_str(), static_cast<long long>(event.version));
     std::fflush(stdout);
     return count <= 0 || ++seen < count;
   });

@@ -93,7 +93,7 @@ TEST(ServerTest, PartialPrefixOnNestedModules) {
               ElementsAre("h.1.attn.c_attn.weight", "h.1.attn.c_attn.bias",
                           "h.1.attn.c_proj.weight", "h.1.attn.c_proj.bias"));
   StateDictOptions core;
-  core.submodule = "h.1.attn";
+  core.module = "h.1.attn";
   ExpectSameState(kept.state, CoreState(*server, "gpt2", core));
   options.keep_module_prefix = false;
   EXPECT_THAT(client->StateDict(options).value().state.Keys(),
