@@ -1,8 +1,12 @@
 #include "core/model_store.h"
 
 #include <atomic>
+#include <cmath>
 #include <thread>
+#include <vector>
 
+#include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
 #include "core/test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -180,38 +184,84 @@ TEST(ModelStoreTest, ListenersSeeEventsInCommitOrder) {
 }
 
 TEST(ModelStoreTest, ConcurrentLoadsAndSnapshotsNeverTear) {
+  constexpr int kWriters = 3;
+  constexpr int kReaders = 3;
+  constexpr int kLoadsPerWriter = 40;
+  constexpr int64_t kFirstVersion = 2;  // after the create and a uniform load
+  constexpr int64_t kLastVersion = kFirstVersion + kWriters * kLoadsPerWriter;
+  const absl::Duration kBound = absl::Seconds(60);
   ModelStore store;
   ASSERT_TRUE(store.Create("m", MustBuild(kTwoLayers)).ok());
   ModulePtr shape = store.GetSnapshot("m").value().root;
   ASSERT_TRUE(store.Load("m", Filled(shape, 0), {}).ok());
+  ASSERT_EQ(store.GetSnapshot("m").value().version, kFirstVersion);
+
+  // The scheduler owes us no interleaving (on two busy cores a reader may not
+  // run at all before the writers finish), so the overlap is arranged: every
+  // reader has read before any writer starts, and each writer pauses halfway
+  // until every reader has seen a version strictly between the first and the
+  // last, i.e. read while loads were still being committed.
+  std::vector<absl::Notification> has_read(kReaders);
+  std::vector<absl::Notification> saw_midway(kReaders);
   std::atomic<bool> stop{false};
   std::atomic<int> torn{0};
-  std::atomic<int> reads{0};
-  std::vector<std::thread> threads;
-  for (int w = 0; w < 3; ++w) {
-    threads.emplace_back([&, w] {
-      for (int i = 1; i <= 40; ++i) {
-        ASSERT_TRUE(
-            store.Load("m", Filled(shape, static_cast<float>(w * 1000 + i)), {})
-                .ok());
-      }
-    });
-  }
-  for (int r = 0; r < 3; ++r) {
-    threads.emplace_back([&] {
+  std::atomic<int> backwards{0};
+  std::vector<std::thread> readers;
+  for (int r = 0; r < kReaders; ++r) {
+    readers.emplace_back([&, r] {
+      int64_t last_seen = 0;
       while (!stop.load()) {
         Snapshot snapshot = store.GetSnapshot("m").value();
         if (std::isnan(UniformValue(snapshot.root))) ++torn;
-        ++reads;
+        if (snapshot.version < last_seen) ++backwards;
+        last_seen = snapshot.version;
+        if (!has_read[r].HasBeenNotified()) has_read[r].Notify();
+        if (snapshot.version > kFirstVersion &&
+            snapshot.version < kLastVersion &&
+            !saw_midway[r].HasBeenNotified()) {
+          saw_midway[r].Notify();
+        }
       }
     });
   }
-  for (int w = 0; w < 3; ++w) threads[w].join();
-  stop = true;
-  for (size_t t = 3; t < threads.size(); ++t) threads[t].join();
+  // Joins the readers however the test ends, so a failed wait cannot leave a
+  // joinable thread behind.
+  auto stop_readers = [&] {
+    stop = true;
+    for (std::thread& reader : readers) reader.join();
+  };
+  for (absl::Notification& read : has_read) {
+    if (!read.WaitForNotificationWithTimeout(kBound)) {
+      stop_readers();
+      FAIL() << "a reader did not read within " << kBound;
+    }
+  }
+  std::atomic<int> failed_loads{0};
+  std::atomic<int> unseen_midway{0};
+  std::vector<std::thread> writers;
+  for (int w = 0; w < kWriters; ++w) {
+    writers.emplace_back([&, w] {
+      for (int i = 1; i <= kLoadsPerWriter; ++i) {
+        if (!store
+                 .Load("m", Filled(shape, static_cast<float>(w * 1000 + i)), {})
+                 .ok()) {
+          ++failed_loads;
+        }
+        if (i != kLoadsPerWriter / 2) continue;
+        // While this writer waits the version cannot reach the last one.
+        for (absl::Notification& midway : saw_midway) {
+          if (!midway.WaitForNotificationWithTimeout(kBound)) ++unseen_midway;
+        }
+      }
+    });
+  }
+  for (std::thread& writer : writers) writer.join();
+  stop_readers();
+  EXPECT_EQ(failed_loads.load(), 0);
+  EXPECT_EQ(unseen_midway.load(), 0) << "readers did not overlap the writers";
   EXPECT_EQ(torn.load(), 0);
-  EXPECT_GT(reads.load(), 0);
-  EXPECT_EQ(store.GetSnapshot("m").value().version, 2 + 3 * 40);
+  EXPECT_EQ(backwards.load(), 0);
+  EXPECT_EQ(store.GetSnapshot("m").value().version, kLastVersion);
 }
 
 TEST(ModelStoreTest, ConcurrentPartialLoadsBothLand) {
