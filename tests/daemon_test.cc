@@ -7,6 +7,8 @@
 #include <fstream>
 #include <thread>
 
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "core/safetensors.h"
 #include "gmock/gmock.h"
 #include "grpcpp/create_channel.h"

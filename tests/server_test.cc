@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "core/model_files.h"
 #include "core/module_factory.h"
 #include "gmock/gmock.h"
