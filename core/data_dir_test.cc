@@ -3,11 +3,17 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <thread>
+#include <vector>
 
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
 #include "core/test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -24,12 +30,28 @@ constexpr char kCnn[] = R"({"type": "Sequential", "modules": [
     {"type": "Conv2d", "args": [3, 4, 3]}, {"type": "BatchNorm2d", "args": [4]},
     {"type": "Module", "buffers": {"scratch": {"shape": [2], "persistent": false}}}]})";
 
-std::string FreshDir(const std::string& name) {
-  const std::string dir = ::testing::TempDir() + "/datadir-" + name + "-" +
-                          std::to_string(getpid());
-  std::system(("rm -rf " + dir).c_str());
-  return dir;
-}
+// A directory of this test process's own under the test temp dir, removed
+// when the test ends. CTest runs every TEST as its own process, two at a time,
+// so no path may be shared between tests or with a stale earlier run.
+class ScratchDir {
+ public:
+  ScratchDir() {
+    std::string pattern = ::testing::TempDir() + "/datadir-XXXXXX";
+    if (mkdtemp(pattern.data()) == nullptr) ADD_FAILURE() << "mkdtemp failed";
+    path_ = pattern;
+  }
+  ~ScratchDir() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path_, ignored);
+  }
+  ScratchDir(const ScratchDir&) = delete;
+  ScratchDir& operator=(const ScratchDir&) = delete;
+
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
 
 std::string VersionPath(const std::string& dir, const std::string& model,
                         int64_t version, const char* suffix) {
@@ -50,24 +72,25 @@ void ExpectSameState(const ModulePtr& a, const ModulePtr& b) {
 }
 
 TEST(DataDirTest, PersistedVersionsRestoreExactly) {
-  const std::string path = FreshDir("roundtrip");
+  const ScratchDir scratch;
+  const std::string& path = scratch.path();
   auto data_dir = DataDir::Open(path).value();
   ModelStore store(ModelStore::Options{0, 1, data_dir.get()});
   ASSERT_TRUE(store.Create("cnn", MustBuild(kCnn, 3), kCnn).ok());
   // An assign load changes a dtype; the restore must keep it.
   StateDict half;
   half.Set("0.bias", FullTensor(DType::kFloat16, {4}, 0.5f));
-  StoreLoadOptions assign;
-  assign.load.assign = true;
-  assign.load.strict = false;
-  ASSERT_TRUE(store.Load("cnn", half, assign).ok());
+  LoadRequest assign("cnn");
+  assign.assign = true;
+  assign.strict = false;
+  ASSERT_TRUE(store.Load(assign, half).ok());
   StateDict flat;
   flat.Set("enc.w", FullTensor(DType::kBFloat16, {3, 2}, 1.5f));
   flat.Set("enc.stats", FullTensor(DType::kInt64, {2}, 7), TensorKind::kBuffer);
-  StoreLoadOptions create;
+  LoadRequest create("flat");
   create.create_if_missing = true;
   create.buffer_keys = {"enc.stats"};
-  ASSERT_TRUE(store.Load("flat", flat, create).ok());
+  ASSERT_TRUE(store.Load(create, flat).ok());
 
   RestoreReport report = DataDir::Open(path).value()->Restore();
   EXPECT_THAT(report.problems, IsEmpty());
@@ -89,7 +112,8 @@ TEST(DataDirTest, PersistedVersionsRestoreExactly) {
 }
 
 TEST(DataDirTest, RestoreReportsAndSkipsDamagedAndForeignFiles) {
-  const std::string path = FreshDir("damaged");
+  const ScratchDir scratch;
+  const std::string& path = scratch.path();
   DataDirOptions keep_two;
   keep_two.keep_versions = 2;
   auto data_dir = DataDir::Open(path, keep_two).value();
@@ -97,7 +121,7 @@ TEST(DataDirTest, RestoreReportsAndSkipsDamagedAndForeignFiles) {
   for (const char* name : {"truncated", "flipped", "fine"}) {
     ASSERT_TRUE(store.Create(name, MustBuild(kCnn), kCnn).ok());
     ASSERT_TRUE(
-        store.Load(name, GetStateDict(MustBuild(kCnn, 9)).value(), {}).ok());
+        store.Load(name, GetStateDict(MustBuild(kCnn, 9)).value()).ok());
   }
   ASSERT_TRUE(store.Create("only", MustBuild(kCnn), kCnn).ok());
   // Truncate the newest version of one model, flip a data byte of another's,
@@ -144,7 +168,8 @@ TEST(DataDirTest, RestoreReportsAndSkipsDamagedAndForeignFiles) {
 }
 
 TEST(DataDirTest, FullDiskFailsASyncLoadAndChangesNothing) {
-  const std::string path = FreshDir("full");
+  const ScratchDir scratch;
+  const std::string& path = scratch.path();
   std::atomic<int64_t> budget{1 << 30};
   DataDirOptions options;
   options.write = [&](int fd, const void* data, size_t size) -> ssize_t {
@@ -161,7 +186,7 @@ TEST(DataDirTest, FullDiskFailsASyncLoadAndChangesNothing) {
   Snapshot before = store.GetSnapshot("m").value();
   budget = 100;  // The disk is (nearly) full now.
   absl::Status failed =
-      store.Load("m", GetStateDict(MustBuild(kCnn, 5)).value(), {}).status();
+      store.Load("m", GetStateDict(MustBuild(kCnn, 5)).value()).status();
   EXPECT_EQ(failed.code(), absl::StatusCode::kResourceExhausted) << failed;
   EXPECT_THAT(std::string(failed.message()), HasSubstr("No space left"));
   EXPECT_EQ(store.GetSnapshot("m").value().version, 1);
@@ -177,25 +202,66 @@ TEST(DataDirTest, FullDiskFailsASyncLoadAndChangesNothing) {
   EXPECT_EQ(report.models[0].snapshot.version, 1);
   EXPECT_THAT(report.problems, IsEmpty());
   budget = 1 << 30;
-  EXPECT_EQ(store.Load("m", GetStateDict(MustBuild(kCnn, 5)).value(), {})
+  EXPECT_EQ(store.Load("m", GetStateDict(MustBuild(kCnn, 5)).value())
                 .value()
                 .version,
             2);
 }
 
+// Forwards to `target` but holds the first Persist until released, so the
+// test decides what the background writer finds pending when it gets there.
+class GatedPersister : public StatePersister {
+ public:
+  explicit GatedPersister(StatePersister* target) : target_(target) {}
+
+  absl::Status Persist(const Snapshot& snapshot) override {
+    // Only AsyncPersister's one writer thread calls this.
+    if (!entered_.HasBeenNotified()) {
+      entered_.Notify();
+      if (!release_.WaitForNotificationWithTimeout(absl::Seconds(60))) {
+        return absl::DeadlineExceededError("the gate was never opened");
+      }
+    }
+    return target_->Persist(snapshot);
+  }
+  absl::Status Remove(const std::string& model) override {
+    return target_->Remove(model);
+  }
+
+  // Waits until the writer is held at the gate; false after `timeout`.
+  bool WaitUntilHeld(absl::Duration timeout) {
+    return entered_.WaitForNotificationWithTimeout(timeout);
+  }
+  void Release() { release_.Notify(); }
+
+ private:
+  StatePersister* const target_;
+  absl::Notification entered_;
+  absl::Notification release_;
+};
+
 TEST(DataDirTest, AsyncPersisterSkipsSupersededVersions) {
-  const std::string path = FreshDir("async");
+  const ScratchDir scratch;
+  const std::string& path = scratch.path();
   auto data_dir = DataDir::Open(path).value();
-  AsyncPersister async(data_dir.get());
+  GatedPersister gate(data_dir.get());
+  AsyncPersister async(&gate);
   ModelStore store(ModelStore::Options{0, 1, &async});
   ASSERT_TRUE(store.Create("m", MustBuild(kCnn), kCnn).ok());
-  for (int i = 0; i < 50; ++i) {
-    ASSERT_TRUE(
-        store.Load("m", GetStateDict(MustBuild(kCnn, i)).value(), {}).ok());
+  // Whether the writer keeps up with the loads is up to the scheduler, so it
+  // is held on version 1 while versions 2..51 are committed: each supersedes
+  // the one before, and only 51 is left to write.
+  if (!gate.WaitUntilHeld(absl::Seconds(60))) {
+    gate.Release();
+    FAIL() << "the writer never picked up version 1";
   }
+  for (int i = 0; i < 50; ++i) {
+    EXPECT_TRUE(
+        store.Load("m", GetStateDict(MustBuild(kCnn, i)).value()).ok());
+  }
+  gate.Release();
   async.Flush();
-  EXPECT_LT(async.written(),
-            51);  // some versions were superseded before being written
+  EXPECT_EQ(async.written(), 2);  // versions 1 and 51
   EXPECT_EQ(async.failures(), 0);
   RestoreReport report = DataDir::Open(path).value()->Restore();
   ASSERT_EQ(report.models.size(), 1u);
@@ -204,6 +270,7 @@ TEST(DataDirTest, AsyncPersisterSkipsSupersededVersions) {
                   store.GetSnapshot("m").value().root);
   ASSERT_TRUE(store.Delete("m").ok());
   async.Flush();
+  EXPECT_EQ(async.written(), 3);
   EXPECT_TRUE(DataDir::Open(path).value()->Restore().models.empty());
 }
 
@@ -213,7 +280,7 @@ TEST(RetainedVersionsTest, RollbackUnderConcurrentReaders) {
   std::vector<ModulePtr> roots = {store.GetSnapshot("m").value().root};
   for (int seed = 2; seed <= 4; ++seed) {
     ASSERT_TRUE(
-        store.Load("m", GetStateDict(MustBuild(kCnn, seed)).value(), {}).ok());
+        store.Load("m", GetStateDict(MustBuild(kCnn, seed)).value()).ok());
     roots.push_back(store.GetSnapshot("m").value().root);
   }
   EXPECT_THAT(store.RetainedVersions("m").value(), ElementsAre(4, 3, 2));
@@ -225,11 +292,17 @@ TEST(RetainedVersionsTest, RollbackUnderConcurrentReaders) {
   EXPECT_EQ(store.GetSnapshot("m", 2).value().root->children()[2].module,
             store.GetSnapshot("m", 4).value().root->children()[2].module);
 
+  // Readers run through the rollbacks: each must have read before the first
+  // one and must see every version it makes before the next, so reads provably
+  // interleave with them whatever the scheduler does.
+  constexpr int kReaders = 3;
+  absl::Mutex mu;
+  std::vector<int64_t> seen(kReaders, 0);  // newest version each reader saw
   std::atomic<bool> stop{false};
   std::atomic<int> bad{0};
   std::vector<std::thread> readers;
-  for (int r = 0; r < 3; ++r) {
-    readers.emplace_back([&] {
+  for (int r = 0; r < kReaders; ++r) {
+    readers.emplace_back([&, r] {
       while (!stop) {
         Snapshot snapshot = store.GetSnapshot("m").value();
         // Every version's tree is one of the four we made, whole.
@@ -243,11 +316,25 @@ TEST(RetainedVersionsTest, RollbackUnderConcurrentReaders) {
                       *GetStateDict(snapshot.root).value().Find("0.weight"));
         }
         if (!known) ++bad;
+        absl::MutexLock lock(&mu);
+        seen[r] = std::max(seen[r], snapshot.version);
       }
     });
   }
-  EXPECT_EQ(store.Rollback("m", 2).value(), 5);
-  EXPECT_EQ(store.Rollback("m", 4).value(), 6);
+  auto all_saw = [&](int64_t version) {
+    auto reached = [&] {
+      for (int64_t v : seen)
+        if (v < version) return false;
+      return true;
+    };
+    absl::MutexLock lock(&mu);
+    return mu.AwaitWithTimeout(absl::Condition(&reached), absl::Seconds(60));
+  };
+  EXPECT_TRUE(all_saw(4));
+  EXPECT_EQ(store.Rollback("m", 2).value().version, 5);
+  EXPECT_TRUE(all_saw(5));
+  EXPECT_EQ(store.Rollback("m", 4).value().version, 6);
+  EXPECT_TRUE(all_saw(6));
   EXPECT_EQ(store.Rollback("m", 1).status().code(),
             absl::StatusCode::kNotFound);
   stop = true;

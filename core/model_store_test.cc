@@ -1,8 +1,12 @@
 #include "core/model_store.h"
 
 #include <atomic>
+#include <cmath>
 #include <thread>
+#include <vector>
 
+#include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
 #include "core/test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -51,7 +55,7 @@ TEST(ModelStoreTest, CreateListDeleteAndVersions) {
   EXPECT_EQ(store.GetSnapshot("m").value().version, 1);
   EXPECT_EQ(store.GetSnapshot("m").value().architecture, kTwoLayers);
   ModulePtr model = store.GetSnapshot("m").value().root;
-  ASSERT_TRUE(store.Load("m", Filled(model, 2), {}).ok());
+  ASSERT_TRUE(store.Load("m", Filled(model, 2)).ok());
   EXPECT_EQ(store.GetSnapshot("m").value().version, 2);
   ASSERT_EQ(store.List().size(), 1u);
   ASSERT_TRUE(store.Delete("m").ok());
@@ -68,7 +72,7 @@ TEST(ModelStoreTest, SnapshotsArePointInTimeAndShareStorage) {
   ASSERT_TRUE(store.Create("m", MustBuild(kTwoLayers)).ok());
   Snapshot before = store.GetSnapshot("m").value();
   const Tensor weight = *GetStateDict(before.root).value().Find("0.weight");
-  ASSERT_TRUE(store.Load("m", Filled(before.root, 5), {}).ok());
+  ASSERT_TRUE(store.Load("m", Filled(before.root, 5)).ok());
   // The old snapshot still sees the old bytes, at the same address (no copy was
   // made).
   const Tensor still = *GetStateDict(before.root).value().Find("0.weight");
@@ -80,25 +84,25 @@ TEST(ModelStoreTest, CompareAndSetAndBadLoadsLeaveTheModelUnchanged) {
   ModelStore store;
   ASSERT_TRUE(store.Create("m", MustBuild(kTwoLayers)).ok());
   Snapshot base = store.GetSnapshot("m").value();
-  StoreLoadOptions cas;
+  LoadRequest cas("m");
   cas.expected_version = 7;
-  EXPECT_EQ(store.Load("m", Filled(base.root, 1), cas).status().code(),
+  EXPECT_EQ(store.Load(cas, Filled(base.root, 1)).status().code(),
             absl::StatusCode::kAborted);
   StateDict broken = Filled(base.root, 1);
   broken.Set("0.weight", FullTensor(DType::kFloat32, {3}, 1));
-  EXPECT_EQ(store.Load("m", broken, {}).status().code(),
+  EXPECT_EQ(store.Load("m", broken).status().code(),
             absl::StatusCode::kFailedPrecondition);
-  EXPECT_EQ(store.Load("nope", broken, {}).status().code(),
+  EXPECT_EQ(store.Load("nope", broken).status().code(),
             absl::StatusCode::kNotFound);
-  StoreLoadOptions sub;
-  sub.load.submodule = "7";
-  EXPECT_EQ(store.Load("m", broken, sub).status().code(),
+  LoadRequest sub("m");
+  sub.module = "7";
+  EXPECT_EQ(store.Load(sub, broken).status().code(),
             absl::StatusCode::kNotFound);
   Snapshot after = store.GetSnapshot("m").value();
   EXPECT_EQ(after.version, 1);
   EXPECT_EQ(after.root, base.root);
   cas.expected_version = 1;
-  EXPECT_EQ(store.Load("m", Filled(base.root, 1), cas).value().version, 2);
+  EXPECT_EQ(store.Load(cas, Filled(base.root, 1)).value().version, 2);
   EXPECT_EQ(store.reserved_bytes(), 0);
 }
 
@@ -112,18 +116,18 @@ TEST(ModelStoreTest, MemoryLimitCountsSnapshotsAndPendingLoads) {
   // reference.
   Snapshot held = store.GetSnapshot("m").value();
   model = nullptr;
-  ASSERT_TRUE(store.Load("m", Filled(held.root, 1), {}).ok());
+  ASSERT_TRUE(store.Load("m", Filled(held.root, 1)).ok());
   EXPECT_EQ(store.live_bytes(),
             2 * model_bytes);  // the held snapshot keeps v1 alive
   // A second load would need a third copy while the snapshot is held: refused
   // up front.
-  absl::Status refused = store.Load("m", Filled(held.root, 2), {}).status();
+  absl::Status refused = store.Load("m", Filled(held.root, 2)).status();
   EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
   EXPECT_EQ(store.GetSnapshot("m").value().version, 2);
   held = Snapshot();
   EXPECT_EQ(store.live_bytes(), model_bytes);
   ASSERT_TRUE(
-      store.Load("m", Filled(store.GetSnapshot("m").value().root, 2), {}).ok());
+      store.Load("m", Filled(store.GetSnapshot("m").value().root, 2)).ok());
 
   // A pending load holds its reservation until it commits or is dropped.
   std::vector<TensorSpec> specs;
@@ -132,9 +136,9 @@ TEST(ModelStoreTest, MemoryLimitCountsSnapshotsAndPendingLoads) {
   for (const auto& entry : current.entries()) {
     specs.push_back({entry.key, entry.tensor.dtype(), entry.tensor.shape()});
   }
-  auto pending = store.BeginLoad("m", specs, {}).value();
+  auto pending = store.BeginLoad("m", specs).value();
   EXPECT_EQ(store.reserved_bytes(), model_bytes);
-  EXPECT_EQ(store.BeginLoad("m", specs, {}).status().code(),
+  EXPECT_EQ(store.BeginLoad("m", specs).status().code(),
             absl::StatusCode::kResourceExhausted);
   pending.reset();
   EXPECT_EQ(store.reserved_bytes(), 0);
@@ -142,13 +146,13 @@ TEST(ModelStoreTest, MemoryLimitCountsSnapshotsAndPendingLoads) {
 
 TEST(ModelStoreTest, CreateIfMissingBuildsTheModelFromTheLoad) {
   ModelStore store;
-  StoreLoadOptions options;
+  LoadRequest options("fresh");
   options.create_if_missing = true;
   options.buffer_keys = {"bn.running_mean"};
   StateDict state;
   state.Set("fc.weight", FullTensor(DType::kFloat32, {2, 2}, 1));
   state.Set("bn.running_mean", FullTensor(DType::kFloat32, {2}, 0));
-  StoreLoadResult result = store.Load("fresh", state, options).value();
+  LoadOutcome result = store.Load(options, state).value();
   EXPECT_TRUE(result.created);
   EXPECT_EQ(result.version, 1);
   Snapshot snapshot = store.GetSnapshot("fresh").value();
@@ -160,7 +164,7 @@ TEST(ModelStoreTest, CreateIfMissingBuildsTheModelFromTheLoad) {
                 .size(),
             1u);
   // The next such load is an ordinary strict load.
-  EXPECT_EQ(store.Load("fresh", state, options).value().version, 2);
+  EXPECT_EQ(store.Load(options, state).value().version, 2);
 }
 
 TEST(ModelStoreTest, ListenersSeeEventsInCommitOrder) {
@@ -172,7 +176,7 @@ TEST(ModelStoreTest, ListenersSeeEventsInCommitOrder) {
   });
   ASSERT_TRUE(store.Create("m", MustBuild(kTwoLayers)).ok());
   ASSERT_TRUE(
-      store.Load("m", Filled(store.GetSnapshot("m").value().root, 1), {}).ok());
+      store.Load("m", Filled(store.GetSnapshot("m").value().root, 1)).ok());
   ASSERT_TRUE(store.Delete("m").ok());
   store.RemoveListener(id);
   ASSERT_TRUE(store.Create("n", MustBuild(kTwoLayers)).ok());
@@ -180,48 +184,94 @@ TEST(ModelStoreTest, ListenersSeeEventsInCommitOrder) {
 }
 
 TEST(ModelStoreTest, ConcurrentLoadsAndSnapshotsNeverTear) {
+  constexpr int kWriters = 3;
+  constexpr int kReaders = 3;
+  constexpr int kLoadsPerWriter = 40;
+  constexpr int64_t kFirstVersion = 2;  // after the create and a uniform load
+  constexpr int64_t kLastVersion = kFirstVersion + kWriters * kLoadsPerWriter;
+  const absl::Duration kBound = absl::Seconds(60);
   ModelStore store;
   ASSERT_TRUE(store.Create("m", MustBuild(kTwoLayers)).ok());
   ModulePtr shape = store.GetSnapshot("m").value().root;
-  ASSERT_TRUE(store.Load("m", Filled(shape, 0), {}).ok());
+  ASSERT_TRUE(store.Load("m", Filled(shape, 0)).ok());
+  ASSERT_EQ(store.GetSnapshot("m").value().version, kFirstVersion);
+
+  // The scheduler owes us no interleaving (on two busy cores a reader may not
+  // run at all before the writers finish), so the overlap is arranged: every
+  // reader has read before any writer starts, and each writer pauses halfway
+  // until every reader has seen a version strictly between the first and the
+  // last, i.e. read while loads were still being committed.
+  std::vector<absl::Notification> has_read(kReaders);
+  std::vector<absl::Notification> saw_midway(kReaders);
   std::atomic<bool> stop{false};
   std::atomic<int> torn{0};
-  std::atomic<int> reads{0};
-  std::vector<std::thread> threads;
-  for (int w = 0; w < 3; ++w) {
-    threads.emplace_back([&, w] {
-      for (int i = 1; i <= 40; ++i) {
-        ASSERT_TRUE(
-            store.Load("m", Filled(shape, static_cast<float>(w * 1000 + i)), {})
-                .ok());
-      }
-    });
-  }
-  for (int r = 0; r < 3; ++r) {
-    threads.emplace_back([&] {
+  std::atomic<int> backwards{0};
+  std::vector<std::thread> readers;
+  for (int r = 0; r < kReaders; ++r) {
+    readers.emplace_back([&, r] {
+      int64_t last_seen = 0;
       while (!stop.load()) {
         Snapshot snapshot = store.GetSnapshot("m").value();
         if (std::isnan(UniformValue(snapshot.root))) ++torn;
-        ++reads;
+        if (snapshot.version < last_seen) ++backwards;
+        last_seen = snapshot.version;
+        if (!has_read[r].HasBeenNotified()) has_read[r].Notify();
+        if (snapshot.version > kFirstVersion &&
+            snapshot.version < kLastVersion &&
+            !saw_midway[r].HasBeenNotified()) {
+          saw_midway[r].Notify();
+        }
       }
     });
   }
-  for (int w = 0; w < 3; ++w) threads[w].join();
-  stop = true;
-  for (size_t t = 3; t < threads.size(); ++t) threads[t].join();
+  // Joins the readers however the test ends, so a failed wait cannot leave a
+  // joinable thread behind.
+  auto stop_readers = [&] {
+    stop = true;
+    for (std::thread& reader : readers) reader.join();
+  };
+  for (absl::Notification& read : has_read) {
+    if (!read.WaitForNotificationWithTimeout(kBound)) {
+      stop_readers();
+      FAIL() << "a reader did not read within " << kBound;
+    }
+  }
+  std::atomic<int> failed_loads{0};
+  std::atomic<int> unseen_midway{0};
+  std::vector<std::thread> writers;
+  for (int w = 0; w < kWriters; ++w) {
+    writers.emplace_back([&, w] {
+      for (int i = 1; i <= kLoadsPerWriter; ++i) {
+        if (!store
+                 .Load("m", Filled(shape, static_cast<float>(w * 1000 + i)))
+                 .ok()) {
+          ++failed_loads;
+        }
+        if (i != kLoadsPerWriter / 2) continue;
+        // While this writer waits the version cannot reach the last one.
+        for (absl::Notification& midway : saw_midway) {
+          if (!midway.WaitForNotificationWithTimeout(kBound)) ++unseen_midway;
+        }
+      }
+    });
+  }
+  for (std::thread& writer : writers) writer.join();
+  stop_readers();
+  EXPECT_EQ(failed_loads.load(), 0);
+  EXPECT_EQ(unseen_midway.load(), 0) << "readers did not overlap the writers";
   EXPECT_EQ(torn.load(), 0);
-  EXPECT_GT(reads.load(), 0);
-  EXPECT_EQ(store.GetSnapshot("m").value().version, 2 + 3 * 40);
+  EXPECT_EQ(backwards.load(), 0);
+  EXPECT_EQ(store.GetSnapshot("m").value().version, kLastVersion);
 }
 
 TEST(ModelStoreTest, ConcurrentPartialLoadsBothLand) {
   ModelStore store;
   ASSERT_TRUE(store.Create("m", MustBuild(kTwoLayers)).ok());
   ModulePtr base = store.GetSnapshot("m").value().root;
-  StoreLoadOptions first;
-  first.load.submodule = "0";
-  StoreLoadOptions second;
-  second.load.submodule = "1";
+  LoadRequest first("m");
+  first.module = "0";
+  LoadRequest second("m");
+  second.module = "1";
   auto specs_of = [](const StateDict& state) {
     std::vector<TensorSpec> specs;
     std::vector<Tensor> tensors;
@@ -236,17 +286,17 @@ TEST(ModelStoreTest, ConcurrentPartialLoadsBothLand) {
   layer.Set("bias", FullTensor(DType::kFloat32, {64}, 1));
   auto [specs, tensors] = specs_of(layer);
   // Both loads validate against version 1, then commit one after the other.
-  auto a = store.BeginLoad("m", specs, first).value();
-  auto b = store.BeginLoad("m", specs, second).value();
+  auto a = store.BeginLoad(first, specs).value();
+  auto b = store.BeginLoad(second, specs).value();
   ASSERT_TRUE(store.CommitLoad(std::move(a), tensors).ok());
   ASSERT_TRUE(store.CommitLoad(std::move(b), tensors).ok());
   EXPECT_EQ(UniformValue(store.GetSnapshot("m").value().root), 1.0f);
   EXPECT_EQ(store.GetSnapshot("m").value().version, 3);
   // With compare-and-set, the second of two racing loads is refused.
-  StoreLoadOptions cas = first;
+  LoadRequest cas = first;
   cas.expected_version = 3;
-  auto c = store.BeginLoad("m", specs, cas).value();
-  auto d = store.BeginLoad("m", specs, cas).value();
+  auto c = store.BeginLoad(cas, specs).value();
+  auto d = store.BeginLoad(cas, specs).value();
   ASSERT_TRUE(store.CommitLoad(std::move(c), tensors).ok());
   EXPECT_EQ(store.CommitLoad(std::move(d), tensors).status().code(),
             absl::StatusCode::kAborted);
@@ -277,7 +327,7 @@ TEST(ModelStoreTest, CastsForFetchAreMadeOnceAndDieWithTheirSource) {
   first = StateDict();
   second = StateDict();
   ASSERT_TRUE(
-      store.Load("m", Filled(store.GetSnapshot("m").value().root, 2), {}).ok());
+      store.Load("m", Filled(store.GetSnapshot("m").value().root, 2)).ok());
   state = StateDict();
   StateDict fresh = GetStateDict(store.GetSnapshot("m").value().root).value();
   ASSERT_TRUE(store.CastFloatingForFetch(fresh, DType::kBFloat16).ok());

@@ -5,6 +5,7 @@
 #define MODELSTATE_CORE_MODULE_FACTORY_H_
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -45,6 +46,9 @@ std::vector<std::string> SupportedModuleTypes();
 // a tensor and a module ("a" and "a.b"), or an unknown buffer key.
 absl::StatusOr<ModulePtr> BuildModuleFromStateDict(
     const StateDict& state, const std::vector<std::string>& buffer_keys = {});
+// TEMPORARY SHIM
+struct ModuleTreeOptions { std::vector<std::string> buffer_keys; std::map<std::string, std::string> class_names; };
+inline absl::StatusOr<ModulePtr> BuildModuleFromStateDict(const StateDict& state, const ModuleTreeOptions& o) { return BuildModuleFromStateDict(state, o.buffer_keys); }
 
 }  // namespace modelstate
 

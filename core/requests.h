@@ -19,8 +19,9 @@ namespace modelstate {
 
 // torch's `model.get_submodule(module).state_dict()`, of one model version.
 struct FetchRequest {
-  // Implicit, so that `client->StateDict({"policy"})` reads as it means.
+  // Implicit, so that `client->StateDict("policy")` reads as it means.
   FetchRequest(std::string model_name = "") : model(std::move(model_name)) {}
+  FetchRequest(const char* model_name) : model(model_name) {}
 
   std::string model;
   // A retained version; 0 for the current one.
@@ -81,9 +82,10 @@ struct ModelManifest {
 // torch's `model.get_submodule(module).load_state_dict(state, strict, assign)`
 // applied atomically, with compare-and-set and create-from-tensors.
 struct LoadRequest {
-  // Implicit, so that `client->LoadStateDict({"policy"}, state)` reads as it
+  // Implicit, so that `client->LoadStateDict("policy", state)` reads as it
   // means.
   LoadRequest(std::string model_name = "") : model(std::move(model_name)) {}
+  LoadRequest(const char* model_name) : model(model_name) {}
 
   std::string model;
   // Dotted submodule path to load into; keys are relative to it.

@@ -8,6 +8,9 @@
 #include <random>
 #include <thread>
 
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "core/module_factory.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -18,21 +21,16 @@ namespace {
 
 using ::testing::HasSubstr;
 using ::testing::Not;
+using testing_support::ConnectTo;
 using testing_support::CtlPath;
 using testing_support::Daemon;
 using testing_support::FilledLike;
 using testing_support::RunCommand;
+using testing_support::ScratchDir;
 
 constexpr char kModel[] = R"({"type": "Sequential", "modules": [
     {"type": "Linear", "args": [512, 512]}, {"type": "BatchNorm1d", "args": [512]},
     {"type": "Linear", "args": [512, 1024]}]})";
-
-std::string FreshDir(const std::string& name) {
-  const std::string dir = ::testing::TempDir() + "/durable-" + name + "-" +
-                          std::to_string(getpid());
-  std::system(("rm -rf " + dir).c_str());
-  return dir;
-}
 
 std::map<std::string, uint64_t> Checksums(const ModelManifest& manifest) {
   std::map<std::string, uint64_t> out;
@@ -49,24 +47,24 @@ std::map<std::string, uint64_t> Checksums(const StateDict& state) {
 }
 
 TEST(DurabilityTest, RestartRestoresEveryModelAtItsVersion) {
-  const std::string dir = FreshDir("restart");
+  const ScratchDir scratch;
+  const std::string dir = scratch.file("data");
   std::map<std::string, ModelManifest> before;
   {
     Daemon daemon({"--data_dir=" + dir, "--demo_model=demo"});
-    auto client = Client::Connect(daemon.address()).value();
+    auto client = ConnectTo(daemon.address());
     ASSERT_TRUE(client->CreateModel("net", kModel).ok());
     StateDict shape = client->StateDict("net").value().state;
     ASSERT_TRUE(client->LoadStateDict("net", FilledLike(shape, 3)).ok());
-    PushOptions create;
+    LoadRequest create("flat");
     create.create_if_missing = true;
-    ASSERT_TRUE(
-        client->LoadStateDict("flat", FilledLike(shape, 4), create).ok());
+    ASSERT_TRUE(client->LoadStateDict(create, FilledLike(shape, 4)).ok());
     for (const char* name : {"net", "flat", "demo"})
       before[name] = client->GetModel(name).value();
     EXPECT_EQ(daemon.Stop(SIGTERM, 30), 0);
   }
   Daemon daemon({"--data_dir=" + dir, "--demo_model=demo"});
-  auto client = Client::Connect(daemon.address()).value();
+  auto client = ConnectTo(daemon.address());
   for (const auto& [name, manifest] : before) {
     ModelManifest after = client->GetModel(name).value();
     EXPECT_EQ(after.summary.version, manifest.summary.version) << name;
@@ -79,11 +77,7 @@ TEST(DurabilityTest, RestartRestoresEveryModelAtItsVersion) {
   ASSERT_TRUE(client->DeleteModel("flat").ok());
   EXPECT_EQ(daemon.Stop(SIGTERM, 30), 0);
   Daemon again({"--data_dir=" + dir, "--demo_model="});
-  EXPECT_EQ(Client::Connect(again.address())
-                .value()
-                ->GetModel("flat")
-                .status()
-                .code(),
+  EXPECT_EQ(ConnectTo(again.address())->GetModel("flat").status().code(),
             absl::StatusCode::kNotFound);
 }
 
@@ -91,7 +85,8 @@ TEST(DurabilityTest, SigkillAtRandomPointsLosesNothingAcknowledged) {
   int trials = 20;
   if (const char* env = std::getenv("MODELSTATE_CRASH_TRIALS"))
     trials = std::atoi(env);
-  const std::string dir = FreshDir("crash");
+  const ScratchDir scratch;
+  const std::string dir = scratch.file("data");
   std::mt19937 rng(12345);
   StateDict shape = GetStateDict(BuildModuleFromSpec(kModel).value()).value();
   float next_value = 1;
@@ -99,15 +94,10 @@ TEST(DurabilityTest, SigkillAtRandomPointsLosesNothingAcknowledged) {
   std::map<int64_t, std::map<std::string, uint64_t>> pushed;
   {
     Daemon daemon({"--data_dir=" + dir, "--demo_model="});
-    ASSERT_TRUE(Client::Connect(daemon.address())
-                    .value()
-                    ->CreateModel("net", kModel)
-                    .ok());
-    pushed[1] = Checksums(Client::Connect(daemon.address())
-                              .value()
-                              ->StateDict("net")
-                              .value()
-                              .state);
+    ASSERT_GT(daemon.port(), 0);
+    ASSERT_TRUE(ConnectTo(daemon.address())->CreateModel("net", kModel).ok());
+    pushed[1] =
+        Checksums(ConnectTo(daemon.address())->StateDict("net").value().state);
     EXPECT_EQ(daemon.Stop(SIGKILL, 10), SIGKILL);
   }
   int64_t acknowledged = 1;
@@ -115,7 +105,7 @@ TEST(DurabilityTest, SigkillAtRandomPointsLosesNothingAcknowledged) {
     SCOPED_TRACE("trial " + std::to_string(trial));
     Daemon daemon({"--data_dir=" + dir, "--demo_model=", "--log_rpcs=false"});
     ASSERT_GT(daemon.port(), 0);
-    auto client = Client::Connect(daemon.address()).value();
+    auto client = ConnectTo(daemon.address());
     // The restart brought back an acknowledged version, or the one in flight at
     // the kill.
     ModelManifest restored = client->GetModel("net").value();
@@ -128,20 +118,26 @@ TEST(DurabilityTest, SigkillAtRandomPointsLosesNothingAcknowledged) {
     acknowledged = version;
 
     std::atomic<bool> stop{false};
+    absl::Notification first_ack;
     std::thread writer([&] {
-      auto pusher = Client::Connect(daemon.address()).value();
+      auto pusher = ConnectTo(daemon.address());
       int64_t base = acknowledged;
       while (!stop) {
         StateDict state = FilledLike(shape, next_value++);
         pushed[base + 1] = Checksums(state);
-        absl::StatusOr<PushResult> result = pusher->LoadStateDict("net", state);
+        absl::StatusOr<LoadOutcome> result = pusher->LoadStateDict("net", state);
         if (!result.ok()) break;  // killed mid-push
         EXPECT_EQ(result->version, base + 1);
         acknowledged = base = result->version;
+        if (!first_ack.HasBeenNotified()) first_ack.Notify();
       }
     });
-    std::this_thread::sleep_for(std::chrono::milliseconds(
-        std::uniform_int_distribution<>(20, 300)(rng)));
+    // The kill comes at a random point after the first acknowledged push of
+    // the trial: a fixed delay alone may end before a busy machine has
+    // pushed anything, and the trial would test nothing.
+    EXPECT_TRUE(first_ack.WaitForNotificationWithTimeout(absl::Seconds(60)));
+    absl::SleepFor(
+        absl::Milliseconds(std::uniform_int_distribution<>(0, 200)(rng)));
     EXPECT_EQ(daemon.Stop(SIGKILL, 10), SIGKILL);
     stop = true;
     writer.join();
@@ -149,12 +145,13 @@ TEST(DurabilityTest, SigkillAtRandomPointsLosesNothingAcknowledged) {
 }
 
 TEST(DurabilityTest, AsyncDurabilityWritesTheNewestVersionInTheBackground) {
-  const std::string dir = FreshDir("async");
+  const ScratchDir scratch;
+  const std::string dir = scratch.file("data");
   int64_t last = 0;
   std::map<std::string, uint64_t> expected;
   {
     Daemon daemon({"--data_dir=" + dir, "--durability=async", "--demo_model="});
-    auto client = Client::Connect(daemon.address()).value();
+    auto client = ConnectTo(daemon.address());
     ASSERT_TRUE(client->CreateModel("net", kModel).ok());
     StateDict shape = client->StateDict("net").value().state;
     for (int i = 0; i < 10; ++i) {
@@ -166,20 +163,20 @@ TEST(DurabilityTest, AsyncDurabilityWritesTheNewestVersionInTheBackground) {
               0);  // a clean stop writes what is pending
   }
   Daemon daemon({"--data_dir=" + dir, "--demo_model="});
-  ModelManifest restored =
-      Client::Connect(daemon.address()).value()->GetModel("net").value();
+  ModelManifest restored = ConnectTo(daemon.address())->GetModel("net").value();
   EXPECT_EQ(restored.summary.version, last);
   EXPECT_EQ(Checksums(restored), expected);
 }
 
 TEST(DurabilityTest, VersionsAndRollbackFromTheCommandLine) {
-  const std::string dir = FreshDir("rollback");
+  const ScratchDir scratch;
+  const std::string dir = scratch.file("data");
   Daemon daemon(
       {"--data_dir=" + dir, "--retain_versions=3", "--demo_model=demo"});
   const std::string ctl = CtlPath() + " --server=" + daemon.address() + " ";
-  const std::string file = dir + "/../demo-v1.safetensors";
+  const std::string file = scratch.file("demo-v1.safetensors");
   ASSERT_EQ(RunCommand(ctl + "pull demo " + file).exit_code, 0);
-  auto client = Client::Connect(daemon.address()).value();
+  auto client = ConnectTo(daemon.address());
   StateDict shape = client->StateDict("demo").value().state;
   ASSERT_TRUE(client->LoadStateDict("demo", FilledLike(shape, 1)).ok());
   ASSERT_TRUE(client->LoadStateDict("demo", FilledLike(shape, 2)).ok());
@@ -194,9 +191,9 @@ TEST(DurabilityTest, VersionsAndRollbackFromTheCommandLine) {
   const ModelManifest v1 =
       client->GetModel("demo", "", 2).value();  // still retained
   EXPECT_EQ(now.retained_versions, (std::vector<int64_t>{4, 3, 2}));
-  FetchOptions old;
+  FetchRequest old("demo");
   old.version = 2;
-  EXPECT_EQ(Checksums(client->StateDict("demo", old).value().state),
+  EXPECT_EQ(Checksums(client->StateDict(old).value().state),
             Checksums(FilledLike(shape, 1)));
   EXPECT_EQ(RunCommand(ctl + "rollback demo 1").exit_code,
             1);  // no longer retained
@@ -207,10 +204,8 @@ TEST(DurabilityTest, VersionsAndRollbackFromTheCommandLine) {
   auto pulled =
       RunCommand(CtlPath() + " --server=" + again.address() + " info demo");
   EXPECT_THAT(pulled.output, HasSubstr("version 4"));
-  EXPECT_EQ(
-      Checksums(
-          Client::Connect(again.address()).value()->GetModel("demo").value()),
-      Checksums(now));
+  EXPECT_EQ(Checksums(ConnectTo(again.address())->GetModel("demo").value()),
+            Checksums(now));
   (void)v1;
 }
 

@@ -8,6 +8,8 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "core/model_files.h"
 #include "core/module_factory.h"
 #include "gmock/gmock.h"
@@ -451,8 +453,10 @@ TEST(ServerTest, EveryBadLoadLeavesTheModelBitwiseUnchanged) {
       << refused.error_message();
   EXPECT_EQ(server->store().GetSnapshot("big").value().version, 1);
 
-  // Staging memory is released once the failed streams are gone.
-  for (int i = 0; i < 200 && server->store().reserved_bytes() != 0; ++i) {
+  // Staging memory is released once the failed streams are gone (on the
+  // server's threads, after the client saw the status: poll, bounded).
+  const absl::Time released_by = absl::Now() + absl::Seconds(60);
+  while (server->store().reserved_bytes() != 0 && absl::Now() < released_by) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   EXPECT_EQ(server->store().reserved_bytes(), 0);
@@ -493,28 +497,29 @@ TEST(ServerTest, ConcurrentLoadsAndSnapshotsNeverTear) {
   ASSERT_TRUE(ConnectTo(*server)
                   ->LoadStateDict({"m"}, FilledLike(shape, 0))
                   .ok());  // uniform start
+  // Readers start first and each fetches once before the writers start, and
+  // each writer pauses halfway until every reader has fetched a version from
+  // between the first and the last: reads overlap writes whatever the
+  // scheduler does (on two busy cores the readers may otherwise not run).
+  std::vector<absl::Notification> has_read(2), saw_midway(2);
   std::atomic<bool> stop{false};
-  std::atomic<int> torn{0}, reads{0};
+  std::atomic<int> torn{0}, failed{0}, unseen_midway{0};
   std::vector<std::thread> threads;
-  for (int w = 0; w < 2; ++w) {
-    threads.emplace_back([&, w] {
-      auto client = ConnectTo(*server);
-      for (int i = 1; i <= 15; ++i) {
-        ASSERT_TRUE(
-            client->LoadStateDict({"m"}, FilledLike(shape, w * 100 + i)).ok());
-      }
-    });
-  }
   for (int r = 0; r < 2; ++r) {
-    threads.emplace_back([&] {
+    threads.emplace_back([&, r] {
       auto client = ConnectTo(*server);
       TransferOptions options;
       options.chunk_bytes = 64 << 10;
       while (!stop.load()) {
-        FetchedStateDict fetched = client->StateDict({"m"}, options).value();
+        absl::StatusOr<FetchedStateDict> fetched =
+            client->StateDict({"m"}, options);
+        if (!fetched.ok()) {
+          ++failed;
+          break;
+        }
         const float first =
-            fetched.state.entries()[0].tensor.data_as<float>()[0];
-        for (const auto& entry : fetched.state.entries()) {
+            fetched->state.entries()[0].tensor.data_as<float>()[0];
+        for (const auto& entry : fetched->state.entries()) {
           for (int64_t i = 0; i < entry.tensor.num_elements(); ++i) {
             if (entry.tensor.data_as<float>()[i] != first) {
               ++torn;
@@ -522,17 +527,38 @@ TEST(ServerTest, ConcurrentLoadsAndSnapshotsNeverTear) {
             }
           }
         }
-        ++reads;
+        if (!has_read[r].HasBeenNotified()) has_read[r].Notify();
+        if (fetched->version > 2 && fetched->version < 32 &&
+            !saw_midway[r].HasBeenNotified()) {
+          saw_midway[r].Notify();
+        }
       }
     });
   }
-  threads[0].join();
-  threads[1].join();
-  stop = true;
+  for (absl::Notification& read : has_read)
+    EXPECT_TRUE(read.WaitForNotificationWithTimeout(absl::Seconds(60)));
+  for (int w = 0; w < 2; ++w) {
+    threads.emplace_back([&, w] {
+      auto client = ConnectTo(*server);
+      for (int i = 1; i <= 15; ++i) {
+        if (!client->LoadStateDict("m", FilledLike(shape, w * 100 + i)).ok())
+          ++failed;
+        if (i != 8) continue;  // halfway: the version stays below the last
+        for (absl::Notification& midway : saw_midway) {
+          if (!midway.WaitForNotificationWithTimeout(absl::Seconds(60)))
+            ++unseen_midway;
+        }
+      }
+    });
+  }
   threads[2].join();
   threads[3].join();
+  stop = true;
+  threads[0].join();
+  threads[1].join();
   EXPECT_EQ(torn.load(), 0);
-  EXPECT_GT(reads.load(), 0);
+  EXPECT_EQ(failed.load(), 0);
+  EXPECT_EQ(unseen_midway.load(), 0) << "readers did not overlap the writers";
   EXPECT_EQ(server->store().GetSnapshot("m").value().version, 32);
 }
 
@@ -629,25 +655,21 @@ TEST(ServerTest, WatchStartsWithTheCurrentStateThenFollowsCommits) {
                       .ok());
     });
   };
+  // Bounded, and a miss fails the test: going on would race the watch.
   auto wait_for = [&](size_t n) {
-    for (int i = 0; i < 500; ++i) {
-      {
-        absl::MutexLock lock(&mu);
-        if (events.size() >= n) return;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
+    auto arrived = [&] { return events.size() >= n; };
+    absl::MutexLock lock(&mu);
+    return mu.AwaitWithTimeout(absl::Condition(&arrived), absl::Seconds(60));
   };
   std::thread watcher = watch("m", 4);
-  wait_for(1);  // ABSENT
-  ASSERT_TRUE(
+  EXPECT_TRUE(wait_for(1));  // ABSENT
+  EXPECT_TRUE(
       client->CreateModel("m", ReadSourceFile("tests/models/mlp.json")).ok());
-  wait_for(2);
-  ASSERT_TRUE(
-      client->LoadStateDict({"m"}, FilledLike(CoreState(*server, "m"), 1))
-          .ok());
-  wait_for(3);
-  ASSERT_TRUE(client->DeleteModel("m").ok());
+  EXPECT_TRUE(wait_for(2));
+  EXPECT_TRUE(
+      client->LoadStateDict({"m"}, FilledLike(CoreState(*server, "m"), 1)).ok());
+  EXPECT_TRUE(wait_for(3));
+  EXPECT_TRUE(client->DeleteModel("m").ok());
   watcher.join();
   EXPECT_THAT(events,
               ElementsAre("ABSENT@0", "CREATED@1", "UPDATED@2", "DELETED@2"));

@@ -1,16 +1,15 @@
 #include "tests/test_support.h"
 
-#include <fcntl.h>
-#include <poll.h>
-#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <chrono>
-#include <cstdio>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
-#include <thread>
+#include <system_error>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -36,7 +35,30 @@ std::unique_ptr<Server> StartServer(ServerOptions options) {
 }
 
 std::unique_ptr<Client> ConnectTo(const Server& server) {
-  return Client::Connect("127.0.0.1:" + std::to_string(server.port())).value();
+  return ConnectTo("127.0.0.1:" + std::to_string(server.port()));
+}
+
+std::unique_ptr<Client> ConnectTo(const std::string& address) {
+  ClientOptions options;
+  options.timeout = kCallTimeout;
+  return Client::Connect(address, options).value();
+}
+
+ScratchDir::ScratchDir() {
+  std::string pattern = ::testing::TempDir() + "/modelstate-test-XXXXXX";
+  if (mkdtemp(pattern.data()) == nullptr) {
+    ADD_FAILURE() << "mkdtemp " << pattern << ": " << std::strerror(errno);
+  }
+  path_ = pattern;
+}
+
+ScratchDir::~ScratchDir() {
+  std::error_code ignored;
+  std::filesystem::remove_all(path_, ignored);
+}
+
+std::string ScratchDir::file(const std::string& name) const {
+  return path_ + "/" + name;
 }
 
 StateDict FilledLike(const StateDict& shape, float value) {
@@ -61,99 +83,83 @@ Daemon::Daemon(std::vector<std::string> args) {
   for (const std::string& arg : args)
     has_listen |= arg.rfind("--listen", 0) == 0;
   if (!has_listen) args.push_back("--listen=127.0.0.1:0");
-  int pipe_fds[2];
-  if (pipe(pipe_fds) != 0) {
-    ADD_FAILURE() << "pipe failed";
+  args.insert(args.begin(), DaemonPath());
+  // stderr goes to a pipe that is drained as it fills: a daemon logging every
+  // RPC must never block on a full pipe that the test does not read.
+  SubprocessOptions options;
+  options.stderr_to = OutputTarget::Pipe();
+  absl::StatusOr<std::unique_ptr<Subprocess>> spawned =
+      Subprocess::Spawn(args, options);
+  if (!spawned.ok()) {
+    ADD_FAILURE() << spawned.status();
     return;
   }
-  pid_ = fork();
-  if (pid_ == 0) {
-    dup2(pipe_fds[1], STDERR_FILENO);
-    close(pipe_fds[0]);
-    close(pipe_fds[1]);
-    std::vector<char*> argv;
-    std::string path = DaemonPath();
-    argv.push_back(path.data());
-    for (std::string& arg : args) argv.push_back(arg.data());
-    argv.push_back(nullptr);
-    execv(path.c_str(), argv.data());
-    _exit(127);
-  }
-  close(pipe_fds[1]);
-  stderr_fd_ = pipe_fds[0];
-  fcntl(stderr_fd_, F_SETFL, O_NONBLOCK);
-  const auto deadline =
-      std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  process_ = *std::move(spawned);
   const std::string marker = "serving on port ";
-  while (std::chrono::steady_clock::now() < deadline) {
-    Log();
-    const size_t at = log_.find(marker);
-    if (at != std::string::npos) {
-      const size_t end =
-          log_.find_first_not_of("0123456789", at + marker.size());
-      if (end != std::string::npos &&
-          absl::SimpleAtoi(
-              log_.substr(at + marker.size(), end - at - marker.size()),
-              &port_)) {
-        return;
-      }
-    }
-    int status;
-    if (waitpid(pid_, &status, WNOHANG) == pid_) {
-      pid_ = -1;
-      ADD_FAILURE() << "modelstated exited early: " << log_;
-      return;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  absl::StatusOr<std::string> line = process_->WaitForLine(
+      Subprocess::Stream::kStderr, marker, absl::Seconds(60));
+  if (!line.ok() ||
+      !absl::SimpleAtoi(line->substr(line->find(marker) + marker.size()),
+                        &port_)) {
+    port_ = 0;
+    ADD_FAILURE() << "modelstated did not start (" << line.status()
+                  << "): " << Log();
   }
-  ADD_FAILURE() << "modelstated did not start: " << log_;
 }
 
-Daemon::~Daemon() {
-  if (pid_ > 0) {
-    kill(pid_, SIGKILL);
-    waitpid(pid_, nullptr, 0);
-  }
-  if (stderr_fd_ >= 0) close(stderr_fd_);
+bool Daemon::Signal(int signal) {
+  return process_ != nullptr && process_->Signal(signal).ok();
 }
 
-std::string Daemon::Log() {
-  char buffer[4096];
-  ssize_t got;
-  while (stderr_fd_ >= 0 &&
-         (got = read(stderr_fd_, buffer, sizeof buffer)) > 0) {
-    log_.append(buffer, got);
-  }
-  return log_;
+int Daemon::WaitForExit(absl::Duration timeout) {
+  if (process_ == nullptr) return -1;
+  absl::StatusOr<int> status = process_->Wait(timeout);
+  return status.ok() ? *status : -1;
 }
 
 int Daemon::Stop(int signal, int timeout_seconds) {
-  if (pid_ <= 0) return -1;
-  kill(pid_, signal);
-  const auto deadline =
-      std::chrono::steady_clock::now() + std::chrono::seconds(timeout_seconds);
-  while (std::chrono::steady_clock::now() < deadline) {
-    int status;
-    if (waitpid(pid_, &status, WNOHANG) == pid_) {
-      pid_ = -1;
-      Log();
-      return status;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  return -1;
+  if (!Signal(signal)) return -1;
+  return WaitForExit(absl::Seconds(timeout_seconds));
 }
 
-CommandResult RunCommand(const std::string& command) {
+bool Daemon::WaitForLog(const std::string& needle, absl::Duration timeout) {
+  return process_ != nullptr &&
+         process_->WaitForLine(Subprocess::Stream::kStderr, needle, timeout)
+             .ok();
+}
+
+std::string Daemon::Log() const {
+  return process_ == nullptr ? ""
+                             : process_->Output(Subprocess::Stream::kStderr);
+}
+
+CommandResult RunCommand(const std::string& command, absl::Duration timeout) {
   CommandResult result;
-  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
-  if (pipe == nullptr) return result;
-  char buffer[4096];
-  size_t got;
-  while ((got = fread(buffer, 1, sizeof buffer, pipe)) > 0)
-    result.output.append(buffer, got);
-  const int status = pclose(pipe);
-  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  SubprocessOptions options;
+  options.stdout_to = OutputTarget::Pipe();
+  options.stderr_to = OutputTarget::SameAsStdout();
+  absl::StatusOr<std::unique_ptr<Subprocess>> shell =
+      Subprocess::Spawn({"/bin/sh", "-c", command}, options);
+  if (!shell.ok()) {
+    result.output = shell.status().ToString();
+    return result;
+  }
+  absl::StatusOr<int> status = (*shell)->Wait(timeout);
+  // Whatever the shell left running goes too, so its output pipe closes.
+  (*shell)->Kill();
+  absl::Status drained = (*shell)->WaitForEndOfOutput(absl::Seconds(10));
+  result.output = (*shell)->Output(Subprocess::Stream::kStdout);
+  if (!status.ok()) {
+    absl::StrAppend(&result.output,
+                    "\n[RunCommand: ", status.status().ToString(),
+                    "; killed]\n");
+  } else if (WIFEXITED(*status)) {
+    result.exit_code = WEXITSTATUS(*status);
+  }
+  if (!drained.ok()) {
+    absl::StrAppend(&result.output, "\n[RunCommand: ", drained.ToString(),
+                    "]\n");
+  }
   return result;
 }
 

@@ -3,59 +3,95 @@
 #ifndef MODELSTATE_TESTS_TEST_SUPPORT_H_
 #define MODELSTATE_TESTS_TEST_SUPPORT_H_
 
-#include <sys/types.h>
-
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "absl/time/time.h"
 #include "client/client.h"
 #include "server/server.h"
+#include "tests/subprocess.h"
 
 namespace modelstate::testing_support {
 
 // Reads a file from the source tree (path relative to the repository root).
 std::string ReadSourceFile(const std::string& relative_path);
 
+// Deadline of each call made by the clients below, and of RunCommand: far
+// beyond what any test needs, so that a hang fails the test rather than
+// stalling it until CTest's timeout.
+inline constexpr absl::Duration kCallTimeout = absl::Seconds(120);
+
 // Starts an in-process server on 127.0.0.1:0 (no demo model, RPC logging off
 // unless asked).
 std::unique_ptr<Server> StartServer(ServerOptions options = {});
 
-// A client of `server` over plaintext loopback.
+// A client of `server` over plaintext loopback; every call has a deadline
+// of kCallTimeout.
 std::unique_ptr<Client> ConnectTo(const Server& server);
 
-// modelstated as a child process. The destructor kills it (SIGKILL) if it still
-// runs.
+// A client of the daemon at `address` whose every call has a deadline
+// (kCallTimeout), so a daemon that hangs fails the test instead of stalling it.
+std::unique_ptr<Client> ConnectTo(const std::string& address);
+
+// A fresh directory of this test process's own under the test temp dir,
+// removed with everything in it on destruction. CTest runs every TEST as its
+// own process, two at a time, so tests must not share fixed paths.
+class ScratchDir {
+ public:
+  ScratchDir();
+  ~ScratchDir();
+  ScratchDir(const ScratchDir&) = delete;
+  ScratchDir& operator=(const ScratchDir&) = delete;
+
+  const std::string& path() const { return path_; }
+  // path() + "/" + name.
+  std::string file(const std::string& name) const;
+
+ private:
+  std::string path_;
+};
+
+// modelstated as a child process (see tests/subprocess.h) with its stderr
+// captured. The destructor kills its process group (SIGKILL) if it still runs.
+// Create it on the test's main thread: the daemon is killed when the thread
+// that started it ends.
 class Daemon {
  public:
   // Starts the daemon binary with `args` (plus --listen=127.0.0.1:0 unless
   // given) and waits until it prints its port. Fails the test if it does not
-  // start within 60 s.
+  // start within 60 s; port() is 0 then.
   explicit Daemon(std::vector<std::string> args);
-  ~Daemon();
 
   int port() const { return port_; }
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
   // Sends `signal` and waits up to `timeout_seconds` for the exit; returns the
   // exit status (as from waitpid) or -1 if it did not exit in time.
   int Stop(int signal, int timeout_seconds);
+  // Sends `signal` without waiting; false if the daemon is gone.
+  bool Signal(int signal);
+  // Waits up to `timeout` for the exit; returns the status as Stop does.
+  int WaitForExit(absl::Duration timeout);
+  // Waits up to `timeout` for a log line containing `needle`; false if none
+  // came (the daemon exited, or the deadline passed).
+  bool WaitForLog(const std::string& needle, absl::Duration timeout);
   // Everything the daemon wrote to stderr so far.
-  std::string Log();
+  std::string Log() const;
 
  private:
-  pid_t pid_ = -1;
+  std::unique_ptr<Subprocess> process_;
   int port_ = 0;
-  int stderr_fd_ = -1;
-  std::string log_;
 };
 
 struct CommandResult {
-  int exit_code = -1;
+  int exit_code = -1;  // -1 if killed by a signal or the timeout.
   std::string output;  // stdout and stderr together.
 };
 
-// Runs `command` through /bin/sh and returns its exit code and output.
-CommandResult RunCommand(const std::string& command);
+// Runs `command` through /bin/sh and returns its exit code and output. Kills
+// the command and everything it started after `timeout`.
+CommandResult RunCommand(const std::string& command,
+                         absl::Duration timeout = kCallTimeout);
 
 // A state dict with the keys, shapes, dtypes and kinds of `shape` whose every
 // element holds `value` (converted to each tensor's dtype).
