@@ -3,6 +3,11 @@
 // and JSON (docs/performance.md).
 //
 //   modelstate_bench [--quick] [--reps=N] [--work_dir=DIR] [--out=PREFIX]
+//                    [--check]
+//
+// --check (needs --out) reads PREFIX.json back after the run and fails if a
+// figure is missing or not a positive number (bench/results_check.h); CI runs
+// it with --quick.
 //
 // Child modes (used by the driver itself): serve-tcp FILE, serve-naive FILE.
 #include <signal.h>
@@ -23,7 +28,7 @@ namespace {
 
 constexpr char kUsage[] =
     "usage: modelstate_bench [--quick] [--reps=N] [--work_dir=DIR] "
-    "[--out=PREFIX]\n";
+    "[--out=PREFIX] [--check]\n";
 
 std::string SelfPath() {
   char self[4096];
@@ -32,7 +37,8 @@ std::string SelfPath() {
   return self;
 }
 
-// Parses the flags into `config`; false on an unknown flag.
+// Parses the flags into `config`; false on an unknown flag or --check without
+// --out.
 bool ParseFlags(int argc, char** argv, Config& config) {
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -45,11 +51,13 @@ bool ParseFlags(int argc, char** argv, Config& config) {
       config.work_dir = arg.substr(11);
     } else if (arg.rfind("--out=", 0) == 0) {
       config.out = arg.substr(6);
+    } else if (arg == "--check") {
+      config.check = true;
     } else {
       return false;
     }
   }
-  return true;
+  return !config.check || !config.out.empty();
 }
 
 }  // namespace

@@ -1,11 +1,13 @@
-// What a benchmark run measures: the command line's Config and the Plan
-// derived from it.
+// What a benchmark run measures: the command line's Config, the Plan derived
+// from it, and the figures a run of that plan must report.
 #ifndef MODELSTATE_BENCH_PLAN_H_
 #define MODELSTATE_BENCH_PLAN_H_
 
 #include <cstdint>
 #include <string>
 #include <vector>
+
+#include "bench/results_check.h"
 
 namespace modelstate::bench {
 
@@ -15,6 +17,7 @@ struct Config {
   int reps = 5;
   std::string work_dir = "/tmp/modelstate-bench";
   std::string out;     // results go to `out`.md and `out`.json when set
+  bool check = false;  // check `out`.json after writing it (results_check.h)
   std::string self;    // this executable, started again for the contenders
   std::string daemon;  // modelstated
 };
@@ -32,6 +35,9 @@ Plan MakePlan(const Config& config);
 
 // The id of P10's figure for a model of `size` bytes, e.g. "P10.64MiB".
 std::string SizeId(uint64_t size);
+
+// Every figure a run of `plan` reports, for CheckResultsJson.
+std::vector<ExpectedFigure> ExpectedFigures(const Plan& plan);
 
 }  // namespace modelstate::bench
 

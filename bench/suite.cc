@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "bench/common.h"
+#include "bench/results_check.h"
 
 namespace modelstate::bench {
 namespace {
@@ -100,6 +101,20 @@ void AddRatios(const Plan& plan, Results& results) {
                               size_ids, reference, AtMost(0.15));
 }
 
+// Reads back the results file at `path` and reports its problems on stderr;
+// returns 0 when there are none, 1 otherwise.
+int CheckResultsFile(const std::string& path, const Plan& plan) {
+  const std::vector<ExpectedFigure> expected = ExpectedFigures(plan);
+  const std::vector<std::string> problems =
+      CheckResultsJson(ReadWholeFile(path), expected);
+  for (const std::string& problem : problems)
+    std::fprintf(stderr, "%s: %s\n", path.c_str(), problem.c_str());
+  if (!problems.empty()) return 1;
+  std::fprintf(stderr, "%s: all %zu expected figures present and sound\n",
+               path.c_str(), expected.size());
+  return 0;
+}
+
 }  // namespace
 
 Results CollectResults(Bench& bench) {
@@ -124,11 +139,10 @@ int RunSuite(const Config& config) {
   const std::string markdown = ToMarkdown(results);
   const std::string json = ToJson(results).dump(2) + "\n";
   std::printf("%s\n%s", markdown.c_str(), json.c_str());
-  if (!config.out.empty()) {
-    std::ofstream(config.out + ".md") << markdown;
-    std::ofstream(config.out + ".json") << json;
-  }
-  return 0;
+  if (config.out.empty()) return 0;
+  std::ofstream(config.out + ".md") << markdown;
+  std::ofstream(config.out + ".json") << json;
+  return config.check ? CheckResultsFile(config.out + ".json", plan) : 0;
 }
 
 }  // namespace modelstate::bench

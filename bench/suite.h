@@ -1,5 +1,6 @@
-// The benchmark suite: runs every benchmark of a Plan and reports the figures
-// and their ratios against the targets (docs/performance.md).
+// The benchmark suite: runs every benchmark of a Plan, reports the figures
+// and their ratios against the targets (docs/performance.md), and optionally
+// checks the results file it wrote.
 #ifndef MODELSTATE_BENCH_SUITE_H_
 #define MODELSTATE_BENCH_SUITE_H_
 
@@ -13,9 +14,10 @@ namespace modelstate::bench {
 // measured figures, then the ratios against the targets.
 Results CollectResults(Bench& bench);
 
-// Runs the suite of `config`: prints the markdown table and the JSON, and
-// writes them to `config.out`.md and .json when set. Returns the exit status,
-// 0. Dies on any failure to measure.
+// Runs the suite of `config`: prints the markdown table and the JSON, writes
+// them to `config.out`.md and .json when set, and with `config.check` checks
+// the JSON file read back. Returns the exit status: 0, or 1 when the check
+// finds a problem. Dies on any failure to measure.
 int RunSuite(const Config& config);
 
 }  // namespace modelstate::bench
