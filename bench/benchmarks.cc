@@ -1,0 +1,242 @@
+#include "bench/benchmarks.h"
+
+#include <cstdio>
+#include <functional>
+#include <thread>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "bench/common.h"
+
+namespace modelstate::bench {
+namespace {
+
+// Fetches `model` into fresh tensors; returns their bytes.
+uint64_t FetchModelstate(Client& client, const std::string& model,
+                         const FetchOptions& options) {
+  FetchedStateDict fetched = Check(client.StateDict(model, options), "fetch");
+  return fetched.state.TotalBytes();
+}
+
+// Runs `transfer` of `bytes` once; returns its GB/s.
+double TimedGBps(uint64_t bytes, const std::function<void()>& transfer) {
+  const double start = Seconds();
+  transfer();
+  return GBps(bytes, Seconds() - start);
+}
+
+std::string FileName(const std::string& path) {
+  return path.substr(path.rfind('/') + 1);
+}
+
+std::vector<std::string> DaemonArgs(const Config& config,
+                                    const ModelFiles& files) {
+  std::vector<std::string> args = {config.daemon,
+                                   "--listen=127.0.0.1:0",
+                                   "--demo_model=",
+                                   "--log_rpcs=false",
+                                   "--preload=main=" + files.main,
+                                   "--preload=many=" + files.many,
+                                   "--preload=small=" + files.small};
+  for (const auto& [size, file] : files.by_size)
+    args.push_back(absl::StrCat("--preload=size", size, "=", file));
+  return args;
+}
+
+// P6 with `fetchers` concurrent fetchers, each on its own connection.
+FanOutSamples MeasureFetchers(Bench& bench, int fetchers) {
+  std::vector<std::unique_ptr<Client>> clients;
+  for (int i = 0; i < fetchers; ++i) {
+    ClientOptions own;
+    own.own_connection = true;
+    clients.push_back(
+        Check(Client::Connect(bench.lean_target, own), "connect"));
+  }
+  std::fprintf(stderr, "P6 with %d fetchers: %d repetitions\n", fetchers,
+               bench.plan.reps);
+  FanOutSamples samples;
+  for (int rep = 0; rep < bench.plan.reps; ++rep) {
+    ResetPeakRss(bench.servers.lean.pid);
+    samples.aggregate.push_back(TimedGBps(bench.tensor_bytes * fetchers, [&] {
+      std::vector<std::thread> threads;
+      for (int i = 0; i < fetchers; ++i) {
+        threads.emplace_back([&, i] {
+          Check(clients[i]->StateDictStreaming(
+                    "main", {},
+                    [](const TensorDescription&, Tensor) {
+                      return absl::OkStatus();
+                    }),
+                "streaming fetch");
+        });
+      }
+      for (auto& thread : threads) thread.join();
+    }));
+    samples.peak_rss.push_back(
+        static_cast<double>(PeakRssBytes(bench.servers.lean.pid)) /
+        bench.tensor_bytes);
+  }
+  return samples;
+}
+
+}  // namespace
+
+ModelFiles PrepareModelFiles(const Plan& plan, const std::string& dir) {
+  std::fprintf(stderr, "preparing model files in %s\n", dir.c_str());
+  ModelFiles files;
+  files.main = ModelFile(dir, 16, plan.model_bytes);
+  files.many = ModelFile(dir, plan.many_tensors, plan.model_bytes);
+  files.small = ModelFile(dir, 1, 4096);
+  for (uint64_t size : plan.sizes)
+    files.by_size[size] = ModelFile(dir, 16, size);
+  return files;
+}
+
+Servers::Servers(const Config& config, const ModelFiles& files) {
+  daemon = Spawn(DaemonArgs(config, files), 2, "serving on port ");
+  lean = Spawn({config.daemon, "--listen=127.0.0.1:0", "--demo_model=",
+                "--log_rpcs=false", "--preload=main=" + files.main},
+               2, "serving on port ");
+  tcp = Spawn({config.self, "serve-tcp", files.main}, 1, "PORT ");
+  naive = Spawn({config.self, "serve-naive", files.main}, 1, "PORT ");
+  nginx = StartNginx(config.work_dir);
+}
+
+Servers::~Servers() {
+  Stop(lean);
+  Stop(nginx);
+  Stop(tcp);
+  Stop(naive);
+  Stop(daemon);
+}
+
+Bench::Bench(const Config& config, const Plan& plan, const ModelFiles& files)
+    : plan(plan),
+      servers(config, files),
+      lean_target(absl::StrCat("127.0.0.1:", servers.lean.port)),
+      client(Check(
+          Client::Connect(absl::StrCat("127.0.0.1:", servers.daemon.port)),
+          "connect")),
+      lean_client(Check(Client::Connect(lean_target), "connect")),
+      tcp(servers.tcp.port),
+      naive(servers.naive.port),
+      nginx(absl::StrCat("http://127.0.0.1:", servers.nginx.port, "/",
+                         FileName(files.main))),
+      main_file(files.main),
+      main_state(Check(ReadSafetensorsFile(files.main), "read model file")),
+      file_bytes(FileSize(files.main)) {
+  // Load the weights into the daemon as a trainer would, so the model lives in
+  // anonymous memory rather than in the page cache of its preload file, which
+  // the kernel's proactive reclaim on this kind of machine evicts between
+  // repetitions.
+  Check(client->LoadStateDict("main", main_state.tensors), "load main");
+  tensor_bytes = FetchModelstate(*client, "main", {});
+}
+
+FetchSamples MeasureFetches(Bench& bench) {
+  struct Contender {
+    std::vector<double>* samples;
+    uint64_t bytes;
+    std::function<void()> fetch;
+  };
+  FetchSamples samples;
+  FetchOptions bf16;
+  bf16.cast_floating_to = DType::kBFloat16;
+  const uint64_t file_bytes = bench.file_bytes;
+  const std::vector<Contender> contenders = {
+      {&samples.modelstate, bench.tensor_bytes,
+       [&] { FetchModelstate(*bench.client, "main", {}); }},
+      {&samples.raw_tcp, file_bytes, [&] { bench.tcp.Fetch(); }},
+      {&samples.naive_grpc, file_bytes, [&] { bench.naive.Fetch(file_bytes); }},
+      {&samples.nginx, file_bytes, [&] { bench.nginx.Fetch(file_bytes); }},
+      {&samples.cast_bf16, bench.tensor_bytes,
+       [&] { FetchModelstate(*bench.client, "main", bf16); }},
+  };
+  bench.tcp.Fetch();  // warm-ups
+  bench.naive.Fetch(file_bytes);
+  bench.nginx.Fetch(file_bytes);
+  std::fprintf(stderr, "P1/P8: %d repetitions\n", bench.plan.reps);
+  for (int rep = 0; rep < bench.plan.reps; ++rep) {
+    for (size_t i = 0; i < contenders.size(); ++i) {
+      const Contender& next = contenders[(i + rep) % contenders.size()];
+      next.samples->push_back(TimedGBps(next.bytes, next.fetch));
+    }
+  }
+  return samples;
+}
+
+std::vector<double> MeasureManyTensors(Bench& bench) {
+  FetchModelstate(*bench.client, "many", {});
+  std::fprintf(stderr, "P5: %d repetitions\n", bench.plan.reps);
+  std::vector<double> samples;
+  for (int rep = 0; rep < bench.plan.reps; ++rep) {
+    samples.push_back(TimedGBps(bench.tensor_bytes, [&] {
+      FetchModelstate(*bench.client, "many", {});
+    }));
+  }
+  return samples;
+}
+
+std::vector<FanOutSamples> MeasureFanOut(Bench& bench) {
+  FetchModelstate(*bench.lean_client, "main", {});  // page the model in
+  std::vector<FanOutSamples> samples;
+  for (int fetchers : bench.plan.fan_out)
+    samples.push_back(MeasureFetchers(bench, fetchers));
+  return samples;
+}
+
+PushSamples MeasurePush(Bench& bench) {
+  const std::string push_bytes = ReadWholeFile(bench.main_file);
+  const pid_t lean = bench.servers.lean.pid;
+  std::fprintf(stderr, "P4: %d repetitions\n", bench.plan.reps);
+  PushSamples samples;
+  for (int rep = 0; rep < bench.plan.reps; ++rep) {
+    ResetPeakRss(lean);
+    samples.modelstate.push_back(TimedGBps(bench.tensor_bytes, [&] {
+      Check(bench.lean_client->LoadStateDict("main", bench.main_state.tensors),
+            "push");
+    }));
+    samples.peak_rss.push_back(static_cast<double>(PeakRssBytes(lean)) /
+                               bench.tensor_bytes);
+    samples.raw_tcp.push_back(
+        TimedGBps(push_bytes.size(), [&] { bench.tcp.Push(push_bytes); }));
+  }
+  return samples;
+}
+
+LatencySamples MeasureLatency(Bench& bench) {
+  FetchOptions by_key;
+  by_key.keys = {"layers.0.weight"};
+  LatencySamples samples;
+  // Blocks of 100 calls of each kind, alternating, so that both see the same
+  // conditions.
+  for (int block = 0; block < bench.plan.latency_calls / 100; ++block) {
+    for (int i = 0; i < 100; ++i) {
+      const double start = Seconds();
+      FetchModelstate(*bench.client, "small", by_key);
+      samples.fetch.push_back((Seconds() - start) * 1e6);
+    }
+    for (int i = 0; i < 100; ++i) {
+      const double start = Seconds();
+      Check(bench.client->CheckHealth(), "health");
+      samples.empty.push_back((Seconds() - start) * 1e6);
+    }
+  }
+  return samples;
+}
+
+std::vector<double> MeasureModelSize(Bench& bench, uint64_t size) {
+  const std::string model = absl::StrCat("size", size);
+  FetchModelstate(*bench.client, model, {});
+  const uint64_t bytes =
+      Check(bench.client->GetModel(model), "get model").summary.num_bytes;
+  std::fprintf(stderr, "P10 %llu MiB: %d repetitions\n",
+               static_cast<unsigned long long>(size / kMiB), bench.plan.reps);
+  std::vector<double> samples;
+  for (int rep = 0; rep < bench.plan.reps; ++rep) {
+    samples.push_back(
+        TimedGBps(bytes, [&] { FetchModelstate(*bench.client, model, {}); }));
+  }
+  return samples;
+}
+
+}  // namespace modelstate::bench

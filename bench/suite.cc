@@ -1,0 +1,150 @@
+#include "bench/suite.h"
+
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "bench/common.h"
+#include "bench/results_check.h"
+
+namespace modelstate::bench {
+namespace {
+
+void AddFetchRows(Bench& bench, Results& results) {
+  FetchSamples fetches = MeasureFetches(bench);
+  results.Add("P1", "modelstate full fetch, 16 tensors", "GB/s",
+              std::move(fetches.modelstate));
+  results.Add("P1.a", "raw TCP loopback, same bytes", "GB/s",
+              std::move(fetches.raw_tcp));
+  results.Add("P1.b", "naive gRPC stream of 1 MiB messages", "GB/s",
+              std::move(fetches.naive_grpc));
+  results.Add("P1.c", "nginx sendfile + libcurl", "GB/s",
+              std::move(fetches.nginx));
+  results.Add("P8", "modelstate fetch with fp32->bf16 cast, source bytes",
+              "GB/s", std::move(fetches.cast_bf16));
+  results.Add("P5.many",
+              absl::StrCat("modelstate full fetch, ", bench.plan.many_tensors,
+                           " tensors"),
+              "GB/s", MeasureManyTensors(bench));
+}
+
+void AddFanOutRows(Bench& bench, Results& results) {
+  std::vector<FanOutSamples> fan_out = MeasureFanOut(bench);
+  const double rss_limit =
+      1.1 + static_cast<double>(64 * kMiB) / bench.tensor_bytes;
+  for (size_t i = 0; i < fan_out.size(); ++i) {
+    const int n = bench.plan.fan_out[i];
+    results.Add(absl::StrCat("P6.", n),
+                absl::StrCat(n, " concurrent fetchers, aggregate"), "GB/s",
+                std::move(fan_out[i].aggregate));
+    results.Add(
+        absl::StrCat("P6.rss.", n),
+        absl::StrCat("daemon peak RSS with ", n, " fetchers / model bytes"),
+        "ratio", std::move(fan_out[i].peak_rss),
+        EverySampleAtMost(rss_limit, "<= 1.1 + 64 MiB/model"));
+  }
+}
+
+void AddPushAndLatencyRows(Bench& bench, Results& results) {
+  PushSamples push = MeasurePush(bench);
+  results.Add("P4", "modelstate push (LoadStateDict), 16 tensors", "GB/s",
+              std::move(push.modelstate));
+  results.Add("P4.a", "raw TCP loopback push", "GB/s", std::move(push.raw_tcp));
+  results.Add("RSS.load", "daemon peak RSS during a full load / model bytes",
+              "ratio", std::move(push.peak_rss));
+  const LatencySamples latency = MeasureLatency(bench);
+  results.Add("P7.fetch", "fetch one 4 KiB tensor by key, p50", "us",
+              {Percentile(latency.fetch, 0.5)});
+  results.Add("P7.fetch99", "fetch one 4 KiB tensor by key, p99", "us",
+              {Percentile(latency.fetch, 0.99)});
+  results.Add("P7.empty", "empty unary RPC (health Check), p50", "us",
+              {Percentile(latency.empty, 0.5)});
+  results.Add("P7.empty99", "empty unary RPC (health Check), p99", "us",
+              {Percentile(latency.empty, 0.99)});
+}
+
+void AddModelSizeRows(Bench& bench, Results& results) {
+  for (uint64_t size : bench.plan.sizes) {
+    results.Add(
+        SizeId(size),
+        absl::StrCat("modelstate full fetch, ", size / kMiB, " MiB model"),
+        "GB/s", MeasureModelSize(bench, size));
+  }
+}
+
+void AddRatios(const Plan& plan, Results& results) {
+  results.AddRatio("P1/a", "P1 / raw TCP", "P1", "P1.a", AtLeast(0.9));
+  results.AddRatio("P1/b", "P1 / naive gRPC", "P1", "P1.b", AtLeast(1.2));
+  results.AddRatio("P1/c", "P1 / nginx", "P1", "P1.c", AtLeast(1.0));
+  results.AddRatio("P4/a", "P4 / raw TCP push", "P4", "P4.a", AtLeast(0.8));
+  results.AddRatio("P5", "many tensors / 16 tensors", "P5.many", "P1",
+                   AtLeast(0.7));
+  const int most = plan.fan_out.back();
+  results.AddRatio("P6", absl::StrCat(most, " fetchers aggregate / 1 fetcher"),
+                   absl::StrCat("P6.", most), "P6.1", AtLeast(0.9));
+  results.AddRatio("P7", "p50 fetch-by-key / p50 empty RPC", "P7.fetch",
+                   "P7.empty", AtMost(2.0));
+  // Looks up the throughput "P8", added before this ratio of the same id.
+  results.AddRatio("P8", "cast fetch (source bytes/s) / P1", "P8", "P1",
+                   AtLeast(1.3));
+  std::vector<std::string> size_ids;
+  for (uint64_t size : plan.sizes) size_ids.push_back(SizeId(size));
+  // The reference is the third size (1 GiB in the full suite), or the last.
+  const std::string reference =
+      size_ids[std::min<size_t>(2, size_ids.size() - 1)];
+  results.AddLargestDeviation("P10",
+                              "largest deviation of GB/s across model sizes",
+                              size_ids, reference, AtMost(0.15));
+}
+
+// Reads back the results file at `path` and reports its problems on stderr;
+// returns 0 when there are none, 1 otherwise.
+int CheckResultsFile(const std::string& path, const Plan& plan) {
+  const std::vector<ExpectedFigure> expected = ExpectedFigures(plan);
+  const std::vector<std::string> problems =
+      CheckResultsJson(ReadWholeFile(path), expected);
+  for (const std::string& problem : problems)
+    std::fprintf(stderr, "%s: %s\n", path.c_str(), problem.c_str());
+  if (!problems.empty()) return 1;
+  std::fprintf(stderr, "%s: all %zu expected figures present and sound\n",
+               path.c_str(), expected.size());
+  return 0;
+}
+
+}  // namespace
+
+Results CollectResults(Bench& bench) {
+  Results results;
+  AddFetchRows(bench, results);
+  AddFanOutRows(bench, results);
+  AddPushAndLatencyRows(bench, results);
+  AddModelSizeRows(bench, results);
+  AddRatios(bench.plan, results);
+  return results;
+}
+
+int RunSuite(const Config& config) {
+  mkdir(config.work_dir.c_str(), 0755);
+  const Plan plan = MakePlan(config);
+  const ModelFiles files = PrepareModelFiles(plan, config.work_dir);
+  Results results;
+  {
+    Bench bench(config, plan, files);
+    results = CollectResults(bench);
+  }  // disconnects and stops every server before reporting
+  const std::string markdown = ToMarkdown(results);
+  const std::string json = ToJson(results).dump(2) + "\n";
+  std::printf("%s\n%s", markdown.c_str(), json.c_str());
+  if (config.out.empty()) return 0;
+  std::ofstream(config.out + ".md") << markdown;
+  std::ofstream(config.out + ".json") << json;
+  return config.check ? CheckResultsFile(config.out + ".json", plan) : 0;
+}
+
+}  // namespace modelstate::bench
