@@ -11,10 +11,10 @@
 namespace modelstate::bench {
 namespace {
 
-// Fetches `model` into fresh tensors; returns their bytes.
-uint64_t FetchModelstate(Client& client, const std::string& model,
-                         const FetchOptions& options) {
-  FetchedStateDict fetched = Check(client.StateDict(model, options), "fetch");
+// Fetches into fresh tensors; returns their bytes.
+uint64_t FetchModelstate(Client& client,
+                         const modelstate::FetchRequest& request) {
+  FetchedStateDict fetched = Check(client.StateDict(request), "fetch");
   return fetched.state.TotalBytes();
 }
 
@@ -129,7 +129,7 @@ Bench::Bench(const Config& config, const Plan& plan, const ModelFiles& files)
   // the kernel's proactive reclaim on this kind of machine evicts between
   // repetitions.
   Check(client->LoadStateDict("main", main_state.tensors), "load main");
-  tensor_bytes = FetchModelstate(*client, "main", {});
+  tensor_bytes = FetchModelstate(*client, "main");
 }
 
 FetchSamples MeasureFetches(Bench& bench) {
@@ -139,17 +139,17 @@ FetchSamples MeasureFetches(Bench& bench) {
     std::function<void()> fetch;
   };
   FetchSamples samples;
-  FetchOptions bf16;
-  bf16.cast_floating_to = DType::kBFloat16;
+  modelstate::FetchRequest bf16("main");
+  bf16.dtype = DType::kBFloat16;
   const uint64_t file_bytes = bench.file_bytes;
   const std::vector<Contender> contenders = {
       {&samples.modelstate, bench.tensor_bytes,
-       [&] { FetchModelstate(*bench.client, "main", {}); }},
+       [&] { FetchModelstate(*bench.client, "main"); }},
       {&samples.raw_tcp, file_bytes, [&] { bench.tcp.Fetch(); }},
       {&samples.naive_grpc, file_bytes, [&] { bench.naive.Fetch(file_bytes); }},
       {&samples.nginx, file_bytes, [&] { bench.nginx.Fetch(file_bytes); }},
       {&samples.cast_bf16, bench.tensor_bytes,
-       [&] { FetchModelstate(*bench.client, "main", bf16); }},
+       [&] { FetchModelstate(*bench.client, bf16); }},
   };
   bench.tcp.Fetch();  // warm-ups
   bench.naive.Fetch(file_bytes);
@@ -165,19 +165,18 @@ FetchSamples MeasureFetches(Bench& bench) {
 }
 
 std::vector<double> MeasureManyTensors(Bench& bench) {
-  FetchModelstate(*bench.client, "many", {});
+  FetchModelstate(*bench.client, "many");
   std::fprintf(stderr, "P5: %d repetitions\n", bench.plan.reps);
   std::vector<double> samples;
   for (int rep = 0; rep < bench.plan.reps; ++rep) {
-    samples.push_back(TimedGBps(bench.tensor_bytes, [&] {
-      FetchModelstate(*bench.client, "many", {});
-    }));
+    samples.push_back(TimedGBps(
+        bench.tensor_bytes, [&] { FetchModelstate(*bench.client, "many"); }));
   }
   return samples;
 }
 
 std::vector<FanOutSamples> MeasureFanOut(Bench& bench) {
-  FetchModelstate(*bench.lean_client, "main", {});  // page the model in
+  FetchModelstate(*bench.lean_client, "main");  // page the model in
   std::vector<FanOutSamples> samples;
   for (int fetchers : bench.plan.fan_out)
     samples.push_back(MeasureFetchers(bench, fetchers));
@@ -204,7 +203,7 @@ PushSamples MeasurePush(Bench& bench) {
 }
 
 LatencySamples MeasureLatency(Bench& bench) {
-  FetchOptions by_key;
+  modelstate::FetchRequest by_key("small");
   by_key.keys = {"layers.0.weight"};
   LatencySamples samples;
   // Blocks of 100 calls of each kind, alternating, so that both see the same
@@ -212,7 +211,7 @@ LatencySamples MeasureLatency(Bench& bench) {
   for (int block = 0; block < bench.plan.latency_calls / 100; ++block) {
     for (int i = 0; i < 100; ++i) {
       const double start = Seconds();
-      FetchModelstate(*bench.client, "small", by_key);
+      FetchModelstate(*bench.client, by_key);
       samples.fetch.push_back((Seconds() - start) * 1e6);
     }
     for (int i = 0; i < 100; ++i) {
@@ -226,7 +225,7 @@ LatencySamples MeasureLatency(Bench& bench) {
 
 std::vector<double> MeasureModelSize(Bench& bench, uint64_t size) {
   const std::string model = absl::StrCat("size", size);
-  FetchModelstate(*bench.client, model, {});
+  FetchModelstate(*bench.client, model);
   const uint64_t bytes =
       Check(bench.client->GetModel(model), "get model").summary.num_bytes;
   std::fprintf(stderr, "P10 %llu MiB: %d repetitions\n",
@@ -234,7 +233,7 @@ std::vector<double> MeasureModelSize(Bench& bench, uint64_t size) {
   std::vector<double> samples;
   for (int rep = 0; rep < bench.plan.reps; ++rep) {
     samples.push_back(
-        TimedGBps(bytes, [&] { FetchModelstate(*bench.client, model, {}); }));
+        TimedGBps(bytes, [&] { FetchModelstate(*bench.client, model); }));
   }
   return samples;
 }

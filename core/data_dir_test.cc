@@ -202,10 +202,9 @@ TEST(DataDirTest, FullDiskFailsASyncLoadAndChangesNothing) {
   EXPECT_EQ(report.models[0].snapshot.version, 1);
   EXPECT_THAT(report.problems, IsEmpty());
   budget = 1 << 30;
-  EXPECT_EQ(store.Load("m", GetStateDict(MustBuild(kCnn, 5)).value())
-                .value()
-                .version,
-            2);
+  EXPECT_EQ(
+      store.Load("m", GetStateDict(MustBuild(kCnn, 5)).value()).value().version,
+      2);
 }
 
 // Forwards to `target` but holds the first Persist until released, so the
@@ -256,8 +255,7 @@ TEST(DataDirTest, AsyncPersisterSkipsSupersededVersions) {
     FAIL() << "the writer never picked up version 1";
   }
   for (int i = 0; i < 50; ++i) {
-    EXPECT_TRUE(
-        store.Load("m", GetStateDict(MustBuild(kCnn, i)).value()).ok());
+    EXPECT_TRUE(store.Load("m", GetStateDict(MustBuild(kCnn, i)).value()).ok());
   }
   gate.Release();
   async.Flush();

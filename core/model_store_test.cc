@@ -242,8 +242,7 @@ TEST(ModelStoreTest, ConcurrentLoadsAndSnapshotsNeverTear) {
   for (int w = 0; w < kWriters; ++w) {
     writers.emplace_back([&, w] {
       for (int i = 1; i <= kLoadsPerWriter; ++i) {
-        if (!store
-                 .Load("m", Filled(shape, static_cast<float>(w * 1000 + i)))
+        if (!store.Load("m", Filled(shape, static_cast<float>(w * 1000 + i)))
                  .ok()) {
           ++failed_loads;
         }

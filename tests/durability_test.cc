@@ -125,7 +125,8 @@ TEST(DurabilityTest, SigkillAtRandomPointsLosesNothingAcknowledged) {
       while (!stop) {
         StateDict state = FilledLike(shape, next_value++);
         pushed[base + 1] = Checksums(state);
-        absl::StatusOr<LoadOutcome> result = pusher->LoadStateDict("net", state);
+        absl::StatusOr<LoadOutcome> result =
+            pusher->LoadStateDict("net", state);
         if (!result.ok()) break;  // killed mid-push
         EXPECT_EQ(result->version, base + 1);
         acknowledged = base = result->version;

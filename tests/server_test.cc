@@ -667,7 +667,8 @@ TEST(ServerTest, WatchStartsWithTheCurrentStateThenFollowsCommits) {
       client->CreateModel("m", ReadSourceFile("tests/models/mlp.json")).ok());
   EXPECT_TRUE(wait_for(2));
   EXPECT_TRUE(
-      client->LoadStateDict({"m"}, FilledLike(CoreState(*server, "m"), 1)).ok());
+      client->LoadStateDict({"m"}, FilledLike(CoreState(*server, "m"), 1))
+          .ok());
   EXPECT_TRUE(wait_for(3));
   EXPECT_TRUE(client->DeleteModel("m").ok());
   watcher.join();
