@@ -12,7 +12,6 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "absl/strings/str_split.h"
 #include "core/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -854,75 +853,6 @@ absl::StatusOr<ModulePtr> BuildModuleFromSpec(absl::string_view spec_json,
   if (spec.is_discarded()) return SpecError("", "not valid JSON");
   Builder builder(options);
   return builder.Build(spec, "", options.default_dtype);
-}
-
-namespace {
-
-struct FlatNode {
-  std::vector<std::pair<std::string, const Tensor*>> tensors;
-  std::vector<std::string> child_order;
-  std::map<std::string, FlatNode> children;
-};
-
-absl::StatusOr<ModulePtr> FreezeFlatNode(
-    const FlatNode& node, const std::string& prefix,
-    const absl::flat_hash_set<std::string>& buffers) {
-  auto module = std::make_shared<Module>("Module");
-  for (const auto& [name, tensor] : node.tensors) {
-    if (buffers.contains(prefix + name)) {
-      RETURN_IF_ERROR(module->AddBuffer(name, *tensor));
-    } else {
-      RETURN_IF_ERROR(module->AddParameter(name, *tensor));
-    }
-  }
-  for (const std::string& name : node.child_order) {
-    ASSIGN_OR_RETURN(
-        ModulePtr child,
-        FreezeFlatNode(node.children.at(name), prefix + name + ".", buffers));
-    RETURN_IF_ERROR(module->AddChild(name, std::move(child)));
-  }
-  return ModulePtr(std::move(module));
-}
-
-}  // namespace
-
-absl::StatusOr<ModulePtr> BuildModuleFromStateDict(
-    const StateDict& state, const std::vector<std::string>& buffer_keys) {
-  absl::flat_hash_set<std::string> buffers(buffer_keys.begin(),
-                                           buffer_keys.end());
-  for (const std::string& key : buffer_keys) {
-    if (state.Find(key) == nullptr) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("buffer key \"", key, "\" is not in the state dict"));
-    }
-  }
-  FlatNode root;
-  for (const StateDict::Entry& entry : state.entries()) {
-    std::vector<std::string> parts = absl::StrSplit(entry.key, '.');
-    FlatNode* node = &root;
-    for (size_t i = 0; i + 1 < parts.size(); ++i) {
-      if (parts[i].empty()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("key \"", entry.key, "\" has an empty component"));
-      }
-      auto [it, inserted] = node->children.try_emplace(parts[i]);
-      if (inserted) node->child_order.push_back(parts[i]);
-      node = &it->second;
-    }
-    if (parts.back().empty()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("key \"", entry.key, "\" has an empty component"));
-    }
-    node->tensors.emplace_back(parts.back(), &entry.tensor);
-  }
-  absl::StatusOr<ModulePtr> module = FreezeFlatNode(root, "", buffers);
-  if (!module.ok() &&
-      module.status().code() == absl::StatusCode::kAlreadyExists) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "state dict keys name the same thing as a tensor and as a module: ",
-        module.status().message()));
-  }
-  return module;
 }
 
 }  // namespace modelstate

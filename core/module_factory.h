@@ -1,6 +1,7 @@
 // Builds module trees from an architecture spec (JSON naming torch.nn classes
-// and their arguments) or from a flat state dict (any checkpoint). See
-// docs/architecture-spec.md.
+// and their arguments). See docs/architecture-spec.md. Trees built from a flat
+// state dict (any checkpoint) are in module_tree.h, included here for the
+// callers that use both.
 #ifndef MODELSTATE_CORE_MODULE_FACTORY_H_
 #define MODELSTATE_CORE_MODULE_FACTORY_H_
 
@@ -11,6 +12,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "core/module.h"
+#include "core/module_tree.h"
 #include "core/state_dict.h"
 
 namespace modelstate {
@@ -37,14 +39,6 @@ absl::StatusOr<ModulePtr> BuildModuleFromSpec(absl::string_view spec_json,
 
 // Returns the torch.nn class names BuildModuleFromSpec understands.
 std::vector<std::string> SupportedModuleTypes();
-
-// Builds a tree of generic modules holding exactly `state`'s tensors (shared,
-// not copied): each dotted key "a.b.w" becomes submodules "a" and "a.b" holding
-// "w". Keys in `buffer_keys` become persistent buffers, the rest parameters.
-// Returns InvalidArgument for a key with an empty component, a key that is both
-// a tensor and a module ("a" and "a.b"), or an unknown buffer key.
-absl::StatusOr<ModulePtr> BuildModuleFromStateDict(
-    const StateDict& state, const std::vector<std::string>& buffer_keys = {});
 
 }  // namespace modelstate
 
