@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/initializers.h"
+#include "core/limits.h"
 #include "core/module_layers.h"
 #include "core/spec_args.h"
 #include "core/status_macros.h"
@@ -14,7 +15,8 @@ namespace modelstate {
 namespace {
 
 // Walks a spec: finds each module's row in the layer table, resolves its
-// dtype, and builds it.
+// dtype, and builds it. Nesting is bounded by kMaxSpecDepth, so a hostile spec
+// gets an error rather than overflowing the stack.
 class SpecBuilder : public NestedSpecBuilder {
  public:
   explicit SpecBuilder(uint64_t seed) : init_(seed) {}
@@ -29,12 +31,21 @@ class SpecBuilder : public NestedSpecBuilder {
                                         DType inherited);
 
   Initializer init_;
+  int depth_ = 0;  // Modules under construction, the root included.
 };
 
 absl::StatusOr<ModulePtr> SpecBuilder::BuildNested(const SpecJson& spec,
                                                    const std::string& path,
                                                    DType inherited) {
-  return BuildModule(spec, path, inherited);
+  if (depth_ >= kMaxSpecDepth) {
+    return SpecError(path,
+                     absl::StrCat("modules nest more than kMaxSpecDepth (",
+                                  kMaxSpecDepth, ") levels deep"));
+  }
+  ++depth_;
+  absl::StatusOr<ModulePtr> module = BuildModule(spec, path, inherited);
+  --depth_;
+  return module;
 }
 
 absl::StatusOr<ModulePtr> SpecBuilder::BuildModule(const SpecJson& spec,

@@ -32,12 +32,14 @@ struct BuildOptions {
 //      {"type": "Linear", "args": [8, 2], "bias": false, "dtype": "float16"}]}
 // `type` is a torch.nn class name; arguments use torch's names (or go
 // positionally in "args"). Tensors get torch's names, shapes and default
-// initialisation. Returns InvalidArgument, naming the JSON path, for malformed
-// JSON, an unknown type or argument, or a bad value.
+// initialisation; the same seed gives the same tensors. Returns
+// InvalidArgument, naming the JSON path, for malformed JSON, an unknown type
+// or argument, a bad value, a size that overflows int64, or modules nested
+// more than kMaxSpecDepth (core/limits.h) deep.
 absl::StatusOr<ModulePtr> BuildModuleFromSpec(absl::string_view spec_json,
                                               const BuildOptions& options = {});
 
-// Returns the torch.nn class names BuildModuleFromSpec understands.
+// Returns the torch.nn class names BuildModuleFromSpec understands, sorted.
 std::vector<std::string> SupportedModuleTypes();
 
 }  // namespace modelstate

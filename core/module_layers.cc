@@ -79,6 +79,21 @@ absl::Status CheckConvGeometry(const SpecArgs& args, size_t rank) {
   return absl::OkStatus();
 }
 
+// _ConvNd's fan_in: weight.shape[1] times the kernel's elements.
+absl::StatusOr<int64_t> ConvFanIn(const std::string& path,
+                                  const Shape& weight_shape,
+                                  const Shape& kernel) {
+  int64_t fan_in = weight_shape[1];
+  for (int64_t k : kernel) {
+    if (__builtin_mul_overflow(fan_in, k, &fan_in)) {
+      return SpecError(path,
+                       "fan-in (channels per group times kernel_size) "
+                       "overflows int64");
+    }
+  }
+  return fan_in;
+}
+
 ModuleOr BuildConvNd(const LayerContext& layer, size_t rank, bool transposed) {
   const SpecArgs& args = layer.args;
   ASSIGN_OR_RETURN(int64_t in, args.Int("in_channels"));
@@ -96,8 +111,8 @@ ModuleOr BuildConvNd(const LayerContext& layer, size_t rank, bool transposed) {
   Shape weight_shape =
       transposed ? Shape{in, out / groups} : Shape{out, in / groups};
   weight_shape.insert(weight_shape.end(), kernel.begin(), kernel.end());
-  int64_t fan_in = weight_shape[1];
-  for (int64_t k : kernel) fan_in *= k;
+  ASSIGN_OR_RETURN(int64_t fan_in,
+                   ConvFanIn(layer.path(), weight_shape, kernel));
   auto module = std::make_shared<Module>(layer.type);
   ASSIGN_OR_RETURN(Tensor weight, layer.init.KaimingUniform(
                                       layer.dtype, weight_shape, fan_in));
@@ -250,7 +265,9 @@ ModuleOr BuildMultiheadAttention(const LayerContext& layer) {
   ASSIGN_OR_RETURN(int64_t vdim, args.Int("vdim", e));
   if (heads <= 0 || e % heads != 0)
     return SpecError(layer.path(), "embed_dim must be divisible by num_heads");
-  const int64_t three_e = 3 * e;
+  int64_t three_e;
+  if (__builtin_mul_overflow(int64_t{3}, e, &three_e))
+    return SpecError(layer.path(), "3 * embed_dim overflows int64");
   auto module = std::make_shared<Module>(layer.type);
   RETURN_IF_ERROR(AddAttentionProjections(module.get(), layer.init, layer.dtype,
                                           e, three_e, kdim, vdim));
