@@ -1,11 +1,14 @@
 // Layouts of spec §6 and torch's default initialisation.
 #include "core/module_factory.h"
 
+#include <algorithm>
 #include <cmath>
+#include <map>
 #include <string>
 
 #include "absl/strings/str_cat.h"
 #include "core/limits.h"
+#include "core/module_version.h"
 #include "core/test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -231,6 +234,58 @@ TEST(ModuleFactoryTest, FlatStateDictBecomesAModuleTree) {
   empty_part.Set("a..b", FullTensor(DType::kFloat32, {1}, 1));
   EXPECT_FALSE(BuildModuleFromStateDict(empty_part).ok());
   EXPECT_FALSE(BuildModuleFromStateDict(state, {"nope"}).ok());
+}
+
+// Required arguments of the classes that have any; the others build from
+// {"type": T} alone.
+const std::map<std::string, std::string>& RequiredArgs() {
+  static const auto* args = new std::map<std::string, std::string>{
+      {"Linear", R"("args": [2, 3])"},
+      {"Conv1d", R"("args": [2, 4, 3])"},
+      {"Conv2d", R"("args": [2, 4, 3])"},
+      {"Conv3d", R"("args": [2, 4, 3])"},
+      {"ConvTranspose1d", R"("args": [2, 4, 3])"},
+      {"ConvTranspose2d", R"("args": [2, 4, 3])"},
+      {"BatchNorm1d", R"("args": [3])"},
+      {"BatchNorm2d", R"("args": [3])"},
+      {"BatchNorm3d", R"("args": [3])"},
+      {"LayerNorm", R"("args": [4])"},
+      {"GroupNorm", R"("args": [2, 4])"},
+      {"Embedding", R"("args": [5, 3])"},
+      {"MultiheadAttention", R"("args": [4, 2])"},
+      {"TransformerEncoderLayer", R"("args": [4, 2, 8])"},
+  };
+  return *args;
+}
+
+TEST(ModuleFactoryTest, EverySupportedTypeBuildsWithDefaultArguments) {
+  const std::vector<std::string> types = SupportedModuleTypes();
+  EXPECT_EQ(types.size(), 29u);
+  EXPECT_TRUE(std::is_sorted(types.begin(), types.end()));
+  for (const auto& [type, args] : RequiredArgs()) {
+    EXPECT_NE(std::find(types.begin(), types.end(), type), types.end()) << type;
+  }
+  for (const std::string& type : types) {
+    SCOPED_TRACE(type);
+    auto required = RequiredArgs().find(type);
+    const std::string bare = absl::StrCat(R"({"type": ")", type, R"("})");
+    if (required != RequiredArgs().end()) {
+      // Without its required arguments the class is an error, not a guess.
+      EXPECT_THAT(BuildModuleFromSpec(bare).status().message(),
+                  HasSubstr("missing argument"));
+    }
+    const std::string spec = required == RequiredArgs().end()
+                                 ? bare
+                                 : absl::StrCat(R"({"type": ")", type, R"(", )",
+                                                required->second, "}");
+    absl::StatusOr<ModulePtr> module = BuildModuleFromSpec(spec);
+    ASSERT_TRUE(module.ok()) << module.status();
+    EXPECT_EQ((*module)->type_name(), type);
+    EXPECT_EQ((*module)->version(), TorchModuleVersion(type));
+    // Layers with tensors have them; activations, pooling and empty
+    // containers have none.
+    EXPECT_EQ(KeysOf(*module).empty(), required == RequiredArgs().end());
+  }
 }
 
 // `levels` Sequentials, each holding the next, around a ReLU.
