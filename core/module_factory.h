@@ -1,17 +1,18 @@
 // Builds module trees from an architecture spec (JSON naming torch.nn classes
-// and their arguments) or from a flat state dict (any checkpoint). See
-// docs/architecture-spec.md.
+// and their arguments). See docs/architecture-spec.md. Trees built from a flat
+// state dict (any checkpoint) are in module_tree.h, included here for the
+// callers that use both.
 #ifndef MODELSTATE_CORE_MODULE_FACTORY_H_
 #define MODELSTATE_CORE_MODULE_FACTORY_H_
 
 #include <cstdint>
-#include <map>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "core/module.h"
+#include "core/module_tree.h"
 #include "core/state_dict.h"
 
 namespace modelstate {
@@ -31,24 +32,15 @@ struct BuildOptions {
 //      {"type": "Linear", "args": [8, 2], "bias": false, "dtype": "float16"}]}
 // `type` is a torch.nn class name; arguments use torch's names (or go
 // positionally in "args"). Tensors get torch's names, shapes and default
-// initialisation. Returns InvalidArgument, naming the JSON path, for malformed
-// JSON, an unknown type or argument, or a bad value.
+// initialisation; the same seed gives the same tensors. Returns
+// InvalidArgument, naming the JSON path, for malformed JSON, an unknown type
+// or argument, a bad value, a size that overflows int64, or modules nested
+// more than kMaxSpecDepth (core/limits.h) deep.
 absl::StatusOr<ModulePtr> BuildModuleFromSpec(absl::string_view spec_json,
                                               const BuildOptions& options = {});
 
-// Returns the torch.nn class names BuildModuleFromSpec understands.
+// Returns the torch.nn class names BuildModuleFromSpec understands, sorted.
 std::vector<std::string> SupportedModuleTypes();
-
-// Builds a tree of generic modules holding exactly `state`'s tensors (shared,
-// not copied): each dotted key "a.b.w" becomes submodules "a" and "a.b" holding
-// "w". Keys in `buffer_keys` become persistent buffers, the rest parameters.
-// Returns InvalidArgument for a key with an empty component, a key that is both
-// a tensor and a module ("a" and "a.b"), or an unknown buffer key.
-absl::StatusOr<ModulePtr> BuildModuleFromStateDict(
-    const StateDict& state, const std::vector<std::string>& buffer_keys = {});
-// TEMPORARY SHIM
-struct ModuleTreeOptions { std::vector<std::string> buffer_keys; std::map<std::string, std::string> class_names; };
-inline absl::StatusOr<ModulePtr> BuildModuleFromStateDict(const StateDict& state, const ModuleTreeOptions& o) { return BuildModuleFromStateDict(state, o.buffer_keys); }
 
 }  // namespace modelstate
 

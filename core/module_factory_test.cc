@@ -1,8 +1,14 @@
 // Layouts of spec §6 and torch's default initialisation.
 #include "core/module_factory.h"
 
+#include <algorithm>
 #include <cmath>
+#include <map>
+#include <string>
 
+#include "absl/strings/str_cat.h"
+#include "core/limits.h"
+#include "core/module_version.h"
 #include "core/test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -228,6 +234,129 @@ TEST(ModuleFactoryTest, FlatStateDictBecomesAModuleTree) {
   empty_part.Set("a..b", FullTensor(DType::kFloat32, {1}, 1));
   EXPECT_FALSE(BuildModuleFromStateDict(empty_part).ok());
   EXPECT_FALSE(BuildModuleFromStateDict(state, {"nope"}).ok());
+}
+
+// Required arguments of the classes that have any; the others build from
+// {"type": T} alone.
+const std::map<std::string, std::string>& RequiredArgs() {
+  static const auto* args = new std::map<std::string, std::string>{
+      {"Linear", R"("args": [2, 3])"},
+      {"Conv1d", R"("args": [2, 4, 3])"},
+      {"Conv2d", R"("args": [2, 4, 3])"},
+      {"Conv3d", R"("args": [2, 4, 3])"},
+      {"ConvTranspose1d", R"("args": [2, 4, 3])"},
+      {"ConvTranspose2d", R"("args": [2, 4, 3])"},
+      {"BatchNorm1d", R"("args": [3])"},
+      {"BatchNorm2d", R"("args": [3])"},
+      {"BatchNorm3d", R"("args": [3])"},
+      {"LayerNorm", R"("args": [4])"},
+      {"GroupNorm", R"("args": [2, 4])"},
+      {"Embedding", R"("args": [5, 3])"},
+      {"MultiheadAttention", R"("args": [4, 2])"},
+      {"TransformerEncoderLayer", R"("args": [4, 2, 8])"},
+  };
+  return *args;
+}
+
+TEST(ModuleFactoryTest, EverySupportedTypeBuildsWithDefaultArguments) {
+  const std::vector<std::string> types = SupportedModuleTypes();
+  EXPECT_EQ(types.size(), 29u);
+  EXPECT_TRUE(std::is_sorted(types.begin(), types.end()));
+  for (const auto& [type, args] : RequiredArgs()) {
+    EXPECT_NE(std::find(types.begin(), types.end(), type), types.end()) << type;
+  }
+  for (const std::string& type : types) {
+    SCOPED_TRACE(type);
+    auto required = RequiredArgs().find(type);
+    const std::string bare = absl::StrCat(R"({"type": ")", type, R"("})");
+    if (required != RequiredArgs().end()) {
+      // Without its required arguments the class is an error, not a guess.
+      EXPECT_THAT(BuildModuleFromSpec(bare).status().message(),
+                  HasSubstr("missing argument"));
+    }
+    const std::string spec = required == RequiredArgs().end()
+                                 ? bare
+                                 : absl::StrCat(R"({"type": ")", type, R"(", )",
+                                                required->second, "}");
+    absl::StatusOr<ModulePtr> module = BuildModuleFromSpec(spec);
+    ASSERT_TRUE(module.ok()) << module.status();
+    EXPECT_EQ((*module)->type_name(), type);
+    EXPECT_EQ((*module)->version(), TorchModuleVersion(type));
+    // Layers with tensors have them; activations, pooling and empty
+    // containers have none.
+    EXPECT_EQ(KeysOf(*module).empty(), required == RequiredArgs().end());
+  }
+}
+
+// `levels` Sequentials, each holding the next, around a ReLU.
+std::string NestedSequentials(int levels) {
+  std::string spec;
+  for (int i = 0; i < levels; ++i)
+    spec += R"({"type": "Sequential", "modules": [)";
+  spec += R"({"type": "ReLU"})";
+  for (int i = 0; i < levels; ++i) spec += "]}";
+  return spec;
+}
+
+TEST(ModuleFactoryTest, SpecNestingIsBoundedWithoutOverflowingTheStack) {
+  // kMaxSpecDepth modules deep (the ReLU is the last) builds.
+  ModulePtr deepest = MustBuild(NestedSequentials(kMaxSpecDepth - 1));
+  ASSERT_NE(deepest, nullptr);
+  std::string relu_path = "0";
+  for (int i = 1; i < kMaxSpecDepth - 1; ++i) relu_path += ".0";
+  EXPECT_EQ(deepest->GetSubmodule(deepest, relu_path).value()->type_name(),
+            "ReLU");
+
+  absl::Status one_more =
+      BuildModuleFromSpec(NestedSequentials(kMaxSpecDepth)).status();
+  EXPECT_EQ(one_more.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(one_more.message()),
+              HasSubstr(absl::StrCat("at ", relu_path,
+                                     ".0: modules nest more "
+                                     "than kMaxSpecDepth (",
+                                     kMaxSpecDepth, ")")));
+
+  absl::Status hostile = BuildModuleFromSpec(NestedSequentials(10000)).status();
+  EXPECT_EQ(hostile.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(hostile.message()), HasSubstr("kMaxSpecDepth"));
+
+  // Generic modules nest through "children" under the same bound.
+  std::string generic;
+  for (int i = 0; i < 10000; ++i)
+    generic += R"({"type": "Module", "children": {"c": )";
+  generic += R"({"type": "Module"})";
+  for (int i = 0; i < 10000; ++i) generic += "}}";
+  EXPECT_THAT(std::string(BuildModuleFromSpec(generic).status().message()),
+              HasSubstr("kMaxSpecDepth"));
+}
+
+TEST(ModuleFactoryTest, SizeProductsThatOverflowAreRejected) {
+  // in_channels / groups * 2^62 * 4 overflows int64 before any allocation.
+  absl::Status conv =
+      BuildModuleFromSpec(
+          R"({"type": "Conv2d", "args": [4, 8, [4611686018427387904, 4]]})")
+          .status();
+  EXPECT_EQ(conv.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(conv.message(), HasSubstr("fan-in"));
+  EXPECT_THAT(conv.message(), HasSubstr("overflows int64"));
+  absl::Status transposed =
+      BuildModuleFromSpec(
+          R"({"type": "ConvTranspose1d", "args": [3037000500, 3037000500, 3037000500]})")
+          .status();
+  EXPECT_THAT(transposed.message(), HasSubstr("fan-in"));
+  // The packed in_proj_weight has 3 * embed_dim rows.
+  absl::Status attention =
+      BuildModuleFromSpec(
+          R"({"type": "MultiheadAttention", "args": [4611686018427387904, 1]})")
+          .status();
+  EXPECT_EQ(attention.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(attention.message(), HasSubstr("3 * embed_dim overflows int64"));
+  // Products of tensor shapes are checked by the tensor allocation.
+  EXPECT_EQ(BuildModuleFromSpec(
+                R"({"type": "Linear", "args": [4294967296, 4294967296]})")
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

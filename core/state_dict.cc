@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
+#include "core/module_version.h"
 #include "core/status_macros.h"
 
 namespace modelstate {
@@ -171,14 +172,6 @@ absl::StatusOr<StateDict> CastFloatingTensors(const StateDict& state,
 
 namespace {
 
-bool IsNormBase(const Module& module) {
-  const std::string& type = module.type_name();
-  return type == "BatchNorm1d" || type == "BatchNorm2d" ||
-         type == "BatchNorm3d" || type == "SyncBatchNorm" ||
-         type == "InstanceNorm1d" || type == "InstanceNorm2d" ||
-         type == "InstanceNorm3d";
-}
-
 // Replays torch's recursive `load(module, state_dict, prefix)` over keys only.
 class LoadPlanner {
  public:
@@ -258,7 +251,7 @@ class LoadPlanner {
           // in rather than report it.
           const bool filled_in = kind == TensorKind::kBuffer &&
                                  slot.name == "num_batches_tracked" &&
-                                 IsNormBase(module) &&
+                                 IsNormBaseClass(module.type_name()) &&
                                  (!version.has_value() || *version < 2);
           if (!filled_in) plan_->missing_keys.push_back(key);
           continue;

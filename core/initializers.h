@@ -1,0 +1,52 @@
+// torch.nn.init for the module factory: fills and the seeded random
+// initialisers (uniform, normal, kaiming/xavier uniform). Values are generated
+// in float32, as torch's default dtype, and then stored in the requested
+// dtype.
+//
+// An Initializer owns its generator, so tensors drawn from one seed in one
+// order are the same on every run. Not thread-safe: use one per build.
+#ifndef MODELSTATE_CORE_INITIALIZERS_H_
+#define MODELSTATE_CORE_INITIALIZERS_H_
+
+#include <cstdint>
+#include <random>
+
+#include "absl/status/statusor.h"
+#include "core/dtype.h"
+#include "core/tensor.h"
+
+namespace modelstate {
+
+// Returns a tensor of `shape` whose every element is `value` (nn.init.ones_,
+// zeros_, constant_). Errors as TensorBuilder::Create or Tensor::CastTo.
+absl::StatusOr<Tensor> FilledTensor(DType dtype, const Shape& shape,
+                                    double value);
+
+class Initializer {
+ public:
+  explicit Initializer(uint64_t seed) : rng_(seed) {}
+
+  // nn.init.uniform_: U(low, high). Errors as FilledTensor.
+  absl::StatusOr<Tensor> Uniform(DType dtype, const Shape& shape, double low,
+                                 double high);
+
+  // nn.init.normal_: N(mean, stddev^2). Errors as FilledTensor.
+  absl::StatusOr<Tensor> Normal(DType dtype, const Shape& shape, double mean,
+                                double stddev);
+
+  // nn.Linear / _ConvNd reset_parameters: kaiming_uniform_(a=sqrt(5)) for the
+  // weight gives U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the bias uses the same
+  // bound. A fan_in of 0 gives zeros.
+  absl::StatusOr<Tensor> KaimingUniform(DType dtype, const Shape& shape,
+                                        int64_t fan_in);
+
+  // nn.init.xavier_uniform_ (gain 1) on a shape of rank 2 or more.
+  absl::StatusOr<Tensor> XavierUniform(DType dtype, const Shape& shape);
+
+ private:
+  std::mt19937_64 rng_;
+};
+
+}  // namespace modelstate
+
+#endif  // MODELSTATE_CORE_INITIALIZERS_H_
