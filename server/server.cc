@@ -1,11 +1,12 @@
 #include "server/server.h"
 
 #include <cstdio>
-#include <set>
+#include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "core/file_util.h"
-#include "core/model_files.h"
+#include "core/startup.h"
 #include "core/status_macros.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -49,49 +50,50 @@ void SetServing(grpc::Server* server, bool serving) {
   health->SetServingStatus("modelstate.v1.ModelState", serving);
 }
 
-}  // namespace
-
-absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
-    ServerOptions options) {
+absl::Status ValidateServerOptions(const ServerOptions& options) {
   if (options.chunk_bytes == 0 || options.chunk_bytes > kMaxChunkBytes) {
     return absl::InvalidArgumentError(
         absl::StrCat("chunk_bytes must be between 1 and ", kMaxChunkBytes));
   }
-  ASSIGN_OR_RETURN(auto credentials, Credentials(options));
   if (options.retain_versions < 1) {
     return absl::InvalidArgumentError("retain_versions must be at least 1");
   }
-  std::unique_ptr<Server> server(new Server());
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status Server::OpenStore(const ServerOptions& options) {
   StatePersister* persister = nullptr;
   if (!options.data_dir.empty()) {
     DataDirOptions dir_options;
     dir_options.keep_versions = options.retain_versions;
-    ASSIGN_OR_RETURN(server->data_dir_,
-                     DataDir::Open(options.data_dir, dir_options));
-    persister = server->data_dir_.get();
+    ASSIGN_OR_RETURN(data_dir_, DataDir::Open(options.data_dir, dir_options));
+    persister = data_dir_.get();
     if (!options.sync_durability) {
-      server->async_ =
-          std::make_unique<AsyncPersister>(server->data_dir_.get());
-      persister = server->async_.get();
+      async_ = std::make_unique<AsyncPersister>(data_dir_.get());
+      persister = async_.get();
     }
   }
-  server->store_ = std::make_unique<ModelStore>(ModelStore::Options{
+  store_ = std::make_unique<ModelStore>(ModelStore::Options{
       options.memory_limit_bytes, options.retain_versions, persister});
-  server->service_ = std::make_unique<ModelStateService>(
-      server->store_.get(),
-      ServiceOptions{options.chunk_bytes, options.log_rpcs});
+  service_ = std::make_unique<ModelStateService>(
+      store_.get(), ServiceOptions{options.chunk_bytes, options.log_rpcs});
+  return absl::OkStatus();
+}
 
+absl::Status Server::Listen(
+    const ServerOptions& options,
+    const std::shared_ptr<grpc::ServerCredentials>& credentials) {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen, credentials, &server->port_);
-  builder.RegisterService(server->service_.get());
-  // Chunks stay under 3 MiB; leave room for the envelope and the load header's
-  // manifest.
+  builder.AddListeningPort(options.listen, credentials, &port_);
+  builder.RegisterService(service_.get());
   builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
   builder.SetMaxSendMessageSize(kMaxMessageBytes);
-  server->server_ = builder.BuildAndStart();
-  if (server->server_ == nullptr || server->port_ == 0) {
+  server_ = builder.BuildAndStart();
+  if (server_ == nullptr || port_ == 0) {
     return absl::UnavailableError(
         absl::StrCat("cannot listen on ", options.listen));
   }
@@ -99,63 +101,36 @@ absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
     grpc::ServerBuilder health_builder;
     health_builder.AddListeningPort(options.health_listen,
                                     grpc::InsecureServerCredentials(),
-                                    &server->health_port_);
-    server->health_server_ = health_builder.BuildAndStart();
-    if (server->health_server_ == nullptr || server->health_port_ == 0) {
-      server->Shutdown(absl::ZeroDuration());
+                                    &health_port_);
+    health_server_ = health_builder.BuildAndStart();
+    if (health_server_ == nullptr || health_port_ == 0) {
       return absl::UnavailableError(
           absl::StrCat("cannot listen on ", options.health_listen));
     }
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
+    ServerOptions options) {
+  RETURN_IF_ERROR(ValidateServerOptions(options));
+  ASSIGN_OR_RETURN(auto credentials, Credentials(options));
+  std::unique_ptr<Server> server(new Server());
+  RETURN_IF_ERROR(server->OpenStore(options));
+  absl::Status started = server->Listen(options, credentials);
   SetServing(server->server_.get(), false);
   SetServing(server->health_server_.get(), false);
-
-  auto preload = [&]() -> absl::Status {
-    std::set<std::string> restored;
-    if (server->data_dir_ != nullptr) {
-      RestoreReport report = server->data_dir_->Restore();
-      for (const std::string& problem : report.problems) {
-        std::fprintf(stderr, "modelstated: restore: %s\n", problem.c_str());
-      }
-      for (RestoredModel& model : report.models) {
-        const Snapshot& snapshot = model.snapshot;
-        RETURN_IF_ERROR(server->store_->Restore(snapshot.model, snapshot.root,
-                                                snapshot.architecture,
-                                                snapshot.version));
-        std::fprintf(stderr, "modelstated: restored %s at version %lld\n",
-                     snapshot.model.c_str(),
-                     static_cast<long long>(snapshot.version));
-        restored.insert(snapshot.model);
-      }
-    }
-    if (!options.demo_model.empty() &&
-        restored.count(options.demo_model) == 0) {
-      ASSIGN_OR_RETURN(ModulePtr demo, BuildModuleFromSpec(kDemoArchitecture));
-      RETURN_IF_ERROR(
-          server->store_->Create(options.demo_model, demo, kDemoArchitecture));
-    }
-    for (const auto& [name, path] : options.preload) {
-      if (restored.count(name) > 0)
-        continue;  // The persisted state wins over the seed.
-      absl::StatusOr<ModelFromFile> model = LoadModelFile(path);
-      if (!model.ok()) {
-        return absl::Status(
-            model.status().code(),
-            absl::StrCat("preload ", name, ": ", model.status().message()));
-      }
-      absl::Status created =
-          server->store_->Create(name, model->root, model->architecture);
-      if (!created.ok()) {
-        return absl::Status(created.code(), absl::StrCat("preload ", name, ": ",
-                                                         created.message()));
-      }
-    }
-    return absl::OkStatus();
-  };
-  absl::Status preloaded = preload();
-  if (!preloaded.ok()) {
+  std::vector<std::string> notes;
+  if (started.ok()) {
+    started =
+        PopulateStore(StartupModels{options.demo_model, options.preload},
+                      server->data_dir_.get(), server->store_.get(), &notes);
+  }
+  for (const std::string& note : notes)
+    std::fprintf(stderr, "modelstated: %s\n", note.c_str());
+  if (!started.ok()) {
     server->Shutdown(absl::ZeroDuration());
-    return preloaded;
+    return started;
   }
   SetServing(server->server_.get(), true);
   SetServing(server->health_server_.get(), true);

@@ -16,6 +16,7 @@
 #include "core/data_dir.h"
 #include "core/limits.h"
 #include "core/model_store.h"
+#include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
 #include "server/model_state_service.h"
 
@@ -82,6 +83,12 @@ class Server {
 
  private:
   Server() = default;
+  // Opens the data directory (when set) and creates the store and service.
+  absl::Status OpenStore(const ServerOptions& options);
+  // Starts the main and health listeners.
+  absl::Status Listen(
+      const ServerOptions& options,
+      const std::shared_ptr<grpc::ServerCredentials>& credentials);
 
   std::unique_ptr<DataDir> data_dir_;
   std::unique_ptr<AsyncPersister> async_;
