@@ -148,89 +148,119 @@ absl::Status Client::DeleteModel(const std::string& model) {
   return FromGrpcStatus(stub_->DeleteModel(&context, request, &response));
 }
 
+namespace {
+
+// One StateDict call read as raw messages, so that chunk bytes go from the
+// received slices straight into the tensors (ReadStateDictFrame), copied once.
+class RawStateDictCall {
+ public:
+  // Starts the call; `context` must outlive this object.
+  RawStateDictCall(grpc::Channel* channel, grpc::ClientContext* context,
+                   const grpc::ByteBuffer& request)
+      : context_(context),
+        reader_(grpc::internal::ClientReaderFactory<grpc::ByteBuffer>::Create(
+            channel, Method(), context, request)) {}
+
+  // Reads the first message, which must be the manifest.
+  absl::StatusOr<v1::Manifest> ReadManifest() {
+    if (!reader_->Read(&buffer_)) return FromGrpcStatus(reader_->Finish());
+    absl::StatusOr<bool> chunk = ReadStateDictFrame(
+        &buffer_, &response_, [](uint64_t, absl::string_view) {
+          return absl::DataLossError("stream did not start with a manifest");
+        });
+    if (!chunk.ok())
+      return Abandon(absl::DataLossError(chunk.status().message()));
+    if (*chunk || !response_.has_manifest()) {
+      return Abandon(
+          absl::DataLossError("stream did not start with a manifest"));
+    }
+    return std::move(*response_.mutable_manifest());
+  }
+
+  // Feeds every chunk to `receiver` until the end marker and the call's end.
+  // A bad stream is DataLoss, whatever the receiver called it.
+  absl::Status ReadToEnd(ChunkReceiver& receiver,
+                         const ProgressCallback& progress) {
+    bool ended = false;
+    auto accept = [&](uint64_t offset, absl::string_view piece) {
+      if (ended) return absl::DataLossError("data after the end marker");
+      return receiver.Accept(offset, piece);
+    };
+    while (reader_->Read(&buffer_)) {
+      absl::StatusOr<bool> chunk =
+          ReadStateDictFrame(&buffer_, &response_, accept);
+      absl::Status step = chunk.status();
+      if (step.ok() && *chunk) {
+        if (progress)
+          progress(receiver.received_bytes(), receiver.total_bytes());
+      } else if (step.ok() && response_.has_end() && !ended) {
+        step = receiver.Finish(response_.end().total_bytes()).status();
+        ended = true;
+      } else if (step.ok()) {
+        step = absl::DataLossError("unexpected message in a StateDict stream");
+      }
+      if (!step.ok()) {
+        if (step.code() == absl::StatusCode::kInvalidArgument)
+          step = absl::DataLossError(step.message());
+        return Abandon(step);
+      }
+    }
+    RETURN_IF_ERROR(FromGrpcStatus(reader_->Finish()));
+    if (!ended)
+      return absl::DataLossError(
+          "StateDict stream ended without its end marker");
+    return absl::OkStatus();
+  }
+
+  // Stops the stream and reports `status` (the server's status wins if it has
+  // one).
+  absl::Status Abandon(absl::Status status) {
+    context_->TryCancel();
+    while (reader_->Read(&buffer_)) {
+    }
+    absl::Status server = FromGrpcStatus(reader_->Finish());
+    return server.ok() || server.code() == absl::StatusCode::kCancelled
+               ? status
+               : server;
+  }
+
+ private:
+  static const grpc::internal::RpcMethod& Method() {
+    static const grpc::internal::RpcMethod kStateDict(
+        "/modelstate.v1.ModelState/StateDict",
+        grpc::internal::RpcMethod::SERVER_STREAMING);
+    return kStateDict;
+  }
+
+  grpc::ClientContext* context_;
+  std::unique_ptr<grpc::ClientReader<grpc::ByteBuffer>> reader_;
+  grpc::ByteBuffer buffer_;
+  v1::StateDictResponse response_;
+};
+
+}  // namespace
+
 absl::StatusOr<int64_t> Client::StateDictStreaming(
     const FetchRequest& fetch, const TransferOptions& transfer,
     const std::function<absl::Status(const TensorDescription&, Tensor)>&
         on_tensor) {
   grpc::ClientContext context;
   Prepare(&context);
-  // The stream is read as raw messages so that chunk bytes go from the received
-  // slices straight into the tensors (ReadStateDictFrame), copied once.
   v1::StateDictRequest proto = ToProto(fetch);
   proto.set_chunk_bytes(transfer.chunk_bytes);
-  const grpc::ByteBuffer request = Serialize(proto);
-  static const grpc::internal::RpcMethod kStateDict(
-      "/modelstate.v1.ModelState/StateDict",
-      grpc::internal::RpcMethod::SERVER_STREAMING);
-  std::unique_ptr<grpc::ClientReader<grpc::ByteBuffer>> reader(
-      grpc::internal::ClientReaderFactory<grpc::ByteBuffer>::Create(
-          channel_.get(), kStateDict, &context, request));
-  grpc::ByteBuffer buffer;
-  v1::StateDictResponse response;
-  // Stops the stream and reports `status` (the server's status wins if it has
-  // one).
-  auto abandon = [&](absl::Status status) {
-    context.TryCancel();
-    while (reader->Read(&buffer)) {
-    }
-    absl::Status server = FromGrpcStatus(reader->Finish());
-    return server.ok() || server.code() == absl::StatusCode::kCancelled
-               ? status
-               : server;
-  };
-  auto no_chunk_yet = [](uint64_t, absl::string_view) {
-    return absl::DataLossError("stream did not start with a manifest");
-  };
-  if (!reader->Read(&buffer)) return FromGrpcStatus(reader->Finish());
-  absl::StatusOr<bool> first =
-      ReadStateDictFrame(&buffer, &response, no_chunk_yet);
-  if (!first.ok())
-    return abandon(absl::DataLossError(first.status().message()));
-  if (*first || !response.has_manifest()) {
-    return abandon(absl::DataLossError("stream did not start with a manifest"));
-  }
-  const v1::Manifest manifest = response.manifest();
+  RawStateDictCall call(channel_.get(), &context, Serialize(proto));
+  ASSIGN_OR_RETURN(const v1::Manifest manifest, call.ReadManifest());
   absl::StatusOr<std::vector<TransferEntry>> entries =
       ToTransferEntries(manifest.tensors());
-  if (!entries.ok()) return abandon(entries.status());
+  if (!entries.ok()) return call.Abandon(entries.status());
   absl::StatusOr<std::unique_ptr<ChunkReceiver>> receiver =
       ChunkReceiver::Create(*entries, [&](size_t index, Tensor tensor) {
         return on_tensor(Describe(manifest.tensors(static_cast<int>(index)),
                                   (*entries)[index]),
                          std::move(tensor));
       });
-  if (!receiver.ok()) return abandon(receiver.status());
-  bool ended = false;
-  auto accept = [&](uint64_t offset, absl::string_view piece) {
-    if (ended) return absl::DataLossError("data after the end marker");
-    return (*receiver)->Accept(offset, piece);
-  };
-  while (reader->Read(&buffer)) {
-    absl::StatusOr<bool> chunk = ReadStateDictFrame(&buffer, &response, accept);
-    absl::Status step = chunk.status();
-    if (step.ok() && *chunk) {
-      if (transfer.progress) {
-        transfer.progress((*receiver)->received_bytes(),
-                          (*receiver)->total_bytes());
-      }
-    } else if (step.ok() && response.has_end() && !ended) {
-      step = (*receiver)->Finish(response.end().total_bytes()).status();
-      ended = true;
-    } else if (step.ok()) {
-      step = absl::DataLossError("unexpected message in a StateDict stream");
-    }
-    if (!step.ok()) {
-      // A bad stream from the server is data loss to us, whatever the receiver
-      // called it.
-      if (step.code() == absl::StatusCode::kInvalidArgument) {
-        step = absl::DataLossError(step.message());
-      }
-      return abandon(step);
-    }
-  }
-  RETURN_IF_ERROR(FromGrpcStatus(reader->Finish()));
-  if (!ended)
-    return absl::DataLossError("StateDict stream ended without its end marker");
+  if (!receiver.ok()) return call.Abandon(receiver.status());
+  RETURN_IF_ERROR(call.ReadToEnd(**receiver, transfer.progress));
   return manifest.version();
 }
 

@@ -175,20 +175,16 @@ absl::StatusOr<uint64_t> SafetensorsHeaderLength(
   return n;
 }
 
-absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(
-    absl::Span<const uint8_t> prefix, uint64_t file_size) {
-  ASSIGN_OR_RETURN(uint64_t n, SafetensorsHeaderLength(prefix, file_size));
-  if (prefix.size() < kLengthBytes + n) {
-    return Invalid("invalid header length", "header bytes not provided");
-  }
-  absl::Span<const uint8_t> text = prefix.subspan(kLengthBytes, n);
+namespace {
+
+// Parses the header's JSON text, refusing duplicate keys. Serde would keep the
+// last of two equal keys; a checkpoint with duplicate names is ambiguous, so
+// it is refused. A SAX pass finds them: nlohmann's DOM keeps the last
+// silently, and its callback parser rescans the parent object after every
+// entry, which is quadratic in the number of tensors.
+absl::StatusOr<Json> ParseHeaderJson(absl::Span<const uint8_t> text) {
   if (!IsValidUtf8(text))
     return Invalid("invalid header", "header is not valid UTF-8");
-
-  // Serde would keep the last of two equal keys; a checkpoint with duplicate
-  // names is ambiguous, so it is refused. A SAX pass finds them: nlohmann's DOM
-  // keeps the last silently, and its callback parser rescans the parent object
-  // after every entry, which is quadratic in the number of tensors.
   TopLevelKeys keys;
   if (!Json::sax_parse(text.begin(), text.end(), &keys)) {
     return Invalid("invalid header", "header is not valid JSON");
@@ -203,29 +199,84 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(
     return Invalid("invalid header", "header is not valid JSON");
   if (!header.is_object())
     return Invalid("invalid header", "header is not a JSON object");
+  return header;
+}
 
+absl::Status ParseMetadata(const Json& value, SafetensorsHeader* result) {
+  if (!value.is_object()) {
+    return Invalid("invalid header", "__metadata__ must be a map of strings");
+  }
+  for (auto m = value.begin(); m != value.end(); ++m) {
+    if (!m.value().is_string()) {
+      return Invalid("invalid header",
+                     absl::StrCat("__metadata__ value of \"", m.key(),
+                                  "\" is not a string"));
+    }
+    result->metadata.emplace_back(m.key(), m.value().get<std::string>());
+  }
+  return absl::OkStatus();
+}
+
+// Checks that the entries, sorted by offset, tile the data exactly: no gap,
+// no overlap, each the size its dtype and shape need, ending at the file's
+// end.
+absl::Status CheckDataLayout(const SafetensorsHeader& header,
+                             uint64_t file_size) {
+  uint64_t cursor = 0;
+  for (const SafetensorsEntry& entry : header.entries) {
+    if (entry.begin != cursor || entry.end < entry.begin) {
+      return Invalid(
+          "invalid offset",
+          absl::StrCat("tensor \"", entry.name, "\" has data_offsets [",
+                       entry.begin, ", ", entry.end,
+                       "] but the previous tensor ends at ", cursor));
+    }
+    cursor = entry.end;
+    absl::StatusOr<int64_t> bytes = entry.shape == Shape{-1}
+                                        ? absl::InvalidArgumentError("")
+                                        : NumBytes(entry.dtype, entry.shape);
+    if (!bytes.ok()) {
+      return Invalid(
+          "validation overflow",
+          absl::StrCat("size of tensor \"", entry.name, "\" overflows"));
+    }
+    if (entry.end - entry.begin != static_cast<uint64_t>(*bytes)) {
+      return Invalid(
+          "tensor invalid info",
+          absl::StrCat("tensor \"", entry.name, "\" spans ",
+                       entry.end - entry.begin,
+                       " bytes but its dtype and shape need ", *bytes));
+    }
+  }
+  if (header.data_start + cursor != file_size) {
+    return Invalid(
+        "incomplete buffer",
+        absl::StrCat("tensors end at byte ", header.data_start + cursor,
+                     " but the file has ", file_size));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(
+    absl::Span<const uint8_t> prefix, uint64_t file_size) {
+  ASSIGN_OR_RETURN(uint64_t n, SafetensorsHeaderLength(prefix, file_size));
+  if (prefix.size() < kLengthBytes + n) {
+    return Invalid("invalid header length", "header bytes not provided");
+  }
+  ASSIGN_OR_RETURN(const Json header,
+                   ParseHeaderJson(prefix.subspan(kLengthBytes, n)));
   SafetensorsHeader result;
   result.data_start = kLengthBytes + n;
   for (auto it = header.begin(); it != header.end(); ++it) {
     if (it.key() == "__metadata__") {
-      if (!it.value().is_object()) {
-        return Invalid("invalid header",
-                       "__metadata__ must be a map of strings");
-      }
-      for (auto m = it.value().begin(); m != it.value().end(); ++m) {
-        if (!m.value().is_string()) {
-          return Invalid("invalid header",
-                         absl::StrCat("__metadata__ value of \"", m.key(),
-                                      "\" is not a string"));
-        }
-        result.metadata.emplace_back(m.key(), m.value().get<std::string>());
-      }
+      RETURN_IF_ERROR(ParseMetadata(it.value(), &result));
       continue;
     }
     ASSIGN_OR_RETURN(SafetensorsEntry entry, ParseEntry(it.key(), it.value()));
     result.entries.push_back(std::move(entry));
   }
-
   // Data order (offsets, then name): the order the writer laid the tensors out
   // in.
   std::sort(result.entries.begin(), result.entries.end(),
@@ -233,47 +284,7 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(
               return std::tie(a.begin, a.end, a.name) <
                      std::tie(b.begin, b.end, b.name);
             });
-  std::vector<const SafetensorsEntry*> by_offset;
-  by_offset.reserve(result.entries.size());
-  for (const SafetensorsEntry& entry : result.entries)
-    by_offset.push_back(&entry);
-  std::stable_sort(by_offset.begin(), by_offset.end(),
-                   [](const auto* a, const auto* b) {
-                     return std::make_pair(a->begin, a->end) <
-                            std::make_pair(b->begin, b->end);
-                   });
-  uint64_t cursor = 0;
-  for (const SafetensorsEntry* entry : by_offset) {
-    if (entry->begin != cursor || entry->end < entry->begin) {
-      return Invalid(
-          "invalid offset",
-          absl::StrCat("tensor \"", entry->name, "\" has data_offsets [",
-                       entry->begin, ", ", entry->end,
-                       "] but the previous tensor ends at ", cursor));
-    }
-    cursor = entry->end;
-    absl::StatusOr<int64_t> bytes = entry->shape == Shape{-1}
-                                        ? absl::InvalidArgumentError("")
-                                        : NumBytes(entry->dtype, entry->shape);
-    if (!bytes.ok()) {
-      return Invalid(
-          "validation overflow",
-          absl::StrCat("size of tensor \"", entry->name, "\" overflows"));
-    }
-    if (entry->end - entry->begin != static_cast<uint64_t>(*bytes)) {
-      return Invalid(
-          "tensor invalid info",
-          absl::StrCat("tensor \"", entry->name, "\" spans ",
-                       entry->end - entry->begin,
-                       " bytes but its dtype and shape need ", *bytes));
-    }
-  }
-  if (result.data_start + cursor != file_size) {
-    return Invalid(
-        "incomplete buffer",
-        absl::StrCat("tensors end at byte ", result.data_start + cursor,
-                     " but the file has ", file_size));
-  }
+  RETURN_IF_ERROR(CheckDataLayout(result, file_size));
   return result;
 }
 
