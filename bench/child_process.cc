@@ -1,13 +1,10 @@
 #include "bench/child_process.h"
 
 #include <signal.h>
-#include <sys/prctl.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <cstdlib>
 #include <fstream>
-#include <thread>
+#include <utility>
 
 #include "bench/common.h"
 
@@ -15,52 +12,37 @@ namespace modelstate::bench {
 
 Child Spawn(std::vector<std::string> argv, int output_fd,
             const std::string& port_marker) {
-  int pipe_fds[2] = {-1, -1};
-  if (output_fd >= 0 && pipe(pipe_fds) != 0) Die("pipe");
+  SubprocessOptions options;  // Killed if the driver dies.
+  const Subprocess::Stream stream = output_fd == 1
+                                        ? Subprocess::Stream::kStdout
+                                        : Subprocess::Stream::kStderr;
+  if (output_fd == 1) options.stdout_to = OutputTarget::Pipe();
+  if (output_fd == 2) options.stderr_to = OutputTarget::Pipe();
+  const std::string program = argv[0];
+  absl::StatusOr<std::unique_ptr<Subprocess>> process =
+      Subprocess::Spawn(std::move(argv), options);
+  if (!process.ok()) Die(program + ": " + process.status().ToString());
   Child child;
-  child.pid = fork();
-  if (child.pid == 0) {
-    prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive the driver
-    if (output_fd >= 0) {
-      dup2(pipe_fds[1], output_fd);
-      close(pipe_fds[0]);
-    }
-    std::vector<char*> args;
-    for (std::string& arg : argv) args.push_back(arg.data());
-    args.push_back(nullptr);
-    execv(args[0], args.data());
-    _exit(127);
-  }
+  child.pid = (*process)->pid();
+  child.process = *std::move(process);
   if (output_fd < 0) return child;
-  close(pipe_fds[1]);
-  std::string seen;
-  char c;
-  while (read(pipe_fds[0], &c, 1) == 1) {
-    seen += c;
-    const size_t at = seen.find(port_marker);
-    if (c == '\n' && at != std::string::npos) {
-      child.port = std::atoi(seen.c_str() + at + port_marker.size());
-      break;
-    }
+  absl::StatusOr<std::string> line =
+      child.process->WaitForLine(stream, port_marker, absl::Seconds(120));
+  if (!line.ok()) {
+    Die("child did not report a port: " + program + " " +
+        line.status().ToString());
   }
-  // Keep draining the child's output so it never blocks on a full pipe.
-  std::thread([fd = pipe_fds[0]] {
-    char buffer[4096];
-    while (read(fd, buffer, sizeof buffer) > 0) {
-    }
-    close(fd);
-  }).detach();
-  if (child.port == 0)
-    Die("child did not report a port: " + argv[0] + " " + seen);
+  child.port =
+      std::atoi(line->c_str() + line->find(port_marker) + port_marker.size());
   return child;
 }
 
 void Stop(Child& child) {
-  if (child.pid > 0) {
-    kill(child.pid, SIGTERM);
-    waitpid(child.pid, nullptr, 0);
-    child.pid = -1;
-  }
+  if (child.process == nullptr) return;
+  (void)child.process->Signal(SIGTERM);
+  if (!child.process->Wait(absl::Seconds(60)).ok()) child.process->Kill();
+  child.process.reset();
+  child.pid = -1;
 }
 
 long PeakRssBytes(pid_t pid) {

@@ -5,12 +5,16 @@
 
 #include <sys/types.h>
 
+#include <memory>
 #include <string>
 #include <vector>
+
+#include "tests/subprocess.h"
 
 namespace modelstate::bench {
 
 struct Child {
+  std::unique_ptr<Subprocess> process;  // Null once stopped.
   pid_t pid = -1;
   int port = 0;
 };
