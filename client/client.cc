@@ -23,14 +23,6 @@ TensorDescription Describe(const v1::TensorInfo& info,
                            info.num_bytes(), info.xxh3_64()};
 }
 
-template <typename Message>
-grpc::ByteBuffer Serialize(const Message& message) {
-  grpc::ByteBuffer buffer;
-  bool own_buffer;
-  grpc::SerializationTraits<Message>::Serialize(message, &buffer, &own_buffer);
-  return buffer;
-}
-
 }  // namespace
 
 Client::Client(std::shared_ptr<grpc::Channel> channel, ClientOptions options)
@@ -248,7 +240,7 @@ absl::StatusOr<int64_t> Client::StateDictStreaming(
   Prepare(&context);
   v1::StateDictRequest proto = ToProto(fetch);
   proto.set_chunk_bytes(transfer.chunk_bytes);
-  RawStateDictCall call(channel_.get(), &context, Serialize(proto));
+  RawStateDictCall call(channel_.get(), &context, SerializeToByteBuffer(proto));
   ASSIGN_OR_RETURN(const v1::Manifest manifest, call.ReadManifest());
   absl::StatusOr<std::vector<TransferEntry>> entries =
       ToTransferEntries(manifest.tensors());

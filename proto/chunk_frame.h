@@ -8,6 +8,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "core/transfer.h"
+#include "grpcpp/impl/codegen/proto_utils.h"
 #include "grpcpp/support/byte_buffer.h"
 #include "modelstate/v1/model_state.pb.h"
 
@@ -18,6 +19,16 @@ namespace modelstate {
 // copying the data: the buffer's slices alias the tensors' storage and keep it
 // alive until gRPC releases them.
 grpc::ByteBuffer FrameStateDictChunk(const ChunkSender::Chunk& chunk);
+
+// Serializes `message` into a ByteBuffer, for the raw (ByteBuffer) StateDict
+// method on either side.
+template <typename Message>
+grpc::ByteBuffer SerializeToByteBuffer(const Message& message) {
+  grpc::ByteBuffer buffer;
+  bool own_buffer;
+  grpc::SerializationTraits<Message>::Serialize(message, &buffer, &own_buffer);
+  return buffer;
+}
 
 // Reads one StateDictResponse from `buffer`. A chunk in protobuf's canonical
 // layout is not parsed into a message: `on_data` gets its bytes where they lie

@@ -29,15 +29,6 @@ grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
   return reactor;
 }
 
-// Serializes `message` into a ByteBuffer for a raw (ByteBuffer) reactor.
-template <typename Message>
-grpc::ByteBuffer Serialize(const Message& message) {
-  grpc::ByteBuffer buffer;
-  bool own_buffer;
-  grpc::SerializationTraits<Message>::Serialize(message, &buffer, &own_buffer);
-  return buffer;
-}
-
 // Streams a snapshot: manifest, chunks, end marker; one write in flight. It is
 // a raw handler so that chunks go out without copying tensor bytes: each chunk
 // message is framed by FrameStateDictChunk around slices of tensor storage.
@@ -79,7 +70,7 @@ class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
     } else {
       v1::StateDictResponse end;
       end.mutable_end()->set_total_bytes(sender_->total_bytes());
-      buffer_ = Serialize(end);
+      buffer_ = SerializeToByteBuffer(end);
       end_sent_ = true;
     }
     StartWrite(&buffer_);
@@ -103,7 +94,7 @@ class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
     sender_ = std::make_unique<ChunkSender>(plan.state.Tensors(), chunk_bytes);
     v1::StateDictResponse manifest;
     *manifest.mutable_manifest() = ToManifest(plan, sender_->total_bytes());
-    buffer_ = Serialize(manifest);
+    buffer_ = SerializeToByteBuffer(manifest);
     return absl::OkStatus();
   }
 
