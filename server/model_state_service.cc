@@ -1,6 +1,7 @@
 #include "server/model_state_service.h"
 
 #include <deque>
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -29,14 +30,30 @@ grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
   return reactor;
 }
 
+const grpc::Status& ShuttingDown() {
+  static const grpc::Status* const kStatus =
+      new grpc::Status(grpc::StatusCode::UNAVAILABLE, "server shutting down");
+  return *kStatus;
+}
+
+// A streaming reactor that refuses its call at once with UNAVAILABLE, for
+// calls arriving while the server drains.
+template <typename Reactor>
+class Refused : public Reactor {
+ public:
+  Refused() { this->Finish(ShuttingDown()); }
+  void OnDone() override { delete this; }
+};
+
 // Streams a snapshot: manifest, chunks, end marker; one write in flight. It is
 // a raw handler so that chunks go out without copying tensor bytes: each chunk
 // message is framed by FrameStateDictChunk around slices of tensor storage.
 class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
-  StateDictReactor(ModelStore* store, const ServiceOptions& options,
+  StateDictReactor(ModelStateService* service, ModelStore* store,
                    const grpc::ByteBuffer& raw_request)
-      : record_("StateDict", options.log_rpcs) {
+      : active_(service), record_("StateDict", service->options().log_rpcs) {
+    const ServiceOptions& options = service->options();
     v1::StateDictRequest request;
     grpc::ByteBuffer copy(raw_request);
     if (!grpc::SerializationTraits<v1::StateDictRequest>::Deserialize(&copy,
@@ -103,6 +120,7 @@ class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
     Finish(status);
   }
 
+  ModelStateService::ActiveCall active_;
   RpcRecord record_;
   grpc::ByteBuffer buffer_;
   std::unique_ptr<ChunkSender> sender_;
@@ -116,11 +134,12 @@ class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
 // untouched.
 class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest> {
  public:
-  LoadReactor(ModelStore* store, const ServiceOptions& options,
+  LoadReactor(ModelStateService* service, ModelStore* store,
               v1::LoadStateDictResponse* response)
-      : store_(store),
+      : active_(service),
+        store_(store),
         response_(response),
-        record_("LoadStateDict", options.log_rpcs) {
+        record_("LoadStateDict", service->options().log_rpcs) {
     StartRead(&request_);
   }
 
@@ -209,6 +228,7 @@ class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest> {
     Finish(status_);
   }
 
+  ModelStateService::ActiveCall active_;
   ModelStore* store_;
   v1::LoadStateDictResponse* response_;
   RpcRecord record_;
@@ -227,7 +247,8 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
  public:
   WatchReactor(ModelStateService* service, ModelStore* store,
                const std::string& model)
-      : service_(service),
+      : active_(service),
+        service_(service),
         store_(store),
         model_(model),
         record_("WatchModel", service->options().log_rpcs) {
@@ -294,6 +315,7 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
     Finish(status);
   }
 
+  ModelStateService::ActiveCall active_;
   ModelStateService* service_;
   ModelStore* store_;
   const std::string model_;
@@ -313,13 +335,33 @@ ModelStateService::ModelStateService(ModelStore* store, ServiceOptions options)
 
 ModelStateService::~ModelStateService() = default;
 
+namespace {
+
+// Runs a unary call's `body` (decode, one core call, encode) unless the server
+// drains, and finishes the call with its status.
+grpc::ServerUnaryReactor* Unary(ModelStateService* service,
+                                grpc::CallbackServerContext* context,
+                                RpcRecord& record,
+                                const std::function<absl::Status()>& body) {
+  ModelStateService::ActiveCall active(service);
+  if (service->draining()) {
+    return FinishUnary(context, record,
+                       absl::UnavailableError("server shutting down"));
+  }
+  return FinishUnary(context, record, body());
+}
+
+}  // namespace
+
 grpc::ServerUnaryReactor* ModelStateService::ListModels(
     grpc::CallbackServerContext* context, const v1::ListModelsRequest* request,
     v1::ListModelsResponse* response) {
   RpcRecord record("ListModels", options_.log_rpcs);
-  for (const ModelSummary& summary : store_->Summaries())
-    *response->add_models() = ToProto(summary);
-  return FinishUnary(context, record, absl::OkStatus());
+  return Unary(this, context, record, [&] {
+    for (const ModelSummary& summary : store_->Summaries())
+      *response->add_models() = ToProto(summary);
+    return absl::OkStatus();
+  });
 }
 
 grpc::ServerUnaryReactor* ModelStateService::GetModel(
@@ -327,10 +369,12 @@ grpc::ServerUnaryReactor* ModelStateService::GetModel(
     v1::GetModelResponse* response) {
   RpcRecord record("GetModel", options_.log_rpcs);
   record.set_model(request->model());
-  absl::StatusOr<ModelManifest> manifest =
-      store_->Describe(FromProto(*request));
-  if (manifest.ok()) *response = ToProto(*manifest);
-  return FinishUnary(context, record, manifest.status());
+  return Unary(this, context, record, [&]() -> absl::Status {
+    ASSIGN_OR_RETURN(const ModelManifest manifest,
+                     store_->Describe(FromProto(*request)));
+    *response = ToProto(manifest);
+    return absl::OkStatus();
+  });
 }
 
 grpc::ServerUnaryReactor* ModelStateService::CreateModel(
@@ -338,10 +382,14 @@ grpc::ServerUnaryReactor* ModelStateService::CreateModel(
     v1::CreateModelResponse* response) {
   RpcRecord record("CreateModel", options_.log_rpcs);
   record.set_model(request->model());
-  absl::StatusOr<Snapshot> created = store_->CreateFromSpec(
-      request->model(), request->architecture_json(), request->seed());
-  if (created.ok()) *response->mutable_summary() = ToProto(Summarize(*created));
-  return FinishUnary(context, record, created.status());
+  return Unary(this, context, record, [&]() -> absl::Status {
+    ASSIGN_OR_RETURN(
+        const Snapshot created,
+        store_->CreateFromSpec(request->model(), request->architecture_json(),
+                               request->seed()));
+    *response->mutable_summary() = ToProto(Summarize(created));
+    return absl::OkStatus();
+  });
 }
 
 grpc::ServerUnaryReactor* ModelStateService::DeleteModel(
@@ -349,7 +397,8 @@ grpc::ServerUnaryReactor* ModelStateService::DeleteModel(
     v1::DeleteModelResponse* response) {
   RpcRecord record("DeleteModel", options_.log_rpcs);
   record.set_model(request->model());
-  return FinishUnary(context, record, store_->Delete(request->model()));
+  return Unary(this, context, record,
+               [&] { return store_->Delete(request->model()); });
 }
 
 grpc::ServerUnaryReactor* ModelStateService::RollbackModel(
@@ -358,48 +407,72 @@ grpc::ServerUnaryReactor* ModelStateService::RollbackModel(
     v1::RollbackModelResponse* response) {
   RpcRecord record("RollbackModel", options_.log_rpcs);
   record.set_model(request->model());
-  absl::StatusOr<Snapshot> current =
-      store_->Rollback(request->model(), request->version());
-  if (current.ok()) *response->mutable_summary() = ToProto(Summarize(*current));
-  return FinishUnary(context, record, current.status());
+  return Unary(this, context, record, [&]() -> absl::Status {
+    ASSIGN_OR_RETURN(const Snapshot current,
+                     store_->Rollback(request->model(), request->version()));
+    *response->mutable_summary() = ToProto(Summarize(current));
+    return absl::OkStatus();
+  });
 }
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* ModelStateService::StateDict(
     grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) {
-  return new StateDictReactor(store_, options_, *request);
+  if (draining())
+    return new Refused<grpc::ServerWriteReactor<grpc::ByteBuffer>>();
+  return new StateDictReactor(this, store_, *request);
 }
 
 grpc::ServerReadReactor<v1::LoadStateDictRequest>*
 ModelStateService::LoadStateDict(grpc::CallbackServerContext* context,
                                  v1::LoadStateDictResponse* response) {
-  return new LoadReactor(store_, options_, response);
+  if (draining())
+    return new Refused<grpc::ServerReadReactor<v1::LoadStateDictRequest>>();
+  return new LoadReactor(this, store_, response);
 }
 
 grpc::ServerWriteReactor<v1::WatchModelResponse>* ModelStateService::WatchModel(
     grpc::CallbackServerContext* context,
     const v1::WatchModelRequest* request) {
   absl::MutexLock lock(&watches_mu_);
-  if (stopping_) {
-    // A reactor that finishes at once, so the call still gets a proper status.
-    class Refused : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
-     public:
-      Refused() {
-        Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                            "server shutting down"));
-      }
-      void OnDone() override { delete this; }
-    };
-    return new Refused();
-  }
+  if (stopping_)
+    return new Refused<grpc::ServerWriteReactor<v1::WatchModelResponse>>();
   auto* reactor = new WatchReactor(this, store_, request->model());
   watches_.insert(reactor);
   return reactor;
 }
 
-void ModelStateService::StopWatches() {
+void ModelStateService::BeginDrain() {
+  {
+    absl::MutexLock lock(&calls_mu_);
+    draining_ = true;
+  }
   absl::MutexLock lock(&watches_mu_);
   stopping_ = true;
   for (WatchReactor* reactor : watches_) reactor->Stop();
+}
+
+bool ModelStateService::draining() const {
+  absl::MutexLock lock(&calls_mu_);
+  return draining_;
+}
+
+bool ModelStateService::WaitForIdle(absl::Time deadline) {
+  absl::MutexLock lock(&calls_mu_);
+  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(calls_mu_) {
+    return active_calls_ == 0;
+  };
+  return calls_mu_.AwaitWithDeadline(absl::Condition(&idle), deadline);
+}
+
+ModelStateService::ActiveCall::ActiveCall(ModelStateService* service)
+    : service_(service) {
+  absl::MutexLock lock(&service_->calls_mu_);
+  ++service_->active_calls_;
+}
+
+ModelStateService::ActiveCall::~ActiveCall() {
+  absl::MutexLock lock(&service_->calls_mu_);
+  --service_->active_calls_;
 }
 
 void ModelStateService::Forget(WatchReactor* reactor) {

@@ -8,6 +8,7 @@
 #include <set>
 
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "core/limits.h"
 #include "core/model_store.h"
 #include "modelstate/v1/model_state.grpc.pb.h"
@@ -60,10 +61,29 @@ class ModelStateService final
       grpc::CallbackServerContext* context,
       const v1::WatchModelRequest* request) override;
 
-  // Ends every open watch stream with UNAVAILABLE (they never end on their
-  // own), so a graceful shutdown only waits for real transfers. New watches are
-  // refused afterwards.
-  void StopWatches();
+  // Starts a graceful stop: every new call is refused with UNAVAILABLE, and
+  // open watch streams (which never end on their own) end with UNAVAILABLE,
+  // so the drain only waits for real transfers.
+  void BeginDrain();
+
+  // Waits until no call is in flight or `deadline` passes; returns whether
+  // the service went idle.
+  bool WaitForIdle(absl::Time deadline);
+
+  // True once BeginDrain was called.
+  bool draining() const;
+
+  // Counts one call in flight for as long as it lives.
+  class ActiveCall {
+   public:
+    explicit ActiveCall(ModelStateService* service);
+    ~ActiveCall();
+    ActiveCall(const ActiveCall&) = delete;
+    ActiveCall& operator=(const ActiveCall&) = delete;
+
+   private:
+    ModelStateService* service_;
+  };
 
   const ServiceOptions& options() const { return options_; }
 
@@ -76,6 +96,10 @@ class ModelStateService final
   absl::Mutex watches_mu_;
   std::set<WatchReactor*> watches_ ABSL_GUARDED_BY(watches_mu_);
   bool stopping_ ABSL_GUARDED_BY(watches_mu_) = false;
+
+  mutable absl::Mutex calls_mu_;
+  int64_t active_calls_ ABSL_GUARDED_BY(calls_mu_) = 0;
+  bool draining_ ABSL_GUARDED_BY(calls_mu_) = false;
 };
 
 }  // namespace modelstate

@@ -1,10 +1,12 @@
 #include "server/server.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "core/file_util.h"
 #include "core/startup.h"
 #include "core/status_macros.h"
@@ -15,6 +17,10 @@
 
 namespace modelstate {
 namespace {
+
+// How long connections stay open after the last call of a graceful stop (see
+// Server::Shutdown).
+const absl::Duration kShutdownLinger = absl::Seconds(1);
 
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(
     const ServerOptions& options) {
@@ -151,10 +157,24 @@ void Server::Shutdown(absl::Duration grace) {
   }
   SetServing(server_.get(), false);
   SetServing(health_server_.get(), false);
-  if (service_) service_->StopWatches();
+  const absl::Time end = absl::Now() + grace;
+  if (service_) {
+    service_->BeginDrain();
+    // A finished call's last bytes may still be in socket buffers on their
+    // way to its client. gRPC closes each connection as soon as its last call
+    // is done, and a socket closed while its client still sends (flow-control
+    // updates for those bytes) is reset, which makes the client drop what it
+    // has not read yet. So calls finish first, then connections stay open a
+    // moment for clients to read their tails, and only then does gRPC's
+    // shutdown close them.
+    if (service_->WaitForIdle(end) && grace > absl::ZeroDuration())
+      absl::SleepFor(std::min(kShutdownLinger, end - absl::Now()));
+  }
   const gpr_timespec deadline = gpr_time_add(
       gpr_now(GPR_CLOCK_MONOTONIC),
-      gpr_time_from_millis(absl::ToInt64Milliseconds(grace), GPR_TIMESPAN));
+      gpr_time_from_millis(
+          std::max<int64_t>(0, absl::ToInt64Milliseconds(end - absl::Now())),
+          GPR_TIMESPAN));
   if (server_) server_->Shutdown(deadline);
   if (health_server_) health_server_->Shutdown(deadline);
 }
