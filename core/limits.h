@@ -3,6 +3,7 @@
 #ifndef MODELSTATE_CORE_LIMITS_H_
 #define MODELSTATE_CORE_LIMITS_H_
 
+#include <cstddef>
 #include <cstdint>
 
 namespace modelstate {
@@ -28,6 +29,10 @@ inline constexpr int kMaxKeyComponents = 256;
 
 // Nesting of an architecture spec (modules inside containers).
 inline constexpr int kMaxSpecDepth = 128;
+
+// Events queued for one watcher that reads slower than models change (see
+// core/watch_queue.h): updates collapse, and past this many the oldest go.
+inline constexpr size_t kMaxQueuedWatchEvents = 64;
 
 }  // namespace modelstate
 

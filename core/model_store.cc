@@ -30,8 +30,7 @@ absl::Status ValidateModelName(absl::string_view name) {
 }
 
 PendingLoad::~PendingLoad() {
-  if (store_ != nullptr && reserved_bytes_ > 0)
-    store_->Release(reserved_bytes_);
+  if (store_ != nullptr) store_->Release(reserved_bytes_, /*finished=*/true);
 }
 
 ModelStore::ModelStore(Options options)
@@ -88,9 +87,10 @@ absl::Status ModelStore::CheckMemory(int64_t extra_bytes) const {
   return absl::OkStatus();
 }
 
-void ModelStore::Release(int64_t reserved_bytes) {
+void ModelStore::Release(int64_t reserved_bytes, bool finished) {
   absl::MutexLock lock(&mu_);
   reserved_bytes_ -= reserved_bytes;
+  if (finished) --pending_loads_;
 }
 
 void ModelStore::Notify(const ModelEvent& event) {
@@ -335,8 +335,16 @@ absl::StatusOr<std::unique_ptr<PendingLoad>> ModelStore::BeginLoad(
   load->inputs_ = std::move(inputs);
   {
     absl::MutexLock lock(&mu_);
+    if (options_.max_pending_loads > 0 &&
+        pending_loads_ >= options_.max_pending_loads) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat(pending_loads_,
+                       " loads are in flight, the most this server takes; "
+                       "retry later"));
+    }
     RETURN_IF_ERROR(CheckMemory(needed));
     reserved_bytes_ += needed;
+    ++pending_loads_;
   }
   load->store_ = this;
   load->reserved_bytes_ = needed;
@@ -380,7 +388,7 @@ absl::StatusOr<LoadOutcome> ModelStore::CommitLoad(
   }
   tensors.clear();
   ASSIGN_OR_RETURN(int64_t version, CommitConverted(*load, converted));
-  Release(load->reserved_bytes_);
+  Release(load->reserved_bytes_, /*finished=*/false);
   load->reserved_bytes_ = 0;
   LoadOutcome outcome;
   outcome.version = version;
@@ -397,7 +405,7 @@ absl::StatusOr<LoadOutcome> ModelStore::CommitCreatingLoad(
   }
   ASSIGN_OR_RETURN(ModulePtr root, BuildModuleFromStateDict(
                                        state, ToTreeOptions(load.request_)));
-  Release(load.reserved_bytes_);
+  Release(load.reserved_bytes_, /*finished=*/false);
   load.reserved_bytes_ = 0;
   RETURN_IF_ERROR(Create(load.request_.model, std::move(root)));
   ASSIGN_OR_RETURN(Snapshot created, GetSnapshot(load.request_.model));
@@ -612,6 +620,11 @@ absl::StatusOr<StateDict> ModelStore::CastFloatingForFetch(
 }
 
 int64_t ModelStore::live_bytes() const { return accountant_->live_bytes(); }
+
+int ModelStore::pending_loads() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return pending_loads_;
+}
 
 int64_t ModelStore::reserved_bytes() const {
   absl::ReaderMutexLock lock(&mu_);

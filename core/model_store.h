@@ -108,6 +108,9 @@ class ModelStore {
     int retain_versions = 1;
     // Persists every committed version when set; must outlive the store.
     StatePersister* persister = nullptr;
+    // Loads between BeginLoad and their commit or abort may not exceed this
+    // (each holds a memory reservation and staging memory). 0: unlimited.
+    int max_pending_loads = 0;
   };
 
   explicit ModelStore(Options options);
@@ -183,7 +186,8 @@ class ModelStore {
   // and shapes alone, and reserves the memory it needs. Returns NotFound
   // (unknown model or submodule), InvalidArgument (duplicate keys, bad name),
   // Aborted (expected version differs), FailedPrecondition with torch's text
-  // (strict key errors, shape mismatches), or ResourceExhausted (memory limit).
+  // (strict key errors, shape mismatches), or ResourceExhausted (memory limit,
+  // or max_pending_loads loads already pending).
   absl::StatusOr<std::unique_ptr<PendingLoad>> BeginLoad(
       const LoadRequest& request, std::vector<TensorSpec> inputs);
 
@@ -222,6 +226,8 @@ class ModelStore {
   int64_t live_bytes() const;
   // Bytes reserved by pending loads.
   int64_t reserved_bytes() const;
+  // Loads begun and not yet committed or aborted.
+  int pending_loads() const;
 
  private:
   friend class PendingLoad;
@@ -238,7 +244,8 @@ class ModelStore {
                                               int64_t version);
   absl::Status CheckMemory(int64_t extra_bytes) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
-  void Release(int64_t reserved_bytes);
+  // Returns a pending load's reservation; `finished` also ends its count.
+  void Release(int64_t reserved_bytes, bool finished);
   void AttachTree(const Module& root);
   void Notify(const ModelEvent& event)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(events_mu_);
@@ -278,6 +285,7 @@ class ModelStore {
   std::map<std::string, Entry> models_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, int64_t> retired_versions_ ABSL_GUARDED_BY(mu_);
   int64_t reserved_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  int pending_loads_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // A model's summary: its root class, and the tensor count and bytes of its

@@ -147,5 +147,27 @@ TEST(UseCasesTest, ALoadThatCreatesKeepsClassNames) {
   EXPECT_TRUE(store.Load({"net"}, no_count).ok());
 }
 
+TEST(UseCasesTest, PendingLoadsAreCapped) {
+  ModelStore::Options options;
+  options.max_pending_loads = 2;
+  ModelStore store(options);
+  ASSERT_TRUE(store.CreateFromSpec("net", kNet, 1).ok());
+  const StateDict state = store.Fetch({"net"}).value().state;
+  std::vector<TensorSpec> specs;
+  for (const auto& entry : state.entries())
+    specs.push_back({entry.key, entry.tensor.dtype(), entry.tensor.shape()});
+  auto first = store.BeginLoad({"net"}, specs).value();
+  auto second = store.BeginLoad({"net"}, specs).value();
+  EXPECT_EQ(store.pending_loads(), 2);
+  absl::Status third = store.BeginLoad({"net"}, specs).status();
+  EXPECT_EQ(third.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(third.message()), testing::HasSubstr("2 loads"));
+  ASSERT_TRUE(store.CommitLoad(std::move(first), state.Tensors()).ok());
+  second.reset();  // Aborted.
+  EXPECT_EQ(store.pending_loads(), 0);
+  EXPECT_EQ(store.reserved_bytes(), 0);
+  EXPECT_TRUE(store.Load({"net"}, state).ok());
+}
+
 }  // namespace
 }  // namespace modelstate

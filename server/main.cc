@@ -31,6 +31,12 @@ ABSL_FLAG(uint32_t, chunk_bytes, modelstate::kDefaultChunkBytes,
           "default chunk size of StateDict streams (max 3 MiB)");
 ABSL_FLAG(int64_t, memory_limit_bytes, 0,
           "refuse loads past this many live tensor bytes; 0: none");
+ABSL_FLAG(int32_t, max_pending_loads, 16,
+          "loads in flight at once (each holds staging memory); 0: unlimited; "
+          "more are refused with RESOURCE_EXHAUSTED");
+ABSL_FLAG(absl::Duration, stream_idle_timeout, absl::Seconds(60),
+          "end load streams that send nothing, and fetches whose client reads "
+          "nothing, for this long; inf disables");
 ABSL_FLAG(std::string, tls_cert, "", "PEM server certificate (enables TLS)");
 ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
 ABSL_FLAG(std::string, tls_client_ca, "",
@@ -102,6 +108,8 @@ int main(int argc, char** argv) {
   options.demo_model = absl::GetFlag(FLAGS_demo_model);
   options.chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);
   options.memory_limit_bytes = absl::GetFlag(FLAGS_memory_limit_bytes);
+  options.max_pending_loads = absl::GetFlag(FLAGS_max_pending_loads);
+  options.stream_idle_timeout = absl::GetFlag(FLAGS_stream_idle_timeout);
   options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
   options.tls_key_file = absl::GetFlag(FLAGS_tls_key);
   options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);

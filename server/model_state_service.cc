@@ -1,6 +1,7 @@
 #include "server/model_state_service.h"
 
-#include <deque>
+#include <algorithm>
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <string>
@@ -8,8 +9,10 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "core/status_macros.h"
 #include "core/transfer.h"
+#include "core/watch_queue.h"
 #include "grpcpp/support/proto_buffer_reader.h"
 #include "proto/chunk_frame.h"
 #include "proto/convert.h"
@@ -48,11 +51,17 @@ class Refused : public Reactor {
 // Streams a snapshot: manifest, chunks, end marker; one write in flight. It is
 // a raw handler so that chunks go out without copying tensor bytes: each chunk
 // message is framed by FrameStateDictChunk around slices of tensor storage.
-class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
+class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
+                         public IdleStream {
  public:
-  StateDictReactor(ModelStateService* service, ModelStore* store,
+  StateDictReactor(ModelStateService* service,
+                   grpc::CallbackServerContext* context, ModelStore* store,
                    const grpc::ByteBuffer& raw_request)
-      : active_(service), record_("StateDict", service->options().log_rpcs) {
+      : active_(service),
+        service_(service),
+        context_(context),
+        record_("StateDict", service->options().log_rpcs) {
+    service_->Track(this);
     const ServiceOptions& options = service->options();
     v1::StateDictRequest request;
     grpc::ByteBuffer copy(raw_request);
@@ -72,7 +81,14 @@ class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
     StartWrite(&buffer_);
   }
 
+  // A client that stops reading pins its version; cancel it.
+  void ExpireIfIdleSince(absl::Time cutoff) override {
+    if (absl::FromUnixNanos(last_progress_.load()) < cutoff)
+      context_->TryCancel();
+  }
+
   void OnWriteDone(bool ok) override {
+    last_progress_ = absl::GetCurrentTimeNanos();
     if (!ok) {
       FinishWith(grpc::Status(grpc::StatusCode::CANCELLED, "client went away"));
       return;
@@ -94,6 +110,7 @@ class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   }
 
   void OnDone() override {
+    service_->Untrack(this);
     record_.Log(status_);
     delete this;
   }
@@ -121,6 +138,9 @@ class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   }
 
   ModelStateService::ActiveCall active_;
+  ModelStateService* service_;
+  grpc::CallbackServerContext* context_;
+  std::atomic<int64_t> last_progress_{absl::GetCurrentTimeNanos()};
   RpcRecord record_;
   grpc::ByteBuffer buffer_;
   std::unique_ptr<ChunkSender> sender_;
@@ -132,36 +152,57 @@ class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
 // Receives a load: header (validated before any data), chunks into preallocated
 // tensors, end marker, then one atomic commit. Anything else leaves the model
 // untouched.
-class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest> {
+class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest>,
+                    public IdleStream {
  public:
   LoadReactor(ModelStateService* service, ModelStore* store,
               v1::LoadStateDictResponse* response)
       : active_(service),
+        service_(service),
         store_(store),
         response_(response),
         record_("LoadStateDict", service->options().log_rpcs) {
+    service_->Track(this);
     StartRead(&request_);
   }
 
+  // A client that stops sending holds its reservation and blocks other loads
+  // under the memory limit; end its load.
+  void ExpireIfIdleSince(absl::Time cutoff) override {
+    // A busy reactor is making progress (or committing): skip it.
+    if (!mu_.TryLock()) return;
+    if (!finished_ && last_progress_ < cutoff) {
+      FinishLocked(absl::DeadlineExceededError(absl::StrCat(
+          "load stream sent nothing for ",
+          absl::FormatDuration(service_->options().stream_idle_timeout),
+          "; nothing was changed")));
+    }
+    mu_.Unlock();
+  }
+
   void OnReadDone(bool ok) override {
+    absl::MutexLock lock(&mu_);
+    if (finished_) return;  // Expired while this read was pending.
+    last_progress_ = absl::Now();
     if (!ok) {
-      FinishWith(absl::InvalidArgumentError(
+      FinishLocked(absl::InvalidArgumentError(
           "load stream ended before its end marker; nothing was changed"));
       return;
     }
     absl::Status handled = Handle();
     if (!handled.ok()) {
-      FinishWith(handled);
+      FinishLocked(handled);
       return;
     }
     if (committed_) {
-      FinishWith(absl::OkStatus());
+      FinishLocked(absl::OkStatus());
       return;
     }
     StartRead(&request_);
   }
 
   void OnDone() override {
+    service_->Untrack(this);
     record_.Log(status_);
     delete this;  // Drops any pending load: its staging memory and reservation
                   // go with it.
@@ -221,7 +262,9 @@ class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest> {
     return absl::OkStatus();
   }
 
-  void FinishWith(const absl::Status& status) {
+  void FinishLocked(const absl::Status& status)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    finished_ = true;
     pending_.reset();
     receiver_.reset();
     status_ = ToGrpcStatus(status);
@@ -229,6 +272,10 @@ class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest> {
   }
 
   ModelStateService::ActiveCall active_;
+  ModelStateService* service_;
+  absl::Mutex mu_;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Time last_progress_ ABSL_GUARDED_BY(mu_) = absl::Now();
   ModelStore* store_;
   v1::LoadStateDictResponse* response_;
   RpcRecord record_;
@@ -255,15 +302,15 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
     record_.set_model(model);
     // The store delivers CURRENT or ABSENT first, then every later event.
     listener_id_ = store_->Watch(
-        model_, [this](const ModelEvent& event) { Enqueue(ToProto(event)); });
+        model_, [this](const ModelEvent& event) { Enqueue(event); });
     absl::MutexLock lock(&mu_);
     WriteNextLocked();
   }
 
-  void Enqueue(v1::WatchModelResponse event) {
+  void Enqueue(const ModelEvent& event) {
     absl::MutexLock lock(&mu_);
     if (finished_) return;
-    queue_.push_back(std::move(event));
+    queue_.Push(event);
     if (!writing_ && started_) WriteNextLocked();
   }
 
@@ -301,8 +348,7 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
   void WriteNextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     started_ = true;
     if (finished_ || writing_ || queue_.empty()) return;
-    current_ = std::move(queue_.front());
-    queue_.pop_front();
+    current_ = ToProto(queue_.Pop());
     writing_ = true;
     StartWrite(&current_);
   }
@@ -322,7 +368,7 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
   RpcRecord record_;
   int64_t listener_id_ = 0;
   absl::Mutex mu_;
-  std::deque<v1::WatchModelResponse> queue_ ABSL_GUARDED_BY(mu_);
+  WatchQueue queue_ ABSL_GUARDED_BY(mu_){kMaxQueuedWatchEvents};
   v1::WatchModelResponse current_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool started_ ABSL_GUARDED_BY(mu_) = false;
@@ -331,9 +377,39 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
 };
 
 ModelStateService::ModelStateService(ModelStore* store, ServiceOptions options)
-    : store_(store), options_(options) {}
+    : store_(store), options_(options) {
+  if (options_.stream_idle_timeout != absl::InfiniteDuration())
+    watchdog_ = std::thread([this] { RunIdleWatchdog(); });
+}
 
-ModelStateService::~ModelStateService() = default;
+ModelStateService::~ModelStateService() {
+  {
+    absl::MutexLock lock(&idle_mu_);
+    stop_watchdog_ = true;
+  }
+  if (watchdog_.joinable()) watchdog_.join();
+}
+
+void ModelStateService::Track(IdleStream* stream) {
+  absl::MutexLock lock(&idle_mu_);
+  idle_streams_.insert(stream);
+}
+
+void ModelStateService::Untrack(IdleStream* stream) {
+  absl::MutexLock lock(&idle_mu_);
+  idle_streams_.erase(stream);
+}
+
+void ModelStateService::RunIdleWatchdog() {
+  const absl::Duration timeout = options_.stream_idle_timeout;
+  const absl::Duration period =
+      std::clamp(timeout / 4, absl::Milliseconds(10), absl::Seconds(1));
+  absl::MutexLock lock(&idle_mu_);
+  while (!idle_mu_.AwaitWithTimeout(absl::Condition(&stop_watchdog_), period)) {
+    const absl::Time cutoff = absl::Now() - timeout;
+    for (IdleStream* stream : idle_streams_) stream->ExpireIfIdleSince(cutoff);
+  }
+}
 
 namespace {
 
@@ -419,7 +495,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* ModelStateService::StateDict(
     grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) {
   if (draining())
     return new Refused<grpc::ServerWriteReactor<grpc::ByteBuffer>>();
-  return new StateDictReactor(this, store_, *request);
+  return new StateDictReactor(this, context, store_, *request);
 }
 
 grpc::ServerReadReactor<v1::LoadStateDictRequest>*

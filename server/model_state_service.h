@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <set>
+#include <thread>
 
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -20,6 +21,19 @@ class WatchReactor;
 struct ServiceOptions {
   uint32_t default_chunk_bytes = kDefaultChunkBytes;
   bool log_rpcs = true;
+  // A load stream that sends nothing, or a fetch whose client reads nothing,
+  // for this long is ended (DEADLINE_EXCEEDED, or cancelled), releasing its
+  // memory reservation or pinned version. Infinite disables it.
+  absl::Duration stream_idle_timeout = absl::Seconds(60);
+};
+
+// A stream the service ends when it makes no progress for the idle timeout.
+class IdleStream {
+ public:
+  virtual ~IdleStream() = default;
+  // Ends the stream if its last progress was before `cutoff`. Called from the
+  // service's watchdog thread while the stream is tracked.
+  virtual void ExpireIfIdleSince(absl::Time cutoff) = 0;
 };
 
 // StateDict is a raw (ByteBuffer) method so that chunks are sent without
@@ -73,6 +87,11 @@ class ModelStateService final
   // True once BeginDrain was called.
   bool draining() const;
 
+  // Watches `stream` for idleness until Untrack; Untrack returns once no
+  // expiry check of it runs.
+  void Track(IdleStream* stream);
+  void Untrack(IdleStream* stream);
+
   // Counts one call in flight for as long as it lives.
   class ActiveCall {
    public:
@@ -96,6 +115,14 @@ class ModelStateService final
   absl::Mutex watches_mu_;
   std::set<WatchReactor*> watches_ ABSL_GUARDED_BY(watches_mu_);
   bool stopping_ ABSL_GUARDED_BY(watches_mu_) = false;
+
+  // Ends idle tracked streams until the service goes away.
+  void RunIdleWatchdog();
+
+  absl::Mutex idle_mu_;
+  std::set<IdleStream*> idle_streams_ ABSL_GUARDED_BY(idle_mu_);
+  bool stop_watchdog_ ABSL_GUARDED_BY(idle_mu_) = false;
+  std::thread watchdog_;
 
   mutable absl::Mutex calls_mu_;
   int64_t active_calls_ ABSL_GUARDED_BY(calls_mu_) = 0;

@@ -64,6 +64,12 @@ absl::Status ValidateServerOptions(const ServerOptions& options) {
   if (options.retain_versions < 1) {
     return absl::InvalidArgumentError("retain_versions must be at least 1");
   }
+  if (options.max_pending_loads < 0) {
+    return absl::InvalidArgumentError("max_pending_loads must be >= 0");
+  }
+  if (options.stream_idle_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("stream_idle_timeout must be positive");
+  }
   return absl::OkStatus();
 }
 
@@ -81,10 +87,12 @@ absl::Status Server::OpenStore(const ServerOptions& options) {
       persister = async_.get();
     }
   }
-  store_ = std::make_unique<ModelStore>(ModelStore::Options{
-      options.memory_limit_bytes, options.retain_versions, persister});
+  store_ = std::make_unique<ModelStore>(
+      ModelStore::Options{options.memory_limit_bytes, options.retain_versions,
+                          persister, options.max_pending_loads});
   service_ = std::make_unique<ModelStateService>(
-      store_.get(), ServiceOptions{options.chunk_bytes, options.log_rpcs});
+      store_.get(), ServiceOptions{options.chunk_bytes, options.log_rpcs,
+                                   options.stream_idle_timeout});
   return absl::OkStatus();
 }
 

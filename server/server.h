@@ -35,6 +35,11 @@ struct ServerOptions {
   std::string demo_model;
   uint32_t chunk_bytes = kDefaultChunkBytes;
   int64_t memory_limit_bytes = 0;  // 0: unlimited.
+  // Loads in flight at once (each holds staging memory); 0: unlimited.
+  int max_pending_loads = 16;
+  // Load streams that send nothing and fetches whose client reads nothing
+  // for this long are ended; infinite disables it.
+  absl::Duration stream_idle_timeout = absl::Seconds(60);
   // PEM files. With cert and key the port uses TLS; with a client CA too,
   // clients must present a certificate it signed (mTLS).
   std::string tls_cert_file;

@@ -748,6 +748,90 @@ TEST(ServerTest, MessagesOfTheFirstV1ClientsStillWork) {
   EXPECT_EQ(client->GetModel("copy").value().summary.root_class, "Module");
 }
 
+TEST(ServerTest, IdleStreamsEndAndReleaseWhatTheyHold) {
+  ServerOptions options;
+  options.stream_idle_timeout = absl::Seconds(1);
+  options.memory_limit_bytes = 256 << 20;
+  auto server = StartServer(options);
+  ASSERT_TRUE(
+      server->store()
+          .CreateFromSpec("m", ReadSourceFile("tests/models/mlp.json"), 0)
+          .ok());
+  // A load that sends its header, reserving memory, then nothing.
+  RawLoad stalled(*server);
+  stalled.Header("m", CoreState(*server, "m"));
+  auto pending_loads_reach = [&](int n) {
+    for (int i = 0; i < 1000 && server->store().pending_loads() != n; ++i)
+      absl::SleepFor(absl::Milliseconds(10));
+    return server->store().pending_loads() == n;
+  };
+  EXPECT_TRUE(pending_loads_reach(1));
+  EXPECT_TRUE(pending_loads_reach(0));  // The watchdog ended it.
+  grpc::Status ended = stalled.Finish();
+  EXPECT_EQ(ended.error_code(), grpc::DEADLINE_EXCEEDED)
+      << ended.error_message();
+  EXPECT_THAT(ended.error_message(), HasSubstr("sent nothing for 1s"));
+  EXPECT_EQ(server->store().pending_loads(), 0);
+  EXPECT_EQ(server->store().reserved_bytes(), 0);
+
+  // A fetch whose client stops reading is cancelled; one that reads slowly
+  // but steadily is not.
+  ASSERT_TRUE(server->store()
+                  .CreateFromSpec("big",
+                                  R"({"type": "Module", "parameters": {"w": )"
+                                  R"({"shape": [16777216], "init": "ones"}}})",
+                                  0)
+                  .ok());
+  auto read_all = [&](absl::Duration pause_after_first, absl::Duration pause) {
+    auto channel =
+        grpc::CreateChannel(absl::StrCat("127.0.0.1:", server->port()),
+                            grpc::InsecureChannelCredentials());
+    auto stub = v1::ModelState::NewStub(channel);
+    grpc::ClientContext context;
+    v1::StateDictRequest request;
+    request.set_model("big");
+    request.set_chunk_bytes(64 << 10);
+    auto reader = stub->StateDict(&context, request);
+    v1::StateDictResponse response;
+    int messages = 0;
+    while (reader->Read(&response)) {
+      absl::SleepFor(++messages == 1 ? pause_after_first : pause);
+      if (messages > 300) pause = absl::ZeroDuration();
+    }
+    return reader->Finish();
+  };
+  EXPECT_EQ(read_all(absl::Seconds(3), absl::ZeroDuration()).error_code(),
+            grpc::CANCELLED);
+  // 300 pauses of 5 ms: longer than the timeout in all, never idle for it.
+  grpc::Status steady = read_all(absl::ZeroDuration(), absl::Milliseconds(5));
+  EXPECT_TRUE(steady.ok()) << steady.error_message();
+}
+
+TEST(ServerTest, LoadsBeyondTheCapAreRefused) {
+  ServerOptions options;
+  options.max_pending_loads = 1;
+  auto server = StartServer(options);
+  ASSERT_TRUE(
+      server->store()
+          .CreateFromSpec("m", ReadSourceFile("tests/models/mlp.json"), 0)
+          .ok());
+  const StateDict state = CoreState(*server, "m");
+  RawLoad first(*server);
+  first.Header("m", state);
+  // The first load's header is being handled or holds its place.
+  for (int i = 0; i < 500 && server->store().pending_loads() == 0; ++i)
+    absl::SleepFor(absl::Milliseconds(10));
+  ASSERT_EQ(server->store().pending_loads(), 1);
+  RawLoad second(*server);
+  second.Header("m", state);
+  grpc::Status refused = second.Finish();
+  EXPECT_EQ(refused.error_code(), grpc::RESOURCE_EXHAUSTED)
+      << refused.error_message();
+  first.Chunk(0, Bytes(state));
+  first.End(state.TotalBytes());
+  EXPECT_TRUE(first.Finish().ok());
+}
+
 TEST(ServerTest, HealthAndReflectionAnswer) {
   ServerOptions options;
   options.demo_model = "demo";
