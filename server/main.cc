@@ -41,6 +41,9 @@ ABSL_FLAG(std::string, tls_cert, "", "PEM server certificate (enables TLS)");
 ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
 ABSL_FLAG(std::string, tls_client_ca, "",
           "PEM CA that client certificates must chain to (mTLS)");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "host:port of a plaintext HTTP listener serving Prometheus metrics "
+          "at /metrics; empty for none");
 ABSL_FLAG(std::string, health_listen, "",
           "host:port of an extra plaintext port serving only grpc.health.v1");
 ABSL_FLAG(absl::Duration, shutdown_grace, absl::Seconds(30),
@@ -114,6 +117,7 @@ int main(int argc, char** argv) {
   options.tls_key_file = absl::GetFlag(FLAGS_tls_key);
   options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
   options.health_listen = absl::GetFlag(FLAGS_health_listen);
+  options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   options.log_rpcs = absl::GetFlag(FLAGS_log_rpcs);
   options.data_dir = absl::GetFlag(FLAGS_data_dir);
   const std::string durability = absl::GetFlag(FLAGS_durability);
@@ -140,6 +144,10 @@ int main(int argc, char** argv) {
   }
   std::fprintf(stderr, "modelstated: serving on port %d%s\n", (*server)->port(),
                options.tls_cert_file.empty() ? "" : " (TLS)");
+  if ((*server)->metrics_port() != 0) {
+    std::fprintf(stderr, "modelstated: metrics on port %d\n",
+                 (*server)->metrics_port());
+  }
   if ((*server)->health_port() != 0) {
     std::fprintf(stderr, "modelstated: health on port %d\n",
                  (*server)->health_port());

@@ -60,7 +60,8 @@ class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
       : active_(service),
         service_(service),
         context_(context),
-        record_("StateDict", service->options().log_rpcs) {
+        record_("StateDict", service->options().log_rpcs,
+                service->options().metrics) {
     service_->Track(this);
     const ServiceOptions& options = service->options();
     v1::StateDictRequest request;
@@ -161,7 +162,8 @@ class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest>,
         service_(service),
         store_(store),
         response_(response),
-        record_("LoadStateDict", service->options().log_rpcs) {
+        record_("LoadStateDict", service->options().log_rpcs,
+                service->options().metrics) {
     service_->Track(this);
     StartRead(&request_);
   }
@@ -298,7 +300,8 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
         service_(service),
         store_(store),
         model_(model),
-        record_("WatchModel", service->options().log_rpcs) {
+        record_("WatchModel", service->options().log_rpcs,
+                service->options().metrics) {
     record_.set_model(model);
     // The store delivers CURRENT or ABSENT first, then every later event.
     listener_id_ = store_->Watch(
@@ -432,7 +435,7 @@ grpc::ServerUnaryReactor* Unary(ModelStateService* service,
 grpc::ServerUnaryReactor* ModelStateService::ListModels(
     grpc::CallbackServerContext* context, const v1::ListModelsRequest* request,
     v1::ListModelsResponse* response) {
-  RpcRecord record("ListModels", options_.log_rpcs);
+  RpcRecord record("ListModels", options_.log_rpcs, options_.metrics);
   return Unary(this, context, record, [&] {
     for (const ModelSummary& summary : store_->Summaries())
       *response->add_models() = ToProto(summary);
@@ -443,7 +446,7 @@ grpc::ServerUnaryReactor* ModelStateService::ListModels(
 grpc::ServerUnaryReactor* ModelStateService::GetModel(
     grpc::CallbackServerContext* context, const v1::GetModelRequest* request,
     v1::GetModelResponse* response) {
-  RpcRecord record("GetModel", options_.log_rpcs);
+  RpcRecord record("GetModel", options_.log_rpcs, options_.metrics);
   record.set_model(request->model());
   return Unary(this, context, record, [&]() -> absl::Status {
     ASSIGN_OR_RETURN(const ModelManifest manifest,
@@ -456,7 +459,7 @@ grpc::ServerUnaryReactor* ModelStateService::GetModel(
 grpc::ServerUnaryReactor* ModelStateService::CreateModel(
     grpc::CallbackServerContext* context, const v1::CreateModelRequest* request,
     v1::CreateModelResponse* response) {
-  RpcRecord record("CreateModel", options_.log_rpcs);
+  RpcRecord record("CreateModel", options_.log_rpcs, options_.metrics);
   record.set_model(request->model());
   return Unary(this, context, record, [&]() -> absl::Status {
     ASSIGN_OR_RETURN(
@@ -471,7 +474,7 @@ grpc::ServerUnaryReactor* ModelStateService::CreateModel(
 grpc::ServerUnaryReactor* ModelStateService::DeleteModel(
     grpc::CallbackServerContext* context, const v1::DeleteModelRequest* request,
     v1::DeleteModelResponse* response) {
-  RpcRecord record("DeleteModel", options_.log_rpcs);
+  RpcRecord record("DeleteModel", options_.log_rpcs, options_.metrics);
   record.set_model(request->model());
   return Unary(this, context, record,
                [&] { return store_->Delete(request->model()); });
@@ -481,7 +484,7 @@ grpc::ServerUnaryReactor* ModelStateService::RollbackModel(
     grpc::CallbackServerContext* context,
     const v1::RollbackModelRequest* request,
     v1::RollbackModelResponse* response) {
-  RpcRecord record("RollbackModel", options_.log_rpcs);
+  RpcRecord record("RollbackModel", options_.log_rpcs, options_.metrics);
   record.set_model(request->model());
   return Unary(this, context, record, [&]() -> absl::Status {
     ASSIGN_OR_RETURN(const Snapshot current,
@@ -530,6 +533,11 @@ void ModelStateService::BeginDrain() {
 bool ModelStateService::draining() const {
   absl::MutexLock lock(&calls_mu_);
   return draining_;
+}
+
+int64_t ModelStateService::active_calls() const {
+  absl::MutexLock lock(&calls_mu_);
+  return active_calls_;
 }
 
 bool ModelStateService::WaitForIdle(absl::Time deadline) {

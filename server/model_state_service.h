@@ -16,6 +16,7 @@
 
 namespace modelstate {
 
+class Metrics;
 class WatchReactor;
 
 struct ServiceOptions {
@@ -25,6 +26,8 @@ struct ServiceOptions {
   // for this long is ended (DEADLINE_EXCEEDED, or cancelled), releasing its
   // memory reservation or pinned version. Infinite disables it.
   absl::Duration stream_idle_timeout = absl::Seconds(60);
+  // Where finished RPCs are counted; null for none. Must outlive the service.
+  Metrics* metrics = nullptr;
 };
 
 // A stream the service ends when it makes no progress for the idle timeout.
@@ -86,6 +89,9 @@ class ModelStateService final
 
   // True once BeginDrain was called.
   bool draining() const;
+
+  // Calls in flight, streams included.
+  int64_t active_calls() const;
 
   // Watches `stream` for idleness until Untrack; Untrack returns once no
   // expiry check of it runs.

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "server/metrics.h"
 
 namespace modelstate {
 
@@ -30,11 +31,14 @@ const char* StatusCodeName(grpc::StatusCode code) {
 }
 
 void RpcRecord::Log(const grpc::Status& status) const {
+  const absl::Duration duration = absl::Now() - start_;
+  if (metrics_ != nullptr)
+    metrics_->RecordRpc(method_, status.error_code(), bytes_, duration);
   if (!enabled_) return;
   std::string line =
       absl::StrFormat("rpc=%s model=%s bytes=%d duration_ms=%.3f status=%s",
                       method_, model_.empty() ? "-" : model_, bytes_,
-                      absl::ToDoubleMilliseconds(absl::Now() - start_),
+                      absl::ToDoubleMilliseconds(duration),
                       StatusCodeName(status.error_code()));
   if (!status.ok()) {
     std::string message = status.error_message().substr(0, 200);

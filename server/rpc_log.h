@@ -11,22 +11,27 @@
 
 namespace modelstate {
 
-// Collects what one RPC did; Log() writes it. Not thread-safe (one per RPC).
+class Metrics;
+
+// Collects what one RPC did; Log() writes it and counts it in `metrics`. Not
+// thread-safe (one per RPC).
 class RpcRecord {
  public:
-  RpcRecord(const char* method, bool enabled)
-      : method_(method), enabled_(enabled) {}
+  // `metrics` may be null.
+  RpcRecord(const char* method, bool log, Metrics* metrics)
+      : method_(method), enabled_(log), metrics_(metrics) {}
 
   void set_model(std::string model) { model_ = std::move(model); }
   void add_bytes(uint64_t bytes) { bytes_ += bytes; }
 
   // Writes "rpc=<method> model=<model> bytes=<n> duration_ms=<ms> status=<CODE>
-  // [msg]".
+  // [msg]" when logging is on, and records the RPC in the metrics.
   void Log(const grpc::Status& status) const;
 
  private:
   const char* method_;
   bool enabled_;
+  Metrics* metrics_;
   std::string model_;
   uint64_t bytes_ = 0;
   absl::Time start_ = absl::Now();

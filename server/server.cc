@@ -90,9 +90,29 @@ absl::Status Server::OpenStore(const ServerOptions& options) {
   store_ = std::make_unique<ModelStore>(
       ModelStore::Options{options.memory_limit_bytes, options.retain_versions,
                           persister, options.max_pending_loads});
+  metrics_ = std::make_unique<Metrics>(
+      store_.get(), options.memory_limit_bytes,
+      [this] { return service_ ? service_->active_calls() : 0; });
   service_ = std::make_unique<ModelStateService>(
-      store_.get(), ServiceOptions{options.chunk_bytes, options.log_rpcs,
-                                   options.stream_idle_timeout});
+      store_.get(),
+      ServiceOptions{options.chunk_bytes, options.log_rpcs,
+                     options.stream_idle_timeout, metrics_.get()});
+  return absl::OkStatus();
+}
+
+absl::Status Server::ServeMetrics(const std::string& listen) {
+  if (listen.empty()) return absl::OkStatus();
+  // prometheus-cpp reports a listener it cannot start by throwing.
+  try {
+    exposer_ = std::make_unique<prometheus::Exposer>(listen);
+  } catch (const std::exception& error) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot serve metrics on ", listen, ": ", error.what()));
+  }
+  exposer_->RegisterCollectable(metrics_->rpc_metrics());
+  exposer_->RegisterCollectable(metrics_->state_metrics());
+  const std::vector<int> ports = exposer_->GetListeningPorts();
+  metrics_port_ = ports.empty() ? 0 : ports[0];
   return absl::OkStatus();
 }
 
@@ -132,6 +152,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
   std::unique_ptr<Server> server(new Server());
   RETURN_IF_ERROR(server->OpenStore(options));
   absl::Status started = server->Listen(options, credentials);
+  if (started.ok()) started = server->ServeMetrics(options.metrics_listen);
   SetServing(server->server_.get(), false);
   SetServing(server->health_server_.get(), false);
   std::vector<std::string> notes;

@@ -18,6 +18,8 @@
 #include "core/model_store.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
+#include "prometheus/exposer.h"
+#include "server/metrics.h"
 #include "server/model_state_service.h"
 
 namespace modelstate {
@@ -48,6 +50,9 @@ struct ServerOptions {
   // A second, plaintext port that serves only grpc.health.v1 (for probes when
   // the main port requires mTLS); empty for none.
   std::string health_listen;
+  // host:port of a plaintext HTTP listener serving Prometheus metrics at
+  // /metrics; port 0 picks a free port; empty for none.
+  std::string metrics_listen;
   bool log_rpcs = true;
   // Directory where every committed version is persisted and from which models
   // are restored at start; empty keeps state in memory only.
@@ -76,6 +81,8 @@ class Server {
   int port() const { return port_; }
   // The bound port of the health-only listener, or 0.
   int health_port() const { return health_port_; }
+  // The bound port of the metrics listener, or 0.
+  int metrics_port() const { return metrics_port_; }
   ModelStore& store() { return *store_; }
 
   // Blocks until the server has shut down.
@@ -90,6 +97,8 @@ class Server {
   Server() = default;
   // Opens the data directory (when set) and creates the store and service.
   absl::Status OpenStore(const ServerOptions& options);
+  // Starts the metrics listener, when asked for.
+  absl::Status ServeMetrics(const std::string& listen);
   // Starts the main and health listeners.
   absl::Status Listen(
       const ServerOptions& options,
@@ -98,11 +107,15 @@ class Server {
   std::unique_ptr<DataDir> data_dir_;
   std::unique_ptr<AsyncPersister> async_;
   std::unique_ptr<ModelStore> store_;
+  std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<ModelStateService> service_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<grpc::Server> health_server_;
   int port_ = 0;
   int health_port_ = 0;
+  int metrics_port_ = 0;
+  // Declared last: it scrapes the store and metrics, so it goes first.
+  std::unique_ptr<prometheus::Exposer> exposer_;
   absl::Mutex shutdown_mu_;
   bool shut_down_ ABSL_GUARDED_BY(shutdown_mu_) = false;
 };

@@ -1,6 +1,11 @@
 // End to end over loopback with an in-process server: snapshots, partial
 // prefixes, loads, bad loads, concurrency, a 1 GiB round trip, watch, health,
 // reflection, TLS and mTLS.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -830,6 +835,79 @@ TEST(ServerTest, LoadsBeyondTheCapAreRefused) {
   first.Chunk(0, Bytes(state));
   first.End(state.TotalBytes());
   EXPECT_TRUE(first.Finish().ok());
+}
+
+// GET `path` from 127.0.0.1:`port` over plain HTTP/1.0; the whole response.
+std::string HttpGet(int port, const std::string& path) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(static_cast<uint16_t>(port));
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  timeval timeout{10, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+  std::string response;
+  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0) {
+    const std::string request = "GET " + path + " HTTP/1.0\r\n\r\n";
+    if (write(fd, request.data(), request.size()) ==
+        static_cast<ssize_t>(request.size())) {
+      char buffer[4096];
+      ssize_t got;
+      while ((got = read(fd, buffer, sizeof buffer)) > 0)
+        response.append(buffer, got);
+    }
+  }
+  close(fd);
+  return response;
+}
+
+TEST(ServerTest, MetricsCountRpcsBytesAndTheStoresState) {
+  ServerOptions options;
+  options.metrics_listen = "127.0.0.1:0";
+  options.memory_limit_bytes = 1 << 30;
+  auto server = StartServer(options);
+  ASSERT_GT(server->metrics_port(), 0);
+  auto client = ConnectTo(*server);
+  ASSERT_TRUE(
+      client->CreateModel("m", ReadSourceFile("tests/models/mlp.json")).ok());
+  const StateDict state = client->StateDict({"m"}).value().state;
+  ASSERT_TRUE(client->LoadStateDict({"m"}, state).ok());
+  EXPECT_FALSE(client->GetModel("nope").ok());
+  const std::string first = HttpGet(server->metrics_port(), "/metrics");
+  EXPECT_THAT(first, HasSubstr("200 OK"));
+  EXPECT_THAT(
+      first,
+      HasSubstr(
+          R"(modelstate_rpcs_total{code="NOT_FOUND",method="GetModel"} 1)"));
+  EXPECT_THAT(
+      first,
+      HasSubstr(
+          R"(modelstate_rpcs_total{code="OK",method="LoadStateDict"} 1)"));
+  const std::string bytes = std::to_string(state.TotalBytes());
+  EXPECT_THAT(first, HasSubstr(absl::StrCat(
+                         R"(modelstate_tensor_bytes_total{direction="sent"} )",
+                         bytes)));
+  EXPECT_THAT(
+      first,
+      HasSubstr(absl::StrCat(
+          R"(modelstate_tensor_bytes_total{direction="received"} )", bytes)));
+  EXPECT_THAT(
+      first,
+      HasSubstr(
+          R"(modelstate_rpc_duration_seconds_count{method="StateDict"} 1)"));
+  EXPECT_THAT(first, HasSubstr(R"(modelstate_model_version{model="m"} 2)"));
+  EXPECT_THAT(first, HasSubstr(absl::StrCat(
+                         R"(modelstate_model_bytes{model="m"} )", bytes)));
+  EXPECT_THAT(first, HasSubstr("modelstate_memory_limit_bytes 1073741824"));
+  EXPECT_THAT(first, HasSubstr("modelstate_pending_loads 0"));
+  // The counters move.
+  ASSERT_TRUE(client->LoadStateDict({"m"}, state).ok());
+  const std::string second = HttpGet(server->metrics_port(), "/metrics");
+  EXPECT_THAT(
+      second,
+      HasSubstr(
+          R"(modelstate_rpcs_total{code="OK",method="LoadStateDict"} 2)"));
+  EXPECT_THAT(second, HasSubstr(R"(modelstate_model_version{model="m"} 3)"));
 }
 
 TEST(ServerTest, HealthAndReflectionAnswer) {

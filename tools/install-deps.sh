@@ -13,6 +13,8 @@ packages=(
   libabsl-dev libssl-dev libxxhash-dev
   # JSON for safetensors headers and architecture specs: header-only, SAX API lets us reject duplicate keys.
   nlohmann-json3-dev
+  # Prometheus metrics (/metrics), served by its embedded civetweb.
+  prometheus-cpp-dev
   libgtest-dev libgmock-dev
   # Test oracles: real PyTorch 1.13 and numpy, run with Debian's own interpreter.
   python3 python3-numpy python3-torch

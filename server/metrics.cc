@@ -1,0 +1,111 @@
+#include "server/metrics.h"
+
+#include <utility>
+#include <vector>
+
+#include "prometheus/client_metric.h"
+#include "prometheus/metric_family.h"
+#include "server/rpc_log.h"
+
+namespace modelstate {
+namespace {
+
+prometheus::MetricFamily Gauge(std::string name, std::string help) {
+  prometheus::MetricFamily family;
+  family.name = std::move(name);
+  family.help = std::move(help);
+  family.type = prometheus::MetricType::Gauge;
+  return family;
+}
+
+void AddSample(prometheus::MetricFamily& family, double value,
+               std::vector<prometheus::ClientMetric::Label> labels = {}) {
+  prometheus::ClientMetric metric;
+  metric.label = std::move(labels);
+  metric.gauge.value = value;
+  family.metric.push_back(std::move(metric));
+}
+
+// The store's state, read at every scrape rather than kept up to date.
+class StateCollector : public prometheus::Collectable {
+ public:
+  StateCollector(const ModelStore* store, int64_t memory_limit_bytes,
+                 std::function<int64_t()> active_calls)
+      : store_(store),
+        memory_limit_bytes_(memory_limit_bytes),
+        active_calls_(std::move(active_calls)) {}
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    const std::vector<ModelSummary> models = store_->Summaries();
+    auto count = Gauge("modelstate_models", "Models held.");
+    AddSample(count, static_cast<double>(models.size()));
+    auto versions =
+        Gauge("modelstate_model_version", "Current version of each model.");
+    auto bytes = Gauge("modelstate_model_bytes",
+                       "Tensor bytes of each model's state dict.");
+    for (const ModelSummary& model : models) {
+      AddSample(versions, static_cast<double>(model.version),
+                {{"model", model.name}});
+      AddSample(bytes, static_cast<double>(model.num_bytes),
+                {{"model", model.name}});
+    }
+    auto live = Gauge("modelstate_memory_live_bytes",
+                      "Tensor bytes alive: models, retained versions, "
+                      "snapshots held by streams, kept casts.");
+    AddSample(live, static_cast<double>(store_->live_bytes()));
+    auto reserved = Gauge("modelstate_memory_reserved_bytes",
+                          "Bytes reserved by loads in flight.");
+    AddSample(reserved, static_cast<double>(store_->reserved_bytes()));
+    auto limit = Gauge("modelstate_memory_limit_bytes",
+                       "--memory_limit_bytes; 0 means none.");
+    AddSample(limit, static_cast<double>(memory_limit_bytes_));
+    auto loads = Gauge("modelstate_pending_loads", "Loads in flight.");
+    AddSample(loads, store_->pending_loads());
+    auto calls =
+        Gauge("modelstate_active_calls", "Calls in flight, streams included.");
+    AddSample(calls, static_cast<double>(active_calls_()));
+    return {count, versions, bytes, live, reserved, limit, loads, calls};
+  }
+
+ private:
+  const ModelStore* store_;
+  const int64_t memory_limit_bytes_;
+  const std::function<int64_t()> active_calls_;
+};
+
+}  // namespace
+
+Metrics::Metrics(const ModelStore* store, int64_t memory_limit_bytes,
+                 std::function<int64_t()> active_calls)
+    : registry_(std::make_shared<prometheus::Registry>()),
+      rpcs_(prometheus::BuildCounter()
+                .Name("modelstate_rpcs_total")
+                .Help("Finished RPCs by method and status code.")
+                .Register(*registry_)),
+      bytes_(prometheus::BuildCounter()
+                 .Name("modelstate_tensor_bytes_total")
+                 .Help("Tensor bytes sent (fetches) and received (loads).")
+                 .Register(*registry_)),
+      durations_(prometheus::BuildHistogram()
+                     .Name("modelstate_rpc_duration_seconds")
+                     .Help("RPC durations, transfers included, by method.")
+                     .Register(*registry_)),
+      state_(std::make_shared<StateCollector>(store, memory_limit_bytes,
+                                              std::move(active_calls))) {}
+
+void Metrics::RecordRpc(absl::string_view method, grpc::StatusCode code,
+                        uint64_t bytes, absl::Duration duration) {
+  const std::string name(method);
+  rpcs_.Add({{"method", name}, {"code", StatusCodeName(code)}}).Increment();
+  if (bytes > 0) {
+    const char* direction = name == "LoadStateDict" ? "received" : "sent";
+    bytes_.Add({{"direction", direction}})
+        .Increment(static_cast<double>(bytes));
+  }
+  static const prometheus::Histogram::BucketBoundaries kBuckets = {
+      0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300};
+  durations_.Add({{"method", name}}, kBuckets)
+      .Observe(absl::ToDoubleSeconds(duration));
+}
+
+}  // namespace modelstate

@@ -1,0 +1,57 @@
+// Prometheus metrics of one daemon: RPCs by method and status code, bytes
+// moved, transfer durations, and at every scrape the store's state (models,
+// versions, bytes held, memory reserved against the limit, loads and calls in
+// flight).
+//
+// Thread-safety: every method may be called from any thread.
+#ifndef MODELSTATE_SERVER_METRICS_H_
+#define MODELSTATE_SERVER_METRICS_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "core/model_store.h"
+#include "grpcpp/support/status.h"
+#include "prometheus/collectable.h"
+#include "prometheus/counter.h"
+#include "prometheus/family.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
+
+namespace modelstate {
+
+class Metrics {
+ public:
+  // `store` must outlive the metrics; `active_calls` reports the calls in
+  // flight at scrape time.
+  Metrics(const ModelStore* store, int64_t memory_limit_bytes,
+          std::function<int64_t()> active_calls);
+
+  // Counts one finished RPC. `bytes` are tensor bytes: received for
+  // LoadStateDict, sent for every other method.
+  void RecordRpc(absl::string_view method, grpc::StatusCode code,
+                 uint64_t bytes, absl::Duration duration);
+
+  // What an exposer serves: the RPC metrics and the store's state.
+  std::shared_ptr<prometheus::Collectable> rpc_metrics() const {
+    return registry_;
+  }
+  std::shared_ptr<prometheus::Collectable> state_metrics() const {
+    return state_;
+  }
+
+ private:
+  std::shared_ptr<prometheus::Registry> registry_;
+  prometheus::Family<prometheus::Counter>& rpcs_;
+  prometheus::Family<prometheus::Counter>& bytes_;
+  prometheus::Family<prometheus::Histogram>& durations_;
+  std::shared_ptr<prometheus::Collectable> state_;
+};
+
+}  // namespace modelstate
+
+#endif  // MODELSTATE_SERVER_METRICS_H_
