@@ -245,6 +245,15 @@ absl::StatusOr<int64_t> Client::StateDictStreaming(
   absl::StatusOr<std::vector<TransferEntry>> entries =
       ToTransferEntries(manifest.tensors());
   if (!entries.ok()) return call.Abandon(entries.status());
+  if (transfer.on_manifest) {
+    std::vector<TensorDescription> described;
+    described.reserve(entries->size());
+    for (size_t i = 0; i < entries->size(); ++i)
+      described.push_back(
+          Describe(manifest.tensors(static_cast<int>(i)), (*entries)[i]));
+    absl::Status accepted = transfer.on_manifest(described);
+    if (!accepted.ok()) return call.Abandon(accepted);
+  }
   absl::StatusOr<std::unique_ptr<ChunkReceiver>> receiver =
       ChunkReceiver::Create(*entries, [&](size_t index, Tensor tensor) {
         return on_tensor(Describe(manifest.tensors(static_cast<int>(index)),

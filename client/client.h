@@ -58,6 +58,11 @@ struct TransferOptions {
   // fetches, kDefaultChunkBytes for loads.
   uint32_t chunk_bytes = 0;
   ProgressCallback progress;
+  // StateDictStreaming only: called once with the stream's manifest (names,
+  // kinds, dtypes and shapes as delivered, after selection and casting),
+  // before any tensor. Returning an error stops the transfer with that error.
+  std::function<absl::Status(const std::vector<TensorDescription>&)>
+      on_manifest;
 };
 
 struct FetchedStateDict {

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -18,6 +19,7 @@
 #include "client/format.h"
 #include "core/file_util.h"
 #include "core/safetensors.h"
+#include "core/status_macros.h"
 #include "proto/convert.h"
 
 ABSL_FLAG(std::string, server, "127.0.0.1:50551", "HOST:PORT of modelstated");
@@ -44,6 +46,9 @@ ABSL_FLAG(bool, no_buffers, false, "parameters only (pull)");
 ABSL_FLAG(bool, strip_module_prefix, false,
           "with --module: keys relative to the submodule, as torch's "
           "submodule.state_dict() (pull)");
+ABSL_FLAG(bool, fsync, false,
+          "fsync the pulled file and its directory before reporting success "
+          "(pull)");
 ABSL_FLAG(bool, non_strict, false, "torch's strict=False (push)");
 ABSL_FLAG(bool, assign, false, "torch's assign=True (push)");
 ABSL_FLAG(int64_t, if_version, -1,
@@ -64,7 +69,7 @@ constexpr char kUsage[] =
   info MODEL [--module=PATH] [--version=N] [--bytes]  key, kind, dtype, shape, size, checksum
   create MODEL --arch=SPEC.json | --from=FILE.safetensors
   delete MODEL
-  pull MODEL OUT.safetensors [--module=PATH [--strip_module_prefix]] [--keys=a,b] [--dtype=bf16|f16|f32] [--no_buffers] [--version=N]
+  pull MODEL OUT.safetensors [--module=PATH [--strip_module_prefix]] [--keys=a,b] [--dtype=bf16|f16|f32] [--no_buffers] [--version=N] [--fsync]
   push MODEL IN.safetensors [--module=PATH] [--non_strict] [--assign] [--if_version=N]
   watch MODEL [--count=N]
   versions MODEL                                      retained versions, newest first
@@ -72,14 +77,14 @@ constexpr char kUsage[] =
   health                                              SERVING or NOT_SERVING (exit 0 or 1))";
 
 // Exit codes: 0 success, 1 the call failed, 2 bad usage.
-int Fail(const absl::Status& status) {
+int Fail(const absl::Status &status) {
   std::fprintf(stderr, "ERROR: %s: %s\n",
                absl::StatusCodeToString(status.code()).c_str(),
                std::string(status.message()).c_str());
   return 1;
 }
 
-int Usage(const std::string& problem) {
+int Usage(const std::string &problem) {
   std::fprintf(stderr, "modelstatectl: %s\n%s\n", problem.c_str(), kUsage);
   return 2;
 }
@@ -89,27 +94,30 @@ std::string Size(uint64_t bytes) {
   return absl::GetFlag(FLAGS_bytes) ? absl::StrCat(bytes) : HumanBytes(bytes);
 }
 
-const char* SizeHeader() {
+const char *SizeHeader() {
   return absl::GetFlag(FLAGS_bytes) ? "BYTES" : "SIZE";
 }
 
 // A progress bar with bytes/s on stderr, only when stderr is a terminal.
 class ProgressBar {
- public:
-  explicit ProgressBar(const char* verb)
+public:
+  explicit ProgressBar(const char *verb)
       : verb_(verb), enabled_(isatty(STDERR_FILENO)) {}
   ~ProgressBar() {
-    if (drawn_) std::fprintf(stderr, "\n");
+    if (drawn_)
+      std::fprintf(stderr, "\n");
   }
   ProgressCallback Callback() {
-    if (!enabled_) return nullptr;
+    if (!enabled_)
+      return nullptr;
     return [this](uint64_t done, uint64_t total) { Draw(done, total); };
   }
 
- private:
+private:
   void Draw(uint64_t done, uint64_t total) {
     const absl::Time now = absl::Now();
-    if (done != total && now - last_ < absl::Milliseconds(100)) return;
+    if (done != total && now - last_ < absl::Milliseconds(100))
+      return;
     last_ = now;
     const double seconds = std::max(1e-6, absl::ToDoubleSeconds(now - start_));
     const double fraction =
@@ -124,23 +132,24 @@ class ProgressBar {
     drawn_ = true;
   }
 
-  const char* verb_;
+  const char *verb_;
   bool enabled_;
   bool drawn_ = false;
   absl::Time start_ = absl::Now();
   absl::Time last_ = absl::InfinitePast();
 };
 
-std::string ShapeString(const Shape& shape) {
+std::string ShapeString(const Shape &shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }
 
-int Models(Client& client) {
+int Models(Client &client) {
   absl::StatusOr<std::vector<ModelSummary>> models = client.ListModels();
-  if (!models.ok()) return Fail(models.status());
+  if (!models.ok())
+    return Fail(models.status());
   std::printf("%-24s %8s %8s %14s\n", "NAME", "VERSION", "TENSORS",
               SizeHeader());
-  for (const ModelSummary& model : *models) {
+  for (const ModelSummary &model : *models) {
     std::printf("%-24s %8lld %8lld %14s\n", model.name.c_str(),
                 static_cast<long long>(model.version),
                 static_cast<long long>(model.num_tensors),
@@ -149,10 +158,11 @@ int Models(Client& client) {
   return 0;
 }
 
-int Info(Client& client, const std::string& model) {
+int Info(Client &client, const std::string &model) {
   absl::StatusOr<ModelManifest> manifest = client.GetModel(
       model, absl::GetFlag(FLAGS_module), absl::GetFlag(FLAGS_version));
-  if (!manifest.ok()) return Fail(manifest.status());
+  if (!manifest.ok())
+    return Fail(manifest.status());
   const uint64_t bytes = manifest->summary.num_bytes;
   const std::string total = absl::GetFlag(FLAGS_bytes)
                                 ? absl::StrCat(bytes, " bytes")
@@ -164,7 +174,7 @@ int Info(Client& client, const std::string& model) {
               total.c_str());
   std::printf("%-48s %-9s %-13s %-20s %12s %16s\n", "KEY", "KIND", "DTYPE",
               "SHAPE", SizeHeader(), "XXH3");
-  for (const TensorDescription& tensor : manifest->tensors) {
+  for (const TensorDescription &tensor : manifest->tensors) {
     std::printf("%-48s %-9s %-13s %-20s %12s %016llx\n", tensor.name.c_str(),
                 tensor.kind == TensorKind::kBuffer ? "buffer" : "parameter",
                 std::string(TorchName(tensor.dtype)).c_str(),
@@ -176,15 +186,16 @@ int Info(Client& client, const std::string& model) {
 }
 
 // The chunk size flag and a progress bar.
-TransferOptions Transfer(ProgressBar& bar) {
+TransferOptions Transfer(ProgressBar &bar) {
   TransferOptions transfer;
   transfer.chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);
   transfer.progress = bar.Callback();
   return transfer;
 }
 
-int PrintPush(const absl::StatusOr<LoadOutcome>& result) {
-  if (!result.ok()) return Fail(result.status());
+int PrintPush(const absl::StatusOr<LoadOutcome> &result) {
+  if (!result.ok())
+    return Fail(result.status());
   std::printf("version %lld%s\n", static_cast<long long>(result->version),
               result->created ? " (created)" : "");
   std::printf("missing keys: %s\n",
@@ -198,17 +209,19 @@ int PrintPush(const absl::StatusOr<LoadOutcome>& result) {
   return 0;
 }
 
-int Create(Client& client, const std::string& model) {
+int Create(Client &client, const std::string &model) {
   const std::string arch = absl::GetFlag(FLAGS_arch);
   const std::string from = absl::GetFlag(FLAGS_from);
   if (arch.empty() == from.empty())
     return Usage("create needs exactly one of --arch or --from");
   if (!arch.empty()) {
     absl::StatusOr<std::string> text = ReadFileToString(arch);
-    if (!text.ok()) return Fail(text.status());
+    if (!text.ok())
+      return Fail(text.status());
     absl::StatusOr<ModelSummary> created =
         client.CreateModel(model, *text, absl::GetFlag(FLAGS_seed));
-    if (!created.ok()) return Fail(created.status());
+    if (!created.ok())
+      return Fail(created.status());
     std::printf("created %s version %lld: %lld tensors, %llu bytes\n",
                 model.c_str(), static_cast<long long>(created->version),
                 static_cast<long long>(created->num_tensors),
@@ -216,10 +229,11 @@ int Create(Client& client, const std::string& model) {
     return 0;
   }
   absl::StatusOr<SafetensorsFile> file = ReadSafetensorsFile(from);
-  if (!file.ok()) return Fail(file.status());
+  if (!file.ok())
+    return Fail(file.status());
   LoadRequest request(model);
   request.create_if_missing = true;
-  request.expected_version = 0;  // Refuse to overwrite an existing model.
+  request.expected_version = 0; // Refuse to overwrite an existing model.
   ProgressBar bar("create");
   absl::StatusOr<LoadOutcome> result =
       client.LoadStateDict(request, file->tensors, Transfer(bar));
@@ -230,7 +244,8 @@ int Create(Client& client, const std::string& model) {
   return PrintPush(result);
 }
 
-int Pull(Client& client, const std::string& model, const std::string& path) {
+// The selection flags of pull.
+absl::StatusOr<FetchRequest> PullRequest(const std::string &model) {
   FetchRequest request(model);
   request.module = absl::GetFlag(FLAGS_module);
   request.keys = absl::GetFlag(FLAGS_keys);
@@ -240,26 +255,80 @@ int Pull(Client& client, const std::string& model, const std::string& path) {
   const std::string dtype = absl::GetFlag(FLAGS_dtype);
   if (!dtype.empty()) {
     if (dtype != "bf16" && dtype != "f16" && dtype != "f32") {
-      return Usage("--dtype must be bf16, f16 or f32");
+      return absl::InvalidArgumentError("--dtype must be bf16, f16 or f32");
     }
     request.dtype = ParseTorchDType(dtype).value();
   }
+  return request;
+}
+
+// What a pull wrote, for its closing line.
+struct Pulled {
+  int64_t version = 0;
+  size_t tensors = 0;
+  uint64_t bytes = 0;
+  bool synced = false;
+};
+
+// Streams the state dict into a safetensors file at `path`: the header is
+// written as soon as the stream's manifest arrives, each tensor goes to its
+// place in the file as soon as it is complete and verified and is then
+// dropped, so the client holds at most one tensor whatever the model's size.
+// The file appears at `path` only once complete (SafetensorsStreamWriter).
+absl::StatusOr<Pulled> PullToFile(Client &client, const FetchRequest &request,
+                                  TransferOptions transfer,
+                                  const std::string &path) {
+  SafetensorsStreamWriter::Options options;
+  options.fsync = absl::GetFlag(FLAGS_fsync);
+  std::unique_ptr<SafetensorsStreamWriter> writer;
+  transfer.on_manifest =
+      [&](const std::vector<TensorDescription> &manifest) -> absl::Status {
+    std::vector<SafetensorsTensorInfo> tensors;
+    tensors.reserve(manifest.size());
+    for (const TensorDescription &tensor : manifest)
+      tensors.push_back({tensor.name, tensor.dtype, tensor.shape});
+    ASSIGN_OR_RETURN(
+        writer, SafetensorsStreamWriter::Create(path, std::move(tensors),
+                                                {{"format", "pt"}}, options));
+    return absl::OkStatus();
+  };
+  Pulled pulled;
+  ASSIGN_OR_RETURN(
+      pulled.version,
+      client.StateDictStreaming(
+          request, transfer,
+          [&](const TensorDescription &description, Tensor tensor) {
+            ++pulled.tensors;
+            pulled.bytes += tensor.num_bytes();
+            return writer->WriteTensor(description.name, tensor);
+          }));
+  if (writer == nullptr)
+    return absl::InternalError("the stream had no manifest");
+  RETURN_IF_ERROR(writer->Commit());
+  pulled.synced = writer->synced();
+  return pulled;
+}
+
+int Pull(Client &client, const std::string &model, const std::string &path) {
+  absl::StatusOr<FetchRequest> request = PullRequest(model);
+  if (!request.ok())
+    return Usage(std::string(request.status().message()));
   ProgressBar bar("pull");
-  absl::StatusOr<FetchedStateDict> fetched =
-      client.StateDict(request, Transfer(bar));
-  if (!fetched.ok()) return Fail(fetched.status());
-  absl::Status written =
-      WriteSafetensorsFile(path, fetched->state, {{"format", "pt"}});
-  if (!written.ok()) return Fail(written);
-  std::printf("pulled %s version %lld: %zu tensors, %zu bytes -> %s\n",
-              model.c_str(), static_cast<long long>(fetched->version),
-              fetched->state.size(), fetched->state.TotalBytes(), path.c_str());
+  absl::StatusOr<Pulled> pulled =
+      PullToFile(client, *request, Transfer(bar), path);
+  if (!pulled.ok())
+    return Fail(pulled.status());
+  std::printf("pulled %s version %lld: %zu tensors, %llu bytes -> %s%s\n",
+              model.c_str(), static_cast<long long>(pulled->version),
+              pulled->tensors, static_cast<unsigned long long>(pulled->bytes),
+              path.c_str(), pulled->synced ? " (fsynced)" : "");
   return 0;
 }
 
-int Push(Client& client, const std::string& model, const std::string& path) {
+int Push(Client &client, const std::string &model, const std::string &path) {
   absl::StatusOr<SafetensorsFile> file = ReadSafetensorsFile(path);
-  if (!file.ok()) return Fail(file.status());
+  if (!file.ok())
+    return Fail(file.status());
   LoadRequest request(model);
   request.strict = !absl::GetFlag(FLAGS_non_strict);
   request.assign = absl::GetFlag(FLAGS_assign);
@@ -267,14 +336,13 @@ int Push(Client& client, const std::string& model, const std::string& path) {
   if (absl::GetFlag(FLAGS_if_version) >= 0)
     request.expected_version = absl::GetFlag(FLAGS_if_version);
   ProgressBar bar("push");
-  return PrintPush(
-      client.LoadStateDict(request, file->tensors, Transfer(bar)));
+  return PrintPush(client.LoadStateDict(request, file->tensors, Transfer(bar)));
 }
 
-int Watch(Client& client, const std::string& model) {
+int Watch(Client &client, const std::string &model) {
   const int64_t count = absl::GetFlag(FLAGS_count);
   int64_t seen = 0;
-  absl::Status status = client.Watch(model, [&](const ModelEvent& event) {
+  absl::Status status = client.Watch(model, [&](const ModelEvent &event) {
     std::printf(
         "%s %s %lld\n",
         v1::WatchModelResponse::Type_Name(ToProto(event).type()).c_str(),
@@ -285,8 +353,9 @@ int Watch(Client& client, const std::string& model) {
   return status.ok() ? 0 : Fail(status);
 }
 
-int Run(const std::vector<char*>& positional) {
-  if (positional.size() < 2) return Usage("missing COMMAND");
+int Run(const std::vector<char *> &positional) {
+  if (positional.size() < 2)
+    return Usage("missing COMMAND");
   const std::string command = positional[1];
   std::vector<std::string> args(positional.begin() + 2, positional.end());
   ClientOptions options;
@@ -298,23 +367,32 @@ int Run(const std::vector<char*>& positional) {
   options.load_balancing_policy = absl::GetFlag(FLAGS_lb_policy);
   absl::StatusOr<std::unique_ptr<Client>> client =
       Client::Connect(absl::GetFlag(FLAGS_server), options);
-  if (!client.ok()) return Fail(client.status());
+  if (!client.ok())
+    return Fail(client.status());
   auto want = [&](size_t n) { return args.size() == n; };
-  if (command == "models" && want(0)) return Models(**client);
-  if (command == "info" && want(1)) return Info(**client, args[0]);
-  if (command == "create" && want(1)) return Create(**client, args[0]);
+  if (command == "models" && want(0))
+    return Models(**client);
+  if (command == "info" && want(1))
+    return Info(**client, args[0]);
+  if (command == "create" && want(1))
+    return Create(**client, args[0]);
   if (command == "delete" && want(1)) {
     absl::Status deleted = (*client)->DeleteModel(args[0]);
-    if (!deleted.ok()) return Fail(deleted);
+    if (!deleted.ok())
+      return Fail(deleted);
     std::printf("deleted %s\n", args[0].c_str());
     return 0;
   }
-  if (command == "pull" && want(2)) return Pull(**client, args[0], args[1]);
-  if (command == "push" && want(2)) return Push(**client, args[0], args[1]);
-  if (command == "watch" && want(1)) return Watch(**client, args[0]);
+  if (command == "pull" && want(2))
+    return Pull(**client, args[0], args[1]);
+  if (command == "push" && want(2))
+    return Push(**client, args[0], args[1]);
+  if (command == "watch" && want(1))
+    return Watch(**client, args[0]);
   if (command == "versions" && want(1)) {
     absl::StatusOr<ModelManifest> manifest = (*client)->GetModel(args[0]);
-    if (!manifest.ok()) return Fail(manifest.status());
+    if (!manifest.ok())
+      return Fail(manifest.status());
     for (int64_t version : manifest->retained_versions) {
       std::printf("%lld%s\n", static_cast<long long>(version),
                   version == manifest->summary.version ? " (current)" : "");
@@ -327,7 +405,8 @@ int Run(const std::vector<char*>& positional) {
       return Usage("VERSION must be a number");
     absl::StatusOr<ModelSummary> rolled =
         (*client)->RollbackModel(args[0], version);
-    if (!rolled.ok()) return Fail(rolled.status());
+    if (!rolled.ok())
+      return Fail(rolled.status());
     std::printf("%s is at version %lld (the state of version %lld)\n",
                 args[0].c_str(), static_cast<long long>(rolled->version),
                 static_cast<long long>(version));
@@ -335,18 +414,19 @@ int Run(const std::vector<char*>& positional) {
   }
   if (command == "health" && want(0)) {
     absl::StatusOr<bool> serving = (*client)->CheckHealth();
-    if (!serving.ok()) return Fail(serving.status());
+    if (!serving.ok())
+      return Fail(serving.status());
     std::printf("%s\n", *serving ? "SERVING" : "NOT_SERVING");
     return *serving ? 0 : 1;
   }
   return Usage(absl::StrCat("bad command or arguments: ", command));
 }
 
-}  // namespace
-}  // namespace modelstate
+} // namespace
+} // namespace modelstate
 
-int main(int argc, char** argv) {
+int main(int argc, char **argv) {
   absl::SetProgramUsageMessage(modelstate::kUsage);
-  std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
+  std::vector<char *> positional = absl::ParseCommandLine(argc, argv);
   return modelstate::Run(positional);
 }

@@ -6,11 +6,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <limits>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "core/file_util.h"
 #include "core/status_macros.h"
 #include "nlohmann/json.hpp"
@@ -359,53 +361,86 @@ absl::StatusOr<SafetensorsFile> ReadSafetensorsFile(const std::string& path) {
   return parsed;
 }
 
-absl::StatusOr<std::pair<std::string, std::vector<size_t>>>
-SerializeSafetensorsHeader(const StateDict& state,
-                           const SafetensorsMetadata& metadata) {
-  const auto& entries = state.entries();
-  std::vector<size_t> order(entries.size());
+namespace {
+
+// The order of the tensors' bytes in the file: by element size descending,
+// then by name, so that equal inputs give identical files.
+std::vector<size_t> DataOrder(
+    const std::vector<SafetensorsTensorInfo>& tensors) {
+  std::vector<size_t> order(tensors.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
   std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-    const size_t sa = ElementSize(entries[a].tensor.dtype());
-    const size_t sb = ElementSize(entries[b].tensor.dtype());
+    const size_t sa = ElementSize(tensors[a].dtype);
+    const size_t sb = ElementSize(tensors[b].dtype);
     if (sa != sb) return sa > sb;
-    return entries[a].key < entries[b].key;
+    return tensors[a].name < tensors[b].name;
   });
-  std::string json = "{";
-  if (!metadata.empty()) {
-    json += "\"__metadata__\":{";
-    for (size_t i = 0; i < metadata.size(); ++i) {
-      absl::StrAppend(&json, i ? "," : "", Json(metadata[i].first).dump(), ":",
-                      Json(metadata[i].second).dump());
-    }
-    json += "}";
+  return order;
+}
+
+std::string MetadataJson(const SafetensorsMetadata& metadata) {
+  if (metadata.empty()) return "";
+  std::string json = "\"__metadata__\":{";
+  for (size_t i = 0; i < metadata.size(); ++i) {
+    absl::StrAppend(&json, i ? "," : "", Json(metadata[i].first).dump(), ":",
+                    Json(metadata[i].second).dump());
   }
+  return json + "}";
+}
+
+// The length prefix, then the JSON padded with spaces to a multiple of 8.
+std::string FramedHeader(std::string json) {
+  json.append((8 - json.size() % 8) % 8, ' ');
+  std::string header(kLengthBytes, '\0');
+  const uint64_t n = json.size();
+  for (size_t i = 0; i < kLengthBytes; ++i)
+    header[i] = static_cast<char>((n >> (8 * i)) & 0xFF);
+  return header + json;
+}
+
+}  // namespace
+
+absl::StatusOr<std::pair<std::string, std::vector<size_t>>>
+SerializeSafetensorsHeaderFor(const std::vector<SafetensorsTensorInfo>& tensors,
+                              const SafetensorsMetadata& metadata) {
+  std::vector<size_t> order = DataOrder(tensors);
+  absl::flat_hash_set<absl::string_view> names;
+  std::string json = "{" + MetadataJson(metadata);
   uint64_t offset = 0;
   for (size_t i = 0; i < order.size(); ++i) {
-    const StateDict::Entry& entry = entries[order[i]];
-    if (entry.key == "__metadata__") {
+    const SafetensorsTensorInfo& tensor = tensors[order[i]];
+    if (tensor.name == "__metadata__") {
       return absl::InvalidArgumentError(
           "a tensor can't be named \"__metadata__\"");
     }
-    std::string shape;
-    for (size_t d = 0; d < entry.tensor.shape().size(); ++d) {
-      absl::StrAppend(&shape, d ? "," : "", entry.tensor.shape()[d]);
+    if (!names.insert(tensor.name).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("duplicate tensor name \"", tensor.name, "\""));
     }
-    const uint64_t end = offset + entry.tensor.num_bytes();
+    ASSIGN_OR_RETURN(const int64_t bytes, NumBytes(tensor.dtype, tensor.shape));
+    const uint64_t end = offset + static_cast<uint64_t>(bytes);
+    if (end < offset)
+      return absl::InvalidArgumentError("the tensors' total size overflows");
     absl::StrAppend(&json, (i || !metadata.empty()) ? "," : "",
-                    Json(entry.key).dump(), ":{\"dtype\":\"",
-                    SafetensorsName(entry.tensor.dtype()), "\",\"shape\":[",
-                    shape, "],\"data_offsets\":[", offset, ",", end, "]}");
+                    Json(tensor.name).dump(), ":{\"dtype\":\"",
+                    SafetensorsName(tensor.dtype), "\",\"shape\":[",
+                    absl::StrJoin(tensor.shape, ","), "],\"data_offsets\":[",
+                    offset, ",", end, "]}");
     offset = end;
   }
   json += "}";
-  json.append((8 - json.size() % 8) % 8, ' ');
-  std::string header(kLengthBytes, '\0');
-  uint64_t n = json.size();
-  for (size_t i = 0; i < kLengthBytes; ++i)
-    header[i] = static_cast<char>((n >> (8 * i)) & 0xFF);
-  header += json;
-  return std::make_pair(std::move(header), std::move(order));
+  return std::make_pair(FramedHeader(std::move(json)), std::move(order));
+}
+
+absl::StatusOr<std::pair<std::string, std::vector<size_t>>>
+SerializeSafetensorsHeader(const StateDict& state,
+                           const SafetensorsMetadata& metadata) {
+  std::vector<SafetensorsTensorInfo> tensors;
+  tensors.reserve(state.size());
+  for (const StateDict::Entry& entry : state.entries()) {
+    tensors.push_back({entry.key, entry.tensor.dtype(), entry.tensor.shape()});
+  }
+  return SerializeSafetensorsHeaderFor(tensors, metadata);
 }
 
 absl::Status WriteSafetensors(
@@ -444,6 +479,178 @@ absl::Status WriteSafetensorsFile(const std::string& path,
       state, metadata, [&](absl::Span<const uint8_t> piece) {
         return WriteAll(file.fd, piece.data(), piece.size(), path);
       });
+}
+
+namespace {
+
+// Creates a new file for writing next to `path`, named after it but hidden
+// (".NAME.tmp.PID.N"), so the rename that publishes it stays in one
+// directory and thus one file system. Returns its name and descriptor.
+absl::StatusOr<std::pair<std::string, int>> CreateTemporaryBeside(
+    const std::string& path) {
+  static std::atomic<uint64_t> counter{0};
+  const size_t slash = path.rfind('/');
+  const std::string dir =
+      slash == std::string::npos ? "" : path.substr(0, slash + 1);
+  const std::string base =
+      slash == std::string::npos ? path : path.substr(slash + 1);
+  for (int attempt = 0;; ++attempt) {
+    const std::string name = absl::StrCat(dir, ".", base, ".tmp.", getpid(),
+                                          ".", counter.fetch_add(1));
+    const int fd =
+        open(name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd >= 0) return std::make_pair(name, fd);
+    if (errno != EEXIST || attempt == 100)
+      return ErrnoToStatus(errno, "cannot create", name);
+  }
+}
+
+// The directory part of `path`, "." when it has none.
+std::string DirectoryOf(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : path.substr(0, slash);
+}
+
+absl::Status SyncDirectory(const std::string& dir) {
+  Fd handle;
+  handle.fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (handle.fd < 0) return ErrnoToStatus(errno, "cannot open", dir);
+  if (fsync(handle.fd) != 0) return ErrnoToStatus(errno, "cannot fsync", dir);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+SafetensorsStreamWriter::SafetensorsStreamWriter(std::string path,
+                                                 std::string temporary_path,
+                                                 int fd, Options options)
+    : path_(std::move(path)),
+      temporary_path_(std::move(temporary_path)),
+      fd_(fd),
+      options_(options) {}
+
+SafetensorsStreamWriter::~SafetensorsStreamWriter() {
+  if (!committed_) Discard();
+}
+
+absl::StatusOr<std::unique_ptr<SafetensorsStreamWriter>>
+SafetensorsStreamWriter::Create(const std::string& path,
+                                std::vector<SafetensorsTensorInfo> tensors,
+                                const SafetensorsMetadata& metadata,
+                                Options options) {
+  ASSIGN_OR_RETURN(auto header_and_order,
+                   SerializeSafetensorsHeaderFor(tensors, metadata));
+  ASSIGN_OR_RETURN(auto temporary, CreateTemporaryBeside(path));
+  // From here on the writer owns the file and removes it on any error.
+  std::unique_ptr<SafetensorsStreamWriter> writer(new SafetensorsStreamWriter(
+      path, std::move(temporary.first), temporary.second, options));
+  const std::string& header = header_and_order.first;
+  writer->PlaceTensors(std::move(tensors), header_and_order.second,
+                       header.size());
+  RETURN_IF_ERROR(WriteAll(writer->fd_, header.data(), header.size(),
+                           writer->temporary_path_));
+  // The final size up front: a file system that cannot hold it (or a file
+  // size limit) fails here, before any tensor is fetched for nothing.
+  if (ftruncate(writer->fd_, static_cast<off_t>(writer->file_bytes_)) != 0)
+    return ErrnoToStatus(errno, "cannot resize", writer->temporary_path_);
+  return writer;
+}
+
+void SafetensorsStreamWriter::PlaceTensors(
+    std::vector<SafetensorsTensorInfo> tensors,
+    const std::vector<size_t>& order, uint64_t header_bytes) {
+  slots_.resize(tensors.size());
+  index_.reserve(tensors.size());
+  uint64_t offset = header_bytes;
+  for (size_t i : order) {
+    Slot& slot = slots_[i];
+    slot.name = std::move(tensors[i].name);
+    slot.dtype = tensors[i].dtype;
+    slot.shape = std::move(tensors[i].shape);
+    slot.offset = offset;
+    // Checked by SerializeSafetensorsHeaderFor.
+    slot.bytes =
+        static_cast<uint64_t>(NumBytes(slot.dtype, slot.shape).value());
+    offset += slot.bytes;
+    index_.emplace(slot.name, i);
+  }
+  file_bytes_ = offset;
+}
+
+absl::Status SafetensorsStreamWriter::WriteTensor(const std::string& name,
+                                                  const Tensor& tensor) {
+  auto it = index_.find(name);
+  if (it == index_.end()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tensor \"", name, "\" is not one of the file's"));
+  }
+  Slot& slot = slots_[it->second];
+  if (slot.written) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tensor \"", name, "\" was written already"));
+  }
+  if (tensor.dtype() != slot.dtype || tensor.shape() != slot.shape) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tensor \"", name, "\" is ", SafetensorsName(tensor.dtype()), " ",
+        TorchSizeString(tensor.shape()), " but the header says ",
+        SafetensorsName(slot.dtype), " ", TorchSizeString(slot.shape)));
+  }
+  if (slot.bytes > 0) {
+    if (lseek(fd_, static_cast<off_t>(slot.offset), SEEK_SET) < 0)
+      return ErrnoToStatus(errno, "cannot seek in", temporary_path_);
+    const absl::Span<const uint8_t> bytes = tensor.bytes();
+    RETURN_IF_ERROR(WriteAll(fd_, bytes.data(), bytes.size(), temporary_path_));
+  }
+  slot.written = true;
+  return absl::OkStatus();
+}
+
+absl::Status SafetensorsStreamWriter::CheckAllWritten() const {
+  for (const Slot& slot : slots_) {
+    if (!slot.written) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("tensor \"", slot.name, "\" was never written"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SafetensorsStreamWriter::Commit() {
+  if (committed_) return absl::FailedPreconditionError("committed already");
+  absl::Status status = CheckAllWritten();
+  if (status.ok()) status = Publish();
+  if (!status.ok()) {
+    Discard();
+    return status;
+  }
+  committed_ = true;
+  if (options_.fsync) {
+    // The rename is durable only once the directory is.
+    RETURN_IF_ERROR(SyncDirectory(DirectoryOf(path_)));
+    synced_ = true;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SafetensorsStreamWriter::Publish() {
+  if (fd_ < 0) return absl::FailedPreconditionError("writer failed earlier");
+  if (options_.fsync && fsync(fd_) != 0)
+    return ErrnoToStatus(errno, "cannot fsync", temporary_path_);
+  const int fd = fd_;
+  fd_ = -1;
+  // close reports write-back errors of some file systems (NFS).
+  if (close(fd) != 0)
+    return ErrnoToStatus(errno, "cannot close", temporary_path_);
+  if (rename(temporary_path_.c_str(), path_.c_str()) != 0)
+    return ErrnoToStatus(errno, "cannot rename to", path_);
+  return absl::OkStatus();
+}
+
+void SafetensorsStreamWriter::Discard() {
+  if (fd_ >= 0) close(fd_);
+  fd_ = -1;
+  unlink(temporary_path_.c_str());
 }
 
 }  // namespace modelstate

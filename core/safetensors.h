@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
@@ -82,6 +83,21 @@ absl::StatusOr<std::pair<std::string, std::vector<size_t>>>
 SerializeSafetensorsHeader(const StateDict& state,
                            const SafetensorsMetadata& metadata = {});
 
+// One tensor of a file about to be written: what its header entry says.
+struct SafetensorsTensorInfo {
+  std::string name;
+  DType dtype;
+  Shape shape;
+};
+
+// SerializeSafetensorsHeader for tensors known only by name, dtype and shape:
+// returns the same header and order (indices into `tensors`) that a StateDict
+// with these entries, in this order, gives. InvalidArgument for a tensor named
+// "__metadata__", duplicate names or a shape whose size overflows.
+absl::StatusOr<std::pair<std::string, std::vector<size_t>>>
+SerializeSafetensorsHeaderFor(const std::vector<SafetensorsTensorInfo>& tensors,
+                              const SafetensorsMetadata& metadata = {});
+
 // Writes `state` in safetensors format through `sink`, which receives
 // consecutive pieces of the file and returns a non-OK status to stop. Tensor
 // bytes are passed straight from their storage.
@@ -99,6 +115,88 @@ absl::StatusOr<std::string> SerializeSafetensors(
 absl::Status WriteSafetensorsFile(const std::string& path,
                                   const StateDict& state,
                                   const SafetensorsMetadata& metadata = {});
+
+// Writes a safetensors file whose tensors arrive one at a time, in any order,
+// without holding them: the header is written first, from the tensors'
+// descriptions, and each tensor's bytes go straight to their final place in
+// the file. The file is built under a temporary name in the destination's
+// directory and renamed over `path` only by Commit, so readers see either the
+// old file or the complete new one; a writer destroyed without a successful
+// Commit removes its temporary file and leaves `path` untouched. The result is
+// byte-identical to WriteSafetensorsFile of the same tensors in the same order.
+//
+// Thread-safety: not thread-safe; one thread feeds a writer.
+class SafetensorsStreamWriter {
+ public:
+  struct Options {
+    // fsync the file before the rename and its directory after it, so the
+    // new file survives a crash of the machine once Commit returns.
+    bool fsync = false;
+  };
+
+  // Creates the temporary file and writes the header. Returns the errors of
+  // SerializeSafetensorsHeaderFor, or the ErrnoToStatus (core/file_util.h) of
+  // a failed create or write.
+  static absl::StatusOr<std::unique_ptr<SafetensorsStreamWriter>> Create(
+      const std::string& path, std::vector<SafetensorsTensorInfo> tensors,
+      const SafetensorsMetadata& metadata, Options options);
+
+  // Removes the temporary file unless Commit succeeded.
+  ~SafetensorsStreamWriter();
+  SafetensorsStreamWriter(const SafetensorsStreamWriter&) = delete;
+  SafetensorsStreamWriter& operator=(const SafetensorsStreamWriter&) = delete;
+
+  // Writes the bytes of tensor `name` at its place in the file. Returns
+  // InvalidArgument when `name` is not one of the file's tensors, was written
+  // already, or `tensor`'s dtype or shape differ from its description; the
+  // ErrnoToStatus of a failed write.
+  absl::Status WriteTensor(const std::string& name, const Tensor& tensor);
+
+  // Checks that every tensor was written, optionally fsyncs, and renames the
+  // file to `path`. Returns FailedPrecondition naming a tensor never written,
+  // or the ErrnoToStatus of a failed fsync, close or rename; on any error the
+  // temporary file is removed and `path` is untouched.
+  absl::Status Commit();
+
+  // True once Commit has fsynced the file and its directory.
+  bool synced() const { return synced_; }
+  // Where the file is built until Commit.
+  const std::string& temporary_path() const { return temporary_path_; }
+  // Bytes of the finished file.
+  uint64_t file_bytes() const { return file_bytes_; }
+
+ private:
+  // One tensor's place in the file.
+  struct Slot {
+    std::string name;
+    DType dtype;
+    Shape shape;
+    uint64_t offset = 0;  // From the start of the file.
+    uint64_t bytes = 0;
+    bool written = false;
+  };
+
+  SafetensorsStreamWriter(std::string path, std::string temporary_path, int fd,
+                          Options options);
+  // Fills slots_ and file_bytes_ from the descriptions and the data order.
+  void PlaceTensors(std::vector<SafetensorsTensorInfo> tensors,
+                    const std::vector<size_t>& order, uint64_t header_bytes);
+  absl::Status CheckAllWritten() const;
+  // fsync, close and rename; the steps of Commit that touch the file.
+  absl::Status Publish();
+  // Closes and removes the temporary file.
+  void Discard();
+
+  std::string path_;
+  std::string temporary_path_;
+  int fd_;
+  Options options_;
+  std::vector<Slot> slots_;                         // In description order.
+  absl::flat_hash_map<std::string, size_t> index_;  // Name -> slots_ index.
+  uint64_t file_bytes_ = 0;
+  bool committed_ = false;
+  bool synced_ = false;
+};
 
 }  // namespace modelstate
 

@@ -2,9 +2,16 @@
 // round trips.
 #include "core/safetensors.h"
 
+#include <dirent.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <cstdio>
 #include <string>
 
+#include "core/file_util.h"
+#include "core/status_macros.h"
 #include "core/test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -182,6 +189,183 @@ TEST(SafetensorsTest, FilesAreReadAndLargeOnesMapped) {
   EXPECT_EQ(ReadSafetensorsFile(path + ".missing").status().code(),
             absl::StatusCode::kNotFound);
   std::remove(path.c_str());
+}
+
+// A fresh directory for one test, and what it holds.
+class ScratchDirectory {
+ public:
+  ScratchDirectory() {
+    std::string pattern = testing::TempDir() + "/safetensors_test.XXXXXX";
+    path_ = mkdtemp(pattern.data()) ? pattern : "";
+  }
+  ~ScratchDirectory() {
+    for (const std::string& name : Names())
+      std::remove((path_ + "/" + name).c_str());
+    rmdir(path_.c_str());
+  }
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+  std::vector<std::string> Names() const {
+    std::vector<std::string> names;
+    DIR* dir = opendir(path_.c_str());
+    if (dir == nullptr) return names;
+    while (const dirent* entry = readdir(dir)) {
+      const std::string name = entry->d_name;
+      if (name != "." && name != "..") names.push_back(name);
+    }
+    closedir(dir);
+    std::sort(names.begin(), names.end());
+    return names;
+  }
+
+ private:
+  std::string path_;
+};
+
+std::vector<SafetensorsTensorInfo> Describe(const StateDict& state) {
+  std::vector<SafetensorsTensorInfo> tensors;
+  for (const auto& entry : state.entries())
+    tensors.push_back({entry.key, entry.tensor.dtype(), entry.tensor.shape()});
+  return tensors;
+}
+
+std::string Contents(const std::string& path) {
+  return ReadFileToString(path).value_or("<unreadable>");
+}
+
+StateDict SampleWithBig() {
+  StateDict state = Sample();
+  state.Set("big", FullTensor(DType::kFloat32, {1 << 18}, 3));
+  return state;
+}
+
+// Feeds the writer `state`'s tensors in reverse order: the stream writer must
+// not depend on arrival order.
+absl::Status WriteAllReversed(SafetensorsStreamWriter& writer,
+                              const StateDict& state) {
+  const auto& entries = state.entries();
+  for (auto it = entries.rbegin(); it != entries.rend(); ++it)
+    RETURN_IF_ERROR(writer.WriteTensor(it->key, it->tensor));
+  return absl::OkStatus();
+}
+
+TEST(SafetensorsTest, HeaderFromDescriptionsEqualsHeaderFromTensors) {
+  const StateDict state = SampleWithBig();
+  EXPECT_EQ(SerializeSafetensorsHeaderFor(Describe(state), {{"a", "b"}}),
+            SerializeSafetensorsHeader(state, {{"a", "b"}}));
+  std::vector<SafetensorsTensorInfo> twice = Describe(state);
+  twice.push_back(twice.front());
+  EXPECT_THAT(SerializeSafetensorsHeaderFor(twice).status().message(),
+              HasSubstr("duplicate tensor name"));
+  EXPECT_EQ(SerializeSafetensorsHeaderFor({{"x", DType::kFloat32, {-1}}})
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(SafetensorsTest, StreamWriterFileIsByteIdenticalToWriteSafetensorsFile) {
+  const ScratchDirectory dir;
+  const StateDict state = SampleWithBig();
+  ASSERT_TRUE(
+      WriteSafetensorsFile(dir.file("old"), state, {{"format", "pt"}}).ok());
+  auto writer = SafetensorsStreamWriter::Create(
+      dir.file("new"), Describe(state), {{"format", "pt"}}, {});
+  ASSERT_TRUE(writer.ok()) << writer.status();
+  // Built under a hidden name beside the destination, which appears only on
+  // Commit.
+  EXPECT_THAT((*writer)->temporary_path(), StartsWith(dir.file(".new.tmp.")));
+  ASSERT_TRUE(WriteAllReversed(**writer, state).ok());
+  EXPECT_THAT(dir.Names(), ElementsAre(HasSubstr(".new.tmp."), "old"));
+  ASSERT_TRUE((*writer)->Commit().ok());
+  EXPECT_THAT(dir.Names(), ElementsAre("new", "old"));
+  EXPECT_EQ(Contents(dir.file("new")), Contents(dir.file("old")));
+  EXPECT_EQ((*writer)->file_bytes(), Contents(dir.file("new")).size());
+  EXPECT_FALSE((*writer)->synced());
+}
+
+TEST(SafetensorsTest, StreamWriterFsyncsOnlyWhenAsked) {
+  const ScratchDirectory dir;
+  const StateDict state = Sample();
+  for (bool fsync : {false, true}) {
+    SafetensorsStreamWriter::Options options;
+    options.fsync = fsync;
+    auto writer = SafetensorsStreamWriter::Create(dir.file("out"),
+                                                  Describe(state), {}, options)
+                      .value();
+    ASSERT_TRUE(WriteAllReversed(*writer, state).ok());
+    EXPECT_FALSE(writer->synced());
+    ASSERT_TRUE(writer->Commit().ok());
+    EXPECT_EQ(writer->synced(), fsync);
+    EXPECT_EQ(Contents(dir.file("out")), SerializeSafetensors(state).value());
+  }
+}
+
+TEST(SafetensorsTest, StreamWriterFailureLeavesTheOldFileAndNoTemporary) {
+  const ScratchDirectory dir;
+  const std::string path = dir.file("model.safetensors");
+  ASSERT_TRUE(WriteSafetensorsFile(path, Sample()).ok());
+  const std::string before = Contents(path);
+  const StateDict state = SampleWithBig();
+  {  // Abandoned half way: destroyed without Commit.
+    auto writer =
+        SafetensorsStreamWriter::Create(path, Describe(state), {}, {}).value();
+    ASSERT_TRUE(writer->WriteTensor("big", *state.Find("big")).ok());
+    EXPECT_EQ(dir.Names().size(), 2u);
+  }
+  EXPECT_THAT(dir.Names(), ElementsAre("model.safetensors"));
+  EXPECT_EQ(Contents(path), before);
+  // Committed with a tensor missing.
+  auto writer =
+      SafetensorsStreamWriter::Create(path, Describe(state), {}, {}).value();
+  ASSERT_TRUE(writer->WriteTensor("big", *state.Find("big")).ok());
+  absl::Status committed = writer->Commit();
+  EXPECT_EQ(committed.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(committed.message(), HasSubstr("was never written"));
+  EXPECT_THAT(dir.Names(), ElementsAre("model.safetensors"));
+  EXPECT_EQ(Contents(path), before);
+  // A destination that cannot be replaced (a directory) fails the rename.
+  ASSERT_EQ(mkdir(dir.file("taken").c_str(), 0755), 0);
+  ASSERT_EQ(mkdir(dir.file("taken/inside").c_str(), 0755), 0);
+  auto blocked = SafetensorsStreamWriter::Create(dir.file("taken"),
+                                                 Describe(state), {}, {})
+                     .value();
+  ASSERT_TRUE(WriteAllReversed(*blocked, state).ok());
+  EXPECT_FALSE(blocked->Commit().ok());
+  EXPECT_THAT(dir.Names(), ElementsAre("model.safetensors", "taken"));
+  rmdir(dir.file("taken/inside").c_str());
+  // No directory: nothing to create the temporary file in.
+  EXPECT_EQ(SafetensorsStreamWriter::Create(dir.file("none/x"), Describe(state),
+                                            {}, {})
+                .status()
+                .code(),
+            absl::StatusCode::kNotFound);
+}
+
+TEST(SafetensorsTest, StreamWriterRefusesTensorsThatDoNotMatchTheHeader) {
+  const ScratchDirectory dir;
+  const StateDict state = Sample();
+  auto writer =
+      SafetensorsStreamWriter::Create(dir.file("out"), Describe(state), {}, {})
+          .value();
+  const Tensor& weight = *state.Find("layer.weight");
+  EXPECT_THAT(writer->WriteTensor("nope", weight).message(),
+              HasSubstr("is not one of the file's"));
+  EXPECT_THAT(
+      writer->WriteTensor("layer.weight", FloatTensor({1}, {0})).message(),
+      HasSubstr("but the header says"));
+  EXPECT_THAT(writer
+                  ->WriteTensor("layer.weight",
+                                FullTensor(DType::kFloat16, weight.shape(), 1))
+                  .message(),
+              HasSubstr("but the header says"));
+  ASSERT_TRUE(writer->WriteTensor("layer.weight", weight).ok());
+  EXPECT_THAT(writer->WriteTensor("layer.weight", weight).message(),
+              HasSubstr("written already"));
+  StateDict bad;
+  bad.Set("__metadata__", FloatTensor({1}, {0}));
+  EXPECT_FALSE(
+      SafetensorsStreamWriter::Create(dir.file("bad"), Describe(bad), {}, {})
+          .ok());
+  EXPECT_THAT(dir.Names(), ElementsAre(HasSubstr(".out.tmp.")));
 }
 
 }  // namespace
