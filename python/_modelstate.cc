@@ -11,6 +11,8 @@
 // (allocate, progress) run on the worker with the GIL taken briefly.
 //
 // Thread-safety: a Client may be used from several Python threads at once.
+// Calls should end before the interpreter exits: a call still running in a
+// daemon thread at exit may abort the process.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -102,6 +104,9 @@ class CallRunner {
         done.Notify();
       });
       while (!done.WaitForNotificationWithTimeout(kSignalPoll)) {
+        // Taking the GIL while the interpreter exits would end this thread
+        // with the worker still running.
+        if (_Py_IsFinalizing()) continue;
         py::gil_scoped_acquire acquire;
         if (PyErr_CheckSignals() != 0) {
           interrupt_.Fetch();

@@ -53,10 +53,12 @@ def main():
 
     client = modelstate.connect(args.server)
     net = Policy()
+    publisher = None
     if args.create:
         client.create(args.model, net)
-        threading.Thread(target=publish_updates, args=(client, args.model, args.updates),
-                         daemon=True).start()
+        publisher = threading.Thread(target=publish_updates,
+                                     args=(client, args.model, args.updates))
+        publisher.start()
     observation = torch.randn(1, 16)
     seen = 0
     with client.watch(args.model) as events:
@@ -75,6 +77,8 @@ def main():
                 seen += 1
                 if seen == args.updates:
                     break
+    if publisher is not None:
+        publisher.join()
 
 
 if __name__ == "__main__":
