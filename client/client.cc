@@ -1,6 +1,12 @@
 #include "client/client.h"
 
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <set>
+
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "core/file_util.h"
 #include "core/limits.h"
 #include "core/status_macros.h"
@@ -12,6 +18,7 @@
 #include "proto/chunk_frame.h"
 #include "proto/convert.h"
 #include "proto/grpc_status.h"
+#include "xxhash.h"
 
 namespace modelstate {
 namespace {
@@ -24,6 +31,48 @@ TensorDescription Describe(const v1::TensorInfo& info,
 }
 
 }  // namespace
+
+void CallCanceller::Cancel() {
+  absl::MutexLock lock(&mu_);
+  cancelled_ = true;
+  for (grpc::ClientContext* context : contexts_) context->TryCancel();
+}
+
+bool CallCanceller::cancelled() const {
+  absl::MutexLock lock(&mu_);
+  return cancelled_;
+}
+
+void CallCanceller::Attach(grpc::ClientContext* context) {
+  absl::MutexLock lock(&mu_);
+  contexts_.push_back(context);
+  // gRPC keeps a cancel that comes before the call starts and applies it then.
+  if (cancelled_) context->TryCancel();
+}
+
+void CallCanceller::Detach(grpc::ClientContext* context) {
+  absl::MutexLock lock(&mu_);
+  contexts_.erase(std::find(contexts_.begin(), contexts_.end(), context));
+}
+
+// Attaches a call's context to a canceller (if any) for the scope's lifetime;
+// declare it after the context so that it detaches before the context dies.
+class CancelScope {
+ public:
+  CancelScope(CallCanceller* canceller, grpc::ClientContext* context)
+      : canceller_(canceller), context_(context) {
+    if (canceller_ != nullptr) canceller_->Attach(context_);
+  }
+  ~CancelScope() {
+    if (canceller_ != nullptr) canceller_->Detach(context_);
+  }
+  CancelScope(const CancelScope&) = delete;
+  CancelScope& operator=(const CancelScope&) = delete;
+
+ private:
+  CallCanceller* canceller_;
+  grpc::ClientContext* context_;
+};
 
 Client::Client(std::shared_ptr<grpc::Channel> channel, ClientOptions options)
     : channel_(std::move(channel)),
@@ -142,6 +191,12 @@ absl::Status Client::DeleteModel(const std::string& model) {
 
 namespace {
 
+absl::Status StatusOf(absl::Status status) { return status; }
+template <typename T>
+absl::Status StatusOf(const absl::StatusOr<T>& result) {
+  return result.status();
+}
+
 // One StateDict call read as raw messages, so that chunk bytes go from the
 // received slices straight into the tensors (ReadStateDictFrame), copied once.
 class RawStateDictCall {
@@ -169,10 +224,11 @@ class RawStateDictCall {
     return std::move(*response_.mutable_manifest());
   }
 
-  // Feeds every chunk to `receiver` until the end marker and the call's end.
-  // A bad stream is DataLoss, whatever the receiver called it.
-  absl::Status ReadToEnd(ChunkReceiver& receiver,
-                         const ProgressCallback& progress) {
+  // Feeds every chunk to `receiver` (a ChunkReceiver or a DestinationWriter)
+  // until the end marker and the call's end. A bad stream is DataLoss,
+  // whatever the receiver called it.
+  template <typename Receiver>
+  absl::Status ReadToEnd(Receiver& receiver, const ProgressCallback& progress) {
     bool ended = false;
     auto accept = [&](uint64_t offset, absl::string_view piece) {
       if (ended) return absl::DataLossError("data after the end marker");
@@ -186,7 +242,7 @@ class RawStateDictCall {
         if (progress)
           progress(receiver.received_bytes(), receiver.total_bytes());
       } else if (step.ok() && response_.has_end() && !ended) {
-        step = receiver.Finish(response_.end().total_bytes()).status();
+        step = StatusOf(receiver.Finish(response_.end().total_bytes()));
         ended = true;
       } else if (step.ok()) {
         step = absl::DataLossError("unexpected message in a StateDict stream");
@@ -238,6 +294,7 @@ absl::StatusOr<int64_t> Client::StateDictStreaming(
         on_tensor) {
   grpc::ClientContext context;
   Prepare(&context);
+  CancelScope cancel_scope(transfer.canceller, &context);
   v1::StateDictRequest proto = ToProto(fetch);
   proto.set_chunk_bytes(transfer.chunk_bytes);
   RawStateDictCall call(channel_.get(), &context, SerializeToByteBuffer(proto));
@@ -265,6 +322,320 @@ absl::StatusOr<int64_t> Client::StateDictStreaming(
   return manifest.version();
 }
 
+namespace {
+
+// Keys quoted and joined the way torch lists them, at most 20 of them.
+std::string QuotedKeys(const std::vector<std::string>& keys) {
+  constexpr size_t kMaxListed = 20;
+  std::vector<std::string> quoted;
+  for (size_t i = 0; i < keys.size() && i < kMaxListed; ++i)
+    quoted.push_back(absl::StrCat("\"", keys[i], "\""));
+  std::string text = absl::StrJoin(quoted, ", ");
+  if (keys.size() > kMaxListed)
+    absl::StrAppend(&text, " and ", keys.size() - kMaxListed, " more");
+  return text;
+}
+
+// Checks what can be checked before the call: unique keys, usable memory.
+absl::Status CheckDestinations(const std::vector<Destination>& destinations) {
+  std::set<absl::string_view> keys;
+  for (const Destination& destination : destinations) {
+    if (!keys.insert(destination.key).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("duplicate destination key \"", destination.key, "\""));
+    }
+    absl::StatusOr<int64_t> bytes =
+        NumBytes(destination.dtype, destination.shape);
+    if (!bytes.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "destination \"", destination.key, "\": ", bytes.status().message()));
+    }
+    if (*bytes > 0 && destination.data == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("destination \"", destination.key, "\" has no memory"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Returns, for each fetched entry, its destination. FailedPrecondition naming
+// every key without a counterpart and every shape that differs.
+// With `drop_unmatched`, fetched keys without a destination get nullptr (to
+// be received and dropped) instead.
+absl::StatusOr<std::vector<const Destination*>> MatchDestinations(
+    const std::vector<TransferEntry>& entries,
+    const std::vector<Destination>& destinations, bool drop_unmatched) {
+  std::map<absl::string_view, const Destination*> by_key;
+  for (const Destination& destination : destinations)
+    by_key[destination.key] = &destination;
+  std::vector<const Destination*> targets;
+  std::vector<std::string> unexpected, mismatched;
+  for (const TransferEntry& entry : entries) {
+    auto found = by_key.find(entry.key);
+    if (found == by_key.end()) {
+      if (!drop_unmatched) unexpected.push_back(entry.key);
+      targets.push_back(nullptr);
+      continue;
+    }
+    if (found->second->shape != entry.shape) {
+      mismatched.push_back(absl::StrCat(
+          "size mismatch for ", entry.key, ": copying a param with shape ",
+          TorchSizeString(entry.shape),
+          " from checkpoint, the shape in current model is ",
+          TorchSizeString(found->second->shape), "."));
+    }
+    targets.push_back(found->second);
+    by_key.erase(found);
+  }
+  std::vector<std::string> missing;
+  for (const Destination& destination : destinations) {
+    if (by_key.count(destination.key) > 0) missing.push_back(destination.key);
+  }
+  if (unexpected.empty() && missing.empty() && mismatched.empty())
+    return targets;
+  std::vector<std::string> problems;
+  if (!missing.empty())
+    problems.push_back(
+        absl::StrCat("destinations not fetched: ", QuotedKeys(missing), "."));
+  if (!unexpected.empty())
+    problems.push_back(absl::StrCat(
+        "fetched keys without a destination: ", QuotedKeys(unexpected), "."));
+  for (std::string& problem : mismatched) problems.push_back(problem);
+  return absl::FailedPreconditionError(absl::StrCat(
+      "cannot fetch into the destinations: ", absl::StrJoin(problems, " ")));
+}
+
+// Receives a transfer straight into caller-owned destinations (IntoOptions::
+// allow_partial_write): each piece is copied, or cast element by element,
+// where it belongs, and each tensor's XXH3-64 is computed as its bytes pass
+// and checked when its last byte lands. The same contract as ChunkReceiver.
+class DestinationWriter {
+ public:
+  DestinationWriter(std::vector<TransferEntry> entries,
+                    std::vector<uint64_t> sizes,
+                    std::vector<const Destination*> targets,
+                    std::vector<std::string>* written)
+      : entries_(std::move(entries)),
+        sizes_(std::move(sizes)),
+        targets_(std::move(targets)),
+        written_(written),
+        hash_(XXH3_createState(), &XXH3_freeState) {
+    for (uint64_t size : sizes_) total_ += size;
+    XXH3_64bits_reset(hash_.get());
+  }
+
+  absl::Status Accept(uint64_t offset, absl::string_view data) {
+    RETURN_IF_ERROR(error_);
+    if (offset != received_ || data.size() > total_ - received_) {
+      error_ = absl::InvalidArgumentError(
+          absl::StrCat("chunk at offset ", offset, " with ", data.size(),
+                       " bytes, expected offset ", received_, " of ", total_));
+      return error_;
+    }
+    received_ += data.size();
+    while (!data.empty()) {
+      error_ = CompleteFullTensors();
+      RETURN_IF_ERROR(error_);
+      const size_t take = static_cast<size_t>(
+          std::min<uint64_t>(data.size(), sizes_[current_] - filled_));
+      Write(data.substr(0, take));
+      data.remove_prefix(take);
+    }
+    error_ = CompleteFullTensors();
+    return error_;
+  }
+
+  absl::Status Finish(uint64_t total_bytes) {
+    RETURN_IF_ERROR(error_);
+    if (received_ != total_ || total_bytes != total_) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("end marker says ", total_bytes, " bytes; received ",
+                       received_, " of ", total_));
+    }
+    return absl::OkStatus();
+  }
+
+  uint64_t received_bytes() const { return received_; }
+  uint64_t total_bytes() const { return total_; }
+
+ private:
+  // Writes the next bytes of the current tensor.
+  void Write(absl::string_view piece) {
+    const TransferEntry& entry = entries_[current_];
+    XXH3_64bits_update(hash_.get(), piece.data(), piece.size());
+    if (targets_[current_] == nullptr) {  // Received, verified, dropped.
+      filled_ += piece.size();
+      return;
+    }
+    const Destination& target = *targets_[current_];
+    if (filled_ == 0 && written_ != nullptr) written_->push_back(entry.key);
+    auto* out = static_cast<uint8_t*>(target.data);
+    if (entry.dtype == target.dtype) {
+      std::memcpy(out + filled_, piece.data(), piece.size());
+      filled_ += piece.size();
+      return;
+    }
+    // Elements may straddle chunks: their first bytes wait in carry_.
+    const size_t in_size = ElementSize(entry.dtype);
+    const size_t out_size = ElementSize(target.dtype);
+    const size_t partial = filled_ % in_size;
+    if (partial > 0) {
+      const size_t take = std::min(in_size - partial, piece.size());
+      std::memcpy(carry_ + partial, piece.data(), take);
+      piece.remove_prefix(take);
+      filled_ += take;
+      if (filled_ % in_size == 0) {
+        ConvertElements(entry.dtype, carry_, target.dtype,
+                        out + (filled_ / in_size - 1) * out_size, 1);
+      }
+    }
+    const size_t whole = piece.size() / in_size;
+    ConvertElements(entry.dtype, piece.data(), target.dtype,
+                    out + (filled_ / in_size) * out_size, whole);
+    filled_ += whole * in_size;
+    piece.remove_prefix(whole * in_size);
+    std::memcpy(carry_, piece.data(), piece.size());
+    filled_ += piece.size();
+  }
+
+  // Verifies the tensors whose every byte has arrived.
+  absl::Status CompleteFullTensors() {
+    while (current_ < entries_.size() && filled_ == sizes_[current_]) {
+      const TransferEntry& entry = entries_[current_];
+      if (sizes_[current_] == 0 && written_ != nullptr &&
+          targets_[current_] != nullptr)
+        written_->push_back(entry.key);
+      if (XXH3_64bits_digest(hash_.get()) != entry.checksum) {
+        return absl::DataLossError(
+            absl::StrCat("checksum mismatch for \"", entry.key, "\""));
+      }
+      XXH3_64bits_reset(hash_.get());
+      ++current_;
+      filled_ = 0;
+    }
+    return absl::OkStatus();
+  }
+
+  std::vector<TransferEntry> entries_;
+  std::vector<uint64_t> sizes_;
+  std::vector<const Destination*> targets_;
+  std::vector<std::string>* written_;
+  std::unique_ptr<XXH3_state_t, decltype(&XXH3_freeState)> hash_;
+  uint8_t carry_[8] = {};
+  size_t current_ = 0;   // Index of the tensor being filled.
+  uint64_t filled_ = 0;  // Bytes of it received.
+  uint64_t received_ = 0;
+  uint64_t total_ = 0;
+  absl::Status error_;
+};
+
+// Copies verified staged tensors into their destinations.
+void CopyStaged(const std::vector<Tensor>& staged,
+                const std::vector<const Destination*>& targets,
+                std::vector<std::string>* written,
+                const std::vector<TransferEntry>& entries) {
+  for (size_t i = 0; i < staged.size(); ++i) {
+    if (targets[i] == nullptr) continue;
+    ConvertElements(staged[i].dtype(), staged[i].data(), targets[i]->dtype,
+                    targets[i]->data,
+                    static_cast<size_t>(staged[i].num_elements()));
+    if (written != nullptr) written->push_back(entries[i].key);
+  }
+}
+
+}  // namespace
+
+namespace {
+
+// Picks each fetched tensor's destination (nullptr: drop it) from the
+// manifest.
+using DestinationResolver =
+    std::function<absl::StatusOr<std::vector<const Destination*>>(
+        const v1::Manifest&, const std::vector<TransferEntry>&)>;
+
+// The StateDictInto call on `context` (prepared by the caller): read the
+// manifest, resolve destinations, then receive in the mode `into` chooses.
+absl::StatusOr<int64_t> FetchInto(grpc::Channel* channel,
+                                  grpc::ClientContext* context,
+                                  const FetchRequest& fetch,
+                                  const DestinationResolver& resolve,
+                                  const TransferOptions& transfer,
+                                  const IntoOptions& into) {
+  if (into.written_keys != nullptr) into.written_keys->clear();
+  v1::StateDictRequest proto = ToProto(fetch);
+  proto.set_chunk_bytes(transfer.chunk_bytes);
+  RawStateDictCall call(channel, context, SerializeToByteBuffer(proto));
+  ASSIGN_OR_RETURN(const v1::Manifest manifest, call.ReadManifest());
+  absl::StatusOr<std::vector<TransferEntry>> entries =
+      ToTransferEntries(manifest.tensors());
+  if (!entries.ok()) return call.Abandon(entries.status());
+  absl::StatusOr<std::vector<const Destination*>> targets =
+      resolve(manifest, *entries);
+  if (!targets.ok()) return call.Abandon(targets.status());
+  if (into.allow_partial_write) {
+    absl::StatusOr<std::vector<uint64_t>> sizes = TransferSizes(*entries);
+    if (!sizes.ok()) return call.Abandon(sizes.status());
+    DestinationWriter writer(*entries, std::move(*sizes), *targets,
+                             into.written_keys);
+    RETURN_IF_ERROR(call.ReadToEnd(writer, transfer.progress));
+    return manifest.version();
+  }
+  std::vector<Tensor> staged;
+  absl::StatusOr<std::unique_ptr<ChunkReceiver>> receiver =
+      ChunkReceiver::Create(*entries, [&](size_t, Tensor tensor) {
+        staged.push_back(std::move(tensor));
+        return absl::OkStatus();
+      });
+  if (!receiver.ok()) return call.Abandon(receiver.status());
+  RETURN_IF_ERROR(call.ReadToEnd(**receiver, transfer.progress));
+  CopyStaged(staged, *targets, into.written_keys, *entries);
+  return manifest.version();
+}
+
+}  // namespace
+
+absl::StatusOr<int64_t> Client::StateDictInto(
+    const FetchRequest& fetch, const std::vector<Destination>& destinations,
+    const TransferOptions& transfer, const IntoOptions& into) {
+  if (into.written_keys != nullptr) into.written_keys->clear();
+  RETURN_IF_ERROR(CheckDestinations(destinations));
+  grpc::ClientContext context;
+  Prepare(&context);
+  CancelScope cancel_scope(transfer.canceller, &context);
+  return FetchInto(
+      channel_.get(), &context, fetch,
+      [&](const v1::Manifest&, const std::vector<TransferEntry>& entries) {
+        return MatchDestinations(entries, destinations,
+                                 /*drop_unmatched=*/false);
+      },
+      transfer, into);
+}
+
+absl::StatusOr<int64_t> Client::StateDictInto(
+    const FetchRequest& fetch, const DestinationAllocator& allocate,
+    const TransferOptions& transfer, const IntoOptions& into) {
+  grpc::ClientContext context;
+  Prepare(&context);
+  CancelScope cancel_scope(transfer.canceller, &context);
+  std::vector<Destination> destinations;
+  return FetchInto(
+      channel_.get(), &context, fetch,
+      [&](const v1::Manifest& manifest,
+          const std::vector<TransferEntry>& entries)
+          -> absl::StatusOr<std::vector<const Destination*>> {
+        std::vector<TensorDescription> tensors;
+        tensors.reserve(entries.size());
+        for (size_t i = 0; i < entries.size(); ++i)
+          tensors.push_back(
+              Describe(manifest.tensors(static_cast<int>(i)), entries[i]));
+        ASSIGN_OR_RETURN(destinations, allocate(tensors));
+        RETURN_IF_ERROR(CheckDestinations(destinations));
+        return MatchDestinations(entries, destinations,
+                                 /*drop_unmatched=*/true);
+      },
+      transfer, into);
+}
+
 absl::StatusOr<FetchedStateDict> Client::StateDict(
     const FetchRequest& request, const TransferOptions& transfer) {
   FetchedStateDict fetched;
@@ -287,6 +658,7 @@ absl::StatusOr<LoadOutcome> Client::LoadStateDict(
                    ResolveChunkBytes(transfer.chunk_bytes, kDefaultChunkBytes));
   grpc::ClientContext context;
   Prepare(&context);
+  CancelScope cancel_scope(transfer.canceller, &context);
   v1::LoadStateDictResponse response;
   std::unique_ptr<grpc::ClientWriter<v1::LoadStateDictRequest>> writer =
       stub_->LoadStateDict(&context, &response);
@@ -334,9 +706,11 @@ absl::StatusOr<bool> Client::CheckHealth(const std::string& service) {
 
 absl::Status Client::Watch(
     const std::string& model,
-    const std::function<bool(const ModelEvent&)>& on_event) {
+    const std::function<bool(const ModelEvent&)>& on_event,
+    CallCanceller* canceller) {
   grpc::ClientContext context;
   Prepare(&context);
+  CancelScope cancel_scope(canceller, &context);
   v1::WatchModelRequest request;
   request.set_model(model);
   std::unique_ptr<grpc::ClientReader<v1::WatchModelResponse>> reader =

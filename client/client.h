@@ -13,8 +13,10 @@
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/optional.h"
 #include "core/model_store.h"
@@ -51,6 +53,33 @@ struct ClientOptions {
 // Called with (bytes done, bytes in all) as a transfer advances.
 using ProgressCallback = std::function<void(uint64_t, uint64_t)>;
 
+// Stops calls in flight from another thread, e.g. when a user presses Ctrl-C
+// while a transfer runs. A cancelled call returns Cancelled; a load cancelled
+// before its end leaves the server's model unchanged. Cancelling is final: a
+// call started with a canceller that was already cancelled fails at once.
+// Thread-safe.
+class CallCanceller {
+ public:
+  CallCanceller() = default;
+  CallCanceller(const CallCanceller&) = delete;
+  CallCanceller& operator=(const CallCanceller&) = delete;
+
+  // Cancels every call currently attached and every call attached later.
+  void Cancel();
+  bool cancelled() const;
+
+ private:
+  friend class CancelScope;
+  // Attaches `context` (a call about to start); cancels it at once when this
+  // canceller already was.
+  void Attach(grpc::ClientContext* context);
+  void Detach(grpc::ClientContext* context);
+
+  mutable absl::Mutex mu_;
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+  std::vector<grpc::ClientContext*> contexts_ ABSL_GUARDED_BY(mu_);
+};
+
 // How a state dict travels; what it selects is the FetchRequest or
 // LoadRequest (core/requests.h).
 struct TransferOptions {
@@ -63,6 +92,48 @@ struct TransferOptions {
   // before any tensor. Returning an error stops the transfer with that error.
   std::function<absl::Status(const std::vector<TensorDescription>&)>
       on_manifest;
+  // When set, another thread may stop the transfer through it. Must outlive
+  // the call.
+  CallCanceller* canceller = nullptr;
+};
+
+// Caller-owned memory that StateDictInto fills: one state-dict entry, laid
+// out as a C-contiguous tensor of `dtype` and `shape` (NumBytes(dtype, shape)
+// writable bytes at `data`, no alignment needed). Several destinations may
+// name the same memory (torch's tied weights).
+struct Destination {
+  std::string key;  // As the fetch emits it (see FetchRequest).
+  DType dtype = DType::kFloat32;
+  Shape shape;
+  void* data = nullptr;
+};
+
+// Chooses the destinations of a fetch once its manifest is known (the
+// tensors in the order they will arrive), e.g. by allocating fresh memory for
+// each. Returning an error ends the fetch with it, before any byte is written.
+using DestinationAllocator =
+    std::function<absl::StatusOr<std::vector<Destination>>(
+        const std::vector<TensorDescription>& tensors)>;
+
+// What StateDictInto may do to the caller's memory when the fetch fails.
+struct IntoOptions {
+  // false (the default), verify then copy: every tensor is received into a
+  // staging buffer and verified, and destinations are written only once the
+  // stream ended intact, so a failed fetch leaves every destination untouched.
+  // Cost: the fetched bytes (in the server's dtypes) are held once more, in
+  // full, until the copy.
+  //
+  // true, write in place: bytes go from the received messages straight into
+  // the destinations (cast element by element when the dtypes differ) and
+  // each checksum is verified as the tensor's last byte lands. No staging, one
+  // copy; but a fetch that fails midway leaves the destinations listed in
+  // `written_keys` partly or wholly overwritten (the one whose checksum
+  // failed included).
+  bool allow_partial_write = false;
+  // When set, receives the keys whose destination memory was written, in
+  // manifest order: every key on success; on failure none in the default mode
+  // and those touched so far with allow_partial_write.
+  std::vector<std::string>* written_keys = nullptr;
 };
 
 struct FetchedStateDict {
@@ -118,6 +189,37 @@ class Client {
       const std::function<absl::Status(const TensorDescription&, Tensor)>&
           on_tensor);
 
+  // Fetches a state dict into the caller's memory (the worker's in-place
+  // refresh): each fetched key goes to the destination of the same name, cast
+  // as torch's copy_ does when the destination's dtype differs. Returns the
+  // version fetched.
+  //
+  // Before any byte is written (whatever the mode), returns:
+  // - InvalidArgument for duplicate destination keys, a destination without
+  //   memory, or a bad shape;
+  // - FailedPrecondition, naming the keys, when the fetched keys and the
+  //   destinations' keys differ (use `request.keys` to fetch a subset) or a
+  //   shape differs (torch's "size mismatch for ..." text);
+  // - the fetch's own errors (NotFound for an unknown model, module or key,
+  //   InvalidArgument for a bad dtype cast).
+  // During the transfer: DataLoss for a failed checksum or a malformed stream,
+  // Unavailable when the connection drops, Cancelled through the canceller.
+  // What a failure leaves in the destinations is `into`'s choice.
+  absl::StatusOr<int64_t> StateDictInto(
+      const FetchRequest& request, const std::vector<Destination>& destinations,
+      const TransferOptions& transfer = {}, const IntoOptions& into = {});
+
+  // As above, but the destinations come from `allocate`, called once with the
+  // manifest before any data (on the calling thread). They are matched to the
+  // fetched tensors by key; fetched keys without a destination are received,
+  // verified and dropped, while a destination whose key is not fetched, or
+  // whose shape differs, is FailedPrecondition. The destinations' memory must
+  // stay valid until the call returns.
+  absl::StatusOr<int64_t> StateDictInto(const FetchRequest& request,
+                                        const DestinationAllocator& allocate,
+                                        const TransferOptions& transfer = {},
+                                        const IntoOptions& into = {});
+
   // Loads `state` into `request.model` (torch's load_state_dict); all or
   // nothing on the server. Strict-key and shape errors are FailedPrecondition
   // with torch's text; Aborted when `expected_version` differs.
@@ -129,8 +231,10 @@ class Client {
   // server ends the stream. Returns OK when `on_event` stopped it, otherwise
   // the stream's status.
   // The first event is kCurrent or kAbsent.
+  // With `canceller`, another thread may end the watch (Cancelled).
   absl::Status Watch(const std::string& model,
-                     const std::function<bool(const ModelEvent&)>& on_event);
+                     const std::function<bool(const ModelEvent&)>& on_event,
+                     CallCanceller* canceller = nullptr);
 
   // Asks grpc.health.v1 about `service` ("" for the whole server). Returns true
   // for SERVING, false for NOT_SERVING, or the call's error (NotFound for an

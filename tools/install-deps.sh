@@ -18,6 +18,9 @@ packages=(
   libgtest-dev libgmock-dev
   # Test oracles: real PyTorch 1.13 and numpy, run with Debian's own interpreter.
   python3 python3-numpy python3-torch
+  # The Python client (python/): pybind11 builds the extension against Debian's python3; its
+  # tests run with Debian's pytest.
+  pybind11-dev python3-pybind11 python3-dev python3-pytest
   # Benchmark contenders: nginx serving the same weights, fetched with libcurl.
   nginx-light libcurl4-openssl-dev
   # Used by the TLS tests to mint throwaway certificates.
