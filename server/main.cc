@@ -86,25 +86,17 @@ std::vector<char*> FoldRepeatedPreload(int argc, char** argv,
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
-      "modelstated [--listen=HOST:PORT] [--preload=NAME=PATH ...] "
-      "[--tls_cert=PEM --tls_key=PEM "
-      "[--tls_client_ca=PEM]]");
-  std::string folded;
-  std::vector<char*> args = FoldRepeatedPreload(argc, argv, &folded);
-  absl::ParseCommandLine(static_cast<int>(args.size()), args.data());
-
+// The server options the flags ask for, or InvalidArgument for a malformed
+// flag.
+absl::StatusOr<modelstate::ServerOptions> OptionsFromFlags() {
   modelstate::ServerOptions options;
   options.listen = absl::GetFlag(FLAGS_listen);
   for (const std::string& item : absl::GetFlag(FLAGS_preload)) {
     std::pair<std::string, std::string> pair =
         absl::StrSplit(item, absl::MaxSplits('=', 1));
     if (pair.first.empty() || pair.second.empty()) {
-      std::fprintf(stderr,
-                   "modelstated: --preload wants NAME=PATH, got \"%s\"\n",
-                   item.c_str());
-      return 2;
+      return absl::InvalidArgumentError(
+          absl::StrCat("--preload wants NAME=PATH, got \"", item, "\""));
     }
     options.preload.push_back(pair);
   }
@@ -122,11 +114,30 @@ int main(int argc, char** argv) {
   options.data_dir = absl::GetFlag(FLAGS_data_dir);
   const std::string durability = absl::GetFlag(FLAGS_durability);
   if (durability != "sync" && durability != "async") {
-    std::fprintf(stderr, "modelstated: --durability must be sync or async\n");
-    return 2;
+    return absl::InvalidArgumentError("--durability must be sync or async");
   }
   options.sync_durability = durability == "sync";
   options.retain_versions = absl::GetFlag(FLAGS_retain_versions);
+
+  return options;
+}
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "modelstated [--listen=HOST:PORT] [--preload=NAME=PATH ...] "
+      "[--tls_cert=PEM --tls_key=PEM "
+      "[--tls_client_ca=PEM]]");
+  std::string folded;
+  std::vector<char*> args = FoldRepeatedPreload(argc, argv, &folded);
+  absl::ParseCommandLine(static_cast<int>(args.size()), args.data());
+
+  absl::StatusOr<modelstate::ServerOptions> parsed = OptionsFromFlags();
+  if (!parsed.ok()) {
+    std::fprintf(stderr, "modelstated: %s\n",
+                 std::string(parsed.status().message()).c_str());
+    return 2;
+  }
+  const modelstate::ServerOptions& options = *parsed;
 
   // Block the stop signals in every thread; one thread waits for them.
   sigset_t stop_signals;
