@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "fuzzer/FuzzedDataProvider.h"
+#include "google/protobuf/stubs/logging.h"
 #include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/support/slice.h"
 #include "proto/chunk_frame.h"
@@ -43,7 +44,7 @@ void FuzzOne(const uint8_t* data, size_t size) {
         if (!seen) first_offset = offset;
         seen = true;
         contiguous = contiguous && offset == first_offset + pieces.size();
-        pieces.append(piece);
+        pieces.append(piece.data(), piece.size());
         return absl::OkStatus();
       });
 
@@ -62,6 +63,12 @@ void FuzzOne(const uint8_t* data, size_t size) {
 
 }  // namespace
 }  // namespace modelstate
+
+// Invalid UTF-8 in string fields is an expected parse failure, not news.
+extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  google::protobuf::SetLogHandler(nullptr);
+  return 0;
+}
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   modelstate::FuzzOne(data, size);

@@ -7,15 +7,20 @@
 # Usage: tools/fuzz.sh [SECONDS] [TARGET...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Symbolized sanitizer stack traces (Debian's llvm-14 has only the versioned name).
+if [ -z "${ASAN_SYMBOLIZER_PATH:-}" ] && command -v llvm-symbolizer-14 >/dev/null 2>&1; then
+  export ASAN_SYMBOLIZER_PATH="$(command -v llvm-symbolizer-14)"
+fi
 seconds="${1:-60}"
 shift || true
 build_dir="${MODELSTATE_FUZZ_BUILD_DIR:-build-fuzz}"
 
 # Longest input each target generates. Seeds may be longer (the deep-nesting reproducers):
-# the replay runs them whole, the fuzzing run truncates them.
+# the replay runs them whole, the fuzzing run truncates them. The factory's bound keeps the
+# tensors of one spec (each at most 32 MiB, fuzz/fuzz_options.cc) under 1 GiB in all.
 declare -A max_len=(
   [safetensors_fuzz]=8192
-  [module_factory_fuzz]=4096
+  [module_factory_fuzz]=1024
   [module_tree_fuzz]=4096
   [chunk_receiver_fuzz]=8192
   [chunk_frame_fuzz]=4096
