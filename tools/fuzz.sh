@@ -7,6 +7,10 @@
 # Usage: tools/fuzz.sh [SECONDS] [TARGET...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! command -v clang++-14 >/dev/null 2>&1; then
+  echo "$0: clang++-14 is missing; tools/install-deps.sh installs it" >&2
+  exit 1
+fi
 # Symbolized sanitizer stack traces (Debian's llvm-14 has only the versioned name).
 if [ -z "${ASAN_SYMBOLIZER_PATH:-}" ] && command -v llvm-symbolizer-14 >/dev/null 2>&1; then
   export ASAN_SYMBOLIZER_PATH="$(command -v llvm-symbolizer-14)"
