@@ -119,6 +119,21 @@ TEST(ModuleFactoryTest, EmbeddingZeroesThePaddingRow) {
   EXPECT_NE(weight.data_as<float>()[0], 0.0f);
 }
 
+TEST(ModuleFactoryTest, IntegersBeyondInt64AreRejectedNotWrapped) {
+  // 2^64 - 1 would wrap to padding_idx -1, a valid index.
+  absl::Status status = BuildModuleFromSpec(
+                            R"({"type": "Embedding", "args": [10, 4],
+              "padding_idx": 18446744073709551615})")
+                            .status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("does not fit in int64"));
+  EXPECT_TRUE(BuildModuleFromSpec(
+                  R"({"type": "Linear", "args": [9223372036854775807, 0]})")
+                  .status()
+                  .message()
+                  .find("does not fit") == absl::string_view::npos);
+}
+
 TEST(ModuleFactoryTest, AttentionAndTransformerLayouts) {
   ModulePtr mha = MustBuild(
       R"({"type": "MultiheadAttention", "embed_dim": 8, "num_heads": 2})");

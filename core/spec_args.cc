@@ -1,6 +1,7 @@
 #include "core/spec_args.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -80,6 +81,13 @@ absl::StatusOr<int64_t> SpecArgs::AsInt(const SpecJson& value,
                                         const std::string& name) const {
   if (!value.is_number_integer()) {
     return SpecError(path_, absl::StrCat("\"", name, "\" must be an integer"));
+  }
+  // JSON integers above INT64_MAX parse as unsigned; converting them would wrap
+  // (18446744073709551615 would pass as padding_idx -1).
+  if (value.is_number_unsigned() &&
+      value.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)) {
+    return SpecError(path_,
+                     absl::StrCat("\"", name, "\" does not fit in int64"));
   }
   return value.get<int64_t>();
 }

@@ -134,7 +134,8 @@ TEST(StateDictTest,
                      {reinterpret_cast<const uint8_t*>(values.data()), 24})
                      .value());
   LoadResult result = LoadStateDict(model, state).value();
-  const Tensor& w = *GetStateDict(result.model).value().Find("w");
+  // A copy: the state dict that Find points into is a temporary.
+  const Tensor w = *GetStateDict(result.model).value().Find("w");
   ASSERT_EQ(w.dtype(), DType::kFloat32);
   for (int i = 0; i < 3; ++i)
     EXPECT_EQ(w.data_as<float>()[i], static_cast<float>(values[i]));
@@ -146,7 +147,8 @@ TEST(StateDictTest, ShapeOneLoadsIntoScalarButOneByOneDoesNot) {
   StateDict one;
   one.Set("s", FloatTensor({1}, {2.5f}));
   LoadResult result = LoadStateDict(model, one).value();
-  const Tensor& s = *GetStateDict(result.model).value().Find("s");
+  // A copy: the state dict that Find points into is a temporary.
+  const Tensor s = *GetStateDict(result.model).value().Find("s");
   EXPECT_TRUE(s.shape().empty());
   EXPECT_EQ(s.data_as<float>()[0], 2.5f);
 

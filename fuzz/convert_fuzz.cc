@@ -1,0 +1,67 @@
+// The proto -> core conversions the server applies to requests (proto/convert)
+// on messages parsed from the input: the first byte picks LoadHeader or
+// StateDictRequest, the rest is the serialized message. A LoadHeader's
+// manifest is validated (ToTransferEntries) and sized (TransferSizes) as the
+// load handler does; a request that converts must convert back to an
+// equivalent message.
+#include <cstdint>
+#include <string>
+
+#include "core/transfer.h"
+#include "google/protobuf/stubs/logging.h"
+#include "proto/convert.h"
+
+namespace modelstate {
+namespace {
+
+void FuzzLoadHeader(const std::string& bytes) {
+  v1::LoadHeader header;
+  if (!header.ParseFromString(bytes)) return;
+  absl::StatusOr<LoadRequest> request = FromProto(header);
+  absl::StatusOr<std::vector<TransferEntry>> entries =
+      ToTransferEntries(header.tensors());
+  if (entries.ok()) {
+    (void)TransferSizes(*entries);
+    (void)ToTensorSpecs(*entries);
+  }
+  if (!request.ok()) return;
+  if (request->model != header.model() ||
+      request->strict == header.non_strict() ||
+      request->create_if_missing != header.create_if_missing() ||
+      request->class_names.size() !=
+          static_cast<size_t>(header.class_names().size()))
+    __builtin_trap();
+}
+
+void FuzzStateDictRequest(const std::string& bytes) {
+  v1::StateDictRequest proto;
+  if (!proto.ParseFromString(bytes)) return;
+  absl::StatusOr<FetchRequest> request = FromProto(proto);
+  if (!request.ok()) return;
+  v1::StateDictRequest back = ToProto(*request);
+  // chunk_bytes belongs to the transport, and unknown fields to nobody: neither
+  // round-trips.
+  proto.clear_chunk_bytes();
+  proto.DiscardUnknownFields();
+  if (back.SerializeAsString() != proto.SerializeAsString()) __builtin_trap();
+}
+
+}  // namespace
+}  // namespace modelstate
+
+// Invalid UTF-8 in string fields is an expected parse failure, not news.
+extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  google::protobuf::SetLogHandler(nullptr);
+  return 0;
+}
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  if (size == 0) return 0;
+  const std::string bytes(reinterpret_cast<const char*>(data) + 1, size - 1);
+  if (data[0] & 1) {
+    modelstate::FuzzLoadHeader(bytes);
+  } else {
+    modelstate::FuzzStateDictRequest(bytes);
+  }
+  return 0;
+}
