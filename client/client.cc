@@ -87,6 +87,11 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(
   args.SetMaxSendMessageSize(kMaxMessageBytes);
   if (!options.load_balancing_policy.empty())
     args.SetLoadBalancingPolicyName(options.load_balancing_policy);
+  if (options.receive_window_bytes > 0) {
+    args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+    args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES,
+                static_cast<int>(options.receive_window_bytes));
+  }
   if (options.own_connection)
     args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   const bool tls = options.use_tls || !options.tls_ca_file.empty() ||

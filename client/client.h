@@ -48,6 +48,11 @@ struct ClientOptions {
   // "ipv4:10.0.0.1:50551,10.0.0.2:50551"); empty for gRPC's default
   // (pick_first).
   std::string load_balancing_policy;
+  // When positive, the HTTP/2 flow-control window of each stream is fixed at
+  // this many bytes instead of grown by gRPC's bandwidth probing: memory-lean
+  // receivers (modelstatectl pull) hold at most this much in flight. 0 keeps
+  // gRPC's adaptive window, the fastest on long fat links.
+  uint32_t receive_window_bytes = 0;
 };
 
 // Called with (bytes done, bytes in all) as a transfer advances.

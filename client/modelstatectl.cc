@@ -57,6 +57,9 @@ ABSL_FLAG(int64_t, count, 0, "stop after this many events; 0: never (watch)");
 ABSL_FLAG(uint32_t, chunk_bytes, 0, "chunk size of transfers; 0: default");
 ABSL_FLAG(int64_t, version, 0,
           "a retained version instead of the current one (info, pull)");
+ABSL_FLAG(uint32_t, receive_window_bytes, 4u << 20,
+          "bytes in flight per stream (fixed HTTP/2 window), bounding the "
+          "CLI's memory; 0: gRPC's adaptive window");
 ABSL_FLAG(bool, bytes, false,
           "exact byte counts instead of KiB, MiB, GiB (models, info)");
 
@@ -100,24 +103,21 @@ const char *SizeHeader() {
 
 // A progress bar with bytes/s on stderr, only when stderr is a terminal.
 class ProgressBar {
-public:
+ public:
   explicit ProgressBar(const char *verb)
       : verb_(verb), enabled_(isatty(STDERR_FILENO)) {}
   ~ProgressBar() {
-    if (drawn_)
-      std::fprintf(stderr, "\n");
+    if (drawn_) std::fprintf(stderr, "\n");
   }
   ProgressCallback Callback() {
-    if (!enabled_)
-      return nullptr;
+    if (!enabled_) return nullptr;
     return [this](uint64_t done, uint64_t total) { Draw(done, total); };
   }
 
-private:
+ private:
   void Draw(uint64_t done, uint64_t total) {
     const absl::Time now = absl::Now();
-    if (done != total && now - last_ < absl::Milliseconds(100))
-      return;
+    if (done != total && now - last_ < absl::Milliseconds(100)) return;
     last_ = now;
     const double seconds = std::max(1e-6, absl::ToDoubleSeconds(now - start_));
     const double fraction =
@@ -145,8 +145,7 @@ std::string ShapeString(const Shape &shape) {
 
 int Models(Client &client) {
   absl::StatusOr<std::vector<ModelSummary>> models = client.ListModels();
-  if (!models.ok())
-    return Fail(models.status());
+  if (!models.ok()) return Fail(models.status());
   std::printf("%-24s %8s %8s %14s\n", "NAME", "VERSION", "TENSORS",
               SizeHeader());
   for (const ModelSummary &model : *models) {
@@ -161,8 +160,7 @@ int Models(Client &client) {
 int Info(Client &client, const std::string &model) {
   absl::StatusOr<ModelManifest> manifest = client.GetModel(
       model, absl::GetFlag(FLAGS_module), absl::GetFlag(FLAGS_version));
-  if (!manifest.ok())
-    return Fail(manifest.status());
+  if (!manifest.ok()) return Fail(manifest.status());
   const uint64_t bytes = manifest->summary.num_bytes;
   const std::string total = absl::GetFlag(FLAGS_bytes)
                                 ? absl::StrCat(bytes, " bytes")
@@ -194,8 +192,7 @@ TransferOptions Transfer(ProgressBar &bar) {
 }
 
 int PrintPush(const absl::StatusOr<LoadOutcome> &result) {
-  if (!result.ok())
-    return Fail(result.status());
+  if (!result.ok()) return Fail(result.status());
   std::printf("version %lld%s\n", static_cast<long long>(result->version),
               result->created ? " (created)" : "");
   std::printf("missing keys: %s\n",
@@ -216,12 +213,10 @@ int Create(Client &client, const std::string &model) {
     return Usage("create needs exactly one of --arch or --from");
   if (!arch.empty()) {
     absl::StatusOr<std::string> text = ReadFileToString(arch);
-    if (!text.ok())
-      return Fail(text.status());
+    if (!text.ok()) return Fail(text.status());
     absl::StatusOr<ModelSummary> created =
         client.CreateModel(model, *text, absl::GetFlag(FLAGS_seed));
-    if (!created.ok())
-      return Fail(created.status());
+    if (!created.ok()) return Fail(created.status());
     std::printf("created %s version %lld: %lld tensors, %llu bytes\n",
                 model.c_str(), static_cast<long long>(created->version),
                 static_cast<long long>(created->num_tensors),
@@ -229,11 +224,10 @@ int Create(Client &client, const std::string &model) {
     return 0;
   }
   absl::StatusOr<SafetensorsFile> file = ReadSafetensorsFile(from);
-  if (!file.ok())
-    return Fail(file.status());
+  if (!file.ok()) return Fail(file.status());
   LoadRequest request(model);
   request.create_if_missing = true;
-  request.expected_version = 0; // Refuse to overwrite an existing model.
+  request.expected_version = 0;  // Refuse to overwrite an existing model.
   ProgressBar bar("create");
   absl::StatusOr<LoadOutcome> result =
       client.LoadStateDict(request, file->tensors, Transfer(bar));
@@ -311,13 +305,11 @@ absl::StatusOr<Pulled> PullToFile(Client &client, const FetchRequest &request,
 
 int Pull(Client &client, const std::string &model, const std::string &path) {
   absl::StatusOr<FetchRequest> request = PullRequest(model);
-  if (!request.ok())
-    return Usage(std::string(request.status().message()));
+  if (!request.ok()) return Usage(std::string(request.status().message()));
   ProgressBar bar("pull");
   absl::StatusOr<Pulled> pulled =
       PullToFile(client, *request, Transfer(bar), path);
-  if (!pulled.ok())
-    return Fail(pulled.status());
+  if (!pulled.ok()) return Fail(pulled.status());
   std::printf("pulled %s version %lld: %zu tensors, %llu bytes -> %s%s\n",
               model.c_str(), static_cast<long long>(pulled->version),
               pulled->tensors, static_cast<unsigned long long>(pulled->bytes),
@@ -327,8 +319,7 @@ int Pull(Client &client, const std::string &model, const std::string &path) {
 
 int Push(Client &client, const std::string &model, const std::string &path) {
   absl::StatusOr<SafetensorsFile> file = ReadSafetensorsFile(path);
-  if (!file.ok())
-    return Fail(file.status());
+  if (!file.ok()) return Fail(file.status());
   LoadRequest request(model);
   request.strict = !absl::GetFlag(FLAGS_non_strict);
   request.assign = absl::GetFlag(FLAGS_assign);
@@ -354,8 +345,7 @@ int Watch(Client &client, const std::string &model) {
 }
 
 int Run(const std::vector<char *> &positional) {
-  if (positional.size() < 2)
-    return Usage("missing COMMAND");
+  if (positional.size() < 2) return Usage("missing COMMAND");
   const std::string command = positional[1];
   std::vector<std::string> args(positional.begin() + 2, positional.end());
   ClientOptions options;
@@ -365,34 +355,26 @@ int Run(const std::vector<char *> &positional) {
   options.tls_server_name = absl::GetFlag(FLAGS_tls_server_name);
   options.timeout = absl::GetFlag(FLAGS_timeout);
   options.load_balancing_policy = absl::GetFlag(FLAGS_lb_policy);
+  options.receive_window_bytes = absl::GetFlag(FLAGS_receive_window_bytes);
   absl::StatusOr<std::unique_ptr<Client>> client =
       Client::Connect(absl::GetFlag(FLAGS_server), options);
-  if (!client.ok())
-    return Fail(client.status());
+  if (!client.ok()) return Fail(client.status());
   auto want = [&](size_t n) { return args.size() == n; };
-  if (command == "models" && want(0))
-    return Models(**client);
-  if (command == "info" && want(1))
-    return Info(**client, args[0]);
-  if (command == "create" && want(1))
-    return Create(**client, args[0]);
+  if (command == "models" && want(0)) return Models(**client);
+  if (command == "info" && want(1)) return Info(**client, args[0]);
+  if (command == "create" && want(1)) return Create(**client, args[0]);
   if (command == "delete" && want(1)) {
     absl::Status deleted = (*client)->DeleteModel(args[0]);
-    if (!deleted.ok())
-      return Fail(deleted);
+    if (!deleted.ok()) return Fail(deleted);
     std::printf("deleted %s\n", args[0].c_str());
     return 0;
   }
-  if (command == "pull" && want(2))
-    return Pull(**client, args[0], args[1]);
-  if (command == "push" && want(2))
-    return Push(**client, args[0], args[1]);
-  if (command == "watch" && want(1))
-    return Watch(**client, args[0]);
+  if (command == "pull" && want(2)) return Pull(**client, args[0], args[1]);
+  if (command == "push" && want(2)) return Push(**client, args[0], args[1]);
+  if (command == "watch" && want(1)) return Watch(**client, args[0]);
   if (command == "versions" && want(1)) {
     absl::StatusOr<ModelManifest> manifest = (*client)->GetModel(args[0]);
-    if (!manifest.ok())
-      return Fail(manifest.status());
+    if (!manifest.ok()) return Fail(manifest.status());
     for (int64_t version : manifest->retained_versions) {
       std::printf("%lld%s\n", static_cast<long long>(version),
                   version == manifest->summary.version ? " (current)" : "");
@@ -405,8 +387,7 @@ int Run(const std::vector<char *> &positional) {
       return Usage("VERSION must be a number");
     absl::StatusOr<ModelSummary> rolled =
         (*client)->RollbackModel(args[0], version);
-    if (!rolled.ok())
-      return Fail(rolled.status());
+    if (!rolled.ok()) return Fail(rolled.status());
     std::printf("%s is at version %lld (the state of version %lld)\n",
                 args[0].c_str(), static_cast<long long>(rolled->version),
                 static_cast<long long>(version));
@@ -414,16 +395,15 @@ int Run(const std::vector<char *> &positional) {
   }
   if (command == "health" && want(0)) {
     absl::StatusOr<bool> serving = (*client)->CheckHealth();
-    if (!serving.ok())
-      return Fail(serving.status());
+    if (!serving.ok()) return Fail(serving.status());
     std::printf("%s\n", *serving ? "SERVING" : "NOT_SERVING");
     return *serving ? 0 : 1;
   }
   return Usage(absl::StrCat("bad command or arguments: ", command));
 }
 
-} // namespace
-} // namespace modelstate
+}  // namespace
+}  // namespace modelstate
 
 int main(int argc, char **argv) {
   absl::SetProgramUsageMessage(modelstate::kUsage);
