@@ -314,6 +314,7 @@ absl::StatusOr<std::unique_ptr<PendingLoad>> ModelStore::BeginLoad(
   load->request_ = request;
   int64_t needed = 0;
   for (const TensorSpec& spec : inputs) {
+    RETURN_IF_ERROR(ValidateTensorKey(spec.key));
     ASSIGN_OR_RETURN(int64_t bytes, NumBytes(spec.dtype, spec.shape));
     needed += bytes;
   }

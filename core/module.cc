@@ -9,18 +9,6 @@
 
 namespace modelstate {
 
-absl::Status ValidateMemberName(absl::string_view name) {
-  if (name.empty()) {
-    return absl::InvalidArgumentError(
-        "module member name can't be empty string \"\"");
-  }
-  if (name.find('.') != absl::string_view::npos) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("module member name can't contain \".\", got: ", name));
-  }
-  return absl::OkStatus();
-}
-
 Module::Module(std::string type_name, int version)
     : type_name_(std::move(type_name)), version_(version) {}
 

@@ -16,6 +16,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/optional.h"
+#include "core/names.h"
 #include "core/tensor.h"
 
 namespace modelstate {
@@ -122,10 +123,6 @@ class Module {
   std::vector<ChildSlot> children_;
   absl::flat_hash_map<std::string, MemberRef> members_;
 };
-
-// Returns OK if `name` can name a parameter, buffer or child: non-empty and
-// without '.'.
-absl::Status ValidateMemberName(absl::string_view name);
 
 }  // namespace modelstate
 

@@ -354,6 +354,14 @@ TEST(ServerTest, EveryBadLoadLeavesTheModelBitwiseUnchanged) {
          l.Send(request);
        },
        grpc::INVALID_ARGUMENT, "unknown tensor kind"},
+      {"control character in a key",
+       [&](RawLoad& l) {
+         StateDict renamed;
+         for (const auto& e : good.entries())
+           renamed.Set(e.key == "0.weight" ? "0.wei\nght" : e.key, e.tensor);
+         l.Header("m", renamed, /*strict=*/false);
+       },
+       grpc::INVALID_ARGUMENT, "control character"},
       {"chunk over the maximum",
        [&](RawLoad& l) {
          l.Header("m", good);

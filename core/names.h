@@ -1,0 +1,34 @@
+// The one rule for names of tensors and modules, on every path that stores
+// them: loads, models created from tensors, architecture specs.
+//
+// A member name (one component of a key) is 1 or more bytes of valid UTF-8
+// with no control character (U+0000-U+001F, U+007F) and no '.'. Anything else
+// is allowed, as torch allows it: '/', spaces, any Unicode letter. A key is
+// member names joined by '.', at most kMaxKeyLength bytes and
+// kMaxKeyComponents components (core/limits.h).
+#ifndef MODELSTATE_CORE_NAMES_H_
+#define MODELSTATE_CORE_NAMES_H_
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
+
+namespace modelstate {
+
+// Strict UTF-8 (no overlong forms, no surrogates, nothing above U+10FFFF).
+bool IsValidUtf8(absl::Span<const uint8_t> s);
+bool IsValidUtf8(absl::string_view s);
+
+// Returns OK if `name` can name a parameter, buffer or child; InvalidArgument
+// saying why not otherwise.
+absl::Status ValidateMemberName(absl::string_view name);
+
+// Returns OK for a dotted state-dict key of valid member names within the
+// length and component limits; InvalidArgument naming the rule otherwise.
+absl::Status ValidateTensorKey(absl::string_view key);
+
+}  // namespace modelstate
+
+#endif  // MODELSTATE_CORE_NAMES_H_
