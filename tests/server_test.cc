@@ -34,18 +34,13 @@ namespace {
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using testing_support::ConnectTo;
+using testing_support::CoreState;
 using testing_support::FilledLike;
 using testing_support::ReadSourceFile;
 using testing_support::StartServer;
 
 constexpr const char* kParityModels[] = {"mlp",         "cnn",  "attention",
                                          "transformer", "gpt2", "llama"};
-
-StateDict CoreState(Server& server, const std::string& model,
-                    const StateDictOptions& options = {}) {
-  return GetStateDict(server.store().GetSnapshot(model).value().root, options)
-      .value();
-}
 
 void ExpectSameState(const StateDict& a, const StateDict& b) {
   ASSERT_EQ(a.Keys(), b.Keys());

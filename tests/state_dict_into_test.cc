@@ -24,6 +24,7 @@ namespace {
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using testing_support::ConnectTo;
+using testing_support::CoreState;
 using testing_support::FilledLike;
 using testing_support::ReadSourceFile;
 using testing_support::StartServer;
@@ -71,11 +72,6 @@ class Buffers {
   std::vector<std::vector<uint8_t>> memory_;
   std::vector<Destination> destinations_;
 };
-
-StateDict CoreState(Server& server, const std::string& model) {
-  return GetStateDict(server.store().GetSnapshot(model).value().root, {})
-      .value();
-}
 
 IntoOptions Mode(bool partial, std::vector<std::string>* written) {
   IntoOptions into;

@@ -25,6 +25,12 @@ std::string ReadSourceFile(const std::string& relative_path) {
   return text.str();
 }
 
+StateDict CoreState(Server& server, const std::string& model,
+                    const StateDictOptions& options) {
+  return GetStateDict(server.store().GetSnapshot(model).value().root, options)
+      .value();
+}
+
 std::unique_ptr<Server> StartServer(ServerOptions options) {
   options.listen = "127.0.0.1:0";
   options.log_rpcs = false;

@@ -26,6 +26,11 @@ inline constexpr absl::Duration kCallTimeout = absl::Seconds(120);
 // unless asked).
 std::unique_ptr<Server> StartServer(ServerOptions options = {});
 
+// The state dict `server` holds for `model` (of a submodule with `options`),
+// read from its store directly.
+StateDict CoreState(Server& server, const std::string& model,
+                    const StateDictOptions& options = {});
+
 // A client of `server` over plaintext loopback; every call has a deadline
 // of kCallTimeout.
 std::unique_ptr<Client> ConnectTo(const Server& server);
