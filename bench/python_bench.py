@@ -169,9 +169,7 @@ class Daemon:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, text=True)
         lines = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(l) for l in
-                                         self.process.stderr] + [lines.put("")],
-                         daemon=True).start()
+        threading.Thread(target=self._drain, args=(lines,), daemon=True).start()
         deadline = time.monotonic() + 60
         while True:
             line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
@@ -182,6 +180,13 @@ class Daemon:
             if not line or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError("modelstated did not start")
+
+    def _drain(self, lines):
+        """Keeps reading stderr so the daemon never blocks on a full pipe; an
+        empty line marks its end."""
+        for line in self.process.stderr:
+            lines.put(line)
+        lines.put("")
 
     def stop(self):
         if self.process.poll() is None:
