@@ -10,6 +10,8 @@
 // it with --quick.
 //
 // Child modes (used by the driver itself): serve-tcp FILE, serve-naive FILE.
+// fetch-loop ADDRESS MODEL REPS MODE times the C++ client for
+// bench/python_bench.py (bench/fetch_loop.h).
 #include <signal.h>
 #include <unistd.h>
 
@@ -18,6 +20,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "bench/fetch_loop.h"
 #include "bench/naive_grpc.h"
 #include "bench/plan.h"
 #include "bench/raw_tcp.h"
@@ -70,6 +73,8 @@ int main(int argc, char** argv) {
     bench::ServeTcp(argv[2]);
   if (argc >= 3 && std::string(argv[1]) == "serve-naive")
     return bench::ServeNaive(argv[2]);
+  if (argc >= 6 && std::string(argv[1]) == "fetch-loop")
+    return bench::FetchLoop(argv[2], argv[3], std::atoi(argv[4]), argv[5]);
   bench::Config config;
   config.self = bench::SelfPath();
   config.daemon = MODELSTATED_PATH;

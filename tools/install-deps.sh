@@ -23,6 +23,9 @@ packages=(
   pybind11-dev python3-pybind11 python3-dev python3-pytest
   # Benchmark contenders: nginx serving the same weights, fetched with libcurl.
   nginx-light libcurl4-openssl-dev
+  # bench/python_bench.py's grpcio contender: grpcio, its protoc (stubs generated at bench time)
+  # and xxhash to verify each tensor's XXH3 as modelstate's client does.
+  python3-grpcio python3-grpc-tools python3-xxhash
   # tools/sanitize.sh and tools/fuzz.sh: clang with its ASan, UBSan and libFuzzer runtimes, and
   # llvm-symbolizer (llvm-14) for readable sanitizer stack traces.
   clang-14 libclang-rt-14-dev llvm-14
