@@ -17,6 +17,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/time.h"
+#include "core/memory_limit.h"
 #include "server/server.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50551",
@@ -29,8 +30,9 @@ ABSL_FLAG(std::string, demo_model, "demo",
           "name of the built-in demo CNN to serve; empty to serve none");
 ABSL_FLAG(uint32_t, chunk_bytes, modelstate::kDefaultChunkBytes,
           "default chunk size of StateDict streams (max 3 MiB)");
-ABSL_FLAG(int64_t, memory_limit_bytes, 0,
-          "refuse loads past this many live tensor bytes; 0: none");
+ABSL_FLAG(int64_t, memory_limit_bytes, -1,
+          "limit on live tensor bytes; -1: 90% of the cgroup's memory limit "
+          "or of physical memory; 0: unlimited");
 ABSL_FLAG(int32_t, max_pending_loads, 16,
           "loads in flight at once (each holds staging memory); 0: unlimited; "
           "more are refused with RESOURCE_EXHAUSTED");
@@ -103,6 +105,13 @@ absl::StatusOr<modelstate::ServerOptions> OptionsFromFlags() {
   options.demo_model = absl::GetFlag(FLAGS_demo_model);
   options.chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);
   options.memory_limit_bytes = absl::GetFlag(FLAGS_memory_limit_bytes);
+  if (options.memory_limit_bytes < 0) {
+    const modelstate::DefaultMemoryLimit limit =
+        modelstate::DetectMemoryLimit();
+    options.memory_limit_bytes = limit.bytes;
+    std::fprintf(stderr, "modelstated: memory limit %lld bytes (90%% of %s)\n",
+                 static_cast<long long>(limit.bytes), limit.source.c_str());
+  }
   options.max_pending_loads = absl::GetFlag(FLAGS_max_pending_loads);
   options.stream_idle_timeout = absl::GetFlag(FLAGS_stream_idle_timeout);
   options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);

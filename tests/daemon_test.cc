@@ -39,6 +39,10 @@ TEST(DaemonTest, ModelstatectlCommandContract) {
   Daemon daemon({"--preload=cnn=" + SourcePath("tests/models/cnn.json"),
                  "--preload=mlp=" + SourcePath("tests/models/mlp.json")});
   ASSERT_GT(daemon.port(), 0);
+  // Without --memory_limit_bytes the daemon takes 90% of its cgroup's limit
+  // or of physical memory, and says which.
+  EXPECT_THAT(daemon.Log(), HasSubstr("modelstated: memory limit "));
+  EXPECT_THAT(daemon.Log(), HasSubstr(" bytes (90% of "));
 
   auto models = RunCommand(Ctl(daemon, "models"));
   EXPECT_EQ(models.exit_code, 0) << models.output;
