@@ -44,7 +44,7 @@ export LSAN_OPTIONS="suppressions=$(cd "$build_dir" && pwd)/lsan.supp:print_supp
 # Python extension cannot load into an uninstrumented interpreter (it is not built here); and
 # ASan's shadow memory and quarantine make peak-RSS bounds meaningless.
 ctest_args=(--test-dir "$build_dir" --output-on-failure -j"$(nproc)" --timeout 900
-            -E '^(deploy_manifests|install_consumer)$|PeakRss')
+            -E '^(deploy_manifests|deploy_entrypoint|install_consumer)$|PeakRss')
 if [ -n "$regex" ]; then ctest_args+=(-R "$regex"); fi
 start=$SECONDS
 status=0
