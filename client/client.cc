@@ -144,13 +144,15 @@ absl::StatusOr<std::vector<ModelSummary>> Client::ListModels() {
 
 absl::StatusOr<ModelManifest> Client::GetModel(const std::string& model,
                                                const std::string& module,
-                                               int64_t version) {
+                                               int64_t version,
+                                               int64_t min_version) {
   grpc::ClientContext context;
   Prepare(&context);
   FetchRequest selection;
   selection.model = model;
   selection.module = module;
   selection.version = version;
+  selection.min_version = min_version;
   v1::GetModelResponse response;
   RETURN_IF_ERROR(FromGrpcStatus(
       stub_->GetModel(&context, ToGetModelRequest(selection), &response)));
@@ -712,12 +714,13 @@ absl::StatusOr<bool> Client::CheckHealth(const std::string& service) {
 absl::Status Client::Watch(
     const std::string& model,
     const std::function<bool(const ModelEvent&)>& on_event,
-    CallCanceller* canceller) {
+    CallCanceller* canceller, int64_t min_version) {
   grpc::ClientContext context;
   Prepare(&context);
   CancelScope cancel_scope(canceller, &context);
   v1::WatchModelRequest request;
   request.set_model(model);
+  request.set_min_version(min_version);
   std::unique_ptr<grpc::ClientReader<v1::WatchModelResponse>> reader =
       stub_->WatchModel(&context, request);
   v1::WatchModelResponse response;

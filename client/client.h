@@ -159,10 +159,14 @@ class Client {
   absl::StatusOr<std::vector<ModelSummary>> ListModels();
 
   // Returns a model's manifest (of one submodule when `module` is set).
-  // NotFound if unknown.
+  // NotFound if unknown. With `min_version` > 0 the server first waits (up to
+  // the call's deadline, or its --max_version_wait) until the model is at that
+  // version or later, and answers Unavailable if it does not get there: try
+  // another replica.
   absl::StatusOr<ModelManifest> GetModel(const std::string& model,
                                          const std::string& module = "",
-                                         int64_t version = 0);
+                                         int64_t version = 0,
+                                         int64_t min_version = 0);
 
   // Makes retained version `version` current again as a new version; returns
   // the model's summary at that new version. NotFound if the version is not
@@ -237,9 +241,13 @@ class Client {
   // the stream's status.
   // The first event is kCurrent or kAbsent.
   // With `canceller`, another thread may end the watch (Cancelled).
+  // With `min_version` > 0 the first event waits until the model is at that
+  // version or later (then it is kCurrent); Unavailable if it does not get
+  // there within the call's deadline or the server's --max_version_wait.
   absl::Status Watch(const std::string& model,
                      const std::function<bool(const ModelEvent&)>& on_event,
-                     CallCanceller* canceller = nullptr);
+                     CallCanceller* canceller = nullptr,
+                     int64_t min_version = 0);
 
   // Asks grpc.health.v1 about `service` ("" for the whole server). Returns true
   // for SERVING, false for NOT_SERVING, or the call's error (NotFound for an
