@@ -100,6 +100,11 @@ struct TransferOptions {
   // When set, another thread may stop the transfer through it. Must outlive
   // the call.
   CallCanceller* canceller = nullptr;
+  // Fetches: when the connection drops mid-stream (Unavailable after the
+  // manifest), the fetch resumes from the bytes received so far, of the
+  // version the first manifest named, at most this many times (0: never).
+  // Resumes share the call's deadline and back off from 50 ms to 1 s.
+  int max_resumes = 8;
 };
 
 // Caller-owned memory that StateDictInto fills: one state-dict entry, laid
@@ -183,8 +188,11 @@ class Client {
   absl::Status DeleteModel(const std::string& model);
 
   // Fetches a state dict. Each tensor is written once, in place, and its
-  // checksum verified (DataLoss otherwise). A stream cut short is Unavailable
-  // or DataLoss, never a partial result.
+  // checksum verified (DataLoss otherwise). A stream cut short is resumed
+  // (TransferOptions::max_resumes) from the byte it reached, of the same
+  // version; NotFound if the server no longer retains that version, Aborted if
+  // its manifest changed, Unavailable once the resumes are spent. Never a
+  // partial result. `request.offset` must be 0 (resumes set it).
   absl::StatusOr<FetchedStateDict> StateDict(
       const FetchRequest& request, const TransferOptions& transfer = {});
 
@@ -260,6 +268,8 @@ class Client {
  private:
   Client(std::shared_ptr<grpc::Channel> channel, ClientOptions options);
   void Prepare(grpc::ClientContext* context) const;
+  // The deadline of a call starting now (InfiniteFuture without a timeout).
+  absl::Time Deadline() const;
 
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::ModelState::Stub> stub_;

@@ -64,6 +64,9 @@ ABSL_FLAG(int64_t, min_version, 0,
           "consistent reads: wait (up to --timeout, or the server's "
           "--max_version_wait) until the model is at this version or later; "
           "UNAVAILABLE if it does not get there (pull, info, watch)");
+ABSL_FLAG(int32_t, max_resumes, 8,
+          "resume a pull this many times after dropped connections, from the "
+          "byte reached; 0: never");
 ABSL_FLAG(bool, bytes, false,
           "exact byte counts instead of KiB, MiB, GiB (models, info)");
 
@@ -76,7 +79,7 @@ constexpr char kUsage[] =
   info MODEL [--module=PATH] [--version=N] [--min_version=N] [--bytes]  key, kind, dtype, shape, size, checksum
   create MODEL --arch=SPEC.json | --from=FILE.safetensors
   delete MODEL
-  pull MODEL OUT.safetensors [--module=PATH [--strip_module_prefix]] [--keys=a,b] [--dtype=bf16|f16|f32] [--no_buffers] [--version=N] [--min_version=N] [--fsync]
+  pull MODEL OUT.safetensors [--module=PATH [--strip_module_prefix]] [--keys=a,b] [--dtype=bf16|f16|f32] [--no_buffers] [--version=N] [--min_version=N] [--max_resumes=N] [--fsync]
   push MODEL IN.safetensors [--module=PATH] [--non_strict] [--assign] [--if_version=N]
   watch MODEL [--count=N] [--min_version=N]
   versions MODEL                                      retained versions, newest first
@@ -193,6 +196,7 @@ TransferOptions Transfer(ProgressBar &bar) {
   TransferOptions transfer;
   transfer.chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);
   transfer.progress = bar.Callback();
+  transfer.max_resumes = absl::GetFlag(FLAGS_max_resumes);
   return transfer;
 }
 
