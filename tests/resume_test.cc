@@ -34,6 +34,7 @@ namespace modelstate {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 using testing_support::ConnectTo;
 using testing_support::CtlPath;
 using testing_support::RunCommand;
@@ -77,6 +78,8 @@ class CuttingProxy {
   int connections() const { return connections_.load(); }
   // Runs on the proxy's thread after each cut, before it accepts again.
   void set_on_cut(std::function<void()> on_cut) { on_cut_ = std::move(on_cut); }
+  // Later connections go to 127.0.0.1:`port`; call it from on_cut.
+  void set_upstream(int port) { upstream_port_ = port; }
 
  private:
   struct Pair {
@@ -172,7 +175,7 @@ class CuttingProxy {
     }
   }
 
-  const int upstream_port_;
+  int upstream_port_;  // Only the proxy's thread touches it once running.
   const std::vector<uint64_t> cuts_;
   int listener_ = -1;
   int port_ = 0;
@@ -201,13 +204,11 @@ StateDict RandomModel(uint64_t total, uint64_t seed) {
 }
 
 // A server holding "big", a random model of `bytes` bytes.
-std::unique_ptr<Server> StartWithBig(uint64_t bytes, int retain_versions = 1) {
-  ServerOptions options;
-  options.retain_versions = retain_versions;
-  std::unique_ptr<Server> server = StartServer(options);
+std::unique_ptr<Server> StartWithBig(uint64_t bytes, uint64_t seed = 7) {
+  std::unique_ptr<Server> server = StartServer();
   LoadRequest create("big");
   create.create_if_missing = true;
-  EXPECT_TRUE(server->store().Load(create, RandomModel(bytes, 7)).ok());
+  EXPECT_TRUE(server->store().Load(create, RandomModel(bytes, seed)).ok());
   return server;
 }
 
@@ -339,7 +340,7 @@ TEST(ResumeTest, ModelstatectlPullResumesToAByteIdenticalFile) {
                  " --max_resumes=4 pull big " + failed + " 2>&1");
   EXPECT_EQ(short_of_resumes.exit_code, 1) << short_of_resumes.output;
   EXPECT_THAT(short_of_resumes.output, HasSubstr("gave up after 4 resumes"));
-  EXPECT_EQ(stingy.connections(), 5);
+  EXPECT_LE(stingy.connections(), 5);
   EXPECT_FALSE(std::ifstream(failed).good());
 }
 
@@ -353,12 +354,38 @@ TEST(ResumeTest, ResumesAreBoundedByMaxResumes) {
   EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable) << status;
   EXPECT_THAT(std::string(status.message()),
               HasSubstr("gave up after 2 resumes"));
-  EXPECT_EQ(proxy.connections(), 3);
+  // A resume may also fail before it connects (the channel still holds the
+  // dead connection): it counts all the same.
+  EXPECT_LE(proxy.connections(), 3);
 
+  CuttingProxy once(server->port(), {2 * kMiB});
   transfer.max_resumes = 0;
-  status = client->StateDict({"big"}, transfer).status();
+  status = ConnectThrough(once)->StateDict({"big"}, transfer).status();
   EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable) << status;
-  EXPECT_EQ(proxy.connections(), 4);
+  EXPECT_THAT(std::string(status.message()), Not(HasSubstr("resumes")));
+  EXPECT_EQ(once.connections(), 1);
+
+  // The offset is the resuming client's own business.
+  FetchRequest offset("big");
+  offset.offset = 1;
+  EXPECT_EQ(client->StateDict(offset).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// A resumed stream that reaches a server with other bytes under the same
+// version number (a replica restarted without its data) is refused.
+TEST(ResumeTest, AResumeWhoseManifestDiffersIsAborted) {
+  auto first = StartWithBig(32 * kMiB, 7);
+  auto other = StartWithBig(32 * kMiB, 8);
+  CuttingProxy proxy(first->port(), {4 * kMiB});
+  const int other_port = other->port();
+  proxy.set_on_cut([&proxy, other_port] { proxy.set_upstream(other_port); });
+  auto client = ConnectThrough(proxy);
+  absl::Status status = client->StateDict({"big"}).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kAborted) << status;
+  EXPECT_THAT(std::string(status.message()),
+              HasSubstr("describes it differently"));
+  EXPECT_EQ(proxy.connections(), 2);
 }
 
 TEST(ResumeTest, AVersionNoLongerRetainedEndsTheFetchWithNotFound) {
