@@ -1,5 +1,6 @@
 #include "core/version_wait.h"
 
+#include <algorithm>
 #include <utility>
 #include <vector>
 
