@@ -188,7 +188,7 @@ TEST(MinVersionTest, ShutdownEndsPendingWaitersAtOnce) {
     EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable) << status;
 }
 
-TEST(MinVersionTest, ModelstatectlPullAndInfoTakeMinVersion) {
+TEST(MinVersionTest, ModelstatectlPullInfoAndWatchTakeMinVersion) {
   auto server = StartWithNet();
   ScratchDir dir;
   const std::string ctl =
@@ -209,6 +209,15 @@ TEST(MinVersionTest, ModelstatectlPullAndInfoTakeMinVersion) {
       RunCommand(ctl + " --timeout=1s info net --min_version=3 2>&1");
   EXPECT_EQ(info.exit_code, 1) << info.output;
   EXPECT_THAT(info.output, HasSubstr("asked for min_version 3"));
+  std::thread loader([&] {
+    absl::SleepFor(absl::Milliseconds(200));
+    LoadOnce(*server);
+  });
+  testing_support::CommandResult watched = RunCommand(
+      ctl + " --timeout=30s watch net --count=1 --min_version=3 2>&1");
+  loader.join();
+  EXPECT_EQ(watched.exit_code, 0) << watched.output;
+  EXPECT_EQ(watched.output, "CURRENT net 3\n");
 }
 
 }  // namespace
