@@ -13,6 +13,7 @@
 #include "core/status_macros.h"
 #include "core/transfer.h"
 #include "core/watch_queue.h"
+#include "grpcpp/alarm.h"
 #include "grpcpp/support/proto_buffer_reader.h"
 #include "proto/chunk_frame.h"
 #include "proto/convert.h"
@@ -73,10 +74,16 @@ class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
     }
     record_.set_model(request_.model());
     if (request_.min_version() > 0) {
+      // The waiter's thread only hands over: the fetch (and any dtype cast)
+      // runs on gRPC's executor, as without a wait, so that one slow
+      // preparation does not hold up the other waits.
       wait_id_ = service_->version_waiter().Wait(
           request_.model(), request_.min_version(),
-          service_->MinVersionDeadline(*context),
-          [this](absl::Status reached) { Start(reached); });
+          service_->MinVersionDeadline(*context), [this](absl::Status reached) {
+            reached_ = std::move(reached);
+            handoff_.Set(std::chrono::system_clock::now(),
+                         [this](bool) { Start(reached_); });
+          });
       return;
     }
     Start(absl::OkStatus());
@@ -171,7 +178,9 @@ class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
   std::atomic<int64_t> last_progress_{absl::GetCurrentTimeNanos()};
   RpcRecord record_;
   v1::StateDictRequest request_;
-  int64_t wait_id_ = 0;  // A pending min_version wait, or 0.
+  int64_t wait_id_ = 0;   // A pending min_version wait, or 0.
+  absl::Status reached_;  // How it ended.
+  grpc::Alarm handoff_;
   grpc::ByteBuffer buffer_;
   std::unique_ptr<ChunkSender> sender_;
   ChunkSender::Chunk chunk_;
