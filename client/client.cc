@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
 #include "core/file_util.h"
 #include "core/limits.h"
 #include "core/status_macros.h"
@@ -144,13 +145,15 @@ absl::StatusOr<std::vector<ModelSummary>> Client::ListModels() {
 
 absl::StatusOr<ModelManifest> Client::GetModel(const std::string& model,
                                                const std::string& module,
-                                               int64_t version) {
+                                               int64_t version,
+                                               int64_t min_version) {
   grpc::ClientContext context;
   Prepare(&context);
   FetchRequest selection;
   selection.model = model;
   selection.module = module;
   selection.version = version;
+  selection.min_version = min_version;
   v1::GetModelResponse response;
   RETURN_IF_ERROR(FromGrpcStatus(
       stub_->GetModel(&context, ToGetModelRequest(selection), &response)));
@@ -291,19 +294,153 @@ class RawStateDictCall {
   v1::StateDictResponse response_;
 };
 
+// Whether two manifests describe the same bytes: version, total and every
+// tensor's name, kind, dtype, shape, size and checksum.
+bool SameTransfer(const v1::Manifest& a, const v1::Manifest& b) {
+  if (a.version() != b.version() || a.total_bytes() != b.total_bytes() ||
+      a.tensors_size() != b.tensors_size()) {
+    return false;
+  }
+  for (int i = 0; i < a.tensors_size(); ++i) {
+    const v1::TensorInfo& x = a.tensors(i);
+    const v1::TensorInfo& y = b.tensors(i);
+    if (x.name() != y.name() || x.kind() != y.kind() ||
+        x.dtype() != y.dtype() || x.num_bytes() != y.num_bytes() ||
+        x.xxh3_64() != y.xxh3_64() ||
+        !std::equal(x.shape().begin(), x.shape().end(), y.shape().begin(),
+                    y.shape().end())) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// One fetch as one StateDict call, or several when the connection drops: the
+// first call's manifest pins the version, and a call that ends Unavailable is
+// followed by one for that version from the bytes received so far
+// (FetchRequest::offset), whose manifest must match the first's. The receiver,
+// with its partly filled tensor and checksum state, carries over, so every
+// byte is received once. Every call shares one deadline and the canceller.
+class ResumableFetch {
+ public:
+  ResumableFetch(grpc::Channel* channel, absl::Time deadline,
+                 const FetchRequest& request, const TransferOptions& transfer)
+      : channel_(channel),
+        deadline_(deadline),
+        request_(request),
+        transfer_(transfer) {}
+
+  // Starts the first call and returns its manifest.
+  absl::StatusOr<v1::Manifest> Start() {
+    if (request_.offset != 0) {
+      return absl::InvalidArgumentError(
+          "FetchRequest.offset is set by resumed fetches, not by callers");
+    }
+    Open(request_);
+    ASSIGN_OR_RETURN(first_, attempt_->call->ReadManifest());
+    return first_;
+  }
+
+  // Feeds every chunk to `receiver` until the end marker, resuming after
+  // dropped connections up to transfer.max_resumes times.
+  template <typename Receiver>
+  absl::Status ReadToEnd(Receiver& receiver) {
+    absl::Status status =
+        attempt_->call->ReadToEnd(receiver, transfer_.progress);
+    int resumes = 0;
+    while (status.code() == absl::StatusCode::kUnavailable &&
+           resumes < transfer_.max_resumes) {
+      ++resumes;
+      absl::SleepFor(
+          std::min(absl::Milliseconds(50) * (1 << std::min(resumes - 1, 5)),
+                   absl::Seconds(1)));
+      status = Resume(receiver.received_bytes());
+      if (status.ok())
+        status = attempt_->call->ReadToEnd(receiver, transfer_.progress);
+    }
+    if (status.code() == absl::StatusCode::kUnavailable && resumes > 0) {
+      return absl::UnavailableError(absl::StrCat(
+          status.message(), " (gave up after ", resumes, " resumes, at byte ",
+          receiver.received_bytes(), " of ", receiver.total_bytes(), ")"));
+    }
+    return status;
+  }
+
+  // Stops the current call and reports `status` (see RawStateDictCall).
+  absl::Status Abandon(absl::Status status) {
+    return attempt_->call->Abandon(std::move(status));
+  }
+
+ private:
+  // One call: its context, canceller attachment and stream, destroyed in the
+  // reverse order.
+  struct Attempt {
+    grpc::ClientContext context;
+    std::unique_ptr<CancelScope> cancel_scope;
+    std::unique_ptr<RawStateDictCall> call;
+  };
+
+  void Open(const FetchRequest& request) {
+    attempt_.reset();
+    attempt_ = std::make_unique<Attempt>();
+    if (deadline_ != absl::InfiniteFuture())
+      attempt_->context.set_deadline(absl::ToChronoTime(deadline_));
+    attempt_->cancel_scope =
+        std::make_unique<CancelScope>(transfer_.canceller, &attempt_->context);
+    v1::StateDictRequest proto = ToProto(request);
+    proto.set_chunk_bytes(transfer_.chunk_bytes);
+    attempt_->call = std::make_unique<RawStateDictCall>(
+        channel_, &attempt_->context, SerializeToByteBuffer(proto));
+  }
+
+  // Opens the next call at byte `received` of the pinned version and checks
+  // that its manifest is the first one's.
+  absl::Status Resume(uint64_t received) {
+    FetchRequest request = request_;
+    request.version = first_.version();
+    request.min_version = 0;  // The pinned version is reached by definition.
+    request.offset = received;
+    Open(request);
+    absl::StatusOr<v1::Manifest> manifest = attempt_->call->ReadManifest();
+    if (manifest.status().code() == absl::StatusCode::kNotFound) {
+      return absl::NotFoundError(absl::StrCat(
+          "cannot resume the fetch of \"", first_.model(), "\" version ",
+          first_.version(), " at byte ", received, " of ", first_.total_bytes(),
+          ": the server no longer has that version (fetch again): ",
+          manifest.status().message()));
+    }
+    if (!manifest.ok()) return manifest.status();
+    if (!SameTransfer(first_, *manifest)) {
+      return Abandon(absl::AbortedError(absl::StrCat(
+          "cannot resume the fetch of \"", first_.model(), "\" version ",
+          first_.version(),
+          ": the server describes it differently than when the fetch began")));
+    }
+    return absl::OkStatus();
+  }
+
+  grpc::Channel* channel_;
+  const absl::Time deadline_;
+  const FetchRequest request_;
+  const TransferOptions& transfer_;
+  v1::Manifest first_;
+  std::unique_ptr<Attempt> attempt_;
+};
+
 }  // namespace
+
+absl::Time Client::Deadline() const {
+  return options_.timeout == absl::InfiniteDuration()
+             ? absl::InfiniteFuture()
+             : absl::Now() + options_.timeout;
+}
 
 absl::StatusOr<int64_t> Client::StateDictStreaming(
     const FetchRequest& fetch, const TransferOptions& transfer,
     const std::function<absl::Status(const TensorDescription&, Tensor)>&
         on_tensor) {
-  grpc::ClientContext context;
-  Prepare(&context);
-  CancelScope cancel_scope(transfer.canceller, &context);
-  v1::StateDictRequest proto = ToProto(fetch);
-  proto.set_chunk_bytes(transfer.chunk_bytes);
-  RawStateDictCall call(channel_.get(), &context, SerializeToByteBuffer(proto));
-  ASSIGN_OR_RETURN(const v1::Manifest manifest, call.ReadManifest());
+  ResumableFetch call(channel_.get(), Deadline(), fetch, transfer);
+  ASSIGN_OR_RETURN(const v1::Manifest manifest, call.Start());
   absl::StatusOr<std::vector<TransferEntry>> entries =
       ToTransferEntries(manifest.tensors());
   if (!entries.ok()) return call.Abandon(entries.status());
@@ -323,7 +460,7 @@ absl::StatusOr<int64_t> Client::StateDictStreaming(
                          std::move(tensor));
       });
   if (!receiver.ok()) return call.Abandon(receiver.status());
-  RETURN_IF_ERROR(call.ReadToEnd(**receiver, transfer.progress));
+  RETURN_IF_ERROR(call.ReadToEnd(**receiver));
   return manifest.version();
 }
 
@@ -560,17 +697,14 @@ using DestinationResolver =
 
 // The StateDictInto call on `context` (prepared by the caller): read the
 // manifest, resolve destinations, then receive in the mode `into` chooses.
-absl::StatusOr<int64_t> FetchInto(grpc::Channel* channel,
-                                  grpc::ClientContext* context,
+absl::StatusOr<int64_t> FetchInto(grpc::Channel* channel, absl::Time deadline,
                                   const FetchRequest& fetch,
                                   const DestinationResolver& resolve,
                                   const TransferOptions& transfer,
                                   const IntoOptions& into) {
   if (into.written_keys != nullptr) into.written_keys->clear();
-  v1::StateDictRequest proto = ToProto(fetch);
-  proto.set_chunk_bytes(transfer.chunk_bytes);
-  RawStateDictCall call(channel, context, SerializeToByteBuffer(proto));
-  ASSIGN_OR_RETURN(const v1::Manifest manifest, call.ReadManifest());
+  ResumableFetch call(channel, deadline, fetch, transfer);
+  ASSIGN_OR_RETURN(const v1::Manifest manifest, call.Start());
   absl::StatusOr<std::vector<TransferEntry>> entries =
       ToTransferEntries(manifest.tensors());
   if (!entries.ok()) return call.Abandon(entries.status());
@@ -582,7 +716,7 @@ absl::StatusOr<int64_t> FetchInto(grpc::Channel* channel,
     if (!sizes.ok()) return call.Abandon(sizes.status());
     DestinationWriter writer(*entries, std::move(*sizes), *targets,
                              into.written_keys);
-    RETURN_IF_ERROR(call.ReadToEnd(writer, transfer.progress));
+    RETURN_IF_ERROR(call.ReadToEnd(writer));
     return manifest.version();
   }
   std::vector<Tensor> staged;
@@ -592,7 +726,7 @@ absl::StatusOr<int64_t> FetchInto(grpc::Channel* channel,
         return absl::OkStatus();
       });
   if (!receiver.ok()) return call.Abandon(receiver.status());
-  RETURN_IF_ERROR(call.ReadToEnd(**receiver, transfer.progress));
+  RETURN_IF_ERROR(call.ReadToEnd(**receiver));
   CopyStaged(staged, *targets, into.written_keys, *entries);
   return manifest.version();
 }
@@ -604,11 +738,8 @@ absl::StatusOr<int64_t> Client::StateDictInto(
     const TransferOptions& transfer, const IntoOptions& into) {
   if (into.written_keys != nullptr) into.written_keys->clear();
   RETURN_IF_ERROR(CheckDestinations(destinations));
-  grpc::ClientContext context;
-  Prepare(&context);
-  CancelScope cancel_scope(transfer.canceller, &context);
   return FetchInto(
-      channel_.get(), &context, fetch,
+      channel_.get(), Deadline(), fetch,
       [&](const v1::Manifest&, const std::vector<TransferEntry>& entries) {
         return MatchDestinations(entries, destinations,
                                  /*drop_unmatched=*/false);
@@ -619,12 +750,9 @@ absl::StatusOr<int64_t> Client::StateDictInto(
 absl::StatusOr<int64_t> Client::StateDictInto(
     const FetchRequest& fetch, const DestinationAllocator& allocate,
     const TransferOptions& transfer, const IntoOptions& into) {
-  grpc::ClientContext context;
-  Prepare(&context);
-  CancelScope cancel_scope(transfer.canceller, &context);
   std::vector<Destination> destinations;
   return FetchInto(
-      channel_.get(), &context, fetch,
+      channel_.get(), Deadline(), fetch,
       [&](const v1::Manifest& manifest,
           const std::vector<TransferEntry>& entries)
           -> absl::StatusOr<std::vector<const Destination*>> {
@@ -712,12 +840,13 @@ absl::StatusOr<bool> Client::CheckHealth(const std::string& service) {
 absl::Status Client::Watch(
     const std::string& model,
     const std::function<bool(const ModelEvent&)>& on_event,
-    CallCanceller* canceller) {
+    CallCanceller* canceller, int64_t min_version) {
   grpc::ClientContext context;
   Prepare(&context);
   CancelScope cancel_scope(canceller, &context);
   v1::WatchModelRequest request;
   request.set_model(model);
+  request.set_min_version(min_version);
   std::unique_ptr<grpc::ClientReader<v1::WatchModelResponse>> reader =
       stub_->WatchModel(&context, request);
   v1::WatchModelResponse response;

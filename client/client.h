@@ -100,6 +100,11 @@ struct TransferOptions {
   // When set, another thread may stop the transfer through it. Must outlive
   // the call.
   CallCanceller* canceller = nullptr;
+  // Fetches: when the connection drops mid-stream (Unavailable after the
+  // manifest), the fetch resumes from the bytes received so far, of the
+  // version the first manifest named, at most this many times (0: never).
+  // Resumes share the call's deadline and back off from 50 ms to 1 s.
+  int max_resumes = 8;
 };
 
 // Caller-owned memory that StateDictInto fills: one state-dict entry, laid
@@ -159,10 +164,14 @@ class Client {
   absl::StatusOr<std::vector<ModelSummary>> ListModels();
 
   // Returns a model's manifest (of one submodule when `module` is set).
-  // NotFound if unknown.
+  // NotFound if unknown. With `min_version` > 0 the server first waits (up to
+  // the call's deadline, or its --max_version_wait) until the model is at that
+  // version or later, and answers Unavailable if it does not get there: try
+  // another replica.
   absl::StatusOr<ModelManifest> GetModel(const std::string& model,
                                          const std::string& module = "",
-                                         int64_t version = 0);
+                                         int64_t version = 0,
+                                         int64_t min_version = 0);
 
   // Makes retained version `version` current again as a new version; returns
   // the model's summary at that new version. NotFound if the version is not
@@ -179,8 +188,11 @@ class Client {
   absl::Status DeleteModel(const std::string& model);
 
   // Fetches a state dict. Each tensor is written once, in place, and its
-  // checksum verified (DataLoss otherwise). A stream cut short is Unavailable
-  // or DataLoss, never a partial result.
+  // checksum verified (DataLoss otherwise). A stream cut short is resumed
+  // (TransferOptions::max_resumes) from the byte it reached, of the same
+  // version; NotFound if the server no longer retains that version, Aborted if
+  // its manifest changed, Unavailable once the resumes are spent. Never a
+  // partial result. `request.offset` must be 0 (resumes set it).
   absl::StatusOr<FetchedStateDict> StateDict(
       const FetchRequest& request, const TransferOptions& transfer = {});
 
@@ -237,9 +249,13 @@ class Client {
   // the stream's status.
   // The first event is kCurrent or kAbsent.
   // With `canceller`, another thread may end the watch (Cancelled).
+  // With `min_version` > 0 the first event waits until the model is at that
+  // version or later (then it is kCurrent); Unavailable if it does not get
+  // there within the call's deadline or the server's --max_version_wait.
   absl::Status Watch(const std::string& model,
                      const std::function<bool(const ModelEvent&)>& on_event,
-                     CallCanceller* canceller = nullptr);
+                     CallCanceller* canceller = nullptr,
+                     int64_t min_version = 0);
 
   // Asks grpc.health.v1 about `service` ("" for the whole server). Returns true
   // for SERVING, false for NOT_SERVING, or the call's error (NotFound for an
@@ -252,6 +268,8 @@ class Client {
  private:
   Client(std::shared_ptr<grpc::Channel> channel, ClientOptions options);
   void Prepare(grpc::ClientContext* context) const;
+  // The deadline of a call starting now (InfiniteFuture without a timeout).
+  absl::Time Deadline() const;
 
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::ModelState::Stub> stub_;

@@ -60,6 +60,13 @@ ABSL_FLAG(int64_t, version, 0,
 ABSL_FLAG(uint32_t, receive_window_bytes, 4u << 20,
           "bytes in flight per stream (fixed HTTP/2 window), bounding the "
           "CLI's memory; 0: gRPC's adaptive window");
+ABSL_FLAG(int64_t, min_version, 0,
+          "consistent reads: wait (up to --timeout, or the server's "
+          "--max_version_wait) until the model is at this version or later; "
+          "UNAVAILABLE if it does not get there (pull, info, watch)");
+ABSL_FLAG(int32_t, max_resumes, 8,
+          "resume a pull this many times after dropped connections, from the "
+          "byte reached; 0: never");
 ABSL_FLAG(bool, bytes, false,
           "exact byte counts instead of KiB, MiB, GiB (models, info)");
 
@@ -69,12 +76,12 @@ namespace {
 constexpr char kUsage[] =
     R"(modelstatectl [--server=HOST:PORT] [--tls_ca=PEM] [--tls_cert=PEM --tls_key=PEM] COMMAND
   models [--bytes]                                    name, version, tensors, size
-  info MODEL [--module=PATH] [--version=N] [--bytes]  key, kind, dtype, shape, size, checksum
+  info MODEL [--module=PATH] [--version=N] [--min_version=N] [--bytes]  key, kind, dtype, shape, size, checksum
   create MODEL --arch=SPEC.json | --from=FILE.safetensors
   delete MODEL
-  pull MODEL OUT.safetensors [--module=PATH [--strip_module_prefix]] [--keys=a,b] [--dtype=bf16|f16|f32] [--no_buffers] [--version=N] [--fsync]
+  pull MODEL OUT.safetensors [--module=PATH [--strip_module_prefix]] [--keys=a,b] [--dtype=bf16|f16|f32] [--no_buffers] [--version=N] [--min_version=N] [--max_resumes=N] [--fsync]
   push MODEL IN.safetensors [--module=PATH] [--non_strict] [--assign] [--if_version=N]
-  watch MODEL [--count=N]
+  watch MODEL [--count=N] [--min_version=N]
   versions MODEL                                      retained versions, newest first
   rollback MODEL VERSION                              make a retained version current again
   health                                              SERVING or NOT_SERVING (exit 0 or 1))";
@@ -159,7 +166,8 @@ int Models(Client &client) {
 
 int Info(Client &client, const std::string &model) {
   absl::StatusOr<ModelManifest> manifest = client.GetModel(
-      model, absl::GetFlag(FLAGS_module), absl::GetFlag(FLAGS_version));
+      model, absl::GetFlag(FLAGS_module), absl::GetFlag(FLAGS_version),
+      absl::GetFlag(FLAGS_min_version));
   if (!manifest.ok()) return Fail(manifest.status());
   const uint64_t bytes = manifest->summary.num_bytes;
   const std::string total = absl::GetFlag(FLAGS_bytes)
@@ -188,6 +196,7 @@ TransferOptions Transfer(ProgressBar &bar) {
   TransferOptions transfer;
   transfer.chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);
   transfer.progress = bar.Callback();
+  transfer.max_resumes = absl::GetFlag(FLAGS_max_resumes);
   return transfer;
 }
 
@@ -246,6 +255,7 @@ absl::StatusOr<FetchRequest> PullRequest(const std::string &model) {
   request.include_buffers = !absl::GetFlag(FLAGS_no_buffers);
   request.keep_module_prefix = !absl::GetFlag(FLAGS_strip_module_prefix);
   request.version = absl::GetFlag(FLAGS_version);
+  request.min_version = absl::GetFlag(FLAGS_min_version);
   const std::string dtype = absl::GetFlag(FLAGS_dtype);
   if (!dtype.empty()) {
     if (dtype != "bf16" && dtype != "f16" && dtype != "f32") {
@@ -333,14 +343,17 @@ int Push(Client &client, const std::string &model, const std::string &path) {
 int Watch(Client &client, const std::string &model) {
   const int64_t count = absl::GetFlag(FLAGS_count);
   int64_t seen = 0;
-  absl::Status status = client.Watch(model, [&](const ModelEvent &event) {
-    std::printf(
-        "%s %s %lld\n",
-        v1::WatchModelResponse::Type_Name(ToProto(event).type()).c_str(),
-        event.model.c_str(), static_cast<long long>(event.version));
-    std::fflush(stdout);
-    return count <= 0 || ++seen < count;
-  });
+  absl::Status status = client.Watch(
+      model,
+      [&](const ModelEvent &event) {
+        std::printf(
+            "%s %s %lld\n",
+            v1::WatchModelResponse::Type_Name(ToProto(event).type()).c_str(),
+            event.model.c_str(), static_cast<long long>(event.version));
+        std::fflush(stdout);
+        return count <= 0 || ++seen < count;
+      },
+      /*canceller=*/nullptr, absl::GetFlag(FLAGS_min_version));
   return status.ok() ? 0 : Fail(status);
 }
 

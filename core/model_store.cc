@@ -497,6 +497,13 @@ absl::StatusOr<FetchPlan> ModelStore::Fetch(const FetchRequest& request) {
     ASSIGN_OR_RETURN(plan.state,
                      CastFloatingForFetch(plan.state, *request.dtype));
   }
+  const uint64_t total_bytes = plan.state.TotalBytes();
+  if (request.offset > total_bytes) {
+    return absl::OutOfRangeError(absl::StrCat(
+        "offset ", request.offset, " is past the end of version ", plan.version,
+        " of model \"", plan.model, "\" (", total_bytes, " bytes)"));
+  }
+  plan.offset = request.offset;
   return plan;
 }
 

@@ -163,7 +163,9 @@ class ModelStore {
   // torch's state_dict() of a model version, or of one submodule, with the
   // tensors cast when asked (reusing earlier conversions, see
   // CastFloatingForFetch). Returns NotFound for an unknown model, version,
-  // submodule or key, and InvalidArgument for a non-floating cast dtype.
+  // submodule or key, InvalidArgument for a non-floating cast dtype, and
+  // OutOfRange for an offset past the selected tensors' total bytes.
+  // `request.min_version` is the caller's to wait for (VersionWaiter).
   absl::StatusOr<FetchPlan> Fetch(const FetchRequest& request);
 
   // Describes a model version, or the submodule `request.module` of it (the

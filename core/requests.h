@@ -26,6 +26,17 @@ struct FetchRequest {
   std::string model;
   // A retained version; 0 for the current one.
   int64_t version = 0;
+  // Consistent reads: when positive, wait (up to a deadline the transport
+  // sets) until the model's current version is at least this, then serve the
+  // request as without it; Unavailable if the wait times out. See
+  // core/version_wait.h.
+  int64_t min_version = 0;
+  // Resumed fetches: the stream's data starts at this byte of the
+  // concatenation of the selected tensors' bytes (the Chunk.offset
+  // coordinate); the manifest still describes every tensor. OutOfRange past
+  // the total. A resuming client pins `version` so that the bytes are the
+  // same.
+  uint64_t offset = 0;
   // Dotted submodule path; "" for the whole model.
   std::string module;
   // With `module`: keys keep its path ("encoder.fc.weight") rather than being
@@ -47,6 +58,8 @@ struct FetchPlan {
   std::string model;
   int64_t version = 0;
   StateDict state;
+  // Where the data starts (FetchRequest::offset), at most state's total bytes.
+  uint64_t offset = 0;
 };
 
 // One model at one version, as ListModels shows it.

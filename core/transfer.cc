@@ -140,10 +140,20 @@ absl::StatusOr<std::vector<Tensor>> ChunkReceiver::Finish(
   return std::move(done_);
 }
 
-ChunkSender::ChunkSender(std::vector<Tensor> tensors, uint64_t chunk_bytes)
+ChunkSender::ChunkSender(std::vector<Tensor> tensors, uint64_t chunk_bytes,
+                         uint64_t start_offset)
     : tensors_(std::move(tensors)),
       chunk_bytes_(std::max<uint64_t>(chunk_bytes, 1)) {
   for (const Tensor& tensor : tensors_) total_ += tensor.num_bytes();
+  // Skip whole tensors before the start, then the start's tensor's first
+  // bytes.
+  sent_ = std::min(start_offset, total_);
+  uint64_t skip = sent_;
+  while (tensor_ < tensors_.size() && skip >= tensors_[tensor_].num_bytes()) {
+    skip -= tensors_[tensor_].num_bytes();
+    ++tensor_;
+  }
+  within_ = skip;
 }
 
 bool ChunkSender::Next(Chunk* chunk) {

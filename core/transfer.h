@@ -105,8 +105,11 @@ class ChunkSender {
     std::vector<std::shared_ptr<const Storage>> owners;
   };
 
-  // `chunk_bytes` must be positive.
-  ChunkSender(std::vector<Tensor> tensors, uint64_t chunk_bytes);
+  // `chunk_bytes` must be positive. The first chunk starts at byte
+  // `start_offset` of the tensors' concatenation (a resumed fetch); chunk
+  // offsets stay in that coordinate. A start past the end sends nothing.
+  ChunkSender(std::vector<Tensor> tensors, uint64_t chunk_bytes,
+              uint64_t start_offset = 0);
 
   // Fills `chunk` with the next chunk and returns true, or returns false at the
   // end.

@@ -47,6 +47,23 @@ TEST(UseCasesTest, FetchSelectsLikeTorchAndCasts) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST(UseCasesTest, FetchFromAnOffsetKeepsEveryTensorAndChecksTheEnd) {
+  ModelStore store;
+  ASSERT_TRUE(store.CreateFromSpec("net", kNet, 1).ok());
+  FetchRequest request{"net"};
+  const uint64_t total = store.Fetch(request).value().state.TotalBytes();
+  request.version = 1;
+  request.offset = total;
+  const FetchPlan plan = store.Fetch(request).value();
+  EXPECT_EQ(plan.offset, total);
+  EXPECT_EQ(plan.state.TotalBytes(), total);
+  request.offset = total + 1;
+  const absl::Status past = store.Fetch(request).status();
+  EXPECT_EQ(past.code(), absl::StatusCode::kOutOfRange);
+  EXPECT_THAT(std::string(past.message()),
+              testing::HasSubstr(absl::StrCat("(", total, " bytes)")));
+}
+
 TEST(UseCasesTest, DescribeCountsTheSubmoduleNotTheModel) {
   ModelStore::Options options;
   options.retain_versions = 2;

@@ -49,6 +49,8 @@ v1::StateDictRequest ToProto(const FetchRequest& request) {
   v1::StateDictRequest proto;
   proto.set_model(request.model);
   proto.set_version(request.version);
+  proto.set_min_version(request.min_version);
+  proto.set_offset(request.offset);
   proto.set_module(request.module);
   proto.set_strip_module_prefix(!request.keep_module_prefix);
   for (const std::string& key : request.keys) proto.add_keys(key);
@@ -62,6 +64,8 @@ absl::StatusOr<FetchRequest> FromProto(const v1::StateDictRequest& proto) {
   FetchRequest request;
   request.model = proto.model();
   request.version = proto.version();
+  request.min_version = proto.min_version();
+  request.offset = proto.offset();
   request.module = proto.module();
   request.keep_module_prefix = !proto.strip_module_prefix();
   request.keys.assign(proto.keys().begin(), proto.keys().end());
@@ -78,6 +82,7 @@ v1::GetModelRequest ToGetModelRequest(const FetchRequest& request) {
   proto.set_model(request.model);
   proto.set_module(request.module);
   proto.set_version(request.version);
+  proto.set_min_version(request.min_version);
   return proto;
 }
 
@@ -86,6 +91,7 @@ FetchRequest FromProto(const v1::GetModelRequest& proto) {
   request.model = proto.model();
   request.module = proto.module();
   request.version = proto.version();
+  request.min_version = proto.min_version();
   return request;
 }
 

@@ -18,6 +18,8 @@ FetchRequest EveryFetchField() {
   FetchRequest request;
   request.model = "policy";
   request.version = 7;
+  request.min_version = 6;
+  request.offset = uint64_t{5} << 32;
   request.module = "encoder.0";
   request.keep_module_prefix = false;
   request.keys = {"a.weight", "a.bias"};
@@ -31,6 +33,8 @@ TEST(ConvertTest, FetchRequestMapsEveryFieldToTheV1Names) {
   const v1::StateDictRequest proto = ToProto(EveryFetchField());
   EXPECT_EQ(proto.model(), "policy");
   EXPECT_EQ(proto.version(), 7);
+  EXPECT_EQ(proto.min_version(), 6);
+  EXPECT_EQ(proto.offset(), uint64_t{5} << 32);
   EXPECT_EQ(proto.module(), "encoder.0");
   EXPECT_TRUE(proto.strip_module_prefix());
   EXPECT_THAT(proto.keys(), ElementsAre("a.weight", "a.bias"));
@@ -42,6 +46,8 @@ TEST(ConvertTest, FetchRequestMapsEveryFieldToTheV1Names) {
   const FetchRequest back = FromProto(proto).value();
   EXPECT_EQ(back.model, "policy");
   EXPECT_EQ(back.version, 7);
+  EXPECT_EQ(back.min_version, 6);
+  EXPECT_EQ(back.offset, uint64_t{5} << 32);
   EXPECT_EQ(back.module, "encoder.0");
   EXPECT_FALSE(back.keep_module_prefix);
   EXPECT_THAT(back.keys, ElementsAre("a.weight", "a.bias"));
@@ -61,15 +67,18 @@ TEST(ConvertTest, AnEmptyFetchRequestMeansTorchsDefaults) {
   EXPECT_EQ(FromProto(bad).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
-TEST(ConvertTest, GetModelSelectsModelModuleAndVersion) {
+TEST(ConvertTest, GetModelSelectsModelModuleVersionAndMinVersion) {
   const v1::GetModelRequest proto = ToGetModelRequest(EveryFetchField());
   EXPECT_EQ(proto.model(), "policy");
   EXPECT_EQ(proto.module(), "encoder.0");
   EXPECT_EQ(proto.version(), 7);
+  EXPECT_EQ(proto.min_version(), 6);
   const FetchRequest back = FromProto(proto);
   EXPECT_EQ(back.model, "policy");
   EXPECT_EQ(back.module, "encoder.0");
   EXPECT_EQ(back.version, 7);
+  EXPECT_EQ(back.min_version, 6);
+  EXPECT_EQ(back.offset, 0u);  // GetModel has no data to offset.
 }
 
 TEST(ConvertTest, LoadRequestMapsEveryField) {

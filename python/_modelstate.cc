@@ -192,6 +192,8 @@ FetchRequest ToFetchRequest(const std::string& model, const py::dict& args) {
   FetchRequest request(model);
   if (args.contains("version") && !args["version"].is_none())
     request.version = args["version"].cast<int64_t>();
+  if (args.contains("min_version") && !args["min_version"].is_none())
+    request.min_version = args["min_version"].cast<int64_t>();
   if (args.contains("module") && !args["module"].is_none())
     request.module = args["module"].cast<std::string>();
   if (args.contains("keep_module_prefix"))
@@ -241,11 +243,11 @@ class PyClient {
   }
 
   py::dict GetModel(const std::string& model, const std::string& module,
-                    int64_t version) {
+                    int64_t version, int64_t min_version) {
     absl::StatusOr<ModelManifest> manifest;
     {
       py::gil_scoped_release release;
-      manifest = client_->GetModel(model, module, version);
+      manifest = client_->GetModel(model, module, version, min_version);
     }
     ValueOrRaise(manifest);
     py::list tensors;
@@ -391,9 +393,10 @@ const char* EventName(ModelEvent::Type type) {
 // drains. close() (or the destructor) cancels the watch and joins the thread.
 class Watcher {
  public:
-  Watcher(std::shared_ptr<Client> client, std::string model)
+  Watcher(std::shared_ptr<Client> client, std::string model,
+          int64_t min_version)
       : client_(std::move(client)) {
-    thread_ = std::thread([this, model = std::move(model)] {
+    thread_ = std::thread([this, model = std::move(model), min_version] {
       absl::Status status = client_->Watch(
           model,
           [this](const ModelEvent& event) {
@@ -401,7 +404,7 @@ class Watcher {
             events_.push_back(event);
             return true;
           },
-          &canceller_);
+          &canceller_, min_version);
       absl::MutexLock lock(&mu_);
       status_ = std::move(status);
       ended_ = true;
@@ -485,7 +488,7 @@ PYBIND11_MODULE(_modelstate, m) {
                   py::arg("own_connection"))
       .def("list_models", &PyClient::ListModels)
       .def("get_model", &PyClient::GetModel, py::arg("model"),
-           py::arg("module"), py::arg("version"))
+           py::arg("module"), py::arg("version"), py::arg("min_version"))
       .def("create_model", &PyClient::CreateModel, py::arg("model"),
            py::arg("arch"), py::arg("seed"))
       .def("rollback", &PyClient::Rollback, py::arg("model"),
@@ -496,8 +499,9 @@ PYBIND11_MODULE(_modelstate, m) {
            py::arg("chunk_bytes"), py::arg("progress"))
       .def("load", &PyClient::Load, py::arg("model"), py::arg("tensors"),
            py::arg("args"), py::arg("chunk_bytes"), py::arg("progress"))
-      .def("watch", [](const PyClient& self, const std::string& model) {
-        return std::make_unique<Watcher>(self.client(), model);
+      .def("watch", [](const PyClient& self, const std::string& model,
+                       int64_t min_version) {
+        return std::make_unique<Watcher>(self.client(), model, min_version);
       });
   py::class_<Watcher>(m, "Watcher")
       .def("next", &Watcher::Next)

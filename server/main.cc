@@ -61,6 +61,12 @@ ABSL_FLAG(int32_t, retain_versions, 1,
           "versions kept per model in memory and on disk, for older snapshots "
           "and rollback");
 
+// Consistent reads (min_version).
+ABSL_FLAG(absl::Duration, max_version_wait, absl::Seconds(60),
+          "longest a read with min_version waits for the model to reach it "
+          "(also when the client's deadline is later or unset); 0: never "
+          "wait");
+
 namespace {
 
 // absl flags keep the last of repeated flags; --preload may repeat, so fold
@@ -127,6 +133,7 @@ absl::StatusOr<modelstate::ServerOptions> OptionsFromFlags() {
   }
   options.sync_durability = durability == "sync";
   options.retain_versions = absl::GetFlag(FLAGS_retain_versions);
+  options.max_version_wait = absl::GetFlag(FLAGS_max_version_wait);
 
   return options;
 }

@@ -13,6 +13,7 @@
 #include "core/status_macros.h"
 #include "core/transfer.h"
 #include "core/watch_queue.h"
+#include "grpcpp/alarm.h"
 #include "grpcpp/support/proto_buffer_reader.h"
 #include "proto/chunk_frame.h"
 #include "proto/convert.h"
@@ -60,26 +61,39 @@ class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
       : active_(service),
         service_(service),
         context_(context),
+        store_(store),
         record_("StateDict", service->options().log_rpcs,
                 service->options().metrics) {
-    service_->Track(this);
-    const ServiceOptions& options = service->options();
-    v1::StateDictRequest request;
     grpc::ByteBuffer copy(raw_request);
     if (!grpc::SerializationTraits<v1::StateDictRequest>::Deserialize(&copy,
-                                                                      &request)
+                                                                      &request_)
              .ok()) {
       FinishWith(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                               "malformed StateDictRequest"));
       return;
     }
-    record_.set_model(request.model());
-    absl::Status prepared = Prepare(store, options, request);
-    if (!prepared.ok()) {
-      FinishWith(ToGrpcStatus(prepared));
+    record_.set_model(request_.model());
+    if (request_.min_version() > 0) {
+      // The waiter's thread only hands over: the fetch (and any dtype cast)
+      // runs on gRPC's executor, as without a wait, so that one slow
+      // preparation does not hold up the other waits.
+      wait_id_ = service_->version_waiter().Wait(
+          request_.model(), request_.min_version(),
+          service_->MinVersionDeadline(*context), [this](absl::Status reached) {
+            reached_ = std::move(reached);
+            handoff_.Set(std::chrono::system_clock::now(),
+                         [this](bool) { Start(reached_); });
+          });
       return;
     }
-    StartWrite(&buffer_);
+    Start(absl::OkStatus());
+  }
+
+  // A call that ends while it waits for min_version.
+  void OnCancel() override {
+    if (wait_id_ != 0 && service_->version_waiter().Cancel(wait_id_))
+      FinishWith(grpc::Status(grpc::StatusCode::CANCELLED,
+                              "cancelled while waiting for min_version"));
   }
 
   // A client that stops reading pins its version; cancel it.
@@ -111,12 +125,30 @@ class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
   }
 
   void OnDone() override {
+    // Once Cancel returns, Start is not running on the waiter's thread.
+    if (wait_id_ != 0) service_->version_waiter().Cancel(wait_id_);
     service_->Untrack(this);
     record_.Log(status_);
     delete this;
   }
 
  private:
+  // Serves the request once the model is at min_version (`reached` OK), or
+  // ends the call with why it is not.
+  void Start(const absl::Status& reached) {
+    absl::Status prepared = reached;
+    if (prepared.ok())
+      prepared = Prepare(store_, service_->options(), request_);
+    if (!prepared.ok()) {
+      FinishWith(ToGrpcStatus(prepared));
+      return;
+    }
+    // Idleness counts from the first write, not from the wait's start.
+    last_progress_ = absl::GetCurrentTimeNanos();
+    service_->Track(this);
+    StartWrite(&buffer_);
+  }
+
   // Decode, one core call, encode: the manifest goes into buffer_ and the
   // tensors into the sender.
   absl::Status Prepare(ModelStore* store, const ServiceOptions& service,
@@ -126,7 +158,8 @@ class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
         const uint32_t chunk_bytes,
         ResolveChunkBytes(proto.chunk_bytes(), service.default_chunk_bytes));
     ASSIGN_OR_RETURN(const FetchPlan plan, store->Fetch(request));
-    sender_ = std::make_unique<ChunkSender>(plan.state.Tensors(), chunk_bytes);
+    sender_ = std::make_unique<ChunkSender>(plan.state.Tensors(), chunk_bytes,
+                                            plan.offset);
     v1::StateDictResponse manifest;
     *manifest.mutable_manifest() = ToManifest(plan, sender_->total_bytes());
     buffer_ = SerializeToByteBuffer(manifest);
@@ -141,8 +174,13 @@ class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
   ModelStateService::ActiveCall active_;
   ModelStateService* service_;
   grpc::CallbackServerContext* context_;
+  ModelStore* store_;
   std::atomic<int64_t> last_progress_{absl::GetCurrentTimeNanos()};
   RpcRecord record_;
+  v1::StateDictRequest request_;
+  int64_t wait_id_ = 0;   // A pending min_version wait, or 0.
+  absl::Status reached_;  // How it ended.
+  grpc::Alarm handoff_;
   grpc::ByteBuffer buffer_;
   std::unique_ptr<ChunkSender> sender_;
   ChunkSender::Chunk chunk_;
@@ -291,11 +329,13 @@ class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest>,
 }  // namespace
 
 // Streams one model's events; one write in flight, later events queue behind
-// it.
+// it. With min_version, the watch starts once the model has reached it, so its
+// first event is CURRENT at that version or later.
 class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
  public:
   WatchReactor(ModelStateService* service, ModelStore* store,
-               const std::string& model)
+               const std::string& model, int64_t min_version,
+               absl::Time wait_deadline)
       : active_(service),
         service_(service),
         store_(store),
@@ -303,11 +343,13 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
         record_("WatchModel", service->options().log_rpcs,
                 service->options().metrics) {
     record_.set_model(model);
-    // The store delivers CURRENT or ABSENT first, then every later event.
-    listener_id_ = store_->Watch(
-        model_, [this](const ModelEvent& event) { Enqueue(event); });
-    absl::MutexLock lock(&mu_);
-    WriteNextLocked();
+    if (min_version > 0) {
+      wait_id_ = service_->version_waiter().Wait(
+          model_, min_version, wait_deadline,
+          [this](absl::Status reached) { StartWatching(reached); });
+      return;
+    }
+    StartWatching(absl::OkStatus());
   }
 
   void Enqueue(const ModelEvent& event) {
@@ -341,6 +383,9 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
   }
 
   void OnDone() override {
+    // Once Cancel returns, StartWatching is not running (listener_id_ is set
+    // for good).
+    if (wait_id_ != 0) service_->version_waiter().Cancel(wait_id_);
     store_->RemoveListener(listener_id_);
     service_->Forget(this);
     record_.Log(status_);
@@ -348,6 +393,20 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
   }
 
  private:
+  // Registers with the store, which delivers CURRENT or ABSENT first, then
+  // every later event; or ends the stream when min_version was not reached.
+  void StartWatching(const absl::Status& reached) {
+    if (!reached.ok()) {
+      absl::MutexLock lock(&mu_);
+      FinishLocked(ToGrpcStatus(reached));
+      return;
+    }
+    listener_id_ = store_->Watch(
+        model_, [this](const ModelEvent& event) { Enqueue(event); });
+    absl::MutexLock lock(&mu_);
+    WriteNextLocked();
+  }
+
   void WriteNextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     started_ = true;
     if (finished_ || writing_ || queue_.empty()) return;
@@ -369,6 +428,7 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
   ModelStore* store_;
   const std::string model_;
   RpcRecord record_;
+  int64_t wait_id_ = 0;  // A pending min_version wait, or 0.
   int64_t listener_id_ = 0;
   absl::Mutex mu_;
   WatchQueue queue_ ABSL_GUARDED_BY(mu_){kMaxQueuedWatchEvents};
@@ -380,7 +440,7 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
 };
 
 ModelStateService::ModelStateService(ModelStore* store, ServiceOptions options)
-    : store_(store), options_(options) {
+    : store_(store), options_(options), version_waiter_(store) {
   if (options_.stream_idle_timeout != absl::InfiniteDuration())
     watchdog_ = std::thread([this] { RunIdleWatchdog(); });
 }
@@ -443,16 +503,75 @@ grpc::ServerUnaryReactor* ModelStateService::ListModels(
   });
 }
 
+namespace {
+
+// GetModel's decode, core call, encode.
+absl::Status DescribeModel(ModelStore* store,
+                           const v1::GetModelRequest& request,
+                           v1::GetModelResponse* response) {
+  ASSIGN_OR_RETURN(const ModelManifest manifest,
+                   store->Describe(FromProto(request)));
+  *response = ToProto(manifest);
+  return absl::OkStatus();
+}
+
+// A GetModel with min_version: answers once the model has reached it, from the
+// waiter's thread, without holding an RPC thread meanwhile.
+class DescribeAfterVersion : public grpc::ServerUnaryReactor {
+ public:
+  DescribeAfterVersion(ModelStateService* service,
+                       grpc::CallbackServerContext* context, ModelStore* store,
+                       const v1::GetModelRequest* request,
+                       v1::GetModelResponse* response)
+      : active_(service),
+        service_(service),
+        record_("GetModel", service->options().log_rpcs,
+                service->options().metrics) {
+    record_.set_model(request->model());
+    wait_id_ = service_->version_waiter().Wait(
+        request->model(), request->min_version(),
+        service_->MinVersionDeadline(*context),
+        [this, store, request, response](absl::Status reached) {
+          if (reached.ok()) reached = DescribeModel(store, *request, response);
+          FinishWith(ToGrpcStatus(reached));
+        });
+  }
+
+  void OnCancel() override {
+    if (wait_id_ != 0 && service_->version_waiter().Cancel(wait_id_))
+      FinishWith(grpc::Status(grpc::StatusCode::CANCELLED,
+                              "cancelled while waiting for min_version"));
+  }
+
+  void OnDone() override {
+    if (wait_id_ != 0) service_->version_waiter().Cancel(wait_id_);
+    delete this;
+  }
+
+ private:
+  void FinishWith(const grpc::Status& status) {
+    record_.Log(status);
+    Finish(status);
+  }
+
+  ModelStateService::ActiveCall active_;
+  ModelStateService* service_;
+  RpcRecord record_;
+  int64_t wait_id_ = 0;
+};
+
+}  // namespace
+
 grpc::ServerUnaryReactor* ModelStateService::GetModel(
     grpc::CallbackServerContext* context, const v1::GetModelRequest* request,
     v1::GetModelResponse* response) {
+  if (request->min_version() > 0 && !draining()) {
+    return new DescribeAfterVersion(this, context, store_, request, response);
+  }
   RpcRecord record("GetModel", options_.log_rpcs, options_.metrics);
   record.set_model(request->model());
   return Unary(this, context, record, [&]() -> absl::Status {
-    ASSIGN_OR_RETURN(const ModelManifest manifest,
-                     store_->Describe(FromProto(*request)));
-    *response = ToProto(manifest);
-    return absl::OkStatus();
+    return DescribeModel(store_, *request, response);
   });
 }
 
@@ -515,7 +634,9 @@ grpc::ServerWriteReactor<v1::WatchModelResponse>* ModelStateService::WatchModel(
   absl::MutexLock lock(&watches_mu_);
   if (stopping_)
     return new Refused<grpc::ServerWriteReactor<v1::WatchModelResponse>>();
-  auto* reactor = new WatchReactor(this, store_, request->model());
+  auto* reactor =
+      new WatchReactor(this, store_, request->model(), request->min_version(),
+                       MinVersionDeadline(*context));
   watches_.insert(reactor);
   return reactor;
 }
@@ -525,6 +646,9 @@ void ModelStateService::BeginDrain() {
     absl::MutexLock lock(&calls_mu_);
     draining_ = true;
   }
+  // Calls waiting for min_version end with UNAVAILABLE: the drain waits only
+  // for real transfers.
+  version_waiter_.Shutdown();
   absl::MutexLock lock(&watches_mu_);
   stopping_ = true;
   for (WatchReactor* reactor : watches_) reactor->Stop();
@@ -557,6 +681,22 @@ ModelStateService::ActiveCall::ActiveCall(ModelStateService* service)
 ModelStateService::ActiveCall::~ActiveCall() {
   absl::MutexLock lock(&service_->calls_mu_);
   --service_->active_calls_;
+}
+
+absl::Time ModelStateService::MinVersionDeadline(
+    const grpc::ServerContextBase& context) const {
+  // A tenth of the time the client gave, at most this, is left for the
+  // answer's trip back.
+  constexpr absl::Duration kMaxAnswerMargin = absl::Milliseconds(200);
+  const absl::Time now = absl::Now();
+  absl::Time end = now + options_.max_version_wait;
+  const std::chrono::system_clock::time_point deadline = context.deadline();
+  if (deadline != std::chrono::system_clock::time_point::max()) {
+    const absl::Time client = absl::FromChrono(deadline);
+    end =
+        std::min(end, client - std::min((client - now) / 10, kMaxAnswerMargin));
+  }
+  return end;
 }
 
 void ModelStateService::Forget(WatchReactor* reactor) {

@@ -12,6 +12,7 @@
 #include "absl/time/time.h"
 #include "core/limits.h"
 #include "core/model_store.h"
+#include "core/version_wait.h"
 #include "modelstate/v1/model_state.grpc.pb.h"
 
 namespace modelstate {
@@ -28,6 +29,9 @@ struct ServiceOptions {
   absl::Duration stream_idle_timeout = absl::Seconds(60);
   // Where finished RPCs are counted; null for none. Must outlive the service.
   Metrics* metrics = nullptr;
+  // Consistent reads: the longest a call with min_version waits for the model
+  // to reach it, whatever the client's deadline (see MinVersionDeadline).
+  absl::Duration max_version_wait = absl::Seconds(60);
 };
 
 // A stream the service ends when it makes no progress for the idle timeout.
@@ -112,6 +116,14 @@ class ModelStateService final
 
   const ServiceOptions& options() const { return options_; }
 
+  // Consistent reads: holds calls with min_version until the model reaches it.
+  VersionWaiter& version_waiter() { return version_waiter_; }
+  // When a min_version wait of the call on `context` gives up: at most
+  // max_version_wait from now, and early enough before the client's deadline
+  // for the UNAVAILABLE answer to reach it (rather than the client's own
+  // DEADLINE_EXCEEDED).
+  absl::Time MinVersionDeadline(const grpc::ServerContextBase& context) const;
+
  private:
   friend class WatchReactor;
   void Forget(WatchReactor* reactor);
@@ -133,6 +145,8 @@ class ModelStateService final
   mutable absl::Mutex calls_mu_;
   int64_t active_calls_ ABSL_GUARDED_BY(calls_mu_) = 0;
   bool draining_ ABSL_GUARDED_BY(calls_mu_) = false;
+
+  VersionWaiter version_waiter_;
 };
 
 }  // namespace modelstate

@@ -70,6 +70,9 @@ absl::Status ValidateServerOptions(const ServerOptions& options) {
   if (options.stream_idle_timeout <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("stream_idle_timeout must be positive");
   }
+  if (options.max_version_wait < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("max_version_wait must not be negative");
+  }
   return absl::OkStatus();
 }
 
@@ -93,10 +96,10 @@ absl::Status Server::OpenStore(const ServerOptions& options) {
   metrics_ = std::make_unique<Metrics>(
       store_.get(), options.memory_limit_bytes,
       [this] { return service_ ? service_->active_calls() : 0; });
-  service_ = std::make_unique<ModelStateService>(
-      store_.get(),
-      ServiceOptions{options.chunk_bytes, options.log_rpcs,
-                     options.stream_idle_timeout, metrics_.get()});
+  ServiceOptions service_options{options.chunk_bytes, options.log_rpcs,
+                                 options.stream_idle_timeout, metrics_.get()};
+  service_options.max_version_wait = options.max_version_wait;
+  service_ = std::make_unique<ModelStateService>(store_.get(), service_options);
   return absl::OkStatus();
 }
 

@@ -64,6 +64,10 @@ struct ServerOptions {
   // Versions kept in memory per model (and on disk with data_dir), for
   // snapshots of older versions and rollback.
   int retain_versions = 1;
+
+  // Consistent reads: a read with min_version waits at most this long for the
+  // model to reach it (less when the client's deadline is nearer).
+  absl::Duration max_version_wait = absl::Seconds(60);
 };
 
 class Server {
@@ -84,6 +88,7 @@ class Server {
   // The bound port of the metrics listener, or 0.
   int metrics_port() const { return metrics_port_; }
   ModelStore& store() { return *store_; }
+  ModelStateService& service() { return *service_; }
 
   // Blocks until the server has shut down.
   void Wait();

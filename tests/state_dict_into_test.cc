@@ -380,11 +380,14 @@ TEST(StateDictIntoTest, AFailedStreamLeavesMemoryUntouchedOrReportsWrites) {
     ASSERT_NE(port, 0);
     auto client = ConnectTo("127.0.0.1:" + std::to_string(port));
 
+    // The failure itself is under test; resume_test covers resuming.
+    TransferOptions once;
+    once.max_resumes = 0;
     Buffers staged(state);
     std::vector<std::string> written = {"stale"};
     absl::Status status = client
                               ->StateDictInto({"faulty"}, staged.destinations(),
-                                              {}, Mode(false, &written))
+                                              once, Mode(false, &written))
                               .status();
     EXPECT_EQ(status.code(), c.code) << status;
     EXPECT_TRUE(staged.Untouched());
@@ -392,7 +395,7 @@ TEST(StateDictIntoTest, AFailedStreamLeavesMemoryUntouchedOrReportsWrites) {
 
     Buffers direct(state);
     status = client
-                 ->StateDictInto({"faulty"}, direct.destinations(), {},
+                 ->StateDictInto({"faulty"}, direct.destinations(), once,
                                  Mode(true, &written))
                  .status();
     EXPECT_EQ(status.code(), c.code) << status;

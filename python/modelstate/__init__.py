@@ -187,12 +187,15 @@ class Client:
         """Returns every model, ordered by name, as ``ModelInfo``."""
         return [_module_info(s) for s in self._c.list_models()]
 
-    def info(self, model, module=None, version=None):
+    def info(self, model, module=None, version=None, min_version=None):
         """Returns the ``Manifest`` of ``model`` (of submodule ``module`` when
         given; at retained ``version`` when given): per key its kind, dtype,
         shape, nbytes and xxh3. Raises NotFound for an unknown model, module or
-        version."""
-        raw = self._c.get_model(model, module or "", version or 0)
+        version. min_version: first wait until the model is at this version or
+        later (consistent reads); Unavailable if the server does not get there
+        within the call's timeout or its --max_version_wait."""
+        raw = self._c.get_model(model, module or "", version or 0,
+                                min_version or 0)
         tensors = collections.OrderedDict(
             (name, TensorInfo(name, kind, _dtype_or_name(dtype), _size(shape),
                               nbytes, xxh3))
@@ -208,7 +211,8 @@ class Client:
 
     def state_dict(self, model, module=None, keep_module_prefix=True,
                    keys=None, recurse=True, include_buffers=True, dtype=None,
-                   version=None, chunk_bytes=0, progress=None):
+                   version=None, chunk_bytes=0, progress=None,
+                   min_version=None):
         """Fetches ``model.get_submodule(module).state_dict()`` as a
         ``StateDict`` (OrderedDict key -> torch.Tensor, torch's key order,
         every checksum verified) with ``.version``.
@@ -221,7 +225,11 @@ class Client:
         torch floating dtype on the server (as ``tensor.to(dtype)``); version:
         a retained version (None: the current one); chunk_bytes: bytes per
         message (0: the server's default); progress: called as
-        progress(bytes_done, bytes_total).
+        progress(bytes_done, bytes_total); min_version: first wait until the
+        model is at this version or later (consistent reads: a trainer's
+        ``load_state_dict(...).version``), Unavailable if the server does not
+        get there in time. A dropped connection is resumed from the byte
+        reached, of the same version.
 
         Each tensor is allocated by torch and filled by C++ with the GIL
         released. Raises TypeError naming the key for a dtype torch 1.13 lacks
@@ -240,6 +248,7 @@ class Client:
 
         args = _fetch_args(module, keep_module_prefix, keys, recurse,
                            include_buffers, dtype, version)
+        args["min_version"] = min_version
         # Fresh memory nobody else sees: write in place, no staging copy.
         fetched_version, _ = self._c.fetch_into(model, args, allocate, True,
                                                 chunk_bytes, progress)
@@ -248,7 +257,8 @@ class Client:
         return result
 
     def refresh(self, model, net, module=None, strict=True, version=None,
-                allow_partial_write=False, chunk_bytes=0, progress=None):
+                allow_partial_write=False, chunk_bytes=0, progress=None,
+                min_version=None):
         """Copies the server's weights into ``net``'s own tensors in place, as
         ``net.load_state_dict(server_state_dict, strict)`` would, without
         allocating them: every ``data_ptr()`` stays the same, dtypes are cast
@@ -264,6 +274,7 @@ class Client:
         intact, so a failed refresh leaves ``net`` unchanged (cost: the
         model's bytes once more, briefly); True writes straight into ``net``
         (no extra memory) but a failure midway leaves ``net`` partly updated.
+        min_version: as for ``state_dict``.
         """
         def allocate(described):
             shapes = collections.OrderedDict((d[0], d[3]) for d in described)
@@ -287,6 +298,7 @@ class Client:
             return destinations
 
         args = _fetch_args(module, False, None, True, True, None, version)
+        args["min_version"] = min_version
         fetched_version, _ = self._c.fetch_into(
             model, args, allocate, allow_partial_write, chunk_bytes, progress)
         return fetched_version
@@ -365,10 +377,11 @@ class Client:
         the ``ModelInfo`` at that new version. NotFound if not retained."""
         return _module_info(self._c.rollback(model, version))
 
-    def watch(self, model):
+    def watch(self, model, min_version=None):
         """Returns a ``Watch``: iterate it for ``Event(type, model, version)``
-        as the model changes; it ends when closed."""
-        return Watch(self._c.watch(model))
+        as the model changes; it ends when closed. With min_version, the first
+        event (CURRENT) waits until the model is at that version or later."""
+        return Watch(self._c.watch(model, min_version or 0))
 
 
 def _dict_load_errors(tensors, fetched_shapes, strict):

@@ -190,6 +190,30 @@ def test_watch_sees_current_then_updated(client, fresh_name):
     assert list(watch) == []
 
 
+def test_min_version_waits_for_the_version_or_raises_unavailable(daemon, client, fresh_name):
+    name = fresh_name()
+    net = make("mlp")
+    client.create(name, net)
+    loader = threading.Timer(0.2, lambda: client.load_state_dict(name, net))
+    loader.start()
+    try:
+        fetched = client.state_dict(name, min_version=2)
+    finally:
+        loader.join()
+    assert fetched.version == 2
+    assert client.info(name, min_version=2).version == 2
+    assert client.refresh(name, make("mlp"), min_version=2) == 2
+    with client.watch(name, min_version=2) as watch:
+        assert next(watch) == modelstate.Event("CURRENT", name, 2)
+    impatient = modelstate.connect(daemon.address, timeout=0.5)
+    start = time.monotonic()
+    with pytest.raises(modelstate.Unavailable, match="asked for min_version 3"):
+        impatient.state_dict(name, min_version=3)
+    assert time.monotonic() - start < 0.5
+    with pytest.raises(modelstate.Unavailable, match="asked for min_version 3"):
+        impatient.info(name, min_version=3)
+
+
 def test_models_versions_rollback_delete(client, fresh_name):
     name = fresh_name()
     net = make("mlp")

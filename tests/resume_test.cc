@@ -1,0 +1,465 @@
+// Resumed fetches: a TCP proxy in front of an in-process server cuts the
+// connection at random points of a 256 MiB fetch; Client::StateDict,
+// StateDictInto and `modelstatectl pull` resume from the byte they reached, of
+// the same version, end bit-exact, and the proxy forwards at most 1.1 times
+// the model's bytes. Resumes are bounded, a version that is gone ends the
+// fetch with NotFound, and the server starts a stream at any offset.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <iterator>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "client/client.h"
+#include "gmock/gmock.h"
+#include "grpcpp/create_channel.h"
+#include "gtest/gtest.h"
+#include "modelstate/v1/model_state.grpc.pb.h"
+#include "tests/test_support.h"
+
+namespace modelstate {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::Not;
+using testing_support::ConnectTo;
+using testing_support::CtlPath;
+using testing_support::RunCommand;
+using testing_support::ScratchDir;
+using testing_support::StartServer;
+
+constexpr uint64_t kMiB = uint64_t{1} << 20;
+
+// A TCP proxy on 127.0.0.1:0 in front of 127.0.0.1:`upstream_port`. It cuts
+// its i-th connection once it has forwarded cuts[i] bytes from the server to
+// the client (connections past the list are never cut), and counts every byte
+// it forwards that way. One thread serves every connection.
+class CuttingProxy {
+ public:
+  CuttingProxy(int upstream_port, std::vector<uint64_t> cuts)
+      : upstream_port_(upstream_port), cuts_(std::move(cuts)) {
+    listener_ = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in address = Loopback(0);
+    socklen_t length = sizeof(address);
+    EXPECT_EQ(bind(listener_, reinterpret_cast<sockaddr*>(&address), length),
+              0);
+    EXPECT_EQ(listen(listener_, 16), 0);
+    getsockname(listener_, reinterpret_cast<sockaddr*>(&address), &length);
+    port_ = ntohs(address.sin_port);
+    EXPECT_EQ(pipe(stop_pipe_), 0);
+    thread_ = std::thread([this] { Run(); });
+  }
+
+  ~CuttingProxy() {
+    const char byte = 0;
+    EXPECT_EQ(write(stop_pipe_[1], &byte, 1), 1);
+    thread_.join();
+    for (Pair& pair : pairs_) Close(pair);
+    close(listener_);
+    close(stop_pipe_[0]);
+    close(stop_pipe_[1]);
+  }
+
+  std::string address() const { return absl::StrCat("127.0.0.1:", port_); }
+  uint64_t downstream_bytes() const { return downstream_bytes_.load(); }
+  int connections() const { return connections_.load(); }
+  // Runs on the proxy's thread after each cut, before it accepts again.
+  void set_on_cut(std::function<void()> on_cut) { on_cut_ = std::move(on_cut); }
+  // Later connections go to 127.0.0.1:`port`; call it from on_cut.
+  void set_upstream(int port) { upstream_port_ = port; }
+
+ private:
+  struct Pair {
+    int client = -1;
+    int server = -1;
+    uint64_t budget = UINT64_MAX;  // Server-to-client bytes before the cut.
+  };
+
+  static sockaddr_in Loopback(int port) {
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_port = htons(static_cast<uint16_t>(port));
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    return address;
+  }
+
+  static void Close(Pair& pair) {
+    for (int* fd : {&pair.client, &pair.server}) {
+      if (*fd < 0) continue;
+      shutdown(*fd, SHUT_RDWR);
+      close(*fd);
+      *fd = -1;
+    }
+  }
+
+  static bool WriteAll(int fd, const char* data, size_t size) {
+    while (size > 0) {
+      const ssize_t n = send(fd, data, size, MSG_NOSIGNAL);
+      if (n <= 0) return false;
+      data += n;
+      size -= static_cast<size_t>(n);
+    }
+    return true;
+  }
+
+  void Accept() {
+    Pair pair;
+    pair.client = accept(listener_, nullptr, nullptr);
+    if (pair.client < 0) return;
+    pair.server = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in upstream = Loopback(upstream_port_);
+    if (connect(pair.server, reinterpret_cast<sockaddr*>(&upstream),
+                sizeof(upstream)) != 0) {
+      Close(pair);
+      return;
+    }
+    const int index = connections_++;
+    if (index < static_cast<int>(cuts_.size())) pair.budget = cuts_[index];
+    pairs_.push_back(pair);
+  }
+
+  // Forwards what `from` has; returns false when the pair is done (closed
+  // or cut).
+  bool Forward(Pair& pair, bool downstream) {
+    char buffer[64 << 10];
+    size_t want = sizeof(buffer);
+    if (downstream)
+      want = static_cast<size_t>(std::min<uint64_t>(want, pair.budget));
+    const int from = downstream ? pair.server : pair.client;
+    const int to = downstream ? pair.client : pair.server;
+    const ssize_t n = recv(from, buffer, want, 0);
+    if (n <= 0 || !WriteAll(to, buffer, static_cast<size_t>(n))) return false;
+    if (!downstream) return true;
+    downstream_bytes_ += static_cast<uint64_t>(n);
+    pair.budget -= static_cast<uint64_t>(n);
+    if (pair.budget > 0) return true;
+    if (on_cut_) on_cut_();
+    return false;
+  }
+
+  void Run() {
+    for (;;) {
+      std::vector<pollfd> fds = {{stop_pipe_[0], POLLIN, 0},
+                                 {listener_, POLLIN, 0}};
+      for (const Pair& pair : pairs_) {
+        fds.push_back({pair.client, POLLIN, 0});
+        fds.push_back({pair.server, POLLIN, 0});
+      }
+      if (poll(fds.data(), fds.size(), -1) < 0) return;
+      if (fds[0].revents != 0) return;
+      for (size_t i = 0; i < pairs_.size(); ++i) {
+        Pair& pair = pairs_[i];
+        bool open = true;
+        if (fds[2 + 2 * i].revents != 0) open = Forward(pair, false);
+        if (open && fds[3 + 2 * i].revents != 0) open = Forward(pair, true);
+        if (!open) Close(pair);
+      }
+      pairs_.erase(
+          std::remove_if(pairs_.begin(), pairs_.end(),
+                         [](const Pair& pair) { return pair.client < 0; }),
+          pairs_.end());
+      if (fds[1].revents != 0) Accept();
+    }
+  }
+
+  int upstream_port_;  // Only the proxy's thread touches it once running.
+  const std::vector<uint64_t> cuts_;
+  int listener_ = -1;
+  int port_ = 0;
+  int stop_pipe_[2] = {-1, -1};
+  std::function<void()> on_cut_;
+  std::vector<Pair> pairs_;  // Only the proxy's thread touches it.
+  std::atomic<uint64_t> downstream_bytes_{0};
+  std::atomic<int> connections_{0};
+  std::thread thread_;
+};
+
+// Random float32 tensors adding up to `total` bytes, in 16 tensors.
+StateDict RandomModel(uint64_t total, uint64_t seed) {
+  StateDict state;
+  std::mt19937_64 random(seed);
+  const int64_t elements = static_cast<int64_t>(total / 16 / 4);
+  for (int i = 0; i < 16; ++i) {
+    TensorBuilder builder =
+        TensorBuilder::CreateUninitialized(DType::kFloat32, {elements}).value();
+    auto* words = reinterpret_cast<uint64_t*>(builder.mutable_data());
+    for (int64_t w = 0; w < elements / 2; ++w) words[w] = random();
+    state.Set(absl::StrCat("layers.", i, ".weight"),
+              std::move(builder).Build());
+  }
+  return state;
+}
+
+// A server holding "big", a random model of `bytes` bytes.
+std::unique_ptr<Server> StartWithBig(uint64_t bytes, uint64_t seed = 7) {
+  std::unique_ptr<Server> server = StartServer();
+  LoadRequest create("big");
+  create.create_if_missing = true;
+  EXPECT_TRUE(server->store().Load(create, RandomModel(bytes, seed)).ok());
+  return server;
+}
+
+// `count` cut points, each connection carrying 1 to 64 MiB; the seed is
+// logged so that a failure can be replayed.
+std::vector<uint64_t> RandomCuts(int count) {
+  const uint64_t seed = std::random_device()();
+  std::mt19937_64 random(seed);
+  std::uniform_int_distribution<uint64_t> bytes(kMiB, 64 * kMiB);
+  std::vector<uint64_t> cuts;
+  std::string listed;
+  for (int i = 0; i < count; ++i) {
+    cuts.push_back(bytes(random));
+    absl::StrAppend(&listed, " ", cuts.back());
+  }
+  std::printf("cuts (seed %llu):%s\n", static_cast<unsigned long long>(seed),
+              listed.c_str());
+  return cuts;
+}
+
+std::unique_ptr<Client> ConnectThrough(const CuttingProxy& proxy) {
+  return ConnectTo(proxy.address());
+}
+
+bool SameState(const StateDict& a, const StateDict& b) {
+  if (a.Keys() != b.Keys()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!a.entries()[i].tensor.BitwiseEquals(b.entries()[i].tensor))
+      return false;
+  }
+  return true;
+}
+
+void ExpectFewBytesMoved(const CuttingProxy& proxy, uint64_t model_bytes) {
+  const double ratio =
+      static_cast<double>(proxy.downstream_bytes()) / model_bytes;
+  std::printf("%d connections, %llu bytes through the proxy, %.4fx the model\n",
+              proxy.connections(),
+              static_cast<unsigned long long>(proxy.downstream_bytes()), ratio);
+  EXPECT_LE(ratio, 1.1);
+}
+
+constexpr uint64_t kBig = 256 * kMiB;
+
+TEST(ResumeTest, StateDictResumesBitExactAfterDropsAtRandomPoints) {
+  auto server = StartWithBig(kBig);
+  const StateDict expected = server->store().Fetch({"big"}).value().state;
+  CuttingProxy proxy(server->port(), RandomCuts(5));
+  auto client = ConnectThrough(proxy);
+  uint64_t last_done = 0;
+  bool monotonic = true;
+  TransferOptions transfer;
+  transfer.progress = [&](uint64_t done, uint64_t total) {
+    monotonic &= done >= last_done && total == kBig;
+    last_done = done;
+  };
+  absl::StatusOr<FetchedStateDict> fetched =
+      client->StateDict({"big"}, transfer);
+  ASSERT_TRUE(fetched.ok()) << fetched.status();
+  EXPECT_EQ(fetched->version, 1);
+  EXPECT_TRUE(SameState(fetched->state, expected));
+  EXPECT_TRUE(monotonic);
+  EXPECT_EQ(last_done, kBig);
+  EXPECT_EQ(proxy.connections(), 6);
+  ExpectFewBytesMoved(proxy, kBig);
+}
+
+TEST(ResumeTest, StateDictIntoResumesBitExactInBothModes) {
+  auto server = StartWithBig(kBig);
+  const StateDict expected = server->store().Fetch({"big"}).value().state;
+  for (bool partial : {false, true}) {
+    SCOPED_TRACE(partial ? "write in place" : "verify then copy");
+    CuttingProxy proxy(server->port(), RandomCuts(4));
+    auto client = ConnectThrough(proxy);
+    std::vector<std::vector<uint8_t>> memory;
+    std::vector<Destination> destinations;
+    memory.reserve(expected.size());
+    for (const auto& entry : expected.entries()) {
+      memory.emplace_back(entry.tensor.num_bytes(), 0);
+      destinations.push_back({entry.key, entry.tensor.dtype(),
+                              entry.tensor.shape(), memory.back().data()});
+    }
+    IntoOptions into;
+    into.allow_partial_write = partial;
+    absl::StatusOr<int64_t> version =
+        client->StateDictInto({"big"}, destinations, {}, into);
+    ASSERT_TRUE(version.ok()) << version.status();
+    for (size_t i = 0; i < expected.size(); ++i) {
+      const Tensor& tensor = expected.entries()[i].tensor;
+      EXPECT_EQ(
+          std::memcmp(memory[i].data(), tensor.data(), tensor.num_bytes()), 0)
+          << expected.entries()[i].key;
+    }
+    EXPECT_EQ(proxy.connections(), 5);
+    ExpectFewBytesMoved(proxy, kBig);
+  }
+}
+
+std::string Contents(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+TEST(ResumeTest, ModelstatectlPullResumesToAByteIdenticalFile) {
+  auto server = StartWithBig(kBig);
+  ScratchDir dir;
+  const std::string ctl = CtlPath() + " --timeout=120s ";
+  const std::string direct = dir.file("direct.safetensors");
+  testing_support::CommandResult whole =
+      RunCommand(ctl + "--server=127.0.0.1:" + std::to_string(server->port()) +
+                 " pull big " + direct + " 2>&1");
+  ASSERT_EQ(whole.exit_code, 0) << whole.output;
+  CuttingProxy proxy(server->port(), RandomCuts(5));
+  const std::string resumed = dir.file("resumed.safetensors");
+  testing_support::CommandResult pulled =
+      RunCommand(ctl + "--server=" + proxy.address() +
+                 " --max_resumes=5 pull big " + resumed + " 2>&1");
+  ASSERT_EQ(pulled.exit_code, 0) << pulled.output;
+  EXPECT_THAT(pulled.output, HasSubstr("pulled big version 1"));
+  EXPECT_TRUE(Contents(direct) == Contents(resumed));
+  EXPECT_EQ(proxy.connections(), 6);
+  ExpectFewBytesMoved(proxy, kBig);
+
+  // One resume fewer than the drops: the pull fails and leaves no file.
+  CuttingProxy stingy(server->port(), RandomCuts(5));
+  const std::string failed = dir.file("failed.safetensors");
+  testing_support::CommandResult short_of_resumes =
+      RunCommand(ctl + "--server=" + stingy.address() +
+                 " --max_resumes=4 pull big " + failed + " 2>&1");
+  EXPECT_EQ(short_of_resumes.exit_code, 1) << short_of_resumes.output;
+  EXPECT_THAT(short_of_resumes.output, HasSubstr("gave up after 4 resumes"));
+  EXPECT_LE(stingy.connections(), 5);
+  EXPECT_FALSE(std::ifstream(failed).good());
+}
+
+TEST(ResumeTest, ResumesAreBoundedByMaxResumes) {
+  auto server = StartWithBig(32 * kMiB);
+  CuttingProxy proxy(server->port(), std::vector<uint64_t>(20, 2 * kMiB));
+  auto client = ConnectThrough(proxy);
+  TransferOptions transfer;
+  transfer.max_resumes = 2;
+  absl::Status status = client->StateDict({"big"}, transfer).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable) << status;
+  EXPECT_THAT(std::string(status.message()),
+              HasSubstr("gave up after 2 resumes"));
+  // A resume may also fail before it connects (the channel still holds the
+  // dead connection): it counts all the same.
+  EXPECT_LE(proxy.connections(), 3);
+
+  CuttingProxy once(server->port(), {2 * kMiB});
+  transfer.max_resumes = 0;
+  status = ConnectThrough(once)->StateDict({"big"}, transfer).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable) << status;
+  EXPECT_THAT(std::string(status.message()), Not(HasSubstr("resumes")));
+  EXPECT_EQ(once.connections(), 1);
+
+  // The offset is the resuming client's own business.
+  FetchRequest offset("big");
+  offset.offset = 1;
+  EXPECT_EQ(client->StateDict(offset).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// A resumed stream that reaches a server with other bytes under the same
+// version number (a replica restarted without its data) is refused.
+TEST(ResumeTest, AResumeWhoseManifestDiffersIsAborted) {
+  auto first = StartWithBig(32 * kMiB, 7);
+  auto other = StartWithBig(32 * kMiB, 8);
+  CuttingProxy proxy(first->port(), {4 * kMiB});
+  const int other_port = other->port();
+  proxy.set_on_cut([&proxy, other_port] { proxy.set_upstream(other_port); });
+  auto client = ConnectThrough(proxy);
+  absl::Status status = client->StateDict({"big"}).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kAborted) << status;
+  EXPECT_THAT(std::string(status.message()),
+              HasSubstr("describes it differently"));
+  EXPECT_EQ(proxy.connections(), 2);
+}
+
+TEST(ResumeTest, AVersionNoLongerRetainedEndsTheFetchWithNotFound) {
+  auto server = StartWithBig(32 * kMiB);
+  CuttingProxy proxy(server->port(), {4 * kMiB});
+  // While the connection is down, a new version replaces the pinned one.
+  proxy.set_on_cut([&server] {
+    const StateDict state = server->store().Fetch({"big"}).value().state;
+    ASSERT_TRUE(server->store().Load({"big"}, state).ok());
+  });
+  auto client = ConnectThrough(proxy);
+  absl::Status status = client->StateDict({"big"}).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kNotFound) << status;
+  EXPECT_THAT(std::string(status.message()),
+              HasSubstr("cannot resume the fetch of \"big\" version 1"));
+  EXPECT_THAT(std::string(status.message()),
+              HasSubstr("no longer has that version"));
+}
+
+TEST(ResumeTest, ACancellerStopsAFetchBetweenResumes) {
+  auto server = StartWithBig(32 * kMiB);
+  CuttingProxy proxy(server->port(), std::vector<uint64_t>(20, 2 * kMiB));
+  auto client = ConnectThrough(proxy);
+  CallCanceller canceller;
+  TransferOptions transfer;
+  transfer.canceller = &canceller;
+  // Cancelled during the first resumed stream.
+  transfer.progress = [&](uint64_t, uint64_t) {
+    if (proxy.connections() == 2) canceller.Cancel();
+  };
+  absl::Status status = client->StateDict({"big"}, transfer).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kCancelled) << status;
+  EXPECT_EQ(proxy.connections(), 2);
+}
+
+// The server side on its own: a stream from an offset sends the whole
+// manifest, then only the bytes from there, at their offsets.
+TEST(ResumeTest, TheServerStartsAStreamAtAnyOffsetAndRefusesOnesPastTheEnd) {
+  auto server = StartWithBig(2 * kMiB);
+  auto stub = v1::ModelState::NewStub(
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", server->port()),
+                          grpc::InsecureChannelCredentials()));
+  auto fetch = [&](uint64_t offset, std::vector<v1::StateDictResponse>* out) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() +
+                         std::chrono::seconds(60));
+    v1::StateDictRequest request;
+    request.set_model("big");
+    request.set_version(1);
+    request.set_offset(offset);
+    auto reader = stub->StateDict(&context, request);
+    v1::StateDictResponse response;
+    while (reader->Read(&response)) out->push_back(response);
+    return reader->Finish();
+  };
+  std::vector<v1::StateDictResponse> whole, tail, past;
+  ASSERT_TRUE(fetch(0, &whole).ok());
+  const uint64_t start = 2 * kMiB - 1000;
+  ASSERT_TRUE(fetch(start, &tail).ok());
+  ASSERT_EQ(tail.size(), 3u);  // Manifest, one chunk, end.
+  EXPECT_EQ(tail[0].manifest().SerializeAsString(),
+            whole[0].manifest().SerializeAsString());
+  EXPECT_EQ(tail[1].chunk().offset(), start);
+  std::string all;
+  for (size_t i = 1; i + 1 < whole.size(); ++i) all += whole[i].chunk().data();
+  EXPECT_EQ(tail[1].chunk().data(), all.substr(start));
+  EXPECT_EQ(tail[2].end().total_bytes(), 2 * kMiB);
+  std::vector<v1::StateDictResponse> at_end;
+  ASSERT_TRUE(fetch(2 * kMiB, &at_end).ok());
+  EXPECT_EQ(at_end.size(), 2u);  // Manifest and end.
+  const grpc::Status refused = fetch(2 * kMiB + 1, &past);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::OUT_OF_RANGE);
+  EXPECT_TRUE(past.empty());
+}
+
+}  // namespace
+}  // namespace modelstate
