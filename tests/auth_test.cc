@@ -724,5 +724,32 @@ TEST(AuthDaemonTest, SighupReloadsAndTokensStayOutOfTheLog) {
   EXPECT_EQ(daemon.Stop(SIGTERM, 30), 0);
 }
 
+// Without a policy: everyone is "anonymous" and may do everything (no warning
+// on loopback), SIGHUP changes nothing, and the reflection and audit-log flags
+// reach the server.
+TEST(AuthDaemonTest, WithoutPolicyFlagsStillApply) {
+  ScratchDir dir;
+  const std::string audit = dir.file("audit.log");
+  Daemon daemon(
+      {"--reflection=false", "--audit_log=" + audit, "--demo_model=demo"});
+  ASSERT_NE(daemon.port(), 0);
+  EXPECT_EQ(ReflectionCode(grpc::CreateChannel(
+                daemon.address(), grpc::InsecureChannelCredentials())),
+            grpc::StatusCode::UNIMPLEMENTED);
+  const std::string ctl =
+      absl::StrCat(CtlPath(), " --server=", daemon.address(), " ");
+  const CommandResult deleted = RunCommand(ctl + "delete demo");
+  EXPECT_EQ(deleted.exit_code, 0) << deleted.output;
+  ASSERT_TRUE(daemon.Signal(SIGHUP));
+  ASSERT_TRUE(daemon.WaitForLog("SIGHUP ignored: no --auth_policy", kWait));
+  EXPECT_EQ(RunCommand(ctl + "models").exit_code, 0);
+  EXPECT_THAT(ReadFile(audit),
+              HasSubstr("principal=anonymous action=DeleteModel "
+                        "model=\"demo\" version=1"));
+  EXPECT_THAT(daemon.Log(), Not(HasSubstr("WARNING")));
+  EXPECT_THAT(daemon.Log(), Not(HasSubstr("audit:")));
+  EXPECT_EQ(daemon.Stop(SIGTERM, 30), 0);
+}
+
 }  // namespace
 }  // namespace modelstate
