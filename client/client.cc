@@ -5,6 +5,7 @@
 #include <map>
 #include <set>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
@@ -82,6 +83,14 @@ Client::Client(std::shared_ptr<grpc::Channel> channel, ClientOptions options)
 
 absl::StatusOr<std::unique_ptr<Client>> Client::Connect(
     const std::string& target, const ClientOptions& options) {
+  // A token that would make a malformed header is refused here, without
+  // echoing it (it is a secret).
+  for (char c : options.token) {
+    if (!absl::ascii_isgraph(static_cast<unsigned char>(c))) {
+      return absl::InvalidArgumentError(
+          "the token has whitespace or control characters");
+    }
+  }
   std::shared_ptr<grpc::ChannelCredentials> credentials;
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(kMaxMessageBytes);
@@ -128,6 +137,8 @@ void Client::Prepare(grpc::ClientContext* context) const {
   if (options_.timeout != absl::InfiniteDuration()) {
     context->set_deadline(absl::ToChronoTime(absl::Now() + options_.timeout));
   }
+  if (!options_.token.empty())
+    context->AddMetadata("authorization", "Bearer " + options_.token);
 }
 
 absl::StatusOr<std::vector<ModelSummary>> Client::ListModels() {

@@ -53,6 +53,12 @@ struct ClientOptions {
   // receivers (modelstatectl pull) hold at most this much in flight. 0 keeps
   // gRPC's adaptive window, the fastest on long fat links.
   uint32_t receive_window_bytes = 0;
+  // Bearer token sent with every call as "authorization: Bearer <token>"
+  // metadata, for a server with an auth policy; empty for none. Plain
+  // metadata rather than gRPC call credentials, which refuse plaintext
+  // channels: over plaintext the token is readable on the wire, so use TLS
+  // beyond loopback.
+  std::string token;
 };
 
 // Called with (bytes done, bytes in all) as a transfer advances.
@@ -156,7 +162,7 @@ class Client {
  public:
   // Creates a client for `target` ("host:port", "dns:///name:port", ...). Does
   // not wait for the connection. Returns InvalidArgument for unreadable TLS
-  // files.
+  // files or a token with whitespace or control characters.
   static absl::StatusOr<std::unique_ptr<Client>> Connect(
       const std::string& target, const ClientOptions& options = {});
 

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <vector>
@@ -10,6 +11,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -67,6 +69,11 @@ ABSL_FLAG(int64_t, min_version, 0,
 ABSL_FLAG(int32_t, max_resumes, 8,
           "resume a pull this many times after dropped connections, from the "
           "byte reached; 0: never");
+// Authentication: a bearer token from a file (never from the command line,
+// where other users could read it), else from $MODELSTATE_TOKEN.
+ABSL_FLAG(std::string, token_file, "",
+          "file holding a bearer token for a server with an auth policy; "
+          "default: $MODELSTATE_TOKEN, if set");
 ABSL_FLAG(bool, bytes, false,
           "exact byte counts instead of KiB, MiB, GiB (models, info)");
 
@@ -74,7 +81,7 @@ namespace modelstate {
 namespace {
 
 constexpr char kUsage[] =
-    R"(modelstatectl [--server=HOST:PORT] [--tls_ca=PEM] [--tls_cert=PEM --tls_key=PEM] COMMAND
+    R"(modelstatectl [--server=HOST:PORT] [--tls_ca=PEM] [--tls_cert=PEM --tls_key=PEM] [--token_file=F] COMMAND
   models [--bytes]                                    name, version, tensors, size
   info MODEL [--module=PATH] [--version=N] [--min_version=N] [--bytes]  key, kind, dtype, shape, size, checksum
   create MODEL --arch=SPEC.json | --from=FILE.safetensors
@@ -357,6 +364,22 @@ int Watch(Client &client, const std::string &model) {
   return status.ok() ? 0 : Fail(status);
 }
 
+// The bearer token of --token_file (surrounding whitespace stripped), else of
+// $MODELSTATE_TOKEN, else none.
+absl::StatusOr<std::string> Token() {
+  const std::string path = absl::GetFlag(FLAGS_token_file);
+  if (path.empty()) {
+    const char *env = std::getenv("MODELSTATE_TOKEN");
+    return std::string(absl::StripAsciiWhitespace(env ? env : ""));
+  }
+  absl::StatusOr<std::string> text = ReadFileToString(path);
+  if (!text.ok()) return text.status();
+  const std::string token(absl::StripAsciiWhitespace(*text));
+  if (token.empty())
+    return absl::InvalidArgumentError(absl::StrCat(path, " holds no token"));
+  return token;
+}
+
 int Run(const std::vector<char *> &positional) {
   if (positional.size() < 2) return Usage("missing COMMAND");
   const std::string command = positional[1];
@@ -369,6 +392,9 @@ int Run(const std::vector<char *> &positional) {
   options.timeout = absl::GetFlag(FLAGS_timeout);
   options.load_balancing_policy = absl::GetFlag(FLAGS_lb_policy);
   options.receive_window_bytes = absl::GetFlag(FLAGS_receive_window_bytes);
+  absl::StatusOr<std::string> token = Token();
+  if (!token.ok()) return Fail(token.status());
+  options.token = *std::move(token);
   absl::StatusOr<std::unique_ptr<Client>> client =
       Client::Connect(absl::GetFlag(FLAGS_server), options);
   if (!client.ok()) return Fail(client.status());

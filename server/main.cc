@@ -66,6 +66,18 @@ ABSL_FLAG(absl::Duration, max_version_wait, absl::Seconds(60),
           "longest a read with min_version waits for the model to reach it "
           "(also when the client's deadline is later or unset); 0: never "
           "wait");
+// Authentication and authorization (docs/operations.md).
+ABSL_FLAG(std::string, auth_policy, "",
+          "JSON policy of principals (bearer-token hashes, client-certificate "
+          "names) and their roles per model glob; re-read on SIGHUP and when "
+          "the file changes; empty: every caller may do everything");
+ABSL_FLAG(
+    absl::Duration, auth_policy_poll, absl::Seconds(5),
+    "how often --auth_policy is checked for changes; inf: only on SIGHUP");
+ABSL_FLAG(std::string, audit_log, "-",
+          "one line per write (principal, model, version, bytes): - for "
+          "stderr, a file to append to, or empty for none");
+ABSL_FLAG(bool, reflection, true, "serve gRPC server reflection");
 
 namespace {
 
@@ -135,6 +147,11 @@ absl::StatusOr<modelstate::ServerOptions> OptionsFromFlags() {
   options.retain_versions = absl::GetFlag(FLAGS_retain_versions);
   options.max_version_wait = absl::GetFlag(FLAGS_max_version_wait);
 
+  options.auth_policy_file = absl::GetFlag(FLAGS_auth_policy);
+  options.auth_policy_poll_interval = absl::GetFlag(FLAGS_auth_policy_poll);
+  options.audit_log = absl::GetFlag(FLAGS_audit_log);
+  options.reflection = absl::GetFlag(FLAGS_reflection);
+
   return options;
 }
 
@@ -155,11 +172,13 @@ int main(int argc, char** argv) {
   }
   const modelstate::ServerOptions& options = *parsed;
 
-  // Block the stop signals in every thread; one thread waits for them.
+  // Block the stop signals (and SIGHUP, which reloads the auth policy) in
+  // every thread; one thread waits for them.
   sigset_t stop_signals;
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGTERM);
   sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
   absl::StatusOr<std::unique_ptr<modelstate::Server>> server =
@@ -184,7 +203,14 @@ int main(int argc, char** argv) {
   const absl::Duration grace = absl::GetFlag(FLAGS_shutdown_grace);
   std::thread signal_waiter([&stop_signals, &server, grace] {
     int signal = 0;
-    sigwait(&stop_signals, &signal);
+    while (sigwait(&stop_signals, &signal) == 0 && signal == SIGHUP) {
+      const absl::Status reloaded = (*server)->ReloadAuthPolicy();
+      // Reload logs its own outcome; only the no-policy case is said here.
+      if (absl::IsFailedPrecondition(reloaded)) {
+        std::fprintf(stderr, "modelstated: SIGHUP ignored: %s\n",
+                     std::string(reloaded.message()).c_str());
+      }
+    }
     std::fprintf(stderr, "modelstated: signal %d, draining for up to %s\n",
                  signal, absl::FormatDuration(grace).c_str());
     (*server)->Shutdown(grace);

@@ -90,6 +90,10 @@ Metrics::Metrics(const ModelStore* store, int64_t memory_limit_bytes,
                      .Name("modelstate_rpc_duration_seconds")
                      .Help("RPC durations, transfers included, by method.")
                      .Register(*registry_)),
+      auth_failures_(prometheus::BuildCounter()
+                         .Name("modelstate_auth_failures_total")
+                         .Help("Calls refused by the auth policy, by reason.")
+                         .Register(*registry_)),
       state_(std::make_shared<StateCollector>(store, memory_limit_bytes,
                                               std::move(active_calls))) {}
 
@@ -106,6 +110,10 @@ void Metrics::RecordRpc(absl::string_view method, grpc::StatusCode code,
       0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300};
   durations_.Add({{"method", name}}, kBuckets)
       .Observe(absl::ToDoubleSeconds(duration));
+}
+
+void Metrics::RecordAuthFailure(absl::string_view reason) {
+  auth_failures_.Add({{"reason", std::string(reason)}}).Increment();
 }
 
 }  // namespace modelstate

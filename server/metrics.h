@@ -36,6 +36,10 @@ class Metrics {
   void RecordRpc(absl::string_view method, grpc::StatusCode code,
                  uint64_t bytes, absl::Duration duration);
 
+  // Counts one call refused by the auth policy; `reason` is an
+  // AuthFailureName ("unknown_token", "permission_denied", ...).
+  void RecordAuthFailure(absl::string_view reason);
+
   // What an exposer serves: the RPC metrics and the store's state.
   std::shared_ptr<prometheus::Collectable> rpc_metrics() const {
     return registry_;
@@ -49,6 +53,7 @@ class Metrics {
   prometheus::Family<prometheus::Counter>& rpcs_;
   prometheus::Family<prometheus::Counter>& bytes_;
   prometheus::Family<prometheus::Histogram>& durations_;
+  prometheus::Family<prometheus::Counter>& auth_failures_;
   std::shared_ptr<prometheus::Collectable> state_;
 };
 

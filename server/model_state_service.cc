@@ -4,6 +4,7 @@
 #include <atomic>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -18,6 +19,7 @@
 #include "proto/chunk_frame.h"
 #include "proto/convert.h"
 #include "proto/grpc_status.h"
+#include "server/metrics.h"
 #include "server/rpc_log.h"
 
 namespace modelstate {
@@ -73,6 +75,12 @@ class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
       return;
     }
     record_.set_model(request_.model());
+    const absl::Status admitted =
+        service->Admit(*context, Action::kStateDict, request_.model()).status();
+    if (!admitted.ok()) {
+      FinishWith(ToGrpcStatus(admitted));
+      return;
+    }
     if (request_.min_version() > 0) {
       // The waiter's thread only hands over: the fetch (and any dtype cast)
       // runs on gRPC's executor, as without a wait, so that one slow
@@ -194,15 +202,25 @@ class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
 class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest>,
                     public IdleStream {
  public:
-  LoadReactor(ModelStateService* service, ModelStore* store,
-              v1::LoadStateDictResponse* response)
+  LoadReactor(ModelStateService* service, grpc::CallbackServerContext* context,
+              ModelStore* store, v1::LoadStateDictResponse* response)
       : active_(service),
         service_(service),
         store_(store),
         response_(response),
         record_("LoadStateDict", service->options().log_rpcs,
-                service->options().metrics) {
+                service->options().metrics),
+        peer_(context->peer()) {
     service_->Track(this);
+    // Who it is is known now; what it may write once the header names the
+    // model. An unknown caller is refused before anything is read.
+    absl::StatusOr<Caller> caller = service_->Authenticate(*context);
+    if (!caller.ok()) {
+      absl::MutexLock lock(&mu_);
+      FinishLocked(caller.status());
+      return;
+    }
+    caller_ = *std::move(caller);
     StartRead(&request_);
   }
 
@@ -259,6 +277,7 @@ class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest>,
               "a load must start with its header");
         }
         record_.add_bytes(request_.chunk().data().size());
+        bytes_received_ += request_.chunk().data().size();
         return receiver_->Accept(request_.chunk().offset(),
                                  request_.chunk().data());
       }
@@ -273,6 +292,8 @@ class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest>,
     if (receiver_ != nullptr)
       return absl::InvalidArgumentError("a load has only one header");
     record_.set_model(header.model());
+    RETURN_IF_ERROR(
+        service_->Authorize(*caller_, Action::kLoadStateDict, header.model()));
     ASSIGN_OR_RETURN(const LoadRequest request, FromProto(header));
     ASSIGN_OR_RETURN(std::vector<TransferEntry> entries,
                      ToTransferEntries(header.tensors()));
@@ -298,6 +319,7 @@ class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest>,
         const LoadOutcome outcome,
         store_->CommitLoad(std::move(pending_), *std::move(tensors)));
     *response_ = ToProto(outcome);
+    version_ = outcome.version;
     committed_ = true;
     return absl::OkStatus();
   }
@@ -308,6 +330,11 @@ class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest>,
     pending_.reset();
     receiver_.reset();
     status_ = ToGrpcStatus(status);
+    // Before Finish, so that the line is written by the time the client
+    // learns the outcome.
+    service_->Audit(caller_ ? &*caller_ : nullptr, Action::kLoadStateDict,
+                    record_.model(), version_, bytes_received_,
+                    status_.error_code(), peer_);
     Finish(status_);
   }
 
@@ -324,6 +351,11 @@ class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest>,
   std::unique_ptr<ChunkReceiver> receiver_;
   bool committed_ = false;
   grpc::Status status_;
+  // For the audit line.
+  const std::string peer_;
+  std::optional<Caller> caller_;
+  int64_t version_ = 0;
+  uint64_t bytes_received_ = 0;
 };
 
 }  // namespace
@@ -333,8 +365,8 @@ class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest>,
 // first event is CURRENT at that version or later.
 class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
  public:
-  WatchReactor(ModelStateService* service, ModelStore* store,
-               const std::string& model, int64_t min_version,
+  WatchReactor(ModelStateService* service, grpc::CallbackServerContext* context,
+               ModelStore* store, const std::string& model, int64_t min_version,
                absl::Time wait_deadline)
       : active_(service),
         service_(service),
@@ -343,6 +375,13 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
         record_("WatchModel", service->options().log_rpcs,
                 service->options().metrics) {
     record_.set_model(model);
+    const absl::Status admitted =
+        service->Admit(*context, Action::kWatchModel, model).status();
+    if (!admitted.ok()) {
+      absl::MutexLock lock(&mu_);
+      FinishLocked(ToGrpcStatus(admitted));
+      return;
+    }
     if (min_version > 0) {
       wait_id_ = service_->version_waiter().Wait(
           model_, min_version, wait_deadline,
@@ -476,18 +515,41 @@ void ModelStateService::RunIdleWatchdog() {
 
 namespace {
 
+// What a unary call may do, who it acts for once admitted, and for writes
+// what it wrote (for the audit line).
+struct UnaryAccess {
+  explicit UnaryAccess(Action action) : action(action) {}
+  const Action action;
+  Caller caller = Caller::Anonymous();
+  int64_t version = 0;
+  uint64_t bytes = 0;
+};
+
 // Runs a unary call's `body` (decode, one core call, encode) unless the server
-// drains, and finishes the call with its status.
+// drains or the caller may not do `access.action` on the record's model, and
+// finishes the call with its status.
 grpc::ServerUnaryReactor* Unary(ModelStateService* service,
                                 grpc::CallbackServerContext* context,
-                                RpcRecord& record,
+                                RpcRecord& record, UnaryAccess& access,
                                 const std::function<absl::Status()>& body) {
   ModelStateService::ActiveCall active(service);
   if (service->draining()) {
     return FinishUnary(context, record,
                        absl::UnavailableError("server shutting down"));
   }
-  return FinishUnary(context, record, body());
+  absl::StatusOr<Caller> caller = service->Authenticate(*context);
+  absl::Status status = caller.status();
+  if (caller.ok()) {
+    access.caller = *std::move(caller);
+    status = service->Authorize(access.caller, access.action, record.model());
+  }
+  if (status.ok()) status = body();
+  if (IsWrite(access.action)) {
+    service->Audit(caller.ok() ? &access.caller : nullptr, access.action,
+                   record.model(), access.version, access.bytes,
+                   ToGrpcStatus(status).error_code(), context->peer());
+  }
+  return FinishUnary(context, record, status);
 }
 
 }  // namespace
@@ -496,9 +558,12 @@ grpc::ServerUnaryReactor* ModelStateService::ListModels(
     grpc::CallbackServerContext* context, const v1::ListModelsRequest* request,
     v1::ListModelsResponse* response) {
   RpcRecord record("ListModels", options_.log_rpcs, options_.metrics);
-  return Unary(this, context, record, [&] {
-    for (const ModelSummary& summary : store_->Summaries())
-      *response->add_models() = ToProto(summary);
+  UnaryAccess access(Action::kListModels);
+  return Unary(this, context, record, access, [&] {
+    for (const ModelSummary& summary : store_->Summaries()) {
+      if (access.caller.CanRead(summary.name))
+        *response->add_models() = ToProto(summary);
+    }
     return absl::OkStatus();
   });
 }
@@ -528,6 +593,12 @@ class DescribeAfterVersion : public grpc::ServerUnaryReactor {
         record_("GetModel", service->options().log_rpcs,
                 service->options().metrics) {
     record_.set_model(request->model());
+    const absl::Status admitted =
+        service->Admit(*context, Action::kGetModel, request->model()).status();
+    if (!admitted.ok()) {
+      FinishWith(ToGrpcStatus(admitted));
+      return;
+    }
     wait_id_ = service_->version_waiter().Wait(
         request->model(), request->min_version(),
         service_->MinVersionDeadline(*context),
@@ -570,7 +641,8 @@ grpc::ServerUnaryReactor* ModelStateService::GetModel(
   }
   RpcRecord record("GetModel", options_.log_rpcs, options_.metrics);
   record.set_model(request->model());
-  return Unary(this, context, record, [&]() -> absl::Status {
+  UnaryAccess access(Action::kGetModel);
+  return Unary(this, context, record, access, [&]() -> absl::Status {
     return DescribeModel(store_, *request, response);
   });
 }
@@ -580,12 +652,16 @@ grpc::ServerUnaryReactor* ModelStateService::CreateModel(
     v1::CreateModelResponse* response) {
   RpcRecord record("CreateModel", options_.log_rpcs, options_.metrics);
   record.set_model(request->model());
-  return Unary(this, context, record, [&]() -> absl::Status {
+  UnaryAccess access(Action::kCreateModel);
+  return Unary(this, context, record, access, [&]() -> absl::Status {
     ASSIGN_OR_RETURN(
         const Snapshot created,
         store_->CreateFromSpec(request->model(), request->architecture_json(),
                                request->seed()));
-    *response->mutable_summary() = ToProto(Summarize(created));
+    const ModelSummary summary = Summarize(created);
+    access.version = summary.version;
+    access.bytes = summary.num_bytes;
+    *response->mutable_summary() = ToProto(summary);
     return absl::OkStatus();
   });
 }
@@ -595,8 +671,17 @@ grpc::ServerUnaryReactor* ModelStateService::DeleteModel(
     v1::DeleteModelResponse* response) {
   RpcRecord record("DeleteModel", options_.log_rpcs, options_.metrics);
   record.set_model(request->model());
-  return Unary(this, context, record,
-               [&] { return store_->Delete(request->model()); });
+  UnaryAccess access(Action::kDeleteModel);
+  return Unary(this, context, record, access, [&] {
+    // The audit line names the version deleted.
+    absl::StatusOr<Snapshot> doomed = store_->GetSnapshot(request->model());
+    if (doomed.ok()) {
+      const ModelSummary summary = Summarize(*doomed);
+      access.version = summary.version;
+      access.bytes = summary.num_bytes;
+    }
+    return store_->Delete(request->model());
+  });
 }
 
 grpc::ServerUnaryReactor* ModelStateService::RollbackModel(
@@ -605,10 +690,14 @@ grpc::ServerUnaryReactor* ModelStateService::RollbackModel(
     v1::RollbackModelResponse* response) {
   RpcRecord record("RollbackModel", options_.log_rpcs, options_.metrics);
   record.set_model(request->model());
-  return Unary(this, context, record, [&]() -> absl::Status {
+  UnaryAccess access(Action::kRollbackModel);
+  return Unary(this, context, record, access, [&]() -> absl::Status {
     ASSIGN_OR_RETURN(const Snapshot current,
                      store_->Rollback(request->model(), request->version()));
-    *response->mutable_summary() = ToProto(Summarize(current));
+    const ModelSummary summary = Summarize(current);
+    access.version = summary.version;
+    access.bytes = summary.num_bytes;
+    *response->mutable_summary() = ToProto(summary);
     return absl::OkStatus();
   });
 }
@@ -625,7 +714,7 @@ ModelStateService::LoadStateDict(grpc::CallbackServerContext* context,
                                  v1::LoadStateDictResponse* response) {
   if (draining())
     return new Refused<grpc::ServerReadReactor<v1::LoadStateDictRequest>>();
-  return new LoadReactor(this, store_, response);
+  return new LoadReactor(this, context, store_, response);
 }
 
 grpc::ServerWriteReactor<v1::WatchModelResponse>* ModelStateService::WatchModel(
@@ -635,8 +724,8 @@ grpc::ServerWriteReactor<v1::WatchModelResponse>* ModelStateService::WatchModel(
   if (stopping_)
     return new Refused<grpc::ServerWriteReactor<v1::WatchModelResponse>>();
   auto* reactor =
-      new WatchReactor(this, store_, request->model(), request->min_version(),
-                       MinVersionDeadline(*context));
+      new WatchReactor(this, context, store_, request->model(),
+                       request->min_version(), MinVersionDeadline(*context));
   watches_.insert(reactor);
   return reactor;
 }
@@ -697,6 +786,54 @@ absl::Time ModelStateService::MinVersionDeadline(
         std::min(end, client - std::min((client - now) / 10, kMaxAnswerMargin));
   }
   return end;
+}
+
+absl::StatusOr<Caller> ModelStateService::Authenticate(
+    const grpc::ServerContextBase& context) {
+  if (options_.access == nullptr) return Caller::Anonymous();
+  AuthFailure failure = AuthFailure::kNone;
+  absl::StatusOr<Principal> principal =
+      options_.access->Authenticate(CredentialsOf(context), &failure);
+  if (!principal.ok()) {
+    if (options_.metrics != nullptr)
+      options_.metrics->RecordAuthFailure(AuthFailureName(failure));
+    return principal.status();
+  }
+  return Caller::Of(*std::move(principal));
+}
+
+absl::Status ModelStateService::Authorize(const Caller& caller, Action action,
+                                          absl::string_view model) {
+  absl::Status allowed = caller.Authorize(action, model);
+  if (!allowed.ok() && options_.metrics != nullptr) {
+    options_.metrics->RecordAuthFailure(
+        AuthFailureName(AuthFailure::kPermissionDenied));
+  }
+  return allowed;
+}
+
+absl::StatusOr<Caller> ModelStateService::Admit(
+    const grpc::ServerContextBase& context, Action action,
+    absl::string_view model) {
+  ASSIGN_OR_RETURN(Caller caller, Authenticate(context));
+  RETURN_IF_ERROR(Authorize(caller, action, model));
+  return caller;
+}
+
+void ModelStateService::Audit(const Caller* caller, Action action,
+                              const std::string& model, int64_t version,
+                              uint64_t bytes, grpc::StatusCode code,
+                              const std::string& peer) {
+  if (options_.audit == nullptr) return;
+  AuditLog::Entry entry;
+  entry.principal = caller != nullptr ? caller->name() : "-";
+  entry.action = action;
+  entry.model = model;
+  entry.version = code == grpc::StatusCode::OK ? version : 0;
+  entry.bytes = bytes;
+  entry.code = code;
+  entry.peer = peer;
+  options_.audit->Record(entry);
 }
 
 void ModelStateService::Forget(WatchReactor* reactor) {

@@ -10,10 +10,12 @@
 
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "core/access_policy.h"
 #include "core/limits.h"
 #include "core/model_store.h"
 #include "core/version_wait.h"
 #include "modelstate/v1/model_state.grpc.pb.h"
+#include "server/auth.h"
 
 namespace modelstate {
 
@@ -32,6 +34,11 @@ struct ServiceOptions {
   // Consistent reads: the longest a call with min_version waits for the model
   // to reach it, whatever the client's deadline (see MinVersionDeadline).
   absl::Duration max_version_wait = absl::Seconds(60);
+  // Authentication and authorization: the policy in force, or null to let
+  // every caller do everything; the audit log of writes, or null for none.
+  // Both must outlive the service.
+  AccessControl* access = nullptr;
+  AuditLog* audit = nullptr;
 };
 
 // A stream the service ends when it makes no progress for the idle timeout.
@@ -123,6 +130,21 @@ class ModelStateService final
   // for the UNAVAILABLE answer to reach it (rather than the client's own
   // DEADLINE_EXCEEDED).
   absl::Time MinVersionDeadline(const grpc::ServerContextBase& context) const;
+  // Who calls through `context`: anonymous without a policy, otherwise its
+  // principal, or Unauthenticated (counted in the metrics by reason).
+  absl::StatusOr<Caller> Authenticate(const grpc::ServerContextBase& context);
+  // OK when `caller` may do `action` on `model`, otherwise PermissionDenied
+  // naming the role needed (counted in the metrics).
+  absl::Status Authorize(const Caller& caller, Action action,
+                         absl::string_view model);
+  // Both, for a call whose model is known at its start; the caller on success.
+  absl::StatusOr<Caller> Admit(const grpc::ServerContextBase& context,
+                               Action action, absl::string_view model);
+  // Writes one audit line for a write that finished with `code`; `caller` is
+  // null when the caller was not authenticated.
+  void Audit(const Caller* caller, Action action, const std::string& model,
+             int64_t version, uint64_t bytes, grpc::StatusCode code,
+             const std::string& peer);
 
  private:
   friend class WatchReactor;

@@ -22,6 +22,7 @@ class RpcRecord {
       : method_(method), enabled_(log), metrics_(metrics) {}
 
   void set_model(std::string model) { model_ = std::move(model); }
+  const std::string& model() const { return model_; }
   void add_bytes(uint64_t bytes) { bytes_ += bytes; }
 
   // Writes "rpc=<method> model=<model> bytes=<n> duration_ms=<ms> status=<CODE>

@@ -12,6 +12,7 @@
 #include "core/status_macros.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/impl/server_builder_option.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
 
@@ -47,6 +48,30 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(
   }
   return grpc::SslServerCredentials(ssl);
 }
+
+// Turns server reflection on or off for the one ServerBuilder it is set on.
+// Linking gRPC's reflection library registers its plugin with every builder
+// of the process (a static initializer), so "off" must remove it here.
+class ReflectionOption : public grpc::ServerBuilderOption {
+ public:
+  explicit ReflectionOption(bool enabled) : enabled_(enabled) {}
+  void UpdateArguments(grpc::ChannelArguments* args) override {}
+  void UpdatePlugins(std::vector<std::unique_ptr<grpc::ServerBuilderPlugin>>*
+                         plugins) override {
+    auto reflection =
+        std::make_unique<grpc::reflection::ProtoServerReflectionPlugin>();
+    const std::string name = reflection->name();
+    plugins->erase(std::remove_if(plugins->begin(), plugins->end(),
+                                  [&name](const auto& plugin) {
+                                    return plugin->name() == name;
+                                  }),
+                   plugins->end());
+    if (enabled_) plugins->push_back(std::move(reflection));
+  }
+
+ private:
+  const bool enabled_;
+};
 
 void SetServing(grpc::Server* server, bool serving) {
   if (server == nullptr) return;
@@ -96,11 +121,44 @@ absl::Status Server::OpenStore(const ServerOptions& options) {
   metrics_ = std::make_unique<Metrics>(
       store_.get(), options.memory_limit_bytes,
       [this] { return service_ ? service_->active_calls() : 0; });
-  ServiceOptions service_options{options.chunk_bytes, options.log_rpcs,
-                                 options.stream_idle_timeout, metrics_.get()};
-  service_options.max_version_wait = options.max_version_wait;
-  service_ = std::make_unique<ModelStateService>(store_.get(), service_options);
+  ServiceOptions service{options.chunk_bytes, options.log_rpcs,
+                         options.stream_idle_timeout, metrics_.get()};
+  service.max_version_wait = options.max_version_wait;
+  service.access = access_.get();
+  service.audit = audit_.get();
+  service_ = std::make_unique<ModelStateService>(store_.get(), service);
   return absl::OkStatus();
+}
+
+absl::Status Server::OpenAccessControl(const ServerOptions& options) {
+  if (!options.audit_log.empty()) {
+    ASSIGN_OR_RETURN(audit_, AuditLog::Open(options.audit_log));
+  }
+  if (options.auth_policy_file.empty()) {
+    if (!IsLoopbackListen(options.listen)) {
+      std::fprintf(stderr,
+                   "modelstated: WARNING: no --auth_policy: every client that "
+                   "reaches %s may read, overwrite and delete every model\n",
+                   options.listen.c_str());
+    }
+    return absl::OkStatus();
+  }
+  ASSIGN_OR_RETURN(access_,
+                   AccessControl::Open(options.auth_policy_file,
+                                       options.auth_policy_poll_interval));
+  if (options.tls_cert_file.empty() && !IsLoopbackListen(options.listen)) {
+    std::fprintf(stderr,
+                 "modelstated: WARNING: bearer tokens travel in plaintext to "
+                 "%s; serve TLS (--tls_cert, --tls_key) beyond loopback\n",
+                 options.listen.c_str());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Server::ReloadAuthPolicy() {
+  if (access_ == nullptr)
+    return absl::FailedPreconditionError("no --auth_policy to reload");
+  return access_->Reload();
 }
 
 absl::Status Server::ServeMetrics(const std::string& listen) {
@@ -123,8 +181,8 @@ absl::Status Server::Listen(
     const ServerOptions& options,
     const std::shared_ptr<grpc::ServerCredentials>& credentials) {
   grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
+  builder.SetOption(std::make_unique<ReflectionOption>(options.reflection));
   builder.AddListeningPort(options.listen, credentials, &port_);
   builder.RegisterService(service_.get());
   builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
@@ -136,6 +194,12 @@ absl::Status Server::Listen(
   }
   if (!options.health_listen.empty()) {
     grpc::ServerBuilder health_builder;
+    health_builder.SetOption(
+        std::make_unique<ReflectionOption>(options.reflection));
+    // Answers every other method with UNIMPLEMENTED. It also gives the server
+    // a callback method, without which gRPC refuses to build a server whose
+    // only service is the default health check (reflection off).
+    health_builder.RegisterCallbackGenericService(&health_unimplemented_);
     health_builder.AddListeningPort(options.health_listen,
                                     grpc::InsecureServerCredentials(),
                                     &health_port_);
@@ -153,6 +217,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
   RETURN_IF_ERROR(ValidateServerOptions(options));
   ASSIGN_OR_RETURN(auto credentials, Credentials(options));
   std::unique_ptr<Server> server(new Server());
+  RETURN_IF_ERROR(server->OpenAccessControl(options));
   RETURN_IF_ERROR(server->OpenStore(options));
   absl::Status started = server->Listen(options, credentials);
   if (started.ok()) started = server->ServeMetrics(options.metrics_listen);

@@ -16,9 +16,11 @@
 #include "core/data_dir.h"
 #include "core/limits.h"
 #include "core/model_store.h"
+#include "grpcpp/generic/async_generic_service.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
 #include "prometheus/exposer.h"
+#include "server/auth.h"
 #include "server/metrics.h"
 #include "server/model_state_service.h"
 
@@ -68,6 +70,18 @@ struct ServerOptions {
   // Consistent reads: a read with min_version waits at most this long for the
   // model to reach it (less when the client's deadline is nearer).
   absl::Duration max_version_wait = absl::Seconds(60);
+  // --- Authentication and authorization (docs/operations.md) ---
+  // JSON access policy (core/access_policy.h); empty: no policy, every caller
+  // may do everything.
+  std::string auth_policy_file;
+  // How often the policy file is checked for changes (it is also re-read by
+  // Server::ReloadAuthPolicy, on SIGHUP); infinite: never.
+  absl::Duration auth_policy_poll_interval = absl::Seconds(5);
+  // One line per write (principal, model, version, bytes): "-" for stderr, a
+  // path to append to, or empty for none.
+  std::string audit_log;
+  // Serve gRPC server reflection on the main port.
+  bool reflection = true;
 };
 
 class Server {
@@ -90,6 +104,10 @@ class Server {
   ModelStore& store() { return *store_; }
   ModelStateService& service() { return *service_; }
 
+  // Re-reads the auth policy file (SIGHUP). On error the previous policy stays
+  // in force and the error is returned; FailedPrecondition without a policy.
+  absl::Status ReloadAuthPolicy();
+
   // Blocks until the server has shut down.
   void Wait();
 
@@ -102,6 +120,8 @@ class Server {
   Server() = default;
   // Opens the data directory (when set) and creates the store and service.
   absl::Status OpenStore(const ServerOptions& options);
+  // Opens the auth policy and audit log, when asked for.
+  absl::Status OpenAccessControl(const ServerOptions& options);
   // Starts the metrics listener, when asked for.
   absl::Status ServeMetrics(const std::string& listen);
   // Starts the main and health listeners.
@@ -113,8 +133,12 @@ class Server {
   std::unique_ptr<AsyncPersister> async_;
   std::unique_ptr<ModelStore> store_;
   std::unique_ptr<Metrics> metrics_;
+  // Before service_, which uses them.
+  std::unique_ptr<AccessControl> access_;
+  std::unique_ptr<AuditLog> audit_;
   std::unique_ptr<ModelStateService> service_;
   std::unique_ptr<grpc::Server> server_;
+  grpc::CallbackGenericService health_unimplemented_;
   std::unique_ptr<grpc::Server> health_server_;
   int port_ = 0;
   int health_port_ = 0;

@@ -18,6 +18,7 @@ torch's own text ("Error(s) in loading state_dict for Net: ...").
 
 import collections
 import json
+import os
 
 import torch
 
@@ -420,15 +421,20 @@ def _module_layout(net, state_dict):
 
 
 def connect(target, tls_ca=None, tls_cert=None, tls_key=None, use_tls=False,
-            lb_policy=None, timeout=None, own_connection=False):
+            lb_policy=None, timeout=None, own_connection=False, token=None):
     """Returns a ``Client`` of the server at ``target`` ("host:port",
     "dns:///name:port", ...) without waiting for the connection.
 
     tls_ca: CA file (enables TLS); tls_cert/tls_key: a client certificate
     (mTLS); use_tls: TLS with the system's roots; lb_policy: gRPC load
     balancing policy, e.g. "round_robin"; timeout: seconds per call (None: no
-    deadline); own_connection: a TCP connection of this client's own.
+    deadline); own_connection: a TCP connection of this client's own;
+    token: a bearer token for a server with an auth policy (default: the
+    ``MODELSTATE_TOKEN`` environment variable, if set), sent with every call as
+    "authorization: Bearer <token>" metadata.
     """
+    if token is None:
+        token = os.environ.get("MODELSTATE_TOKEN", "").strip()
     return Client(_modelstate.Client.connect(
         target, tls_ca or "", tls_cert or "", tls_key or "", use_tls,
-        lb_policy or "", float(timeout or 0), own_connection))
+        lb_policy or "", float(timeout or 0), own_connection, token))
