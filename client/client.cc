@@ -701,6 +701,50 @@ class RawLoadCall {
   bool open_ = true;
 };
 
+// Counts the pieces of tensor memory one call handed to gRPC and it still
+// holds. The call returns only once gRPC has let go of every one: a caller may
+// lend memory that lives only as long as the call (the Python binding does),
+// and gRPC may drop its last reference after the call's status arrived (a
+// write that was in flight when the server ended the call early).
+class LentMemory {
+ public:
+  // Returns `storage` as a handle that counts as lent until gRPC releases it.
+  static std::shared_ptr<const Storage> Lend(
+      const std::shared_ptr<LentMemory>& lent,
+      std::shared_ptr<const Storage> storage) {
+    {
+      absl::MutexLock lock(&lent->mu_);
+      ++lent->held_;
+    }
+    auto loan = std::make_shared<Loan>(lent, std::move(storage));
+    return std::shared_ptr<const Storage>(loan, loan->storage.get());
+  }
+
+  // Waits until every lent piece is back. gRPC releases a piece once its
+  // bytes are written or dropped with the stream; it does not wait on the
+  // peer once the call has ended.
+  void WaitUntilReturned() {
+    absl::MutexLock lock(&mu_);
+    mu_.Await(absl::Condition(
+        +[](int64_t* held) { return *held == 0; }, &held_));
+  }
+
+ private:
+  struct Loan {
+    Loan(std::shared_ptr<LentMemory> lent, std::shared_ptr<const Storage> s)
+        : lent(std::move(lent)), storage(std::move(s)) {}
+    ~Loan() {
+      absl::MutexLock lock(&lent->mu_);
+      --lent->held_;
+    }
+    std::shared_ptr<LentMemory> lent;  // Outlives this unlock.
+    std::shared_ptr<const Storage> storage;
+  };
+
+  absl::Mutex mu_;
+  int64_t held_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
 // Hashes each tensor (XXH3-64) from the pieces of the chunks that send it, in
 // stream order, so that no pass over the data precedes the first byte sent.
 class SendHasher {
@@ -744,19 +788,19 @@ class SendHasher {
 
 }  // namespace
 
-absl::StatusOr<LoadOutcome> Client::LoadStateDict(
-    const LoadRequest& load, const modelstate::StateDict& state,
-    const TransferOptions& transfer) {
-  ASSIGN_OR_RETURN(const uint32_t chunk_bytes,
-                   ResolveChunkBytes(transfer.chunk_bytes, kDefaultChunkBytes));
-  grpc::ClientContext context;
-  Prepare(&context);
-  CancelScope cancel_scope(transfer.canceller, &context);
-  RawLoadCall call(channel_.get(), &context);
+namespace {
+
+// Sends a load over `call`: the header with no checksum, the chunks framed
+// around the tensors' memory (lent through `lent`), then the end marker with
+// every tensor's checksum, hashed as its bytes went out ("verify at End",
+// docs/protocol.md). Returns the server's answer.
+absl::StatusOr<LoadOutcome> SendLoad(RawLoadCall& call, const LoadRequest& load,
+                                     const modelstate::StateDict& state,
+                                     uint32_t chunk_bytes,
+                                     const ProgressCallback& progress,
+                                     const std::shared_ptr<LentMemory>& lent) {
   ChunkSender sender(state.Tensors(), chunk_bytes);
   SendHasher hasher(sender.tensors());
-  // Checksums go in the end marker, hashed as the bytes go out; the header
-  // says 0 for each ("verify at End", docs/protocol.md).
   v1::LoadStateDictRequest message;
   *message.mutable_header() =
       ToLoadHeaderWithoutChecksums(load, state, sender.total_bytes());
@@ -764,9 +808,10 @@ absl::StatusOr<LoadOutcome> Client::LoadStateDict(
   ChunkSender::Chunk chunk;
   while (open && sender.Next(&chunk)) {
     for (absl::Span<const uint8_t> piece : chunk.pieces) hasher.Add(piece);
+    for (std::shared_ptr<const Storage>& owner : chunk.owners)
+      owner = LentMemory::Lend(lent, std::move(owner));
     open = call.Write(FrameLoadChunk(chunk));
-    if (transfer.progress)
-      transfer.progress(chunk.offset + chunk.size, sender.total_bytes());
+    if (progress) progress(chunk.offset + chunk.size, sender.total_bytes());
   }
   if (open) {
     v1::End* end = message.mutable_end();
@@ -776,6 +821,27 @@ absl::StatusOr<LoadOutcome> Client::LoadStateDict(
     call.Write(SerializeToByteBuffer(message));
   }
   return call.Finish();
+}
+
+}  // namespace
+
+absl::StatusOr<LoadOutcome> Client::LoadStateDict(
+    const LoadRequest& load, const modelstate::StateDict& state,
+    const TransferOptions& transfer) {
+  ASSIGN_OR_RETURN(const uint32_t chunk_bytes,
+                   ResolveChunkBytes(transfer.chunk_bytes, kDefaultChunkBytes));
+  auto lent = std::make_shared<LentMemory>();
+  absl::StatusOr<LoadOutcome> outcome;
+  {
+    grpc::ClientContext context;
+    Prepare(&context);
+    CancelScope cancel_scope(transfer.canceller, &context);
+    RawLoadCall call(channel_.get(), &context);
+    outcome = SendLoad(call, load, state, chunk_bytes, transfer.progress, lent);
+  }
+  // The call is gone, and with it every message gRPC kept for it.
+  lent->WaitUntilReturned();
+  return outcome;
 }
 
 absl::StatusOr<bool> Client::CheckHealth(const std::string& service) {
