@@ -379,13 +379,16 @@ absl::StatusOr<LoadOutcome> ModelStore::CommitLoad(
   RETURN_IF_ERROR(CheckArrivedTensors(load->inputs_, tensors));
   if (load->creates_model_) return CommitCreatingLoad(*load, tensors);
   // Conversions and the tree rebuild happen before taking the lock; readers
-  // never wait on them.
+  // never wait on them. Each received tensor is dropped as soon as it is
+  // converted, so a load that changes dtypes never holds the received and the
+  // converted version whole at once (with the current one, a third copy).
   std::vector<Tensor> converted;
   converted.reserve(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
     ASSIGN_OR_RETURN(Tensor tensor,
                      ConvertForTarget(load->plan_.targets[i], tensors[i]));
     converted.push_back(std::move(tensor));
+    tensors[i] = Tensor();
   }
   tensors.clear();
   ASSIGN_OR_RETURN(int64_t version, CommitConverted(*load, converted));

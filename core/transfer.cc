@@ -38,6 +38,7 @@ ChunkReceiver::ChunkReceiver(std::vector<TransferEntry> entries,
       on_tensor_(std::move(on_tensor)) {
   for (uint64_t size : sizes_) total_ += size;
   if (!on_tensor_) done_.reserve(entries_.size());
+  computed_.reserve(entries_.size());
 }
 
 absl::StatusOr<std::unique_ptr<ChunkReceiver>> ChunkReceiver::Create(
@@ -46,6 +47,16 @@ absl::StatusOr<std::unique_ptr<ChunkReceiver>> ChunkReceiver::Create(
   std::unique_ptr<ChunkReceiver> receiver(new ChunkReceiver(
       std::move(entries), std::move(sizes), std::move(on_tensor)));
   // Zero-byte tensors at the front are complete before any data.
+  RETURN_IF_ERROR(receiver->CompleteFullTensors());
+  return receiver;
+}
+
+absl::StatusOr<std::unique_ptr<ChunkReceiver>>
+ChunkReceiver::CreateVerifyingAtEnd(std::vector<TransferEntry> entries) {
+  ASSIGN_OR_RETURN(std::vector<uint64_t> sizes, TransferSizes(entries));
+  std::unique_ptr<ChunkReceiver> receiver(
+      new ChunkReceiver(std::move(entries), std::move(sizes), nullptr));
+  receiver->verify_zero_at_end_ = true;
   RETURN_IF_ERROR(receiver->CompleteFullTensors());
   return receiver;
 }
@@ -61,7 +72,9 @@ absl::Status ChunkReceiver::CompleteFullTensors() {
     Tensor tensor = std::move(*builder_).Build();
     builder_.reset();
     const uint64_t checksum = tensor.Checksum();
-    if (checksum != entry.checksum) {
+    computed_.push_back(checksum);
+    const bool deferred = verify_zero_at_end_ && entry.checksum == 0;
+    if (!deferred && checksum != entry.checksum) {
       return absl::DataLossError(absl::StrCat(
           "checksum mismatch for tensor \"", entry.key, "\": got xxh3 ",
           absl::Hex(checksum, absl::kZeroPad16), ", manifest says ",
@@ -86,23 +99,8 @@ absl::Status ChunkReceiver::Accept(uint64_t offset, absl::string_view data) {
     done_.clear();
     return status;
   };
-  if (offset != received_) {
-    return fail(absl::InvalidArgumentError(absl::StrCat(
-        "chunk at offset ", offset, " but ", received_,
-        " bytes have arrived: chunks ",
-        offset < received_ ? "overlap or repeat"
-                           : "are missing bytes or out of order")));
-  }
-  if (data.size() > kMaxChunkBytes) {
-    return fail(absl::InvalidArgumentError(
-        absl::StrCat("chunk of ", data.size(), " bytes at offset ", offset,
-                     " is larger than the maximum of ", kMaxChunkBytes)));
-  }
-  if (data.size() > total_ - received_) {
-    return fail(absl::InvalidArgumentError(
-        absl::StrCat("chunk of ", data.size(), " bytes at offset ", offset,
-                     " runs past the end (", total_, " bytes)")));
-  }
+  absl::Status misplaced = CheckChunk(offset, data.size());
+  if (!misplaced.ok()) return fail(misplaced);
   const char* in = data.data();
   uint64_t left = data.size();
   while (left > 0) {
@@ -125,8 +123,67 @@ absl::Status ChunkReceiver::Accept(uint64_t offset, absl::string_view data) {
   return absl::OkStatus();
 }
 
+absl::Status ChunkReceiver::CheckChunk(uint64_t offset, uint64_t size) const {
+  if (offset != received_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("chunk at offset ", offset, " but ", received_,
+                     " bytes have arrived: chunks ",
+                     offset < received_ ? "overlap or repeat"
+                                        : "are missing bytes or out of order"));
+  }
+  if (size > kMaxChunkBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("chunk of ", size, " bytes at offset ", offset,
+                     " is larger than the maximum of ", kMaxChunkBytes));
+  }
+  if (size > total_ - received_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("chunk of ", size, " bytes at offset ", offset,
+                     " runs past the end (", total_, " bytes)"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ChunkReceiver::BeginChunk(uint64_t offset, uint64_t size) {
+  if (!error_.ok()) return error_;
+  error_ = CheckChunk(offset, size);
+  if (!error_.ok()) {
+    builder_.reset();
+    done_.clear();
+  }
+  return error_;
+}
+
+absl::Status ChunkReceiver::VerifyChecksums(
+    absl::Span<const uint64_t> end_checksums) const {
+  if (!end_checksums.empty() && end_checksums.size() != entries_.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("end marker carries ", end_checksums.size(),
+                     " checksums for ", entries_.size(), " tensors"));
+  }
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    const TransferEntry& entry = entries_[i];
+    const uint64_t expected =
+        end_checksums.empty() ? entry.checksum : end_checksums[i];
+    if (entry.checksum != 0 && expected != entry.checksum) {
+      return absl::DataLossError(
+          absl::StrCat("tensor \"", entry.key, "\": end marker says xxh3 ",
+                       absl::Hex(expected, absl::kZeroPad16), ", header says ",
+                       absl::Hex(entry.checksum, absl::kZeroPad16)));
+    }
+    if (computed_[i] != expected) {
+      return absl::DataLossError(absl::StrCat(
+          "checksum mismatch for tensor \"", entry.key, "\": got xxh3 ",
+          absl::Hex(computed_[i], absl::kZeroPad16), ", ",
+          end_checksums.empty() ? "header" : "end marker", " says ",
+          absl::Hex(expected, absl::kZeroPad16)));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::vector<Tensor>> ChunkReceiver::Finish(
-    uint64_t total_bytes) {
+    uint64_t total_bytes, absl::Span<const uint64_t> end_checksums) {
   if (!error_.ok()) return error_;
   if (received_ != total_ || current_ != entries_.size()) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -137,6 +194,7 @@ absl::StatusOr<std::vector<Tensor>> ChunkReceiver::Finish(
         absl::StrCat("end marker says ", total_bytes,
                      " bytes but the manifest adds up to ", total_));
   }
+  RETURN_IF_ERROR(VerifyChecksums(end_checksums));
   return std::move(done_);
 }
 

@@ -56,6 +56,20 @@ class ChunkReceiver {
   static absl::StatusOr<std::unique_ptr<ChunkReceiver>> Create(
       std::vector<TransferEntry> entries, TensorCallback on_tensor = nullptr);
 
+  // As Create without a callback, for a load whose client may send the
+  // checksums with its end marker (docs/protocol.md, "Checksums at the end"):
+  // a tensor whose manifest checksum is 0 is hashed when complete but only
+  // verified by Finish. Nothing leaves the receiver before Finish, so no
+  // unverified tensor is ever handed over.
+  static absl::StatusOr<std::unique_ptr<ChunkReceiver>> CreateVerifyingAtEnd(
+      std::vector<TransferEntry> entries);
+
+  // Checks a chunk of `size` bytes at `offset` as a whole, before its bytes
+  // arrive piece by piece through Accept (a transport that reads them where
+  // they lie in its buffers). Returns Accept's InvalidArgument errors for
+  // order, size and end; after an error the receiver is dead.
+  absl::Status BeginChunk(uint64_t offset, uint64_t size);
+
   // Writes the next chunk. Returns InvalidArgument when `offset` is not where
   // the previous chunk ended (chunks out of order, overlapping, or bytes
   // missing), the chunk is larger than kMaxChunkBytes or runs past the end,
@@ -65,9 +79,13 @@ class ChunkReceiver {
   absl::Status Accept(uint64_t offset, absl::string_view data);
 
   // Checks the end marker: returns InvalidArgument unless every byte arrived
-  // and `total_bytes` matches. Returns the tensors in manifest order (empty
-  // with a callback).
-  absl::StatusOr<std::vector<Tensor>> Finish(uint64_t total_bytes);
+  // and `total_bytes` matches, or `end_checksums` is neither empty nor one per
+  // entry. With end checksums, each must equal the tensor's computed checksum
+  // and its nonzero manifest checksum; without, tensors deferred by
+  // CreateVerifyingAtEnd are checked against their manifest's 0. DataLoss on
+  // a mismatch. Returns the tensors in manifest order (empty with a callback).
+  absl::StatusOr<std::vector<Tensor>> Finish(
+      uint64_t total_bytes, absl::Span<const uint64_t> end_checksums = {});
 
   uint64_t received_bytes() const { return received_; }
   uint64_t total_bytes() const { return total_; }
@@ -78,6 +96,10 @@ class ChunkReceiver {
                 TensorCallback on_tensor);
   // Completes tensors (verifying checksums) while the current one is full.
   absl::Status CompleteFullTensors();
+  // Accept's and BeginChunk's checks of a chunk's place and size.
+  absl::Status CheckChunk(uint64_t offset, uint64_t size) const;
+  // Finish's checks of every tensor's computed checksum.
+  absl::Status VerifyChecksums(absl::Span<const uint64_t> end_checksums) const;
 
   std::vector<TransferEntry> entries_;
   std::vector<uint64_t> sizes_;
@@ -89,6 +111,8 @@ class ChunkReceiver {
   uint64_t received_ = 0;
   uint64_t total_ = 0;
   absl::Status error_;
+  bool verify_zero_at_end_ = false;  // CreateVerifyingAtEnd.
+  std::vector<uint64_t> computed_;   // Checksums of the completed tensors.
 };
 
 // Cuts tensors into chunks of at most `chunk_bytes`. Small tensors share a

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <string>
 
+#include "core/limits.h"
 #include "core/test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -161,6 +162,109 @@ TEST(TransferTest, CallbackReceivesEachTensorOnceVerified) {
     ASSERT_TRUE(receiver->Accept(chunk.offset, Join(chunk)).ok());
   EXPECT_TRUE(receiver->Finish(sender.total_bytes()).value().empty());
   EXPECT_EQ(seen, (std::vector<size_t>{0, 1, 2, 3, 4}));
+}
+
+// Sends every tensor of `tensors` into `receiver` in chunks of 100 bytes.
+void SendAll(const std::vector<Tensor>& tensors, ChunkReceiver& receiver) {
+  ChunkSender sender(tensors, 100);
+  ChunkSender::Chunk chunk;
+  while (sender.Next(&chunk)) {
+    ASSERT_TRUE(receiver.BeginChunk(chunk.offset, chunk.size).ok());
+    ASSERT_TRUE(receiver.Accept(chunk.offset, Join(chunk)).ok());
+  }
+}
+
+std::vector<uint64_t> ChecksumsOf(const std::vector<Tensor>& tensors) {
+  std::vector<uint64_t> checksums;
+  for (const Tensor& tensor : tensors) checksums.push_back(tensor.Checksum());
+  return checksums;
+}
+
+TEST(TransferTest, ChecksumsAtTheEndAreVerifiedByFinish) {
+  const std::vector<Tensor> tensors = SampleTensors();
+  const uint64_t total = 12 + 200 + 8 + 4000;
+  std::vector<TransferEntry> zeros = EntriesOf(tensors);
+  for (TransferEntry& entry : zeros) entry.checksum = 0;
+  const std::vector<uint64_t> right = ChecksumsOf(tensors);
+  {  // Header says 0, End carries the checksums: verified at the end.
+    auto receiver = ChunkReceiver::CreateVerifyingAtEnd(zeros).value();
+    SendAll(tensors, *receiver);
+    std::vector<Tensor> received = receiver->Finish(total, right).value();
+    ASSERT_EQ(received.size(), tensors.size());
+    for (size_t i = 0; i < tensors.size(); ++i)
+      EXPECT_TRUE(received[i].BitwiseEquals(tensors[i]));
+  }
+  {  // One checksum in End is wrong.
+    auto receiver = ChunkReceiver::CreateVerifyingAtEnd(zeros).value();
+    SendAll(tensors, *receiver);
+    std::vector<uint64_t> wrong = right;
+    wrong[2] ^= 1;
+    absl::Status status = receiver->Finish(total, wrong).status();
+    EXPECT_EQ(status.code(), absl::StatusCode::kDataLoss);
+    EXPECT_THAT(std::string(status.message()),
+                HasSubstr("checksum mismatch for tensor \"t2\""));
+  }
+  {  // End carries too few checksums.
+    auto receiver = ChunkReceiver::CreateVerifyingAtEnd(zeros).value();
+    SendAll(tensors, *receiver);
+    absl::Status status =
+        receiver->Finish(total, absl::MakeConstSpan(right).subspan(1)).status();
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(status.message()), HasSubstr("4 checksums for 5"));
+  }
+  {  // Header says 0 and End says nothing: the header's 0 is checked.
+    auto receiver = ChunkReceiver::CreateVerifyingAtEnd(zeros).value();
+    SendAll(tensors, *receiver);
+    EXPECT_EQ(receiver->Finish(total).status().code(),
+              absl::StatusCode::kDataLoss);
+  }
+  {  // Header checksums (an old client) and End disagree.
+    auto receiver =
+        ChunkReceiver::CreateVerifyingAtEnd(EntriesOf(tensors)).value();
+    SendAll(tensors, *receiver);
+    std::vector<uint64_t> wrong = right;
+    wrong[4] ^= 1;
+    absl::Status status = receiver->Finish(total, wrong).status();
+    EXPECT_EQ(status.code(), absl::StatusCode::kDataLoss);
+    EXPECT_THAT(std::string(status.message()), HasSubstr("header says"));
+  }
+  {  // Header checksums alone still work, and are still verified as each
+     // tensor completes.
+    auto receiver =
+        ChunkReceiver::CreateVerifyingAtEnd(EntriesOf(tensors)).value();
+    SendAll(tensors, *receiver);
+    EXPECT_TRUE(receiver->Finish(total).ok());
+    auto corrupt =
+        ChunkReceiver::CreateVerifyingAtEnd(EntriesOf(tensors)).value();
+    std::string first(reinterpret_cast<const char*>(tensors[0].data()), 12);
+    first[3] ^= 1;
+    EXPECT_EQ(corrupt->Accept(0, first).code(), absl::StatusCode::kDataLoss);
+  }
+  // Without CreateVerifyingAtEnd a 0 in the manifest is checked at once.
+  auto plain = ChunkReceiver::Create(zeros).value();
+  EXPECT_EQ(
+      plain
+          ->Accept(0, std::string(
+                          reinterpret_cast<const char*>(tensors[0].data()), 12))
+          .code(),
+      absl::StatusCode::kDataLoss);
+}
+
+TEST(TransferTest, BeginChunkBoundsAWholeChunkBeforeItsPieces) {
+  const std::vector<Tensor> tensors = SampleTensors();
+  auto receiver = ChunkReceiver::Create(EntriesOf(tensors)).value();
+  EXPECT_THAT(
+      std::string(receiver->BeginChunk(0, kMaxChunkBytes + 1).message()),
+      HasSubstr("larger than the maximum"));
+  EXPECT_FALSE(receiver->BeginChunk(0, 12).ok());  // dead after an error
+  auto late = ChunkReceiver::Create(EntriesOf(tensors)).value();
+  EXPECT_THAT(std::string(late->BeginChunk(4, 8).message()),
+              HasSubstr("missing bytes"));
+  auto past = ChunkReceiver::Create(EntriesOf(tensors)).value();
+  EXPECT_THAT(std::string(past->BeginChunk(0, 5000).message()),
+              HasSubstr("runs past the end"));
+  auto good = ChunkReceiver::Create(EntriesOf(tensors)).value();
+  EXPECT_TRUE(good->BeginChunk(0, 12).ok());
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 #include <memory>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "grpcpp/impl/codegen/proto_utils.h"
 #include "grpcpp/support/slice.h"
 
@@ -65,6 +66,13 @@ grpc::ByteBuffer FrameStateDictChunk(const ChunkSender::Chunk& chunk) {
   return grpc::ByteBuffer(slices.data(), slices.size());
 }
 
+grpc::ByteBuffer FrameLoadChunk(const ChunkSender::Chunk& chunk) {
+  static_assert(static_cast<int>(v1::LoadStateDictRequest::kChunkFieldNumber) ==
+                    static_cast<int>(v1::StateDictResponse::kChunkFieldNumber),
+                "both messages frame their chunk alike");
+  return FrameStateDictChunk(chunk);
+}
+
 namespace {
 
 // Reads bytes across a list of slices.
@@ -116,12 +124,16 @@ class SliceCursor {
   size_t consumed_ = 0;
 };
 
-}  // namespace
+using ChunkCheck = std::function<absl::Status(uint64_t offset, uint64_t size)>;
+using DataSink =
+    std::function<absl::Status(uint64_t offset, absl::string_view piece)>;
 
-absl::StatusOr<bool> ReadStateDictFrame(
-    grpc::ByteBuffer* buffer, v1::StateDictResponse* message,
-    const std::function<absl::Status(uint64_t offset, absl::string_view piece)>&
-        on_data) {
+// ReadStateDictFrame and ReadLoadFrame: both messages hold their chunk in
+// field 2. `on_chunk` may be empty.
+template <typename Message>
+absl::StatusOr<bool> ReadChunkFrame(grpc::ByteBuffer* buffer, Message* message,
+                                    const ChunkCheck& on_chunk,
+                                    const DataSink& on_data) {
   std::vector<grpc::Slice> slices;
   if (!buffer->Dump(&slices).ok())
     return absl::InvalidArgumentError("unreadable message");
@@ -137,6 +149,10 @@ absl::StatusOr<bool> ReadStateDictFrame(
   canonical = canonical && tag == kDataTag && cursor.Varint(&length) &&
               length == total - cursor.consumed();
   if (canonical) {
+    if (on_chunk) {
+      absl::Status status = on_chunk(offset, length);
+      if (!status.ok()) return status;
+    }
     uint64_t at = offset;
     absl::Status status = cursor.Rest([&](absl::string_view piece) {
       absl::Status accepted = on_data(at, piece);
@@ -147,16 +163,35 @@ absl::StatusOr<bool> ReadStateDictFrame(
     return true;
   }
   message->Clear();
-  if (!grpc::SerializationTraits<v1::StateDictResponse>::Deserialize(buffer,
-                                                                     message)
-           .ok()) {
-    return absl::InvalidArgumentError("malformed StateDictResponse");
+  if (!grpc::SerializationTraits<Message>::Deserialize(buffer, message).ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("malformed ", Message::descriptor()->name()));
   }
   if (!message->has_chunk()) return false;
+  if (on_chunk) {
+    absl::Status status =
+        on_chunk(message->chunk().offset(), message->chunk().data().size());
+    if (!status.ok()) return status;
+  }
   absl::Status status =
       on_data(message->chunk().offset(), message->chunk().data());
   if (!status.ok()) return status;
   return true;
+}
+
+}  // namespace
+
+absl::StatusOr<bool> ReadStateDictFrame(grpc::ByteBuffer* buffer,
+                                        v1::StateDictResponse* message,
+                                        const DataSink& on_data) {
+  return ReadChunkFrame(buffer, message, nullptr, on_data);
+}
+
+absl::StatusOr<bool> ReadLoadFrame(grpc::ByteBuffer* buffer,
+                                   v1::LoadStateDictRequest* message,
+                                   const ChunkCheck& on_chunk,
+                                   const DataSink& on_data) {
+  return ReadChunkFrame(buffer, message, on_chunk, on_data);
 }
 
 }  // namespace modelstate

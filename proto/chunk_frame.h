@@ -43,6 +43,23 @@ absl::StatusOr<bool> ReadStateDictFrame(
     const std::function<absl::Status(uint64_t offset, absl::string_view piece)>&
         on_data);
 
+// Returns the serialized bytes of `LoadStateDictRequest{chunk: Chunk{offset,
+// data}}` for `chunk`, without copying the data, as FrameStateDictChunk does:
+// the chunk is field 2 of both messages, so the bytes are the same.
+grpc::ByteBuffer FrameLoadChunk(const ChunkSender::Chunk& chunk);
+
+// Reads one LoadStateDictRequest from `buffer` as ReadStateDictFrame reads a
+// response, but first calls `on_chunk` with a chunk's offset and size, before
+// any of its bytes reach `on_data`, so that the receiver bounds the chunk as a
+// whole. Returns true for a chunk, false for another message (parsed into
+// `message`), InvalidArgument if the bytes do not parse, or a callback's
+// error.
+absl::StatusOr<bool> ReadLoadFrame(
+    grpc::ByteBuffer* buffer, v1::LoadStateDictRequest* message,
+    const std::function<absl::Status(uint64_t offset, uint64_t size)>& on_chunk,
+    const std::function<absl::Status(uint64_t offset, absl::string_view piece)>&
+        on_data);
+
 }  // namespace modelstate
 
 #endif  // MODELSTATE_PROTO_CHUNK_FRAME_H_

@@ -210,6 +210,18 @@ std::vector<TensorSpec> ToTensorSpecs(
 
 v1::LoadHeader ToLoadHeader(const LoadRequest& request, const StateDict& state,
                             uint64_t total_bytes) {
+  v1::LoadHeader header =
+      ToLoadHeaderWithoutChecksums(request, state, total_bytes);
+  for (size_t i = 0; i < state.size(); ++i) {
+    header.mutable_tensors(static_cast<int>(i))
+        ->set_xxh3_64(state.entries()[i].tensor.Checksum());
+  }
+  return header;
+}
+
+v1::LoadHeader ToLoadHeaderWithoutChecksums(const LoadRequest& request,
+                                            const StateDict& state,
+                                            uint64_t total_bytes) {
   v1::LoadHeader header;
   header.set_model(request.model);
   header.set_non_strict(!request.strict);
@@ -220,7 +232,12 @@ v1::LoadHeader ToLoadHeader(const LoadRequest& request, const StateDict& state,
     header.set_expected_version(*request.expected_version);
   }
   header.set_create_if_missing(request.create_if_missing);
-  ToTensorInfos(state, header.mutable_tensors());
+  header.mutable_tensors()->Reserve(static_cast<int>(state.size()));
+  for (const StateDict::Entry& entry : state.entries()) {
+    *header.add_tensors() = ToProto(TensorDescription{
+        entry.key, entry.kind, entry.tensor.dtype(), entry.tensor.shape(),
+        entry.tensor.num_bytes(), /*checksum=*/0});
+  }
   const absl::flat_hash_set<std::string> buffers(request.buffer_keys.begin(),
                                                  request.buffer_keys.end());
   for (v1::TensorInfo& info : *header.mutable_tensors()) {

@@ -67,6 +67,12 @@ std::vector<TensorSpec> ToTensorSpecs(
 // `total_bytes`; kinds of `state`'s entries mark buffers.
 v1::LoadHeader ToLoadHeader(const LoadRequest& request, const StateDict& state,
                             uint64_t total_bytes);
+// As ToLoadHeader, but no checksum is computed: every tensor's is 0, for a
+// client that sends them with the end marker, hashed while it sends the bytes
+// (docs/protocol.md, "Checksums at the end").
+v1::LoadHeader ToLoadHeaderWithoutChecksums(const LoadRequest& request,
+                                            const StateDict& state,
+                                            uint64_t total_bytes);
 // The request of a header: buffer keys from the tensors' kinds, class names.
 // InvalidArgument for an unknown tensor kind.
 absl::StatusOr<LoadRequest> FromProto(const v1::LoadHeader& header);

@@ -197,13 +197,15 @@ class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
 };
 
 // Receives a load: header (validated before any data), chunks into preallocated
-// tensors, end marker, then one atomic commit. Anything else leaves the model
-// untouched.
-class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest>,
+// tensors, end marker (with the checksums the client computed while sending,
+// if it sent them there), then one atomic commit. Anything else leaves the
+// model untouched. It is a raw handler so that chunk bytes are copied once,
+// from the received slices into the staged tensors (ReadLoadFrame).
+class LoadReactor : public grpc::ServerReadReactor<grpc::ByteBuffer>,
                     public IdleStream {
  public:
   LoadReactor(ModelStateService* service, grpc::CallbackServerContext* context,
-              ModelStore* store, v1::LoadStateDictResponse* response)
+              ModelStore* store, grpc::ByteBuffer* response)
       : active_(service),
         service_(service),
         store_(store),
@@ -221,7 +223,7 @@ class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest>,
       return;
     }
     caller_ = *std::move(caller);
-    StartRead(&request_);
+    StartRead(&buffer_);
   }
 
   // A client that stops sending holds its reservation and blocks other loads
@@ -256,7 +258,7 @@ class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest>,
       FinishLocked(absl::OkStatus());
       return;
     }
-    StartRead(&request_);
+    StartRead(&buffer_);
   }
 
   void OnDone() override {
@@ -268,19 +270,27 @@ class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest>,
 
  private:
   absl::Status Handle() {
+    // A chunk is bounded as a whole, then copied piece by piece from where
+    // its bytes lie in the received slices.
+    ASSIGN_OR_RETURN(const bool chunk,
+                     ReadLoadFrame(
+                         &buffer_, &request_,
+                         [this](uint64_t offset, uint64_t size) {
+                           if (receiver_ == nullptr) {
+                             return absl::InvalidArgumentError(
+                                 "a load must start with its header");
+                           }
+                           record_.add_bytes(size);
+                           bytes_received_ += size;
+                           return receiver_->BeginChunk(offset, size);
+                         },
+                         [this](uint64_t offset, absl::string_view piece) {
+                           return receiver_->Accept(offset, piece);
+                         }));
+    if (chunk) return absl::OkStatus();
     switch (request_.kind_case()) {
       case v1::LoadStateDictRequest::kHeader:
         return HandleHeader(request_.header());
-      case v1::LoadStateDictRequest::kChunk: {
-        if (receiver_ == nullptr) {
-          return absl::InvalidArgumentError(
-              "a load must start with its header");
-        }
-        record_.add_bytes(request_.chunk().data().size());
-        bytes_received_ += request_.chunk().data().size();
-        return receiver_->Accept(request_.chunk().offset(),
-                                 request_.chunk().data());
-      }
       case v1::LoadStateDictRequest::kEnd:
         return HandleEnd(request_.end());
       default:
@@ -299,7 +309,8 @@ class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest>,
                      ToTransferEntries(header.tensors()));
     ASSIGN_OR_RETURN(pending_,
                      store_->BeginLoad(request, ToTensorSpecs(entries)));
-    ASSIGN_OR_RETURN(receiver_, ChunkReceiver::Create(std::move(entries)));
+    ASSIGN_OR_RETURN(receiver_,
+                     ChunkReceiver::CreateVerifyingAtEnd(std::move(entries)));
     if (receiver_->total_bytes() != header.total_bytes()) {
       return absl::InvalidArgumentError(absl::StrCat(
           "header says ", header.total_bytes(),
@@ -311,14 +322,15 @@ class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest>,
   absl::Status HandleEnd(const v1::End& end) {
     if (receiver_ == nullptr)
       return absl::InvalidArgumentError("a load must start with its header");
-    absl::StatusOr<std::vector<Tensor>> tensors =
-        receiver_->Finish(end.total_bytes());
+    absl::StatusOr<std::vector<Tensor>> tensors = receiver_->Finish(
+        end.total_bytes(),
+        absl::MakeConstSpan(end.xxh3_64().data(), end.xxh3_64().size()));
     receiver_.reset();
     if (!tensors.ok()) return tensors.status();
     ASSIGN_OR_RETURN(
         const LoadOutcome outcome,
         store_->CommitLoad(std::move(pending_), *std::move(tensors)));
-    *response_ = ToProto(outcome);
+    *response_ = SerializeToByteBuffer(ToProto(outcome));
     version_ = outcome.version;
     committed_ = true;
     return absl::OkStatus();
@@ -344,9 +356,10 @@ class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest>,
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   absl::Time last_progress_ ABSL_GUARDED_BY(mu_) = absl::Now();
   ModelStore* store_;
-  v1::LoadStateDictResponse* response_;
+  grpc::ByteBuffer* response_;
   RpcRecord record_;
-  v1::LoadStateDictRequest request_;
+  grpc::ByteBuffer buffer_;
+  v1::LoadStateDictRequest request_;  // A message other than a chunk.
   std::unique_ptr<PendingLoad> pending_;
   std::unique_ptr<ChunkReceiver> receiver_;
   bool committed_ = false;
@@ -709,11 +722,10 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* ModelStateService::StateDict(
   return new StateDictReactor(this, context, store_, *request);
 }
 
-grpc::ServerReadReactor<v1::LoadStateDictRequest>*
-ModelStateService::LoadStateDict(grpc::CallbackServerContext* context,
-                                 v1::LoadStateDictResponse* response) {
+grpc::ServerReadReactor<grpc::ByteBuffer>* ModelStateService::LoadStateDict(
+    grpc::CallbackServerContext* context, grpc::ByteBuffer* response) {
   if (draining())
-    return new Refused<grpc::ServerReadReactor<v1::LoadStateDictRequest>>();
+    return new Refused<grpc::ServerReadReactor<grpc::ByteBuffer>>();
   return new LoadReactor(this, context, store_, response);
 }
 

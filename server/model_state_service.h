@@ -51,10 +51,13 @@ class IdleStream {
 };
 
 // StateDict is a raw (ByteBuffer) method so that chunks are sent without
-// copying tensor bytes; its messages are exactly the proto's.
+// copying tensor bytes; LoadStateDict is one so that chunk bytes go from the
+// received slices straight into the staged tensors. Their messages are exactly
+// the proto's.
 class ModelStateService final
     : public v1::ModelState::WithRawCallbackMethod_StateDict<
-          v1::ModelState::CallbackService> {
+          v1::ModelState::WithRawCallbackMethod_LoadStateDict<
+              v1::ModelState::CallbackService>> {
  public:
   // `store` must outlive the service.
   ModelStateService(ModelStore* store, ServiceOptions options);
@@ -82,9 +85,9 @@ class ModelStateService final
   grpc::ServerWriteReactor<grpc::ByteBuffer>* StateDict(
       grpc::CallbackServerContext* context,
       const grpc::ByteBuffer* request) override;
-  grpc::ServerReadReactor<v1::LoadStateDictRequest>* LoadStateDict(
+  grpc::ServerReadReactor<grpc::ByteBuffer>* LoadStateDict(
       grpc::CallbackServerContext* context,
-      v1::LoadStateDictResponse* response) override;
+      grpc::ByteBuffer* response) override;
   grpc::ServerWriteReactor<v1::WatchModelResponse>* WatchModel(
       grpc::CallbackServerContext* context,
       const v1::WatchModelRequest* request) override;
