@@ -334,10 +334,11 @@ bool SameTransfer(const v1::Manifest& a, const v1::Manifest& b) {
 // byte is received once. Every call shares one deadline and the canceller.
 class ResumableFetch {
  public:
-  ResumableFetch(grpc::Channel* channel, absl::Time deadline,
+  ResumableFetch(grpc::Channel* channel, absl::Time deadline, std::string token,
                  const FetchRequest& request, const TransferOptions& transfer)
       : channel_(channel),
         deadline_(deadline),
+        token_(std::move(token)),
         request_(request),
         transfer_(transfer) {}
 
@@ -396,6 +397,8 @@ class ResumableFetch {
     attempt_ = std::make_unique<Attempt>();
     if (deadline_ != absl::InfiniteFuture())
       attempt_->context.set_deadline(absl::ToChronoTime(deadline_));
+    if (!token_.empty())
+      attempt_->context.AddMetadata("authorization", "Bearer " + token_);
     attempt_->cancel_scope =
         std::make_unique<CancelScope>(transfer_.canceller, &attempt_->context);
     v1::StateDictRequest proto = ToProto(request);
@@ -432,6 +435,7 @@ class ResumableFetch {
 
   grpc::Channel* channel_;
   const absl::Time deadline_;
+  const std::string token_;  // Sent with every attempt, as Client::Prepare.
   const FetchRequest request_;
   const TransferOptions& transfer_;
   v1::Manifest first_;
@@ -450,7 +454,8 @@ absl::StatusOr<int64_t> Client::StateDictStreaming(
     const FetchRequest& fetch, const TransferOptions& transfer,
     const std::function<absl::Status(const TensorDescription&, Tensor)>&
         on_tensor) {
-  ResumableFetch call(channel_.get(), Deadline(), fetch, transfer);
+  ResumableFetch call(channel_.get(), Deadline(), options_.token, fetch,
+                      transfer);
   ASSIGN_OR_RETURN(const v1::Manifest manifest, call.Start());
   absl::StatusOr<std::vector<TransferEntry>> entries =
       ToTransferEntries(manifest.tensors());
@@ -709,12 +714,13 @@ using DestinationResolver =
 // The StateDictInto call on `context` (prepared by the caller): read the
 // manifest, resolve destinations, then receive in the mode `into` chooses.
 absl::StatusOr<int64_t> FetchInto(grpc::Channel* channel, absl::Time deadline,
+                                  const std::string& token,
                                   const FetchRequest& fetch,
                                   const DestinationResolver& resolve,
                                   const TransferOptions& transfer,
                                   const IntoOptions& into) {
   if (into.written_keys != nullptr) into.written_keys->clear();
-  ResumableFetch call(channel, deadline, fetch, transfer);
+  ResumableFetch call(channel, deadline, token, fetch, transfer);
   ASSIGN_OR_RETURN(const v1::Manifest manifest, call.Start());
   absl::StatusOr<std::vector<TransferEntry>> entries =
       ToTransferEntries(manifest.tensors());
@@ -750,7 +756,7 @@ absl::StatusOr<int64_t> Client::StateDictInto(
   if (into.written_keys != nullptr) into.written_keys->clear();
   RETURN_IF_ERROR(CheckDestinations(destinations));
   return FetchInto(
-      channel_.get(), Deadline(), fetch,
+      channel_.get(), Deadline(), options_.token, fetch,
       [&](const v1::Manifest&, const std::vector<TransferEntry>& entries) {
         return MatchDestinations(entries, destinations,
                                  /*drop_unmatched=*/false);
@@ -763,7 +769,7 @@ absl::StatusOr<int64_t> Client::StateDictInto(
     const TransferOptions& transfer, const IntoOptions& into) {
   std::vector<Destination> destinations;
   return FetchInto(
-      channel_.get(), Deadline(), fetch,
+      channel_.get(), Deadline(), options_.token, fetch,
       [&](const v1::Manifest& manifest,
           const std::vector<TransferEntry>& entries)
           -> absl::StatusOr<std::vector<const Destination*>> {
