@@ -53,6 +53,12 @@ struct ClientOptions {
   // receivers (modelstatectl pull) hold at most this much in flight. 0 keeps
   // gRPC's adaptive window, the fastest on long fat links.
   uint32_t receive_window_bytes = 0;
+  // Same-host shared-memory fetch (docs/protocol.md): the daemon's
+  // --local_socket path. When set, and by default for a "unix:PATH" target
+  // (then PATH.local), StateDict and StateDictInto fetch through shared memory
+  // instead of TCP, and through gRPC when nothing listens there. A canceller
+  // is checked before and after such a fetch, not during it.
+  std::string local_socket;
 };
 
 // Called with (bytes done, bytes in all) as a transfer advances.

@@ -61,6 +61,12 @@ ABSL_FLAG(int32_t, retain_versions, 1,
           "versions kept per model in memory and on disk, for older snapshots "
           "and rollback");
 
+// Same-host shared-memory fetch (issue 12 part 6; docs/operations.md).
+ABSL_FLAG(std::string, local_socket, "",
+          "path of a Unix socket (created with mode 0660) on which clients on "
+          "this host fetch state dicts through shared memory instead of TCP; "
+          "empty for none");
+
 namespace {
 
 // absl flags keep the last of repeated flags; --preload may repeat, so fold
@@ -127,6 +133,7 @@ absl::StatusOr<modelstate::ServerOptions> OptionsFromFlags() {
   }
   options.sync_durability = durability == "sync";
   options.retain_versions = absl::GetFlag(FLAGS_retain_versions);
+  options.local_socket = absl::GetFlag(FLAGS_local_socket);
 
   return options;
 }
@@ -167,6 +174,10 @@ int main(int argc, char** argv) {
   if ((*server)->metrics_port() != 0) {
     std::fprintf(stderr, "modelstated: metrics on port %d\n",
                  (*server)->metrics_port());
+  }
+  if (!options.local_socket.empty()) {
+    std::fprintf(stderr, "modelstated: shared-memory fetches on %s\n",
+                 options.local_socket.c_str());
   }
   if ((*server)->health_port() != 0) {
     std::fprintf(stderr, "modelstated: health on port %d\n",

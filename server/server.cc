@@ -153,6 +153,15 @@ absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
   RETURN_IF_ERROR(server->OpenStore(options));
   absl::Status started = server->Listen(options, credentials);
   if (started.ok()) started = server->ServeMetrics(options.metrics_listen);
+  if (started.ok() && !options.local_socket.empty()) {
+    LocalTransferOptions local;
+    local.path = options.local_socket;
+    local.authorize = options.local_authorize;
+    absl::StatusOr<std::unique_ptr<LocalTransferServer>> served =
+        LocalTransferServer::Start(server->store_.get(), std::move(local));
+    if (served.ok()) server->local_ = std::move(*served);
+    started = served.status();
+  }
   SetServing(server->server_.get(), false);
   SetServing(server->health_server_.get(), false);
   std::vector<std::string> notes;
@@ -186,6 +195,7 @@ void Server::Shutdown(absl::Duration grace) {
   }
   SetServing(server_.get(), false);
   SetServing(health_server_.get(), false);
+  local_.reset();
   const absl::Time end = absl::Now() + grace;
   if (service_) {
     service_->BeginDrain();

@@ -19,6 +19,7 @@
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
 #include "prometheus/exposer.h"
+#include "server/local_transfer.h"
 #include "server/metrics.h"
 #include "server/model_state_service.h"
 
@@ -64,6 +65,13 @@ struct ServerOptions {
   // Versions kept in memory per model (and on disk with data_dir), for
   // snapshots of older versions and rollback.
   int retain_versions = 1;
+
+  // Same-host shared-memory fetch (issue 12 part 6, server/local_transfer.h):
+  // path of a Unix socket (mode 0660) serving it; empty for none.
+  std::string local_socket;
+  // Per-model check of local fetches; unset allows every peer that can
+  // connect to the socket.
+  LocalAuthorizer local_authorize;
 };
 
 class Server {
@@ -84,6 +92,8 @@ class Server {
   // The bound port of the metrics listener, or 0.
   int metrics_port() const { return metrics_port_; }
   ModelStore& store() { return *store_; }
+  // The shared-memory side channel, or null without local_socket.
+  LocalTransferServer* local_transfer() { return local_.get(); }
 
   // Blocks until the server has shut down.
   void Wait();
@@ -111,6 +121,8 @@ class Server {
   std::unique_ptr<ModelStateService> service_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<grpc::Server> health_server_;
+  // Uses store_, so it is declared (and destroyed) after it.
+  std::unique_ptr<LocalTransferServer> local_;
   int port_ = 0;
   int health_port_ = 0;
   int metrics_port_ = 0;
