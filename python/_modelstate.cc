@@ -216,7 +216,8 @@ class PyClient {
                           const std::string& tls_cert,
                           const std::string& tls_key, bool use_tls,
                           const std::string& lb_policy, double timeout,
-                          bool own_connection) {
+                          bool own_connection,
+                          const std::string& local_socket) {
     ClientOptions options;
     options.use_tls = use_tls;
     options.tls_ca_file = tls_ca;
@@ -224,6 +225,7 @@ class PyClient {
     options.tls_key_file = tls_key;
     options.load_balancing_policy = lb_policy;
     options.own_connection = own_connection;
+    options.local_socket = local_socket;
     if (timeout > 0) options.timeout = absl::Seconds(timeout);
     return PyClient(ValueOrRaise(Client::Connect(target, options)));
   }
@@ -482,7 +484,7 @@ PYBIND11_MODULE(_modelstate, m) {
       .def_static("connect", &PyClient::Connect, py::arg("target"),
                   py::arg("tls_ca"), py::arg("tls_cert"), py::arg("tls_key"),
                   py::arg("use_tls"), py::arg("lb_policy"), py::arg("timeout"),
-                  py::arg("own_connection"))
+                  py::arg("own_connection"), py::arg("local_socket"))
       .def("list_models", &PyClient::ListModels)
       .def("get_model", &PyClient::GetModel, py::arg("model"),
            py::arg("module"), py::arg("version"))

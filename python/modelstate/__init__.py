@@ -407,15 +407,19 @@ def _module_layout(net, state_dict):
 
 
 def connect(target, tls_ca=None, tls_cert=None, tls_key=None, use_tls=False,
-            lb_policy=None, timeout=None, own_connection=False):
+            lb_policy=None, timeout=None, own_connection=False, local_socket=None):
     """Returns a ``Client`` of the server at ``target`` ("host:port",
     "dns:///name:port", ...) without waiting for the connection.
 
     tls_ca: CA file (enables TLS); tls_cert/tls_key: a client certificate
     (mTLS); use_tls: TLS with the system's roots; lb_policy: gRPC load
     balancing policy, e.g. "round_robin"; timeout: seconds per call (None: no
-    deadline); own_connection: a TCP connection of this client's own.
+    deadline); own_connection: a TCP connection of this client's own;
+    local_socket: the path of the daemon's --local_socket when it runs on this
+    host, so that state_dict and refresh go through shared memory instead of
+    TCP (the default for a "unix:PATH" target is PATH.local; TCP is used when
+    nothing listens there).
     """
     return Client(_modelstate.Client.connect(
         target, tls_ca or "", tls_cert or "", tls_key or "", use_tls,
-        lb_policy or "", float(timeout or 0), own_connection))
+        lb_policy or "", float(timeout or 0), own_connection, local_socket or ""))
