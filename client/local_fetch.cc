@@ -9,10 +9,11 @@
 #include <cerrno>
 #include <cstring>
 #include <memory>
+#include <thread>
 #include <utility>
 
-#include "absl/strings/strip.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "core/status_macros.h"
 #include "proto/convert.h"
 #include "proto/local_frame.h"
@@ -90,19 +91,27 @@ absl::StatusOr<UniqueFd> CreateRegion(uint64_t size) {
   return region;
 }
 
-// Seals the filled region against writes, maps it read-only and verifies
-// every tensor, returning them as views of the mapping.
-absl::StatusOr<std::vector<Tensor>> MapAndVerify(
+// Threads that verify the checksums of tensors that landed together.
+constexpr int kVerifyThreads = 2;
+
+// Maps the region read-only (its pages exist already, so this only fills
+// page tables) and returns the tensors as views of the mapping, which lives
+// as long as any of them.
+absl::StatusOr<std::vector<Tensor>> MapRegion(
     int region, uint64_t size, const std::vector<TransferEntry>& entries,
     const v1::LocalManifest& manifest) {
-  if (fcntl(region, F_ADD_SEALS, F_SEAL_WRITE) != 0)
-    return absl::InternalError(
-        absl::StrCat("cannot seal the region: ", strerror(errno)));
   std::shared_ptr<const void> mapping;
   const uint8_t* base = nullptr;
   if (size > 0) {
-    void* mapped =
-        mmap(nullptr, size, PROT_READ, MAP_SHARED | MAP_POPULATE, region, 0);
+    // Mapped through a read-only descriptor: a shared mapping of a writable
+    // one could be made writable later, which F_SEAL_WRITE refuses (EBUSY).
+    const UniqueFd read_only(open(
+        absl::StrCat("/proc/self/fd/", region).c_str(), O_RDONLY | O_CLOEXEC));
+    if (!read_only.valid())
+      return absl::InternalError(
+          absl::StrCat("cannot reopen the region: ", strerror(errno)));
+    void* mapped = mmap(nullptr, size, PROT_READ, MAP_SHARED | MAP_POPULATE,
+                        read_only.get(), 0);
     if (mapped == MAP_FAILED)
       return absl::ResourceExhaustedError(
           absl::StrCat("cannot map the region: ", strerror(errno)));
@@ -118,12 +127,70 @@ absl::StatusOr<std::vector<Tensor>> MapAndVerify(
     ASSIGN_OR_RETURN(Tensor tensor,
                      Tensor::View(entries[i].dtype, entries[i].shape, storage,
                                   manifest.offsets(static_cast<int>(i))));
-    if (XXH3_64bits(tensor.data(), tensor.num_bytes()) != entries[i].checksum)
-      return absl::DataLossError(
-          absl::StrCat("checksum mismatch for \"", entries[i].key, "\""));
     tensors.push_back(std::move(tensor));
   }
   return tensors;
+}
+
+// Checks the XXH3-64 of tensors [from, to). They are split between
+// kVerifyThreads threads by bytes, each tensor whole (a hash runs over one
+// tensor in order): hashing is the client's only pass over the bytes.
+absl::Status Verify(const std::vector<Tensor>& tensors,
+                    const std::vector<TransferEntry>& entries, size_t from,
+                    size_t to) {
+  uint64_t total = 0;
+  for (size_t i = from; i < to; ++i) total += tensors[i].num_bytes();
+  std::vector<char> matches(to - from, 0);
+  const auto hash = [&](int worker) {
+    uint64_t before = 0;
+    for (size_t i = from; i < to; ++i) {
+      const int owner = static_cast<int>(before * kVerifyThreads / (total + 1));
+      before += tensors[i].num_bytes();
+      if (owner != worker) continue;
+      matches[i - from] =
+          XXH3_64bits(tensors[i].data(), tensors[i].num_bytes()) ==
+          entries[i].checksum;
+    }
+  };
+  std::vector<std::thread> helpers;
+  for (int worker = 1; worker < kVerifyThreads; ++worker)
+    helpers.emplace_back(hash, worker);
+  hash(0);
+  for (std::thread& helper : helpers) helper.join();
+  for (size_t i = from; i < to; ++i) {
+    if (!matches[i - from])
+      return absl::DataLossError(
+          absl::StrCat("checksum mismatch for \"", entries[i].key, "\""));
+  }
+  return absl::OkStatus();
+}
+
+// Follows the daemon's fill of `region`: verifies tensors as progress
+// reports say they are in place (while the daemon writes the next ones), then
+// the rest once it says all are, and seals the region against writes so that
+// the tensors can never change.
+absl::Status VerifyAsFilled(int socket_fd, int region,
+                            const std::vector<Tensor>& tensors,
+                            const std::vector<TransferEntry>& entries,
+                            uint64_t total_bytes) {
+  size_t verified = 0;
+  while (true) {
+    ASSIGN_OR_RETURN(const v1::LocalResponse response, ReadResponse(socket_fd));
+    if (response.has_filled() && response.filled().total_bytes() == total_bytes)
+      break;
+    const uint32_t written = response.progress().tensors_written();
+    if (!response.has_progress() || written < verified ||
+        written > tensors.size())
+      return absl::DataLossError("malformed progress of the region's fill");
+    RETURN_IF_ERROR(Verify(tensors, entries, verified, written));
+    verified = written;
+  }
+  // Only the daemon could write besides us, and it closed its descriptor
+  // before reporting the end.
+  if (fcntl(region, F_ADD_SEALS, F_SEAL_WRITE) != 0)
+    return absl::InternalError(
+        absl::StrCat("cannot seal the region: ", strerror(errno)));
+  return Verify(tensors, entries, verified, tensors.size());
 }
 
 }  // namespace
@@ -165,14 +232,12 @@ absl::StatusOr<absl::optional<LocalFetched>> FetchLocally(
   message.Clear();
   message.mutable_region()->set_size(manifest.region_bytes());
   RETURN_IF_ERROR(WriteLocalFrame(socket_fd.get(), message, region.get()));
-  ASSIGN_OR_RETURN(const v1::LocalResponse filled,
-                   ReadResponse(socket_fd.get()));
-  if (!filled.has_filled() ||
-      filled.filled().total_bytes() != manifest.manifest().total_bytes())
-    return absl::DataLossError("the daemon did not fill the region");
   ASSIGN_OR_RETURN(fetched.tensors,
-                   MapAndVerify(region.get(), manifest.region_bytes(),
-                                fetched.entries, manifest));
+                   MapRegion(region.get(), manifest.region_bytes(),
+                             fetched.entries, manifest));
+  RETURN_IF_ERROR(VerifyAsFilled(socket_fd.get(), region.get(), fetched.tensors,
+                                 fetched.entries,
+                                 manifest.manifest().total_bytes()));
   fetched.manifest = std::move(*manifest.mutable_manifest());
   return fetched;
 }

@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <utility>
 #include <vector>
 
@@ -62,9 +63,18 @@ absl::Status CheckRegion(int fd, uint64_t size) {
   return absl::OkStatus();
 }
 
+// Bytes written between two progress reports: large enough that a model of
+// many small tensors costs few frames, small enough that the client verifies
+// a 1 GiB model in about 16 steps behind the writes.
+constexpr uint64_t kProgressBytes = 32u << 20;
+
 // Writes each tensor at its offset of the region: one copy, by the kernel.
+// Calls `report(n)` whenever the first n tensors are written and at least
+// kProgressBytes have been since the last report; its error stops the fill.
 absl::Status FillRegion(int fd, const std::vector<Tensor>& tensors,
-                        const std::vector<uint64_t>& offsets) {
+                        const std::vector<uint64_t>& offsets,
+                        const std::function<absl::Status(size_t)>& report) {
+  uint64_t unreported = 0;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const uint8_t* data = tensors[i].data();
     size_t left = tensors[i].num_bytes();
@@ -80,6 +90,11 @@ absl::Status FillRegion(int fd, const std::vector<Tensor>& tensors,
       data += wrote;
       left -= static_cast<size_t>(wrote);
       at += static_cast<uint64_t>(wrote);
+    }
+    unreported += tensors[i].num_bytes();
+    if (unreported >= kProgressBytes && i + 1 < tensors.size()) {
+      RETURN_IF_ERROR(report(i + 1));
+      unreported = 0;
     }
   }
   return absl::OkStatus();
@@ -300,9 +315,21 @@ absl::Status LocalTransferServer::ServeFetch(
           : absl::InvalidArgumentError(
                 absl::StrCat("LocalRegion.size is ", next.region().size(),
                              ", expected ", held->layout.region_bytes));
-  if (filled.ok())
-    filled = FillRegion(region.get(), held->tensors, held->layout.offsets);
+  // A progress report that cannot be sent means the client is gone: the
+  // connection is done for, and the fill stops there.
+  absl::Status sent;
+  if (filled.ok()) {
+    filled = FillRegion(region.get(), held->tensors, held->layout.offsets,
+                        [&](size_t written) {
+                          v1::LocalResponse progress;
+                          progress.mutable_progress()->set_tensors_written(
+                              static_cast<uint32_t>(written));
+                          sent = WriteLocalFrame(connection, progress);
+                          return sent;
+                        });
+  }
   region.Reset();
+  RETURN_IF_ERROR(sent);
   if (!filled.ok()) return WriteLocalFrame(connection, ErrorResponse(filled));
   {
     absl::MutexLock lock(&mu_);

@@ -528,7 +528,8 @@ TEST(LocalFetchTest, FetchesStayWholeVersionsUnderConcurrentLoads) {
   std::vector<FetchedStateDict> kept;
   for (int i = 0; i < 40; ++i) {
     absl::StatusOr<FetchedStateDict> fetched = client->StateDict({"m"});
-    ASSERT_TRUE(fetched.ok()) << fetched.status();
+    EXPECT_TRUE(fetched.ok()) << fetched.status();
+    if (!fetched.ok()) break;  // The loader must still be joined.
     const float value = reinterpret_cast<const float*>(
         fetched->state.entries()[0].tensor.data())[0];
     EXPECT_TRUE(AllEqual(fetched->state, value)) << "torn version";
