@@ -91,6 +91,9 @@ absl::StatusOr<UniqueFd> CreateRegion(uint64_t size) {
   return region;
 }
 
+// MADV_POPULATE_READ, which older C libraries do not name.
+constexpr int kPopulateRead = 22;
+
 // Threads that verify the checksums of tensors that landed together.
 constexpr int kVerifyThreads = 2;
 
@@ -110,8 +113,10 @@ absl::StatusOr<std::vector<Tensor>> MapRegion(
     if (!read_only.valid())
       return absl::InternalError(
           absl::StrCat("cannot reopen the region: ", strerror(errno)));
-    void* mapped = mmap(nullptr, size, PROT_READ, MAP_SHARED | MAP_POPULATE,
-                        read_only.get(), 0);
+    // Not populated yet: the fallocated pages are zeroed on first touch, which
+    // the daemon's writes do anyway (see Populate).
+    void* mapped =
+        mmap(nullptr, size, PROT_READ, MAP_SHARED, read_only.get(), 0);
     if (mapped == MAP_FAILED)
       return absl::ResourceExhaustedError(
           absl::StrCat("cannot map the region: ", strerror(errno)));
@@ -132,12 +137,27 @@ absl::StatusOr<std::vector<Tensor>> MapRegion(
   return tensors;
 }
 
+// Maps in the pages of tensors [from, to), written by now, in one call
+// rather than one fault per page (MADV_POPULATE_READ, Linux 5.14; on older
+// kernels the hash faults them in).
+void Populate(const std::vector<Tensor>& tensors, size_t from, size_t to) {
+  if (from >= to) return;
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t begin =
+      reinterpret_cast<uintptr_t>(tensors[from].data()) / page * page;
+  const uintptr_t end = reinterpret_cast<uintptr_t>(tensors[to - 1].data()) +
+                        tensors[to - 1].num_bytes();
+  if (end > begin)
+    madvise(reinterpret_cast<void*>(begin), end - begin, kPopulateRead);
+}
+
 // Checks the XXH3-64 of tensors [from, to). They are split between
 // kVerifyThreads threads by bytes, each tensor whole (a hash runs over one
 // tensor in order): hashing is the client's only pass over the bytes.
 absl::Status Verify(const std::vector<Tensor>& tensors,
                     const std::vector<TransferEntry>& entries, size_t from,
                     size_t to) {
+  Populate(tensors, from, to);
   uint64_t total = 0;
   for (size_t i = from; i < to; ++i) total += tensors[i].num_bytes();
   std::vector<char> matches(to - from, 0);
