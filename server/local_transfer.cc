@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "core/status_macros.h"
 #include "core/transfer.h"
 #include "proto/convert.h"
@@ -222,9 +223,14 @@ void LocalTransferServer::AcceptLoop() {
     if (watched[1].revents != 0) return;
     UniqueFd connection(
         accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC));
-    // Failures such as EMFILE or a peer gone before accept affect one
-    // connection; the loop goes on.
-    if (connection.valid()) Admit(std::move(connection));
+    if (connection.valid()) {
+      Admit(std::move(connection));
+    } else if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS ||
+               errno == ENOMEM) {
+      // The connection stays queued and poll would report it again at once:
+      // wait for descriptors or memory to come free instead of spinning.
+      absl::SleepFor(absl::Milliseconds(50));
+    }  // Otherwise (a peer gone before accept) the loop just goes on.
   }
 }
 
