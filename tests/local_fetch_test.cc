@@ -657,3 +657,86 @@ TEST(LocalFetchTest, ClientKilledMidFetchLeavesNothingBehind) {
 
 }  // namespace
 }  // namespace modelstate
+
+namespace modelstate {
+namespace {
+
+// LocalTransferServer on its own, with options a Server does not set.
+class LocalTransferServerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    LoadRequest load("m");
+    load.create_if_missing = true;
+    ASSERT_TRUE(store_.Load(load, Uniform(2, 1000, 4.0f)).ok());
+  }
+
+  std::unique_ptr<LocalTransferServer> Start(LocalTransferOptions options) {
+    options.path = dir_.file("local");
+    absl::StatusOr<std::unique_ptr<LocalTransferServer>> server =
+        LocalTransferServer::Start(&store_, std::move(options));
+    EXPECT_TRUE(server.ok()) << server.status();
+    return server.ok() ? std::move(*server) : nullptr;
+  }
+
+  ScratchDir dir_;
+  ModelStore store_;
+};
+
+TEST_F(LocalTransferServerTest, SocketGetsTheModeAsked) {
+  LocalTransferOptions options;
+  options.socket_mode = 0600;
+  auto server = Start(options);
+  struct stat info {};
+  ASSERT_EQ(stat(dir_.file("local").c_str(), &info), 0);
+  EXPECT_EQ(info.st_mode & 0777, 0600u);
+}
+
+TEST_F(LocalTransferServerTest, ConnectionsBeyondTheLimitAreRefused) {
+  LocalTransferOptions options;
+  options.max_connections = 1;
+  auto server = Start(options);
+  RawConnection first(dir_.file("local"));
+  ASSERT_TRUE(AfterManifest(first).ok());  // Being served.
+  RawConnection second(dir_.file("local"));
+  absl::StatusOr<v1::LocalResponse> refused = second.Receive();
+  ASSERT_TRUE(refused.ok()) << refused.status();
+  EXPECT_EQ(FromLocalStatus(refused->error()).code(),
+            absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(server->active_connections(), 1);
+}
+
+TEST_F(LocalTransferServerTest, IdleConnectionIsClosedAndReleasesItsVersion) {
+  LocalTransferOptions options;
+  options.idle_timeout = absl::Milliseconds(200);
+  auto server = Start(options);
+  const int64_t one_version = store_.live_bytes();
+  RawConnection idle(dir_.file("local"));
+  ASSERT_TRUE(AfterManifest(idle).ok());  // Holds version 1 from here.
+  LoadRequest load("m");
+  ASSERT_TRUE(store_.Load(load, Uniform(2, 1000, 5.0f)).ok());
+  EXPECT_EQ(store_.live_bytes(), 2 * one_version);
+  EXPECT_TRUE(Eventually([&] {
+    return server->active_connections() == 0 &&
+           store_.live_bytes() == one_version;
+  })) << store_.live_bytes();
+  EXPECT_EQ(idle.Receive().status().code(), absl::StatusCode::kOutOfRange);
+}
+
+TEST_F(LocalTransferServerTest, BadOptionsAreRefused) {
+  for (auto change : std::vector<std::function<void(LocalTransferOptions&)>>{
+           [](LocalTransferOptions& o) { o.max_connections = 0; },
+           [](LocalTransferOptions& o) {
+             o.idle_timeout = absl::ZeroDuration();
+           },
+           [](LocalTransferOptions& o) { o.path = std::string(200, 'x'); },
+       }) {
+    LocalTransferOptions options;
+    options.path = dir_.file("local");
+    change(options);
+    EXPECT_EQ(LocalTransferServer::Start(&store_, options).status().code(),
+              absl::StatusCode::kInvalidArgument);
+  }
+}
+
+}  // namespace
+}  // namespace modelstate
