@@ -3,7 +3,10 @@
 // and JSON (docs/performance.md).
 //
 //   modelstate_bench [--quick] [--reps=N] [--work_dir=DIR] [--out=PREFIX]
-//                    [--check]
+//                    [--check] [--only=P9]
+//
+// --only=P9 measures the same-host shared-memory fetch alone
+// (bench/shared_memory.h), against a daemon holding only the main model.
 //
 // --check (needs --out) reads PREFIX.json back after the run and fails if a
 // figure is missing or not a positive number (bench/results_check.h); CI runs
@@ -24,6 +27,7 @@
 #include "bench/naive_grpc.h"
 #include "bench/plan.h"
 #include "bench/raw_tcp.h"
+#include "bench/shared_memory.h"
 #include "bench/suite.h"
 
 namespace modelstate::bench {
@@ -31,7 +35,7 @@ namespace {
 
 constexpr char kUsage[] =
     "usage: modelstate_bench [--quick] [--reps=N] [--work_dir=DIR] "
-    "[--out=PREFIX] [--check]\n";
+    "[--out=PREFIX] [--check] [--only=P9]\n";
 
 std::string SelfPath() {
   char self[4096];
@@ -56,6 +60,8 @@ bool ParseFlags(int argc, char** argv, Config& config) {
       config.out = arg.substr(6);
     } else if (arg == "--check") {
       config.check = true;
+    } else if (arg == "--only=P9") {
+      config.only = "P9";
     } else {
       return false;
     }
@@ -82,5 +88,6 @@ int main(int argc, char** argv) {
     std::fputs(bench::kUsage, stderr);
     return 2;
   }
+  if (config.only == "P9") return bench::RunSharedMemoryOnly(config);
   return bench::RunSuite(config);
 }

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "bench/common.h"
+#include "bench/shared_memory.h"
 
 namespace modelstate::bench {
 namespace {
@@ -40,6 +41,7 @@ std::vector<std::string> DaemonArgs(const Config& config,
                                    "--preload=small=" + files.small};
   for (const auto& [size, file] : files.by_size)
     args.push_back(absl::StrCat("--preload=size", size, "=", file));
+  args.push_back("--local_socket=" + LocalSocketPath(config.work_dir));  // P9
   return args;
 }
 
@@ -117,6 +119,7 @@ Bench::Bench(const Config& config, const Plan& plan, const ModelFiles& files)
           Client::Connect(absl::StrCat("127.0.0.1:", servers.daemon.port)),
           "connect")),
       lean_client(Check(Client::Connect(lean_target), "connect")),
+      local_client(SharedMemoryOnlyClient(LocalSocketPath(config.work_dir))),
       tcp(servers.tcp.port),
       naive(servers.naive.port),
       nginx(absl::StrCat("http://127.0.0.1:", servers.nginx.port, "/",

@@ -57,6 +57,8 @@ struct Bench {
   std::string lean_target;
   std::unique_ptr<Client> client;       // to servers.daemon
   std::unique_ptr<Client> lean_client;  // to servers.lean
+  // to servers.daemon through its local socket only (P9)
+  std::unique_ptr<Client> local_client;
   RawTcpClient tcp;
   NaiveGrpcClient naive;
   CurlFetcher nginx;

@@ -36,8 +36,9 @@ std::vector<ExpectedFigure> ExpectedFigures(const Plan& plan) {
   for (const char* id : {"P7.fetch", "P7.fetch99", "P7.empty", "P7.empty99"})
     figures.push_back({id, "us"});
   for (uint64_t size : plan.sizes) figures.push_back({SizeId(size), "GB/s"});
+  for (const char* id : {"P9.shm", "P9.tcp"}) figures.push_back({id, "GB/s"});
   for (const char* id :
-       {"P1/a", "P1/b", "P1/c", "P4/a", "P5", "P6", "P7", "P8"})
+       {"P1/a", "P1/b", "P1/c", "P4/a", "P5", "P6", "P7", "P8", "P9"})
     figures.push_back({id, "ratio"});
   figures.push_back({"P10", "fraction"});
   return figures;

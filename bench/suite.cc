@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "bench/common.h"
 #include "bench/results_check.h"
+#include "bench/shared_memory.h"
 
 namespace modelstate::bench {
 namespace {
@@ -122,6 +123,9 @@ int CheckResultsFile(const std::string& path, const Plan& plan) {
 Results CollectResults(Bench& bench) {
   Results results;
   AddFetchRows(bench, results);
+  AddSharedMemoryRows(MeasureSharedMemory(*bench.client, *bench.local_client,
+                                          "main", bench.plan.reps),
+                      results);
   AddFanOutRows(bench, results);
   AddPushAndLatencyRows(bench, results);
   AddModelSizeRows(bench, results);

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
+#include "client/local_fetch.h"
 #include "core/file_util.h"
 #include "core/limits.h"
 #include "core/status_macros.h"
@@ -30,6 +31,17 @@ TensorDescription Describe(const v1::TensorInfo& info,
   return TensorDescription{info.name(),      FromProto(info.kind()).value(),
                            entry.dtype,      entry.shape,
                            info.num_bytes(), info.xxh3_64()};
+}
+
+// The manifest's entries as StateDictStreaming's on_manifest sees them.
+std::vector<TensorDescription> Describe(
+    const v1::Manifest& manifest, const std::vector<TransferEntry>& entries) {
+  std::vector<TensorDescription> described;
+  described.reserve(entries.size());
+  for (size_t i = 0; i < entries.size(); ++i)
+    described.push_back(
+        Describe(manifest.tensors(static_cast<int>(i)), entries[i]));
+  return described;
 }
 
 }  // namespace
@@ -130,7 +142,9 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(
     credentials = grpc::InsecureChannelCredentials();
   }
   auto channel = grpc::CreateCustomChannel(target, credentials, args);
-  return std::unique_ptr<Client>(new Client(std::move(channel), options));
+  ClientOptions resolved = options;
+  resolved.local_socket = LocalSocketFor(target, options.local_socket);
+  return std::unique_ptr<Client>(new Client(std::move(channel), resolved));
 }
 
 void Client::Prepare(grpc::ClientContext* context) const {
@@ -750,46 +764,127 @@ absl::StatusOr<int64_t> FetchInto(grpc::Channel* channel, absl::Time deadline,
 
 }  // namespace
 
+namespace {
+
+// The shared-memory way of a fetch (ClientOptions::local_socket): nullopt
+// when there is no local socket to use, and the caller goes through gRPC.
+absl::StatusOr<absl::optional<LocalFetched>> FetchThroughSharedMemory(
+    const ClientOptions& options, const FetchRequest& fetch,
+    const TransferOptions& transfer, const LocalManifestCallback& on_manifest) {
+  if (options.local_socket.empty()) return absl::nullopt;
+  const auto cancelled = [&] {
+    return transfer.canceller != nullptr && transfer.canceller->cancelled();
+  };
+  if (cancelled()) return absl::CancelledError("fetch cancelled");
+  LocalFetchSettings settings;
+  settings.socket_path = options.local_socket;
+  settings.token = options.token;
+  settings.timeout = options.timeout;
+  ASSIGN_OR_RETURN(absl::optional<LocalFetched> fetched,
+                   FetchLocally(settings, ToProto(fetch), on_manifest));
+  if (!fetched.has_value()) return fetched;
+  if (cancelled()) return absl::CancelledError("fetch cancelled");
+  if (transfer.progress) {
+    const uint64_t total = fetched->manifest.total_bytes();
+    transfer.progress(total, total);
+  }
+  return fetched;
+}
+
+// StateDictInto through shared memory: destinations are resolved from the
+// manifest before any byte moves, and written only once every tensor in the
+// region has been verified, so a failure leaves them untouched (which keeps
+// the promises of both IntoOptions modes).
+absl::StatusOr<absl::optional<int64_t>> FetchIntoThroughSharedMemory(
+    const ClientOptions& options, const FetchRequest& fetch,
+    const DestinationResolver& resolve, const TransferOptions& transfer,
+    const IntoOptions& into) {
+  if (into.written_keys != nullptr) into.written_keys->clear();
+  std::vector<const Destination*> targets;
+  ASSIGN_OR_RETURN(
+      const absl::optional<LocalFetched> fetched,
+      FetchThroughSharedMemory(
+          options, fetch, transfer,
+          [&](const v1::Manifest& manifest,
+              const std::vector<TransferEntry>& entries) -> absl::Status {
+            ASSIGN_OR_RETURN(targets, resolve(manifest, entries));
+            return absl::OkStatus();
+          }));
+  if (!fetched.has_value()) return absl::nullopt;
+  CopyStaged(fetched->tensors, targets, into.written_keys, fetched->entries);
+  return fetched->manifest.version();
+}
+
+}  // namespace
+
 absl::StatusOr<int64_t> Client::StateDictInto(
     const FetchRequest& fetch, const std::vector<Destination>& destinations,
     const TransferOptions& transfer, const IntoOptions& into) {
   if (into.written_keys != nullptr) into.written_keys->clear();
   RETURN_IF_ERROR(CheckDestinations(destinations));
-  return FetchInto(
-      channel_.get(), Deadline(), options_.token, fetch,
+  const DestinationResolver resolve =
       [&](const v1::Manifest&, const std::vector<TransferEntry>& entries) {
         return MatchDestinations(entries, destinations,
                                  /*drop_unmatched=*/false);
-      },
-      transfer, into);
+      };
+  ASSIGN_OR_RETURN(
+      const absl::optional<int64_t> local,
+      FetchIntoThroughSharedMemory(options_, fetch, resolve, transfer, into));
+  if (local.has_value()) return *local;
+  return FetchInto(channel_.get(), Deadline(), options_.token, fetch, resolve,
+                   transfer, into);
 }
 
 absl::StatusOr<int64_t> Client::StateDictInto(
     const FetchRequest& fetch, const DestinationAllocator& allocate,
     const TransferOptions& transfer, const IntoOptions& into) {
   std::vector<Destination> destinations;
-  return FetchInto(
-      channel_.get(), Deadline(), options_.token, fetch,
+  const DestinationResolver resolve =
       [&](const v1::Manifest& manifest,
           const std::vector<TransferEntry>& entries)
-          -> absl::StatusOr<std::vector<const Destination*>> {
-        std::vector<TensorDescription> tensors;
-        tensors.reserve(entries.size());
-        for (size_t i = 0; i < entries.size(); ++i)
-          tensors.push_back(
-              Describe(manifest.tensors(static_cast<int>(i)), entries[i]));
-        ASSIGN_OR_RETURN(destinations, allocate(tensors));
-        RETURN_IF_ERROR(CheckDestinations(destinations));
-        return MatchDestinations(entries, destinations,
-                                 /*drop_unmatched=*/true);
-      },
-      transfer, into);
+      -> absl::StatusOr<std::vector<const Destination*>> {
+    std::vector<TensorDescription> tensors;
+    tensors.reserve(entries.size());
+    for (size_t i = 0; i < entries.size(); ++i)
+      tensors.push_back(
+          Describe(manifest.tensors(static_cast<int>(i)), entries[i]));
+    ASSIGN_OR_RETURN(destinations, allocate(tensors));
+    RETURN_IF_ERROR(CheckDestinations(destinations));
+    return MatchDestinations(entries, destinations,
+                             /*drop_unmatched=*/true);
+  };
+  ASSIGN_OR_RETURN(
+      const absl::optional<int64_t> local,
+      FetchIntoThroughSharedMemory(options_, fetch, resolve, transfer, into));
+  if (local.has_value()) return *local;
+  return FetchInto(channel_.get(), Deadline(), options_.token, fetch, resolve,
+                   transfer, into);
 }
 
 absl::StatusOr<FetchedStateDict> Client::StateDict(
     const FetchRequest& request, const TransferOptions& transfer) {
   FetchedStateDict fetched;
   fetched.model = request.model;
+  const LocalManifestCallback on_manifest =
+      [&](const v1::Manifest& manifest,
+          const std::vector<TransferEntry>& entries) {
+        return transfer.on_manifest
+                   ? transfer.on_manifest(Describe(manifest, entries))
+                   : absl::OkStatus();
+      };
+  ASSIGN_OR_RETURN(
+      absl::optional<LocalFetched> local,
+      FetchThroughSharedMemory(options_, request, transfer, on_manifest));
+  if (local.has_value()) {
+    fetched.version = local->manifest.version();
+    for (size_t i = 0; i < local->tensors.size(); ++i) {
+      RETURN_IF_ERROR(fetched.state.Insert(
+          local->entries[i].key, std::move(local->tensors[i]),
+          FromProto(local->manifest.tensors(static_cast<int>(i)).kind())
+              .value()));
+    }
+    return fetched;
+  }
   ASSIGN_OR_RETURN(
       fetched.version,
       StateDictStreaming(

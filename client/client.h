@@ -59,6 +59,12 @@ struct ClientOptions {
   // channels: over plaintext the token is readable on the wire, so use TLS
   // beyond loopback.
   std::string token;
+  // Same-host shared-memory fetch (docs/protocol.md): the daemon's
+  // --local_socket path. When set, and by default for a "unix:PATH" target
+  // (then PATH.local), StateDict and StateDictInto fetch through shared memory
+  // instead of TCP, and through gRPC when nothing listens there. A canceller
+  // is checked before and after such a fetch, not during it.
+  std::string local_socket;
 };
 
 // Called with (bytes done, bytes in all) as a transfer advances.

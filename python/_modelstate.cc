@@ -218,7 +218,8 @@ class PyClient {
                           const std::string& tls_cert,
                           const std::string& tls_key, bool use_tls,
                           const std::string& lb_policy, double timeout,
-                          bool own_connection, const std::string& token) {
+                          bool own_connection, const std::string& token,
+                          const std::string& local_socket) {
     ClientOptions options;
     options.use_tls = use_tls;
     options.tls_ca_file = tls_ca;
@@ -227,6 +228,7 @@ class PyClient {
     options.load_balancing_policy = lb_policy;
     options.own_connection = own_connection;
     options.token = token;
+    options.local_socket = local_socket;
     if (timeout > 0) options.timeout = absl::Seconds(timeout);
     return PyClient(ValueOrRaise(Client::Connect(target, options)));
   }
@@ -486,7 +488,8 @@ PYBIND11_MODULE(_modelstate, m) {
       .def_static("connect", &PyClient::Connect, py::arg("target"),
                   py::arg("tls_ca"), py::arg("tls_cert"), py::arg("tls_key"),
                   py::arg("use_tls"), py::arg("lb_policy"), py::arg("timeout"),
-                  py::arg("own_connection"), py::arg("token"))
+                  py::arg("own_connection"), py::arg("token"),
+                  py::arg("local_socket"))
       .def("list_models", &PyClient::ListModels)
       .def("get_model", &PyClient::GetModel, py::arg("model"),
            py::arg("module"), py::arg("version"), py::arg("min_version"))

@@ -78,6 +78,11 @@ ABSL_FLAG(std::string, audit_log, "-",
           "one line per write (principal, model, version, bytes): - for "
           "stderr, a file to append to, or empty for none");
 ABSL_FLAG(bool, reflection, true, "serve gRPC server reflection");
+// Same-host shared-memory fetch (issue 12 part 6; docs/operations.md).
+ABSL_FLAG(std::string, local_socket, "",
+          "path of a Unix socket (created with mode 0660) on which clients on "
+          "this host fetch state dicts through shared memory instead of TCP; "
+          "empty for none");
 
 namespace {
 
@@ -151,6 +156,7 @@ absl::StatusOr<modelstate::ServerOptions> OptionsFromFlags() {
   options.auth_policy_poll_interval = absl::GetFlag(FLAGS_auth_policy_poll);
   options.audit_log = absl::GetFlag(FLAGS_audit_log);
   options.reflection = absl::GetFlag(FLAGS_reflection);
+  options.local_socket = absl::GetFlag(FLAGS_local_socket);
 
   return options;
 }
@@ -193,6 +199,10 @@ int main(int argc, char** argv) {
   if ((*server)->metrics_port() != 0) {
     std::fprintf(stderr, "modelstated: metrics on port %d\n",
                  (*server)->metrics_port());
+  }
+  if (!options.local_socket.empty()) {
+    std::fprintf(stderr, "modelstated: shared-memory fetches on %s\n",
+                 options.local_socket.c_str());
   }
   if ((*server)->health_port() != 0) {
     std::fprintf(stderr, "modelstated: health on port %d\n",

@@ -803,9 +803,15 @@ absl::Time ModelStateService::MinVersionDeadline(
 absl::StatusOr<Caller> ModelStateService::Authenticate(
     const grpc::ServerContextBase& context) {
   if (options_.access == nullptr) return Caller::Anonymous();
+  return Authenticate(CredentialsOf(context));
+}
+
+absl::StatusOr<Caller> ModelStateService::Authenticate(
+    const CallerCredentials& credentials) {
+  if (options_.access == nullptr) return Caller::Anonymous();
   AuthFailure failure = AuthFailure::kNone;
   absl::StatusOr<Principal> principal =
-      options_.access->Authenticate(CredentialsOf(context), &failure);
+      options_.access->Authenticate(credentials, &failure);
   if (!principal.ok()) {
     if (options_.metrics != nullptr)
       options_.metrics->RecordAuthFailure(AuthFailureName(failure));

@@ -136,6 +136,9 @@ class ModelStateService final
   // Who calls through `context`: anonymous without a policy, otherwise its
   // principal, or Unauthenticated (counted in the metrics by reason).
   absl::StatusOr<Caller> Authenticate(const grpc::ServerContextBase& context);
+  // As above, for credentials that came another way (the shared-memory
+  // side channel's token).
+  absl::StatusOr<Caller> Authenticate(const CallerCredentials& credentials);
   // OK when `caller` may do `action` on `model`, otherwise PermissionDenied
   // naming the role needed (counted in the metrics).
   absl::Status Authorize(const Caller& caller, Action action,

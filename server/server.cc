@@ -221,6 +221,28 @@ absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
   RETURN_IF_ERROR(server->OpenStore(options));
   absl::Status started = server->Listen(options, credentials);
   if (started.ok()) started = server->ServeMetrics(options.metrics_listen);
+  if (started.ok() && !options.local_socket.empty()) {
+    LocalTransferOptions local;
+    local.path = options.local_socket;
+    local.authorize = options.local_authorize;
+    if (!local.authorize && server->access_ != nullptr) {
+      // The side channel's token answers to the same policy as the gRPC port.
+      ModelStateService* service = server->service_.get();
+      local.authorize = [service](const LocalPeer&, const std::string& token,
+                                  const FetchRequest& request) -> absl::Status {
+        CallerCredentials credentials;
+        if (!token.empty())
+          credentials.authorization.push_back(absl::StrCat("Bearer ", token));
+        ASSIGN_OR_RETURN(const Caller caller,
+                         service->Authenticate(credentials));
+        return service->Authorize(caller, Action::kStateDict, request.model);
+      };
+    }
+    absl::StatusOr<std::unique_ptr<LocalTransferServer>> served =
+        LocalTransferServer::Start(server->store_.get(), std::move(local));
+    if (served.ok()) server->local_ = std::move(*served);
+    started = served.status();
+  }
   SetServing(server->server_.get(), false);
   SetServing(server->health_server_.get(), false);
   std::vector<std::string> notes;
@@ -254,6 +276,7 @@ void Server::Shutdown(absl::Duration grace) {
   }
   SetServing(server_.get(), false);
   SetServing(health_server_.get(), false);
+  local_.reset();
   const absl::Time end = absl::Now() + grace;
   if (service_) {
     service_->BeginDrain();

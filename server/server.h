@@ -21,6 +21,7 @@
 #include "grpcpp/server.h"
 #include "prometheus/exposer.h"
 #include "server/auth.h"
+#include "server/local_transfer.h"
 #include "server/metrics.h"
 #include "server/model_state_service.h"
 
@@ -82,6 +83,13 @@ struct ServerOptions {
   std::string audit_log;
   // Serve gRPC server reflection on the main port.
   bool reflection = true;
+  // Same-host shared-memory fetch (issue 12 part 6, server/local_transfer.h):
+  // path of a Unix socket (mode 0660) serving it; empty for none.
+  std::string local_socket;
+  // Per-model check of local fetches; unset: the auth policy's check of the
+  // request's token when there is a policy, otherwise every peer that can
+  // connect to the socket may read every model.
+  LocalAuthorizer local_authorize;
 };
 
 class Server {
@@ -107,6 +115,8 @@ class Server {
   // Re-reads the auth policy file (SIGHUP). On error the previous policy stays
   // in force and the error is returned; FailedPrecondition without a policy.
   absl::Status ReloadAuthPolicy();
+  // The shared-memory side channel, or null without local_socket.
+  LocalTransferServer* local_transfer() { return local_.get(); }
 
   // Blocks until the server has shut down.
   void Wait();
@@ -140,6 +150,8 @@ class Server {
   std::unique_ptr<grpc::Server> server_;
   grpc::CallbackGenericService health_unimplemented_;
   std::unique_ptr<grpc::Server> health_server_;
+  // Uses store_, so it is declared (and destroyed) after it.
+  std::unique_ptr<LocalTransferServer> local_;
   int port_ = 0;
   int health_port_ = 0;
   int metrics_port_ = 0;

@@ -563,6 +563,43 @@ void MakeClientCertificate(const testing_support::Certificates& pki,
   ASSERT_EQ(made.exit_code, 0) << made.output;
 }
 
+// The shared-memory side channel answers to the same policy, through the
+// token its request carries. The client's gRPC target is a port where nothing
+// listens, so every answer below came through the local socket.
+TEST_F(AuthTest, SharedMemoryFetchAnswersToThePolicy) {
+  ServerOptions options = Options();
+  options.local_socket = dir_.file("modelstated.local");
+  Start(options);
+  const auto local_client = [&](const std::string& token) {
+    ClientOptions client_options;
+    client_options.timeout = testing_support::kCallTimeout;
+    client_options.token = token;
+    client_options.local_socket = options.local_socket;
+    return Client::Connect("127.0.0.1:1", client_options).value();
+  };
+  absl::StatusOr<FetchedStateDict> fetched =
+      local_client(kReaderToken)->StateDict(FetchRequest("team-a"));
+  ASSERT_TRUE(fetched.ok()) << fetched.status();
+  const StateDict stored = CoreState(*server_, "team-a");
+  ASSERT_EQ(fetched->state.Keys(), stored.Keys());
+  for (size_t i = 0; i < stored.size(); ++i) {
+    EXPECT_EQ(fetched->state.entries()[i].tensor.bytes(),
+              stored.entries()[i].tensor.bytes());
+  }
+  EXPECT_EQ(local_client("")->StateDict(FetchRequest("team-a")).status().code(),
+            absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(local_client("wrong-token")
+                ->StateDict(FetchRequest("team-a"))
+                .status()
+                .code(),
+            absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(local_client(kReaderToken)
+                ->StateDict(FetchRequest("other"))
+                .status()
+                .code(),
+            absl::StatusCode::kPermissionDenied);
+}
+
 TEST_F(AuthTest, MutualTlsPrincipalsByCertificateName) {
   const testing_support::Certificates pki = testing_support::MakeCertificates();
   MakeClientCertificate(pki, "trainer", "pod-1234", "URI:spiffe://ml/trainer");

@@ -421,7 +421,8 @@ def _module_layout(net, state_dict):
 
 
 def connect(target, tls_ca=None, tls_cert=None, tls_key=None, use_tls=False,
-            lb_policy=None, timeout=None, own_connection=False, token=None):
+            lb_policy=None, timeout=None, own_connection=False, token=None,
+            local_socket=None):
     """Returns a ``Client`` of the server at ``target`` ("host:port",
     "dns:///name:port", ...) without waiting for the connection.
 
@@ -432,9 +433,14 @@ def connect(target, tls_ca=None, tls_cert=None, tls_key=None, use_tls=False,
     token: a bearer token for a server with an auth policy (default: the
     ``MODELSTATE_TOKEN`` environment variable, if set), sent with every call as
     "authorization: Bearer <token>" metadata.
+    local_socket: the path of the daemon's --local_socket when it runs on this
+    host, so that state_dict and refresh go through shared memory instead of
+    TCP (the default for a "unix:PATH" target is PATH.local; TCP is used when
+    nothing listens there).
     """
     if token is None:
         token = os.environ.get("MODELSTATE_TOKEN", "").strip()
     return Client(_modelstate.Client.connect(
         target, tls_ca or "", tls_cert or "", tls_key or "", use_tls,
-        lb_policy or "", float(timeout or 0), own_connection, token))
+        lb_policy or "", float(timeout or 0), own_connection, token,
+        local_socket or ""))

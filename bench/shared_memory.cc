@@ -1,0 +1,97 @@
+#include "bench/shared_memory.h"
+
+#include <sys/stat.h>
+
+#include <cstdio>
+#include <fstream>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "bench/child_process.h"
+#include "bench/common.h"
+#include "core/safetensors.h"
+
+namespace modelstate::bench {
+
+std::string LocalSocketPath(const std::string& work_dir) {
+  return work_dir + "/modelstated.local";
+}
+
+std::unique_ptr<Client> SharedMemoryOnlyClient(const std::string& socket) {
+  ClientOptions options;
+  options.local_socket = socket;
+  // Port 1 on loopback: nothing listens there.
+  return Check(Client::Connect("127.0.0.1:1", options), "connect locally");
+}
+
+SharedMemorySamples MeasureSharedMemory(Client& tcp, Client& local,
+                                        const std::string& model, int reps) {
+  SharedMemorySamples samples;
+  const auto timed = [&](Client& client) {
+    const double start = Seconds();
+    FetchedStateDict fetched = Check(client.StateDict(model), "P9 fetch");
+    const uint64_t bytes = fetched.state.TotalBytes();
+    fetched = {};  // Freed inside the timing, as each repetition's memory is
+                   // fresh.
+    return GBps(bytes, Seconds() - start);
+  };
+  timed(local);  // Warm-ups.
+  timed(tcp);
+  std::fprintf(stderr, "P9: %d repetitions\n", reps);
+  for (int rep = 0; rep < reps; ++rep) {
+    if (rep % 2 == 0) {
+      samples.shared_memory.push_back(timed(local));
+      samples.tcp.push_back(timed(tcp));
+    } else {
+      samples.tcp.push_back(timed(tcp));
+      samples.shared_memory.push_back(timed(local));
+    }
+  }
+  return samples;
+}
+
+void AddSharedMemoryRows(SharedMemorySamples samples, Results& results) {
+  results.Add("P9.shm", "same-host shared-memory fetch (Client::StateDict)",
+              "GB/s", std::move(samples.shared_memory));
+  results.Add("P9.tcp", "TCP fetch of the same model (Client::StateDict)",
+              "GB/s", std::move(samples.tcp));
+  results.AddRatio("P9", "shared-memory fetch / TCP fetch", "P9.shm", "P9.tcp",
+                   AtLeast(3.0));
+}
+
+int RunSharedMemoryOnly(const Config& config) {
+  mkdir(config.work_dir.c_str(), 0755);
+  const Plan plan = MakePlan(config);
+  const std::string file = ModelFile(config.work_dir, 16, plan.model_bytes);
+  const std::string socket = LocalSocketPath(config.work_dir);
+  Child daemon =
+      Spawn({config.daemon, "--listen=127.0.0.1:0",
+             "--demo_model=", "--log_rpcs=false", "--local_socket=" + socket},
+            2, "serving on port ");
+  Results results;
+  {
+    auto tcp = Check(Client::Connect(absl::StrCat("127.0.0.1:", daemon.port)),
+                     "connect");
+    auto local = SharedMemoryOnlyClient(socket);
+    // Loaded as a trainer would, so the model lives in anonymous memory
+    // (as in the suite, see Bench).
+    const SafetensorsFile state =
+        Check(ReadSafetensorsFile(file), "read model file");
+    LoadRequest load("main");
+    load.create_if_missing = true;
+    Check(tcp->LoadStateDict(load, state.tensors), "load main");
+    AddSharedMemoryRows(MeasureSharedMemory(*tcp, *local, "main", plan.reps),
+                        results);
+  }
+  Stop(daemon);
+  const std::string markdown = ToMarkdown(results);
+  const std::string json = ToJson(results).dump(2) + "\n";
+  std::printf("%s\n%s", markdown.c_str(), json.c_str());
+  if (!config.out.empty()) {
+    std::ofstream(config.out + ".md") << markdown;
+    std::ofstream(config.out + ".json") << json;
+  }
+  return 0;
+}
+
+}  // namespace modelstate::bench

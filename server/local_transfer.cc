@@ -1,0 +1,349 @@
+#include "server/local_transfer.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "core/status_macros.h"
+#include "core/transfer.h"
+#include "proto/convert.h"
+
+namespace modelstate {
+namespace {
+
+// Requests are a model name, keys and a token: far below a manifest's size.
+constexpr uint32_t kMaxLocalRequestBytes = 16u << 20;
+
+absl::Status Errno(absl::string_view what) {
+  return absl::UnavailableError(absl::StrCat(what, ": ", std::strerror(errno)));
+}
+
+absl::StatusOr<LocalPeer> PeerOf(int connection) {
+  ucred credentials{};
+  socklen_t size = sizeof(credentials);
+  if (getsockopt(connection, SOL_SOCKET, SO_PEERCRED, &credentials, &size) !=
+          0 ||
+      size != sizeof(credentials) || credentials.pid <= 0) {
+    return absl::PermissionDeniedError(
+        "the local socket's peer has no credentials");
+  }
+  return LocalPeer{credentials.pid, credentials.uid, credentials.gid};
+}
+
+// Checks that `fd` is a region this daemon may write without risk: a memfd
+// (only shmem files take seals) sealed against shrinking, so pwrite can
+// neither fault nor block, of exactly `size` bytes.
+absl::Status CheckRegion(int fd, uint64_t size) {
+  struct stat info {};
+  if (fstat(fd, &info) != 0 || !S_ISREG(info.st_mode))
+    return absl::InvalidArgumentError("the region is not a memfd");
+  const int seals = fcntl(fd, F_GET_SEALS);
+  if (seals < 0 || (seals & F_SEAL_SHRINK) == 0) {
+    return absl::InvalidArgumentError(
+        "the region must be a memfd sealed against shrinking (F_SEAL_SHRINK)");
+  }
+  if ((seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE)) != 0)
+    return absl::InvalidArgumentError("the region is sealed against writes");
+  if (static_cast<uint64_t>(info.st_size) != size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the region has ", info.st_size, " bytes, expected ", size));
+  }
+  return absl::OkStatus();
+}
+
+// Bytes written between two progress reports: large enough that a model of
+// many small tensors costs few frames, small enough that the client verifies
+// a 1 GiB model in about 16 steps behind the writes.
+constexpr uint64_t kProgressBytes = 32u << 20;
+
+// Writes each tensor at its offset of the region: one copy, by the kernel.
+// Calls `report(n)` whenever the first n tensors are written and at least
+// kProgressBytes have been since the last report; its error stops the fill.
+absl::Status FillRegion(int fd, const std::vector<Tensor>& tensors,
+                        const std::vector<uint64_t>& offsets,
+                        const std::function<absl::Status(size_t)>& report) {
+  uint64_t unreported = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const uint8_t* data = tensors[i].data();
+    size_t left = tensors[i].num_bytes();
+    uint64_t at = offsets[i];
+    while (left > 0) {
+      const ssize_t wrote = pwrite(fd, data, left, static_cast<off_t>(at));
+      if (wrote < 0 && errno == EINTR) continue;
+      if (wrote <= 0) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("cannot write the region: ",
+                         wrote < 0 ? std::strerror(errno) : "no progress"));
+      }
+      data += wrote;
+      left -= static_cast<size_t>(wrote);
+      at += static_cast<uint64_t>(wrote);
+    }
+    unreported += tensors[i].num_bytes();
+    if (unreported >= kProgressBytes && i + 1 < tensors.size()) {
+      RETURN_IF_ERROR(report(i + 1));
+      unreported = 0;
+    }
+  }
+  return absl::OkStatus();
+}
+
+v1::LocalResponse ErrorResponse(const absl::Status& status) {
+  v1::LocalResponse response;
+  *response.mutable_error() = ToLocalStatus(status);
+  return response;
+}
+
+// A fetch planned and held: the snapshot's tensors stay alive while it does.
+struct HeldFetch {
+  FetchPlan plan;
+  std::vector<Tensor> tensors;
+  LocalRegionLayout layout;
+  uint64_t total_bytes = 0;
+};
+
+absl::StatusOr<HeldFetch> PlanFetch(ModelStore* store, const LocalPeer& peer,
+                                    const LocalAuthorizer& authorize,
+                                    const v1::LocalFetchRequest& request) {
+  ASSIGN_OR_RETURN(const FetchRequest fetch, FromProto(request.request()));
+  if (authorize) RETURN_IF_ERROR(authorize(peer, request.token(), fetch));
+  HeldFetch held;
+  ASSIGN_OR_RETURN(held.plan, store->Fetch(fetch));
+  held.tensors = held.plan.state.Tensors();
+  std::vector<uint64_t> sizes;
+  for (const Tensor& tensor : held.tensors) {
+    sizes.push_back(tensor.num_bytes());
+    held.total_bytes += tensor.num_bytes();
+  }
+  ASSIGN_OR_RETURN(held.layout, LayOutLocalRegion(sizes));
+  return held;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<LocalTransferServer>> LocalTransferServer::Start(
+    ModelStore* store, LocalTransferOptions options) {
+  sockaddr_un address{};
+  address.sun_family = AF_UNIX;
+  if (options.path.empty() || options.path.size() >= sizeof(address.sun_path)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("local socket path must have 1 to ",
+                     sizeof(address.sun_path) - 1, " characters"));
+  }
+  if (options.max_connections < 1 ||
+      options.idle_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        "local socket: max_connections and idle_timeout must be positive");
+  }
+  std::memcpy(address.sun_path, options.path.data(), options.path.size());
+  UniqueFd listener(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!listener.valid()) return Errno("cannot create the local socket");
+  // A socket file left by an earlier daemon is replaced; anything else there
+  // is an error from bind.
+  struct stat existing {};
+  if (lstat(options.path.c_str(), &existing) == 0 && S_ISSOCK(existing.st_mode))
+    unlink(options.path.c_str());
+  if (bind(listener.get(), reinterpret_cast<const sockaddr*>(&address),
+           sizeof(address)) != 0) {
+    return Errno(absl::StrCat("cannot bind the local socket ", options.path));
+  }
+  if (chmod(options.path.c_str(), options.socket_mode) != 0 ||
+      listen(listener.get(), 64) != 0) {
+    absl::Status error = Errno(absl::StrCat("cannot listen on ", options.path));
+    unlink(options.path.c_str());
+    return error;
+  }
+  std::unique_ptr<LocalTransferServer> server(
+      new LocalTransferServer(store, std::move(options), std::move(listener)));
+  if (!server->wake_.valid()) return Errno("cannot create an eventfd");
+  server->acceptor_ = std::thread([raw = server.get()] { raw->AcceptLoop(); });
+  return server;
+}
+
+LocalTransferServer::LocalTransferServer(ModelStore* store,
+                                         LocalTransferOptions options,
+                                         UniqueFd listener)
+    : store_(store),
+      options_(std::move(options)),
+      listener_(std::move(listener)),
+      wake_(eventfd(0, EFD_CLOEXEC)) {}
+
+LocalTransferServer::~LocalTransferServer() {
+  if (wake_.valid()) {
+    const uint64_t one = 1;
+    // An eventfd counter cannot overflow from one write; no error to handle.
+    (void)!write(wake_.get(), &one, sizeof(one));
+  }
+  if (acceptor_.joinable()) acceptor_.join();
+  std::vector<std::thread> handlers;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto& [id, connection] : connections_) {
+      if (connection.fd >= 0) shutdown(connection.fd, SHUT_RDWR);
+      handlers.push_back(std::move(connection.handler));
+    }
+  }
+  for (std::thread& handler : handlers) handler.join();
+  unlink(options_.path.c_str());
+}
+
+int LocalTransferServer::active_connections() const {
+  absl::MutexLock lock(&mu_);
+  return active_;
+}
+
+int64_t LocalTransferServer::fetches_served() const {
+  absl::MutexLock lock(&mu_);
+  return fetches_served_;
+}
+
+void LocalTransferServer::AcceptLoop() {
+  pollfd watched[2] = {{listener_.get(), POLLIN, 0}, {wake_.get(), POLLIN, 0}};
+  while (true) {
+    Reap();
+    if (poll(watched, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      std::fprintf(stderr, "modelstated: local socket: poll: %s\n",
+                   std::strerror(errno));
+      return;
+    }
+    if (watched[1].revents != 0) return;
+    UniqueFd connection(
+        accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    if (connection.valid()) {
+      Admit(std::move(connection));
+    } else if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS ||
+               errno == ENOMEM) {
+      // The connection stays queued and poll would report it again at once:
+      // wait for descriptors or memory to come free instead of spinning.
+      absl::SleepFor(absl::Milliseconds(50));
+    }  // Otherwise (a peer gone before accept) the loop just goes on.
+  }
+}
+
+void LocalTransferServer::Admit(UniqueFd connection) {
+  absl::MutexLock lock(&mu_);
+  if (active_ >= options_.max_connections) {
+    (void)SetSocketTimeouts(connection.get(), absl::Seconds(1));
+    (void)WriteLocalFrame(connection.get(),
+                          ErrorResponse(absl::ResourceExhaustedError(
+                              "too many local connections")));
+    return;
+  }
+  const uint64_t id = next_id_++;
+  ++active_;
+  Connection& entry = connections_[id];
+  entry.fd = connection.Release();
+  entry.handler = std::thread([this, id, fd = entry.fd] { Serve(id, fd); });
+}
+
+void LocalTransferServer::Reap() {
+  std::vector<std::thread> finished;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto it = connections_.begin(); it != connections_.end();) {
+      if (it->second.fd >= 0) {
+        ++it;
+        continue;
+      }
+      finished.push_back(std::move(it->second.handler));
+      it = connections_.erase(it);
+    }
+  }
+  for (std::thread& handler : finished) handler.join();
+}
+
+void LocalTransferServer::Serve(uint64_t id, int connection) {
+  absl::StatusOr<LocalPeer> peer = PeerOf(connection);
+  absl::Status status = SetSocketTimeouts(connection, options_.idle_timeout);
+  if (status.ok()) status = peer.status();
+  while (status.ok()) {
+    v1::LocalRequest request;
+    status = ReadLocalFrame(connection, kMaxLocalRequestBytes, &request,
+                            /*received_fd=*/nullptr);
+    if (status.ok() && request.has_fetch()) {
+      status = ServeFetch(connection, *peer, request.fetch());
+    } else if (status.ok()) {
+      status = absl::InvalidArgumentError(
+          "a local connection must start with a fetch request");
+    }
+  }
+  // A clean close, a timeout or a broken socket need no answer; a request we
+  // could not make sense of does.
+  if (status.code() == absl::StatusCode::kInvalidArgument ||
+      status.code() == absl::StatusCode::kPermissionDenied)
+    (void)WriteLocalFrame(connection, ErrorResponse(status));
+  absl::MutexLock lock(&mu_);
+  close(connection);
+  connections_[id].fd = -1;
+  --active_;
+}
+
+absl::Status LocalTransferServer::ServeFetch(
+    int connection, const LocalPeer& peer,
+    const v1::LocalFetchRequest& request) {
+  absl::StatusOr<HeldFetch> held =
+      PlanFetch(store_, peer, options_.authorize, request);
+  if (!held.ok())
+    return WriteLocalFrame(connection, ErrorResponse(held.status()));
+  v1::LocalResponse response;
+  v1::LocalManifest* manifest = response.mutable_manifest();
+  *manifest->mutable_manifest() = ToManifest(held->plan, held->total_bytes);
+  for (uint64_t offset : held->layout.offsets) manifest->add_offsets(offset);
+  manifest->set_region_bytes(held->layout.region_bytes);
+  RETURN_IF_ERROR(WriteLocalFrame(connection, response));
+
+  v1::LocalRequest next;
+  UniqueFd region;
+  RETURN_IF_ERROR(
+      ReadLocalFrame(connection, kMaxLocalRequestBytes, &next, &region));
+  if (!next.has_region() || !region.valid()) {
+    return absl::InvalidArgumentError(
+        "expected the region (LocalRegion with one descriptor) after the "
+        "manifest");
+  }
+  absl::Status filled =
+      next.region().size() == held->layout.region_bytes
+          ? CheckRegion(region.get(), held->layout.region_bytes)
+          : absl::InvalidArgumentError(
+                absl::StrCat("LocalRegion.size is ", next.region().size(),
+                             ", expected ", held->layout.region_bytes));
+  // A progress report that cannot be sent means the client is gone: the
+  // connection is done for, and the fill stops there.
+  absl::Status sent;
+  if (filled.ok()) {
+    filled = FillRegion(region.get(), held->tensors, held->layout.offsets,
+                        [&](size_t written) {
+                          v1::LocalResponse progress;
+                          progress.mutable_progress()->set_tensors_written(
+                              static_cast<uint32_t>(written));
+                          sent = WriteLocalFrame(connection, progress);
+                          return sent;
+                        });
+  }
+  region.Reset();
+  RETURN_IF_ERROR(sent);
+  if (!filled.ok()) return WriteLocalFrame(connection, ErrorResponse(filled));
+  {
+    absl::MutexLock lock(&mu_);
+    ++fetches_served_;
+  }
+  response.Clear();
+  response.mutable_filled()->set_total_bytes(held->total_bytes);
+  return WriteLocalFrame(connection, response);
+}
+
+}  // namespace modelstate

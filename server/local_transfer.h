@@ -1,0 +1,125 @@
+// The daemon's end of the same-host shared-memory fetch (modelstated
+// --local_socket; docs/protocol.md): a Unix socket on which a client on the
+// same host asks for a state dict, receives its manifest, and hands over a
+// memfd that the daemon fills with the tensors' bytes, one pwrite per tensor.
+// No byte goes through TCP, and the client maps the region read-only.
+//
+// Immutability: the daemon fills the client's own region from a snapshot it
+// holds for the duration of the request, so a concurrent load never changes
+// what a client received, and nothing of the daemon's is ever mapped by a
+// client.
+//
+// Cleanup: each connection's state (the held snapshot, the received
+// descriptor) lives on its handler's stack, so a client that dies or stalls
+// (the idle timeout) leaves nothing behind once its handler returns. The
+// daemon never maps the client's memory: pwrite(2) into a region sealed
+// against shrinking cannot fault, whatever the client does to it meanwhile.
+//
+// Thread-safety: all methods may be called from any thread.
+#ifndef MODELSTATE_SERVER_LOCAL_TRANSFER_H_
+#define MODELSTATE_SERVER_LOCAL_TRANSFER_H_
+
+#include <sys/types.h>
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "core/model_store.h"
+#include "core/requests.h"
+#include "proto/local_frame.h"
+
+namespace modelstate {
+
+// Who is on the other end of a local connection, from SO_PEERCRED.
+struct LocalPeer {
+  pid_t pid = 0;
+  uid_t uid = 0;
+  gid_t gid = 0;
+};
+
+// Decides whether `peer`, presenting `token` (LocalFetchRequest.token), may
+// read what `request` selects. Returns OK to allow, or the error to send
+// (PermissionDenied, Unauthenticated).
+using LocalAuthorizer =
+    std::function<absl::Status(const LocalPeer& peer, const std::string& token,
+                               const FetchRequest& request)>;
+
+struct LocalTransferOptions {
+  // Path of the Unix socket. An existing socket there is replaced; the new
+  // one gets mode `socket_mode`.
+  std::string path;
+  mode_t socket_mode = 0660;
+  // Without one, every peer that can connect may read every model (as on the
+  // gRPC port without an auth policy).
+  LocalAuthorizer authorize;
+  // A connection that sends nothing (or reads nothing) for this long is
+  // closed, releasing whatever it held.
+  absl::Duration idle_timeout = absl::Seconds(60);
+  // Connections served at once; more are refused (ResourceExhausted).
+  int max_connections = 64;
+};
+
+class LocalTransferServer {
+ public:
+  // Binds and listens on `options.path` and starts accepting. `store` must
+  // outlive the server. InvalidArgument for a path too long for a Unix socket
+  // or bad options, Unavailable when the socket cannot be created.
+  static absl::StatusOr<std::unique_ptr<LocalTransferServer>> Start(
+      ModelStore* store, LocalTransferOptions options);
+
+  // Stops accepting, ends every connection, waits for their handlers and
+  // removes the socket file.
+  ~LocalTransferServer();
+  LocalTransferServer(const LocalTransferServer&) = delete;
+  LocalTransferServer& operator=(const LocalTransferServer&) = delete;
+
+  // Connections being served now.
+  int active_connections() const;
+  // Fetches whose region was filled, since start.
+  int64_t fetches_served() const;
+
+ private:
+  LocalTransferServer(ModelStore* store, LocalTransferOptions options,
+                      UniqueFd listener);
+  struct Connection {
+    int fd = -1;  // -1 once its handler closed it.
+    std::thread handler;
+  };
+
+  void AcceptLoop();
+  // Starts a handler for a new connection, or refuses it when
+  // max_connections are being served.
+  void Admit(UniqueFd connection);
+  // Joins the handlers that have finished.
+  void Reap();
+  // Serves one connection until it ends, then closes it.
+  void Serve(uint64_t id, int connection);
+  // Answers one LocalFetchRequest on `connection`, through to the filled
+  // region. A non-OK return means the connection is no longer usable.
+  absl::Status ServeFetch(int connection, const LocalPeer& peer,
+                          const v1::LocalFetchRequest& request);
+
+  ModelStore* const store_;
+  const LocalTransferOptions options_;
+  UniqueFd listener_;
+  UniqueFd wake_;  // An eventfd that stops AcceptLoop.
+  std::thread acceptor_;
+
+  mutable absl::Mutex mu_;
+  std::map<uint64_t, Connection> connections_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 0;
+  int active_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t fetches_served_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace modelstate
+
+#endif  // MODELSTATE_SERVER_LOCAL_TRANSFER_H_

@@ -1,0 +1,742 @@
+// The same-host shared-memory fetch (modelstated --local_socket): bit for bit
+// what the gRPC path gives, immutable under concurrent loads, refused for
+// unknown models and malformed requests without harming the daemon, nothing
+// left behind by a client killed mid-fetch, and TCP when there is no socket.
+// Against an in-process server whose socket lives in the test's scratch dir.
+#include "client/local_fetch.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/time/clock.h"
+#include "client/client.h"
+#include "core/status_macros.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "proto/local_frame.h"
+#include "tests/test_support.h"
+
+namespace modelstate {
+namespace {
+
+using ::testing::HasSubstr;
+using testing_support::ConnectTo;
+using testing_support::CoreState;
+using testing_support::FilledLike;
+using testing_support::kCallTimeout;
+using testing_support::ReadSourceFile;
+using testing_support::ScratchDir;
+using testing_support::StartServer;
+
+constexpr absl::Duration kSettle = absl::Seconds(10);
+
+// A server with a local socket in `dir`.
+std::unique_ptr<Server> StartLocalServer(const ScratchDir& dir,
+                                         ServerOptions options = {}) {
+  options.local_socket = dir.file("modelstated.local");
+  return StartServer(std::move(options));
+}
+
+std::unique_ptr<Client> LocalClient(const Server& server,
+                                    const std::string& socket) {
+  ClientOptions options;
+  options.timeout = kCallTimeout;
+  options.local_socket = socket;
+  return Client::Connect("127.0.0.1:" + std::to_string(server.port()), options)
+      .value();
+}
+
+// A state dict of `count` float32 tensors of `floats` elements, each element
+// `value`.
+StateDict Uniform(int count, int64_t floats, float value) {
+  StateDict state;
+  for (int i = 0; i < count; ++i) {
+    std::vector<float> data(static_cast<size_t>(floats), value);
+    Tensor tensor =
+        Tensor::FromBytes(DType::kFloat32, {floats},
+                          {reinterpret_cast<const uint8_t*>(data.data()),
+                           data.size() * sizeof(float)})
+            .value();
+    EXPECT_TRUE(state
+                    .Insert("w" + std::to_string(i), std::move(tensor),
+                            TensorKind::kParameter)
+                    .ok());
+  }
+  return state;
+}
+
+void LoadUniform(Server& server, const std::string& model, int count,
+                 int64_t floats, float value) {
+  LoadRequest load(model);
+  load.create_if_missing = true;
+  ASSERT_TRUE(server.store().Load(load, Uniform(count, floats, value)).ok());
+}
+
+// True when every element of every tensor of `state` is `value`.
+bool AllEqual(const StateDict& state, float value) {
+  for (const auto& entry : state.entries()) {
+    const float* data = reinterpret_cast<const float*>(entry.tensor.data());
+    for (int64_t i = 0; i < entry.tensor.num_elements(); ++i)
+      if (data[i] != value) return false;
+  }
+  return true;
+}
+
+void ExpectSameState(const StateDict& actual, const StateDict& expected) {
+  ASSERT_EQ(actual.Keys(), expected.Keys());
+  for (size_t i = 0; i < expected.size(); ++i) {
+    const Tensor& a = actual.entries()[i].tensor;
+    const Tensor& e = expected.entries()[i].tensor;
+    SCOPED_TRACE(expected.entries()[i].key);
+    EXPECT_EQ(actual.entries()[i].kind, expected.entries()[i].kind);
+    EXPECT_EQ(a.dtype(), e.dtype());
+    EXPECT_EQ(a.shape(), e.shape());
+    ASSERT_EQ(a.num_bytes(), e.num_bytes());
+    EXPECT_EQ(std::memcmp(a.data(), e.data(), e.num_bytes()), 0);
+  }
+}
+
+int OpenFds() {
+  int count = 0;
+  DIR* dir = opendir("/proc/self/fd");
+  while (readdir(dir) != nullptr) ++count;
+  closedir(dir);
+  return count;
+}
+
+// Polls `done` until it holds or kSettle passes.
+template <typename Predicate>
+bool Eventually(Predicate done) {
+  const absl::Time end = absl::Now() + kSettle;
+  while (!done()) {
+    if (absl::Now() > end) return false;
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  return true;
+}
+
+// A hand-driven local connection, for requests no client would send.
+class RawConnection {
+ public:
+  explicit RawConnection(const std::string& path) {
+    fd_ = UniqueFd(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_un address{};
+    address.sun_family = AF_UNIX;
+    std::strncpy(address.sun_path, path.c_str(), sizeof(address.sun_path) - 1);
+    EXPECT_EQ(connect(fd_.get(), reinterpret_cast<sockaddr*>(&address),
+                      sizeof(address)),
+              0);
+    EXPECT_TRUE(SetSocketTimeouts(fd_.get(), kCallTimeout).ok());
+  }
+  int fd() const { return fd_.get(); }
+
+  void Send(const v1::LocalRequest& request, int fd_to_pass = -1) {
+    ASSERT_TRUE(WriteLocalFrame(fd_.get(), request, fd_to_pass).ok());
+  }
+  void SendBytes(const std::string& bytes) {
+    ASSERT_EQ(write(fd_.get(), bytes.data(), bytes.size()),
+              static_cast<ssize_t>(bytes.size()));
+  }
+  // The next response; an OutOfRange status when the daemon closed.
+  absl::StatusOr<v1::LocalResponse> Receive() {
+    v1::LocalResponse response;
+    absl::Status read =
+        ReadLocalFrame(fd_.get(), kMaxLocalFrameBytes, &response, nullptr);
+    if (!read.ok()) return read;
+    return response;
+  }
+
+ private:
+  UniqueFd fd_;
+};
+
+v1::LocalRequest FetchOf(const std::string& model,
+                         const std::string& token = "") {
+  v1::LocalRequest request;
+  request.mutable_fetch()->mutable_request()->set_model(model);
+  request.mutable_fetch()->set_token(token);
+  return request;
+}
+
+v1::LocalRequest RegionOf(uint64_t size) {
+  v1::LocalRequest request;
+  request.mutable_region()->set_size(size);
+  return request;
+}
+
+// A memfd of `size` bytes with `seals` added.
+UniqueFd Memfd(uint64_t size, int seals) {
+  UniqueFd fd(memfd_create("test-region", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  EXPECT_EQ(ftruncate(fd.get(), static_cast<off_t>(size)), 0);
+  if (seals != 0) {
+    EXPECT_EQ(fcntl(fd.get(), F_ADD_SEALS, seals), 0);
+  }
+  return fd;
+}
+
+TEST(LocalFetchTest, BitExactWithTcpForEveryParityModelAndSelection) {
+  ScratchDir dir;
+  auto server = StartLocalServer(dir);
+  auto tcp = ConnectTo(*server);
+  auto local = LocalClient(*server, dir.file("modelstated.local"));
+  int64_t served = 0;
+  for (const char* name : {"mlp", "cnn", "transformer", "gpt2", "llama"}) {
+    SCOPED_TRACE(name);
+    ASSERT_TRUE(
+        tcp->CreateModel(name, ReadSourceFile(std::string("tests/models/") +
+                                              name + ".json"))
+            .ok());
+    FetchRequest bf16(name);
+    bf16.dtype = DType::kBFloat16;
+    FetchRequest params_only(name);
+    params_only.include_buffers = false;
+    for (const FetchRequest& request :
+         {FetchRequest(name), bf16, params_only}) {
+      absl::StatusOr<FetchedStateDict> via_tcp = tcp->StateDict(request);
+      absl::StatusOr<FetchedStateDict> via_shm = local->StateDict(request);
+      ASSERT_TRUE(via_tcp.ok()) << via_tcp.status();
+      ASSERT_TRUE(via_shm.ok()) << via_shm.status();
+      EXPECT_EQ(via_shm->version, via_tcp->version);
+      ExpectSameState(via_shm->state, via_tcp->state);
+      ++served;
+      EXPECT_EQ(server->local_transfer()->fetches_served(), served);
+    }
+  }
+}
+
+TEST(LocalFetchTest, StateDictIntoFillsCallerMemoryCastingAsTcpDoes) {
+  ScratchDir dir;
+  auto server = StartLocalServer(dir);
+  auto tcp = ConnectTo(*server);
+  auto local = LocalClient(*server, dir.file("modelstated.local"));
+  ASSERT_TRUE(
+      tcp->CreateModel("cnn", ReadSourceFile("tests/models/cnn.json")).ok());
+  const StateDict expected = CoreState(*server, "cnn");
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
+    SCOPED_TRACE(TorchName(dtype));
+    std::vector<std::vector<uint8_t>> via_tcp, via_shm;
+    for (auto* memory : {&via_tcp, &via_shm}) {
+      std::vector<Destination> destinations;
+      for (const auto& entry : expected.entries()) {
+        const DType target = IsFloatingPoint(entry.tensor.dtype())
+                                 ? dtype
+                                 : entry.tensor.dtype();
+        memory->emplace_back(NumBytes(target, entry.tensor.shape()).value(),
+                             0xA5);
+        destinations.push_back(
+            {entry.key, target, entry.tensor.shape(), memory->back().data()});
+      }
+      Client& client = memory == &via_tcp ? *tcp : *local;
+      std::vector<std::string> written;
+      IntoOptions into;
+      into.written_keys = &written;
+      absl::StatusOr<int64_t> version =
+          client.StateDictInto({"cnn"}, destinations, {}, into);
+      ASSERT_TRUE(version.ok()) << version.status();
+      EXPECT_EQ(*version, 1);
+      EXPECT_EQ(written, expected.Keys());
+    }
+    EXPECT_EQ(via_shm, via_tcp);
+  }
+  EXPECT_EQ(server->local_transfer()->fetches_served(), 2);
+}
+
+TEST(LocalFetchTest, UnixTargetUsesTheLocalSocketBesideIt) {
+  ScratchDir dir;
+  ServerOptions options;
+  options.listen = "unix:" + dir.file("grpc.sock");
+  options.local_socket = dir.file("grpc.sock.local");
+  options.log_rpcs = false;
+  absl::StatusOr<std::unique_ptr<Server>> started =
+      Server::BuildAndStart(options);
+  ASSERT_TRUE(started.ok()) << started.status();
+  std::unique_ptr<Server> server = std::move(*started);
+  LoadUniform(*server, "m", 4, 1000, 3.0f);
+  ClientOptions client_options;
+  client_options.timeout = kCallTimeout;
+  auto client =
+      Client::Connect("unix:" + dir.file("grpc.sock"), client_options).value();
+  absl::StatusOr<FetchedStateDict> fetched = client->StateDict({"m"});
+  ASSERT_TRUE(fetched.ok()) << fetched.status();
+  EXPECT_TRUE(AllEqual(fetched->state, 3.0f));
+  EXPECT_EQ(server->local_transfer()->fetches_served(), 1);
+  EXPECT_EQ(LocalSocketFor("unix:///run/m.sock", ""), "/run/m.sock.local");
+  EXPECT_EQ(LocalSocketFor("127.0.0.1:1", ""), "");
+  EXPECT_EQ(LocalSocketFor("127.0.0.1:1", "/x"), "/x");
+}
+
+TEST(LocalFetchTest, SocketIsGroupOnly) {
+  ScratchDir dir;
+  auto server = StartLocalServer(dir);
+  struct stat info {};
+  ASSERT_EQ(stat(dir.file("modelstated.local").c_str(), &info), 0);
+  EXPECT_TRUE(S_ISSOCK(info.st_mode));
+  EXPECT_EQ(info.st_mode & 0777, 0660u);
+  server.reset();
+  EXPECT_NE(access(dir.file("modelstated.local").c_str(), F_OK), 0)
+      << "the socket file outlived the server";
+}
+
+TEST(LocalFetchTest, FallsBackToTcpWhenTheSocketIsAbsent) {
+  ScratchDir dir;
+  auto server = StartServer();
+  LoadUniform(*server, "m", 3, 100, 2.0f);
+  auto client = LocalClient(*server, dir.file("nobody-listens-here"));
+  absl::StatusOr<FetchedStateDict> fetched = client->StateDict({"m"});
+  ASSERT_TRUE(fetched.ok()) << fetched.status();
+  EXPECT_TRUE(AllEqual(fetched->state, 2.0f));
+  std::vector<float> memory(100, 0.0f);
+  FetchRequest one("m");
+  one.keys = {"w1"};
+  ASSERT_TRUE(
+      client
+          ->StateDictInto(one, {{"w1", DType::kFloat32, {100}, memory.data()}})
+          .ok());
+  EXPECT_EQ(memory, std::vector<float>(100, 2.0f));
+}
+
+TEST(LocalFetchTest, UnknownModelIsNotFoundAndNothingIsServed) {
+  ScratchDir dir;
+  auto server = StartLocalServer(dir);
+  auto client = LocalClient(*server, dir.file("modelstated.local"));
+  absl::StatusOr<FetchedStateDict> fetched = client->StateDict({"nope"});
+  EXPECT_EQ(fetched.status().code(), absl::StatusCode::kNotFound)
+      << fetched.status();
+  float memory = 0;
+  EXPECT_EQ(
+      client->StateDictInto({"nope"}, {{"w", DType::kFloat32, {}, &memory}})
+          .status()
+          .code(),
+      absl::StatusCode::kNotFound);
+  EXPECT_EQ(server->local_transfer()->fetches_served(), 0);
+}
+
+TEST(LocalFetchTest, AuthorizerSeesPeerAndTokenAndCanRefuse) {
+  ScratchDir dir;
+  ServerOptions options;
+  std::atomic<int> checks{0};
+  options.local_authorize = [&](const LocalPeer& peer, const std::string& token,
+                                const FetchRequest& request) {
+    ++checks;
+    EXPECT_EQ(peer.pid, getpid());
+    EXPECT_EQ(peer.uid, getuid());
+    if (request.model == "secret" && token != "let-me-in")
+      return absl::PermissionDeniedError("no access to secret");
+    return absl::OkStatus();
+  };
+  auto server = StartLocalServer(dir, options);
+  LoadUniform(*server, "secret", 1, 10, 1.0f);
+  RawConnection raw(dir.file("modelstated.local"));
+  raw.Send(FetchOf("secret", "wrong"));
+  absl::StatusOr<v1::LocalResponse> refused = raw.Receive();
+  ASSERT_TRUE(refused.ok()) << refused.status();
+  EXPECT_EQ(FromLocalStatus(refused->error()).code(),
+            absl::StatusCode::kPermissionDenied);
+  // The same connection goes on serving after a refusal.
+  raw.Send(FetchOf("secret", "let-me-in"));
+  absl::StatusOr<v1::LocalResponse> allowed = raw.Receive();
+  ASSERT_TRUE(allowed.ok()) << allowed.status();
+  EXPECT_TRUE(allowed->has_manifest());
+  EXPECT_EQ(checks.load(), 2);
+  auto client = LocalClient(*server, dir.file("modelstated.local"));
+  EXPECT_EQ(client->StateDict({"secret"}).status().code(),
+            absl::StatusCode::kPermissionDenied);
+}
+
+// Runs one malformed exchange; returns the daemon's error (or the status of
+// reading it when the daemon just closed).
+using Answer = absl::StatusOr<v1::LocalResponse>;
+using Exchange = std::function<Answer(RawConnection&, uint64_t region_bytes)>;
+
+absl::StatusOr<v1::LocalResponse> AfterManifest(RawConnection& raw) {
+  raw.Send(FetchOf("m"));
+  absl::StatusOr<v1::LocalResponse> manifest = raw.Receive();
+  if (!manifest.ok() || !manifest->has_manifest())
+    return absl::InternalError("no manifest");
+  return manifest;
+}
+
+TEST(LocalFetchTest, MalformedRequestsAreRefusedAndTheDaemonKeepsServing) {
+  ScratchDir dir;
+  auto server = StartLocalServer(dir);
+  LoadUniform(*server, "m", 4, 1000, 5.0f);
+  const std::string path = dir.file("modelstated.local");
+  auto client = LocalClient(*server, path);
+  ASSERT_TRUE(client->StateDict({"m"}).ok());  // Warms up lazy fds.
+  ASSERT_TRUE(Eventually(
+      [&] { return server->local_transfer()->active_connections() == 0; }));
+  const int baseline_fds = OpenFds();
+  const uint64_t region =
+      LayOutLocalRegion({4000, 4000, 4000, 4000}).value().region_bytes;
+  struct Case {
+    const char* name;
+    Exchange exchange;
+  };
+  const std::vector<Case> cases = {
+      {"frame length over the limit",
+       [](RawConnection& raw, uint64_t) -> Answer {
+         raw.SendBytes(std::string("\xff\xff\xff\x7f", 4));
+         return raw.Receive();
+       }},
+      {"bytes that do not parse",
+       [](RawConnection& raw, uint64_t) -> Answer {
+         raw.SendBytes(std::string("\x03\x00\x00\x00\xff\xff\xff", 7));
+         return raw.Receive();
+       }},
+      {"a region before any fetch",
+       [](RawConnection& raw, uint64_t size) -> Answer {
+         UniqueFd fd = Memfd(size, F_SEAL_SHRINK);
+         raw.Send(RegionOf(size), fd.get());
+         return raw.Receive();
+       }},
+      {"a descriptor on the fetch request",
+       [](RawConnection& raw, uint64_t size) -> Answer {
+         UniqueFd fd = Memfd(size, F_SEAL_SHRINK);
+         raw.Send(FetchOf("m"), fd.get());
+         return raw.Receive();
+       }},
+      {"a region without a descriptor",
+       [](RawConnection& raw, uint64_t size) -> Answer {
+         RETURN_IF_ERROR(AfterManifest(raw).status());
+         raw.Send(RegionOf(size));
+         return raw.Receive();
+       }},
+      {"a fetch instead of the region",
+       [](RawConnection& raw, uint64_t) -> Answer {
+         RETURN_IF_ERROR(AfterManifest(raw).status());
+         raw.Send(FetchOf("m"));
+         return raw.Receive();
+       }},
+      {"a memfd not sealed against shrinking",
+       [](RawConnection& raw, uint64_t size) -> Answer {
+         RETURN_IF_ERROR(AfterManifest(raw).status());
+         UniqueFd fd = Memfd(size, 0);
+         raw.Send(RegionOf(size), fd.get());
+         return raw.Receive();
+       }},
+      {"a region of the wrong size",
+       [](RawConnection& raw, uint64_t size) -> Answer {
+         RETURN_IF_ERROR(AfterManifest(raw).status());
+         UniqueFd fd = Memfd(size - 1, F_SEAL_SHRINK);
+         raw.Send(RegionOf(size - 1), fd.get());
+         return raw.Receive();
+       }},
+      {"a region that says one size and has another",
+       [](RawConnection& raw, uint64_t size) -> Answer {
+         RETURN_IF_ERROR(AfterManifest(raw).status());
+         UniqueFd fd = Memfd(size + 4096, F_SEAL_SHRINK);
+         raw.Send(RegionOf(size), fd.get());
+         return raw.Receive();
+       }},
+      {"a write-sealed memfd",
+       [](RawConnection& raw, uint64_t size) -> Answer {
+         RETURN_IF_ERROR(AfterManifest(raw).status());
+         UniqueFd fd = Memfd(size, F_SEAL_SHRINK | F_SEAL_WRITE);
+         raw.Send(RegionOf(size), fd.get());
+         return raw.Receive();
+       }},
+      {"a pipe instead of a memfd",
+       [](RawConnection& raw, uint64_t size) -> Answer {
+         RETURN_IF_ERROR(AfterManifest(raw).status());
+         int ends[2];
+         EXPECT_EQ(pipe2(ends, O_CLOEXEC), 0);
+         UniqueFd read_end(ends[0]), write_end(ends[1]);
+         raw.Send(RegionOf(size), read_end.get());
+         return raw.Receive();
+       }},
+  };
+  for (const Case& test : cases) {
+    SCOPED_TRACE(test.name);
+    {
+      RawConnection raw(path);
+      absl::StatusOr<v1::LocalResponse> answer = test.exchange(raw, region);
+      ASSERT_TRUE(answer.ok()) << answer.status();
+      ASSERT_TRUE(answer->has_error());
+      const absl::Status error = FromLocalStatus(answer->error());
+      EXPECT_TRUE(error.code() == absl::StatusCode::kInvalidArgument ||
+                  error.code() == absl::StatusCode::kResourceExhausted)
+          << error;
+    }
+    EXPECT_TRUE(Eventually([&] {
+      return server->local_transfer()->active_connections() == 0 &&
+             OpenFds() == baseline_fds;
+    })) << OpenFds()
+        << " fds open, " << baseline_fds << " before";
+    absl::StatusOr<FetchedStateDict> fetched = client->StateDict({"m"});
+    ASSERT_TRUE(fetched.ok()) << fetched.status();
+    EXPECT_TRUE(AllEqual(fetched->state, 5.0f));
+  }
+  // A frame cut short: the daemon just closes.
+  {
+    RawConnection raw(path);
+    raw.SendBytes(std::string("\x10\x00\x00\x00\x0a", 5));
+  }
+  EXPECT_TRUE(Eventually(
+      [&] { return server->local_transfer()->active_connections() == 0; }));
+  EXPECT_TRUE(client->StateDict({"m"}).ok());
+}
+
+TEST(LocalFetchTest, LoadDuringAFetchDoesNotChangeTheBytesReceived) {
+  ScratchDir dir;
+  auto server = StartLocalServer(dir);
+  LoadUniform(*server, "m", 4, 1000, 1.0f);
+  // The daemon has answered with version 1's manifest; a load commits
+  // version 2 before the region arrives.
+  RawConnection raw(dir.file("modelstated.local"));
+  absl::StatusOr<v1::LocalResponse> manifest = AfterManifest(raw);
+  ASSERT_TRUE(manifest.ok());
+  LoadUniform(*server, "m", 4, 1000, 2.0f);
+  const uint64_t size = manifest->manifest().region_bytes();
+  UniqueFd region = Memfd(size, F_SEAL_SHRINK);
+  raw.Send(RegionOf(size), region.get());
+  absl::StatusOr<v1::LocalResponse> filled = raw.Receive();
+  ASSERT_TRUE(filled.ok() && filled->has_filled());
+  EXPECT_EQ(manifest->manifest().manifest().version(), 1);
+  std::vector<float> bytes(size / sizeof(float));
+  ASSERT_EQ(pread(region.get(), bytes.data(), size, 0),
+            static_cast<ssize_t>(size));
+  for (int i = 0; i < 4; ++i) {
+    const uint64_t offset = manifest->manifest().offsets(i) / sizeof(float);
+    for (int j = 0; j < 1000; ++j) ASSERT_EQ(bytes[offset + j], 1.0f);
+  }
+}
+
+TEST(LocalFetchTest, FetchesStayWholeVersionsUnderConcurrentLoads) {
+  ScratchDir dir;
+  auto server = StartLocalServer(dir);
+  LoadUniform(*server, "m", 8, 64 * 1024, 0.0f);
+  auto client = LocalClient(*server, dir.file("modelstated.local"));
+  std::atomic<bool> stop{false};
+  std::thread loader([&] {
+    for (int v = 1; !stop.load() && v < 10000; ++v)
+      LoadUniform(*server, "m", 8, 64 * 1024, static_cast<float>(v));
+  });
+  std::vector<FetchedStateDict> kept;
+  for (int i = 0; i < 40; ++i) {
+    absl::StatusOr<FetchedStateDict> fetched = client->StateDict({"m"});
+    EXPECT_TRUE(fetched.ok()) << fetched.status();
+    if (!fetched.ok()) break;  // The loader must still be joined.
+    const float value = reinterpret_cast<const float*>(
+        fetched->state.entries()[0].tensor.data())[0];
+    EXPECT_TRUE(AllEqual(fetched->state, value)) << "torn version";
+    EXPECT_EQ(static_cast<int64_t>(value) + 1, fetched->version);
+    kept.push_back(std::move(*fetched));
+  }
+  stop = true;
+  loader.join();
+  // What was received earlier never changes afterwards.
+  for (const FetchedStateDict& fetched : kept)
+    EXPECT_TRUE(
+        AllEqual(fetched.state, static_cast<float>(fetched.version - 1)));
+}
+
+// What a killed client had sent when it died.
+enum class KilledAfter { kFetch, kManifest, kRegion };
+
+// Forks a client that speaks the protocol with raw system calls only (the
+// child of a threaded process may not allocate), stops after `stage`, and is
+// killed with SIGKILL.
+void RunKilledClient(const std::string& path, uint64_t region_bytes,
+                     KilledAfter stage,
+                     const std::function<void()>& meanwhile) {
+  std::string fetch_frame, region_frame;
+  for (auto [request, frame] :
+       {std::make_pair(FetchOf("m"), &fetch_frame),
+        std::make_pair(RegionOf(region_bytes), &region_frame)}) {
+    const std::string body = request.SerializeAsString();
+    const uint32_t size = static_cast<uint32_t>(body.size());
+    *frame = std::string(reinterpret_cast<const char*>(&size), 4) + body;
+  }
+  sockaddr_un address{};
+  address.sun_family = AF_UNIX;
+  std::strncpy(address.sun_path, path.c_str(), sizeof(address.sun_path) - 1);
+  int ready[2];
+  ASSERT_EQ(pipe(ready), 0);
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    close(ready[0]);
+    const int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)))
+      _exit(1);
+    if (write(fd, fetch_frame.data(), fetch_frame.size()) < 0) _exit(1);
+    if (stage != KilledAfter::kFetch) {
+      char byte;
+      if (read(fd, &byte, 1) != 1) _exit(1);  // The manifest is coming.
+    }
+    if (stage == KilledAfter::kRegion) {
+      const int region = memfd_create("killed", MFD_ALLOW_SEALING);
+      if (ftruncate(region, static_cast<off_t>(region_bytes)) ||
+          fcntl(region, F_ADD_SEALS, F_SEAL_SHRINK))
+        _exit(1);
+      iovec iov{region_frame.data(), region_frame.size()};
+      alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+      msghdr header{};
+      header.msg_iov = &iov;
+      header.msg_iovlen = 1;
+      header.msg_control = control;
+      header.msg_controllen = sizeof(control);
+      cmsghdr* attached = CMSG_FIRSTHDR(&header);
+      attached->cmsg_level = SOL_SOCKET;
+      attached->cmsg_type = SCM_RIGHTS;
+      attached->cmsg_len = CMSG_LEN(sizeof(int));
+      std::memcpy(CMSG_DATA(attached), &region, sizeof(int));
+      if (sendmsg(fd, &header, 0) < 0) _exit(1);
+    }
+    if (write(ready[1], "x", 1) != 1) _exit(1);
+    pause();
+    _exit(0);
+  }
+  close(ready[1]);
+  char byte;
+  EXPECT_EQ(read(ready[0], &byte, 1), 1) << "the client did not get going";
+  close(ready[0]);
+  meanwhile();
+  kill(child, SIGKILL);
+  int status = 0;
+  EXPECT_EQ(waitpid(child, &status, 0), child);
+}
+
+TEST(LocalFetchTest, ClientKilledMidFetchLeavesNothingBehind) {
+  ScratchDir dir;
+  auto server = StartLocalServer(dir);
+  constexpr int64_t kFloats = 4 << 20;  // 16 MiB per tensor, 256 MiB in all.
+  LoadUniform(*server, "m", 16, kFloats, 1.0f);
+  const std::string path = dir.file("modelstated.local");
+  auto client = LocalClient(*server, path);
+  FetchRequest small("m");
+  small.keys = {"w0"};
+  ASSERT_TRUE(client->StateDict(small).ok());  // Warms up lazy fds.
+  ASSERT_TRUE(Eventually(
+      [&] { return server->local_transfer()->active_connections() == 0; }));
+  const int baseline_fds = OpenFds();
+  const int64_t one_version = server->store().live_bytes();
+  const uint64_t region_bytes = 16 * kFloats * sizeof(float);
+  float value = 1.0f;
+  for (KilledAfter stage :
+       {KilledAfter::kFetch, KilledAfter::kManifest, KilledAfter::kRegion}) {
+    SCOPED_TRACE(static_cast<int>(stage));
+    RunKilledClient(path, region_bytes, stage, [&] {
+      // A client that has its manifest pins the snapshot while it lives: a
+      // load now keeps two versions alive. (With the region sent, the
+      // daemon may already be done, and then holds only the descriptor.)
+      if (stage == KilledAfter::kFetch) return;
+      value += 1.0f;
+      LoadUniform(*server, "m", 16, kFloats, value);
+      if (stage == KilledAfter::kManifest) {
+        EXPECT_GE(server->store().live_bytes(), 2 * one_version);
+      }
+    });
+    EXPECT_TRUE(Eventually([&] {
+      return server->local_transfer()->active_connections() == 0 &&
+             OpenFds() == baseline_fds &&
+             server->store().live_bytes() == one_version;
+    })) << "fds "
+        << OpenFds() << " (before " << baseline_fds << "), live "
+        << server->store().live_bytes() << " (one version " << one_version
+        << "), connections " << server->local_transfer()->active_connections();
+  }
+  absl::StatusOr<FetchedStateDict> fetched = client->StateDict({"m"});
+  ASSERT_TRUE(fetched.ok()) << fetched.status();
+  EXPECT_TRUE(AllEqual(fetched->state, value));
+}
+
+}  // namespace
+}  // namespace modelstate
+
+namespace modelstate {
+namespace {
+
+// LocalTransferServer on its own, with options a Server does not set.
+class LocalTransferServerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    LoadRequest load("m");
+    load.create_if_missing = true;
+    ASSERT_TRUE(store_.Load(load, Uniform(2, 1000, 4.0f)).ok());
+  }
+
+  std::unique_ptr<LocalTransferServer> Start(LocalTransferOptions options) {
+    options.path = dir_.file("local");
+    absl::StatusOr<std::unique_ptr<LocalTransferServer>> server =
+        LocalTransferServer::Start(&store_, std::move(options));
+    EXPECT_TRUE(server.ok()) << server.status();
+    return server.ok() ? std::move(*server) : nullptr;
+  }
+
+  ScratchDir dir_;
+  ModelStore store_;
+};
+
+TEST_F(LocalTransferServerTest, SocketGetsTheModeAsked) {
+  LocalTransferOptions options;
+  options.socket_mode = 0600;
+  auto server = Start(options);
+  struct stat info {};
+  ASSERT_EQ(stat(dir_.file("local").c_str(), &info), 0);
+  EXPECT_EQ(info.st_mode & 0777, 0600u);
+}
+
+TEST_F(LocalTransferServerTest, ConnectionsBeyondTheLimitAreRefused) {
+  LocalTransferOptions options;
+  options.max_connections = 1;
+  auto server = Start(options);
+  RawConnection first(dir_.file("local"));
+  ASSERT_TRUE(AfterManifest(first).ok());  // Being served.
+  RawConnection second(dir_.file("local"));
+  absl::StatusOr<v1::LocalResponse> refused = second.Receive();
+  ASSERT_TRUE(refused.ok()) << refused.status();
+  EXPECT_EQ(FromLocalStatus(refused->error()).code(),
+            absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(server->active_connections(), 1);
+}
+
+TEST_F(LocalTransferServerTest, IdleConnectionIsClosedAndReleasesItsVersion) {
+  LocalTransferOptions options;
+  options.idle_timeout = absl::Milliseconds(200);
+  auto server = Start(options);
+  const int64_t one_version = store_.live_bytes();
+  RawConnection idle(dir_.file("local"));
+  ASSERT_TRUE(AfterManifest(idle).ok());  // Holds version 1 from here.
+  LoadRequest load("m");
+  ASSERT_TRUE(store_.Load(load, Uniform(2, 1000, 5.0f)).ok());
+  EXPECT_EQ(store_.live_bytes(), 2 * one_version);
+  EXPECT_TRUE(Eventually([&] {
+    return server->active_connections() == 0 &&
+           store_.live_bytes() == one_version;
+  })) << store_.live_bytes();
+  EXPECT_EQ(idle.Receive().status().code(), absl::StatusCode::kOutOfRange);
+}
+
+TEST_F(LocalTransferServerTest, BadOptionsAreRefused) {
+  for (auto change : std::vector<std::function<void(LocalTransferOptions&)>>{
+           [](LocalTransferOptions& o) { o.max_connections = 0; },
+           [](LocalTransferOptions& o) {
+             o.idle_timeout = absl::ZeroDuration();
+           },
+           [](LocalTransferOptions& o) { o.path = std::string(200, 'x'); },
+       }) {
+    LocalTransferOptions options;
+    options.path = dir_.file("local");
+    change(options);
+    EXPECT_EQ(LocalTransferServer::Start(&store_, options).status().code(),
+              absl::StatusCode::kInvalidArgument);
+  }
+}
+
+}  // namespace
+}  // namespace modelstate
