@@ -32,19 +32,22 @@ absl::StatusOr<std::vector<uint64_t>> TransferSizes(
 
 ChunkReceiver::ChunkReceiver(std::vector<TransferEntry> entries,
                              std::vector<uint64_t> sizes,
-                             TensorCallback on_tensor)
+                             TensorCallback on_tensor, uint64_t min_chunk_bytes)
     : entries_(std::move(entries)),
       sizes_(std::move(sizes)),
-      on_tensor_(std::move(on_tensor)) {
+      on_tensor_(std::move(on_tensor)),
+      min_chunk_bytes_(min_chunk_bytes) {
   for (uint64_t size : sizes_) total_ += size;
   if (!on_tensor_) done_.reserve(entries_.size());
 }
 
 absl::StatusOr<std::unique_ptr<ChunkReceiver>> ChunkReceiver::Create(
-    std::vector<TransferEntry> entries, TensorCallback on_tensor) {
+    std::vector<TransferEntry> entries, TensorCallback on_tensor,
+    uint64_t min_chunk_bytes) {
   ASSIGN_OR_RETURN(std::vector<uint64_t> sizes, TransferSizes(entries));
-  std::unique_ptr<ChunkReceiver> receiver(new ChunkReceiver(
-      std::move(entries), std::move(sizes), std::move(on_tensor)));
+  std::unique_ptr<ChunkReceiver> receiver(
+      new ChunkReceiver(std::move(entries), std::move(sizes),
+                        std::move(on_tensor), min_chunk_bytes));
   // Zero-byte tensors at the front are complete before any data.
   RETURN_IF_ERROR(receiver->CompleteFullTensors());
   return receiver;
@@ -102,6 +105,13 @@ absl::Status ChunkReceiver::Accept(uint64_t offset, absl::string_view data) {
     return fail(absl::InvalidArgumentError(
         absl::StrCat("chunk of ", data.size(), " bytes at offset ", offset,
                      " runs past the end (", total_, " bytes)")));
+  }
+  const bool ends_stream = !data.empty() && data.size() == total_ - received_;
+  if (min_chunk_bytes_ > 0 && data.size() < min_chunk_bytes_ && !ends_stream) {
+    return fail(absl::InvalidArgumentError(
+        absl::StrCat("chunk of ", data.size(), " bytes at offset ", offset,
+                     " is smaller than the minimum of ", min_chunk_bytes_,
+                     " (only the chunk that ends the stream may be smaller)")));
   }
   const char* in = data.data();
   uint64_t left = data.size();

@@ -52,13 +52,17 @@ class ChunkReceiver {
 
   // Returns a receiver for `entries`, or InvalidArgument (see TransferSizes).
   // With `on_tensor`, completed tensors are handed over and not kept; without
-  // it, Finish returns them.
+  // it, Finish returns them. With `min_chunk_bytes`, every chunk must carry at
+  // least that many bytes unless it ends the stream (a receiver of untrusted
+  // senders uses it, so that no one makes it handle a message per byte).
   static absl::StatusOr<std::unique_ptr<ChunkReceiver>> Create(
-      std::vector<TransferEntry> entries, TensorCallback on_tensor = nullptr);
+      std::vector<TransferEntry> entries, TensorCallback on_tensor = nullptr,
+      uint64_t min_chunk_bytes = 0);
 
   // Writes the next chunk. Returns InvalidArgument when `offset` is not where
   // the previous chunk ended (chunks out of order, overlapping, or bytes
   // missing), the chunk is larger than kMaxChunkBytes or runs past the end,
+  // or it is smaller than the minimum (or empty) without ending the stream,
   // DataLoss when a tensor completed by this chunk fails its checksum,
   // ResourceExhausted when a tensor cannot be allocated, or the callback's
   // error. After an error the receiver is dead.
@@ -75,13 +79,14 @@ class ChunkReceiver {
 
  private:
   ChunkReceiver(std::vector<TransferEntry> entries, std::vector<uint64_t> sizes,
-                TensorCallback on_tensor);
+                TensorCallback on_tensor, uint64_t min_chunk_bytes);
   // Completes tensors (verifying checksums) while the current one is full.
   absl::Status CompleteFullTensors();
 
   std::vector<TransferEntry> entries_;
   std::vector<uint64_t> sizes_;
   TensorCallback on_tensor_;
+  uint64_t min_chunk_bytes_;
   std::vector<Tensor> done_;
   size_t current_ = 0;           // Index of the tensor being filled.
   uint64_t current_filled_ = 0;  // Bytes of it received.

@@ -123,8 +123,12 @@ class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
                        const v1::StateDictRequest& proto) {
     ASSIGN_OR_RETURN(const FetchRequest request, FromProto(proto));
     ASSIGN_OR_RETURN(
-        const uint32_t chunk_bytes,
+        uint32_t chunk_bytes,
         ResolveChunkBytes(proto.chunk_bytes(), service.default_chunk_bytes));
+    // A client's own tiny chunk size would make the server handle a message
+    // per few bytes; the server's default is the operator's choice.
+    if (proto.chunk_bytes() != 0)
+      chunk_bytes = std::max(chunk_bytes, service.min_chunk_bytes);
     ASSIGN_OR_RETURN(const FetchPlan plan, store->Fetch(request));
     sender_ = std::make_unique<ChunkSender>(plan.state.Tensors(), chunk_bytes);
     v1::StateDictResponse manifest;
@@ -240,7 +244,9 @@ class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest>,
                      ToTransferEntries(header.tensors()));
     ASSIGN_OR_RETURN(pending_,
                      store_->BeginLoad(request, ToTensorSpecs(entries)));
-    ASSIGN_OR_RETURN(receiver_, ChunkReceiver::Create(std::move(entries)));
+    ASSIGN_OR_RETURN(
+        receiver_, ChunkReceiver::Create(std::move(entries), nullptr,
+                                         service_->options().min_chunk_bytes));
     if (receiver_->total_bytes() != header.total_bytes()) {
       return absl::InvalidArgumentError(absl::StrCat(
           "header says ", header.total_bytes(),

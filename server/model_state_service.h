@@ -28,6 +28,10 @@ struct ServiceOptions {
   absl::Duration stream_idle_timeout = absl::Seconds(60);
   // Where finished RPCs are counted; null for none. Must outlive the service.
   Metrics* metrics = nullptr;
+  // Minimum chunk (issue 13): load chunks below it that do not end their
+  // stream are INVALID_ARGUMENT, and a fetch's chunk_bytes below it is raised
+  // to it. 0 disables it.
+  uint32_t min_chunk_bytes = kDefaultMinChunkBytes;
 };
 
 // A stream the service ends when it makes no progress for the idle timeout.

@@ -64,6 +64,23 @@ struct ServerOptions {
   // Versions kept in memory per model (and on disk with data_dir), for
   // snapshots of older versions and rollback.
   int retain_versions = 1;
+
+  // Connection limits (issue 13; docs/operations.md). Clients may ping at
+  // most every keepalive_min_ping_interval (with or without calls in flight);
+  // after keepalive_max_ping_strikes pings that come sooner the connection is
+  // closed with GOAWAY (ENHANCE_YOUR_CALM), 0 bearing any number. The server
+  // pings each connection every keepalive_time and closes it if no answer
+  // comes within keepalive_timeout, so dead peers release their streams.
+  // Connections without calls for max_connection_idle are closed (clients
+  // reconnect on their next call); infinite keeps them.
+  absl::Duration keepalive_min_ping_interval = absl::Seconds(10);
+  int keepalive_max_ping_strikes = 2;
+  absl::Duration keepalive_time = absl::Minutes(1);
+  absl::Duration keepalive_timeout = absl::Seconds(20);
+  absl::Duration max_connection_idle = absl::Minutes(30);
+  // Load chunks below this that do not end their stream are refused, and a
+  // fetch's chunk_bytes below it is raised to it; 0 disables it.
+  uint32_t min_chunk_bytes = kDefaultMinChunkBytes;
 };
 
 class Server {
