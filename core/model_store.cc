@@ -309,9 +309,9 @@ absl::Status ValidateCreatingLoad(const LoadRequest& request,
   return BuildModuleFromStateDict(probe, ToTreeOptions(request)).status();
 }
 
-// The metadata of the tree a load that creates its model builds, from the keys
-// alone (before the tree is): a generic module per distinct key prefix and the
-// root, with a child slot each, and a slot and storage per key. Returns
+// The module metadata of the tree a load that creates its model builds, from
+// the keys alone (before the tree is): a generic module per distinct key
+// prefix and the root, with a child slot each, and a slot per key. Returns
 // InvalidArgument past kMaxModules modules. Keys must be valid (bounded).
 absl::StatusOr<int64_t> CreatingLoadMetadataBytes(
     absl::Span<const TensorSpec> inputs) {
@@ -322,10 +322,10 @@ absl::StatusOr<int64_t> CreatingLoadMetadataBytes(
   for (const TensorSpec& spec : inputs) {
     const absl::string_view key = spec.key;
     size_t end = key.rfind('.');
-    bytes += kTensorSlotOverheadBytes + kStorageOverheadBytes +
-             8 * static_cast<int64_t>(spec.shape.size()) +
-             static_cast<int64_t>(
-                 key.size() - (end == absl::string_view::npos ? 0 : end + 1));
+    bytes +=
+        kTensorSlotOverheadBytes + 8 * static_cast<int64_t>(spec.shape.size()) +
+        static_cast<int64_t>(key.size() -
+                             (end == absl::string_view::npos ? 0 : end + 1));
     // Longest prefix first: once one is known, so are all shorter ones.
     while (end != absl::string_view::npos &&
            prefixes.insert(key.substr(0, end)).second) {
@@ -342,9 +342,9 @@ absl::StatusOr<int64_t> CreatingLoadMetadataBytes(
   return bytes;
 }
 
-// The metadata a load into an existing model adds: a storage per input, and
-// a copy of each module it changes and of their ancestors (shared subtrees are
-// not copied). Tensors tied to a loaded one may copy a few more modules.
+// The module metadata a load into an existing model adds: a copy of each
+// module it changes and of their ancestors (shared subtrees are not copied).
+// Tensors tied to a loaded one may copy a few more modules.
 int64_t UpdatingLoadMetadataBytes(const Module& root,
                                   absl::string_view submodule,
                                   const LoadPlan& plan) {
@@ -366,7 +366,6 @@ int64_t UpdatingLoadMetadataBytes(const Module& root,
   }
   for (const absl::optional<LoadTarget>& target : plan.targets) {
     if (!target) continue;
-    bytes += kStorageOverheadBytes;
     const Module* owner = load_root;
     for (size_t c : target->child_path) {
       owner = owner->children()[c].module.get();
@@ -397,7 +396,8 @@ absl::StatusOr<std::unique_ptr<PendingLoad>> ModelStore::BeginLoad(
   for (const TensorSpec& spec : inputs) {
     RETURN_IF_ERROR(ValidateTensorKey(spec.key));
     ASSIGN_OR_RETURN(int64_t bytes, NumBytes(spec.dtype, spec.shape));
-    needed += bytes;
+    // Each input is received into a storage of its own.
+    needed += bytes + kStorageOverheadBytes;
   }
   absl::StatusOr<Snapshot> base = GetSnapshot(request.model);
   if (base.ok()) {
@@ -719,6 +719,17 @@ absl::StatusOr<StateDict> ModelStore::CastFloatingForFetch(
     out.SetModuleVersion(path, version);
   }
   return out;
+}
+
+absl::Status ModelStore::CheckLoadSize(int64_t num_tensors) const {
+  const int64_t limit = options_.memory_limit_bytes;
+  if (limit <= 0) return absl::OkStatus();
+  // Past limit / overhead the product would only say "over the limit".
+  const int64_t bytes = num_tensors > limit / kStorageOverheadBytes
+                            ? limit + 1
+                            : num_tensors * kStorageOverheadBytes;
+  absl::ReaderMutexLock lock(&mu_);
+  return CheckMemory(bytes);
 }
 
 int64_t ModelStore::live_bytes() const { return accountant_->live_bytes(); }

@@ -210,6 +210,13 @@ class ModelStore {
   absl::StatusOr<LoadOutcome> CommitLoad(std::unique_ptr<PendingLoad> load,
                                          std::vector<Tensor> tensors);
 
+  // The first check of a load, from its tensor count alone, before its
+  // manifest is converted or validated: every tensor a load declares is
+  // received into a storage of its own, so ResourceExhausted when
+  // `num_tensors` storages' overhead alone would pass the memory limit. A load
+  // that passes still goes through BeginLoad's full check.
+  absl::Status CheckLoadSize(int64_t num_tensors) const;
+
   // BeginLoad + CommitLoad for a state dict already in memory.
   absl::StatusOr<LoadOutcome> Load(const LoadRequest& request,
                                    const StateDict& state);

@@ -78,6 +78,8 @@ ABSL_FLAG(absl::Duration, max_connection_idle, absl::Minutes(30),
 ABSL_FLAG(uint32_t, min_chunk_bytes, modelstate::kDefaultMinChunkBytes,
           "load chunks below this that do not end their stream are refused; "
           "fetches asking for smaller chunks get this; 0: no minimum");
+ABSL_FLAG(absl::Duration, release_memory_interval, absl::Seconds(10),
+          "give memory freed after bursts back to the OS this often; 0: never");
 
 namespace {
 
@@ -155,6 +157,8 @@ absl::StatusOr<modelstate::ServerOptions> OptionsFromFlags() {
   options.keepalive_timeout = absl::GetFlag(FLAGS_keepalive_timeout);
   options.max_connection_idle = absl::GetFlag(FLAGS_max_connection_idle);
   options.min_chunk_bytes = absl::GetFlag(FLAGS_min_chunk_bytes);
+  options.release_memory_interval =
+      absl::GetFlag(FLAGS_release_memory_interval);
 
   return options;
 }

@@ -239,6 +239,9 @@ class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest>,
     if (receiver_ != nullptr)
       return absl::InvalidArgumentError("a load has only one header");
     record_.set_model(header.model());
+    // Before the manifest is copied into entries and specs (a 60 MB header
+    // of a million tensors would cost hundreds of MB to convert).
+    RETURN_IF_ERROR(store_->CheckLoadSize(header.tensors_size()));
     ASSIGN_OR_RETURN(const LoadRequest request, FromProto(header));
     ASSIGN_OR_RETURN(std::vector<TransferEntry> entries,
                      ToTransferEntries(header.tensors()));

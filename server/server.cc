@@ -205,6 +205,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
   RETURN_IF_ERROR(ValidateServerOptions(options));
   ASSIGN_OR_RETURN(auto credentials, Credentials(options));
   std::unique_ptr<Server> server(new Server());
+  server->memory_releaser_ =
+      std::make_unique<MemoryReleaser>(options.release_memory_interval);
   RETURN_IF_ERROR(server->OpenStore(options));
   absl::Status started = server->Listen(options, credentials);
   if (started.ok()) started = server->ServeMetrics(options.metrics_listen);

@@ -19,6 +19,7 @@
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
 #include "prometheus/exposer.h"
+#include "server/memory_release.h"
 #include "server/metrics.h"
 #include "server/model_state_service.h"
 
@@ -81,6 +82,9 @@ struct ServerOptions {
   // Load chunks below this that do not end their stream are refused, and a
   // fetch's chunk_bytes below it is raised to it; 0 disables it.
   uint32_t min_chunk_bytes = kDefaultMinChunkBytes;
+  // How often memory freed after bursts goes back to the operating system
+  // (server/memory_release.h); zero or infinite never.
+  absl::Duration release_memory_interval = absl::Seconds(10);
 };
 
 class Server {
@@ -121,6 +125,7 @@ class Server {
       const ServerOptions& options,
       const std::shared_ptr<grpc::ServerCredentials>& credentials);
 
+  std::unique_ptr<MemoryReleaser> memory_releaser_;
   std::unique_ptr<DataDir> data_dir_;
   std::unique_ptr<AsyncPersister> async_;
   std::unique_ptr<ModelStore> store_;

@@ -90,6 +90,8 @@ class Daemon {
   explicit Daemon(std::vector<std::string> args);
 
   int port() const { return port_; }
+  // The daemon's process id, or 0 if it did not start.
+  pid_t pid() const { return process_ != nullptr ? process_->pid() : 0; }
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
   // Sends `signal` and waits up to `timeout_seconds` for the exit; returns the
   // exit status (as from waitpid) or -1 if it did not exit in time.
