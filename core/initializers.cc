@@ -26,8 +26,28 @@ absl::StatusOr<Tensor> FilledTensor(DType dtype, const Shape& shape,
   return Generate(dtype, shape, [fill] { return fill; });
 }
 
+absl::StatusOr<Tensor> PlaceholderTensor(DType dtype, const Shape& shape) {
+  ASSIGN_OR_RETURN(int64_t bytes, NumBytes(dtype, shape));
+  return Tensor::View(dtype, shape,
+                      Storage::Borrow(nullptr, static_cast<size_t>(bytes),
+                                      /*owner=*/nullptr),
+                      0);
+}
+
+absl::StatusOr<Tensor> Initializer::Filled(DType dtype, const Shape& shape,
+                                           double value) {
+  if (dry_run_) return PlaceholderTensor(dtype, shape);
+  return FilledTensor(dtype, shape, value);
+}
+
+absl::StatusOr<Tensor> Initializer::Zeros(DType dtype, const Shape& shape) {
+  if (dry_run_) return PlaceholderTensor(dtype, shape);
+  return Tensor::Zeros(dtype, shape);
+}
+
 absl::StatusOr<Tensor> Initializer::Uniform(DType dtype, const Shape& shape,
                                             double low, double high) {
+  if (dry_run_) return PlaceholderTensor(dtype, shape);
   std::uniform_real_distribution<float> dist(static_cast<float>(low),
                                              static_cast<float>(high));
   return Generate(dtype, shape, [&] { return dist(rng_); });
@@ -35,6 +55,7 @@ absl::StatusOr<Tensor> Initializer::Uniform(DType dtype, const Shape& shape,
 
 absl::StatusOr<Tensor> Initializer::Normal(DType dtype, const Shape& shape,
                                            double mean, double stddev) {
+  if (dry_run_) return PlaceholderTensor(dtype, shape);
   std::normal_distribution<float> dist(static_cast<float>(mean),
                                        static_cast<float>(stddev));
   return Generate(dtype, shape, [&] { return dist(rng_); });

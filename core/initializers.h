@@ -22,9 +22,28 @@ namespace modelstate {
 absl::StatusOr<Tensor> FilledTensor(DType dtype, const Shape& shape,
                                     double value);
 
+// Returns a tensor of `dtype` and `shape` over a storage that reports the
+// tensor's size but has no bytes behind it: it must never be read or written.
+// For dry runs that measure a model before allocating it. Errors as NumBytes.
+absl::StatusOr<Tensor> PlaceholderTensor(DType dtype, const Shape& shape);
+
 class Initializer {
  public:
   explicit Initializer(uint64_t seed) : rng_(seed) {}
+
+  // An initializer whose every tensor is a PlaceholderTensor: a build with it
+  // gives the real tree's modules, names, dtypes and shapes without allocating
+  // or drawing any tensor data.
+  static Initializer DryRun() {
+    Initializer init(0);
+    init.dry_run_ = true;
+    return init;
+  }
+  bool dry_run() const { return dry_run_; }
+
+  // FilledTensor, and Tensor::Zeros, honouring the dry run.
+  absl::StatusOr<Tensor> Filled(DType dtype, const Shape& shape, double value);
+  absl::StatusOr<Tensor> Zeros(DType dtype, const Shape& shape);
 
   // nn.init.uniform_: U(low, high). Errors as FilledTensor.
   absl::StatusOr<Tensor> Uniform(DType dtype, const Shape& shape, double low,
@@ -45,6 +64,7 @@ class Initializer {
 
  private:
   std::mt19937_64 rng_;
+  bool dry_run_ = false;
 };
 
 }  // namespace modelstate

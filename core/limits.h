@@ -13,6 +13,11 @@ namespace modelstate {
 // on both streams.
 inline constexpr uint32_t kDefaultChunkBytes = 1u << 20;
 inline constexpr uint32_t kMaxChunkBytes = 3u << 20;
+// Default of modelstated's --min_chunk_bytes: every load chunk but the one
+// that ends the stream must carry at least this many bytes, and a fetch's
+// chunk_bytes below it is raised to it, so a client cannot make the server
+// handle a message per byte.
+inline constexpr uint32_t kDefaultMinChunkBytes = 64u << 10;
 
 // Largest gRPC message either side sends or accepts. Chunks are far smaller;
 // the bound is for manifests (about 100 bytes a tensor: 64 MiB holds
@@ -29,6 +34,13 @@ inline constexpr int kMaxKeyComponents = 256;
 
 // Nesting of an architecture spec (modules inside containers).
 inline constexpr int kMaxSpecDepth = 128;
+// Size of an architecture spec's JSON text: parsed JSON takes several times
+// its text, before any estimate of the model can be made.
+inline constexpr size_t kMaxSpecBytes = 1u << 20;
+
+// Modules in one model (the root included), however it is made: bounds the
+// work of every walk over a tree.
+inline constexpr int64_t kMaxModules = 1 << 20;
 
 // Events queued for one watcher that reads slower than models change (see
 // core/watch_queue.h): updates collapse, and past this many the oldest go.

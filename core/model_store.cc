@@ -2,6 +2,7 @@
 
 #include <utility>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "core/limits.h"
@@ -40,16 +41,26 @@ ModelStore::~ModelStore() = default;
 
 namespace {
 
-void AttachStorages(const Module& module,
-                    const std::shared_ptr<MemoryAccountant>& accountant) {
+// Charges a tree's modules and storages to `accountant`. A module charged
+// before had its whole subtree charged with it, so the walk stops there: a
+// load that changed one tensor walks only the modules it copied.
+void AttachTreeTo(const Module& module,
+                  const std::shared_ptr<MemoryAccountant>& accountant) {
+  if (!module.ChargeTo(accountant)) return;
   for (const auto* slots : {&module.parameters(), &module.buffers()}) {
     for (const TensorSlot& slot : *slots) {
       if (slot.tensor) slot.tensor->storage()->AttachAccountant(accountant);
     }
   }
   for (const ChildSlot& child : module.children()) {
-    if (child.module) AttachStorages(*child.module, accountant);
+    if (child.module) AttachTreeTo(*child.module, accountant);
   }
+}
+
+absl::Status TooManyModules(int64_t modules) {
+  return absl::InvalidArgumentError(
+      absl::StrCat("the model would have ", modules,
+                   " modules, more than kMaxModules (", kMaxModules, ")"));
 }
 
 absl::Status ModelNotFound(const std::string& name) {
@@ -73,12 +84,13 @@ bool SameDestinations(const LoadPlan& a, const LoadPlan& b) {
 }  // namespace
 
 void ModelStore::AttachTree(const Module& root) {
-  AttachStorages(root, accountant_);
+  AttachTreeTo(root, accountant_);
 }
 
 absl::Status ModelStore::CheckMemory(int64_t extra_bytes) const {
   if (options_.memory_limit_bytes <= 0) return absl::OkStatus();
-  const int64_t in_use = accountant_->live_bytes() + reserved_bytes_;
+  const int64_t in_use = accountant_->live_bytes() +
+                         accountant_->metadata_bytes() + reserved_bytes_;
   if (in_use + extra_bytes > options_.memory_limit_bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "memory limit: ", extra_bytes, " more bytes needed, ", in_use, " of ",
@@ -115,7 +127,9 @@ absl::Status ModelStore::Add(const std::string& name, ModulePtr root,
                              std::string architecture, int64_t version,
                              bool persist) {
   RETURN_IF_ERROR(ValidateModelName(name));
-  const int64_t bytes = static_cast<int64_t>(root->TotalTensorBytes());
+  const TreeCost cost = root->Cost();
+  if (cost.modules > kMaxModules) return TooManyModules(cost.modules);
+  const int64_t bytes = cost.total_bytes();
   absl::MutexLock admin(&admin_mu_);
   {
     absl::MutexLock lock(&mu_);
@@ -295,6 +309,72 @@ absl::Status ValidateCreatingLoad(const LoadRequest& request,
   return BuildModuleFromStateDict(probe, ToTreeOptions(request)).status();
 }
 
+// The module metadata of the tree a load that creates its model builds, from
+// the keys alone (before the tree is): a generic module per distinct key
+// prefix and the root, with a child slot each, and a slot per key. Returns
+// InvalidArgument past kMaxModules modules. Keys must be valid (bounded).
+absl::StatusOr<int64_t> CreatingLoadMetadataBytes(
+    absl::Span<const TensorSpec> inputs) {
+  const int64_t module_bytes =
+      kModuleOverheadBytes + static_cast<int64_t>(sizeof("Module") - 1);
+  absl::flat_hash_set<absl::string_view> prefixes;
+  int64_t bytes = module_bytes;  // The root.
+  for (const TensorSpec& spec : inputs) {
+    const absl::string_view key = spec.key;
+    size_t end = key.rfind('.');
+    bytes +=
+        kTensorSlotOverheadBytes + 8 * static_cast<int64_t>(spec.shape.size()) +
+        static_cast<int64_t>(key.size() -
+                             (end == absl::string_view::npos ? 0 : end + 1));
+    // Longest prefix first: once one is known, so are all shorter ones.
+    while (end != absl::string_view::npos &&
+           prefixes.insert(key.substr(0, end)).second) {
+      const size_t dot =
+          end == 0 ? absl::string_view::npos : key.rfind('.', end - 1);
+      const size_t name_start = dot == absl::string_view::npos ? 0 : dot + 1;
+      bytes += module_bytes + kChildSlotOverheadBytes +
+               static_cast<int64_t>(end - name_start);
+      if (static_cast<int64_t>(prefixes.size()) + 1 > kMaxModules)
+        return TooManyModules(static_cast<int64_t>(prefixes.size()) + 1);
+      end = name_start == 0 ? absl::string_view::npos : name_start - 1;
+    }
+  }
+  return bytes;
+}
+
+// The module metadata a load into an existing model adds: a copy of each
+// module it changes and of their ancestors (shared subtrees are not copied).
+// Tensors tied to a loaded one may copy a few more modules.
+int64_t UpdatingLoadMetadataBytes(const Module& root,
+                                  absl::string_view submodule,
+                                  const LoadPlan& plan) {
+  absl::flat_hash_set<const Module*> copied;
+  int64_t bytes = 0;
+  auto copy = [&](const Module* module) {
+    if (copied.insert(module).second) bytes += module->OwnMetadataBytes();
+  };
+  const Module* load_root = &root;
+  copy(load_root);
+  if (!submodule.empty()) {
+    for (absl::string_view part :
+         absl::StrSplit(submodule, '.', absl::SkipEmpty())) {
+      const ChildSlot* child = load_root->FindChild(part);
+      if (child == nullptr || child->module == nullptr) break;
+      load_root = child->module.get();
+      copy(load_root);
+    }
+  }
+  for (const absl::optional<LoadTarget>& target : plan.targets) {
+    if (!target) continue;
+    const Module* owner = load_root;
+    for (size_t c : target->child_path) {
+      owner = owner->children()[c].module.get();
+      copy(owner);
+    }
+  }
+  return bytes;
+}
+
 absl::Status CheckExpectedVersion(const LoadRequest& request, int64_t version) {
   if (request.expected_version.has_value() &&
       *request.expected_version != version) {
@@ -316,17 +396,27 @@ absl::StatusOr<std::unique_ptr<PendingLoad>> ModelStore::BeginLoad(
   for (const TensorSpec& spec : inputs) {
     RETURN_IF_ERROR(ValidateTensorKey(spec.key));
     ASSIGN_OR_RETURN(int64_t bytes, NumBytes(spec.dtype, spec.shape));
-    needed += bytes;
+    // Each input is received into a storage of its own.
+    needed += bytes + kStorageOverheadBytes;
   }
   absl::StatusOr<Snapshot> base = GetSnapshot(request.model);
   if (base.ok()) {
     RETURN_IF_ERROR(CheckExpectedVersion(request, base->version));
     ASSIGN_OR_RETURN(load->plan_,
                      PlanLoad(base->root, inputs, ToLoadOptions(request)));
-    needed += load->plan_.conversion_bytes;
+    needed +=
+        load->plan_.conversion_bytes +
+        UpdatingLoadMetadataBytes(*base->root, request.module, load->plan_);
     load->base_ = *std::move(base);
   } else if (request.create_if_missing &&
              base.status().code() == absl::StatusCode::kNotFound) {
+    ASSIGN_OR_RETURN(int64_t metadata, CreatingLoadMetadataBytes(inputs));
+    needed += metadata;
+    {
+      // Before the validation builds a probe tree of that size.
+      absl::ReaderMutexLock lock(&mu_);
+      RETURN_IF_ERROR(CheckMemory(needed));
+    }
     RETURN_IF_ERROR(ValidateCreatingLoad(request, inputs));
     load->creates_model_ = true;
     load->plan_.targets.assign(inputs.size(), absl::nullopt);
@@ -483,8 +573,19 @@ absl::StatusOr<Snapshot> ModelStore::CreateFromSpec(
   RETURN_IF_ERROR(ValidateModelName(name));
   BuildOptions options;
   options.seed = seed;
-  ASSIGN_OR_RETURN(ModulePtr root, BuildModuleFromSpec(spec_json, options));
-  RETURN_IF_ERROR(Create(name, std::move(root), spec_json));
+  // Measure first, and hold the estimate while building, so that a model that
+  // would not fit allocates nothing and concurrent creates cannot both build
+  // into the same headroom. Create then counts the built tree itself.
+  ASSIGN_OR_RETURN(const TreeCost cost, EstimateSpecCost(spec_json, options));
+  {
+    absl::MutexLock lock(&mu_);
+    RETURN_IF_ERROR(CheckMemory(cost.total_bytes()));
+    reserved_bytes_ += cost.total_bytes();
+  }
+  absl::StatusOr<ModulePtr> root = BuildModuleFromSpec(spec_json, options);
+  Release(cost.total_bytes(), /*finished=*/false);
+  if (!root.ok()) return root.status();
+  RETURN_IF_ERROR(Create(name, *std::move(root), spec_json));
   return GetSnapshot(name);
 }
 
@@ -630,7 +731,22 @@ absl::StatusOr<StateDict> ModelStore::CastFloatingForFetch(
   return out;
 }
 
+absl::Status ModelStore::CheckLoadSize(int64_t num_tensors) const {
+  const int64_t limit = options_.memory_limit_bytes;
+  if (limit <= 0) return absl::OkStatus();
+  // Past limit / overhead the product would only say "over the limit".
+  const int64_t bytes = num_tensors > limit / kStorageOverheadBytes
+                            ? limit + 1
+                            : num_tensors * kStorageOverheadBytes;
+  absl::ReaderMutexLock lock(&mu_);
+  return CheckMemory(bytes);
+}
+
 int64_t ModelStore::live_bytes() const { return accountant_->live_bytes(); }
+
+int64_t ModelStore::metadata_bytes() const {
+  return accountant_->metadata_bytes();
+}
 
 int ModelStore::pending_loads() const {
   absl::ReaderMutexLock lock(&mu_);

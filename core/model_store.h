@@ -101,7 +101,8 @@ class ModelStore {
  public:
   struct Options {
     // Live tensor bytes (models, retained versions, snapshots still held,
-    // staged loads) may not exceed this. 0 means unlimited.
+    // staged loads) plus the estimated metadata of their modules and storages
+    // (core/module.h) may not exceed this. 0 means unlimited.
     int64_t memory_limit_bytes = 0;
     // Versions kept in memory per model, the current one included (>= 1). Older
     // versions share the storage of tensors they have in common.
@@ -118,9 +119,10 @@ class ModelStore {
   ~ModelStore();
 
   // Adds model `name` at version 1 (or, for a name used before, one past its
-  // last version). Returns InvalidArgument for a bad name, AlreadyExists if the
-  // name is taken, ResourceExhausted if its bytes would exceed the memory
-  // limit, or the persister's error.
+  // last version). Returns InvalidArgument for a bad name or more than
+  // kMaxModules modules, AlreadyExists if the name is taken, ResourceExhausted
+  // if its bytes and metadata would exceed the memory limit, or the
+  // persister's error.
   absl::Status Create(const std::string& name, ModulePtr root,
                       std::string architecture = "");
 
@@ -154,8 +156,11 @@ class ModelStore {
   std::vector<Snapshot> List() const;
 
   // Builds a model from an architecture spec (core/module_factory.h) with
-  // `seed` and adds it as Create does. Returns the new model's snapshot, or
-  // InvalidArgument for a bad name or spec, and Create's errors.
+  // `seed` and adds it as Create does. The model's cost is estimated from the
+  // spec first (EstimateSpecCost), so one over the memory limit is refused
+  // with ResourceExhausted before any tensor is allocated. Returns the new
+  // model's snapshot, or InvalidArgument for a bad name or spec, and Create's
+  // errors.
   absl::StatusOr<Snapshot> CreateFromSpec(const std::string& name,
                                           const std::string& spec_json,
                                           uint64_t seed);
@@ -185,7 +190,10 @@ class ModelStore {
                                                  DType dtype);
 
   // Validates a load of tensors described by `inputs` from their names, dtypes
-  // and shapes alone, and reserves the memory it needs. Returns NotFound
+  // and shapes alone, and reserves the memory it needs: tensor bytes,
+  // conversions, and the metadata of the modules and storages it adds (for a
+  // load that creates its model, estimated from the keys before any tree is
+  // built; more than kMaxModules modules is InvalidArgument). Returns NotFound
   // (unknown model or submodule), InvalidArgument (duplicate keys, bad name),
   // Aborted (expected version differs), FailedPrecondition with torch's text
   // (strict key errors, shape mismatches), or ResourceExhausted (memory limit,
@@ -203,6 +211,13 @@ class ModelStore {
   // error, including the persister's, the model is unchanged.
   absl::StatusOr<LoadOutcome> CommitLoad(std::unique_ptr<PendingLoad> load,
                                          std::vector<Tensor> tensors);
+
+  // The first check of a load, from its tensor count alone, before its
+  // manifest is converted or validated: every tensor a load declares is
+  // received into a storage of its own, so ResourceExhausted when
+  // `num_tensors` storages' overhead alone would pass the memory limit. A load
+  // that passes still goes through BeginLoad's full check.
+  absl::Status CheckLoadSize(int64_t num_tensors) const;
 
   // BeginLoad + CommitLoad for a state dict already in memory.
   absl::StatusOr<LoadOutcome> Load(const LoadRequest& request,
@@ -226,6 +241,9 @@ class ModelStore {
   // Bytes of all live tensor storages the store has seen (models, retained
   // versions and snapshots still held).
   int64_t live_bytes() const;
+  // Estimated bytes of the metadata around them (modules, slots, names,
+  // shapes, storage objects; see core/module.h), counted by the memory limit.
+  int64_t metadata_bytes() const;
   // Bytes reserved by pending loads.
   int64_t reserved_bytes() const;
   // Loads begun and not yet committed or aborted.

@@ -1,12 +1,17 @@
 #include "core/model_store.h"
 
+#include <malloc.h>
+
 #include <atomic>
 #include <cmath>
+#include <cstdio>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
+#include "core/limits.h"
 #include "core/test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -109,9 +114,12 @@ TEST(ModelStoreTest, CompareAndSetAndBadLoadsLeaveTheModelUnchanged) {
 TEST(ModelStoreTest, MemoryLimitCountsSnapshotsAndPendingLoads) {
   ModulePtr model = MustBuild(kTwoLayers);
   const int64_t model_bytes = static_cast<int64_t>(model->TotalTensorBytes());
-  ModelStore store(ModelStore::Options{model_bytes * 2 + model_bytes / 2});
+  // The limit counts metadata too: a full load copies every module.
+  const int64_t model_cost = model->Cost().total_bytes();
+  ModelStore store(ModelStore::Options{model_cost * 2 + model_cost / 2});
   ASSERT_TRUE(store.Create("m", model).ok());
   EXPECT_EQ(store.live_bytes(), model_bytes);
+  EXPECT_EQ(store.metadata_bytes(), model_cost - model_bytes);
   // One full load fits (old + new), and the old tensors die with the last
   // reference.
   Snapshot held = store.GetSnapshot("m").value();
@@ -137,7 +145,7 @@ TEST(ModelStoreTest, MemoryLimitCountsSnapshotsAndPendingLoads) {
     specs.push_back({entry.key, entry.tensor.dtype(), entry.tensor.shape()});
   }
   auto pending = store.BeginLoad("m", specs).value();
-  EXPECT_EQ(store.reserved_bytes(), model_bytes);
+  EXPECT_EQ(store.reserved_bytes(), model_cost);
   EXPECT_EQ(store.BeginLoad("m", specs).status().code(),
             absl::StatusCode::kResourceExhausted);
   pending.reset();
@@ -331,6 +339,168 @@ TEST(ModelStoreTest, CastsForFetchAreMadeOnceAndDieWithTheirSource) {
   StateDict fresh = GetStateDict(store.GetSnapshot("m").value().root).value();
   ASSERT_TRUE(store.CastFloatingForFetch(fresh, DType::kBFloat16).ok());
   EXPECT_EQ(store.live_bytes(), model_bytes + model_bytes / 2);
+}
+
+// A request's tensors as a load describes them: zero-byte float32 tensors
+// under `keys`.
+std::vector<TensorSpec> EmptyTensors(const std::vector<std::string>& keys) {
+  std::vector<TensorSpec> specs;
+  specs.reserve(keys.size());
+  for (const std::string& key : keys)
+    specs.push_back(TensorSpec{key, DType::kFloat32, {0}});
+  return specs;
+}
+
+LoadRequest Creating(const std::string& model) {
+  LoadRequest request(model);
+  request.create_if_missing = true;
+  return request;
+}
+
+TEST(ModelStoreTest, MetadataIsChargedWhileTheModelLivesAndReturnedAfter) {
+  ModelStore store;
+  ModulePtr model = MustBuild(kTwoLayers);
+  const TreeCost cost = model->Cost();
+  EXPECT_EQ(cost.modules, 3);
+  EXPECT_GT(cost.metadata_bytes, 3 * kModuleOverheadBytes +
+                                     4 * kTensorSlotOverheadBytes +
+                                     4 * kStorageOverheadBytes);
+  ASSERT_TRUE(store.Create("m", model).ok());
+  model = nullptr;
+  EXPECT_EQ(store.metadata_bytes(), cost.metadata_bytes);
+  // A load of one tensor copies the root and the module owning it, and adds
+  // one storage; the other Linear is shared, not charged again. The load
+  // reserves that much metadata up front.
+  StateDict current = GetStateDict(store.GetSnapshot("m").value().root).value();
+  StateDict one;
+  one.Set("0.bias", FullTensor(DType::kFloat32, {64}, 1));
+  LoadRequest partial("m");
+  partial.strict = false;
+  {
+    const ModulePtr root = store.GetSnapshot("m").value().root;
+    auto pending =
+        store.BeginLoad(partial, {{"0.bias", DType::kFloat32, {64}}}).value();
+    EXPECT_EQ(pending->reserved_bytes(),
+              64 * 4 + root->OwnMetadataBytes() +
+                  root->children()[0].module->OwnMetadataBytes() +
+                  kStorageOverheadBytes);
+  }
+  ASSERT_TRUE(store.Load(partial, one).ok());
+  // The root and the first Linear were replaced by copies of the same size;
+  // the old bias storage lives on in `current`.
+  EXPECT_EQ(store.metadata_bytes(),
+            cost.metadata_bytes + kStorageOverheadBytes);
+  // Once the model is gone only the storages the test still holds count: v1's
+  // four (in `current`) and the loaded bias (in `one`).
+  ASSERT_TRUE(store.Delete("m").ok());
+  EXPECT_EQ(store.metadata_bytes(), 5 * kStorageOverheadBytes);
+  one = StateDict();
+  EXPECT_EQ(store.metadata_bytes(), 4 * kStorageOverheadBytes);
+}
+
+TEST(ModelStoreTest, ZeroByteTensorsAndTinyModulesCountAgainstTheLimit) {
+  // 100,000 zero-byte tensors cost tens of MB of metadata: refused under
+  // 8 MiB from the keys alone, whether they share one module or each has one.
+  ModelStore store(ModelStore::Options{8 << 20});
+  std::vector<std::string> flat, nested;
+  for (int i = 0; i < 100000; ++i) {
+    flat.push_back(absl::StrCat("t", i));
+    nested.push_back(absl::StrCat("m", i, ".t"));
+  }
+  for (const auto* keys : {&flat, &nested}) {
+    absl::Status refused =
+        store.BeginLoad(Creating("many"), EmptyTensors(*keys)).status();
+    EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
+    EXPECT_THAT(std::string(refused.message()),
+                ::testing::HasSubstr("memory limit"));
+  }
+  EXPECT_EQ(store.reserved_bytes(), 0);
+  EXPECT_EQ(store.pending_loads(), 0);
+  // A thousand fit, and what they are charged is what the estimate reserved,
+  // give or take the names' rounding.
+  flat.resize(1000);
+  auto load = store.BeginLoad(Creating("some"), EmptyTensors(flat)).value();
+  const int64_t reserved = load->reserved_bytes();
+  std::vector<Tensor> tensors;
+  for (int i = 0; i < 1000; ++i)
+    tensors.push_back(Tensor::Zeros(DType::kFloat32, {0}).value());
+  ASSERT_TRUE(store.CommitLoad(std::move(load), std::move(tensors)).ok());
+  EXPECT_EQ(store.metadata_bytes(), reserved);
+}
+
+TEST(ModelStoreTest, ModuleCountIsBoundedBeforeAnyTreeIsBuilt) {
+  ModelStore store;
+  std::vector<std::string> keys;
+  keys.reserve(kMaxModules);
+  for (int64_t i = 0; i < kMaxModules; ++i)
+    keys.push_back(absl::StrCat("m", i, ".w"));
+  absl::Status refused =
+      store.BeginLoad(Creating("wide"), EmptyTensors(keys)).status();
+  EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument) << refused;
+  EXPECT_THAT(std::string(refused.message()),
+              ::testing::HasSubstr("kMaxModules"));
+  EXPECT_EQ(store.pending_loads(), 0);
+}
+
+TEST(ModelStoreTest, CreateFromSpecIsRefusedBeforeAllocating) {
+  ModelStore store(ModelStore::Options{64 << 20});
+  // 40 GB of weights: allocating and initialising them would take minutes and
+  // more memory than the machine has; the estimate refuses it at once.
+  const absl::Time start = absl::Now();
+  absl::Status refused =
+      store
+          .CreateFromSpec(
+              "huge",
+              R"({"type": "Linear", "in_features": 100000, "out_features": 100000})",
+              0)
+          .status();
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10));
+  EXPECT_EQ(store.reserved_bytes(), 0);
+  EXPECT_EQ(store.live_bytes(), 0);
+  // What fits is created, and charged what the estimate said.
+  const TreeCost estimate = EstimateSpecCost(kTwoLayers).value();
+  ASSERT_TRUE(store.CreateFromSpec("m", kTwoLayers, 0).ok());
+  EXPECT_EQ(store.live_bytes(), estimate.tensor_bytes);
+  EXPECT_EQ(store.metadata_bytes(), estimate.metadata_bytes);
+  EXPECT_EQ(store.reserved_bytes(), 0);
+}
+
+#if defined(__SANITIZE_ADDRESS__)
+#define MODELSTATE_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define MODELSTATE_ASAN 1
+#endif
+#endif
+
+// The per-object figures of core/module.h are estimates; they must not be
+// below what the heap really gives a tree of many tiny objects, or a million
+// of them would still slip past the limit.
+TEST(ModelStoreTest, MetadataEstimateIsNotBelowTheHeapTheTreeTakes) {
+#ifdef MODELSTATE_ASAN
+  GTEST_SKIP() << "ASan's allocator does not report through mallinfo2";
+#else
+  for (const char* pattern : {"t%d", "m%d.t", "a.b%d.c.t"}) {
+    SCOPED_TRACE(pattern);
+    const size_t before = mallinfo2().uordblks;
+    ModulePtr tree;
+    {
+      StateDict state;
+      for (int i = 0; i < 20000; ++i) {
+        char key[32];
+        std::snprintf(key, sizeof(key), pattern, i);
+        state.Set(key, Tensor::Zeros(DType::kFloat32, {0}).value());
+      }
+      tree = BuildModuleFromStateDict(state).value();
+    }
+    const int64_t heap = static_cast<int64_t>(mallinfo2().uordblks - before);
+    const int64_t estimate = tree->Cost().metadata_bytes;
+    EXPECT_GE(estimate, heap);
+    // And not wildly above it either.
+    EXPECT_LE(estimate, 3 * heap);
+  }
+#endif
 }
 
 }  // namespace

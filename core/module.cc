@@ -104,32 +104,60 @@ void Module::SetTensor(TensorKind kind, size_t index, Tensor tensor) {
 }
 
 namespace {
-void CollectStorages(const Module& module,
-                     absl::flat_hash_set<const Storage*>* seen_storages,
-                     absl::flat_hash_set<const Module*>* seen_modules,
-                     size_t* total) {
-  if (!seen_modules->insert(&module).second) return;
-  for (const auto* slots : {&module.parameters(), &module.buffers()}) {
-    for (const TensorSlot& slot : *slots) {
-      if (slot.tensor &&
-          seen_storages->insert(slot.tensor->storage().get()).second) {
-        *total += slot.tensor->storage()->size();
+struct CostWalk {
+  absl::flat_hash_set<const Storage*> storages;
+  absl::flat_hash_set<const Module*> modules;
+  TreeCost cost;
+
+  // Depth is bounded by the callers' limits (kMaxSpecDepth,
+  // kMaxKeyComponents).
+  void Visit(const Module& module) {
+    if (!modules.insert(&module).second) return;
+    ++cost.modules;
+    cost.metadata_bytes += module.OwnMetadataBytes();
+    for (const auto* slots : {&module.parameters(), &module.buffers()}) {
+      for (const TensorSlot& slot : *slots) {
+        if (slot.tensor &&
+            storages.insert(slot.tensor->storage().get()).second) {
+          cost.tensor_bytes +=
+              static_cast<int64_t>(slot.tensor->storage()->size());
+          cost.metadata_bytes += kStorageOverheadBytes;
+        }
       }
     }
+    for (const ChildSlot& child : module.children()) {
+      if (child.module) Visit(*child.module);
+    }
   }
-  for (const ChildSlot& child : module.children()) {
-    if (child.module)
-      CollectStorages(*child.module, seen_storages, seen_modules, total);
-  }
-}
+};
 }  // namespace
 
 size_t Module::TotalTensorBytes() const {
-  absl::flat_hash_set<const Storage*> storages;
-  absl::flat_hash_set<const Module*> modules;
-  size_t total = 0;
-  CollectStorages(*this, &storages, &modules, &total);
-  return total;
+  return static_cast<size_t>(Cost().tensor_bytes);
+}
+
+TreeCost Module::Cost() const {
+  CostWalk walk;
+  walk.Visit(*this);
+  return walk.cost;
+}
+
+int64_t Module::OwnMetadataBytes() const {
+  int64_t bytes =
+      kModuleOverheadBytes + static_cast<int64_t>(type_name_.size());
+  for (const auto* slots : {&parameters_, &buffers_}) {
+    for (const TensorSlot& slot : *slots) {
+      bytes +=
+          kTensorSlotOverheadBytes + static_cast<int64_t>(slot.name.size());
+      if (slot.tensor) {
+        bytes += 8 * static_cast<int64_t>(slot.tensor->shape().size());
+      }
+    }
+  }
+  for (const ChildSlot& child : children_) {
+    bytes += kChildSlotOverheadBytes + static_cast<int64_t>(child.name.size());
+  }
+  return bytes;
 }
 
 }  // namespace modelstate

@@ -23,6 +23,31 @@ namespace modelstate {
 
 enum class TensorKind { kParameter, kBuffer };
 
+// Estimated heap cost of a module tree's objects, apart from tensor bytes: a
+// documented per-object figure (docs/operations.md), rounded up from the heap
+// glibc's malloc really gives trees of 1,000 to 100,000 tiny objects on
+// x86-64 with libstdc++ (objects, hash-table and vector slack, per-block
+// overhead; model_store_test checks the figures stay above it). Memory limits
+// count it, so a model of a million empty tensors or modules is not free.
+// One Module: the object, its shared_ptr control block, member table and type
+// name (plus the name's length).
+inline constexpr int64_t kModuleOverheadBytes = 320;
+// One parameter or buffer slot: the slot, its Tensor and member-table entry
+// (plus the name's length and 8 bytes per dimension), apart from its storage
+// (kStorageOverheadBytes).
+inline constexpr int64_t kTensorSlotOverheadBytes = 256;
+// One child slot: the slot and its member-table entry (plus the name's
+// length).
+inline constexpr int64_t kChildSlotOverheadBytes = 128;
+
+// What a module tree holds in memory.
+struct TreeCost {
+  int64_t tensor_bytes = 0;    // Distinct storages' bytes (shared ones once).
+  int64_t metadata_bytes = 0;  // Modules, slots, names, shapes and storages.
+  int64_t modules = 0;         // Distinct modules.
+  int64_t total_bytes() const { return tensor_bytes + metadata_bytes; }
+};
+
 // A registered parameter or buffer. `tensor` is empty for torch's
 // `register_parameter(name, None)`.
 struct TensorSlot {
@@ -105,6 +130,21 @@ class Module {
   // (shared storages once).
   size_t TotalTensorBytes() const;
 
+  // The tensor bytes, metadata estimate and module count of the tree under
+  // this module (shared modules and storages once).
+  TreeCost Cost() const;
+
+  // The estimated metadata of this module object alone: itself, its slots,
+  // names and shapes; not its children or its tensors' storages.
+  int64_t OwnMetadataBytes() const;
+
+  // Charges this module's own metadata to `accountant` until it dies (see
+  // MemoryCharge). Returns false when it was charged before; a charged module's
+  // whole subtree was charged with it, so callers walking a tree stop there.
+  bool ChargeTo(const std::shared_ptr<MemoryAccountant>& accountant) const {
+    return charge_.Charge(accountant, 0, OwnMetadataBytes());
+  }
+
  private:
   absl::Status CheckNewName(absl::string_view name) const;
 
@@ -122,6 +162,7 @@ class Module {
   std::vector<TensorSlot> buffers_;
   std::vector<ChildSlot> children_;
   absl::flat_hash_map<std::string, MemberRef> members_;
+  MemoryCharge charge_;  // Copies (ShallowCopy) start uncharged.
 };
 
 }  // namespace modelstate

@@ -19,7 +19,7 @@ namespace {
 // gets an error rather than overflowing the stack.
 class SpecBuilder : public NestedSpecBuilder {
  public:
-  explicit SpecBuilder(uint64_t seed) : init_(seed) {}
+  explicit SpecBuilder(Initializer init) : init_(std::move(init)) {}
 
   absl::StatusOr<ModulePtr> BuildNested(const SpecJson& spec,
                                         const std::string& path,
@@ -88,13 +88,51 @@ std::vector<std::string> SupportedModuleTypes() {
   return types;
 }
 
-absl::StatusOr<ModulePtr> BuildModuleFromSpec(absl::string_view spec_json,
-                                              const BuildOptions& options) {
+namespace {
+
+absl::StatusOr<ModulePtr> BuildWith(absl::string_view spec_json,
+                                    const BuildOptions& options,
+                                    Initializer init) {
+  if (spec_json.size() > kMaxSpecBytes) {
+    return SpecError("", absl::StrCat("spec of ", spec_json.size(),
+                                      " bytes is longer than kMaxSpecBytes (",
+                                      kMaxSpecBytes, ")"));
+  }
   SpecJson spec = SpecJson::parse(spec_json.begin(), spec_json.end(), nullptr,
                                   /*allow_exceptions=*/false);
   if (spec.is_discarded()) return SpecError("", "not valid JSON");
-  SpecBuilder builder(options.seed);
-  return builder.BuildNested(spec, "", options.default_dtype);
+  SpecBuilder builder(std::move(init));
+  ASSIGN_OR_RETURN(ModulePtr root,
+                   builder.BuildNested(spec, "", options.default_dtype));
+  return root;
+}
+
+absl::Status CheckModuleCount(const TreeCost& cost) {
+  if (cost.modules > kMaxModules) {
+    return SpecError("", absl::StrCat("the model has ", cost.modules,
+                                      " modules, more than kMaxModules (",
+                                      kMaxModules, ")"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<ModulePtr> BuildModuleFromSpec(absl::string_view spec_json,
+                                              const BuildOptions& options) {
+  ASSIGN_OR_RETURN(ModulePtr root,
+                   BuildWith(spec_json, options, Initializer(options.seed)));
+  RETURN_IF_ERROR(CheckModuleCount(root->Cost()));
+  return root;
+}
+
+absl::StatusOr<TreeCost> EstimateSpecCost(absl::string_view spec_json,
+                                          const BuildOptions& options) {
+  ASSIGN_OR_RETURN(ModulePtr root,
+                   BuildWith(spec_json, options, Initializer::DryRun()));
+  const TreeCost cost = root->Cost();
+  RETURN_IF_ERROR(CheckModuleCount(cost));
+  return cost;
 }
 
 }  // namespace modelstate

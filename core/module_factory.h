@@ -34,10 +34,19 @@ struct BuildOptions {
 // positionally in "args"). Tensors get torch's names, shapes and default
 // initialisation; the same seed gives the same tensors. Returns
 // InvalidArgument, naming the JSON path, for malformed JSON, an unknown type
-// or argument, a bad value, a size that overflows int64, or modules nested
-// more than kMaxSpecDepth (core/limits.h) deep.
+// or argument, a bad value, a size that overflows int64, modules nested more
+// than kMaxSpecDepth (core/limits.h) deep, a spec longer than kMaxSpecBytes or
+// a model of more than kMaxModules modules.
 absl::StatusOr<ModulePtr> BuildModuleFromSpec(absl::string_view spec_json,
                                               const BuildOptions& options = {});
+
+// Measures the model BuildModuleFromSpec would build from `spec_json` without
+// allocating or initialising any tensor: the same build runs over placeholder
+// tensors (Initializer::DryRun), so the cost has the real tree's modules,
+// names and shapes. The memory limit is checked against it before the real
+// build. Errors as BuildModuleFromSpec.
+absl::StatusOr<TreeCost> EstimateSpecCost(absl::string_view spec_json,
+                                          const BuildOptions& options = {});
 
 // Returns the torch.nn class names BuildModuleFromSpec understands, sorted.
 std::vector<std::string> SupportedModuleTypes();

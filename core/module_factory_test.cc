@@ -374,5 +374,52 @@ TEST(ModuleFactoryTest, SizeProductsThatOverflowAreRejected) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST(ModuleFactoryTest, TheDryRunMeasuresExactlyWhatTheBuildMakes) {
+  const std::vector<std::string> specs = {
+      R"({"type": "Linear", "in_features": 3, "out_features": 5})",
+      R"({"type": "Conv2d", "args": [3, 8, 3], "dtype": "bfloat16"})",
+      R"({"type": "BatchNorm2d", "num_features": 4})",
+      R"({"type": "Embedding", "args": [10, 4], "padding_idx": 0,
+          "dtype": "float16"})",
+      R"({"type": "TransformerEncoderLayer", "d_model": 8, "nhead": 2,
+          "dim_feedforward": 16})",
+      R"({"type": "MultiheadAttention", "embed_dim": 8, "num_heads": 2,
+          "kdim": 4, "vdim": 4, "add_bias_kv": true})",
+      R"({"type": "Module", "class_name": "Odd",
+          "parameters": {"p": {"shape": [2, 3], "init": "normal"}, "n": null},
+          "buffers": {"b": {"shape": [], "init": "ones", "persistent": false}},
+          "children": {"c": {"type": "LayerNorm", "normalized_shape": [3]}}})",
+  };
+  for (const std::string& spec : specs) {
+    SCOPED_TRACE(spec);
+    const TreeCost built = MustBuild(spec)->Cost();
+    const TreeCost estimate = EstimateSpecCost(spec).value();
+    EXPECT_EQ(estimate.tensor_bytes, built.tensor_bytes);
+    EXPECT_EQ(estimate.metadata_bytes, built.metadata_bytes);
+    EXPECT_EQ(estimate.modules, built.modules);
+  }
+  // Nothing is allocated: 40 GB of weights are measured at once.
+  EXPECT_EQ(EstimateSpecCost(R"({"type": "Linear", "args": [100000, 100000]})")
+                .value()
+                .tensor_bytes,
+            int64_t{40000000000} + 400000);
+  // And its errors are the build's.
+  EXPECT_EQ(EstimateSpecCost(R"({"type": "Linear", "args": [-1, 2]})")
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(ModuleFactoryTest, SpecTextIsBounded) {
+  std::string spec = R"({"type": "Sequential", "modules": [)";
+  while (spec.size() <= kMaxSpecBytes) spec += R"({"type": "ReLU"},)";
+  spec += R"({"type": "ReLU"}]})";
+  for (absl::Status status :
+       {BuildModuleFromSpec(spec).status(), EstimateSpecCost(spec).status()}) {
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(status.message()), HasSubstr("kMaxSpecBytes"));
+  }
+}
+
 }  // namespace
 }  // namespace modelstate

@@ -30,14 +30,14 @@ absl::Status AddLinear(Module* module, Initializer& init, DType dtype,
 // The affine parameters of normalisation layers: weight of ones and bias of
 // zeros, each registered as None when switched off (torch's `affine`,
 // `elementwise_affine`, `bias`).
-absl::Status AddAffine(Module* module, DType dtype, const Shape& shape,
-                       bool weight, bool bias) {
+absl::Status AddAffine(Module* module, Initializer& init, DType dtype,
+                       const Shape& shape, bool weight, bool bias) {
   absl::optional<Tensor> w, b;
   if (weight) {
-    ASSIGN_OR_RETURN(w, FilledTensor(dtype, shape, 1));
+    ASSIGN_OR_RETURN(w, init.Filled(dtype, shape, 1));
   }
   if (bias) {
-    ASSIGN_OR_RETURN(b, FilledTensor(dtype, shape, 0));
+    ASSIGN_OR_RETURN(b, init.Filled(dtype, shape, 0));
   }
   RETURN_IF_ERROR(module->AddParameter("weight", std::move(w)));
   return module->AddParameter("bias", std::move(b));
@@ -142,13 +142,14 @@ ModuleOr BuildBatchNorm(const LayerContext& layer) {
   }
   auto module =
       std::make_shared<Module>(layer.type, TorchModuleVersion(layer.type));
-  RETURN_IF_ERROR(AddAffine(module.get(), layer.dtype, {c}, affine, affine));
+  RETURN_IF_ERROR(
+      AddAffine(module.get(), layer.init, layer.dtype, {c}, affine, affine));
   // Without track_running_stats torch registers the three buffers as None.
   absl::optional<Tensor> mean, var, count;
   if (track) {
-    ASSIGN_OR_RETURN(mean, FilledTensor(layer.dtype, {c}, 0));
-    ASSIGN_OR_RETURN(var, FilledTensor(layer.dtype, {c}, 1));
-    ASSIGN_OR_RETURN(count, Tensor::Zeros(DType::kInt64, {}));
+    ASSIGN_OR_RETURN(mean, layer.init.Filled(layer.dtype, {c}, 0));
+    ASSIGN_OR_RETURN(var, layer.init.Filled(layer.dtype, {c}, 1));
+    ASSIGN_OR_RETURN(count, layer.init.Zeros(DType::kInt64, {}));
   }
   RETURN_IF_ERROR(module->AddBuffer("running_mean", std::move(mean)));
   RETURN_IF_ERROR(module->AddBuffer("running_var", std::move(var)));
@@ -162,8 +163,8 @@ ModuleOr BuildLayerNorm(const LayerContext& layer) {
   ASSIGN_OR_RETURN(bool bias, layer.args.Bool("bias", true));
   RETURN_IF_ERROR(layer.args.Number("eps", 1e-5).status());
   auto module = std::make_shared<Module>(layer.type);
-  RETURN_IF_ERROR(
-      AddAffine(module.get(), layer.dtype, shape, affine, affine && bias));
+  RETURN_IF_ERROR(AddAffine(module.get(), layer.init, layer.dtype, shape,
+                            affine, affine && bias));
   return module;
 }
 
@@ -177,8 +178,8 @@ ModuleOr BuildGroupNorm(const LayerContext& layer) {
                      "num_channels must be divisible by num_groups");
   }
   auto module = std::make_shared<Module>(layer.type);
-  RETURN_IF_ERROR(
-      AddAffine(module.get(), layer.dtype, {channels}, affine, affine));
+  RETURN_IF_ERROR(AddAffine(module.get(), layer.init, layer.dtype, {channels},
+                            affine, affine));
   return module;
 }
 
@@ -188,7 +189,7 @@ absl::StatusOr<Tensor> EmbeddingWeight(Initializer& init, int64_t num,
                                        absl::optional<int64_t> padding_idx) {
   ASSIGN_OR_RETURN(Tensor weight,
                    init.Normal(DType::kFloat32, {num, dim}, 0, 1));
-  if (!padding_idx) return weight;
+  if (!padding_idx || init.dry_run()) return weight;
   ASSIGN_OR_RETURN(TensorBuilder copy,
                    TensorBuilder::Create(DType::kFloat32, {num, dim}));
   std::memcpy(copy.mutable_data(), weight.data(), weight.num_bytes());
@@ -213,7 +214,11 @@ ModuleOr BuildEmbedding(const LayerContext& layer) {
   }
   ASSIGN_OR_RETURN(Tensor weight,
                    EmbeddingWeight(layer.init, num, dim, padding_idx));
-  ASSIGN_OR_RETURN(weight, weight.CastTo(layer.dtype));
+  if (layer.init.dry_run()) {
+    ASSIGN_OR_RETURN(weight, PlaceholderTensor(layer.dtype, weight.shape()));
+  } else {
+    ASSIGN_OR_RETURN(weight, weight.CastTo(layer.dtype));
+  }
   auto module = std::make_shared<Module>(layer.type);
   RETURN_IF_ERROR(module->AddParameter("weight", std::move(weight)));
   return module;
@@ -249,7 +254,7 @@ absl::Status AddAttentionOutput(Module* module, Initializer& init, DType dtype,
   auto out_proj = std::make_shared<Module>("NonDynamicallyQuantizableLinear");
   RETURN_IF_ERROR(AddLinear(out_proj.get(), init, dtype, e, e, bias));
   if (bias) {
-    ASSIGN_OR_RETURN(Tensor zeros, FilledTensor(dtype, {e}, 0));
+    ASSIGN_OR_RETURN(Tensor zeros, init.Filled(dtype, {e}, 0));
     out_proj->SetTensor(TensorKind::kParameter, 1, std::move(zeros));
   }
   return module->AddChild("out_proj", std::move(out_proj));
@@ -273,7 +278,7 @@ ModuleOr BuildMultiheadAttention(const LayerContext& layer) {
                                           e, three_e, kdim, vdim));
   absl::optional<Tensor> in_bias;
   if (bias) {
-    ASSIGN_OR_RETURN(in_bias, FilledTensor(layer.dtype, {three_e}, 0));
+    ASSIGN_OR_RETURN(in_bias, layer.init.Filled(layer.dtype, {three_e}, 0));
   }
   RETURN_IF_ERROR(module->AddParameter("in_proj_bias", std::move(in_bias)));
   RETURN_IF_ERROR(
@@ -390,11 +395,11 @@ absl::StatusOr<Tensor> InitGenericTensor(const SpecArgs& args, DType dtype,
     if (!v->is_string()) return SpecError(path, "\"init\" must be a string");
     kind = v->get<std::string>();
   }
-  if (kind == "zeros") return AtPath(path, Tensor::Zeros(dtype, shape));
-  if (kind == "ones") return AtPath(path, FilledTensor(dtype, shape, 1));
+  if (kind == "zeros") return AtPath(path, init.Zeros(dtype, shape));
+  if (kind == "ones") return AtPath(path, init.Filled(dtype, shape, 1));
   if (kind == "constant") {
     ASSIGN_OR_RETURN(double value, args.Number("value", 0));
-    return AtPath(path, FilledTensor(dtype, shape, value));
+    return AtPath(path, init.Filled(dtype, shape, value));
   }
   if (kind == "uniform") {
     ASSIGN_OR_RETURN(double low, args.Number("low", 0));

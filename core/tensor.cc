@@ -30,12 +30,25 @@ Storage::Storage(const uint8_t* data, uint8_t* allocated, size_t size,
       size_(size),
       owner_(std::move(owner)) {}
 
-Storage::~Storage() {
-  if (accountant_ != nullptr) {
-    accountant_->live_bytes_.fetch_sub(static_cast<int64_t>(size_),
-                                       std::memory_order_relaxed);
-  }
-  std::free(allocated_);
+Storage::~Storage() { std::free(allocated_); }
+
+MemoryCharge::~MemoryCharge() {
+  if (accountant_ == nullptr) return;
+  accountant_->live_bytes_.fetch_sub(tensor_bytes_, std::memory_order_relaxed);
+  accountant_->metadata_bytes_.fetch_sub(metadata_bytes_,
+                                         std::memory_order_relaxed);
+}
+
+bool MemoryCharge::Charge(const std::shared_ptr<MemoryAccountant>& accountant,
+                          int64_t tensor_bytes, int64_t metadata_bytes) const {
+  if (charged_.test_and_set(std::memory_order_acq_rel)) return false;
+  accountant_ = accountant;
+  tensor_bytes_ = tensor_bytes;
+  metadata_bytes_ = metadata_bytes;
+  accountant_->live_bytes_.fetch_add(tensor_bytes, std::memory_order_relaxed);
+  accountant_->metadata_bytes_.fetch_add(metadata_bytes,
+                                         std::memory_order_relaxed);
+  return true;
 }
 
 absl::StatusOr<std::shared_ptr<Storage>> Storage::Allocate(size_t bytes) {
@@ -74,10 +87,8 @@ std::shared_ptr<const Storage> Storage::Borrow(
 
 void Storage::AttachAccountant(
     const std::shared_ptr<MemoryAccountant>& accountant) const {
-  if (attached_.test_and_set(std::memory_order_acq_rel)) return;
-  accountant_ = accountant;
-  accountant_->live_bytes_.fetch_add(static_cast<int64_t>(size_),
-                                     std::memory_order_relaxed);
+  charge_.Charge(accountant, static_cast<int64_t>(size_),
+                 kStorageOverheadBytes);
 }
 
 absl::StatusOr<int64_t> NumElements(const Shape& shape) {

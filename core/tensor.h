@@ -22,20 +22,58 @@ namespace modelstate {
 
 using Shape = std::vector<int64_t>;
 
-// Counts the bytes of storages attached to it, for as long as they live.
-// Storages held only by snapshots still count, which is the point: they are
-// memory the process really holds.
+// Counts the bytes of storages attached to it, for as long as they live, and
+// the metadata of the objects charged to it (see MemoryCharge). Storages held
+// only by snapshots still count, which is the point: they are memory the
+// process really holds.
 class MemoryAccountant {
  public:
   // Returns the bytes of all attached storages that are still alive.
   int64_t live_bytes() const {
     return live_bytes_.load(std::memory_order_relaxed);
   }
+  // Returns the estimated bytes of the live objects around those storages
+  // (storage objects, modules, names, shapes).
+  int64_t metadata_bytes() const {
+    return metadata_bytes_.load(std::memory_order_relaxed);
+  }
 
  private:
-  friend class Storage;
+  friend class MemoryCharge;
   std::atomic<int64_t> live_bytes_{0};
+  std::atomic<int64_t> metadata_bytes_{0};
 };
+
+// A one-time charge against a MemoryAccountant, given back when its holder
+// dies. A copy starts uncharged (a copied object is a new object and is
+// charged on its own). Charge may be called from several threads; the first
+// call wins.
+class MemoryCharge {
+ public:
+  MemoryCharge() = default;
+  MemoryCharge(const MemoryCharge&) noexcept {}
+  MemoryCharge& operator=(const MemoryCharge&) noexcept { return *this; }
+  ~MemoryCharge();
+
+  // Charges `tensor_bytes` and `metadata_bytes` to `accountant`, which is kept
+  // alive until the charge is given back. Returns false, changing nothing,
+  // when this was charged before.
+  bool Charge(const std::shared_ptr<MemoryAccountant>& accountant,
+              int64_t tensor_bytes, int64_t metadata_bytes) const;
+
+ private:
+  mutable std::shared_ptr<MemoryAccountant> accountant_;
+  mutable int64_t tensor_bytes_ = 0;
+  mutable int64_t metadata_bytes_ = 0;
+  mutable std::atomic_flag charged_ = ATOMIC_FLAG_INIT;
+};
+
+// What one storage costs beyond its bytes, as charged to an accountant: the
+// Storage object and its shared_ptr control block, the allocator's smallest
+// aligned block (a zero-byte tensor still takes one) with its alignment
+// padding, and the checksum cell of the Tensor made over it. Measured at
+// about 300 bytes with glibc's malloc; rounded up.
+inline constexpr int64_t kStorageOverheadBytes = 384;
 
 // A contiguous block of bytes: either allocated here, or borrowed from memory
 // an owner keeps alive (a memory-mapped file).
@@ -76,9 +114,10 @@ class Storage {
   // AllocateUninitialized hand out non-const storages).
   uint8_t* mutable_data() { return allocated_; }
 
-  // Makes `accountant` count this storage's bytes until the storage dies.
-  // Attaching to the same accountant again is a no-op; a storage counts towards
-  // at most one accountant (the first), which the storage keeps alive.
+  // Makes `accountant` count this storage's bytes (and kStorageOverheadBytes
+  // of metadata) until the storage dies. Attaching to the same accountant
+  // again is a no-op; a storage counts towards at most one accountant (the
+  // first), which the storage keeps alive.
   void AttachAccountant(
       const std::shared_ptr<MemoryAccountant>& accountant) const;
 
@@ -91,8 +130,7 @@ class Storage {
                         // null when borrowed.
   size_t size_;
   std::shared_ptr<const void> owner_;
-  mutable std::shared_ptr<MemoryAccountant> accountant_;
-  mutable std::atomic_flag attached_ = ATOMIC_FLAG_INIT;
+  MemoryCharge charge_;
 };
 
 // Returns the number of elements of `shape`, or InvalidArgument for a negative

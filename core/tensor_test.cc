@@ -128,5 +128,35 @@ TEST(TensorTest, AStorageKeepsItsAccountantAlive) {
   EXPECT_TRUE(watch.expired());
 }
 
+TEST(TensorTest, AStorageIsChargedItsBytesAndItsOverheadOnce) {
+  auto accountant = std::make_shared<MemoryAccountant>();
+  {
+    Tensor empty = Tensor::Zeros(DType::kFloat32, {0}).value();
+    Tensor a = Tensor::Zeros(DType::kFloat32, {10}).value();
+    empty.storage()->AttachAccountant(accountant);
+    a.storage()->AttachAccountant(accountant);
+    a.storage()->AttachAccountant(accountant);
+    EXPECT_EQ(accountant->live_bytes(), 40);
+    EXPECT_EQ(accountant->metadata_bytes(), 2 * kStorageOverheadBytes);
+  }
+  EXPECT_EQ(accountant->live_bytes(), 0);
+  EXPECT_EQ(accountant->metadata_bytes(), 0);
+}
+
+TEST(TensorTest, ACopiedChargeStartsUncharged) {
+  auto accountant = std::make_shared<MemoryAccountant>();
+  MemoryCharge charge;
+  EXPECT_TRUE(charge.Charge(accountant, 5, 7));
+  EXPECT_FALSE(charge.Charge(accountant, 5, 7));
+  {
+    MemoryCharge copy = charge;
+    EXPECT_EQ(accountant->metadata_bytes(), 7);
+    EXPECT_TRUE(copy.Charge(accountant, 0, 3));
+    EXPECT_EQ(accountant->metadata_bytes(), 10);
+  }
+  EXPECT_EQ(accountant->live_bytes(), 5);
+  EXPECT_EQ(accountant->metadata_bytes(), 7);
+}
+
 }  // namespace
 }  // namespace modelstate

@@ -32,30 +32,34 @@ absl::StatusOr<std::vector<uint64_t>> TransferSizes(
 
 ChunkReceiver::ChunkReceiver(std::vector<TransferEntry> entries,
                              std::vector<uint64_t> sizes,
-                             TensorCallback on_tensor)
+                             TensorCallback on_tensor, uint64_t min_chunk_bytes)
     : entries_(std::move(entries)),
       sizes_(std::move(sizes)),
-      on_tensor_(std::move(on_tensor)) {
+      on_tensor_(std::move(on_tensor)),
+      min_chunk_bytes_(min_chunk_bytes) {
   for (uint64_t size : sizes_) total_ += size;
   if (!on_tensor_) done_.reserve(entries_.size());
   computed_.reserve(entries_.size());
 }
 
 absl::StatusOr<std::unique_ptr<ChunkReceiver>> ChunkReceiver::Create(
-    std::vector<TransferEntry> entries, TensorCallback on_tensor) {
+    std::vector<TransferEntry> entries, TensorCallback on_tensor,
+    uint64_t min_chunk_bytes) {
   ASSIGN_OR_RETURN(std::vector<uint64_t> sizes, TransferSizes(entries));
-  std::unique_ptr<ChunkReceiver> receiver(new ChunkReceiver(
-      std::move(entries), std::move(sizes), std::move(on_tensor)));
+  std::unique_ptr<ChunkReceiver> receiver(
+      new ChunkReceiver(std::move(entries), std::move(sizes),
+                        std::move(on_tensor), min_chunk_bytes));
   // Zero-byte tensors at the front are complete before any data.
   RETURN_IF_ERROR(receiver->CompleteFullTensors());
   return receiver;
 }
 
 absl::StatusOr<std::unique_ptr<ChunkReceiver>>
-ChunkReceiver::CreateVerifyingAtEnd(std::vector<TransferEntry> entries) {
+ChunkReceiver::CreateVerifyingAtEnd(std::vector<TransferEntry> entries,
+                                    uint64_t min_chunk_bytes) {
   ASSIGN_OR_RETURN(std::vector<uint64_t> sizes, TransferSizes(entries));
-  std::unique_ptr<ChunkReceiver> receiver(
-      new ChunkReceiver(std::move(entries), std::move(sizes), nullptr));
+  std::unique_ptr<ChunkReceiver> receiver(new ChunkReceiver(
+      std::move(entries), std::move(sizes), nullptr, min_chunk_bytes));
   receiver->verify_zero_at_end_ = true;
   RETURN_IF_ERROR(receiver->CompleteFullTensors());
   return receiver;
@@ -100,6 +104,9 @@ absl::Status ChunkReceiver::Accept(uint64_t offset, absl::string_view data) {
     return status;
   };
   absl::Status misplaced = CheckChunk(offset, data.size());
+  // A piece of a chunk BeginChunk announced was checked with the whole chunk.
+  if (misplaced.ok() && received_ >= announced_end_)
+    misplaced = CheckChunkSize(offset, data.size());
   if (!misplaced.ok()) return fail(misplaced);
   const char* in = data.data();
   uint64_t left = data.size();
@@ -144,9 +151,23 @@ absl::Status ChunkReceiver::CheckChunk(uint64_t offset, uint64_t size) const {
   return absl::OkStatus();
 }
 
+absl::Status ChunkReceiver::CheckChunkSize(uint64_t offset,
+                                           uint64_t size) const {
+  const bool ends_stream = size > 0 && size == total_ - received_;
+  if (min_chunk_bytes_ > 0 && size < min_chunk_bytes_ && !ends_stream) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("chunk of ", size, " bytes at offset ", offset,
+                     " is smaller than the minimum of ", min_chunk_bytes_,
+                     " (only the chunk that ends the stream may be smaller)"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ChunkReceiver::BeginChunk(uint64_t offset, uint64_t size) {
   if (!error_.ok()) return error_;
   error_ = CheckChunk(offset, size);
+  if (error_.ok()) error_ = CheckChunkSize(offset, size);
+  if (error_.ok()) announced_end_ = offset + size;
   if (!error_.ok()) {
     builder_.reset();
     done_.clear();

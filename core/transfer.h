@@ -52,9 +52,12 @@ class ChunkReceiver {
 
   // Returns a receiver for `entries`, or InvalidArgument (see TransferSizes).
   // With `on_tensor`, completed tensors are handed over and not kept; without
-  // it, Finish returns them.
+  // it, Finish returns them. With `min_chunk_bytes`, every chunk must carry at
+  // least that many bytes unless it ends the stream (a receiver of untrusted
+  // senders uses it, so that no one makes it handle a message per byte).
   static absl::StatusOr<std::unique_ptr<ChunkReceiver>> Create(
-      std::vector<TransferEntry> entries, TensorCallback on_tensor = nullptr);
+      std::vector<TransferEntry> entries, TensorCallback on_tensor = nullptr,
+      uint64_t min_chunk_bytes = 0);
 
   // As Create without a callback, for a load whose client may send the
   // checksums with its end marker (docs/protocol.md, "Checksums at the end"):
@@ -62,17 +65,19 @@ class ChunkReceiver {
   // verified by Finish. Nothing leaves the receiver before Finish, so no
   // unverified tensor is ever handed over.
   static absl::StatusOr<std::unique_ptr<ChunkReceiver>> CreateVerifyingAtEnd(
-      std::vector<TransferEntry> entries);
+      std::vector<TransferEntry> entries, uint64_t min_chunk_bytes = 0);
 
   // Checks a chunk of `size` bytes at `offset` as a whole, before its bytes
   // arrive piece by piece through Accept (a transport that reads them where
   // they lie in its buffers). Returns Accept's InvalidArgument errors for
-  // order, size and end; after an error the receiver is dead.
+  // order, size (maximum and minimum) and end; after an error the receiver is
+  // dead.
   absl::Status BeginChunk(uint64_t offset, uint64_t size);
 
   // Writes the next chunk. Returns InvalidArgument when `offset` is not where
   // the previous chunk ended (chunks out of order, overlapping, or bytes
   // missing), the chunk is larger than kMaxChunkBytes or runs past the end,
+  // or it is smaller than the minimum (or empty) without ending the stream,
   // DataLoss when a tensor completed by this chunk fails its checksum,
   // ResourceExhausted when a tensor cannot be allocated, or the callback's
   // error. After an error the receiver is dead.
@@ -93,17 +98,24 @@ class ChunkReceiver {
 
  private:
   ChunkReceiver(std::vector<TransferEntry> entries, std::vector<uint64_t> sizes,
-                TensorCallback on_tensor);
+                TensorCallback on_tensor, uint64_t min_chunk_bytes);
   // Completes tensors (verifying checksums) while the current one is full.
   absl::Status CompleteFullTensors();
   // Accept's and BeginChunk's checks of a chunk's place and size.
   absl::Status CheckChunk(uint64_t offset, uint64_t size) const;
+  // InvalidArgument for a chunk below min_chunk_bytes that does not end the
+  // stream.
+  absl::Status CheckChunkSize(uint64_t offset, uint64_t size) const;
   // Finish's checks of every tensor's computed checksum.
   absl::Status VerifyChecksums(absl::Span<const uint64_t> end_checksums) const;
 
   std::vector<TransferEntry> entries_;
   std::vector<uint64_t> sizes_;
   TensorCallback on_tensor_;
+  uint64_t min_chunk_bytes_;
+  // Where the chunk BeginChunk last announced ends; Accept's pieces before it
+  // are not chunks of their own.
+  uint64_t announced_end_ = 0;
   std::vector<Tensor> done_;
   size_t current_ = 0;           // Index of the tensor being filled.
   uint64_t current_filled_ = 0;  // Bytes of it received.

@@ -267,5 +267,44 @@ TEST(TransferTest, BeginChunkBoundsAWholeChunkBeforeItsPieces) {
   EXPECT_TRUE(good->BeginChunk(0, 12).ok());
 }
 
+TEST(TransferTest, ChunksBelowTheMinimumAreRefusedUnlessTheyEndTheStream) {
+  const std::vector<Tensor> tensors = SampleTensors();
+  ChunkSender sender(tensors, 1000);
+  std::string data;
+  ChunkSender::Chunk chunk;
+  while (sender.Next(&chunk)) data += Join(chunk);
+  ASSERT_EQ(data.size(), 4220u);
+  // Full chunks of the minimum and a short last one: accepted.
+  auto good = ChunkReceiver::Create(EntriesOf(tensors), nullptr, 1000).value();
+  for (uint64_t offset = 0; offset < data.size(); offset += 1000) {
+    ASSERT_TRUE(good->Accept(offset, data.substr(offset, 1000)).ok());
+  }
+  ASSERT_TRUE(good->Finish(data.size()).ok());
+  // A small chunk anywhere but at the end, or an empty one anywhere: refused.
+  for (const auto& [first, second] :
+       std::vector<std::pair<size_t, size_t>>{{999, 0}, {0, 0}, {4220, 0}}) {
+    SCOPED_TRACE(first);
+    auto bad = ChunkReceiver::Create(EntriesOf(tensors), nullptr, 1000).value();
+    absl::Status status = bad->Accept(0, data.substr(0, first));
+    if (status.ok()) status = bad->Accept(first, data.substr(first, second));
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(status.message()),
+                HasSubstr("smaller than the minimum of 1000"));
+  }
+  // Without a minimum (the default) one-byte chunks are fine.
+  auto any = ChunkReceiver::Create(EntriesOf(tensors)).value();
+  for (size_t i = 0; i < data.size(); ++i)
+    ASSERT_TRUE(any->Accept(i, data.substr(i, 1)).ok());
+  // A chunk announced with BeginChunk is checked whole; its pieces are not
+  // chunks of their own.
+  auto pieces =
+      ChunkReceiver::Create(EntriesOf(tensors), nullptr, 1000).value();
+  ASSERT_TRUE(pieces->BeginChunk(0, 1000).ok());
+  for (uint64_t offset = 0; offset < 1000; offset += 10)
+    ASSERT_TRUE(pieces->Accept(offset, data.substr(offset, 10)).ok());
+  EXPECT_THAT(std::string(pieces->BeginChunk(1000, 10).message()),
+              HasSubstr("smaller than the minimum of 1000"));
+}
+
 }  // namespace
 }  // namespace modelstate

@@ -83,6 +83,25 @@ ABSL_FLAG(std::string, local_socket, "",
           "path of a Unix socket (created with mode 0660) on which clients on "
           "this host fetch state dicts through shared memory instead of TCP; "
           "empty for none");
+// Connection limits (issue 13): keepalive enforcement, idle connections and
+// the minimum chunk. See docs/operations.md.
+ABSL_FLAG(absl::Duration, keepalive_min_ping_interval, absl::Seconds(10),
+          "clients may ping at most this often; pings that come sooner are "
+          "strikes");
+ABSL_FLAG(int32_t, keepalive_max_ping_strikes, 2,
+          "strikes after which a connection is closed with GOAWAY "
+          "(ENHANCE_YOUR_CALM); 0: never");
+ABSL_FLAG(absl::Duration, keepalive_time, absl::Minutes(1),
+          "ping each connection this often to detect dead peers");
+ABSL_FLAG(absl::Duration, keepalive_timeout, absl::Seconds(20),
+          "close a connection whose peer does not answer a ping within this");
+ABSL_FLAG(absl::Duration, max_connection_idle, absl::Minutes(30),
+          "close connections without calls for this long; inf: never");
+ABSL_FLAG(uint32_t, min_chunk_bytes, modelstate::kDefaultMinChunkBytes,
+          "load chunks below this that do not end their stream are refused; "
+          "fetches asking for smaller chunks get this; 0: no minimum");
+ABSL_FLAG(absl::Duration, release_memory_interval, absl::Seconds(10),
+          "give memory freed after bursts back to the OS this often; 0: never");
 
 namespace {
 
@@ -157,6 +176,18 @@ absl::StatusOr<modelstate::ServerOptions> OptionsFromFlags() {
   options.audit_log = absl::GetFlag(FLAGS_audit_log);
   options.reflection = absl::GetFlag(FLAGS_reflection);
   options.local_socket = absl::GetFlag(FLAGS_local_socket);
+
+  // Connection limits.
+  options.keepalive_min_ping_interval =
+      absl::GetFlag(FLAGS_keepalive_min_ping_interval);
+  options.keepalive_max_ping_strikes =
+      absl::GetFlag(FLAGS_keepalive_max_ping_strikes);
+  options.keepalive_time = absl::GetFlag(FLAGS_keepalive_time);
+  options.keepalive_timeout = absl::GetFlag(FLAGS_keepalive_timeout);
+  options.max_connection_idle = absl::GetFlag(FLAGS_max_connection_idle);
+  options.min_chunk_bytes = absl::GetFlag(FLAGS_min_chunk_bytes);
+  options.release_memory_interval =
+      absl::GetFlag(FLAGS_release_memory_interval);
 
   return options;
 }

@@ -163,8 +163,12 @@ class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
                        const v1::StateDictRequest& proto) {
     ASSIGN_OR_RETURN(const FetchRequest request, FromProto(proto));
     ASSIGN_OR_RETURN(
-        const uint32_t chunk_bytes,
+        uint32_t chunk_bytes,
         ResolveChunkBytes(proto.chunk_bytes(), service.default_chunk_bytes));
+    // A client's own tiny chunk size would make the server handle a message
+    // per few bytes; the server's default is the operator's choice.
+    if (proto.chunk_bytes() != 0)
+      chunk_bytes = std::max(chunk_bytes, service.min_chunk_bytes);
     ASSIGN_OR_RETURN(const FetchPlan plan, store->Fetch(request));
     sender_ = std::make_unique<ChunkSender>(plan.state.Tensors(), chunk_bytes,
                                             plan.offset);
@@ -304,13 +308,17 @@ class LoadReactor : public grpc::ServerReadReactor<grpc::ByteBuffer>,
     record_.set_model(header.model());
     RETURN_IF_ERROR(
         service_->Authorize(*caller_, Action::kLoadStateDict, header.model()));
+    // Before the manifest is copied into entries and specs (a 60 MB header
+    // of a million tensors would cost hundreds of MB to convert).
+    RETURN_IF_ERROR(store_->CheckLoadSize(header.tensors_size()));
     ASSIGN_OR_RETURN(const LoadRequest request, FromProto(header));
     ASSIGN_OR_RETURN(std::vector<TransferEntry> entries,
                      ToTransferEntries(header.tensors()));
     ASSIGN_OR_RETURN(pending_,
                      store_->BeginLoad(request, ToTensorSpecs(entries)));
-    ASSIGN_OR_RETURN(receiver_,
-                     ChunkReceiver::CreateVerifyingAtEnd(std::move(entries)));
+    ASSIGN_OR_RETURN(receiver_, ChunkReceiver::CreateVerifyingAtEnd(
+                                    std::move(entries),
+                                    service_->options().min_chunk_bytes));
     if (receiver_->total_bytes() != header.total_bytes()) {
       return absl::InvalidArgumentError(absl::StrCat(
           "header says ", header.total_bytes(),

@@ -39,6 +39,10 @@ struct ServiceOptions {
   // Both must outlive the service.
   AccessControl* access = nullptr;
   AuditLog* audit = nullptr;
+  // Minimum chunk (issue 13): load chunks below it that do not end their
+  // stream are INVALID_ARGUMENT, and a fetch's chunk_bytes below it is raised
+  // to it. 0 disables it.
+  uint32_t min_chunk_bytes = kDefaultMinChunkBytes;
 };
 
 // A stream the service ends when it makes no progress for the idle timeout.

@@ -1,6 +1,7 @@
 #include "server/server.h"
 
 #include <algorithm>
+#include <climits>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -81,6 +82,58 @@ void SetServing(grpc::Server* server, bool serving) {
   health->SetServingStatus("modelstate.v1.ModelState", serving);
 }
 
+// A duration as a gRPC channel argument: whole milliseconds, infinite (and
+// anything past INT_MAX ms) as INT_MAX, which gRPC reads as "never".
+int ChannelArgMillis(absl::Duration duration) {
+  if (duration >= absl::Milliseconds(INT_MAX)) return INT_MAX;
+  return static_cast<int>(absl::ToInt64Milliseconds(duration));
+}
+
+absl::Status ValidateConnectionLimits(const ServerOptions& options) {
+  for (const auto& [name, value] :
+       {std::pair<const char*, absl::Duration>{
+            "keepalive_min_ping_interval", options.keepalive_min_ping_interval},
+        {"keepalive_time", options.keepalive_time},
+        {"keepalive_timeout", options.keepalive_timeout},
+        {"max_connection_idle", options.max_connection_idle}}) {
+    if (value < absl::Milliseconds(1)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, " must be at least 1ms"));
+    }
+  }
+  if (options.keepalive_max_ping_strikes < 0) {
+    return absl::InvalidArgumentError(
+        "keepalive_max_ping_strikes must be >= 0");
+  }
+  if (options.min_chunk_bytes > kMaxChunkBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("min_chunk_bytes must be at most ", kMaxChunkBytes));
+  }
+  return absl::OkStatus();
+}
+
+// Keepalive enforcement and idle connections (ServerOptions).
+void ApplyConnectionLimits(const ServerOptions& options,
+                           grpc::ServerBuilder& builder) {
+  builder.AddChannelArgument(
+      GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+      ChannelArgMillis(options.keepalive_min_ping_interval));
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES,
+                             options.keepalive_max_ping_strikes);
+  // Pings without calls are held to the same interval instead of gRPC's
+  // two hours, so pooled idle connections with keepalive are not dropped.
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS,
+                             ChannelArgMillis(options.keepalive_time));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
+                             ChannelArgMillis(options.keepalive_timeout));
+  // The server's own pings go out on idle connections too: those are the
+  // ones whose peer may have vanished.
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS,
+                             ChannelArgMillis(options.max_connection_idle));
+}
+
 absl::Status ValidateServerOptions(const ServerOptions& options) {
   if (options.chunk_bytes == 0 || options.chunk_bytes > kMaxChunkBytes) {
     return absl::InvalidArgumentError(
@@ -98,7 +151,7 @@ absl::Status ValidateServerOptions(const ServerOptions& options) {
   if (options.max_version_wait < absl::ZeroDuration()) {
     return absl::InvalidArgumentError("max_version_wait must not be negative");
   }
-  return absl::OkStatus();
+  return ValidateConnectionLimits(options);
 }
 
 }  // namespace
@@ -126,6 +179,7 @@ absl::Status Server::OpenStore(const ServerOptions& options) {
   service.max_version_wait = options.max_version_wait;
   service.access = access_.get();
   service.audit = audit_.get();
+  service.min_chunk_bytes = options.min_chunk_bytes;
   service_ = std::make_unique<ModelStateService>(store_.get(), service);
   return absl::OkStatus();
 }
@@ -187,6 +241,7 @@ absl::Status Server::Listen(
   builder.RegisterService(service_.get());
   builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
   builder.SetMaxSendMessageSize(kMaxMessageBytes);
+  ApplyConnectionLimits(options, builder);
   server_ = builder.BuildAndStart();
   if (server_ == nullptr || port_ == 0) {
     return absl::UnavailableError(
@@ -203,6 +258,7 @@ absl::Status Server::Listen(
     health_builder.AddListeningPort(options.health_listen,
                                     grpc::InsecureServerCredentials(),
                                     &health_port_);
+    ApplyConnectionLimits(options, health_builder);
     health_server_ = health_builder.BuildAndStart();
     if (health_server_ == nullptr || health_port_ == 0) {
       return absl::UnavailableError(
@@ -218,6 +274,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
   ASSIGN_OR_RETURN(auto credentials, Credentials(options));
   std::unique_ptr<Server> server(new Server());
   RETURN_IF_ERROR(server->OpenAccessControl(options));
+  server->memory_releaser_ =
+      std::make_unique<MemoryReleaser>(options.release_memory_interval);
   RETURN_IF_ERROR(server->OpenStore(options));
   absl::Status started = server->Listen(options, credentials);
   if (started.ok()) started = server->ServeMetrics(options.metrics_listen);

@@ -22,6 +22,7 @@
 #include "prometheus/exposer.h"
 #include "server/auth.h"
 #include "server/local_transfer.h"
+#include "server/memory_release.h"
 #include "server/metrics.h"
 #include "server/model_state_service.h"
 
@@ -90,6 +91,25 @@ struct ServerOptions {
   // request's token when there is a policy, otherwise every peer that can
   // connect to the socket may read every model.
   LocalAuthorizer local_authorize;
+  // Connection limits (issue 13; docs/operations.md). Clients may ping at
+  // most every keepalive_min_ping_interval (with or without calls in flight);
+  // after keepalive_max_ping_strikes pings that come sooner the connection is
+  // closed with GOAWAY (ENHANCE_YOUR_CALM), 0 bearing any number. The server
+  // pings each connection every keepalive_time and closes it if no answer
+  // comes within keepalive_timeout, so dead peers release their streams.
+  // Connections without calls for max_connection_idle are closed (clients
+  // reconnect on their next call); infinite keeps them.
+  absl::Duration keepalive_min_ping_interval = absl::Seconds(10);
+  int keepalive_max_ping_strikes = 2;
+  absl::Duration keepalive_time = absl::Minutes(1);
+  absl::Duration keepalive_timeout = absl::Seconds(20);
+  absl::Duration max_connection_idle = absl::Minutes(30);
+  // Load chunks below this that do not end their stream are refused, and a
+  // fetch's chunk_bytes below it is raised to it; 0 disables it.
+  uint32_t min_chunk_bytes = kDefaultMinChunkBytes;
+  // How often memory freed after bursts goes back to the operating system
+  // (server/memory_release.h); zero or infinite never.
+  absl::Duration release_memory_interval = absl::Seconds(10);
 };
 
 class Server {
@@ -139,6 +159,7 @@ class Server {
       const ServerOptions& options,
       const std::shared_ptr<grpc::ServerCredentials>& credentials);
 
+  std::unique_ptr<MemoryReleaser> memory_releaser_;
   std::unique_ptr<DataDir> data_dir_;
   std::unique_ptr<AsyncPersister> async_;
   std::unique_ptr<ModelStore> store_;

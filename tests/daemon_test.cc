@@ -148,7 +148,7 @@ bool NewCallsAreRefused(const std::string& address, absl::Duration timeout) {
 }
 
 TEST(DaemonTest, SigtermDrainsAStreamInFlight) {
-  // 64 MiB in 32 KiB chunks: flow control holds the stream in flight while
+  // 64 MiB in 64 KiB chunks: flow control holds the stream in flight while
   // the test is not reading, so it is still running when SIGTERM arrives.
   const ScratchDir scratch;
   const std::string spec = scratch.file("big.json");
@@ -165,7 +165,7 @@ TEST(DaemonTest, SigtermDrainsAStreamInFlight) {
                        std::chrono::minutes(5));
   v1::StateDictRequest request;
   request.set_model("big");
-  request.set_chunk_bytes(32 << 10);
+  request.set_chunk_bytes(64 << 10);
   auto reader = stub->StateDict(&context, request);
   v1::StateDictResponse response;
   uint64_t received = 0;

@@ -279,6 +279,9 @@ std::string Bytes(const StateDict& state) {
 TEST(ServerTest, EveryBadLoadLeavesTheModelBitwiseUnchanged) {
   ServerOptions limited;
   limited.memory_limit_bytes = 1 << 20;
+  // The model's data is 104 bytes: a minimum of 8 lets the cases below cut it
+  // into chunks at will, and still has one to refuse.
+  limited.min_chunk_bytes = 8;
   auto server = StartServer(limited);
   auto client = ConnectTo(*server);
   ASSERT_TRUE(
@@ -374,6 +377,18 @@ TEST(ServerTest, EveryBadLoadLeavesTheModelBitwiseUnchanged) {
          l.Send(request);
        },
        grpc::INVALID_ARGUMENT, "unknown dtype"},
+      {"chunk below the minimum",
+       [&](RawLoad& l) {
+         l.Header("m", good);
+         l.Chunk(0, data.substr(0, 7));
+       },
+       grpc::INVALID_ARGUMENT, "smaller than the minimum of 8"},
+      {"empty chunk",
+       [&](RawLoad& l) {
+         l.Header("m", good);
+         l.Chunk(0, "");
+       },
+       grpc::INVALID_ARGUMENT, "smaller than the minimum of 8"},
       {"chunk before header", [&](RawLoad& l) { l.Chunk(0, data); },
        grpc::INVALID_ARGUMENT, "must start with its header"},
       {"offset out of range",
@@ -1006,6 +1021,120 @@ TEST(ServerTest, TlsAndMutualTls) {
   rogue.timeout = absl::Seconds(5);
   EXPECT_FALSE(
       Client::Connect(mutual_target, rogue).value()->ListModels().ok());
+}
+
+// Opens a watch of `model` on `channel` and reads its first event (the state
+// when it began). The context's deadline bounds every later read.
+struct RawWatch {
+  RawWatch(const std::shared_ptr<grpc::Channel>& channel,
+           const std::string& model)
+      : stub(v1::ModelState::NewStub(channel)) {
+    context.set_deadline(std::chrono::system_clock::now() +
+                         std::chrono::seconds(60));
+    v1::WatchModelRequest request;
+    request.set_model(model);
+    reader = stub->WatchModel(&context, request);
+    opened = reader->Read(&event);
+  }
+  std::unique_ptr<v1::ModelState::Stub> stub;
+  grpc::ClientContext context;
+  std::unique_ptr<grpc::ClientReader<v1::WatchModelResponse>> reader;
+  v1::WatchModelResponse event;
+  bool opened = false;
+};
+
+TEST(ServerTest, ClientsThatPingTooOftenAreDisconnectedOthersAreNot) {
+  ServerOptions options;
+  options.keepalive_min_ping_interval = absl::Seconds(1);
+  options.keepalive_max_ping_strikes = 2;
+  auto server = StartServer(options);
+  const std::string address = absl::StrCat("127.0.0.1:", server->port());
+  const absl::Time start = absl::Now();
+  RawWatch polite(testing_support::PingingChannel(address, absl::Seconds(2)),
+                  "w");
+  ASSERT_TRUE(polite.opened);
+  // A client pinging every 10 ms gets GOAWAY (ENHANCE_YOUR_CALM) at its third
+  // ping, and the connection is closed.
+  EXPECT_EQ(testing_support::PingFlood(server->port(), absl::Milliseconds(10),
+                                       absl::Seconds(30)),
+            testing_support::kEnhanceYourCalm);
+  // With enforcement off it is borne.
+  ServerOptions lenient;
+  lenient.keepalive_max_ping_strikes = 0;
+  auto tolerant = StartServer(lenient);
+  EXPECT_EQ(testing_support::PingFlood(tolerant->port(), absl::Milliseconds(10),
+                                       absl::Seconds(1)),
+            testing_support::kFloodStillOpen);
+  // The polite client pings every 2 s for a while longer and keeps its watch.
+  absl::SleepFor(start + absl::Seconds(5) - absl::Now());
+  auto client = ConnectTo(*server);
+  ASSERT_TRUE(
+      client->CreateModel("w", ReadSourceFile("tests/models/mlp.json")).ok());
+  ASSERT_TRUE(polite.reader->Read(&polite.event));
+  EXPECT_EQ(polite.event.type(), v1::WatchModelResponse::CREATED);
+  polite.context.TryCancel();
+}
+
+TEST(ServerTest, IdleConnectionsAreClosedAfterMaxConnectionIdle) {
+  for (absl::Duration idle : {absl::Milliseconds(300), absl::Minutes(30)}) {
+    SCOPED_TRACE(idle);
+    ServerOptions options;
+    options.max_connection_idle = idle;
+    auto server = StartServer(options);
+    auto channel =
+        grpc::CreateChannel(absl::StrCat("127.0.0.1:", server->port()),
+                            grpc::InsecureChannelCredentials());
+    auto stub = v1::ModelState::NewStub(channel);
+    grpc::ClientContext context;
+    v1::ListModelsRequest request;
+    v1::ListModelsResponse response;
+    ASSERT_TRUE(stub->ListModels(&context, request, &response).ok());
+    // The server's GOAWAY takes the channel back to IDLE; without one it
+    // stays READY.
+    const absl::Time deadline = absl::Now() + absl::Seconds(3);
+    while (channel->GetState(false) == GRPC_CHANNEL_READY &&
+           absl::Now() < deadline) {
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    EXPECT_EQ(channel->GetState(false) == GRPC_CHANNEL_READY,
+              idle > absl::Seconds(3));
+  }
+}
+
+TEST(ServerTest, FetchChunksBelowTheMinimumAreRaisedToIt) {
+  ServerOptions options;
+  options.min_chunk_bytes = 4096;
+  auto server = StartServer(options);
+  ASSERT_TRUE(
+      server->store()
+          .Create(
+              "w",
+              BuildModuleFromSpec(
+                  R"({"type": "Module", "parameters": {"w": {"shape": [5000]}}})")
+                  .value())
+          .ok());
+  auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", server->port()),
+                                     grpc::InsecureChannelCredentials());
+  auto stub = v1::ModelState::NewStub(channel);
+  for (uint32_t asked : {1u, 4096u, 10000u}) {
+    SCOPED_TRACE(asked);
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() +
+                         std::chrono::seconds(60));
+    v1::StateDictRequest request;
+    request.set_model("w");
+    request.set_chunk_bytes(asked);
+    auto reader = stub->StateDict(&context, request);
+    v1::StateDictResponse response;
+    std::vector<size_t> sizes;
+    while (reader->Read(&response)) {
+      if (response.has_chunk()) sizes.push_back(response.chunk().data().size());
+    }
+    ASSERT_TRUE(reader->Finish().ok());
+    const size_t chunk = std::max<size_t>(asked, 4096);
+    ASSERT_EQ(sizes.size(), (20000 + chunk - 1) / chunk);
+    EXPECT_EQ(sizes[0], std::min<size_t>(chunk, 20000));
+  }
 }
 
 }  // namespace

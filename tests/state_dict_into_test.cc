@@ -31,6 +31,14 @@ using testing_support::StartServer;
 
 constexpr uint8_t kSentinel = 0xA5;
 
+// Servers for tests that cut streams into chunks far below the daemon's
+// minimum chunk (so elements straddle chunk boundaries) and allow it.
+ServerOptions AnyChunkSize() {
+  ServerOptions options;
+  options.min_chunk_bytes = 0;
+  return options;
+}
+
 // Caller-owned memory for every entry of a state dict, in `dtype_for(entry)`,
 // filled with kSentinel bytes.
 class Buffers {
@@ -81,7 +89,7 @@ IntoOptions Mode(bool partial, std::vector<std::string>* written) {
 }
 
 TEST(StateDictIntoTest, RefreshesEveryParityModelBitForBitInBothModes) {
-  auto server = StartServer();
+  auto server = StartServer(AnyChunkSize());
   auto client = ConnectTo(*server);
   for (const char* name : {"mlp", "cnn", "transformer", "gpt2", "llama"}) {
     SCOPED_TRACE(name);
@@ -113,7 +121,7 @@ TEST(StateDictIntoTest, RefreshesEveryParityModelBitForBitInBothModes) {
 }
 
 TEST(StateDictIntoTest, CastsOnTheFlyExactlyAsCastTo) {
-  auto server = StartServer();
+  auto server = StartServer(AnyChunkSize());
   auto client = ConnectTo(*server);
   ASSERT_TRUE(
       client->CreateModel("cnn", ReadSourceFile("tests/models/cnn.json")).ok());
@@ -406,7 +414,7 @@ TEST(StateDictIntoTest, AFailedStreamLeavesMemoryUntouchedOrReportsWrites) {
 }
 
 TEST(StateDictIntoTest, ACancellerStopsFetchesLoadsAndWatches) {
-  auto server = StartServer();
+  auto server = StartServer(AnyChunkSize());
   auto client = ConnectTo(*server);
   ASSERT_TRUE(
       client->CreateModel("llama", ReadSourceFile("tests/models/llama.json"))

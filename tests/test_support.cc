@@ -1,5 +1,8 @@
 #include "tests/test_support.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -13,6 +16,8 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "grpcpp/create_channel.h"
+#include "grpcpp/security/credentials.h"
 #include "gtest/gtest.h"
 
 namespace modelstate::testing_support {
@@ -48,6 +53,97 @@ std::unique_ptr<Client> ConnectTo(const std::string& address) {
   ClientOptions options;
   options.timeout = kCallTimeout;
   return Client::Connect(address, options).value();
+}
+
+std::shared_ptr<grpc::Channel> PingingChannel(const std::string& address,
+                                              absl::Duration interval) {
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS,
+              static_cast<int>(absl::ToInt64Milliseconds(interval)));
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 20000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  // Its own connection, not one shared with the test's other channels.
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(),
+                                   args);
+}
+
+namespace {
+
+// Writes an HTTP/2 frame header and payload; false on a broken connection.
+bool SendFrame(int fd, uint8_t type, uint8_t flags,
+               const std::string& payload) {
+  std::string frame(9, '\0');
+  frame[0] = static_cast<char>(payload.size() >> 16);
+  frame[1] = static_cast<char>(payload.size() >> 8);
+  frame[2] = static_cast<char>(payload.size());
+  frame[3] = static_cast<char>(type);
+  frame[4] = static_cast<char>(flags);
+  frame += payload;
+  return send(fd, frame.data(), frame.size(), MSG_NOSIGNAL) ==
+         static_cast<ssize_t>(frame.size());
+}
+
+// Reads what has arrived into `in` and answers SETTINGS with an ack. Returns
+// the GOAWAY's error code, kFloodClosedWithoutGoaway at EOF, or
+// kFloodStillOpen.
+int DrainFrames(int fd, std::string* in) {
+  char buffer[4096];
+  const ssize_t n = recv(fd, buffer, sizeof(buffer), MSG_DONTWAIT);
+  if (n == 0) return kFloodClosedWithoutGoaway;
+  if (n < 0) {
+    return errno == EAGAIN || errno == EWOULDBLOCK ? kFloodStillOpen
+                                                   : kFloodClosedWithoutGoaway;
+  }
+  in->append(buffer, n);
+  while (in->size() >= 9) {
+    const auto byte = [&](size_t i) { return static_cast<uint8_t>((*in)[i]); };
+    const size_t length = (byte(0) << 16) | (byte(1) << 8) | byte(2);
+    if (in->size() < 9 + length) break;
+    const uint8_t type = byte(3), flags = byte(4);
+    if (type == 7 && length >= 8) {  // GOAWAY: last stream id, error code.
+      return (byte(13) << 24) | (byte(14) << 16) | (byte(15) << 8) | byte(16);
+    }
+    if (type == 4 && (flags & 1) == 0) SendFrame(fd, 4, 1, "");
+    in->erase(0, 9 + length);
+  }
+  return kFloodStillOpen;
+}
+
+}  // namespace
+
+int PingFlood(int port, absl::Duration interval, absl::Duration timeout) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(static_cast<uint16_t>(port));
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  int result = kFloodClosedWithoutGoaway;
+  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) ==
+      0) {
+    const std::string preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    send(fd, preface.data(), preface.size(), MSG_NOSIGNAL);
+    SendFrame(fd, 4, 0, "");  // Empty SETTINGS.
+    std::string in;
+    const absl::Time deadline = absl::Now() + timeout;
+    result = kFloodStillOpen;
+    for (uint64_t ping = 1; result == kFloodStillOpen; ++ping) {
+      if (absl::Now() >= deadline) break;
+      std::string payload(8, '\0');
+      std::memcpy(payload.data(), &ping, sizeof(ping));
+      if (!SendFrame(fd, 6, 0, payload)) {
+        // The server may have closed after its GOAWAY: read it.
+        result = DrainFrames(fd, &in);
+        if (result == kFloodStillOpen) result = kFloodClosedWithoutGoaway;
+        break;
+      }
+      absl::SleepFor(interval);
+      result = DrainFrames(fd, &in);
+    }
+  }
+  close(fd);
+  return result;
 }
 
 ScratchDir::ScratchDir() {

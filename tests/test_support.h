@@ -9,6 +9,7 @@
 
 #include "absl/time/time.h"
 #include "client/client.h"
+#include "grpcpp/channel.h"
 #include "server/server.h"
 #include "tests/subprocess.h"
 
@@ -38,6 +39,26 @@ std::unique_ptr<Client> ConnectTo(const Server& server);
 // A client of the daemon at `address` whose every call has a deadline
 // (kCallTimeout), so a daemon that hangs fails the test instead of stalling it.
 std::unique_ptr<Client> ConnectTo(const std::string& address);
+
+// A plaintext channel to `address` whose client pings the server every
+// `interval` (HTTP/2 keepalive), with or without calls in flight: for tests of
+// the server's keepalive enforcement.
+std::shared_ptr<grpc::Channel> PingingChannel(const std::string& address,
+                                              absl::Duration interval);
+
+// What ended a PingFlood.
+inline constexpr int kFloodStillOpen = -2;
+inline constexpr int kFloodClosedWithoutGoaway = -1;
+// HTTP/2's ENHANCE_YOUR_CALM error code, which gRPC's GOAWAY carries for a
+// client that pings too often.
+inline constexpr int kEnhanceYourCalm = 11;
+
+// Connects to 127.0.0.1:`port` as a bare HTTP/2 client (no gRPC library to
+// throttle it) that sends nothing but a PING every `interval`. Returns the
+// error code of the GOAWAY that ended the connection,
+// kFloodClosedWithoutGoaway, or kFloodStillOpen if neither happened within
+// `timeout`.
+int PingFlood(int port, absl::Duration interval, absl::Duration timeout);
 
 // A fresh directory of this test process's own under the test temp dir,
 // removed with everything in it on destruction. CTest runs every TEST as its
