@@ -713,11 +713,26 @@ absl::Status Client::Watch(
     const std::string& model,
     const std::function<bool(const ModelEvent&)>& on_event,
     CallCanceller* canceller) {
+  v1::WatchModelRequest request;
+  request.set_model(model);
+  return WatchWith(request, on_event, canceller);
+}
+
+absl::Status Client::WatchAll(
+    const std::function<bool(const ModelEvent&)>& on_event,
+    CallCanceller* canceller) {
+  v1::WatchModelRequest request;
+  request.set_all_models(true);
+  return WatchWith(request, on_event, canceller);
+}
+
+absl::Status Client::WatchWith(
+    const v1::WatchModelRequest& request,
+    const std::function<bool(const ModelEvent&)>& on_event,
+    CallCanceller* canceller) {
   grpc::ClientContext context;
   Prepare(&context);
   CancelScope cancel_scope(canceller, &context);
-  v1::WatchModelRequest request;
-  request.set_model(model);
   std::unique_ptr<grpc::ClientReader<v1::WatchModelResponse>> reader =
       stub_->WatchModel(&context, request);
   v1::WatchModelResponse response;

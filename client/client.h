@@ -241,6 +241,13 @@ class Client {
                      const std::function<bool(const ModelEvent&)>& on_event,
                      CallCanceller* canceller = nullptr);
 
+  // Delivers the events of every model to `on_event`, as Watch does: first
+  // kCurrent for each model, then kListed, then kCreated, kUpdated and
+  // kDeleted of any model (intermediate updates of a model may be skipped,
+  // never its newest). What followers use.
+  absl::Status WatchAll(const std::function<bool(const ModelEvent&)>& on_event,
+                        CallCanceller* canceller = nullptr);
+
   // Asks grpc.health.v1 about `service` ("" for the whole server). Returns true
   // for SERVING, false for NOT_SERVING, or the call's error (NotFound for an
   // unknown service).
@@ -252,6 +259,9 @@ class Client {
  private:
   Client(std::shared_ptr<grpc::Channel> channel, ClientOptions options);
   void Prepare(grpc::ClientContext* context) const;
+  absl::Status WatchWith(const v1::WatchModelRequest& request,
+                         const std::function<bool(const ModelEvent&)>& on_event,
+                         CallCanceller* canceller);
 
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::ModelState::Stub> stub_;

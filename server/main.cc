@@ -61,6 +61,22 @@ ABSL_FLAG(int32_t, retain_versions, 1,
           "versions kept per model in memory and on disk, for older snapshots "
           "and rollback");
 
+// Follower mode (docs/operations.md, "Followers").
+ABSL_FLAG(std::string, follow, "",
+          "gRPC target of another modelstated (primary or follower) to mirror, "
+          "e.g. dns:///modelstate-primary:50551; refuses writes and ignores "
+          "--demo_model; empty: a primary");
+ABSL_FLAG(std::string, follow_tls_ca, "",
+          "PEM CA that the --follow upstream's certificate must chain to "
+          "(enables TLS to it)");
+ABSL_FLAG(std::string, follow_tls_cert, "",
+          "PEM client certificate to present to the --follow upstream (mTLS)");
+ABSL_FLAG(std::string, follow_tls_key, "",
+          "PEM private key of --follow_tls_cert");
+ABSL_FLAG(absl::Duration, follow_retry_max, absl::Seconds(10),
+          "while the --follow upstream is unreachable, retries back off "
+          "exponentially from 100ms up to this");
+
 namespace {
 
 // absl flags keep the last of repeated flags; --preload may repeat, so fold
@@ -127,6 +143,13 @@ absl::StatusOr<modelstate::ServerOptions> OptionsFromFlags() {
   }
   options.sync_durability = durability == "sync";
   options.retain_versions = absl::GetFlag(FLAGS_retain_versions);
+
+  // Follower mode.
+  options.follow = absl::GetFlag(FLAGS_follow);
+  options.follow_client.tls_ca_file = absl::GetFlag(FLAGS_follow_tls_ca);
+  options.follow_client.tls_cert_file = absl::GetFlag(FLAGS_follow_tls_cert);
+  options.follow_client.tls_key_file = absl::GetFlag(FLAGS_follow_tls_key);
+  options.follow_max_backoff = absl::GetFlag(FLAGS_follow_retry_max);
 
   return options;
 }

@@ -290,22 +290,32 @@ class LoadReactor : public grpc::ServerReadReactor<v1::LoadStateDictRequest>,
 
 }  // namespace
 
-// Streams one model's events; one write in flight, later events queue behind
-// it.
+// Streams one model's events, or every model's (a follower's watch); one write
+// in flight, later events queue behind it.
 class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
  public:
   WatchReactor(ModelStateService* service, ModelStore* store,
-               const std::string& model)
+               const v1::WatchModelRequest& request)
       : active_(service),
         service_(service),
         store_(store),
-        model_(model),
+        model_(request.model()),
         record_("WatchModel", service->options().log_rpcs,
                 service->options().metrics) {
-    record_.set_model(model);
-    // The store delivers CURRENT or ABSENT first, then every later event.
-    listener_id_ = store_->Watch(
-        model_, [this](const ModelEvent& event) { Enqueue(event); });
+    record_.set_model(model_);
+    auto enqueue = [this](const ModelEvent& event) { Enqueue(event); };
+    // The store delivers CURRENT or ABSENT first (or CURRENT for every model
+    // then LISTED), then every later event.
+    {
+      absl::MutexLock lock(&mu_);
+      if (request.all_models()) {
+        queue_ = std::make_unique<LatestEventQueue>();
+      } else {
+        queue_ = std::make_unique<WatchQueue>(kMaxQueuedWatchEvents);
+      }
+    }
+    listener_id_ = request.all_models() ? store_->WatchAll(enqueue)
+                                        : store_->Watch(model_, enqueue);
     absl::MutexLock lock(&mu_);
     WriteNextLocked();
   }
@@ -313,7 +323,7 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
   void Enqueue(const ModelEvent& event) {
     absl::MutexLock lock(&mu_);
     if (finished_) return;
-    queue_.Push(event);
+    queue_->Push(event);
     if (!writing_ && started_) WriteNextLocked();
   }
 
@@ -350,8 +360,8 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
  private:
   void WriteNextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     started_ = true;
-    if (finished_ || writing_ || queue_.empty()) return;
-    current_ = ToProto(queue_.Pop());
+    if (finished_ || writing_ || queue_->empty()) return;
+    current_ = ToProto(queue_->Pop());
     writing_ = true;
     StartWrite(&current_);
   }
@@ -371,7 +381,8 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
   RpcRecord record_;
   int64_t listener_id_ = 0;
   absl::Mutex mu_;
-  WatchQueue queue_ ABSL_GUARDED_BY(mu_){kMaxQueuedWatchEvents};
+  // Set before the listener is registered, never replaced.
+  std::unique_ptr<EventQueue> queue_ ABSL_GUARDED_BY(mu_);
   v1::WatchModelResponse current_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool started_ ABSL_GUARDED_BY(mu_) = false;
@@ -515,7 +526,7 @@ grpc::ServerWriteReactor<v1::WatchModelResponse>* ModelStateService::WatchModel(
   absl::MutexLock lock(&watches_mu_);
   if (stopping_)
     return new Refused<grpc::ServerWriteReactor<v1::WatchModelResponse>>();
-  auto* reactor = new WatchReactor(this, store_, request->model());
+  auto* reactor = new WatchReactor(this, store_, *request);
   watches_.insert(reactor);
   return reactor;
 }

@@ -70,6 +70,14 @@ absl::Status ValidateServerOptions(const ServerOptions& options) {
   if (options.stream_idle_timeout <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("stream_idle_timeout must be positive");
   }
+  if (!options.follow.empty() && !options.preload.empty()) {
+    return absl::InvalidArgumentError(
+        "--preload can't be used with --follow: a follower's models come from "
+        "its upstream");
+  }
+  if (options.follow_max_backoff <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("follow_max_backoff must be positive");
+  }
   return absl::OkStatus();
 }
 
@@ -87,9 +95,11 @@ absl::Status Server::OpenStore(const ServerOptions& options) {
       persister = async_.get();
     }
   }
-  store_ = std::make_unique<ModelStore>(
-      ModelStore::Options{options.memory_limit_bytes, options.retain_versions,
-                          persister, options.max_pending_loads});
+  ModelStore::Options store_options{options.memory_limit_bytes,
+                                    options.retain_versions, persister,
+                                    options.max_pending_loads};
+  store_options.replica_of = options.follow;
+  store_ = std::make_unique<ModelStore>(store_options);
   metrics_ = std::make_unique<Metrics>(
       store_.get(), options.memory_limit_bytes,
       [this] { return service_ ? service_->active_calls() : 0; });
@@ -111,9 +121,41 @@ absl::Status Server::ServeMetrics(const std::string& listen) {
   }
   exposer_->RegisterCollectable(metrics_->rpc_metrics());
   exposer_->RegisterCollectable(metrics_->state_metrics());
+  if (follower_) {
+    follower_metrics_ = FollowerMetrics(follower_.get());
+    exposer_->RegisterCollectable(follower_metrics_);
+  }
   const std::vector<int> ports = exposer_->GetListeningPorts();
   metrics_port_ = ports.empty() ? 0 : ports[0];
   return absl::OkStatus();
+}
+
+absl::Status Server::PrepareFollower(const ServerOptions& options) {
+  if (options.follow.empty()) return absl::OkStatus();
+  ASSIGN_OR_RETURN(
+      upstream_, GrpcUpstream::Connect(options.follow, options.follow_client));
+  FollowerOptions follower_options;
+  follower_options.max_backoff = options.follow_max_backoff;
+  follower_options.log = [](const std::string& line) {
+    std::fprintf(stderr, "modelstated: %s\n", line.c_str());
+  };
+  follower_options.on_first_sync = [this] {
+    absl::MutexLock lock(&shutdown_mu_);
+    if (shut_down_) return;
+    SetServing(server_.get(), true);
+    SetServing(health_server_.get(), true);
+  };
+  follower_ = std::make_unique<Follower>(store_.get(), upstream_.get(),
+                                         std::move(follower_options));
+  return absl::OkStatus();
+}
+
+void Server::StartFollower() {
+  std::fprintf(stderr,
+               "modelstated: following %s; NOT_SERVING until its models are "
+               "mirrored\n",
+               upstream_->name().c_str());
+  follower_thread_ = std::thread([this] { follower_->Run(); });
 }
 
 absl::Status Server::Listen(
@@ -151,6 +193,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
   ASSIGN_OR_RETURN(auto credentials, Credentials(options));
   std::unique_ptr<Server> server(new Server());
   RETURN_IF_ERROR(server->OpenStore(options));
+  RETURN_IF_ERROR(server->PrepareFollower(options));
+  if (server->follower_) {
+    // A follower's models are its upstream's (and what its data dir holds).
+    options.demo_model.clear();
+  }
   absl::Status started = server->Listen(options, credentials);
   if (started.ok()) started = server->ServeMetrics(options.metrics_listen);
   SetServing(server->server_.get(), false);
@@ -166,6 +213,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
   if (!started.ok()) {
     server->Shutdown(absl::ZeroDuration());
     return started;
+  }
+  if (server->follower_) {
+    server->StartFollower();
+    return server;
   }
   SetServing(server->server_.get(), true);
   SetServing(server->health_server_.get(), true);
@@ -186,6 +237,10 @@ void Server::Shutdown(absl::Duration grace) {
   }
   SetServing(server_.get(), false);
   SetServing(health_server_.get(), false);
+  if (follower_) {
+    follower_->Stop();
+    if (follower_thread_.joinable()) follower_thread_.join();
+  }
   const absl::Time end = absl::Now() + grace;
   if (service_) {
     service_->BeginDrain();

@@ -8,17 +8,21 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "client/client.h"
 #include "core/data_dir.h"
+#include "core/follower.h"
 #include "core/limits.h"
 #include "core/model_store.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
 #include "prometheus/exposer.h"
+#include "server/follower_upstream.h"
 #include "server/metrics.h"
 #include "server/model_state_service.h"
 
@@ -64,6 +68,18 @@ struct ServerOptions {
   // Versions kept in memory per model (and on disk with data_dir), for
   // snapshots of older versions and rollback.
   int retain_versions = 1;
+
+  // Follower mode (docs/design.md, "Replication"). With `follow` (a gRPC
+  // target of another modelstated, primary or follower), this server mirrors
+  // every model of it with its version numbers, refuses writes with
+  // FAILED_PRECONDITION, and reports NOT_SERVING until its first full sync.
+  // No demo model; preloads are refused.
+  std::string follow;
+  // How to reach `follow`: TLS files, credentials (`timeout` is ignored).
+  ClientOptions follow_client;
+  // Waits between attempts to reach an unavailable upstream double up to
+  // this.
+  absl::Duration follow_max_backoff = absl::Seconds(10);
 };
 
 class Server {
@@ -84,6 +100,8 @@ class Server {
   // The bound port of the metrics listener, or 0.
   int metrics_port() const { return metrics_port_; }
   ModelStore& store() { return *store_; }
+  // The follower (follower mode), or null.
+  const Follower* follower() const { return follower_.get(); }
 
   // Blocks until the server has shut down.
   void Wait();
@@ -99,6 +117,12 @@ class Server {
   absl::Status OpenStore(const ServerOptions& options);
   // Starts the metrics listener, when asked for.
   absl::Status ServeMetrics(const std::string& listen);
+  // Follower mode: connects the upstream and makes the follower (not yet
+  // running).
+  absl::Status PrepareFollower(const ServerOptions& options);
+  // Follower mode: runs the follower on a thread of its own; health turns
+  // SERVING after its first full sync.
+  void StartFollower();
   // Starts the main and health listeners.
   absl::Status Listen(
       const ServerOptions& options,
@@ -109,6 +133,11 @@ class Server {
   std::unique_ptr<ModelStore> store_;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<ModelStateService> service_;
+  std::unique_ptr<GrpcUpstream> upstream_;
+  std::unique_ptr<Follower> follower_;
+  std::thread follower_thread_;
+  // The exposer holds collectables weakly; this keeps the follower's alive.
+  std::shared_ptr<prometheus::Collectable> follower_metrics_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<grpc::Server> health_server_;
   int port_ = 0;
