@@ -297,7 +297,11 @@ absl::Status Follower::Handle(const ModelEvent& event) {
     case ModelEvent::Type::kListed:
       return RemoveAbsent();
     case ModelEvent::Type::kAbsent:
-      return absl::OkStatus();
+      // Only a watch of one model starts so: the upstream ignored
+      // all_models, so it predates followers.
+      return absl::FailedPreconditionError(
+          absl::StrCat("upstream ", upstream_->name(),
+                       " does not serve watches over all models; upgrade it"));
   }
   return absl::OkStatus();
 }
