@@ -95,9 +95,11 @@ absl::Status Server::OpenStore(const ServerOptions& options) {
       persister = async_.get();
     }
   }
-  ModelStore::Options store_options{options.memory_limit_bytes,
-                                    options.retain_versions, persister,
-                                    options.max_pending_loads};
+  ModelStore::Options store_options;
+  store_options.memory_limit_bytes = options.memory_limit_bytes;
+  store_options.retain_versions = options.retain_versions;
+  store_options.persister = persister;
+  store_options.max_pending_loads = options.max_pending_loads;
   store_options.replica_of = options.follow;
   store_ = std::make_unique<ModelStore>(store_options);
   metrics_ = std::make_unique<Metrics>(

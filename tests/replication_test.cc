@@ -150,7 +150,10 @@ int MetricsPort(const Daemon& daemon) {
   int port = 0;
   if (at == std::string::npos) return 0;
   const size_t start = at + marker.size();
-  absl::SimpleAtoi(log.substr(start, log.find('\n', start) - start), &port);
+  if (!absl::SimpleAtoi(log.substr(start, log.find('\n', start) - start),
+                        &port)) {
+    return 0;
+  }
   return port;
 }
 
@@ -161,7 +164,10 @@ double MetricValue(int port, const std::string& name) {
   if (at == std::string::npos) return -1;
   double value = -1;
   const size_t start = at + name.size() + 2;
-  absl::SimpleAtod(page.substr(start, page.find('\n', start) - start), &value);
+  if (!absl::SimpleAtod(page.substr(start, page.find('\n', start) - start),
+                        &value)) {
+    return -1;
+  }
   return value;
 }
 
