@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
@@ -41,10 +42,14 @@ class FakeUpstream : public Upstream {
       const std::function<bool(const ModelEvent&)>& on_event) override {
     RETURN_IF_ERROR(Reachable());
     auto queue = std::make_shared<Queue>();
-    const int64_t id = store_->WatchAll([queue](const ModelEvent& event) {
+    auto push = [queue](const ModelEvent& event) {
       absl::MutexLock lock(&queue->mu);
       queue->events.Push(event);
-    });
+    };
+    // A server from before followers ignores all_models and watches the
+    // model named "".
+    const int64_t id =
+        legacy_ ? store_->Watch("", push) : store_->WatchAll(push);
     absl::Status status;
     while ((status = Reachable()).ok()) {
       ModelEvent event{};
@@ -99,6 +104,7 @@ class FakeUpstream : public Upstream {
     down_ = false;
   }
   uint64_t fetched_bytes() const { return fetched_bytes_; }
+  void set_legacy(bool legacy) { legacy_ = legacy; }
 
  private:
   struct Queue {
@@ -117,6 +123,7 @@ class FakeUpstream : public Upstream {
   bool down_ ABSL_GUARDED_BY(mu_) = false;
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
   std::atomic<uint64_t> fetched_bytes_{0};
+  std::atomic<bool> legacy_{false};
 };
 
 ModelStore::Options ReplicaOptions(int retain_versions = 1) {
@@ -178,6 +185,24 @@ bool WaitFor(const std::function<bool()>& done) {
 int64_t VersionOf(ModelStore& store, const std::string& model) {
   absl::StatusOr<Snapshot> snapshot = store.GetSnapshot(model);
   return snapshot.ok() ? snapshot->version : 0;
+}
+
+TEST(WatchAllTest, ListsEveryModelThenListedThenEveryCommit) {
+  ModelStore store;
+  ASSERT_TRUE(store.CreateFromSpec("b", kNet, 1).ok());
+  ASSERT_TRUE(store.CreateFromSpec("a", kNet, 1).ok());
+  ASSERT_TRUE(store.Load(LoadRequest("a"), Filled(store, "a", 1)).ok());
+  std::vector<std::string> events;
+  const int64_t id = store.WatchAll([&events](const ModelEvent& event) {
+    events.push_back(absl::StrCat(static_cast<int>(event.type), "@",
+                                  event.model, "@", event.version));
+  });
+  ASSERT_TRUE(store.CreateFromSpec("c", kNet, 1).ok());
+  ASSERT_TRUE(store.Delete("b").ok());
+  store.RemoveListener(id);
+  ASSERT_TRUE(store.Delete("c").ok());
+  EXPECT_THAT(events, ::testing::ElementsAre("3@a@2", "3@b@1", "5@@0", "0@c@1",
+                                             "2@b@1"));
 }
 
 TEST(SyncModelTest, FirstSyncFetchesAllThenOnlyChangedTensors) {
@@ -449,6 +474,25 @@ TEST(FollowerTest, KeepsServingWhileTheUpstreamIsDownAndCatchesUp) {
   for (const std::string& line : follower.log())
     logged_outage |= line.find("unavailable") != std::string::npos;
   EXPECT_TRUE(logged_outage);
+}
+
+TEST(FollowerTest, SaysSoWhenTheUpstreamCannotWatchAllModels) {
+  ModelStore primary(PrimaryOptions());
+  ModelStore replica(ReplicaOptions());
+  FakeUpstream upstream(&primary);
+  upstream.set_legacy(true);
+  ASSERT_TRUE(primary.CreateFromSpec("net", kNet, 1).ok());
+  RunningFollower follower(&replica, &upstream);
+  ASSERT_TRUE(
+      WaitFor([&] { return follower->stats().upstream_failures >= 2; }));
+  EXPECT_FALSE(follower->synced());
+  EXPECT_EQ(replica.List().size(), 0u);
+  bool explained = false;
+  for (const std::string& line : follower.log()) {
+    explained |= line.find("does not serve watches over all models") !=
+                 std::string::npos;
+  }
+  EXPECT_TRUE(explained);
 }
 
 }  // namespace
