@@ -164,6 +164,8 @@ absl::StatusOr<SyncOutcome> SyncModel(ModelStore& store, Upstream& upstream,
     if (plan.up_to_date) return outcome;
     StateDict fetched;
     if (!plan.fetch_keys.empty()) {
+      RETURN_IF_ERROR(
+          store.CheckMemoryFor(static_cast<int64_t>(plan.fetch_bytes)));
       absl::StatusOr<StateDict> got =
           upstream.Fetch(model, manifest.version, plan.fetch_keys);
       if (got.status().code() == absl::StatusCode::kNotFound) continue;

@@ -112,8 +112,9 @@ struct SyncOutcome {
 // the result. When the upstream commits again between the describe and the
 // fetch and no longer retains the described version, starts over with the
 // new one (a few times). Returns NotFound when the upstream has no such model,
-// or the upstream's or the store's error; the store's model is then
-// unchanged.
+// ResourceExhausted (before fetching) when the new tensors would exceed the
+// store's memory limit, or the upstream's or the store's error; the store's
+// model is then unchanged.
 absl::StatusOr<SyncOutcome> SyncModel(ModelStore& store, Upstream& upstream,
                                       const std::string& model);
 

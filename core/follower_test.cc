@@ -328,6 +328,19 @@ TEST(SyncModelTest, FetchedTensorThatDiffersFromTheManifestIsRefused) {
   EXPECT_THAT(built.status().message(), HasSubstr("0.bias"));
 }
 
+TEST(SyncModelTest, RespectsTheFollowersMemoryLimitBeforeFetching) {
+  ModelStore primary(PrimaryOptions());
+  ASSERT_TRUE(primary.CreateFromSpec("net", kNet, 1).ok());
+  ModelStore::Options small = ReplicaOptions();
+  small.memory_limit_bytes = 1024;
+  ModelStore replica(small);
+  FakeUpstream upstream(&primary);
+  EXPECT_EQ(SyncModel(replica, upstream, "net").status().code(),
+            absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(upstream.fetched_bytes(), 0u);
+  EXPECT_EQ(replica.List().size(), 0u);
+}
+
 TEST(ReplicaStoreTest, RefusesEveryWriteNamingTheUpstreamAndChangesNothing) {
   ModelStore primary(PrimaryOptions(2));
   ModelStore replica(ReplicaOptions(2));

@@ -661,6 +661,11 @@ absl::Status ModelStore::ApplyReplicated(Snapshot snapshot) {
              snapshot.version, /*persist=*/true);
 }
 
+absl::Status ModelStore::CheckMemoryFor(int64_t extra_bytes) const {
+  absl::ReaderMutexLock lock(&mu_);
+  return CheckMemory(extra_bytes);
+}
+
 absl::Status ModelStore::RemoveReplicated(const std::string& name) {
   if (options_.replica_of.empty()) {
     return absl::FailedPreconditionError(

@@ -239,6 +239,11 @@ class ModelStore {
   // unchanged.
   absl::Status ApplyReplicated(Snapshot snapshot);
 
+  // ResourceExhausted if `extra_bytes` more live bytes would exceed the memory
+  // limit (with what pending loads reserve); OK otherwise. A follower asks
+  // before fetching a version's new tensors.
+  absl::Status CheckMemoryFor(int64_t extra_bytes) const;
+
   // Follower mode only: removes `name` as Delete does. NotFound if absent,
   // FailedPrecondition outside follower mode.
   absl::Status RemoveReplicated(const std::string& name);
