@@ -55,6 +55,12 @@ std::vector<Snapshot> HeldVersions(const ModelStore& store,
 
 }  // namespace
 
+bool IsModelLocal(const absl::Status& status) {
+  return status.code() == absl::StatusCode::kResourceExhausted ||
+         status.code() == absl::StatusCode::kInvalidArgument ||
+         status.code() == absl::StatusCode::kFailedPrecondition;
+}
+
 SyncPlan PlanSync(const ModelManifest& manifest,
                   const std::vector<Snapshot>& held_versions) {
   SyncPlan plan;
@@ -315,6 +321,17 @@ absl::Status Follower::Sync(const std::string& model) {
   // it here.
   if (outcome.status().code() == absl::StatusCode::kNotFound)
     return absl::OkStatus();
+  if (IsModelLocal(outcome.status())) {
+    // This model cannot be applied here (it does not fit, or its tree is
+    // refused); the others still can, so the watch goes on. The model is
+    // tried again at its next commit or the next listing.
+    Log(absl::StrCat("follow: cannot sync ", model, " from ", upstream_->name(),
+                     ": ", outcome.status().ToString(),
+                     "; serving the version held, if any"));
+    absl::MutexLock lock(&mu_);
+    ++stats_.sync_failures;
+    return absl::OkStatus();
+  }
   RETURN_IF_ERROR(outcome.status());
   if (!outcome->committed) return absl::OkStatus();
   Log(absl::StrCat("follow: synced ", model, " to version ", outcome->version,

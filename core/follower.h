@@ -118,6 +118,11 @@ struct SyncOutcome {
 absl::StatusOr<SyncOutcome> SyncModel(ModelStore& store, Upstream& upstream,
                                       const std::string& model);
 
+// True for a SyncModel error that concerns one model only (the follower's
+// memory limit, a tree or name it refuses), after which the follower goes on
+// with the other models; any other error ends the watch of the upstream.
+bool IsModelLocal(const absl::Status& status);
+
 struct FollowerOptions {
   // Waits between attempts to reach the upstream: doubled from min_backoff
   // after each failure up to max_backoff, back to min_backoff once a full
@@ -141,6 +146,7 @@ struct FollowerStats {
   uint64_t bytes_fetched = 0;
   uint64_t bytes_reused = 0;
   int64_t upstream_failures = 0;  // Watches that ended in an error.
+  int64_t sync_failures = 0;      // Syncs of one model that failed alone.
   // Sum over the upstream's models of (its newest announced version - ours),
   // for models whose announced version is ahead of ours.
   int64_t lag_versions = 0;

@@ -489,6 +489,30 @@ TEST(FollowerTest, KeepsServingWhileTheUpstreamIsDownAndCatchesUp) {
   EXPECT_TRUE(logged_outage);
 }
 
+TEST(FollowerTest, AModelThatDoesNotFitDoesNotHoldUpTheOthers) {
+  ModelStore primary(PrimaryOptions());
+  ASSERT_TRUE(
+      primary
+          .CreateFromSpec("small", R"({"type": "Linear", "args": [4, 4]})", 1)
+          .ok());
+  ASSERT_TRUE(primary.CreateFromSpec("big", kNet, 1).ok());
+  ModelStore::Options options = ReplicaOptions();
+  options.memory_limit_bytes = 4096;
+  ModelStore replica(options);
+  FakeUpstream upstream(&primary);
+  RunningFollower follower(&replica, &upstream);
+  ASSERT_TRUE(WaitFor([&] { return follower->synced(); }));
+  EXPECT_EQ(VersionOf(replica, "small"), 1);
+  EXPECT_EQ(VersionOf(replica, "big"), 0);
+  const FollowerStats stats = follower->stats();
+  EXPECT_EQ(stats.sync_failures, 1);
+  EXPECT_EQ(stats.upstream_failures, 0);
+  EXPECT_EQ(stats.lag_versions, 1);
+  ASSERT_TRUE(
+      primary.Load(LoadRequest("small"), Filled(primary, "small", 2)).ok());
+  EXPECT_TRUE(WaitFor([&] { return VersionOf(replica, "small") == 2; }));
+}
+
 TEST(FollowerTest, SaysSoWhenTheUpstreamCannotWatchAllModels) {
   ModelStore primary(PrimaryOptions());
   ModelStore replica(ReplicaOptions());

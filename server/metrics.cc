@@ -113,6 +113,10 @@ class FollowerCollector : public prometheus::Collectable {
         Counter("modelstate_follower_upstream_failures_total",
                 "Watches of the upstream that ended in an error.",
                 stats.upstream_failures),
+        Counter("modelstate_follower_sync_failures_total",
+                "Syncs of one model that failed (memory limit, refused "
+                "tree) while the others went on.",
+                stats.sync_failures),
         Counter("modelstate_follower_fetched_tensors_total",
                 "Tensors fetched from the upstream.", stats.tensors_fetched),
         Counter("modelstate_follower_fetched_bytes_total",

@@ -55,7 +55,8 @@ class Metrics {
 
 // A follower's state, read at every scrape (modelstated --follow):
 // modelstate_follower_{connected,synced,lag_versions} gauges and
-// modelstate_follower_{syncs,deletes,upstream_failures,fetched_tensors,
+// modelstate_follower_{syncs,deletes,upstream_failures,sync_failures,
+// fetched_tensors,
 // fetched_bytes,reused_tensors,reused_bytes}_total counters. `follower` must
 // outlive the collectable's use.
 std::shared_ptr<prometheus::Collectable> FollowerMetrics(
