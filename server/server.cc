@@ -76,7 +76,7 @@ absl::Status ValidateServerOptions(const ServerOptions& options) {
         "its upstream");
   }
   if (options.follow_max_backoff <= absl::ZeroDuration()) {
-    return absl::InvalidArgumentError("follow_max_backoff must be positive");
+    return absl::InvalidArgumentError("--follow_retry_max must be positive");
   }
   return absl::OkStatus();
 }

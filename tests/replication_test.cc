@@ -548,5 +548,20 @@ TEST(ReplicationTest, FollowsATlsUpstreamWithAClientCertificate) {
   EXPECT_EQ(to_refused->ListModels()->size(), 0u);
 }
 
+TEST(ReplicationTest, FollowRefusesPreloadsAndANonPositiveRetryCap) {
+  const std::string daemon =
+      testing_support::DaemonPath() +
+      " --listen=127.0.0.1:0 --follow=127.0.0.1:1 --log_rpcs=false ";
+  const testing_support::CommandResult preload =
+      testing_support::RunCommand(daemon + "--preload=x=/nonexistent");
+  EXPECT_EQ(preload.exit_code, 1);
+  EXPECT_THAT(preload.output,
+              HasSubstr("--preload can't be used with --follow"));
+  const testing_support::CommandResult retry =
+      testing_support::RunCommand(daemon + "--follow_retry_max=0s");
+  EXPECT_EQ(retry.exit_code, 1);
+  EXPECT_THAT(retry.output, HasSubstr("--follow_retry_max must be positive"));
+}
+
 }  // namespace
 }  // namespace modelstate
