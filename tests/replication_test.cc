@@ -366,6 +366,11 @@ TEST(ReplicationTest, DeltaSyncOfOne4KiBTensorOfA256MiBModelFetchesUnder1MiB) {
   const double fetched_before =
       MetricValue(metrics, "modelstate_follower_fetched_bytes_total");
   EXPECT_EQ(fetched_before, 256.0 * 1024 * 1024 + 4096);
+  const std::string log = follower.Log();
+  const size_t first = log.find("follow: synced big to version 1");
+  ASSERT_NE(first, std::string::npos);
+  std::printf("full sync: %s\n",
+              log.substr(first, log.find('\n', first) - first).c_str());
 
   LoadRequest change("big");
   change.strict = false;
@@ -377,10 +382,12 @@ TEST(ReplicationTest, DeltaSyncOfOne4KiBTensorOfA256MiBModelFetchesUnder1MiB) {
   const double fetched =
       MetricValue(metrics, "modelstate_follower_fetched_bytes_total") -
       fetched_before;
+  const std::string log_after = follower.Log();
+  const size_t delta = log_after.find("follow: synced big to version 2");
+  ASSERT_NE(delta, std::string::npos);
   std::printf(
-      "delta sync of a 4 KiB change to a 256 MiB model fetched %.0f "
-      "bytes\n",
-      fetched);
+      "delta sync: %s\n",
+      log_after.substr(delta, log_after.find('\n', delta) - delta).c_str());
   EXPECT_LT(fetched, 1024 * 1024);
   EXPECT_EQ(fetched, 4096);
   EXPECT_EQ(MetricValue(metrics, "modelstate_follower_reused_tensors_total"),
