@@ -367,6 +367,7 @@ absl::Status Follower::RemoveAbsent() {
     first = !stats_.synced;
     stats_.synced = true;
   }
+  store_->MarkReplicaSynced();
   Log(absl::StrCat("follow: mirrored all ", listing_.size(), " models of ",
                    upstream_->name(), "; following its commits"));
   if (first && options_.on_first_sync) options_.on_first_sync();

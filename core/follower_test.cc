@@ -48,8 +48,12 @@ class FakeUpstream : public Upstream {
     };
     // A server from before followers ignores all_models and watches the
     // model named "".
-    const int64_t id =
-        legacy_ ? store_->Watch("", push) : store_->WatchAll(push);
+    int64_t id;
+    if (legacy_) {
+      id = store_->Watch("", push);
+    } else {
+      ASSIGN_OR_RETURN(id, store_->WatchAll(push));
+    }
     absl::Status status;
     while ((status = Reachable()).ok()) {
       ModelEvent event{};
@@ -193,10 +197,13 @@ TEST(WatchAllTest, ListsEveryModelThenListedThenEveryCommit) {
   ASSERT_TRUE(store.CreateFromSpec("a", kNet, 1).ok());
   ASSERT_TRUE(store.Load(LoadRequest("a"), Filled(store, "a", 1)).ok());
   std::vector<std::string> events;
-  const int64_t id = store.WatchAll([&events](const ModelEvent& event) {
-    events.push_back(absl::StrCat(static_cast<int>(event.type), "@",
-                                  event.model, "@", event.version));
-  });
+  const int64_t id =
+      store
+          .WatchAll([&events](const ModelEvent& event) {
+            events.push_back(absl::StrCat(static_cast<int>(event.type), "@",
+                                          event.model, "@", event.version));
+          })
+          .value();
   ASSERT_TRUE(store.CreateFromSpec("c", kNet, 1).ok());
   ASSERT_TRUE(store.Delete("b").ok());
   store.RemoveListener(id);
@@ -420,13 +427,19 @@ TEST(FollowerTest, MirrorsCreatesLoadsRollbacksAndDeletesInCommitOrder) {
 
   absl::Mutex mu;
   std::vector<ModelEvent> seen;
-  const int64_t watch = replica.WatchAll([&](const ModelEvent& event) {
+  // Until its first full sync a follower lists nothing to followers of its
+  // own.
+  EXPECT_EQ(replica.WatchAll([](const ModelEvent&) {}).status().code(),
+            absl::StatusCode::kUnavailable);
+  const int64_t watch = replica.AddListener([&](const ModelEvent& event) {
     absl::MutexLock lock(&mu);
     seen.push_back(event);
   });
   RunningFollower follower(&replica, &upstream);
   ASSERT_TRUE(WaitFor([&] { return follower->synced(); }));
   EXPECT_EQ(replica.List().size(), 0u);
+  const int64_t listed = replica.WatchAll([](const ModelEvent&) {}).value();
+  replica.RemoveListener(listed);
 
   ASSERT_TRUE(primary.CreateFromSpec("net", kNet, 1).ok());
   for (int i = 0; i < 10; ++i) {

@@ -625,8 +625,13 @@ int64_t ModelStore::Watch(const std::string& model,
   return id;
 }
 
-int64_t ModelStore::WatchAll(std::function<void(const ModelEvent&)> listener) {
+absl::StatusOr<int64_t> ModelStore::WatchAll(
+    std::function<void(const ModelEvent&)> listener) {
   absl::MutexLock lock(&events_mu_);
+  if (!options_.replica_of.empty() && !replica_synced_) {
+    return absl::UnavailableError(absl::StrCat(
+        "this server has not mirrored ", options_.replica_of, " yet; retry"));
+  }
   // Holding events_mu_ orders the listing before any later commit's event.
   for (const Snapshot& snapshot : List()) {
     listener(ModelEvent{ModelEvent::Type::kCurrent, snapshot.model,
@@ -636,6 +641,11 @@ int64_t ModelStore::WatchAll(std::function<void(const ModelEvent&)> listener) {
   const int64_t id = next_listener_id_++;
   listeners_.emplace(id, std::move(listener));
   return id;
+}
+
+void ModelStore::MarkReplicaSynced() {
+  absl::MutexLock lock(&events_mu_);
+  replica_synced_ = true;
 }
 
 absl::Status ModelStore::ApplyReplicated(Snapshot snapshot) {

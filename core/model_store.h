@@ -225,8 +225,17 @@ class ModelStore {
 
   // As Watch, over every model: first calls `listener` with kCurrent for each
   // model (ordered by name), then once with kListed, atomically with its
-  // registration; then with every event of every model.
-  int64_t WatchAll(std::function<void(const ModelEvent&)> listener);
+  // registration; then with every event of every model. In follower mode
+  // before MarkReplicaSynced, returns Unavailable instead: a follower that has
+  // not mirrored its upstream yet (just restarted without its models) must
+  // not list its partial state to followers of its own, which would drop
+  // what they hold.
+  absl::StatusOr<int64_t> WatchAll(
+      std::function<void(const ModelEvent&)> listener);
+
+  // Follower mode: the upstream's first full listing has been mirrored, so
+  // WatchAll may serve.
+  void MarkReplicaSynced();
 
   // Follower mode only (Options::replica_of; core/follower.h): makes
   // `snapshot` the current version of its model with the upstream's version
@@ -316,6 +325,7 @@ class ModelStore {
   std::map<int64_t, std::function<void(const ModelEvent&)>> listeners_
       ABSL_GUARDED_BY(events_mu_);
   int64_t next_listener_id_ ABSL_GUARDED_BY(events_mu_) = 1;
+  bool replica_synced_ ABSL_GUARDED_BY(events_mu_) = false;
 
   mutable absl::Mutex mu_ ABSL_ACQUIRED_AFTER(events_mu_);
   std::map<std::string, Entry> models_ ABSL_GUARDED_BY(mu_);

@@ -314,8 +314,17 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
         queue_ = std::make_unique<WatchQueue>(kMaxQueuedWatchEvents);
       }
     }
-    listener_id_ = request.all_models() ? store_->WatchAll(enqueue)
-                                        : store_->Watch(model_, enqueue);
+    if (request.all_models()) {
+      absl::StatusOr<int64_t> id = store_->WatchAll(enqueue);
+      if (!id.ok()) {
+        absl::MutexLock lock(&mu_);
+        FinishLocked(ToGrpcStatus(id.status()));
+        return;
+      }
+      listener_id_ = *id;
+    } else {
+      listener_id_ = store_->Watch(model_, enqueue);
+    }
     absl::MutexLock lock(&mu_);
     WriteNextLocked();
   }

@@ -528,6 +528,51 @@ TEST(ReplicationTest,
   }));
 }
 
+TEST(ReplicationTest, AFollowerRestartedEmptyDoesNotEmptyItsFollowers) {
+  const ScratchDir scratch;
+  const std::string dir = scratch.file("primary");
+  auto primary = std::make_unique<Daemon>(std::vector<std::string>{
+      "--data_dir=" + dir, "--demo_model=", "--log_rpcs=false"});
+  const std::string address = primary->address();
+  ASSERT_TRUE(ConnectTo(address)->CreateModel("net", kNet, 1).ok());
+  auto a = std::make_unique<Daemon>(FollowerArgs(address));
+  const std::string a_address = a->address();
+  Daemon b(FollowerArgs(a_address));
+  auto to_b = ConnectTo(b.address());
+  ASSERT_TRUE(WaitUntil([&] { return VersionOf(*to_b, "net").version == 1; }));
+  const Version held = VersionOf(*to_b, "net");
+  const int metrics_b = MetricsPort(b);
+
+  // A comes back without models while the primary is away: it has nothing
+  // to list, and must not make B drop what it serves.
+  EXPECT_EQ(primary->Stop(SIGTERM, 30), 0);
+  primary.reset();
+  EXPECT_EQ(a->Stop(SIGKILL, 10), SIGKILL);
+  a.reset();
+  Daemon a_again(FollowerArgs(address, {"--listen=" + a_address}));
+  ASSERT_GT(a_again.port(), 0);
+  EXPECT_TRUE(WaitUntil([&] {
+    return MetricValue(metrics_b,
+                       "modelstate_follower_upstream_failures_total") >= 3;
+  }));
+  EXPECT_EQ(VersionOf(*to_b, "net"), held);
+  EXPECT_TRUE(Serving(*to_b));
+
+  // Once A has mirrored the restarted primary, B follows again, without
+  // having deleted or fetched anything.
+  const double fetched =
+      MetricValue(metrics_b, "modelstate_follower_fetched_bytes_total");
+  Daemon primary_again({"--listen=" + address, "--data_dir=" + dir,
+                        "--demo_model=", "--log_rpcs=false"});
+  ASSERT_TRUE(WaitUntil([&] {
+    return MetricValue(metrics_b, "modelstate_follower_connected") == 1;
+  }));
+  EXPECT_EQ(VersionOf(*to_b, "net"), held);
+  EXPECT_EQ(MetricValue(metrics_b, "modelstate_follower_deletes_total"), 0);
+  EXPECT_EQ(MetricValue(metrics_b, "modelstate_follower_fetched_bytes_total"),
+            fetched);
+}
+
 TEST(ReplicationTest, FollowsATlsUpstreamWithAClientCertificate) {
   const testing_support::Certificates certs =
       testing_support::MakeCertificates();
