@@ -142,8 +142,9 @@ std::string Metrics(int port) {
   return response;
 }
 
-// The metrics port a daemon logged, or 0.
-int MetricsPort(const Daemon& daemon) {
+// The metrics port a daemon logs (just after its serving line), or 0.
+int MetricsPort(Daemon& daemon) {
+  if (!daemon.WaitForLog("metrics on port", kWait)) return 0;
   const std::string log = daemon.Log();
   const std::string marker = "metrics on port ";
   const size_t at = log.find(marker);
