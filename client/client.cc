@@ -93,6 +93,14 @@ Client::Client(std::shared_ptr<grpc::Channel> channel, ClientOptions options)
       stub_(v1::ModelState::NewStub(channel_)),
       options_(std::move(options)) {}
 
+absl::StatusOr<std::string> ReadTokenFile(const std::string& path) {
+  ASSIGN_OR_RETURN(const std::string text, ReadFileToString(path));
+  const std::string token(absl::StripAsciiWhitespace(text));
+  if (token.empty())
+    return absl::InvalidArgumentError(absl::StrCat(path, " holds no token"));
+  return token;
+}
+
 absl::StatusOr<std::unique_ptr<Client>> Client::Connect(
     const std::string& target, const ClientOptions& options) {
   // A token that would make a malformed header is refused here, without
@@ -1100,12 +1108,27 @@ absl::Status Client::Watch(
     const std::string& model,
     const std::function<bool(const ModelEvent&)>& on_event,
     CallCanceller* canceller, int64_t min_version) {
-  grpc::ClientContext context;
-  Prepare(&context);
-  CancelScope cancel_scope(canceller, &context);
   v1::WatchModelRequest request;
   request.set_model(model);
   request.set_min_version(min_version);
+  return WatchWith(request, on_event, canceller);
+}
+
+absl::Status Client::WatchAll(
+    const std::function<bool(const ModelEvent&)>& on_event,
+    CallCanceller* canceller) {
+  v1::WatchModelRequest request;
+  request.set_all_models(true);
+  return WatchWith(request, on_event, canceller);
+}
+
+absl::Status Client::WatchWith(
+    const v1::WatchModelRequest& request,
+    const std::function<bool(const ModelEvent&)>& on_event,
+    CallCanceller* canceller) {
+  grpc::ClientContext context;
+  Prepare(&context);
+  CancelScope cancel_scope(canceller, &context);
   std::unique_ptr<grpc::ClientReader<v1::WatchModelResponse>> reader =
       stub_->WatchModel(&context, request);
   v1::WatchModelResponse response;

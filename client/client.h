@@ -164,6 +164,11 @@ struct FetchedStateDict {
   StateDict state;  // Keys in torch's order; every tensor's checksum verified.
 };
 
+// The bearer token in the file at `path`, surrounding whitespace stripped:
+// how modelstatectl --token_file and modelstated --follow_token_file read one.
+// The file's error, or InvalidArgument if it holds no token.
+absl::StatusOr<std::string> ReadTokenFile(const std::string& path);
+
 class Client {
  public:
   // Creates a client for `target` ("host:port", "dns:///name:port", ...). Does
@@ -269,6 +274,13 @@ class Client {
                      CallCanceller* canceller = nullptr,
                      int64_t min_version = 0);
 
+  // Delivers the events of every model to `on_event`, as Watch does: first
+  // kCurrent for each model, then kListed, then kCreated, kUpdated and
+  // kDeleted of any model (intermediate updates of a model may be skipped,
+  // never its newest). What followers use.
+  absl::Status WatchAll(const std::function<bool(const ModelEvent&)>& on_event,
+                        CallCanceller* canceller = nullptr);
+
   // Asks grpc.health.v1 about `service` ("" for the whole server). Returns true
   // for SERVING, false for NOT_SERVING, or the call's error (NotFound for an
   // unknown service).
@@ -282,6 +294,9 @@ class Client {
   void Prepare(grpc::ClientContext* context) const;
   // The deadline of a call starting now (InfiniteFuture without a timeout).
   absl::Time Deadline() const;
+  absl::Status WatchWith(const v1::WatchModelRequest& request,
+                         const std::function<bool(const ModelEvent&)>& on_event,
+                         CallCanceller* canceller);
 
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::ModelState::Stub> stub_;

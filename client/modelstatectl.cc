@@ -372,12 +372,7 @@ absl::StatusOr<std::string> Token() {
     const char *env = std::getenv("MODELSTATE_TOKEN");
     return std::string(absl::StripAsciiWhitespace(env ? env : ""));
   }
-  absl::StatusOr<std::string> text = ReadFileToString(path);
-  if (!text.ok()) return text.status();
-  const std::string token(absl::StripAsciiWhitespace(*text));
-  if (token.empty())
-    return absl::InvalidArgumentError(absl::StrCat(path, " holds no token"));
-  return token;
+  return ReadTokenFile(path);
 }
 
 int Run(const std::vector<char *> &positional) {

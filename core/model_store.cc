@@ -109,8 +109,16 @@ void ModelStore::Notify(const ModelEvent& event) {
   for (const auto& [id, listener] : listeners_) listener(event);
 }
 
+absl::Status ModelStore::CheckWritable() const {
+  if (options_.replica_of.empty()) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      "this server follows ", options_.replica_of,
+      " and serves reads only; send writes to ", options_.replica_of));
+}
+
 absl::Status ModelStore::Create(const std::string& name, ModulePtr root,
                                 std::string architecture) {
+  RETURN_IF_ERROR(CheckWritable());
   return Add(name, std::move(root), std::move(architecture), /*version=*/0,
              /*persist=*/true);
 }
@@ -159,6 +167,11 @@ absl::Status ModelStore::Add(const std::string& name, ModulePtr root,
 }
 
 absl::Status ModelStore::Delete(const std::string& name) {
+  RETURN_IF_ERROR(CheckWritable());
+  return Erase(name);
+}
+
+absl::Status ModelStore::Erase(const std::string& name) {
   absl::MutexLock admin(&admin_mu_);
   ASSIGN_OR_RETURN(std::shared_ptr<absl::Mutex> commit_mu, CommitMutex(name));
   absl::MutexLock commit(commit_mu.get());
@@ -250,6 +263,7 @@ absl::StatusOr<std::vector<int64_t>> ModelStore::RetainedVersions(
 
 absl::StatusOr<Snapshot> ModelStore::Rollback(const std::string& name,
                                               int64_t version) {
+  RETURN_IF_ERROR(CheckWritable());
   ASSIGN_OR_RETURN(std::shared_ptr<absl::Mutex> commit_mu, CommitMutex(name));
   absl::MutexLock commit(commit_mu.get());
   ASSIGN_OR_RETURN(Snapshot target, GetSnapshot(name, version));
@@ -389,6 +403,7 @@ absl::Status CheckExpectedVersion(const LoadRequest& request, int64_t version) {
 
 absl::StatusOr<std::unique_ptr<PendingLoad>> ModelStore::BeginLoad(
     const LoadRequest& request, std::vector<TensorSpec> inputs) {
+  RETURN_IF_ERROR(CheckWritable());
   RETURN_IF_ERROR(ValidateModelName(request.model));
   std::unique_ptr<PendingLoad> load(new PendingLoad());
   load->request_ = request;
@@ -570,6 +585,7 @@ StateDictOptions ToStateDictOptions(const FetchRequest& request) {
 
 absl::StatusOr<Snapshot> ModelStore::CreateFromSpec(
     const std::string& name, const std::string& spec_json, uint64_t seed) {
+  RETURN_IF_ERROR(CheckWritable());
   RETURN_IF_ERROR(ValidateModelName(name));
   BuildOptions options;
   options.seed = seed;
@@ -611,6 +627,30 @@ absl::StatusOr<FetchPlan> ModelStore::Fetch(const FetchRequest& request) {
   return plan;
 }
 
+namespace {
+
+// Module path -> class name of `module` (at `path`) and every module under it.
+// Iterative, so a deep tree cannot exhaust the stack.
+std::map<std::string, std::string> ClassNames(const ModulePtr& module,
+                                              const std::string& path) {
+  std::map<std::string, std::string> names;
+  std::vector<std::pair<std::string, const Module*>> pending = {
+      {path, module.get()}};
+  while (!pending.empty()) {
+    auto [at, node] = std::move(pending.back());
+    pending.pop_back();
+    for (const ChildSlot& child : node->children()) {
+      if (child.module == nullptr) continue;
+      pending.emplace_back(at.empty() ? child.name : at + "." + child.name,
+                           child.module.get());
+    }
+    names.emplace(std::move(at), node->type_name());
+  }
+  return names;
+}
+
+}  // namespace
+
 absl::StatusOr<ModelManifest> ModelStore::Describe(
     const FetchRequest& request) const {
   ModelManifest manifest;
@@ -637,6 +677,7 @@ absl::StatusOr<ModelManifest> ModelStore::Describe(
   manifest.version = snapshot.version;
   manifest.tensors = DescribeTensors(state);
   manifest.architecture_json = snapshot.architecture;
+  manifest.class_names = ClassNames(module, request.module);
   return manifest;
 }
 
@@ -693,6 +734,65 @@ int64_t ModelStore::Watch(const std::string& model,
         if (event.model == model) listener(event);
       });
   return id;
+}
+
+absl::StatusOr<int64_t> ModelStore::WatchAll(
+    std::function<void(const ModelEvent&)> listener) {
+  absl::MutexLock lock(&events_mu_);
+  if (!options_.replica_of.empty() && !replica_synced_) {
+    return absl::UnavailableError(absl::StrCat(
+        "this server has not mirrored ", options_.replica_of, " yet; retry"));
+  }
+  // Holding events_mu_ orders the listing before any later commit's event.
+  for (const Snapshot& snapshot : List()) {
+    listener(ModelEvent{ModelEvent::Type::kCurrent, snapshot.model,
+                        snapshot.version});
+  }
+  listener(ModelEvent{ModelEvent::Type::kListed, "", 0});
+  const int64_t id = next_listener_id_++;
+  listeners_.emplace(id, std::move(listener));
+  return id;
+}
+
+void ModelStore::MarkReplicaSynced() {
+  absl::MutexLock lock(&events_mu_);
+  replica_synced_ = true;
+}
+
+absl::Status ModelStore::ApplyReplicated(Snapshot snapshot) {
+  if (options_.replica_of.empty()) {
+    return absl::FailedPreconditionError(
+        "only a follower's store applies replicated versions");
+  }
+  RETURN_IF_ERROR(ValidateModelName(snapshot.model));
+  if (snapshot.version <= 0)
+    return absl::InvalidArgumentError("replicated version must be positive");
+  absl::StatusOr<Snapshot> current = GetSnapshot(snapshot.model);
+  if (current.ok() && current->version < snapshot.version) {
+    ASSIGN_OR_RETURN(std::shared_ptr<absl::Mutex> commit_mu,
+                     CommitMutex(snapshot.model));
+    absl::MutexLock commit(commit_mu.get());
+    return Publish(commit_mu, snapshot, ModelEvent::Type::kUpdated);
+  }
+  // Version numbers only grow on one upstream, so a version at or below ours
+  // means the upstream lost or replaced the model: mirror that.
+  if (current.ok()) RETURN_IF_ERROR(Erase(snapshot.model));
+  const std::string name = snapshot.model;
+  return Add(name, std::move(snapshot.root), std::move(snapshot.architecture),
+             snapshot.version, /*persist=*/true);
+}
+
+absl::Status ModelStore::CheckMemoryFor(int64_t extra_bytes) const {
+  absl::ReaderMutexLock lock(&mu_);
+  return CheckMemory(extra_bytes);
+}
+
+absl::Status ModelStore::RemoveReplicated(const std::string& name) {
+  if (options_.replica_of.empty()) {
+    return absl::FailedPreconditionError(
+        "only a follower's store removes replicated models");
+  }
+  return Erase(name);
 }
 
 void ModelStore::RemoveListener(int64_t id) {

@@ -41,8 +41,9 @@ struct Snapshot {
 
 struct ModelEvent {
   // kCurrent and kAbsent only open a watch (ModelStore::Watch): the model's
-  // state when the watch began.
-  enum class Type { kCreated, kUpdated, kDeleted, kCurrent, kAbsent };
+  // state when the watch began. kListed ends the kCurrent events that open a
+  // watch over every model (ModelStore::WatchAll); its `model` is empty.
+  enum class Type { kCreated, kUpdated, kDeleted, kCurrent, kAbsent, kListed };
   Type type;
   std::string model;
   int64_t version = 0;
@@ -112,6 +113,11 @@ class ModelStore {
     // Loads between BeginLoad and their commit or abort may not exceed this
     // (each holds a memory reservation and staging memory). 0: unlimited.
     int max_pending_loads = 0;
+    // Follower mode: when set (the upstream's target), the store mirrors that
+    // upstream. Create, CreateFromSpec, Delete, BeginLoad, Load and Rollback
+    // fail with FailedPrecondition naming it, and only ApplyReplicated and
+    // RemoveReplicated (core/follower.h) change models.
+    std::string replica_of;
   };
 
   explicit ModelStore(Options options);
@@ -234,6 +240,40 @@ class ModelStore {
   int64_t Watch(const std::string& model,
                 std::function<void(const ModelEvent&)> listener);
 
+  // As Watch, over every model: first calls `listener` with kCurrent for each
+  // model (ordered by name), then once with kListed, atomically with its
+  // registration; then with every event of every model. In follower mode
+  // before MarkReplicaSynced, returns Unavailable instead: a follower that has
+  // not mirrored its upstream yet (just restarted without its models) must
+  // not list its partial state to followers of its own, which would drop
+  // what they hold.
+  absl::StatusOr<int64_t> WatchAll(
+      std::function<void(const ModelEvent&)> listener);
+
+  // Follower mode: the upstream's first full listing has been mirrored, so
+  // WatchAll may serve.
+  void MarkReplicaSynced();
+
+  // Follower mode only (Options::replica_of; core/follower.h): makes
+  // `snapshot` the current version of its model with the upstream's version
+  // number. A new model is created; a version above the current one is
+  // committed as a load would be (the current one is retained); a version at
+  // or below the current one (an upstream that restarted with other state)
+  // replaces the model, as a delete then a create. Persists first; on any
+  // error (InvalidArgument for a bad name or version, FailedPrecondition
+  // outside follower mode, ResourceExhausted, the persister's) the model is
+  // unchanged.
+  absl::Status ApplyReplicated(Snapshot snapshot);
+
+  // ResourceExhausted if `extra_bytes` more live bytes would exceed the memory
+  // limit (with what pending loads reserve); OK otherwise. A follower asks
+  // before fetching a version's new tensors.
+  absl::Status CheckMemoryFor(int64_t extra_bytes) const;
+
+  // Follower mode only: removes `name` as Delete does. NotFound if absent,
+  // FailedPrecondition outside follower mode.
+  absl::Status RemoveReplicated(const std::string& name);
+
   // Removes a listener added by AddListener or Watch. Once it returns, the
   // listener is not running and will not be called again.
   void RemoveListener(int64_t id);
@@ -264,6 +304,11 @@ class ModelStore {
                                               int64_t version);
   absl::Status CheckMemory(int64_t extra_bytes) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // OK unless the store is a follower's (FailedPrecondition naming the
+  // upstream).
+  absl::Status CheckWritable() const;
+  // Delete without the follower-mode check.
+  absl::Status Erase(const std::string& name);
   // Returns a pending load's reservation; `finished` also ends its count.
   void Release(int64_t reserved_bytes, bool finished);
   void AttachTree(const Module& root);
@@ -300,6 +345,7 @@ class ModelStore {
   std::map<int64_t, std::function<void(const ModelEvent&)>> listeners_
       ABSL_GUARDED_BY(events_mu_);
   int64_t next_listener_id_ ABSL_GUARDED_BY(events_mu_) = 1;
+  bool replica_synced_ ABSL_GUARDED_BY(events_mu_) = false;
 
   mutable absl::Mutex mu_ ABSL_ACQUIRED_AFTER(events_mu_);
   std::map<std::string, Entry> models_ ABSL_GUARDED_BY(mu_);

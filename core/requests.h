@@ -90,6 +90,10 @@ struct ModelManifest {
   std::vector<int64_t> retained_versions;  // Held in memory, newest first.
   std::vector<TensorDescription> tensors;  // Keys keep the module prefix.
   std::string architecture_json;           // Empty for models from tensors.
+  // Module path ("" for the root) -> torch class name, for every module of the
+  // described subtree: with the tensors' kinds, what a follower needs to
+  // rebuild an identical tree (core/module_tree.h).
+  std::map<std::string, std::string> class_names;
 };
 
 // torch's `model.get_submodule(module).load_state_dict(state, strict, assign)`

@@ -21,4 +21,21 @@ ModelEvent WatchQueue::Pop() {
   return event;
 }
 
+void LatestEventQueue::Push(ModelEvent event) {
+  auto [it, inserted] = newest_.try_emplace(event.model, event);
+  if (inserted) {
+    order_.push_back(event.model);
+  } else {
+    it->second = std::move(event);
+  }
+}
+
+ModelEvent LatestEventQueue::Pop() {
+  auto it = newest_.find(order_.front());
+  order_.pop_front();
+  ModelEvent event = std::move(it->second);
+  newest_.erase(it);
+  return event;
+}
+
 }  // namespace modelstate

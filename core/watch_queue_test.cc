@@ -12,7 +12,7 @@ namespace {
 
 using testing::ElementsAre;
 
-std::vector<std::string> Drain(WatchQueue& queue) {
+std::vector<std::string> Drain(EventQueue& queue) {
   std::vector<std::string> out;
   while (!queue.empty()) {
     const ModelEvent event = queue.Pop();
@@ -54,6 +54,26 @@ TEST(WatchQueueTest, TheBoundDropsTheOldestAndKeepsTheNewest) {
   }
   EXPECT_EQ(queue.size(), 3u);
   EXPECT_THAT(Drain(queue), ElementsAre("2m99", "0m100", "2m100"));
+}
+
+TEST(LatestEventQueueTest, KeepsEachModelsNewestEventInFirstChangedOrder) {
+  const ModelEvent::Type kCurrent = ModelEvent::Type::kCurrent;
+  const ModelEvent::Type kListed = ModelEvent::Type::kListed;
+  LatestEventQueue queue;
+  queue.Push({kCurrent, "a", 3});
+  queue.Push({kCurrent, "b", 1});
+  queue.Push({kListed, "", 0});
+  for (int v = 4; v <= 1000; ++v) queue.Push({kUpdated, "a", v});
+  queue.Push({kCreated, "c", 1});
+  queue.Push({kDeleted, "b", 1});
+  // Far more events than models: one per model, the listing marker last of
+  // the listing, the newest state of each model.
+  EXPECT_EQ(queue.size(), 4u);
+  EXPECT_THAT(Drain(queue), ElementsAre("1a1000", "2b1", "50", "0c1"));
+  queue.Push({kCreated, "d", 1});
+  queue.Push({kDeleted, "d", 1});
+  queue.Push({kCreated, "d", 2});
+  EXPECT_THAT(Drain(queue), ElementsAre("0d2"));
 }
 
 }  // namespace

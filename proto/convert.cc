@@ -153,6 +153,8 @@ v1::GetModelResponse ToProto(const ModelManifest& manifest) {
   for (const TensorDescription& tensor : manifest.tensors)
     *proto.add_tensors() = ToProto(tensor);
   proto.set_architecture_json(manifest.architecture_json);
+  proto.mutable_class_names()->insert(manifest.class_names.begin(),
+                                      manifest.class_names.end());
   return proto;
 }
 
@@ -168,6 +170,8 @@ absl::StatusOr<ModelManifest> FromProto(const v1::GetModelResponse& proto) {
     manifest.tensors.push_back(std::move(tensor));
   }
   manifest.architecture_json = proto.architecture_json();
+  manifest.class_names.insert(proto.class_names().begin(),
+                              proto.class_names().end());
   return manifest;
 }
 
@@ -309,6 +313,9 @@ v1::WatchModelResponse ToProto(const ModelEvent& event) {
     case ModelEvent::Type::kAbsent:
       proto.set_type(v1::WatchModelResponse::ABSENT);
       break;
+    case ModelEvent::Type::kListed:
+      proto.set_type(v1::WatchModelResponse::LISTED);
+      break;
   }
   proto.set_model(event.model);
   proto.set_version(event.version);
@@ -331,6 +338,9 @@ absl::StatusOr<ModelEvent> FromProto(const v1::WatchModelResponse& proto) {
       break;
     case v1::WatchModelResponse::ABSENT:
       event.type = ModelEvent::Type::kAbsent;
+      break;
+    case v1::WatchModelResponse::LISTED:
+      event.type = ModelEvent::Type::kListed;
       break;
     default:
       return absl::InvalidArgumentError(absl::StrCat(

@@ -154,6 +154,7 @@ TEST(ConvertTest, TensorDescriptionsAndManifests) {
   manifest.retained_versions = {9, 8};
   manifest.tensors = {tensor};
   manifest.architecture_json = "{}";
+  manifest.class_names = {{"", "Net"}, {"fc", "Linear"}};
   const ModelManifest round = FromProto(ToProto(manifest)).value();
   EXPECT_EQ(round.summary.name, "policy");
   EXPECT_EQ(round.summary.version, 9);
@@ -165,6 +166,7 @@ TEST(ConvertTest, TensorDescriptionsAndManifests) {
   ASSERT_EQ(round.tensors.size(), 1u);
   EXPECT_EQ(round.tensors[0].name, "bn.running_var");
   EXPECT_EQ(round.architecture_json, "{}");
+  EXPECT_EQ(round.class_names, manifest.class_names);
 }
 
 TEST(ConvertTest, FetchPlanManifest) {
@@ -191,7 +193,7 @@ TEST(ConvertTest, LoadOutcomeAndEvents) {
   for (ModelEvent::Type type :
        {ModelEvent::Type::kCreated, ModelEvent::Type::kUpdated,
         ModelEvent::Type::kDeleted, ModelEvent::Type::kCurrent,
-        ModelEvent::Type::kAbsent}) {
+        ModelEvent::Type::kAbsent, ModelEvent::Type::kListed}) {
     const ModelEvent event =
         FromProto(ToProto(ModelEvent{type, "m", 3})).value();
     EXPECT_EQ(event.type, type);

@@ -388,6 +388,8 @@ const char* EventName(ModelEvent::Type type) {
       return "CURRENT";
     case ModelEvent::Type::kAbsent:
       return "ABSENT";
+    case ModelEvent::Type::kListed:
+      return "LISTED";
   }
   return "UNKNOWN";
 }

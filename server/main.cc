@@ -102,6 +102,25 @@ ABSL_FLAG(uint32_t, min_chunk_bytes, modelstate::kDefaultMinChunkBytes,
           "fetches asking for smaller chunks get this; 0: no minimum");
 ABSL_FLAG(absl::Duration, release_memory_interval, absl::Seconds(10),
           "give memory freed after bursts back to the OS this often; 0: never");
+// Follower mode (docs/operations.md, "Followers").
+ABSL_FLAG(std::string, follow, "",
+          "gRPC target of another modelstated (primary or follower) to mirror, "
+          "e.g. dns:///modelstate-primary:50551; refuses writes and ignores "
+          "--demo_model; empty: a primary");
+ABSL_FLAG(std::string, follow_tls_ca, "",
+          "PEM CA that the --follow upstream's certificate must chain to "
+          "(enables TLS to it)");
+ABSL_FLAG(std::string, follow_tls_cert, "",
+          "PEM client certificate to present to the --follow upstream (mTLS)");
+ABSL_FLAG(std::string, follow_token_file, "",
+          "file holding the bearer token to present to the --follow upstream "
+          "(when it has an auth policy: a principal with the read role on "
+          "every model)");
+ABSL_FLAG(std::string, follow_tls_key, "",
+          "PEM private key of --follow_tls_cert");
+ABSL_FLAG(absl::Duration, follow_retry_max, absl::Seconds(10),
+          "while the --follow upstream is unreachable, retries back off "
+          "exponentially from 100ms up to this");
 
 namespace {
 
@@ -188,6 +207,19 @@ absl::StatusOr<modelstate::ServerOptions> OptionsFromFlags() {
   options.min_chunk_bytes = absl::GetFlag(FLAGS_min_chunk_bytes);
   options.release_memory_interval =
       absl::GetFlag(FLAGS_release_memory_interval);
+
+  // Follower mode.
+  options.follow = absl::GetFlag(FLAGS_follow);
+  options.follow_client.tls_ca_file = absl::GetFlag(FLAGS_follow_tls_ca);
+  options.follow_client.tls_cert_file = absl::GetFlag(FLAGS_follow_tls_cert);
+  options.follow_client.tls_key_file = absl::GetFlag(FLAGS_follow_tls_key);
+  if (!absl::GetFlag(FLAGS_follow_token_file).empty()) {
+    absl::StatusOr<std::string> token =
+        modelstate::ReadTokenFile(absl::GetFlag(FLAGS_follow_token_file));
+    if (!token.ok()) return token.status();
+    options.follow_client.token = *std::move(token);
+  }
+  options.follow_max_backoff = absl::GetFlag(FLAGS_follow_retry_max);
 
   return options;
 }

@@ -73,7 +73,74 @@ class StateCollector : public prometheus::Collectable {
   const std::function<int64_t()> active_calls_;
 };
 
+prometheus::MetricFamily Counter(std::string name, std::string help,
+                                 double value) {
+  prometheus::MetricFamily family;
+  family.name = std::move(name);
+  family.help = std::move(help);
+  family.type = prometheus::MetricType::Counter;
+  prometheus::ClientMetric metric;
+  metric.counter.value = value;
+  family.metric.push_back(std::move(metric));
+  return family;
+}
+
+class FollowerCollector : public prometheus::Collectable {
+ public:
+  explicit FollowerCollector(const Follower* follower) : follower_(follower) {}
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    const FollowerStats stats = follower_->stats();
+    auto connected = Gauge("modelstate_follower_connected",
+                           "1 while the upstream's watch is up and listed.");
+    AddSample(connected, stats.connected ? 1 : 0);
+    auto synced = Gauge("modelstate_follower_synced",
+                        "1 once the first full listing was mirrored.");
+    AddSample(synced, stats.synced ? 1 : 0);
+    auto lag = Gauge("modelstate_follower_lag_versions",
+                     "Versions the upstream announced that are not here yet, "
+                     "summed over models.");
+    AddSample(lag, static_cast<double>(stats.lag_versions));
+    return {
+        connected,
+        synced,
+        lag,
+        Counter("modelstate_follower_syncs_total",
+                "Upstream versions committed here.", stats.syncs),
+        Counter("modelstate_follower_deletes_total",
+                "Models removed because the upstream removed them.",
+                stats.deletes),
+        Counter("modelstate_follower_upstream_failures_total",
+                "Watches of the upstream that ended in an error.",
+                stats.upstream_failures),
+        Counter("modelstate_follower_sync_failures_total",
+                "Syncs of one model that failed (memory limit, refused "
+                "tree) while the others went on.",
+                stats.sync_failures),
+        Counter("modelstate_follower_fetched_tensors_total",
+                "Tensors fetched from the upstream.", stats.tensors_fetched),
+        Counter("modelstate_follower_fetched_bytes_total",
+                "Tensor bytes fetched from the upstream.",
+                static_cast<double>(stats.bytes_fetched)),
+        Counter("modelstate_follower_reused_tensors_total",
+                "Tensors of synced versions shared with ones already held.",
+                stats.tensors_reused),
+        Counter("modelstate_follower_reused_bytes_total",
+                "Bytes of those tensors (not fetched).",
+                static_cast<double>(stats.bytes_reused)),
+    };
+  }
+
+ private:
+  const Follower* follower_;
+};
+
 }  // namespace
+
+std::shared_ptr<prometheus::Collectable> FollowerMetrics(
+    const Follower* follower) {
+  return std::make_shared<FollowerCollector>(follower);
+}
 
 Metrics::Metrics(const ModelStore* store, int64_t memory_limit_bytes,
                  std::function<int64_t()> active_calls)

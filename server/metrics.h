@@ -14,6 +14,7 @@
 
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "core/follower.h"
 #include "core/model_store.h"
 #include "grpcpp/support/status.h"
 #include "prometheus/collectable.h"
@@ -56,6 +57,15 @@ class Metrics {
   prometheus::Family<prometheus::Counter>& auth_failures_;
   std::shared_ptr<prometheus::Collectable> state_;
 };
+
+// A follower's state, read at every scrape (modelstated --follow):
+// modelstate_follower_{connected,synced,lag_versions} gauges and
+// modelstate_follower_{syncs,deletes,upstream_failures,sync_failures,
+// fetched_tensors,
+// fetched_bytes,reused_tensors,reused_bytes}_total counters. `follower` must
+// outlive the collectable's use.
+std::shared_ptr<prometheus::Collectable> FollowerMetrics(
+    const Follower* follower);
 
 }  // namespace modelstate
 

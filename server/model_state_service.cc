@@ -381,31 +381,41 @@ class LoadReactor : public grpc::ServerReadReactor<grpc::ByteBuffer>,
 
 }  // namespace
 
-// Streams one model's events; one write in flight, later events queue behind
-// it. With min_version, the watch starts once the model has reached it, so its
-// first event is CURRENT at that version or later.
+// Streams one model's events, or every model's (a follower's watch); one write
+// in flight, later events queue behind it. With min_version, a one-model watch
+// starts once the model has reached it, so its first event is CURRENT at that
+// version or later. A watch over every model shows only the models its caller
+// may read.
 class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
  public:
   WatchReactor(ModelStateService* service, grpc::CallbackServerContext* context,
-               ModelStore* store, const std::string& model, int64_t min_version,
+               ModelStore* store, const v1::WatchModelRequest& request,
                absl::Time wait_deadline)
       : active_(service),
         service_(service),
         store_(store),
-        model_(model),
+        model_(request.model()),
+        all_models_(request.all_models()),
         record_("WatchModel", service->options().log_rpcs,
                 service->options().metrics) {
-    record_.set_model(model);
-    const absl::Status admitted =
-        service->Admit(*context, Action::kWatchModel, model).status();
+    record_.set_model(model_);
+    {
+      absl::MutexLock lock(&mu_);
+      if (all_models_) {
+        queue_ = std::make_unique<LatestEventQueue>();
+      } else {
+        queue_ = std::make_unique<WatchQueue>(kMaxQueuedWatchEvents);
+      }
+    }
+    absl::Status admitted = Admit(context, request);
     if (!admitted.ok()) {
       absl::MutexLock lock(&mu_);
       FinishLocked(ToGrpcStatus(admitted));
       return;
     }
-    if (min_version > 0) {
+    if (request.min_version() > 0) {
       wait_id_ = service_->version_waiter().Wait(
-          model_, min_version, wait_deadline,
+          model_, request.min_version(), wait_deadline,
           [this](absl::Status reached) { StartWatching(reached); });
       return;
     }
@@ -413,9 +423,13 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
   }
 
   void Enqueue(const ModelEvent& event) {
+    if (all_models_ && event.type != ModelEvent::Type::kListed &&
+        !caller_->CanRead(event.model)) {
+      return;
+    }
     absl::MutexLock lock(&mu_);
     if (finished_) return;
-    queue_.Push(event);
+    queue_->Push(event);
     if (!writing_ && started_) WriteNextLocked();
   }
 
@@ -453,24 +467,47 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
   }
 
  private:
-  // Registers with the store, which delivers CURRENT or ABSENT first, then
-  // every later event; or ends the stream when min_version was not reached.
+  // A one-model watch needs the read role on it; a watch over every model
+  // only an authenticated caller, whose unreadable models Enqueue drops.
+  absl::Status Admit(grpc::CallbackServerContext* context,
+                     const v1::WatchModelRequest& request) {
+    if (all_models_ && request.min_version() > 0) {
+      return absl::InvalidArgumentError(
+          "min_version applies to the watch of one model, not all_models");
+    }
+    absl::StatusOr<Caller> caller =
+        all_models_ ? service_->Authenticate(*context)
+                    : service_->Admit(*context, Action::kWatchModel, model_);
+    if (!caller.ok()) return caller.status();
+    caller_ = *std::move(caller);
+    return absl::OkStatus();
+  }
+
+  // Registers with the store, which delivers CURRENT or ABSENT first (or
+  // CURRENT for every model then LISTED), then every later event; or ends the
+  // stream when min_version was not reached.
   void StartWatching(const absl::Status& reached) {
-    if (!reached.ok()) {
-      absl::MutexLock lock(&mu_);
-      FinishLocked(ToGrpcStatus(reached));
+    absl::Status watching = reached;
+    auto enqueue = [this](const ModelEvent& event) { Enqueue(event); };
+    if (watching.ok() && all_models_) {
+      absl::StatusOr<int64_t> id = store_->WatchAll(enqueue);
+      if (id.ok()) listener_id_ = *id;
+      watching = id.status();
+    } else if (watching.ok()) {
+      listener_id_ = store_->Watch(model_, enqueue);
+    }
+    absl::MutexLock lock(&mu_);
+    if (!watching.ok()) {
+      FinishLocked(ToGrpcStatus(watching));
       return;
     }
-    listener_id_ = store_->Watch(
-        model_, [this](const ModelEvent& event) { Enqueue(event); });
-    absl::MutexLock lock(&mu_);
     WriteNextLocked();
   }
 
   void WriteNextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     started_ = true;
-    if (finished_ || writing_ || queue_.empty()) return;
-    current_ = ToProto(queue_.Pop());
+    if (finished_ || writing_ || queue_->empty()) return;
+    current_ = ToProto(queue_->Pop());
     writing_ = true;
     StartWrite(&current_);
   }
@@ -487,11 +524,15 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
   ModelStateService* service_;
   ModelStore* store_;
   const std::string model_;
+  const bool all_models_;
+  // Set before the listener is registered, never replaced.
+  std::optional<Caller> caller_;
   RpcRecord record_;
   int64_t wait_id_ = 0;  // A pending min_version wait, or 0.
   int64_t listener_id_ = 0;
   absl::Mutex mu_;
-  WatchQueue queue_ ABSL_GUARDED_BY(mu_){kMaxQueuedWatchEvents};
+  // Set before the listener is registered, never replaced.
+  std::unique_ptr<EventQueue> queue_ ABSL_GUARDED_BY(mu_);
   v1::WatchModelResponse current_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool started_ ABSL_GUARDED_BY(mu_) = false;
@@ -743,9 +784,8 @@ grpc::ServerWriteReactor<v1::WatchModelResponse>* ModelStateService::WatchModel(
   absl::MutexLock lock(&watches_mu_);
   if (stopping_)
     return new Refused<grpc::ServerWriteReactor<v1::WatchModelResponse>>();
-  auto* reactor =
-      new WatchReactor(this, context, store_, request->model(),
-                       request->min_version(), MinVersionDeadline(*context));
+  auto* reactor = new WatchReactor(this, context, store_, *request,
+                                   MinVersionDeadline(*context));
   watches_.insert(reactor);
   return reactor;
 }

@@ -151,6 +151,14 @@ absl::Status ValidateServerOptions(const ServerOptions& options) {
   if (options.max_version_wait < absl::ZeroDuration()) {
     return absl::InvalidArgumentError("max_version_wait must not be negative");
   }
+  if (!options.follow.empty() && !options.preload.empty()) {
+    return absl::InvalidArgumentError(
+        "--preload can't be used with --follow: a follower's models come from "
+        "its upstream");
+  }
+  if (options.follow_max_backoff <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--follow_retry_max must be positive");
+  }
   return ValidateConnectionLimits(options);
 }
 
@@ -168,9 +176,13 @@ absl::Status Server::OpenStore(const ServerOptions& options) {
       persister = async_.get();
     }
   }
-  store_ = std::make_unique<ModelStore>(
-      ModelStore::Options{options.memory_limit_bytes, options.retain_versions,
-                          persister, options.max_pending_loads});
+  ModelStore::Options store_options;
+  store_options.memory_limit_bytes = options.memory_limit_bytes;
+  store_options.retain_versions = options.retain_versions;
+  store_options.persister = persister;
+  store_options.max_pending_loads = options.max_pending_loads;
+  store_options.replica_of = options.follow;
+  store_ = std::make_unique<ModelStore>(store_options);
   metrics_ = std::make_unique<Metrics>(
       store_.get(), options.memory_limit_bytes,
       [this] { return service_ ? service_->active_calls() : 0; });
@@ -226,9 +238,41 @@ absl::Status Server::ServeMetrics(const std::string& listen) {
   }
   exposer_->RegisterCollectable(metrics_->rpc_metrics());
   exposer_->RegisterCollectable(metrics_->state_metrics());
+  if (follower_) {
+    follower_metrics_ = FollowerMetrics(follower_.get());
+    exposer_->RegisterCollectable(follower_metrics_);
+  }
   const std::vector<int> ports = exposer_->GetListeningPorts();
   metrics_port_ = ports.empty() ? 0 : ports[0];
   return absl::OkStatus();
+}
+
+absl::Status Server::PrepareFollower(const ServerOptions& options) {
+  if (options.follow.empty()) return absl::OkStatus();
+  ASSIGN_OR_RETURN(
+      upstream_, GrpcUpstream::Connect(options.follow, options.follow_client));
+  FollowerOptions follower_options;
+  follower_options.max_backoff = options.follow_max_backoff;
+  follower_options.log = [](const std::string& line) {
+    std::fprintf(stderr, "modelstated: %s\n", line.c_str());
+  };
+  follower_options.on_first_sync = [this] {
+    absl::MutexLock lock(&shutdown_mu_);
+    if (shut_down_) return;
+    SetServing(server_.get(), true);
+    SetServing(health_server_.get(), true);
+  };
+  follower_ = std::make_unique<Follower>(store_.get(), upstream_.get(),
+                                         std::move(follower_options));
+  return absl::OkStatus();
+}
+
+void Server::StartFollower() {
+  std::fprintf(stderr,
+               "modelstated: following %s; NOT_SERVING until its models are "
+               "mirrored\n",
+               upstream_->name().c_str());
+  follower_thread_ = std::thread([this] { follower_->Run(); });
 }
 
 absl::Status Server::Listen(
@@ -277,6 +321,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
   server->memory_releaser_ =
       std::make_unique<MemoryReleaser>(options.release_memory_interval);
   RETURN_IF_ERROR(server->OpenStore(options));
+  RETURN_IF_ERROR(server->PrepareFollower(options));
+  if (server->follower_) {
+    // A follower's models are its upstream's (and what its data dir holds).
+    options.demo_model.clear();
+  }
   absl::Status started = server->Listen(options, credentials);
   if (started.ok()) started = server->ServeMetrics(options.metrics_listen);
   if (started.ok() && !options.local_socket.empty()) {
@@ -315,6 +364,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
     server->Shutdown(absl::ZeroDuration());
     return started;
   }
+  if (server->follower_) {
+    server->StartFollower();
+    return server;
+  }
   SetServing(server->server_.get(), true);
   SetServing(server->health_server_.get(), true);
   return server;
@@ -335,6 +388,10 @@ void Server::Shutdown(absl::Duration grace) {
   SetServing(server_.get(), false);
   SetServing(health_server_.get(), false);
   local_.reset();
+  if (follower_) {
+    follower_->Stop();
+    if (follower_thread_.joinable()) follower_thread_.join();
+  }
   const absl::Time end = absl::Now() + grace;
   if (service_) {
     service_->BeginDrain();

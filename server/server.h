@@ -8,12 +8,15 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "client/client.h"
 #include "core/data_dir.h"
+#include "core/follower.h"
 #include "core/limits.h"
 #include "core/model_store.h"
 #include "grpcpp/generic/async_generic_service.h"
@@ -21,6 +24,7 @@
 #include "grpcpp/server.h"
 #include "prometheus/exposer.h"
 #include "server/auth.h"
+#include "server/follower_upstream.h"
 #include "server/local_transfer.h"
 #include "server/memory_release.h"
 #include "server/metrics.h"
@@ -110,6 +114,17 @@ struct ServerOptions {
   // How often memory freed after bursts goes back to the operating system
   // (server/memory_release.h); zero or infinite never.
   absl::Duration release_memory_interval = absl::Seconds(10);
+  // Follower mode (docs/design.md, "Replication"). With `follow` (a gRPC
+  // target of another modelstated, primary or follower), this server mirrors
+  // every model of it with its version numbers, refuses writes with
+  // FAILED_PRECONDITION, and reports NOT_SERVING until its first full sync.
+  // No demo model; preloads are refused.
+  std::string follow;
+  // How to reach `follow`: TLS files, credentials (`timeout` is ignored).
+  ClientOptions follow_client;
+  // Waits between attempts to reach an unavailable upstream double up to
+  // this.
+  absl::Duration follow_max_backoff = absl::Seconds(10);
 };
 
 class Server {
@@ -137,6 +152,8 @@ class Server {
   absl::Status ReloadAuthPolicy();
   // The shared-memory side channel, or null without local_socket.
   LocalTransferServer* local_transfer() { return local_.get(); }
+  // The follower (follower mode), or null.
+  const Follower* follower() const { return follower_.get(); }
 
   // Blocks until the server has shut down.
   void Wait();
@@ -154,6 +171,12 @@ class Server {
   absl::Status OpenAccessControl(const ServerOptions& options);
   // Starts the metrics listener, when asked for.
   absl::Status ServeMetrics(const std::string& listen);
+  // Follower mode: connects the upstream and makes the follower (not yet
+  // running).
+  absl::Status PrepareFollower(const ServerOptions& options);
+  // Follower mode: runs the follower on a thread of its own; health turns
+  // SERVING after its first full sync.
+  void StartFollower();
   // Starts the main and health listeners.
   absl::Status Listen(
       const ServerOptions& options,
@@ -168,6 +191,11 @@ class Server {
   std::unique_ptr<AccessControl> access_;
   std::unique_ptr<AuditLog> audit_;
   std::unique_ptr<ModelStateService> service_;
+  std::unique_ptr<GrpcUpstream> upstream_;
+  std::unique_ptr<Follower> follower_;
+  std::thread follower_thread_;
+  // The exposer holds collectables weakly; this keeps the follower's alive.
+  std::shared_ptr<prometheus::Collectable> follower_metrics_;
   std::unique_ptr<grpc::Server> server_;
   grpc::CallbackGenericService health_unimplemented_;
   std::unique_ptr<grpc::Server> health_server_;
