@@ -123,10 +123,13 @@ class CommitClock {
     }
     return times_[{port, version}];
   }
-  ~CommitClock() {
+  // Ends every watch; call before stopping the daemons watched.
+  void Stop() {
     canceller_.Cancel();
     for (std::thread& watcher : watchers_) watcher.join();
+    watchers_.clear();
   }
+  ~CommitClock() { Stop(); }
 
  private:
   bool Record(int port, const ModelEvent& event) {
@@ -234,6 +237,7 @@ void MeasureFollowers(const ScaleConfig& config, int count, Child& primary,
           absl::StrCat(config.fetchers, " fetchers over ", n,
                        " follower(s): aggregate"),
           FanOut(config, ports), "GB/s", results);
+  clock.Stop();
   for (Child& follower : followers) Stop(follower);
 }
 
@@ -258,6 +262,7 @@ void MeasureChain(const ScaleConfig& config, Child& primary, ModelState& model,
   Collect("S3.1", "chain: primary -> A, every tensor changed", first, "s",
           results);
   Collect("S3.2", "chain: A -> B, every tensor changed", second, "s", results);
+  clock.Stop();
   Stop(a);
   Stop(b);
 }
