@@ -4,11 +4,10 @@
 // stored model may have changed. After the whole table, with every client
 // gone, the daemon's RSS must be back within 10% of where it started.
 //
-// Rows carry the credential their requests present ("" for none), so that
-// credential cases (missing, wrong, too weak, for another model) are rows
-// like the others once the daemon checks them: give the daemon its policy in
-// AbuseTable's flags and append rows such as
-//   {"wrong token", "Bearer not-a-token", ListAll, grpc::UNAUTHENTICATED, ""}.
+// The daemon runs with an auth policy. Rows carry the credential their
+// requests present: the admin's token for most, so that the attack reaches
+// what it attacks, and missing, wrong, malformed, too weak or other-model
+// credentials for the credential rows.
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -26,6 +25,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "core/access_policy.h"
 #include "core/limits.h"
 #include "gmock/gmock.h"
 #include "grpcpp/create_channel.h"
@@ -54,6 +54,25 @@ constexpr bool kUnderAsan = false;
 #endif
 
 constexpr int64_t kMemoryLimit = 256 << 20;
+// The policy's principals: admin of everything (the checking client and most
+// rows), reader of "victim", writer of other models only.
+constexpr char kAdminToken[] = "abuse-admin-token";
+constexpr char kReaderToken[] = "abuse-reader-token";
+constexpr char kOtherToken[] = "abuse-other-model-token";
+
+std::string PolicyJson() {
+  const auto principal = [](const char* name, const char* token,
+                            const char* models, const char* role) {
+    return absl::StrCat(R"({"name": ")", name, R"(", "token_sha256": [")",
+                        Sha256Hex(token), R"("], "roles": [{"models": ")",
+                        models, R"(", "role": ")", role, R"("}]})");
+  };
+  return absl::StrCat(R"({"version": 1, "principals": [)",
+                      principal("admin", kAdminToken, "*", "admin"), ", ",
+                      principal("reader", kReaderToken, "victim", "read"), ", ",
+                      principal("other", kOtherToken, "other-*", "write"),
+                      "]}");
+}
 constexpr int kMaxPendingLoads = 4;
 // Stalled streams are ended after this (--stream_idle_timeout).
 constexpr absl::Duration kIdleTimeout = absl::Seconds(2);
@@ -421,7 +440,9 @@ struct Row {
 
 std::vector<Row> Rows(const std::function<void()>& churn) {
   using A = Attacker;
-  const std::string none;
+  // The daemon runs with an auth policy; every attack but the credential
+  // rows presents the admin's token, so that it reaches what it attacks.
+  const std::string admin = absl::StrCat("Bearer ", kAdminToken);
   auto victim_load = [](A& a, auto edit) {
     v1::LoadHeader header = a.VictimHeader();
     edit(header);
@@ -429,37 +450,37 @@ std::vector<Row> Rows(const std::function<void()>& churn) {
   };
   return {
       // Crash reproducers.
-      {"spec nested 10,000 deep", none,
+      {"spec nested 10,000 deep", admin,
        [](A& a) { return Create(a, "x", Nested(10000)); },
        grpc::INVALID_ARGUMENT, "kMaxSpecDepth"},
-      {"creating load of one key of 100,000 dotted components", none,
+      {"creating load of one key of 100,000 dotted components", admin,
        [](A& a) {
          std::string key = "a";
          for (int i = 1; i < 100000; ++i) key += ".a";
          return Load(a, {Header(OneTensorHeader("x", key, {1}))});
        },
        grpc::INVALID_ARGUMENT, "kMaxKeyLength"},
-      {"key of 300 dotted components within the length bound", none,
+      {"key of 300 dotted components within the length bound", admin,
        [](A& a) {
          std::string key = "a";
          for (int i = 1; i < 300; ++i) key += ".a";
          return Load(a, {Header(OneTensorHeader("x", key, {1}))});
        },
        grpc::INVALID_ARGUMENT, "kMaxKeyComponents"},
-      {"Conv fan-in overflow", none,
+      {"Conv fan-in overflow", admin,
        [](A& a) {
          return Create(a, "x",
                        R"({"type": "Conv3d", "in_channels": 4611686018427387904,
                            "out_channels": 1, "kernel_size": [1, 4, 4]})");
        },
        grpc::INVALID_ARGUMENT, "overflows"},
-      {"Linear of 2^62 x 4 weights", none,
+      {"Linear of 2^62 x 4 weights", admin,
        [](A& a) {
          return Create(
              a, "x", R"({"type": "Linear", "args": [4611686018427387904, 4]})");
        },
        grpc::INVALID_ARGUMENT, "overflows"},
-      {"padding_idx of 2^64-1", none,
+      {"padding_idx of 2^64-1", admin,
        [](A& a) {
          return Create(a, "x",
                        R"({"type": "Embedding", "args": [4, 2],
@@ -467,50 +488,50 @@ std::vector<Row> Rows(const std::function<void()>& churn) {
        },
        grpc::INVALID_ARGUMENT, "int64"},
       // Memory-limit bypasses.
-      {"spec of 40 GB under a 256 MiB limit", none,
+      {"spec of 40 GB under a 256 MiB limit", admin,
        [](A& a) {
          return Create(a, "x",
                        R"({"type": "Linear", "args": [100000, 100000]})");
        },
        grpc::RESOURCE_EXHAUSTED, "memory limit"},
-      {"1,000,000 zero-byte tensors", none,
+      {"1,000,000 zero-byte tensors", admin,
        [](A& a) {
          return Load(a, {Header(EmptyTensorsHeader("x", 1000000, [](int i) {
                        return absl::StrCat("t", i);
                      }))});
        },
        grpc::RESOURCE_EXHAUSTED, "memory limit"},
-      {"1,000,000 tiny modules", none,
+      {"1,000,000 tiny modules", admin,
        [](A& a) {
          return Load(a, {Header(EmptyTensorsHeader("x", 1000000, [](int i) {
                        return absl::StrCat("m", i, ".t");
                      }))});
        },
        grpc::RESOURCE_EXHAUSTED, "memory limit"},
-      {"spec text over kMaxSpecBytes", none,
+      {"spec text over kMaxSpecBytes", admin,
        [](A& a) {
          std::string spec = R"({"type": "ModuleList", "modules": [)";
          while (spec.size() < (2u << 20)) spec += R"({"type": "Identity"},)";
          return Create(a, "x", spec + R"({"type": "Identity"}]})");
        },
        grpc::INVALID_ARGUMENT, "kMaxSpecBytes"},
-      {"pinned snapshot held by a fetch that never reads", none,
+      {"pinned snapshot held by a fetch that never reads", admin,
        [](A& a) { return NonReadingFetch(a, "big"); }, grpc::CANCELLED, ""},
-      {"load larger than the memory limit", none,
+      {"load larger than the memory limit", admin,
        [](A& a) {
          return Load(a, {Header(OneTensorHeader("x", "w", {80 << 20}))});
        },
        grpc::RESOURCE_EXHAUSTED, "memory limit"},
       // Stalled and slow clients.
-      {"header, then nothing", none,
+      {"header, then nothing", admin,
        [](A& a) { return Load(a, {Header(a.VictimHeader())}, false); },
        grpc::DEADLINE_EXCEEDED, "sent nothing"},
-      {"creating header reserving 128 MiB, then nothing", none,
+      {"creating header reserving 128 MiB, then nothing", admin,
        [](A& a) {
          return Load(a, {Header(OneTensorHeader("x", "w", {32 << 20}))}, false);
        },
        grpc::DEADLINE_EXCEEDED, "sent nothing"},
-      {"one chunk, then nothing", none,
+      {"one chunk, then nothing", admin,
        [](A& a) {
          return Load(a,
                      {Header(a.VictimHeader()),
@@ -518,60 +539,60 @@ std::vector<Row> Rows(const std::function<void()>& churn) {
                      false);
        },
        grpc::DEADLINE_EXCEEDED, "sent nothing"},
-      {"more stalled loads than --max_pending_loads", none,
+      {"more stalled loads than --max_pending_loads", admin,
        [](A& a) { return BeyondPendingLoads(a, kMaxPendingLoads); },
        grpc::RESOURCE_EXHAUSTED, "loads are in flight"},
-      {"load in 1-byte chunks", none,
+      {"load in 1-byte chunks", admin,
        [](A& a) {
          return Load(a, {Header(a.VictimHeader()),
                          Chunk(0, a.victim_data().substr(0, 1)),
                          Chunk(1, a.victim_data().substr(1, 1))});
        },
        grpc::INVALID_ARGUMENT, "smaller than the minimum"},
-      {"load of empty chunks", none,
+      {"load of empty chunks", admin,
        [](A& a) {
          return Load(a, {Header(a.VictimHeader()), Chunk(0, ""), Chunk(0, "")});
        },
        grpc::INVALID_ARGUMENT, "smaller than the minimum"},
-      {"fetch asking for 1-byte chunks gets the minimum", none,
+      {"fetch asking for 1-byte chunks gets the minimum", admin,
        [](A& a) {
          v1::StateDictRequest request = FetchOf("victim");
          request.set_chunk_bytes(1);
          return Fetch(a, request, ChunksAtLeastMinimum(a.victim_data().size()));
        },
        grpc::OK, ""},
-      {"200 watchers that never read while a model churns", none,
+      {"200 watchers that never read while a model churns", admin,
        [churn](A& a) { return NonReadingWatchers(a, 200, churn); },
        grpc::CANCELLED, ""},
-      {"pings every 10 ms", none,
+      {"pings every 10 ms", admin,
        [](A& a) {
          return FromFlood(testing_support::PingFlood(
              a.port(), absl::Milliseconds(10), absl::Seconds(30)));
        },
        grpc::UNAVAILABLE, "ENHANCE_YOUR_CALM"},
-      {"bytes that are not HTTP/2", none,
+      {"bytes that are not HTTP/2", admin,
        [](A& a) {
          return Garbage(a.port(), "GET / HTTP/1.1\r\nHost: x\r\n\r\n" +
                                       std::string(100000, 'z'));
        },
        grpc::UNAVAILABLE, "closed"},
       // Malformed load streams.
-      {"chunk before the header", none,
+      {"chunk before the header", admin,
        [](A& a) { return Load(a, Chunks(a.victim_data())); },
        grpc::INVALID_ARGUMENT, "must start with its header"},
-      {"end before the header", none, [](A& a) { return Load(a, {End(0)}); },
+      {"end before the header", admin, [](A& a) { return Load(a, {End(0)}); },
        grpc::INVALID_ARGUMENT, "must start with its header"},
-      {"two headers", none,
+      {"two headers", admin,
        [](A& a) {
          return Load(a, {Header(a.VictimHeader()), Header(a.VictimHeader())});
        },
        grpc::INVALID_ARGUMENT, "only one header"},
-      {"empty message", none,
+      {"empty message", admin,
        [](A& a) {
          return Load(a, {Header(a.VictimHeader()), v1::LoadStateDictRequest()});
        },
        grpc::INVALID_ARGUMENT, "empty load message"},
-      {"gap between chunks", none,
+      {"gap between chunks", admin,
        [](A& a) {
          const std::string& d = a.victim_data();
          return Load(a,
@@ -579,7 +600,7 @@ std::vector<Row> Rows(const std::function<void()>& churn) {
                       Chunk(kChunk + 8, d.substr(kChunk + 8, kChunk))});
        },
        grpc::INVALID_ARGUMENT, "missing bytes"},
-      {"overlapping chunks", none,
+      {"overlapping chunks", admin,
        [](A& a) {
          const std::string& d = a.victim_data();
          return Load(a,
@@ -587,20 +608,20 @@ std::vector<Row> Rows(const std::function<void()>& churn) {
                       Chunk(kChunk - 8, d.substr(kChunk - 8, kChunk))});
        },
        grpc::INVALID_ARGUMENT, "overlap"},
-      {"chunk past the declared size", none,
+      {"chunk past the declared size", admin,
        [](A& a) {
          return Load(a, Messages(Header(a.VictimHeader()),
                                  Chunks(a.victim_data() + "tail")));
        },
        grpc::INVALID_ARGUMENT, "runs past the end"},
-      {"end marker disagrees", none,
+      {"end marker disagrees", admin,
        [](A& a) {
          const std::string& d = a.victim_data();
          return Load(a, Messages(Header(a.VictimHeader()), Chunks(d),
                                  End(d.size() + 1)));
        },
        grpc::INVALID_ARGUMENT, ""},
-      {"end marker before all the data", none,
+      {"end marker before all the data", admin,
        [](A& a) {
          const std::string& d = a.victim_data();
          return Load(a,
@@ -608,14 +629,14 @@ std::vector<Row> Rows(const std::function<void()>& churn) {
                               Chunks(d.substr(0, 2 * kChunk)), End(d.size())));
        },
        grpc::INVALID_ARGUMENT, ""},
-      {"truncated stream", none,
+      {"truncated stream", admin,
        [](A& a) {
          return Load(a,
                      Messages(Header(a.VictimHeader()),
                               Chunks(a.victim_data().substr(0, 2 * kChunk))));
        },
        grpc::INVALID_ARGUMENT, "before its end marker"},
-      {"bad checksum", none,
+      {"bad checksum", admin,
        [](A& a) {
          std::string d = a.victim_data();
          d[d.size() / 2] ^= 0x40;
@@ -623,57 +644,57 @@ std::vector<Row> Rows(const std::function<void()>& churn) {
              a, Messages(Header(a.VictimHeader()), Chunks(d), End(d.size())));
        },
        grpc::DATA_LOSS, "checksum mismatch"},
-      {"header's total_bytes lies", none,
+      {"header's total_bytes lies", admin,
        [victim_load](A& a) {
          return victim_load(a, [](v1::LoadHeader& h) {
            h.set_total_bytes(h.total_bytes() * 2);
          });
        },
        grpc::INVALID_ARGUMENT, "add up to"},
-      {"chunk over kMaxChunkBytes", none,
+      {"chunk over kMaxChunkBytes", admin,
        [](A& a) {
          return Load(a, {Header(a.VictimHeader()),
                          Chunk(0, std::string(kMaxChunkBytes + 1, 'x'))});
        },
        grpc::INVALID_ARGUMENT, "larger than the maximum"},
-      {"message over 64 MiB", none,
+      {"message over 64 MiB", admin,
        [](A& a) { return Create(a, "x", std::string(65 << 20, ' ')); },
        grpc::RESOURCE_EXHAUSTED, ""},
       // Bad manifests and names.
-      {"unknown dtype enum", none,
+      {"unknown dtype enum", admin,
        [victim_load](A& a) {
          return victim_load(a, [](v1::LoadHeader& h) {
            h.mutable_tensors(0)->set_dtype(static_cast<v1::DType>(99));
          });
        },
        grpc::INVALID_ARGUMENT, "dtype"},
-      {"unknown tensor kind enum", none,
+      {"unknown tensor kind enum", admin,
        [victim_load](A& a) {
          return victim_load(a, [](v1::LoadHeader& h) {
            h.mutable_tensors(0)->set_kind(static_cast<v1::TensorKind>(7));
          });
        },
        grpc::INVALID_ARGUMENT, "kind"},
-      {"negative dimension", none,
+      {"negative dimension", admin,
        [victim_load](A& a) {
          return victim_load(a, [](v1::LoadHeader& h) {
            h.mutable_tensors(0)->set_shape(0, -4);
          });
        },
        grpc::INVALID_ARGUMENT, ""},
-      {"shape whose size overflows", none,
+      {"shape whose size overflows", admin,
        [](A& a) {
          return Load(a, {Header(OneTensorHeader(
                             "x", "w", {1LL << 40, 1LL << 40, 1LL << 40}))});
        },
        grpc::INVALID_ARGUMENT, "overflows"},
-      {"duplicate keys", none,
+      {"duplicate keys", admin,
        [victim_load](A& a) {
          return victim_load(
              a, [](v1::LoadHeader& h) { *h.add_tensors() = h.tensors(0); });
        },
        grpc::INVALID_ARGUMENT, ""},
-      {"key with a control character", none,
+      {"key with a control character", admin,
        [](A& a) {
          return Load(a, {Header(OneTensorHeader("x",
                                                 "a\x01"
@@ -681,41 +702,41 @@ std::vector<Row> Rows(const std::function<void()>& churn) {
                                                 {1}))});
        },
        grpc::INVALID_ARGUMENT, "control character"},
-      {"key naming both a tensor and a module", none,
+      {"key naming both a tensor and a module", admin,
        [](A& a) {
          return Load(a, {Header(EmptyTensorsHeader("x", 2, [](int i) {
                        return i == 0 ? std::string("a") : std::string("a.b");
                      }))});
        },
        grpc::INVALID_ARGUMENT, "as a tensor and as a module"},
-      {"key with an empty component", none,
+      {"key with an empty component", admin,
        [](A& a) {
          return Load(a, {Header(OneTensorHeader("x", "a..b", {1}))});
        },
        grpc::INVALID_ARGUMENT, "empty component"},
-      {"key of 5,000 bytes", none,
+      {"key of 5,000 bytes", admin,
        [](A& a) {
          return Load(
              a, {Header(OneTensorHeader("x", std::string(5000, 'k'), {1}))});
        },
        grpc::INVALID_ARGUMENT, "kMaxKeyLength"},
-      {"model name ../../etc/passwd", none,
+      {"model name ../../etc/passwd", admin,
        [](A& a) {
          return Create(a, "../../etc/passwd", R"({"type": "ReLU"})");
        },
        grpc::INVALID_ARGUMENT, "model name"},
-      {"model name in unicode", none,
+      {"model name in unicode", admin,
        [](A& a) { return Create(a, "mod\xc3\xa8le", R"({"type": "ReLU"})"); },
        grpc::INVALID_ARGUMENT, "model name"},
-      {"model name of 129 characters", none,
+      {"model name of 129 characters", admin,
        [](A& a) {
          return Create(a, std::string(129, 'm'), R"({"type": "ReLU"})");
        },
        grpc::INVALID_ARGUMENT, "model name"},
-      {"spec that is not JSON", none,
+      {"spec that is not JSON", admin,
        [](A& a) { return Create(a, "x", "{\"type\": \"Linear\", "); },
        grpc::INVALID_ARGUMENT, "not valid JSON"},
-      {"creating load naming a submodule", none,
+      {"creating load naming a submodule", admin,
        [](A& a) {
          v1::LoadHeader header = OneTensorHeader("x", "w", {1});
          header.set_module("sub");
@@ -723,41 +744,41 @@ std::vector<Row> Rows(const std::function<void()>& churn) {
        },
        grpc::INVALID_ARGUMENT, "submodule"},
       // Requests that are well-formed but not allowed.
-      {"fetch chunk_bytes over the maximum", none,
+      {"fetch chunk_bytes over the maximum", admin,
        [](A& a) {
          v1::StateDictRequest request = FetchOf("victim");
          request.set_chunk_bytes(kMaxChunkBytes + 1);
          return Fetch(a, request);
        },
        grpc::INVALID_ARGUMENT, ""},
-      {"fetch cast to int8", none,
+      {"fetch cast to int8", admin,
        [](A& a) {
          v1::StateDictRequest request = FetchOf("victim");
          request.set_cast_floating_to(v1::INT8);
          return Fetch(a, request);
        },
        grpc::INVALID_ARGUMENT, ""},
-      {"fetch of a key that is not there", none,
+      {"fetch of a key that is not there", admin,
        [](A& a) {
          v1::StateDictRequest request = FetchOf("victim");
          request.add_keys("no.such.key");
          return Fetch(a, request);
        },
        grpc::NOT_FOUND, ""},
-      {"fetch of a version not retained", none,
+      {"fetch of a version not retained", admin,
        [](A& a) {
          v1::StateDictRequest request = FetchOf("victim");
          request.set_version(12345);
          return Fetch(a, request);
        },
        grpc::NOT_FOUND, "not retained"},
-      {"strict load with a key missing", none,
+      {"strict load with a key missing", admin,
        [victim_load](A& a) {
          return victim_load(
              a, [](v1::LoadHeader& h) { h.mutable_tensors()->RemoveLast(); });
        },
        grpc::FAILED_PRECONDITION, "Missing key"},
-      {"compare-and-set on a stale version", none,
+      {"compare-and-set on a stale version", admin,
        [victim_load](A& a) {
          return victim_load(a, [](v1::LoadHeader& h) {
            h.set_has_expected_version(true);
@@ -765,10 +786,10 @@ std::vector<Row> Rows(const std::function<void()>& churn) {
          });
        },
        grpc::ABORTED, "expected 99"},
-      {"create over an existing model", none,
+      {"create over an existing model", admin,
        [](A& a) { return Create(a, "victim", R"({"type": "ReLU"})"); },
        grpc::ALREADY_EXISTS, ""},
-      {"rollback to a version never retained", none,
+      {"rollback to a version never retained", admin,
        [](A& a) {
          auto context = a.Context();
          v1::RollbackModelRequest request;
@@ -778,7 +799,7 @@ std::vector<Row> Rows(const std::function<void()>& churn) {
          return a.stub().RollbackModel(context.get(), request, &response);
        },
        grpc::NOT_FOUND, ""},
-      {"delete of a model that does not exist", none,
+      {"delete of a model that does not exist", admin,
        [](A& a) {
          auto context = a.Context();
          v1::DeleteModelRequest request;
@@ -787,6 +808,49 @@ std::vector<Row> Rows(const std::function<void()>& churn) {
          return a.stub().DeleteModel(context.get(), request, &response);
        },
        grpc::NOT_FOUND, ""},
+      // Credentials: missing, wrong, malformed, too weak, for another model.
+      {"fetch without credentials", "",
+       [](A& a) { return Fetch(a, FetchOf("victim")); }, grpc::UNAUTHENTICATED,
+       "no credentials"},
+      {"create without credentials", "",
+       [](A& a) { return Create(a, "x", R"({"type": "ReLU"})"); },
+       grpc::UNAUTHENTICATED, "no credentials"},
+      {"load with an unknown token", "Bearer not-a-token-anyone-holds",
+       [victim_load](A& a) { return victim_load(a, [](v1::LoadHeader&) {}); },
+       grpc::UNAUTHENTICATED, ""},
+      {"basic instead of bearer credentials", "Basic dXNlcjpwYXNz",
+       [](A& a) { return Fetch(a, FetchOf("victim")); }, grpc::UNAUTHENTICATED,
+       ""},
+      {"read role loads", absl::StrCat("Bearer ", kReaderToken),
+       [victim_load](A& a) { return victim_load(a, [](v1::LoadHeader&) {}); },
+       grpc::PERMISSION_DENIED, "needs role write"},
+      {"read role rolls back", absl::StrCat("Bearer ", kReaderToken),
+       [](A& a) {
+         auto context = a.Context();
+         v1::RollbackModelRequest request;
+         request.set_model("victim");
+         request.set_version(1);
+         v1::RollbackModelResponse response;
+         return a.stub().RollbackModel(context.get(), request, &response);
+       },
+       grpc::PERMISSION_DENIED, "needs role write"},
+      {"read role deletes", absl::StrCat("Bearer ", kReaderToken),
+       [](A& a) {
+         auto context = a.Context();
+         v1::DeleteModelRequest request;
+         request.set_model("victim");
+         v1::DeleteModelResponse response;
+         return a.stub().DeleteModel(context.get(), request, &response);
+       },
+       grpc::PERMISSION_DENIED, "needs role admin"},
+      {"write role of another model loads",
+       absl::StrCat("Bearer ", kOtherToken),
+       [victim_load](A& a) { return victim_load(a, [](v1::LoadHeader&) {}); },
+       grpc::PERMISSION_DENIED, ""},
+      {"write role of another model fetches",
+       absl::StrCat("Bearer ", kOtherToken),
+       [](A& a) { return Fetch(a, FetchOf("victim")); },
+       grpc::PERMISSION_DENIED, ""},
   };
 }
 
@@ -810,7 +874,10 @@ std::string Fingerprint(Client& client) {
 }
 
 TEST(AbuseTest, HostileRequestsAreRefusedAndTheDaemonServesOn) {
+  testing_support::ScratchDir dir;
+  std::ofstream(dir.file("policy.json")) << PolicyJson();
   Daemon daemon({"--demo_model=", "--log_rpcs=false",
+                 "--audit_log=", "--auth_policy=" + dir.file("policy.json"),
                  absl::StrCat("--memory_limit_bytes=", kMemoryLimit),
                  absl::StrCat("--max_pending_loads=", kMaxPendingLoads),
                  absl::StrCat("--stream_idle_timeout=",
@@ -821,6 +888,7 @@ TEST(AbuseTest, HostileRequestsAreRefusedAndTheDaemonServesOn) {
   ClientOptions options;
   options.timeout = absl::Seconds(30);
   options.own_connection = true;
+  options.token = kAdminToken;
   auto admin = Client::Connect(daemon.address(), options).value();
   // "ref" is fetched after every case; "victim" is what the loads aim at;
   // "big" (64 MiB) is what a non-reading fetch pins.
