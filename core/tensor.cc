@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <iterator>
 #include <new>
 
 #include "absl/base/thread_annotations.h"
@@ -122,8 +123,8 @@ class BlockPool {
   size_t limit_ ABSL_GUARDED_BY(mu_) = kDefaultPoolLimit;
 };
 
-// The bytes actually allocated for a block of `bytes` (kHugePage multiples
-// for large blocks).
+// The alignment of a block of `bytes`, also the unit its size is rounded up
+// to: large blocks are whole huge pages, which is what the pool keys on.
 size_t Alignment(size_t bytes) {
   return bytes >= kHugePage ? kHugePage : kAlignment;
 }
