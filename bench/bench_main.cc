@@ -3,8 +3,10 @@
 // and JSON (docs/performance.md).
 //
 //   modelstate_bench [--quick] [--reps=N] [--work_dir=DIR] [--out=PREFIX]
-//                    [--check] [--only=P9]
+//                    [--check] [--only=P9|P1]
 //
+// --only=P1 measures the fetch into fresh memory and raw TCP alone, printing
+// each sample's page-fault and compaction counters (bench/fresh_fetch.h).
 // --only=P9 measures the same-host shared-memory fetch alone
 // (bench/shared_memory.h), against a daemon holding only the main model.
 //
@@ -24,6 +26,7 @@
 #include <string>
 
 #include "bench/fetch_loop.h"
+#include "bench/fresh_fetch.h"
 #include "bench/naive_grpc.h"
 #include "bench/plan.h"
 #include "bench/raw_tcp.h"
@@ -35,7 +38,7 @@ namespace {
 
 constexpr char kUsage[] =
     "usage: modelstate_bench [--quick] [--reps=N] [--work_dir=DIR] "
-    "[--out=PREFIX] [--check] [--only=P9]\n";
+    "[--out=PREFIX] [--check] [--only=P9|P1]\n";
 
 std::string SelfPath() {
   char self[4096];
@@ -62,6 +65,8 @@ bool ParseFlags(int argc, char** argv, Config& config) {
       config.check = true;
     } else if (arg == "--only=P9") {
       config.only = "P9";
+    } else if (arg == "--only=P1") {
+      config.only = "P1";
     } else {
       return false;
     }
@@ -89,5 +94,6 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (config.only == "P9") return bench::RunSharedMemoryOnly(config);
+  if (config.only == "P1") return bench::RunFreshFetchOnly(config);
   return bench::RunSuite(config);
 }

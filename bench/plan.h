@@ -20,7 +20,8 @@ struct Config {
   bool check = false;  // check `out`.json after writing it (results_check.h)
   std::string self;    // this executable, started again for the contenders
   std::string daemon;  // modelstated
-  std::string only;    // "P9": that figure alone (bench/shared_memory.h)
+  std::string only;  // "P9" or "P1": that figure alone (bench/shared_memory.h,
+                     // bench/fresh_fetch.h)
 };
 
 struct Plan {

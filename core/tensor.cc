@@ -4,10 +4,14 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <iterator>
 #include <new>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
 #include "core/status_macros.h"
 #include "xxhash.h"
 
@@ -15,6 +19,115 @@ namespace modelstate {
 namespace {
 constexpr size_t kAlignment = 64;
 constexpr size_t kHugePage = 2 << 20;
+
+// The default bound of the pool of freed large blocks: one 1 GiB state dict.
+constexpr size_t kDefaultPoolLimit = size_t{1} << 30;
+
+#if defined(__SANITIZE_ADDRESS__)
+#define MODELSTATE_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define MODELSTATE_ASAN 1
+#endif
+#endif
+
+#ifdef MODELSTATE_ASAN
+extern "C" void __asan_poison_memory_region(void const volatile*, size_t);
+extern "C" void __asan_unpoison_memory_region(void const volatile*, size_t);
+// Pooled blocks are poisoned, so a use after the storage died is still
+// reported under ASan although the block is not freed.
+void Poison(void* data, size_t bytes) {
+  __asan_poison_memory_region(data, bytes);
+}
+void Unpoison(void* data, size_t bytes) {
+  __asan_unpoison_memory_region(data, bytes);
+}
+#else
+void Poison(void*, size_t) {}
+void Unpoison(void*, size_t) {}
+#endif
+
+// Freed huge-page blocks kept for reuse by later allocations of the same
+// rounded size. Giving a block back to the kernel is what makes the next large
+// allocation slow: its pages must be faulted and zeroed again, and in a
+// virtual machine with free page reporting the host has usually reclaimed
+// them, so each fault waits for the host too (docs/performance.md, "P1: why
+// it was bimodal"). Bounded by `limit_` bytes; when full, a freed block goes
+// back to the kernel and the pooled ones stay, so a steady workload keeps
+// reusing the same blocks.
+class BlockPool {
+ public:
+  static BlockPool& Get() {
+    static auto* pool = new BlockPool;
+    return *pool;
+  }
+
+  // Returns a pooled block of exactly `rounded` bytes, or null.
+  void* Take(size_t rounded) {
+    absl::MutexLock lock(&mu_);
+    for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
+      if (it->bytes != rounded) continue;
+      void* data = it->data;
+      pooled_ -= rounded;
+      blocks_.erase(std::next(it).base());
+      Unpoison(data, rounded);
+      return data;
+    }
+    return nullptr;
+  }
+
+  // Keeps `data` (`rounded` bytes) if the bound allows, else frees it.
+  void Give(void* data, size_t rounded) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (pooled_ + rounded <= limit_) {
+        Poison(data, rounded);
+        blocks_.push_back({data, rounded});
+        pooled_ += rounded;
+        return;
+      }
+    }
+    std::free(data);
+  }
+
+  void SetLimit(size_t bytes) {
+    std::deque<Block> freed;
+    {
+      absl::MutexLock lock(&mu_);
+      limit_ = bytes;
+      while (pooled_ > limit_) {
+        freed.push_back(blocks_.front());
+        pooled_ -= blocks_.front().bytes;
+        blocks_.pop_front();
+      }
+    }
+    for (const Block& block : freed) {
+      Unpoison(block.data, block.bytes);
+      std::free(block.data);
+    }
+  }
+
+  size_t pooled_bytes() {
+    absl::MutexLock lock(&mu_);
+    return pooled_;
+  }
+
+ private:
+  struct Block {
+    void* data;
+    size_t bytes;
+  };
+  absl::Mutex mu_;
+  std::deque<Block> blocks_ ABSL_GUARDED_BY(mu_);  // oldest first
+  size_t pooled_ ABSL_GUARDED_BY(mu_) = 0;
+  size_t limit_ ABSL_GUARDED_BY(mu_) = kDefaultPoolLimit;
+};
+
+// The alignment of a block of `bytes`, also the unit its size is rounded up
+// to: large blocks are whole huge pages, which is what the pool keys on.
+size_t Alignment(size_t bytes) {
+  return bytes >= kHugePage ? kHugePage : kAlignment;
+}
 
 const std::shared_ptr<const Storage>& EmptyStorage() {
   static const auto* empty =
@@ -30,7 +143,15 @@ Storage::Storage(const uint8_t* data, uint8_t* allocated, size_t size,
       size_(size),
       owner_(std::move(owner)) {}
 
-Storage::~Storage() { std::free(allocated_); }
+Storage::~Storage() {
+  if (allocated_ == nullptr) return;
+  if (Alignment(size_) == kHugePage) {
+    BlockPool::Get().Give(allocated_,
+                          (size_ + kHugePage - 1) / kHugePage * kHugePage);
+  } else {
+    std::free(allocated_);
+  }
+}
 
 MemoryCharge::~MemoryCharge() {
   if (accountant_ == nullptr) return;
@@ -51,6 +172,10 @@ bool MemoryCharge::Charge(const std::shared_ptr<MemoryAccountant>& accountant,
   return true;
 }
 
+void Storage::SetPoolLimit(size_t bytes) { BlockPool::Get().SetLimit(bytes); }
+
+size_t Storage::pooled_bytes() { return BlockPool::Get().pooled_bytes(); }
+
 absl::StatusOr<std::shared_ptr<Storage>> Storage::Allocate(size_t bytes) {
   ASSIGN_OR_RETURN(std::shared_ptr<Storage> storage,
                    AllocateUninitialized(bytes));
@@ -64,10 +189,17 @@ absl::StatusOr<std::shared_ptr<Storage>> Storage::AllocateUninitialized(
   // fresh 1 GiB tensor then takes 512 page faults instead of 262,144, which is
   // most of the cost of receiving it. aligned_alloc needs a non-zero multiple
   // of the alignment.
-  const size_t alignment = bytes >= kHugePage ? kHugePage : kAlignment;
+  const size_t alignment = Alignment(bytes);
   const size_t rounded =
       bytes == 0 ? alignment : (bytes + alignment - 1) / alignment * alignment;
   if (rounded < bytes) return absl::ResourceExhaustedError("tensor too large");
+  if (alignment == kHugePage) {
+    if (void* pooled = BlockPool::Get().Take(rounded)) {
+      uint8_t* allocated = static_cast<uint8_t*>(pooled);
+      return std::shared_ptr<Storage>(
+          new Storage(allocated, allocated, bytes, /*owner=*/nullptr));
+    }
+  }
   void* data = std::aligned_alloc(alignment, rounded);
   if (data == nullptr) {
     return absl::ResourceExhaustedError(

@@ -83,6 +83,13 @@ inline constexpr int64_t kStorageOverheadBytes = 384;
 // pages, so filling a fresh large tensor takes few page faults. A borrowed
 // block has whatever alignment its owner gives it.
 //
+// Freed blocks of 2 MiB and more go to a process-wide pool, bounded by
+// SetPoolLimit (1 GiB unless set), and allocations of the same rounded size
+// reuse them: their pages are already faulted in, which spares refetching a
+// state dict the cost of faulting and zeroing fresh memory (and, in a VM with
+// free page reporting, of the host refilling it). Pooled memory is not
+// returned to the kernel until SetPoolLimit lowers the bound.
+//
 // Writing: Allocate returns the only writable handle (a non-const Storage);
 // fill the bytes through mutable_data() before sharing the storage with
 // Tensors, which assume their bytes never change afterwards. Borrowed blocks
@@ -102,6 +109,14 @@ class Storage {
   // copies.
   static std::shared_ptr<const Storage> Borrow(
       const uint8_t* data, size_t bytes, std::shared_ptr<const void> owner);
+
+  // Bounds the pool of freed large blocks to `bytes`, freeing the oldest
+  // pooled blocks beyond it (0 empties the pool and disables it).
+  // Thread-safe.
+  static void SetPoolLimit(size_t bytes);
+
+  // Returns the bytes of the blocks the pool holds now. Thread-safe.
+  static size_t pooled_bytes();
 
   ~Storage();
   Storage(const Storage&) = delete;

@@ -1,10 +1,13 @@
 #include "core/tensor.h"
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <thread>
 #include <type_traits>
+#include <vector>
 
 #include "gtest/gtest.h"
 
@@ -60,6 +63,85 @@ TEST(TensorTest, LargeStoragesAreHugePageAlignedAndAllocateZeroes) {
   EXPECT_EQ(reinterpret_cast<uintptr_t>(builder.mutable_data()) % kHugePage,
             0u);
   EXPECT_EQ(builder.mutable_data()[kHugePage / 2], 0);
+}
+
+// The pool of freed large blocks: reuse of the same rounded size, its bound,
+// and that reuse changes no result (Allocate still zeroes).
+class StoragePoolTest : public ::testing::Test {
+ protected:
+  static constexpr size_t kHugePage = 2 << 20;
+  void SetUp() override {
+    Storage::SetPoolLimit(0);  // empties what earlier tests left
+    Storage::SetPoolLimit(8 * kHugePage);
+  }
+  void TearDown() override { Storage::SetPoolLimit(size_t{1} << 30); }
+};
+
+TEST_F(StoragePoolTest, FreedLargeBlockIsReusedForTheSameRoundedSize) {
+  const uint8_t* first;
+  {
+    auto storage = Storage::AllocateUninitialized(2 * kHugePage).value();
+    first = storage->data();
+  }
+  EXPECT_EQ(Storage::pooled_bytes(), 2 * kHugePage);
+  // A different rounded size does not take it.
+  auto other = Storage::AllocateUninitialized(kHugePage).value();
+  EXPECT_NE(other->data(), first);
+  EXPECT_EQ(Storage::pooled_bytes(), 2 * kHugePage);
+  // The same rounded size does, with its new size.
+  auto reused = Storage::AllocateUninitialized(2 * kHugePage - 5).value();
+  EXPECT_EQ(reused->data(), first);
+  EXPECT_EQ(reused->size(), 2 * kHugePage - 5);
+  EXPECT_EQ(Storage::pooled_bytes(), 0u);
+}
+
+TEST_F(StoragePoolTest, AllocateZeroesAReusedBlock) {
+  {
+    auto dirty = Storage::AllocateUninitialized(kHugePage).value();
+    std::memset(dirty->mutable_data(), 0xab, kHugePage);
+  }
+  ASSERT_EQ(Storage::pooled_bytes(), kHugePage);
+  auto zeroed = Storage::Allocate(kHugePage).value();
+  EXPECT_EQ(Storage::pooled_bytes(), 0u);
+  for (size_t i = 0; i < kHugePage; ++i) ASSERT_EQ(zeroed->data()[i], 0) << i;
+}
+
+TEST_F(StoragePoolTest, PoolNeverHoldsMoreThanItsLimit) {
+  std::vector<std::shared_ptr<Storage>> storages;
+  for (int i = 0; i < 6; ++i)
+    storages.push_back(Storage::AllocateUninitialized(3 * kHugePage).value());
+  storages.clear();  // 6 blocks of 3 huge pages freed; 2 fit in 8.
+  EXPECT_EQ(Storage::pooled_bytes(), 6 * kHugePage);
+  Storage::SetPoolLimit(4 * kHugePage);
+  EXPECT_EQ(Storage::pooled_bytes(), 3 * kHugePage);
+  Storage::SetPoolLimit(0);
+  EXPECT_EQ(Storage::pooled_bytes(), 0u);
+  { auto freed = Storage::AllocateUninitialized(kHugePage).value(); }
+  EXPECT_EQ(Storage::pooled_bytes(), 0u);
+}
+
+TEST_F(StoragePoolTest, SmallBlocksAreNotPooled) {
+  { auto small = Storage::AllocateUninitialized(kHugePage - 1).value(); }
+  EXPECT_EQ(Storage::pooled_bytes(), 0u);
+}
+
+TEST_F(StoragePoolTest, ConcurrentAllocationsAndFreesKeepBlocksDistinct) {
+  std::vector<std::thread> threads;
+  std::atomic<int> wrong{0};
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([t, &wrong] {
+      for (int i = 0; i < 50; ++i) {
+        auto storage = Storage::AllocateUninitialized(kHugePage).value();
+        std::memset(storage->mutable_data(), t, kHugePage);
+        std::this_thread::yield();
+        for (size_t j = 0; j < kHugePage; j += 4096)
+          if (storage->data()[j] != t) ++wrong;
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_LE(Storage::pooled_bytes(), 8 * kHugePage);
 }
 
 TEST(TensorTest, OnlyAllocatedStoragesAreWritable) {

@@ -18,6 +18,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/time.h"
 #include "core/memory_limit.h"
+#include "core/tensor.h"
 #include "server/server.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50551",
@@ -240,6 +241,12 @@ int main(int argc, char** argv) {
     return 2;
   }
   const modelstate::ServerOptions& options = *parsed;
+
+  // No pool of freed tensor memory in the daemon: its memory budget is the
+  // live versions plus 64 MiB during a load, and pooled blocks (a converted
+  // load's received tensors, a replaced version) would be held beyond it
+  // without being counted (core/tensor.h).
+  modelstate::Storage::SetPoolLimit(0);
 
   // Block the stop signals (and SIGHUP, which reloads the auth policy) in
   // every thread; one thread waits for them.

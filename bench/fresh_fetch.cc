@@ -1,0 +1,133 @@
+#include "bench/fresh_fetch.h"
+
+#include <sys/resource.h>
+#include <sys/stat.h>
+
+#include <array>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "bench/child_process.h"
+#include "bench/common.h"
+#include "bench/raw_tcp.h"
+#include "bench/results.h"
+#include "client/client.h"
+#include "core/safetensors.h"
+
+namespace modelstate::bench {
+namespace {
+
+// The /proc/vmstat counters that tell a sample's page-fault and huge-page
+// work: faults, THP allocations and fallbacks, direct compaction and reclaim.
+constexpr std::array<const char*, 7> kVmstat = {
+    "pgfault",      "thp_fault_alloc", "thp_fault_fallback", "compact_stall",
+    "compact_fail", "pgscan_direct",   "thp_split_pmd"};
+
+// Free memory the guest kernel has handed back to the hypervisor (free page
+// reporting), which the host must fault in and zero again on the next touch.
+// Absent outside such virtual machines; then reads as 0.
+constexpr char kReportedKib[] =
+    "/sys/module/page_reporting/parameters/reported_kib";
+
+struct Counters {
+  std::map<std::string, long long> vmstat;
+  long long reported_kib = 0;
+  long long minor_faults = 0;
+  double cpu_seconds = 0;  // user + system of this process
+};
+
+Counters ReadCounters() {
+  Counters counters;
+  std::ifstream in("/proc/vmstat");
+  std::string name;
+  long long value;
+  while (in >> name >> value) counters.vmstat[name] = value;
+  std::ifstream(kReportedKib) >> counters.reported_kib;
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  counters.minor_faults = usage.ru_minflt;
+  counters.cpu_seconds =
+      usage.ru_utime.tv_sec + usage.ru_stime.tv_sec +
+      (usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6;
+  return counters;
+}
+
+// Times `transfer` of `bytes` and prints its counters' deltas on stderr.
+double Sample(const char* what, uint64_t bytes,
+              const std::function<void()>& transfer) {
+  const Counters before = ReadCounters();
+  const double start = Seconds();
+  transfer();
+  const double gbps = GBps(bytes, Seconds() - start);
+  const Counters after = ReadCounters();
+  std::string line =
+      absl::StrCat(what, " ", gbps, " GB/s minflt ",
+                   after.minor_faults - before.minor_faults, " cpu_s ",
+                   after.cpu_seconds - before.cpu_seconds, " reported_kib ",
+                   after.reported_kib - before.reported_kib);
+  for (const char* name : kVmstat) {
+    absl::StrAppend(&line, " ", name, " ",
+                    after.vmstat.at(name) - before.vmstat.at(name));
+  }
+  std::fprintf(stderr, "%s\n", line.c_str());
+  return gbps;
+}
+
+}  // namespace
+
+int RunFreshFetchOnly(const Config& config) {
+  mkdir(config.work_dir.c_str(), 0755);
+  const Plan plan = MakePlan(config);
+  const std::string file = ModelFile(config.work_dir, 16, plan.model_bytes);
+  Child daemon = Spawn({config.daemon, "--listen=127.0.0.1:0",
+                        "--demo_model=", "--log_rpcs=false"},
+                       2, "serving on port ");
+  Child tcp_server = Spawn({config.self, "serve-tcp", file}, 1, "PORT ");
+  Results results;
+  {
+    auto client = Check(
+        Client::Connect(absl::StrCat("127.0.0.1:", daemon.port)), "connect");
+    RawTcpClient tcp(tcp_server.port);
+    const uint64_t file_bytes = FileSize(file);
+    uint64_t tensor_bytes = 0;
+    {
+      // Loaded as a trainer would (as in the suite, see Bench).
+      const SafetensorsFile state =
+          Check(ReadSafetensorsFile(file), "read model file");
+      LoadRequest load("main");
+      load.create_if_missing = true;
+      Check(client->LoadStateDict(load, state.tensors), "load main");
+      tensor_bytes = state.tensors.TotalBytes();
+    }
+    const auto fetch = [&] { Check(client->StateDict("main"), "P1 fetch"); };
+    fetch();  // Warm-ups.
+    tcp.Fetch();
+    std::vector<double> ours, raw;
+    std::fprintf(stderr, "P1: %d repetitions\n", plan.reps);
+    for (int rep = 0; rep < plan.reps; ++rep) {
+      ours.push_back(Sample("P1", tensor_bytes, fetch));
+      raw.push_back(Sample("P1.a", file_bytes, [&] { tcp.Fetch(); }));
+    }
+    results.Add("P1", "modelstate full fetch, 16 tensors", "GB/s",
+                std::move(ours));
+    results.Add("P1.a", "raw TCP loopback, same bytes", "GB/s", std::move(raw));
+    results.AddRatio("P1/a", "P1 / raw TCP", "P1", "P1.a", AtLeast(0.9));
+  }
+  Stop(tcp_server);
+  Stop(daemon);
+  const std::string markdown = ToMarkdown(results);
+  const std::string json = ToJson(results).dump(2) + "\n";
+  std::printf("%s\n%s", markdown.c_str(), json.c_str());
+  if (!config.out.empty()) {
+    std::ofstream(config.out + ".md") << markdown;
+    std::ofstream(config.out + ".json") << json;
+  }
+  return 0;
+}
+
+}  // namespace modelstate::bench
