@@ -120,13 +120,7 @@ int RunFreshFetchOnly(const Config& config) {
   }
   Stop(tcp_server);
   Stop(daemon);
-  const std::string markdown = ToMarkdown(results);
-  const std::string json = ToJson(results).dump(2) + "\n";
-  std::printf("%s\n%s", markdown.c_str(), json.c_str());
-  if (!config.out.empty()) {
-    std::ofstream(config.out + ".md") << markdown;
-    std::ofstream(config.out + ".json") << json;
-  }
+  PrintAndWrite(results, config.out);
   return 0;
 }
 

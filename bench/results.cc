@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <fstream>
 #include <limits>
 #include <utility>
 
@@ -124,6 +126,15 @@ nlohmann::ordered_json ToJson(const Results& results) {
                     {"verdict", Verdict(row)}});
   }
   return rows;
+}
+
+void PrintAndWrite(const Results& results, const std::string& out) {
+  const std::string markdown = ToMarkdown(results);
+  const std::string json = ToJson(results).dump(2) + "\n";
+  std::printf("%s\n%s", markdown.c_str(), json.c_str());
+  if (out.empty()) return;
+  std::ofstream(out + ".md") << markdown;
+  std::ofstream(out + ".json") << json;
 }
 
 }  // namespace modelstate::bench

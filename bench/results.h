@@ -90,6 +90,10 @@ std::string ToMarkdown(const Results& results);
 // (their count), target and verdict. A value that is not finite is null.
 nlohmann::ordered_json ToJson(const Results& results);
 
+// Prints the markdown table and the JSON of `results` on stdout and, when
+// `out` is not empty, writes them to `out`.md and `out`.json.
+void PrintAndWrite(const Results& results, const std::string& out);
+
 }  // namespace modelstate::bench
 
 #endif  // MODELSTATE_BENCH_RESULTS_H_

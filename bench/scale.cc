@@ -267,14 +267,6 @@ void MeasureChain(const ScaleConfig& config, Child& primary, ModelState& model,
   Stop(b);
 }
 
-void WriteOutputs(const ScaleConfig& config, const Results& results) {
-  const std::string markdown = ToMarkdown(results);
-  std::printf("%s\n", markdown.c_str());
-  if (config.out.empty()) return;
-  std::ofstream(config.out + ".md") << markdown;
-  std::ofstream(config.out + ".json") << ToJson(results).dump(2) << "\n";
-}
-
 int Run(const ScaleConfig& config) {
   Child primary = StartDaemon(config, "");
   ModelState model(config.model_bytes);
@@ -292,7 +284,7 @@ int Run(const ScaleConfig& config) {
   }
   MeasureChain(config, primary, model, seed, results);
   Stop(primary);
-  WriteOutputs(config, results);
+  PrintAndWrite(results, config.out);
   return 0;
 }
 

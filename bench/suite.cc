@@ -142,12 +142,8 @@ int RunSuite(const Config& config) {
     Bench bench(config, plan, files);
     results = CollectResults(bench);
   }  // disconnects and stops every server before reporting
-  const std::string markdown = ToMarkdown(results);
-  const std::string json = ToJson(results).dump(2) + "\n";
-  std::printf("%s\n%s", markdown.c_str(), json.c_str());
+  PrintAndWrite(results, config.out);
   if (config.out.empty()) return 0;
-  std::ofstream(config.out + ".md") << markdown;
-  std::ofstream(config.out + ".json") << json;
   return config.check ? CheckResultsFile(config.out + ".json", plan) : 0;
 }
 

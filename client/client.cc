@@ -823,6 +823,20 @@ absl::StatusOr<absl::optional<int64_t>> FetchIntoThroughSharedMemory(
   return fetched->manifest.version();
 }
 
+// StateDictInto through shared memory when `options` say the daemon is local
+// and its socket answers, through gRPC otherwise.
+absl::StatusOr<int64_t> FetchIntoEitherWay(
+    const ClientOptions& options, grpc::Channel* channel, absl::Time deadline,
+    const FetchRequest& fetch, const DestinationResolver& resolve,
+    const TransferOptions& transfer, const IntoOptions& into) {
+  ASSIGN_OR_RETURN(
+      const absl::optional<int64_t> local,
+      FetchIntoThroughSharedMemory(options, fetch, resolve, transfer, into));
+  if (local.has_value()) return *local;
+  return FetchInto(channel, deadline, options.token, fetch, resolve, transfer,
+                   into);
+}
+
 }  // namespace
 
 absl::StatusOr<int64_t> Client::StateDictInto(
@@ -835,12 +849,8 @@ absl::StatusOr<int64_t> Client::StateDictInto(
         return MatchDestinations(entries, destinations,
                                  /*drop_unmatched=*/false);
       };
-  ASSIGN_OR_RETURN(
-      const absl::optional<int64_t> local,
-      FetchIntoThroughSharedMemory(options_, fetch, resolve, transfer, into));
-  if (local.has_value()) return *local;
-  return FetchInto(channel_.get(), Deadline(), options_.token, fetch, resolve,
-                   transfer, into);
+  return FetchIntoEitherWay(options_, channel_.get(), Deadline(), fetch,
+                            resolve, transfer, into);
 }
 
 absl::StatusOr<int64_t> Client::StateDictInto(
@@ -861,12 +871,8 @@ absl::StatusOr<int64_t> Client::StateDictInto(
     return MatchDestinations(entries, destinations,
                              /*drop_unmatched=*/true);
   };
-  ASSIGN_OR_RETURN(
-      const absl::optional<int64_t> local,
-      FetchIntoThroughSharedMemory(options_, fetch, resolve, transfer, into));
-  if (local.has_value()) return *local;
-  return FetchInto(channel_.get(), Deadline(), options_.token, fetch, resolve,
-                   transfer, into);
+  return FetchIntoEitherWay(options_, channel_.get(), Deadline(), fetch,
+                            resolve, transfer, into);
 }
 
 absl::StatusOr<FetchedStateDict> Client::StateDict(

@@ -857,30 +857,6 @@ TEST(ServerTest, LoadsBeyondTheCapAreRefused) {
   EXPECT_TRUE(first.Finish().ok());
 }
 
-// GET `path` from 127.0.0.1:`port` over plain HTTP/1.0; the whole response.
-std::string HttpGet(int port, const std::string& path) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_port = htons(static_cast<uint16_t>(port));
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  timeval timeout{10, 0};
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
-  std::string response;
-  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0) {
-    const std::string request = "GET " + path + " HTTP/1.0\r\n\r\n";
-    if (write(fd, request.data(), request.size()) ==
-        static_cast<ssize_t>(request.size())) {
-      char buffer[4096];
-      ssize_t got;
-      while ((got = read(fd, buffer, sizeof buffer)) > 0)
-        response.append(buffer, got);
-    }
-  }
-  close(fd);
-  return response;
-}
-
 TEST(ServerTest, MetricsCountRpcsBytesAndTheStoresState) {
   ServerOptions options;
   options.metrics_listen = "127.0.0.1:0";
@@ -898,7 +874,7 @@ TEST(ServerTest, MetricsCountRpcsBytesAndTheStoresState) {
   auto scrape_until = [&](const std::vector<std::string>& wanted) {
     std::string page;
     for (int i = 0; i < 200; ++i) {
-      page = HttpGet(server->metrics_port(), "/metrics");
+      page = testing_support::HttpGet(server->metrics_port(), "/metrics");
       if (std::all_of(wanted.begin(), wanted.end(), [&](const std::string& w) {
             return page.find(w) != std::string::npos;
           })) {

@@ -140,6 +140,10 @@ struct Certificates {
 };
 Certificates MakeCertificates();
 
+// GET `path` from 127.0.0.1:`port` over plain HTTP/1.0 (e.g. /metrics); the
+// whole response, or "" when nothing answers within 10 s.
+std::string HttpGet(int port, const std::string& path);
+
 }  // namespace modelstate::testing_support
 
 #endif  // MODELSTATE_TESTS_TEST_SUPPORT_H_
