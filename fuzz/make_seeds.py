@@ -140,6 +140,21 @@ def frame_seeds():
     write(t, "chunk_sliced.bin", field(2, 2, chunk) + bytes([5, 9, 3]) + b"\x03")
 
 
+def load_frame_seeds():
+    t = "load_frame_fuzz"
+    # As frame_seeds: LoadStateDictRequest holds its chunk in field 2 too; trailing cuts.
+    chunk = field(1, 0, 4096) + field(2, 2, b"abcdefgh" * 4)
+    write(t, "chunk.bin", field(2, 2, chunk) + b"\0")
+    write(t, "chunk_at_zero.bin", field(2, 2, field(2, 2, b"xyz")) + b"\0")
+    write(t, "empty_chunk.bin", field(2, 2, field(1, 0, 128)) + b"\0")
+    write(t, "two_chunks_merged.bin", field(2, 2, chunk) + field(2, 2, field(1, 0, 8)) + b"\0")
+    header = field(1, 2, b"victim") + field(2, 0, 1) + field(9, 0, 24)
+    write(t, "header.bin", field(1, 2, header) + b"\0")
+    write(t, "end.bin", field(3, 2, field(1, 0, 24) + field(2, 2, (12345).to_bytes(8, "little")))
+          + b"\0")
+    write(t, "chunk_sliced.bin", field(2, 2, chunk) + bytes([5, 9, 3]) + b"\x03")
+
+
 def convert_seeds():
     t = "convert_fuzz"
     info = field(1, 2, b"bn.running_mean") + field(2, 0, 2) + field(3, 0, 2) + \
@@ -169,5 +184,6 @@ if __name__ == "__main__":
     tree_seeds()
     safetensors_seeds()
     frame_seeds()
+    load_frame_seeds()
     convert_seeds()
     receiver_seeds()

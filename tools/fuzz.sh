@@ -28,12 +28,13 @@ declare -A max_len=(
   [module_tree_fuzz]=4096
   [chunk_receiver_fuzz]=8192
   [chunk_frame_fuzz]=4096
+  [load_frame_fuzz]=4096
   [convert_fuzz]=4096
 )
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
   targets=(safetensors_fuzz module_factory_fuzz module_tree_fuzz chunk_receiver_fuzz
-           chunk_frame_fuzz convert_fuzz)
+           chunk_frame_fuzz load_frame_fuzz convert_fuzz)
 fi
 
 launcher=()
