@@ -220,8 +220,9 @@ TEST(SyncModelTest, FirstSyncFetchesAllThenOnlyChangedTensors) {
   // Equal contents travel once (BatchNorm's zero bias and running mean).
   uint64_t total = 0;
   std::set<uint64_t> contents;
-  for (const auto& entry :
-       GetStateDict(primary.GetSnapshot("net")->root).value().entries()) {
+  const StateDict state =
+      GetStateDict(primary.GetSnapshot("net")->root).value();
+  for (const auto& entry : state.entries()) {
     if (contents.insert(entry.tensor.Checksum()).second)
       total += entry.tensor.num_bytes();
   }
