@@ -217,7 +217,9 @@ std::unique_ptr<Server> StartWithBig(uint64_t bytes, uint64_t seed = 7) {
 std::vector<uint64_t> RandomCuts(int count) {
   const uint64_t seed = std::random_device()();
   std::mt19937_64 random(seed);
-  std::uniform_int_distribution<uint64_t> bytes(kMiB, 64 * kMiB);
+  // At most 48 MiB each, so that five cuts (240 MiB) always land before the
+  // end of a 256 MiB fetch: every cut is a drop the client must resume from.
+  std::uniform_int_distribution<uint64_t> bytes(kMiB, 48 * kMiB);
   std::vector<uint64_t> cuts;
   std::string listed;
   for (int i = 0; i < count; ++i) {
@@ -333,7 +335,7 @@ TEST(ResumeTest, ModelstatectlPullResumesToAByteIdenticalFile) {
   ExpectFewBytesMoved(proxy, kBig);
 
   // One resume fewer than the drops: the pull fails and leaves no file.
-  CuttingProxy stingy(server->port(), RandomCuts(5));
+  CuttingProxy stingy(server->port(), std::vector<uint64_t>(5, kBig / 8));
   const std::string failed = dir.file("failed.safetensors");
   testing_support::CommandResult short_of_resumes =
       RunCommand(ctl + "--server=" + stingy.address() +
