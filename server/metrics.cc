@@ -1,5 +1,7 @@
 #include "server/metrics.h"
 
+#include <malloc.h>
+
 #include <utility>
 #include <vector>
 
@@ -24,6 +26,21 @@ void AddSample(prometheus::MetricFamily& family, double value,
   metric.label = std::move(labels);
   metric.gauge.value = value;
   family.metric.push_back(std::move(metric));
+}
+
+// The allocator's view of the heap, summed over every arena: what is in use
+// tells growth apart from fragmentation, which RSS alone cannot.
+void AddHeapGauges(std::vector<prometheus::MetricFamily>& families) {
+  const struct mallinfo2 info = mallinfo2();
+  auto in_use = Gauge("modelstate_heap_in_use_bytes",
+                      "Bytes allocated by malloc and not yet freed "
+                      "(arenas and mmapped blocks).");
+  AddSample(in_use, static_cast<double>(info.uordblks + info.hblkhd));
+  auto free_bytes = Gauge("modelstate_heap_free_bytes",
+                          "Freed bytes malloc still holds in its arenas.");
+  AddSample(free_bytes, static_cast<double>(info.fordblks));
+  families.push_back(std::move(in_use));
+  families.push_back(std::move(free_bytes));
 }
 
 // The store's state, read at every scrape rather than kept up to date.
@@ -59,12 +76,19 @@ class StateCollector : public prometheus::Collectable {
     auto limit = Gauge("modelstate_memory_limit_bytes",
                        "--memory_limit_bytes; 0 means none.");
     AddSample(limit, static_cast<double>(memory_limit_bytes_));
+    auto metadata = Gauge("modelstate_memory_metadata_bytes",
+                          "Estimated bytes of modules, slots, names and "
+                          "shapes around the tensors; counted by the limit.");
+    AddSample(metadata, static_cast<double>(store_->metadata_bytes()));
     auto loads = Gauge("modelstate_pending_loads", "Loads in flight.");
     AddSample(loads, store_->pending_loads());
     auto calls =
         Gauge("modelstate_active_calls", "Calls in flight, streams included.");
     AddSample(calls, static_cast<double>(active_calls_()));
-    return {count, versions, bytes, live, reserved, limit, loads, calls};
+    std::vector<prometheus::MetricFamily> families = {
+        count, versions, bytes, live, reserved, metadata, limit, loads, calls};
+    AddHeapGauges(families);
+    return families;
   }
 
  private:

@@ -40,6 +40,9 @@ namespace {
 
 using ::testing::HasSubstr;
 using testing_support::Daemon;
+using testing_support::MetricsPort;
+using testing_support::MetricValue;
+using testing_support::WaitUntil;
 
 #if defined(__SANITIZE_ADDRESS__)
 constexpr bool kUnderAsan = true;
@@ -876,14 +879,14 @@ std::string Fingerprint(Client& client) {
 TEST(AbuseTest, HostileRequestsAreRefusedAndTheDaemonServesOn) {
   testing_support::ScratchDir dir;
   std::ofstream(dir.file("policy.json")) << PolicyJson();
-  Daemon daemon({"--demo_model=", "--log_rpcs=false",
-                 "--audit_log=", "--auth_policy=" + dir.file("policy.json"),
-                 absl::StrCat("--memory_limit_bytes=", kMemoryLimit),
-                 absl::StrCat("--max_pending_loads=", kMaxPendingLoads),
-                 absl::StrCat("--stream_idle_timeout=",
-                              absl::FormatDuration(kIdleTimeout)),
-                 "--keepalive_min_ping_interval=1s",
-                 "--release_memory_interval=1s"});
+  Daemon daemon(
+      {"--demo_model=", "--log_rpcs=false", "--metrics_listen=127.0.0.1:0",
+       "--audit_log=", "--auth_policy=" + dir.file("policy.json"),
+       absl::StrCat("--memory_limit_bytes=", kMemoryLimit),
+       absl::StrCat("--max_pending_loads=", kMaxPendingLoads),
+       absl::StrCat("--stream_idle_timeout=",
+                    absl::FormatDuration(kIdleTimeout)),
+       "--keepalive_min_ping_interval=1s", "--release_memory_interval=1s"});
   ASSERT_GT(daemon.port(), 0);
   ClientOptions options;
   options.timeout = absl::Seconds(30);
@@ -957,39 +960,56 @@ TEST(AbuseTest, HostileRequestsAreRefusedAndTheDaemonServesOn) {
     std::fprintf(stderr, "abuse: %zu cases in %.1f s\n", rows.size(),
                  absl::ToDoubleSeconds(absl::Now() - table_start));
   };
-  // The daemon's RSS once every attacker's client is gone, after the
-  // allocator has had a moment (--release_memory_interval) to give freed
-  // memory back: polled until at most `bound`, for up to 20 s.
-  auto settled_rss = [&](int64_t bound) {
-    int64_t rss = ResidentBytes(daemon.pid());
-    const absl::Time deadline = absl::Now() + absl::Seconds(20);
-    while (rss > bound && absl::Now() < deadline) {
-      absl::SleepFor(absl::Milliseconds(200));
-      rss = ResidentBytes(daemon.pid());
-    }
-    return rss;
+  // The daemon's heap in use (malloc's own count, from /metrics) once every
+  // attacker's client is gone: polled until at most `bound`, for up to 20 s,
+  // as gRPC frees a closed connection's memory on its own threads.
+  const int metrics_port = MetricsPort(daemon);
+  ASSERT_GT(metrics_port, 0);
+  auto heap_in_use = [&] {
+    return static_cast<int64_t>(
+        MetricValue(metrics_port, "modelstate_heap_in_use_bytes"));
+  };
+  auto settled_heap = [&](int64_t bound) {
+    int64_t heap = heap_in_use();
+    WaitUntil([&] { return (heap = heap_in_use()) <= bound; },
+              absl::Seconds(20));
+    return heap;
+  };
+  auto report = [&](const char* when, int64_t heap) {
+    std::fprintf(stderr, "abuse: %s: heap in use %.1f MiB, RSS %lld MiB\n",
+                 when, static_cast<double>(heap) / (1 << 20),
+                 static_cast<long long>(ResidentBytes(daemon.pid()) >> 20));
   };
 
   absl::SleepFor(absl::Milliseconds(500));
-  const int64_t pristine = ResidentBytes(daemon.pid());
-  ASSERT_GT(pristine, 0);
+  const int64_t pristine_rss = ResidentBytes(daemon.pid());
+  const int64_t pristine_heap = heap_in_use();
+  ASSERT_GT(pristine_rss, 0);
+  ASSERT_GT(pristine_heap, 0);
+  report("pristine", pristine_heap);
   run_table();
-  // ASan's shadow memory and quarantine make RSS meaningless there.
+  // ASan's shadow memory and quarantine make these figures meaningless there.
   if (kUnderAsan) return;
-  // The first round leaves the allocator's and gRPC's high-water marks
-  // (thread arenas, pages pinned by a few live blocks: about 16 MB of 86 MB
-  // here); that is bounded, not a leak.
-  const int64_t start = settled_rss(pristine * 5 / 4);
-  std::fprintf(stderr, "abuse: RSS %lld MiB pristine, %lld MiB after a round\n",
-               static_cast<long long>(pristine >> 20),
-               static_cast<long long>(start >> 20));
-  EXPECT_LE(start, pristine * 5 / 4);
-  // Rounds after it return within 10%: nothing accumulates per attack.
+  // The first round may leave high-water marks (gRPC's caches, the policy's
+  // and the metrics' first use); rounds after it must not grow the heap: a
+  // leak of a few bytes per attack grows it by the thousands of attacks a
+  // round makes. RSS alone moves by +-15% between rounds here (pages pinned
+  // by a few live blocks, arenas of threads), so it only gets a loose bound
+  // against runaway fragmentation.
+  const int64_t start = settled_heap(pristine_heap * 3 / 2);
+  report("after a round", start);
+  EXPECT_LE(start, pristine_heap * 3 / 2);
   run_table();
-  const int64_t end = settled_rss(start * 11 / 10);
-  std::fprintf(stderr, "abuse: RSS %lld MiB after another round\n",
-               static_cast<long long>(end >> 20));
-  EXPECT_LE(end, start * 11 / 10);
+  const int64_t end = settled_heap(start + start / 20 + (1 << 20));
+  report("after another round", end);
+  EXPECT_LE(end, start + start / 20 + (1 << 20));
+  // Polled, as the allocator returns freed pages every
+  // --release_memory_interval.
+  EXPECT_TRUE(WaitUntil(
+      [&] { return ResidentBytes(daemon.pid()) <= pristine_rss * 3 / 2; },
+      absl::Seconds(20)))
+      << "RSS " << ResidentBytes(daemon.pid()) << " vs pristine "
+      << pristine_rss;
 }
 
 }  // namespace

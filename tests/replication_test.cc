@@ -39,7 +39,10 @@ using ::testing::Not;
 using testing_support::ConnectTo;
 using testing_support::Daemon;
 using testing_support::FilledLike;
+using testing_support::MetricsPort;
+using testing_support::MetricValue;
 using testing_support::ScratchDir;
+using testing_support::WaitUntil;
 
 constexpr char kNet[] = R"({"type": "Sequential", "modules": [
     {"type": "Linear", "args": [256, 256]}, {"type": "BatchNorm1d", "args": [256]},
@@ -47,16 +50,6 @@ constexpr char kNet[] = R"({"type": "Sequential", "modules": [
 
 // Every wait in this file is bounded by this.
 constexpr absl::Duration kWait = absl::Seconds(60);
-
-bool WaitUntil(const std::function<bool()>& done,
-               absl::Duration timeout = kWait) {
-  const absl::Time deadline = absl::Now() + timeout;
-  while (!done()) {
-    if (absl::Now() > deadline) return false;
-    absl::SleepFor(absl::Milliseconds(10));
-  }
-  return true;
-}
 
 // Flags of a quiet follower of `upstream` that retries fast.
 std::vector<std::string> FollowerArgs(const std::string& upstream,
@@ -118,41 +111,6 @@ StateDict RandomLike(const StateDict& shape, std::mt19937& rng) {
     out.Set(entry.key, tensor.CastTo(entry.tensor.dtype()).value(), entry.kind);
   }
   return out;
-}
-
-// GET /metrics from 127.0.0.1:`port`.
-std::string Metrics(int port) {
-  return testing_support::HttpGet(port, "/metrics");
-}
-
-// The metrics port a daemon logs (just after its serving line), or 0.
-int MetricsPort(Daemon& daemon) {
-  if (!daemon.WaitForLog("metrics on port", kWait)) return 0;
-  const std::string log = daemon.Log();
-  const std::string marker = "metrics on port ";
-  const size_t at = log.find(marker);
-  int port = 0;
-  if (at == std::string::npos) return 0;
-  const size_t start = at + marker.size();
-  if (!absl::SimpleAtoi(log.substr(start, log.find('\n', start) - start),
-                        &port)) {
-    return 0;
-  }
-  return port;
-}
-
-// The value of an unlabelled metric, or -1.
-double MetricValue(int port, const std::string& name) {
-  const std::string page = Metrics(port);
-  const size_t at = page.find("\n" + name + " ");
-  if (at == std::string::npos) return -1;
-  double value = -1;
-  const size_t start = at + name.size() + 2;
-  if (!absl::SimpleAtod(page.substr(start, page.find('\n', start) - start),
-                        &value)) {
-    return -1;
-  }
-  return value;
 }
 
 bool Serving(Client& client) {
@@ -429,8 +387,9 @@ TEST(ReplicationTest, KilledMidSyncRestartsFromItsDataDirNeverTorn) {
     ASSERT_TRUE(WaitUntil(
         [&] { return VersionOf(*to_follower, "net").version == version; }));
     EXPECT_EQ(VersionOf(*to_follower, "net").checksums, pushed[version]);
-    if (restored.version == version)
+    if (restored.version == version) {
       EXPECT_THAT(follower.Log(), Not(HasSubstr("follow: synced")));
+    }
     if (trial == 6) break;
 
     // A new version; a reader polls the follower during its sync, which

@@ -433,7 +433,9 @@ TEST(StateDictIntoTest, ACancellerStopsFetchesLoadsAndWatches) {
                                               transfer, Mode(partial, nullptr))
                               .status();
     EXPECT_EQ(status.code(), absl::StatusCode::kCancelled) << status;
-    if (!partial) EXPECT_TRUE(buffers.Untouched());
+    if (!partial) {
+      EXPECT_TRUE(buffers.Untouched());
+    }
     // Cancelled already: the next call fails at once.
     transfer.progress = nullptr;
     EXPECT_EQ(client->StateDict({"llama"}, transfer).status().code(),

@@ -324,4 +324,41 @@ std::string HttpGet(int port, const std::string& path) {
   return response;
 }
 
+int MetricsPort(Daemon& daemon) {
+  if (!daemon.WaitForLog("metrics on port", absl::Seconds(60))) return 0;
+  const std::string log = daemon.Log();
+  const std::string marker = "metrics on port ";
+  const size_t at = log.find(marker);
+  if (at == std::string::npos) return 0;
+  const size_t start = at + marker.size();
+  int port = 0;
+  if (!absl::SimpleAtoi(log.substr(start, log.find('\n', start) - start),
+                        &port)) {
+    return 0;
+  }
+  return port;
+}
+
+double MetricValue(int port, const std::string& name) {
+  const std::string page = HttpGet(port, "/metrics");
+  const size_t at = page.find("\n" + name + " ");
+  if (at == std::string::npos) return -1;
+  const size_t start = at + name.size() + 2;
+  double value = -1;
+  if (!absl::SimpleAtod(page.substr(start, page.find('\n', start) - start),
+                        &value)) {
+    return -1;
+  }
+  return value;
+}
+
+bool WaitUntil(const std::function<bool()>& done, absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (!done()) {
+    if (absl::Now() > deadline) return false;
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  return true;
+}
+
 }  // namespace modelstate::testing_support

@@ -3,6 +3,7 @@
 #ifndef MODELSTATE_TESTS_TEST_SUPPORT_H_
 #define MODELSTATE_TESTS_TEST_SUPPORT_H_
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -143,6 +144,18 @@ Certificates MakeCertificates();
 // GET `path` from 127.0.0.1:`port` over plain HTTP/1.0 (e.g. /metrics); the
 // whole response, or "" when nothing answers within 10 s.
 std::string HttpGet(int port, const std::string& path);
+
+// The metrics port `daemon` logs (it must run with --metrics_listen), waiting
+// up to 60 s for the line; 0 if none came.
+int MetricsPort(Daemon& daemon);
+
+// The value of the unlabelled metric `name` on 127.0.0.1:`port`'s /metrics,
+// or -1 if the page has no such sample.
+double MetricValue(int port, const std::string& name);
+
+// Polls `done` every 10 ms until it holds (true) or `timeout` passes (false).
+bool WaitUntil(const std::function<bool()>& done,
+               absl::Duration timeout = absl::Seconds(60));
 
 }  // namespace modelstate::testing_support
 
