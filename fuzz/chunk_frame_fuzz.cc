@@ -5,32 +5,17 @@
 #include <string>
 #include <vector>
 
+#include "fuzz/wire_fuzz.h"
 #include "fuzzer/FuzzedDataProvider.h"
-#include "google/protobuf/stubs/logging.h"
 #include "grpcpp/support/byte_buffer.h"
-#include "grpcpp/support/slice.h"
 #include "proto/chunk_frame.h"
 
 namespace modelstate {
 namespace {
 
-grpc::ByteBuffer Sliced(const std::string& bytes,
-                        const std::vector<size_t>& cuts) {
-  std::vector<grpc::Slice> slices;
-  size_t at = 0;
-  for (size_t cut : cuts) {
-    cut = std::min(cut, bytes.size() - at);
-    slices.emplace_back(bytes.data() + at, cut);
-    at += cut;
-  }
-  slices.emplace_back(bytes.data() + at, bytes.size() - at);
-  return grpc::ByteBuffer(slices.data(), slices.size());
-}
-
 void FuzzOne(const uint8_t* data, size_t size) {
   FuzzedDataProvider in(data, size);
-  std::vector<size_t> cuts(in.ConsumeIntegralInRange<int>(0, 6));
-  for (size_t& cut : cuts) cut = in.ConsumeIntegralInRange<size_t>(0, 64);
+  const std::vector<size_t> cuts = ConsumeCuts(in);
   const std::string bytes = in.ConsumeRemainingBytesAsString();
   grpc::ByteBuffer buffer = Sliced(bytes, cuts);
 
@@ -63,12 +48,6 @@ void FuzzOne(const uint8_t* data, size_t size) {
 
 }  // namespace
 }  // namespace modelstate
-
-// Invalid UTF-8 in string fields is an expected parse failure, not news.
-extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  google::protobuf::SetLogHandler(nullptr);
-  return 0;
-}
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   modelstate::FuzzOne(data, size);

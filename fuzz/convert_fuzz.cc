@@ -8,7 +8,6 @@
 #include <string>
 
 #include "core/transfer.h"
-#include "google/protobuf/stubs/logging.h"
 #include "proto/convert.h"
 
 namespace modelstate {
@@ -48,12 +47,6 @@ void FuzzStateDictRequest(const std::string& bytes) {
 
 }  // namespace
 }  // namespace modelstate
-
-// Invalid UTF-8 in string fields is an expected parse failure, not news.
-extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  google::protobuf::SetLogHandler(nullptr);
-  return 0;
-}
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size == 0) return 0;
