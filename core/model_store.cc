@@ -166,12 +166,12 @@ absl::Status ModelStore::Add(const std::string& name, ModulePtr root,
   return absl::OkStatus();
 }
 
-absl::Status ModelStore::Delete(const std::string& name) {
+absl::Status ModelStore::Delete(const std::string& name, Snapshot* deleted) {
   RETURN_IF_ERROR(CheckWritable());
-  return Erase(name);
+  return Erase(name, deleted);
 }
 
-absl::Status ModelStore::Erase(const std::string& name) {
+absl::Status ModelStore::Erase(const std::string& name, Snapshot* erased) {
   absl::MutexLock admin(&admin_mu_);
   ASSIGN_OR_RETURN(std::shared_ptr<absl::Mutex> commit_mu, CommitMutex(name));
   absl::MutexLock commit(commit_mu.get());
@@ -187,6 +187,7 @@ absl::Status ModelStore::Erase(const std::string& name) {
     retired_versions_[name] = it->second.current.version;
     event = ModelEvent{ModelEvent::Type::kDeleted, name,
                        it->second.current.version};
+    if (erased != nullptr) *erased = it->second.current;
     models_.erase(it);
   }
   Notify(event);

@@ -138,8 +138,10 @@ class ModelStore {
                        std::string architecture, int64_t version);
 
   // Removes model `name` and its persisted versions; snapshots already taken
-  // stay valid. NotFound if it does not exist.
-  absl::Status Delete(const std::string& name);
+  // stay valid. NotFound if it does not exist. If `deleted` is given, it is
+  // set to the state removed (for the audit line: a writer committing just
+  // before the delete cannot make it name another version).
+  absl::Status Delete(const std::string& name, Snapshot* deleted = nullptr);
 
   // Returns the current state of `name`, or NotFound.
   absl::StatusOr<Snapshot> GetSnapshot(const std::string& name) const;
@@ -308,7 +310,7 @@ class ModelStore {
   // upstream).
   absl::Status CheckWritable() const;
   // Delete without the follower-mode check.
-  absl::Status Erase(const std::string& name);
+  absl::Status Erase(const std::string& name, Snapshot* erased = nullptr);
   // Returns a pending load's reservation; `finished` also ends its count.
   void Release(int64_t reserved_bytes, bool finished);
   void AttachTree(const Module& root);

@@ -63,7 +63,10 @@ TEST(ModelStoreTest, CreateListDeleteAndVersions) {
   ASSERT_TRUE(store.Load("m", Filled(model, 2)).ok());
   EXPECT_EQ(store.GetSnapshot("m").value().version, 2);
   ASSERT_EQ(store.List().size(), 1u);
-  ASSERT_TRUE(store.Delete("m").ok());
+  Snapshot deleted;
+  ASSERT_TRUE(store.Delete("m", &deleted).ok());
+  EXPECT_EQ(deleted.version, 2);
+  EXPECT_EQ(UniformValue(deleted.root), 2.0f);
   EXPECT_EQ(store.Delete("m").code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(store.GetSnapshot("m").status().code(),
             absl::StatusCode::kNotFound);

@@ -736,13 +736,14 @@ grpc::ServerUnaryReactor* ModelStateService::DeleteModel(
   UnaryAccess access(Action::kDeleteModel);
   return Unary(this, context, record, access, [&] {
     // The audit line names the version deleted.
-    absl::StatusOr<Snapshot> doomed = store_->GetSnapshot(request->model());
-    if (doomed.ok()) {
-      const ModelSummary summary = Summarize(*doomed);
+    Snapshot deleted;
+    absl::Status status = store_->Delete(request->model(), &deleted);
+    if (deleted.root != nullptr) {
+      const ModelSummary summary = Summarize(deleted);
       access.version = summary.version;
       access.bytes = summary.num_bytes;
     }
-    return store_->Delete(request->model());
+    return status;
   });
 }
 
