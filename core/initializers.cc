@@ -1,5 +1,6 @@
 #include "core/initializers.h"
 
+#include <algorithm>
 #include <cmath>
 #include <utility>
 
@@ -8,13 +9,16 @@
 namespace modelstate {
 namespace {
 
-// Fills a float32 tensor of `shape` with `draw()` and casts it to `dtype`.
+// Fills a float32 tensor of `shape` with `draw()`, applies `edit` if given,
+// and casts it to `dtype`.
 template <typename Draw>
-absl::StatusOr<Tensor> Generate(DType dtype, const Shape& shape, Draw draw) {
+absl::StatusOr<Tensor> Float32Then(DType dtype, const Shape& shape, Draw draw,
+                                   const std::function<void(float*)>& edit) {
   ASSIGN_OR_RETURN(TensorBuilder builder,
                    TensorBuilder::Create(DType::kFloat32, shape));
   float* data = builder.mutable_data_as<float>();
   for (int64_t i = 0; i < builder.num_elements(); ++i) data[i] = draw();
+  if (edit) edit(data);
   return std::move(builder).Build().CastTo(dtype);
 }
 
@@ -23,7 +27,21 @@ absl::StatusOr<Tensor> Generate(DType dtype, const Shape& shape, Draw draw) {
 absl::StatusOr<Tensor> FilledTensor(DType dtype, const Shape& shape,
                                     double value) {
   const float fill = static_cast<float>(value);
-  return Generate(dtype, shape, [fill] { return fill; });
+  return Float32Then(
+      dtype, shape, [fill] { return fill; }, nullptr);
+}
+
+template <typename Draw>
+absl::StatusOr<Tensor> Initializer::Generate(
+    DType dtype, const Shape& shape, Draw draw,
+    const std::function<void(float*)>& edit) {
+  if (dtype != DType::kFloat32) {
+    ASSIGN_OR_RETURN(const int64_t draw_bytes,
+                     NumBytes(DType::kFloat32, shape));
+    peak_scratch_bytes_ = std::max(peak_scratch_bytes_, draw_bytes);
+  }
+  if (dry_run_) return PlaceholderTensor(dtype, shape);
+  return Float32Then(dtype, shape, draw, edit);
 }
 
 absl::StatusOr<Tensor> PlaceholderTensor(DType dtype, const Shape& shape) {
@@ -36,8 +54,9 @@ absl::StatusOr<Tensor> PlaceholderTensor(DType dtype, const Shape& shape) {
 
 absl::StatusOr<Tensor> Initializer::Filled(DType dtype, const Shape& shape,
                                            double value) {
-  if (dry_run_) return PlaceholderTensor(dtype, shape);
-  return FilledTensor(dtype, shape, value);
+  const float fill = static_cast<float>(value);
+  return Generate(
+      dtype, shape, [fill] { return fill; }, nullptr);
 }
 
 absl::StatusOr<Tensor> Initializer::Zeros(DType dtype, const Shape& shape) {
@@ -47,18 +66,24 @@ absl::StatusOr<Tensor> Initializer::Zeros(DType dtype, const Shape& shape) {
 
 absl::StatusOr<Tensor> Initializer::Uniform(DType dtype, const Shape& shape,
                                             double low, double high) {
-  if (dry_run_) return PlaceholderTensor(dtype, shape);
   std::uniform_real_distribution<float> dist(static_cast<float>(low),
                                              static_cast<float>(high));
-  return Generate(dtype, shape, [&] { return dist(rng_); });
+  return Generate(
+      dtype, shape, [&] { return dist(rng_); }, nullptr);
 }
 
 absl::StatusOr<Tensor> Initializer::Normal(DType dtype, const Shape& shape,
                                            double mean, double stddev) {
-  if (dry_run_) return PlaceholderTensor(dtype, shape);
+  return Normal(dtype, shape, mean, stddev, nullptr);
+}
+
+absl::StatusOr<Tensor> Initializer::Normal(
+    DType dtype, const Shape& shape, double mean, double stddev,
+    const std::function<void(float*)>& edit) {
   std::normal_distribution<float> dist(static_cast<float>(mean),
                                        static_cast<float>(stddev));
-  return Generate(dtype, shape, [&] { return dist(rng_); });
+  return Generate(
+      dtype, shape, [&] { return dist(rng_); }, edit);
 }
 
 absl::StatusOr<Tensor> Initializer::KaimingUniform(DType dtype,

@@ -9,6 +9,7 @@
 #define MODELSTATE_CORE_INITIALIZERS_H_
 
 #include <cstdint>
+#include <functional>
 #include <random>
 
 #include "absl/status/statusor.h"
@@ -52,6 +53,11 @@ class Initializer {
   // nn.init.normal_: N(mean, stddev^2). Errors as FilledTensor.
   absl::StatusOr<Tensor> Normal(DType dtype, const Shape& shape, double mean,
                                 double stddev);
+  // Normal, with `edit` applied to the float32 draw before it is cast (e.g.
+  // zeroing Embedding's padding row without a copy of the weight).
+  absl::StatusOr<Tensor> Normal(DType dtype, const Shape& shape, double mean,
+                                double stddev,
+                                const std::function<void(float*)>& edit);
 
   // nn.Linear / _ConvNd reset_parameters: kaiming_uniform_(a=sqrt(5)) for the
   // weight gives U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the bias uses the same
@@ -62,9 +68,20 @@ class Initializer {
   // nn.init.xavier_uniform_ (gain 1) on a shape of rank 2 or more.
   absl::StatusOr<Tensor> XavierUniform(DType dtype, const Shape& shape);
 
+  // The largest transient buffer one tensor's initialisation needed (or, in a
+  // dry run, would need): values are drawn in float32 and then cast, so a
+  // tensor of another dtype briefly exists twice. A build's peak memory is
+  // the tree's bytes plus this.
+  int64_t peak_scratch_bytes() const { return peak_scratch_bytes_; }
+
  private:
+  template <typename Draw>
+  absl::StatusOr<Tensor> Generate(DType dtype, const Shape& shape, Draw draw,
+                                  const std::function<void(float*)>& edit);
+
   std::mt19937_64 rng_;
   bool dry_run_ = false;
+  int64_t peak_scratch_bytes_ = 0;
 };
 
 }  // namespace modelstate

@@ -590,17 +590,19 @@ absl::StatusOr<Snapshot> ModelStore::CreateFromSpec(
   RETURN_IF_ERROR(ValidateModelName(name));
   BuildOptions options;
   options.seed = seed;
-  // Measure first, and hold the estimate while building, so that a model that
-  // would not fit allocates nothing and concurrent creates cannot both build
-  // into the same headroom. Create then counts the built tree itself.
+  // Measure first, and hold the estimate (with the build's scratch) while
+  // building, so that a model that would not fit allocates nothing and
+  // concurrent creates cannot both build into the same headroom. Create then
+  // counts the built tree itself.
   ASSIGN_OR_RETURN(const TreeCost cost, EstimateSpecCost(spec_json, options));
+  const int64_t building = cost.total_bytes() + cost.build_scratch_bytes;
   {
     absl::MutexLock lock(&mu_);
-    RETURN_IF_ERROR(CheckMemory(cost.total_bytes()));
-    reserved_bytes_ += cost.total_bytes();
+    RETURN_IF_ERROR(CheckMemory(building));
+    reserved_bytes_ += building;
   }
   absl::StatusOr<ModulePtr> root = BuildModuleFromSpec(spec_json, options);
-  Release(cost.total_bytes(), /*finished=*/false);
+  Release(building, /*finished=*/false);
   if (!root.ok()) return root.status();
   RETURN_IF_ERROR(Create(name, *std::move(root), spec_json));
   return GetSnapshot(name);

@@ -469,6 +469,26 @@ TEST(ModelStoreTest, CreateFromSpecIsRefusedBeforeAllocating) {
   EXPECT_EQ(store.reserved_bytes(), 0);
 }
 
+// Weights are drawn in float32 and cast, so building a bfloat16 model briefly
+// holds one float32 copy of its largest tensor: the limit must fit that too.
+TEST(ModelStoreTest, CreateFromSpecReservesTheBuildsScratch) {
+  constexpr char kBf16[] =
+      R"({"type": "Embedding", "args": [1024, 1024], "dtype": "bfloat16"})";
+  const TreeCost cost = EstimateSpecCost(kBf16).value();
+  ASSERT_EQ(cost.tensor_bytes, 2 << 20);
+  ASSERT_EQ(cost.build_scratch_bytes, 4 << 20);
+  // Room for the model, not for the model and its float32 draw.
+  ModelStore tight(ModelStore::Options{cost.total_bytes() + (1 << 20)});
+  absl::Status refused = tight.CreateFromSpec("e", kBf16, 0).status();
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
+  EXPECT_EQ(tight.reserved_bytes(), 0);
+  ModelStore roomy(
+      ModelStore::Options{cost.total_bytes() + cost.build_scratch_bytes});
+  ASSERT_TRUE(roomy.CreateFromSpec("e", kBf16, 0).ok());
+  EXPECT_EQ(roomy.live_bytes(), cost.tensor_bytes);
+  EXPECT_EQ(roomy.reserved_bytes(), 0);
+}
+
 #if defined(__SANITIZE_ADDRESS__)
 #define MODELSTATE_ASAN 1
 #elif defined(__has_feature)

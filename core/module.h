@@ -45,6 +45,9 @@ struct TreeCost {
   int64_t tensor_bytes = 0;    // Distinct storages' bytes (shared ones once).
   int64_t metadata_bytes = 0;  // Modules, slots, names, shapes and storages.
   int64_t modules = 0;         // Distinct modules.
+  // EstimateSpecCost only: the transient buffer building the tree needs on
+  // top of its bytes (Initializer::peak_scratch_bytes).
+  int64_t build_scratch_bytes = 0;
   int64_t total_bytes() const { return tensor_bytes + metadata_bytes; }
 };
 

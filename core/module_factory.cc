@@ -19,7 +19,7 @@ namespace {
 // gets an error rather than overflowing the stack.
 class SpecBuilder : public NestedSpecBuilder {
  public:
-  explicit SpecBuilder(Initializer init) : init_(std::move(init)) {}
+  explicit SpecBuilder(Initializer& init) : init_(init) {}
 
   absl::StatusOr<ModulePtr> BuildNested(const SpecJson& spec,
                                         const std::string& path,
@@ -30,7 +30,7 @@ class SpecBuilder : public NestedSpecBuilder {
                                         const std::string& path,
                                         DType inherited);
 
-  Initializer init_;
+  Initializer& init_;
   int depth_ = 0;  // Modules under construction, the root included.
 };
 
@@ -92,7 +92,7 @@ namespace {
 
 absl::StatusOr<ModulePtr> BuildWith(absl::string_view spec_json,
                                     const BuildOptions& options,
-                                    Initializer init) {
+                                    Initializer& init) {
   if (spec_json.size() > kMaxSpecBytes) {
     return SpecError("", absl::StrCat("spec of ", spec_json.size(),
                                       " bytes is longer than kMaxSpecBytes (",
@@ -101,7 +101,7 @@ absl::StatusOr<ModulePtr> BuildWith(absl::string_view spec_json,
   SpecJson spec = SpecJson::parse(spec_json.begin(), spec_json.end(), nullptr,
                                   /*allow_exceptions=*/false);
   if (spec.is_discarded()) return SpecError("", "not valid JSON");
-  SpecBuilder builder(std::move(init));
+  SpecBuilder builder(init);
   ASSIGN_OR_RETURN(ModulePtr root,
                    builder.BuildNested(spec, "", options.default_dtype));
   return root;
@@ -120,18 +120,19 @@ absl::Status CheckModuleCount(const TreeCost& cost) {
 
 absl::StatusOr<ModulePtr> BuildModuleFromSpec(absl::string_view spec_json,
                                               const BuildOptions& options) {
-  ASSIGN_OR_RETURN(ModulePtr root,
-                   BuildWith(spec_json, options, Initializer(options.seed)));
+  Initializer init(options.seed);
+  ASSIGN_OR_RETURN(ModulePtr root, BuildWith(spec_json, options, init));
   RETURN_IF_ERROR(CheckModuleCount(root->Cost()));
   return root;
 }
 
 absl::StatusOr<TreeCost> EstimateSpecCost(absl::string_view spec_json,
                                           const BuildOptions& options) {
-  ASSIGN_OR_RETURN(ModulePtr root,
-                   BuildWith(spec_json, options, Initializer::DryRun()));
-  const TreeCost cost = root->Cost();
+  Initializer dry_run = Initializer::DryRun();
+  ASSIGN_OR_RETURN(ModulePtr root, BuildWith(spec_json, options, dry_run));
+  TreeCost cost = root->Cost();
   RETURN_IF_ERROR(CheckModuleCount(cost));
+  cost.build_scratch_bytes = dry_run.peak_scratch_bytes();
   return cost;
 }
 

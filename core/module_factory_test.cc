@@ -403,6 +403,20 @@ TEST(ModuleFactoryTest, TheDryRunMeasuresExactlyWhatTheBuildMakes) {
                 .value()
                 .tensor_bytes,
             int64_t{40000000000} + 400000);
+  // A float32 model is drawn in place; another dtype is drawn in float32
+  // first, and the largest such draw is the build's scratch.
+  EXPECT_EQ(EstimateSpecCost(R"({"type": "Linear", "args": [1000, 100]})")
+                .value()
+                .build_scratch_bytes,
+            0);
+  EXPECT_EQ(EstimateSpecCost(R"({"type": "Sequential", "dtype": "float16",
+                                 "modules": [
+                                   {"type": "Linear", "args": [1000, 100]},
+                                   {"type": "Embedding", "args": [300, 2000],
+                                    "padding_idx": 0}]})")
+                .value()
+                .build_scratch_bytes,
+            300 * 2000 * 4);
   // And its errors are the build's.
   EXPECT_EQ(EstimateSpecCost(R"({"type": "Linear", "args": [-1, 2]})")
                 .status()

@@ -183,21 +183,6 @@ ModuleOr BuildGroupNorm(const LayerContext& layer) {
   return module;
 }
 
-// torch draws the whole weight from N(0, 1), then zeroes the padding row.
-absl::StatusOr<Tensor> EmbeddingWeight(Initializer& init, int64_t num,
-                                       int64_t dim,
-                                       absl::optional<int64_t> padding_idx) {
-  ASSIGN_OR_RETURN(Tensor weight,
-                   init.Normal(DType::kFloat32, {num, dim}, 0, 1));
-  if (!padding_idx || init.dry_run()) return weight;
-  ASSIGN_OR_RETURN(TensorBuilder copy,
-                   TensorBuilder::Create(DType::kFloat32, {num, dim}));
-  std::memcpy(copy.mutable_data(), weight.data(), weight.num_bytes());
-  float* row = copy.mutable_data_as<float>() + *padding_idx * dim;
-  std::fill(row, row + dim, 0.0f);
-  return std::move(copy).Build();
-}
-
 ModuleOr BuildEmbedding(const LayerContext& layer) {
   ASSIGN_OR_RETURN(int64_t num, layer.args.Int("num_embeddings"));
   ASSIGN_OR_RETURN(int64_t dim, layer.args.Int("embedding_dim"));
@@ -212,13 +197,15 @@ ModuleOr BuildEmbedding(const LayerContext& layer) {
     }
     if (*padding_idx < 0) *padding_idx += num;
   }
-  ASSIGN_OR_RETURN(Tensor weight,
-                   EmbeddingWeight(layer.init, num, dim, padding_idx));
-  if (layer.init.dry_run()) {
-    ASSIGN_OR_RETURN(weight, PlaceholderTensor(layer.dtype, weight.shape()));
-  } else {
-    ASSIGN_OR_RETURN(weight, weight.CastTo(layer.dtype));
+  // torch draws the whole weight from N(0, 1), then zeroes the padding row.
+  std::function<void(float*)> zero_padding;
+  if (padding_idx) {
+    zero_padding = [&](float* data) {
+      std::fill_n(data + *padding_idx * dim, dim, 0.0f);
+    };
   }
+  ASSIGN_OR_RETURN(Tensor weight, layer.init.Normal(layer.dtype, {num, dim}, 0,
+                                                    1, zero_padding));
   auto module = std::make_shared<Module>(layer.type);
   RETURN_IF_ERROR(module->AddParameter("weight", std::move(weight)));
   return module;
