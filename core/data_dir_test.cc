@@ -30,6 +30,15 @@ constexpr char kCnn[] = R"({"type": "Sequential", "modules": [
     {"type": "Conv2d", "args": [3, 4, 3]}, {"type": "BatchNorm2d", "args": [4]},
     {"type": "Module", "buffers": {"scratch": {"shape": [2], "persistent": false}}}]})";
 
+// A store keeping `retain` versions per model and persisting through
+// `persister` (null: in memory only).
+ModelStore::Options Persisting(StatePersister* persister, int retain = 1) {
+  ModelStore::Options options;
+  options.retain_versions = retain;
+  options.persister = persister;
+  return options;
+}
+
 // A directory of this test process's own under the test temp dir, removed
 // when the test ends. CTest runs every TEST as its own process, two at a time,
 // so no path may be shared between tests or with a stale earlier run.
@@ -75,7 +84,7 @@ TEST(DataDirTest, PersistedVersionsRestoreExactly) {
   const ScratchDir scratch;
   const std::string& path = scratch.path();
   auto data_dir = DataDir::Open(path).value();
-  ModelStore store(ModelStore::Options{0, 1, data_dir.get()});
+  ModelStore store(Persisting(data_dir.get()));
   ASSERT_TRUE(store.Create("cnn", MustBuild(kCnn, 3), kCnn).ok());
   // An assign load changes a dtype; the restore must keep it.
   StateDict half;
@@ -117,7 +126,7 @@ TEST(DataDirTest, RestoreReportsAndSkipsDamagedAndForeignFiles) {
   DataDirOptions keep_two;
   keep_two.keep_versions = 2;
   auto data_dir = DataDir::Open(path, keep_two).value();
-  ModelStore store(ModelStore::Options{0, 1, data_dir.get()});
+  ModelStore store(Persisting(data_dir.get()));
   for (const char* name : {"truncated", "flipped", "fine"}) {
     ASSERT_TRUE(store.Create(name, MustBuild(kCnn), kCnn).ok());
     ASSERT_TRUE(
@@ -181,7 +190,7 @@ TEST(DataDirTest, FullDiskFailsASyncLoadAndChangesNothing) {
     return write(fd, data, size);
   };
   auto data_dir = DataDir::Open(path, options).value();
-  ModelStore store(ModelStore::Options{0, 1, data_dir.get()});
+  ModelStore store(Persisting(data_dir.get()));
   ASSERT_TRUE(store.Create("m", MustBuild(kCnn), kCnn).ok());
   Snapshot before = store.GetSnapshot("m").value();
   budget = 100;  // The disk is (nearly) full now.
@@ -245,7 +254,7 @@ TEST(DataDirTest, AsyncPersisterSkipsSupersededVersions) {
   auto data_dir = DataDir::Open(path).value();
   GatedPersister gate(data_dir.get());
   AsyncPersister async(&gate);
-  ModelStore store(ModelStore::Options{0, 1, &async});
+  ModelStore store(Persisting(&async));
   ASSERT_TRUE(store.Create("m", MustBuild(kCnn), kCnn).ok());
   // Whether the writer keeps up with the loads is up to the scheduler, so it
   // is held on version 1 while versions 2..51 are committed: each supersedes
@@ -273,7 +282,7 @@ TEST(DataDirTest, AsyncPersisterSkipsSupersededVersions) {
 }
 
 TEST(RetainedVersionsTest, RollbackUnderConcurrentReaders) {
-  ModelStore store(ModelStore::Options{0, 3, nullptr});
+  ModelStore store(Persisting(nullptr, 3));
   ASSERT_TRUE(store.Create("m", MustBuild(kCnn, 1), kCnn).ok());
   std::vector<ModulePtr> roots = {store.GetSnapshot("m").value().root};
   for (int seed = 2; seed <= 4; ++seed) {
