@@ -41,6 +41,9 @@ using testing_support::Daemon;
 constexpr absl::Duration kWait = absl::Seconds(60);
 // What a loaded 2-core machine may add to a keepalive's own time.
 constexpr absl::Duration kSlack = absl::Seconds(3);
+// Keepalive settings of 1s and 1s notice a silent peer within this: a ping at
+// most 1s after it went silent, unanswered for 1s.
+const absl::Duration kWindow = absl::Seconds(1 + 1) + kSlack;
 
 // Polls `done` every 10 ms until it holds or `timeout` passes.
 bool WaitUntil(const std::function<bool()>& done,
@@ -84,6 +87,8 @@ class BlackHoleProxy {
   std::string address() const { return absl::StrCat("127.0.0.1:", port_); }
   void BlackHole() { black_hole_ = true; }
   void Heal() { heal_ = true; }
+  // Connections accepted so far.
+  int connections() const { return connections_.load(); }
   // Upstream (daemon) sides that ended while black-holed.
   int upstream_closes() const { return upstream_closes_.load(); }
   // Client sides that ended while black-holed.
@@ -129,6 +134,7 @@ class BlackHoleProxy {
     Pair pair;
     pair.client = accept(listener_, nullptr, nullptr);
     if (pair.client < 0) return;
+    ++connections_;
     if (black_hole_) {
       pair.black_holed = true;  // Never reaches the upstream.
       pairs_.push_back(pair);
@@ -195,6 +201,7 @@ class BlackHoleProxy {
   std::atomic<bool> stop_{false};
   std::atomic<bool> black_hole_{false};
   std::atomic<bool> heal_{false};
+  std::atomic<int> connections_{0};
   std::atomic<int> upstream_closes_{0};
   std::atomic<int> client_closes_{0};
   std::vector<Pair> pairs_;  // Only the proxy's thread touches it.
@@ -238,10 +245,6 @@ struct ServerKeepalive {
   bool closes;  // Within kWindow of the black hole.
 };
 
-// The small settings below are 1s each: a ping at most 1s after the black
-// hole, unanswered for 1s.
-const absl::Duration kWindow = absl::Seconds(1 + 1) + kSlack;
-
 class ServerKeepaliveTest : public ::testing::TestWithParam<ServerKeepalive> {};
 
 // The daemon pings each connection every --keepalive_time and closes it when
@@ -277,6 +280,122 @@ INSTANTIATE_TEST_SUITE_P(
       return absl::StrCat("Time", info.param.time, "Timeout",
                           info.param.timeout);
     });
+
+// The value of the unlabelled metric `name` on 127.0.0.1:`port`, or -1.
+double MetricValue(int port, const std::string& name) {
+  const std::string page = testing_support::HttpGet(port, "/metrics");
+  const size_t at = page.find("\n" + name + " ");
+  double value = -1;
+  if (at == std::string::npos) return value;
+  const size_t start = at + name.size() + 2;
+  if (!absl::SimpleAtod(page.substr(start, page.find('\n', start) - start),
+                        &value)) {
+    return -1;
+  }
+  return value;
+}
+
+// The metrics port a daemon logs, or 0.
+int MetricsPort(Daemon& daemon) {
+  const std::string marker = "metrics on port ";
+  if (!daemon.WaitForLog(marker, kWait)) return 0;
+  const std::string log = daemon.Log();
+  const size_t start = log.find(marker) + marker.size();
+  int port = 0;
+  if (!absl::SimpleAtoi(log.substr(start, log.find('\n', start) - start),
+                        &port)) {
+    return 0;
+  }
+  return port;
+}
+
+int64_t VersionOn(const std::string& address, const std::string& model) {
+  absl::StatusOr<ModelManifest> manifest = ConnectTo(address)->GetModel(model);
+  return manifest.ok() ? manifest->version : 0;
+}
+
+constexpr char kNet[] = R"({"type": "Sequential", "modules": [
+    {"type": "Linear", "args": [64, 64]}, {"type": "ReLU"}]})";
+
+// A follower whose upstream goes silent notices within its keepalive time and
+// timeout (connected drops to 0), retries, and syncs again once the link
+// heals; one without keepalive (the control) still believes it is connected.
+TEST(FollowerKeepaliveTest, DropsASilentUpstreamRetriesAndResyncsAfterItHeals) {
+  // Takes a ping every 500ms, so followers may ping every 1s.
+  Daemon primary({"--demo_model=", "--log_rpcs=false",
+                  "--keepalive_min_ping_interval=500ms"});
+  ASSERT_GT(primary.port(), 0);
+  BlackHoleProxy proxy(primary.port());
+  const std::vector<std::string> follower_args = {
+      "--follow=" + proxy.address(), "--log_rpcs=false",
+      "--follow_retry_max=200ms", "--metrics_listen=127.0.0.1:0"};
+  std::vector<std::string> pinging = follower_args;
+  pinging.push_back("--follow_keepalive_time=1s");
+  pinging.push_back("--follow_keepalive_timeout=1s");
+  std::vector<std::string> unaware = follower_args;
+  unaware.push_back("--follow_keepalive_time=inf");
+  Daemon follower(pinging);
+  Daemon control(unaware);
+  const int metrics = MetricsPort(follower);
+  const int control_metrics = MetricsPort(control);
+  ASSERT_GT(metrics, 0);
+  ASSERT_GT(control_metrics, 0);
+  auto to_primary = ConnectTo(primary.address());
+  ASSERT_TRUE(to_primary->CreateModel("net", kNet, 1).ok());
+  ASSERT_TRUE(WaitUntil([&] {
+    return VersionOn(follower.address(), "net") == 1 &&
+           VersionOn(control.address(), "net") == 1;
+  }));
+  // Several pings over an idle watch: the primary accepts them, and gRPC's
+  // default of two pings until the client sends data does not stop them.
+  absl::SleepFor(absl::Seconds(4));
+  EXPECT_EQ(MetricValue(metrics, "modelstate_follower_upstream_failures_total"),
+            0);
+  const int connections = proxy.connections();
+
+  proxy.BlackHole();
+  const absl::Time start = absl::Now();
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        return MetricValue(metrics, "modelstate_follower_connected") == 0;
+      },
+      kWindow));
+  std::printf("silent upstream dropped after %s\n",
+              absl::FormatDuration(absl::Now() - start).c_str());
+  EXPECT_EQ(MetricValue(metrics, "modelstate_follower_upstream_failures_total"),
+            1);
+  EXPECT_THAT(follower.Log(), HasSubstr("retrying in 100ms"));
+  // The retry reaches the (still silent) proxy soon.
+  EXPECT_TRUE(
+      WaitUntil([&] { return proxy.connections() > connections; }, kSlack));
+  absl::SleepFor(start + kWindow - absl::Now());
+  EXPECT_EQ(MetricValue(control_metrics, "modelstate_follower_connected"), 1);
+  EXPECT_EQ(proxy.upstream_closes(), 0);  // The primary kept its side.
+
+  proxy.Heal();
+  const StateDict shape = to_primary->StateDict("net")->state;
+  ASSERT_TRUE(
+      to_primary->LoadStateDict("net", testing_support::FilledLike(shape, 2))
+          .ok());
+  EXPECT_TRUE(WaitUntil([&] {
+    return VersionOn(follower.address(), "net") == 2 &&
+           VersionOn(control.address(), "net") == 2;
+  }));
+  EXPECT_EQ(MetricValue(metrics, "modelstate_follower_connected"), 1);
+}
+
+TEST(FollowerKeepaliveTest, RefusesNonPositiveKeepaliveSettings) {
+  const std::string daemon =
+      testing_support::DaemonPath() +
+      " --listen=127.0.0.1:0 --follow=127.0.0.1:1 --log_rpcs=false ";
+  for (const char* flag :
+       {"--follow_keepalive_time=0s", "--follow_keepalive_timeout=-1s"}) {
+    const testing_support::CommandResult refused =
+        testing_support::RunCommand(daemon + flag);
+    EXPECT_EQ(refused.exit_code, 2) << flag;
+    EXPECT_THAT(refused.output, HasSubstr("must be positive")) << flag;
+  }
+}
 
 }  // namespace
 }  // namespace modelstate
