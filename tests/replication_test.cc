@@ -642,5 +642,76 @@ TEST(ReplicationTest, FollowRefusesPreloadsAndANonPositiveRetryCap) {
   EXPECT_THAT(retry.output, HasSubstr("--follow_retry_max must be positive"));
 }
 
+// A retry the follower logged: the delay it announced ("retrying in 400ms")
+// and when the test saw the line.
+struct Retry {
+  absl::Duration delay;
+  absl::Time seen;
+};
+
+// The first `count` retries `daemon` logs past byte `from` of its log, read as
+// they come (every 2 ms); fewer if they do not come within kWait.
+std::vector<Retry> ReadRetries(Daemon& daemon, size_t from, size_t count) {
+  const std::string marker = "retrying in ";
+  std::vector<Retry> retries;
+  const absl::Time deadline = absl::Now() + kWait;
+  while (retries.size() < count && absl::Now() < deadline) {
+    const std::string log = daemon.Log();
+    for (size_t end; (end = log.find('\n', from)) != std::string::npos;
+         from = end + 1) {
+      const std::string line = log.substr(from, end - from);
+      const size_t at = line.rfind(marker);
+      absl::Duration delay;
+      if (at != std::string::npos &&
+          absl::ParseDuration(line.substr(at + marker.size()), &delay)) {
+        retries.push_back({delay, absl::Now()});
+      }
+    }
+    absl::SleepFor(absl::Milliseconds(2));
+  }
+  return retries;
+}
+
+// With its upstream gone, a follower's retries back off from 100ms, doubling,
+// up to --follow_retry_max, and come that often. Two caps, both below the
+// default (10s), so that a flag that did not reach the follower fails both.
+TEST(ReplicationTest, RetriesBackOffDoublingUpToFollowRetryMax) {
+  using absl::Milliseconds;
+  const std::map<std::string, std::vector<absl::Duration>> expected = {
+      {"300ms",
+       {Milliseconds(100), Milliseconds(200), Milliseconds(300),
+        Milliseconds(300), Milliseconds(300), Milliseconds(300)}},
+      {"700ms",
+       {Milliseconds(100), Milliseconds(200), Milliseconds(400),
+        Milliseconds(700), Milliseconds(700), Milliseconds(700)}}};
+  for (const auto& [cap, delays] : expected) {
+    SCOPED_TRACE(absl::StrCat("--follow_retry_max=", cap));
+    Daemon primary({"--demo_model=demo", "--log_rpcs=false"});
+    Daemon follower({"--follow=" + primary.address(), "--log_rpcs=false",
+                     "--follow_retry_max=" + cap});
+    auto to_follower = ConnectTo(follower.address());
+    ASSERT_TRUE(WaitUntil([&] { return Serving(*to_follower); }));
+    const size_t from = follower.Log().size();
+    EXPECT_EQ(primary.Stop(SIGKILL, 10), SIGKILL);
+
+    const std::vector<Retry> retries =
+        ReadRetries(follower, from, delays.size());
+    ASSERT_EQ(retries.size(), delays.size()) << follower.Log();
+    std::string gaps;
+    for (size_t i = 0; i < retries.size(); ++i) {
+      EXPECT_EQ(retries[i].delay, delays[i]) << "retry " << i;
+      if (i == 0) continue;
+      // Each retry fails at once (nothing listens), so the lines are the
+      // previous delay apart.
+      const absl::Duration gap = retries[i].seen - retries[i - 1].seen;
+      absl::StrAppend(&gaps, " ", absl::FormatDuration(gap));
+      EXPECT_GE(gap, delays[i - 1] - Milliseconds(20)) << "retry " << i;
+      EXPECT_LE(gap, delays[i - 1] + absl::Seconds(1)) << "retry " << i;
+    }
+    std::printf("--follow_retry_max=%s: gaps between retries:%s\n", cap.c_str(),
+                gaps.c_str());
+  }
+}
+
 }  // namespace
 }  // namespace modelstate
