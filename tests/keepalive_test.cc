@@ -1,7 +1,8 @@
 // HTTP/2 keepalive against peers that go silent without closing (a
 // partitioned network, a hung host): a TCP proxy between two parties starts
 // dropping every byte both ways while keeping its sockets open. The daemon's
-// --keepalive_time/--keepalive_timeout close such a client's connection, and a
+// --keepalive_time/--keepalive_timeout close such a client's connection, a
+// client's ClientOptions::keepalive_time/timeout end its calls, and a
 // follower's --follow_keepalive_time/--follow_keepalive_timeout drop such an
 // upstream, retry, and sync again once the link heals. Each case has a control
 // whose larger settings keep the connection, so that a flag that did not reach
@@ -25,6 +26,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "absl/types/optional.h"
 #include "client/client.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -208,22 +210,23 @@ class BlackHoleProxy {
   std::thread thread_;
 };
 
-// A watch of `model` through `address` on a thread of its own, so that the
-// connection carries a call; cancelled and joined on destruction.
+// A watch through `address` (of a client with `options`) on a thread of its
+// own, so that the connection carries a call; cancelled and joined on
+// destruction.
 class WatchInFlight {
  public:
-  explicit WatchInFlight(const std::string& address)
-      : client_(ConnectTo(address)) {
+  explicit WatchInFlight(const std::string& address, ClientOptions options = {})
+      : client_(Client::Connect(address, options).value()) {
     thread_ = std::thread([this] {
-      client_
-          ->Watch(
-              "absent",
-              [this](const ModelEvent&) {
-                started_ = true;
-                return true;
-              },
-              &canceller_)
-          .IgnoreError();
+      absl::Status status = client_->Watch(
+          "absent",
+          [this](const ModelEvent&) {
+            started_ = true;
+            return true;
+          },
+          &canceller_);
+      absl::MutexLock lock(&mu_);
+      ended_ = std::move(status);
     });
   }
   ~WatchInFlight() {
@@ -231,11 +234,18 @@ class WatchInFlight {
     thread_.join();
   }
   bool started() const { return started_.load(); }
+  // How the watch ended, or nothing while it runs.
+  absl::optional<absl::Status> ended() const {
+    absl::MutexLock lock(&mu_);
+    return ended_;
+  }
 
  private:
   std::unique_ptr<Client> client_;
   CallCanceller canceller_;
   std::atomic<bool> started_{false};
+  mutable absl::Mutex mu_;
+  absl::optional<absl::Status> ended_ ABSL_GUARDED_BY(mu_);
   std::thread thread_;
 };
 
@@ -280,6 +290,46 @@ INSTANTIATE_TEST_SUITE_P(
       return absl::StrCat("Time", info.param.time, "Timeout",
                           info.param.timeout);
     });
+
+// ClientOptions::keepalive_time/timeout: a call on a connection that went
+// silent ends Unavailable within them; the server (whose minimum ping interval
+// is below the keepalive time) bears the pings before that.
+TEST(ClientKeepaliveTest, ACallOnASilentConnectionEndsUnavailableInTime) {
+  ServerOptions server_options;
+  server_options.keepalive_min_ping_interval = absl::Milliseconds(500);
+  auto server = testing_support::StartServer(server_options);
+  ASSERT_NE(server, nullptr);
+  BlackHoleProxy proxy(server->port());
+  ClientOptions options;
+  options.keepalive_time = absl::Seconds(1);
+  options.keepalive_timeout = absl::Seconds(1);
+  WatchInFlight watch(proxy.address(), options);
+  ASSERT_TRUE(WaitUntil([&] { return watch.started(); }));
+  absl::SleepFor(absl::Seconds(3));  // Three pings, answered.
+  ASSERT_FALSE(watch.ended().has_value()) << *watch.ended();
+
+  proxy.BlackHole();
+  const absl::Time start = absl::Now();
+  ASSERT_TRUE(WaitUntil([&] { return watch.ended().has_value(); }, kWindow));
+  std::printf("call on a silent connection ended after %s: %s\n",
+              absl::FormatDuration(absl::Now() - start).c_str(),
+              watch.ended()->ToString().c_str());
+  EXPECT_EQ(watch.ended()->code(), absl::StatusCode::kUnavailable);
+  // The client closed the connection it gave up on.
+  EXPECT_TRUE(WaitUntil([&] { return proxy.client_closes() == 1; }, kSlack));
+}
+
+TEST(ClientKeepaliveTest, ConnectRefusesNonPositiveKeepaliveSettings) {
+  ClientOptions no_time;
+  no_time.keepalive_time = absl::ZeroDuration();
+  ClientOptions no_timeout;
+  no_timeout.keepalive_time = absl::Seconds(30);
+  no_timeout.keepalive_timeout = -absl::Seconds(1);
+  for (const ClientOptions& options : {no_time, no_timeout}) {
+    EXPECT_EQ(Client::Connect("127.0.0.1:1", options).status().code(),
+              absl::StatusCode::kInvalidArgument);
+  }
+}
 
 // The value of the unlabelled metric `name` on 127.0.0.1:`port`, or -1.
 double MetricValue(int port, const std::string& name) {
