@@ -414,7 +414,7 @@ TEST(FollowerKeepaliveTest, DropsASilentUpstreamRetriesAndResyncsAfterItHeals) {
               absl::FormatDuration(absl::Now() - start).c_str());
   EXPECT_EQ(MetricValue(metrics, "modelstate_follower_upstream_failures_total"),
             1);
-  EXPECT_THAT(follower.Log(), HasSubstr("retrying in 100ms"));
+  EXPECT_TRUE(follower.WaitForLog("retrying in 100ms", kSlack));
   // The retry reaches the (still silent) proxy soon.
   EXPECT_TRUE(
       WaitUntil([&] { return proxy.connections() > connections; }, kSlack));
