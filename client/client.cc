@@ -1,6 +1,7 @@
 #include "client/client.h"
 
 #include <algorithm>
+#include <climits>
 #include <cstring>
 #include <map>
 #include <set>
@@ -42,6 +43,33 @@ std::vector<TensorDescription> Describe(
     described.push_back(
         Describe(manifest.tensors(static_cast<int>(i)), entries[i]));
   return described;
+}
+
+// Sets the channel arguments of ClientOptions' keepalive (none when
+// keepalive_time is infinite); InvalidArgument for a non-positive duration.
+absl::Status ApplyKeepalive(const ClientOptions& options,
+                            grpc::ChannelArguments& args) {
+  if (options.keepalive_time <= absl::ZeroDuration() ||
+      options.keepalive_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        "keepalive_time and keepalive_timeout must be positive");
+  }
+  if (options.keepalive_time == absl::InfiniteDuration())
+    return absl::OkStatus();
+  // Whole milliseconds, at least 1; INT_MAX (gRPC's "never") beyond.
+  auto millis = [](absl::Duration duration) {
+    return static_cast<int>(
+        std::clamp<int64_t>(absl::ToInt64Milliseconds(duration), 1, INT_MAX));
+  };
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, millis(options.keepalive_time));
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, millis(options.keepalive_timeout));
+  // A connection without calls may be just as dead, and the next call on it
+  // would hang; modelstated accepts pings without calls.
+  args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  // gRPC stops pinging after two pings unless the client sent data in
+  // between, which a client that only receives (a watch) never does.
+  args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -124,6 +152,7 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(
   }
   if (options.own_connection)
     args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  RETURN_IF_ERROR(ApplyKeepalive(options, args));
   const bool tls = options.use_tls || !options.tls_ca_file.empty() ||
                    !options.tls_cert_file.empty();
   if (tls) {

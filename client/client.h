@@ -65,6 +65,18 @@ struct ClientOptions {
   // instead of TCP, and through gRPC when nothing listens there. A canceller
   // is checked before and after such a fetch, not during it.
   std::string local_socket;
+  // HTTP/2 keepalive, so that a server that went silent without closing (a
+  // partitioned network, a hung host) fails the calls on its connection with
+  // Unavailable instead of hanging them: when finite, the client pings every
+  // `keepalive_time`, with or without calls in flight, and drops the
+  // connection when no answer comes within `keepalive_timeout`. Pair it with
+  // the server: modelstated takes pings at most every
+  // --keepalive_min_ping_interval (10 s by default) and closes the connection
+  // of a client that pings more often (GOAWAY, ENHANCE_YOUR_CALM), so
+  // keepalive_time must be at least that. Infinite (the default): no pings.
+  // Both must be positive.
+  absl::Duration keepalive_time = absl::InfiniteDuration();
+  absl::Duration keepalive_timeout = absl::Seconds(20);
 };
 
 // Called with (bytes done, bytes in all) as a transfer advances.

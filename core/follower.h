@@ -59,6 +59,9 @@ class Upstream {
 
   // The tensors `keys` of `model` at exactly `version`, in that order, each
   // checksum verified against the stream's manifest. NotFound as Describe.
+  // A transfer cut short should resume from the byte it reached rather than
+  // start over (server/ resumes for about half a minute), since a sync may be
+  // of many gigabytes; Unavailable once it gives up.
   virtual absl::StatusOr<StateDict> Fetch(
       const std::string& model, int64_t version,
       const std::vector<std::string>& keys) = 0;

@@ -10,6 +10,13 @@ namespace {
 // Deadline of each Describe (GetModel) call.
 constexpr absl::Duration kDescribeTimeout = absl::Seconds(10);
 
+// Resumes of one Fetch after dropped connections, each from the byte reached,
+// of the pinned version (TransferOptions::max_resumes). With the client's
+// backoff between them (capped at 1 s) they span about half a minute, so a
+// sync outlives an upstream restart or a short partition instead of fetching
+// again what it had received; Stop ends them through the canceller.
+constexpr int kFetchResumes = 30;
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<GrpcUpstream>> GrpcUpstream::Connect(
@@ -45,6 +52,7 @@ absl::StatusOr<StateDict> GrpcUpstream::Fetch(
   request.keys = keys;
   TransferOptions transfer;
   transfer.canceller = &canceller_;
+  transfer.max_resumes = kFetchResumes;
   ASSIGN_OR_RETURN(FetchedStateDict fetched,
                    streams_->StateDict(request, transfer));
   if (fetched.version != version) {

@@ -43,7 +43,8 @@ class GrpcUpstream : public Upstream {
   const std::string target_;
   // Describe calls carry a deadline, so a hung upstream cannot stall the
   // follower (or its stop) for long; streams do not, since transfers may be
-  // long, and end through the canceller instead.
+  // long, and end through the canceller instead, or through the options'
+  // keepalive when the upstream goes silent.
   std::unique_ptr<Client> unary_;
   std::unique_ptr<Client> streams_;
   CallCanceller canceller_;

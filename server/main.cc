@@ -122,6 +122,15 @@ ABSL_FLAG(std::string, follow_tls_key, "",
 ABSL_FLAG(absl::Duration, follow_retry_max, absl::Seconds(10),
           "while the --follow upstream is unreachable, retries back off "
           "exponentially from 100ms up to this");
+// Follower keepalive: a silent upstream (TCP open, no bytes) is dropped and
+// retried instead of followed forever. See docs/operations.md, "Followers".
+ABSL_FLAG(absl::Duration, follow_keepalive_time, absl::Seconds(30),
+          "ping the --follow upstream this often; at least the upstream's "
+          "--keepalive_min_ping_interval (10s by default), which closes the "
+          "connection of a client that pings more often; inf: never");
+ABSL_FLAG(absl::Duration, follow_keepalive_timeout, absl::Seconds(10),
+          "drop the connection to the --follow upstream (and retry) when a "
+          "ping gets no answer within this");
 
 namespace {
 
@@ -221,6 +230,16 @@ absl::StatusOr<modelstate::ServerOptions> OptionsFromFlags() {
     options.follow_client.token = *std::move(token);
   }
   options.follow_max_backoff = absl::GetFlag(FLAGS_follow_retry_max);
+  options.follow_client.keepalive_time =
+      absl::GetFlag(FLAGS_follow_keepalive_time);
+  options.follow_client.keepalive_timeout =
+      absl::GetFlag(FLAGS_follow_keepalive_timeout);
+  if (options.follow_client.keepalive_time <= absl::ZeroDuration() ||
+      options.follow_client.keepalive_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        "--follow_keepalive_time and --follow_keepalive_timeout must be "
+        "positive");
+  }
 
   return options;
 }
