@@ -30,6 +30,7 @@
 #include "client/client.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/proxy.h"
 #include "tests/test_support.h"
 
 namespace modelstate {
@@ -37,7 +38,13 @@ namespace {
 
 using ::testing::HasSubstr;
 using testing_support::ConnectTo;
+using testing_support::ConnectToLoopback;
 using testing_support::Daemon;
+using testing_support::ListenOnLoopback;
+using testing_support::MetricsPort;
+using testing_support::MetricValue;
+using testing_support::SendAll;
+using testing_support::WaitUntil;
 
 // Every wait in this file is bounded by this unless it says otherwise.
 constexpr absl::Duration kWait = absl::Seconds(60);
@@ -46,17 +53,6 @@ constexpr absl::Duration kSlack = absl::Seconds(3);
 // Keepalive settings of 1s and 1s notice a silent peer within this: a ping at
 // most 1s after it went silent, unanswered for 1s.
 const absl::Duration kWindow = absl::Seconds(1 + 1) + kSlack;
-
-// Polls `done` every 10 ms until it holds or `timeout` passes.
-bool WaitUntil(const std::function<bool()>& done,
-               absl::Duration timeout = kWait) {
-  const absl::Time deadline = absl::Now() + timeout;
-  while (!done()) {
-    if (absl::Now() > deadline) return false;
-    absl::SleepFor(absl::Milliseconds(10));
-  }
-  return true;
-}
 
 // A TCP proxy on 127.0.0.1:0 in front of 127.0.0.1:`upstream_port`. It
 // forwards both ways until BlackHole(); from then on it reads and drops what
@@ -68,14 +64,8 @@ bool WaitUntil(const std::function<bool()>& done,
 class BlackHoleProxy {
  public:
   explicit BlackHoleProxy(int upstream_port) : upstream_port_(upstream_port) {
-    listener_ = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in address = Loopback(0);
-    socklen_t length = sizeof(address);
-    EXPECT_EQ(bind(listener_, reinterpret_cast<sockaddr*>(&address), length),
-              0);
-    EXPECT_EQ(listen(listener_, 16), 0);
-    getsockname(listener_, reinterpret_cast<sockaddr*>(&address), &length);
-    port_ = ntohs(address.sin_port);
+    listener_ = ListenOnLoopback(&port_);
+    EXPECT_GE(listener_, 0);
     thread_ = std::thread([this] { Run(); });
   }
 
@@ -103,14 +93,6 @@ class BlackHoleProxy {
     bool black_holed = false;
   };
 
-  static sockaddr_in Loopback(int port) {
-    sockaddr_in address{};
-    address.sin_family = AF_INET;
-    address.sin_port = htons(static_cast<uint16_t>(port));
-    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    return address;
-  }
-
   static void CloseSide(int* fd) {
     if (*fd < 0) return;
     close(*fd);
@@ -120,16 +102,6 @@ class BlackHoleProxy {
   static void Close(Pair& pair) {
     CloseSide(&pair.client);
     CloseSide(&pair.server);
-  }
-
-  static bool WriteAll(int fd, const char* data, size_t size) {
-    while (size > 0) {
-      const ssize_t n = send(fd, data, size, MSG_NOSIGNAL);
-      if (n <= 0) return false;
-      data += n;
-      size -= static_cast<size_t>(n);
-    }
-    return true;
   }
 
   void Accept() {
@@ -142,10 +114,8 @@ class BlackHoleProxy {
       pairs_.push_back(pair);
       return;
     }
-    pair.server = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in upstream = Loopback(upstream_port_);
-    if (connect(pair.server, reinterpret_cast<sockaddr*>(&upstream),
-                sizeof(upstream)) != 0) {
+    pair.server = ConnectToLoopback(upstream_port_);
+    if (pair.server < 0) {
       Close(pair);
       return;
     }
@@ -164,7 +134,7 @@ class BlackHoleProxy {
       CloseSide(from);  // The other side stays open.
       return;
     }
-    if (n <= 0 || !WriteAll(*to, buffer, static_cast<size_t>(n))) Close(pair);
+    if (n <= 0 || !SendAll(*to, buffer, static_cast<size_t>(n))) Close(pair);
   }
 
   void Run() {
@@ -329,34 +299,6 @@ TEST(ClientKeepaliveTest, ConnectRefusesNonPositiveKeepaliveSettings) {
     EXPECT_EQ(Client::Connect("127.0.0.1:1", options).status().code(),
               absl::StatusCode::kInvalidArgument);
   }
-}
-
-// The value of the unlabelled metric `name` on 127.0.0.1:`port`, or -1.
-double MetricValue(int port, const std::string& name) {
-  const std::string page = testing_support::HttpGet(port, "/metrics");
-  const size_t at = page.find("\n" + name + " ");
-  double value = -1;
-  if (at == std::string::npos) return value;
-  const size_t start = at + name.size() + 2;
-  if (!absl::SimpleAtod(page.substr(start, page.find('\n', start) - start),
-                        &value)) {
-    return -1;
-  }
-  return value;
-}
-
-// The metrics port a daemon logs, or 0.
-int MetricsPort(Daemon& daemon) {
-  const std::string marker = "metrics on port ";
-  if (!daemon.WaitForLog(marker, kWait)) return 0;
-  const std::string log = daemon.Log();
-  const size_t start = log.find(marker) + marker.size();
-  int port = 0;
-  if (!absl::SimpleAtoi(log.substr(start, log.find('\n', start) - start),
-                        &port)) {
-    return 0;
-  }
-  return port;
 }
 
 int64_t VersionOn(const std::string& address, const std::string& model) {

@@ -31,6 +31,7 @@
 #include "core/module_factory.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/proxy.h"
 #include "tests/test_support.h"
 
 namespace modelstate {
@@ -39,6 +40,7 @@ namespace {
 using ::testing::HasSubstr;
 using ::testing::Not;
 using testing_support::ConnectTo;
+using testing_support::CuttingProxy;
 using testing_support::Daemon;
 using testing_support::FilledLike;
 using testing_support::MetricsPort;
@@ -674,156 +676,6 @@ TEST(ReplicationTest, RetriesBackOffDoublingUpToFollowRetryMax) {
   }
 }
 
-// A TCP proxy on 127.0.0.1:0 in front of 127.0.0.1:`upstream_port` that cuts
-// its i-th connection once it has forwarded cuts[i] bytes from the server to
-// the client (connections past the list are never cut), and counts those
-// bytes. After its last cut, the connections it accepts within `outage` are
-// closed at once (the upstream is away). One thread serves every connection.
-// Copied from tests/resume_test.cc (a file of its own there), with the outage
-// instead of its upstream switching.
-class CuttingProxy {
- public:
-  CuttingProxy(int upstream_port, std::vector<uint64_t> cuts,
-               absl::Duration outage = absl::ZeroDuration())
-      : upstream_port_(upstream_port), cuts_(std::move(cuts)), outage_(outage) {
-    listener_ = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in address = Loopback(0);
-    socklen_t length = sizeof(address);
-    EXPECT_EQ(bind(listener_, reinterpret_cast<sockaddr*>(&address), length),
-              0);
-    EXPECT_EQ(listen(listener_, 16), 0);
-    getsockname(listener_, reinterpret_cast<sockaddr*>(&address), &length);
-    port_ = ntohs(address.sin_port);
-    EXPECT_EQ(pipe(stop_pipe_), 0);
-    thread_ = std::thread([this] { Run(); });
-  }
-
-  ~CuttingProxy() {
-    const char byte = 0;
-    EXPECT_EQ(write(stop_pipe_[1], &byte, 1), 1);
-    thread_.join();
-    for (Pair& pair : pairs_) Close(pair);
-    close(listener_);
-    close(stop_pipe_[0]);
-    close(stop_pipe_[1]);
-  }
-
-  std::string address() const { return absl::StrCat("127.0.0.1:", port_); }
-  uint64_t downstream_bytes() const { return downstream_bytes_.load(); }
-  int connections() const { return connections_.load(); }
-
- private:
-  struct Pair {
-    int client = -1;
-    int server = -1;
-    uint64_t budget = UINT64_MAX;  // Server-to-client bytes before the cut.
-  };
-
-  static sockaddr_in Loopback(int port) {
-    sockaddr_in address{};
-    address.sin_family = AF_INET;
-    address.sin_port = htons(static_cast<uint16_t>(port));
-    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    return address;
-  }
-
-  static void Close(Pair& pair) {
-    for (int* fd : {&pair.client, &pair.server}) {
-      if (*fd < 0) continue;
-      shutdown(*fd, SHUT_RDWR);
-      close(*fd);
-      *fd = -1;
-    }
-  }
-
-  static bool WriteAll(int fd, const char* data, size_t size) {
-    while (size > 0) {
-      const ssize_t n = send(fd, data, size, MSG_NOSIGNAL);
-      if (n <= 0) return false;
-      data += n;
-      size -= static_cast<size_t>(n);
-    }
-    return true;
-  }
-
-  void Accept() {
-    Pair pair;
-    pair.client = accept(listener_, nullptr, nullptr);
-    if (pair.client < 0) return;
-    if (absl::Now() < away_until_) {
-      Close(pair);
-      return;
-    }
-    pair.server = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in upstream = Loopback(upstream_port_);
-    if (connect(pair.server, reinterpret_cast<sockaddr*>(&upstream),
-                sizeof(upstream)) != 0) {
-      Close(pair);
-      return;
-    }
-    const int index = connections_++;
-    if (index < static_cast<int>(cuts_.size())) pair.budget = cuts_[index];
-    pairs_.push_back(pair);
-  }
-
-  // Forwards what one side has; false when the pair is done (closed or cut).
-  bool Forward(Pair& pair, bool downstream) {
-    char buffer[64 << 10];
-    size_t want = sizeof(buffer);
-    if (downstream)
-      want = static_cast<size_t>(std::min<uint64_t>(want, pair.budget));
-    const int from = downstream ? pair.server : pair.client;
-    const int to = downstream ? pair.client : pair.server;
-    const ssize_t n = recv(from, buffer, want, 0);
-    if (n <= 0 || !WriteAll(to, buffer, static_cast<size_t>(n))) return false;
-    if (!downstream) return true;
-    downstream_bytes_ += static_cast<uint64_t>(n);
-    pair.budget -= static_cast<uint64_t>(n);
-    if (pair.budget > 0) return true;
-    if (++cut_ == static_cast<int>(cuts_.size()))
-      away_until_ = absl::Now() + outage_;
-    return false;
-  }
-
-  void Run() {
-    for (;;) {
-      std::vector<pollfd> fds = {{stop_pipe_[0], POLLIN, 0},
-                                 {listener_, POLLIN, 0}};
-      for (const Pair& pair : pairs_) {
-        fds.push_back({pair.client, POLLIN, 0});
-        fds.push_back({pair.server, POLLIN, 0});
-      }
-      if (poll(fds.data(), fds.size(), -1) < 0) return;
-      if (fds[0].revents != 0) return;
-      for (size_t i = 0; i < pairs_.size(); ++i) {
-        Pair& pair = pairs_[i];
-        bool open = true;
-        if (fds[2 + 2 * i].revents != 0) open = Forward(pair, false);
-        if (open && fds[3 + 2 * i].revents != 0) open = Forward(pair, true);
-        if (!open) Close(pair);
-      }
-      pairs_.erase(
-          std::remove_if(pairs_.begin(), pairs_.end(),
-                         [](const Pair& pair) { return pair.client < 0; }),
-          pairs_.end());
-      if (fds[1].revents != 0) Accept();
-    }
-  }
-
-  const int upstream_port_;
-  const std::vector<uint64_t> cuts_;
-  const absl::Duration outage_;
-  int cut_ = 0;                                   // Cuts made so far.
-  absl::Time away_until_ = absl::InfinitePast();  // Of the outage.
-  int listener_ = -1;
-  int port_ = 0;
-  int stop_pipe_[2] = {-1, -1};
-  std::vector<Pair> pairs_;  // Only the proxy's thread touches it.
-  std::atomic<uint64_t> downstream_bytes_{0};
-  std::atomic<int> connections_{0};
-  std::thread thread_;
-};
-
 // A follower whose connection to the upstream drops during a 256 MiB sync, at
 // 40% and again at 80% with the upstream away for 10 s after that (longer
 // than a client's default resumes last), resumes the fetch of the pinned
@@ -844,8 +696,10 @@ TEST(ReplicationTest, ASyncCutShortResumesFromTheByteItReached) {
   LoadRequest create("big");
   create.create_if_missing = true;
   ASSERT_TRUE(ConnectTo(primary.address())->LoadStateDict(create, big).ok());
-  CuttingProxy proxy(primary.port(), {kModel * 4 / 10, kModel * 4 / 10},
-                     absl::Seconds(10));
+  CuttingProxy proxy(primary.port(), {kModel * 4 / 10, kModel * 4 / 10});
+  proxy.set_on_cut([&proxy](int cuts) {
+    if (cuts == 2) proxy.RefuseUntil(absl::Now() + absl::Seconds(10));
+  });
   Daemon follower(FollowerArgs(proxy.address()));
   const int metrics = MetricsPort(follower);
   ASSERT_GT(metrics, 0);

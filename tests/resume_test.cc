@@ -28,6 +28,7 @@
 #include "grpcpp/create_channel.h"
 #include "gtest/gtest.h"
 #include "modelstate/v1/model_state.grpc.pb.h"
+#include "tests/proxy.h"
 #include "tests/test_support.h"
 
 namespace modelstate {
@@ -37,155 +38,12 @@ using ::testing::HasSubstr;
 using ::testing::Not;
 using testing_support::ConnectTo;
 using testing_support::CtlPath;
+using testing_support::CuttingProxy;
 using testing_support::RunCommand;
 using testing_support::ScratchDir;
 using testing_support::StartServer;
 
 constexpr uint64_t kMiB = uint64_t{1} << 20;
-
-// A TCP proxy on 127.0.0.1:0 in front of 127.0.0.1:`upstream_port`. It cuts
-// its i-th connection once it has forwarded cuts[i] bytes from the server to
-// the client (connections past the list are never cut), and counts every byte
-// it forwards that way. One thread serves every connection.
-class CuttingProxy {
- public:
-  CuttingProxy(int upstream_port, std::vector<uint64_t> cuts)
-      : upstream_port_(upstream_port), cuts_(std::move(cuts)) {
-    listener_ = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in address = Loopback(0);
-    socklen_t length = sizeof(address);
-    EXPECT_EQ(bind(listener_, reinterpret_cast<sockaddr*>(&address), length),
-              0);
-    EXPECT_EQ(listen(listener_, 16), 0);
-    getsockname(listener_, reinterpret_cast<sockaddr*>(&address), &length);
-    port_ = ntohs(address.sin_port);
-    EXPECT_EQ(pipe(stop_pipe_), 0);
-    thread_ = std::thread([this] { Run(); });
-  }
-
-  ~CuttingProxy() {
-    const char byte = 0;
-    EXPECT_EQ(write(stop_pipe_[1], &byte, 1), 1);
-    thread_.join();
-    for (Pair& pair : pairs_) Close(pair);
-    close(listener_);
-    close(stop_pipe_[0]);
-    close(stop_pipe_[1]);
-  }
-
-  std::string address() const { return absl::StrCat("127.0.0.1:", port_); }
-  uint64_t downstream_bytes() const { return downstream_bytes_.load(); }
-  int connections() const { return connections_.load(); }
-  // Runs on the proxy's thread after each cut, before it accepts again.
-  void set_on_cut(std::function<void()> on_cut) { on_cut_ = std::move(on_cut); }
-  // Later connections go to 127.0.0.1:`port`; call it from on_cut.
-  void set_upstream(int port) { upstream_port_ = port; }
-
- private:
-  struct Pair {
-    int client = -1;
-    int server = -1;
-    uint64_t budget = UINT64_MAX;  // Server-to-client bytes before the cut.
-  };
-
-  static sockaddr_in Loopback(int port) {
-    sockaddr_in address{};
-    address.sin_family = AF_INET;
-    address.sin_port = htons(static_cast<uint16_t>(port));
-    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    return address;
-  }
-
-  static void Close(Pair& pair) {
-    for (int* fd : {&pair.client, &pair.server}) {
-      if (*fd < 0) continue;
-      shutdown(*fd, SHUT_RDWR);
-      close(*fd);
-      *fd = -1;
-    }
-  }
-
-  static bool WriteAll(int fd, const char* data, size_t size) {
-    while (size > 0) {
-      const ssize_t n = send(fd, data, size, MSG_NOSIGNAL);
-      if (n <= 0) return false;
-      data += n;
-      size -= static_cast<size_t>(n);
-    }
-    return true;
-  }
-
-  void Accept() {
-    Pair pair;
-    pair.client = accept(listener_, nullptr, nullptr);
-    if (pair.client < 0) return;
-    pair.server = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in upstream = Loopback(upstream_port_);
-    if (connect(pair.server, reinterpret_cast<sockaddr*>(&upstream),
-                sizeof(upstream)) != 0) {
-      Close(pair);
-      return;
-    }
-    const int index = connections_++;
-    if (index < static_cast<int>(cuts_.size())) pair.budget = cuts_[index];
-    pairs_.push_back(pair);
-  }
-
-  // Forwards what `from` has; returns false when the pair is done (closed
-  // or cut).
-  bool Forward(Pair& pair, bool downstream) {
-    char buffer[64 << 10];
-    size_t want = sizeof(buffer);
-    if (downstream)
-      want = static_cast<size_t>(std::min<uint64_t>(want, pair.budget));
-    const int from = downstream ? pair.server : pair.client;
-    const int to = downstream ? pair.client : pair.server;
-    const ssize_t n = recv(from, buffer, want, 0);
-    if (n <= 0 || !WriteAll(to, buffer, static_cast<size_t>(n))) return false;
-    if (!downstream) return true;
-    downstream_bytes_ += static_cast<uint64_t>(n);
-    pair.budget -= static_cast<uint64_t>(n);
-    if (pair.budget > 0) return true;
-    if (on_cut_) on_cut_();
-    return false;
-  }
-
-  void Run() {
-    for (;;) {
-      std::vector<pollfd> fds = {{stop_pipe_[0], POLLIN, 0},
-                                 {listener_, POLLIN, 0}};
-      for (const Pair& pair : pairs_) {
-        fds.push_back({pair.client, POLLIN, 0});
-        fds.push_back({pair.server, POLLIN, 0});
-      }
-      if (poll(fds.data(), fds.size(), -1) < 0) return;
-      if (fds[0].revents != 0) return;
-      for (size_t i = 0; i < pairs_.size(); ++i) {
-        Pair& pair = pairs_[i];
-        bool open = true;
-        if (fds[2 + 2 * i].revents != 0) open = Forward(pair, false);
-        if (open && fds[3 + 2 * i].revents != 0) open = Forward(pair, true);
-        if (!open) Close(pair);
-      }
-      pairs_.erase(
-          std::remove_if(pairs_.begin(), pairs_.end(),
-                         [](const Pair& pair) { return pair.client < 0; }),
-          pairs_.end());
-      if (fds[1].revents != 0) Accept();
-    }
-  }
-
-  int upstream_port_;  // Only the proxy's thread touches it once running.
-  const std::vector<uint64_t> cuts_;
-  int listener_ = -1;
-  int port_ = 0;
-  int stop_pipe_[2] = {-1, -1};
-  std::function<void()> on_cut_;
-  std::vector<Pair> pairs_;  // Only the proxy's thread touches it.
-  std::atomic<uint64_t> downstream_bytes_{0};
-  std::atomic<int> connections_{0};
-  std::thread thread_;
-};
 
 // Random float32 tensors adding up to `total` bytes, in 16 tensors.
 StateDict RandomModel(uint64_t total, uint64_t seed) {
@@ -381,7 +239,8 @@ TEST(ResumeTest, AResumeWhoseManifestDiffersIsAborted) {
   auto other = StartWithBig(32 * kMiB, 8);
   CuttingProxy proxy(first->port(), {4 * kMiB});
   const int other_port = other->port();
-  proxy.set_on_cut([&proxy, other_port] { proxy.set_upstream(other_port); });
+  proxy.set_on_cut(
+      [&proxy, other_port](int) { proxy.set_upstream(other_port); });
   auto client = ConnectThrough(proxy);
   absl::Status status = client->StateDict({"big"}).status();
   EXPECT_EQ(status.code(), absl::StatusCode::kAborted) << status;
@@ -394,7 +253,7 @@ TEST(ResumeTest, AVersionNoLongerRetainedEndsTheFetchWithNotFound) {
   auto server = StartWithBig(32 * kMiB);
   CuttingProxy proxy(server->port(), {4 * kMiB});
   // While the connection is down, a new version replaces the pinned one.
-  proxy.set_on_cut([&server] {
+  proxy.set_on_cut([&server](int) {
     const StateDict state = server->store().Fetch({"big"}).value().state;
     ASSERT_TRUE(server->store().Load({"big"}, state).ok());
   });
