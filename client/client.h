@@ -65,6 +65,11 @@ struct ClientOptions {
   // instead of TCP, and through gRPC when nothing listens there. A canceller
   // is checked before and after such a fetch, not during it.
   std::string local_socket;
+  // Verify every checksum of a shared-memory fetch that maps the daemon's
+  // sealed export (zero copy), as every other fetch does. Off by default: the
+  // daemon verified the export when it made it, nothing can change it since,
+  // and hashing would cost more than the fetch (about 0.1 s per GiB).
+  bool verify_shared_memory = false;
 };
 
 // Called with (bytes done, bytes in all) as a transfer advances.
