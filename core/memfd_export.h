@@ -113,8 +113,11 @@ class ExportCache {
   // recently used) and their offsets in it; nullopt when none does.
   absl::optional<Found> Find(const std::vector<Tensor>& tensors);
 
-  // True when an export of `bytes` may be kept (it is within the capacity).
-  bool Admits(uint64_t bytes) const { return bytes <= capacity_bytes_; }
+  // True when an export of `bytes` may be kept (it is within the capacity;
+  // none is with a capacity of 0).
+  bool Admits(uint64_t bytes) const {
+    return capacity_bytes_ > 0 && bytes <= capacity_bytes_;
+  }
 
   // Keeps `source` as the most recently used export, dropping the least
   // recently used ones beyond the capacity. Returns false, keeping nothing,

@@ -100,7 +100,9 @@ TEST(ExportCacheTest, KeepsTheMostRecentlyUsedWithinItsCapacity) {
   EXPECT_FALSE(cache.Add(MemfdExport::Create(a, {0}, 301).value()));
   EXPECT_EQ(cache.size(), 3u);
   ExportCache none(0);
+  EXPECT_FALSE(none.Admits(0));
   EXPECT_FALSE(none.Add(MemfdExport::Create(a, {0}, 100).value()));
+  EXPECT_FALSE(none.Add(MemfdExport::Create({}, {}, 0).value()));
   EXPECT_FALSE(none.Find(a).has_value());
 }
 

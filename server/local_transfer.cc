@@ -168,7 +168,8 @@ absl::StatusOr<std::unique_ptr<LocalTransferServer>> LocalTransferServer::Start(
   }
   std::unique_ptr<LocalTransferServer> server(
       new LocalTransferServer(store, std::move(options), std::move(listener)));
-  if (!server->wake_.valid()) return Errno("cannot create an eventfd");
+  if (!server->wake_.valid() || !server->exported_.valid())
+    return Errno("cannot create an eventfd");
   server->acceptor_ = std::thread([raw = server.get()] { raw->AcceptLoop(); });
   return server;
 }
@@ -180,6 +181,7 @@ LocalTransferServer::LocalTransferServer(ModelStore* store,
       options_(std::move(options)),
       listener_(std::move(listener)),
       wake_(eventfd(0, EFD_CLOEXEC)),
+      exported_(eventfd(0, EFD_CLOEXEC)),
       exports_(options_.export_bytes) {}
 
 LocalTransferServer::~LocalTransferServer() {
@@ -223,14 +225,17 @@ void LocalTransferServer::CountServed(bool from_export) {
 }
 
 void LocalTransferServer::AcceptLoop() {
-  pollfd watched[2] = {{listener_.get(), POLLIN, 0}, {wake_.get(), POLLIN, 0}};
+  pollfd watched[3] = {{listener_.get(), POLLIN, 0},
+                       {wake_.get(), POLLIN, 0},
+                       {exported_.get(), POLLIN, 0}};
   while (true) {
     Reap();
     // Exports of versions that died give their memory back within a second:
-    // while any is kept, the loop wakes that often to look.
+    // while any is kept, the loop wakes that often to look (and a new export
+    // wakes it to start).
     exports_.Purge();
     const int timeout_ms = exports_.size() > 0 ? 1000 : -1;
-    const int ready = poll(watched, 2, timeout_ms);
+    const int ready = poll(watched, 3, timeout_ms);
     if (ready == 0) continue;
     if (ready < 0) {
       if (errno == EINTR) continue;
@@ -239,6 +244,11 @@ void LocalTransferServer::AcceptLoop() {
       return;
     }
     if (watched[1].revents != 0) return;
+    if (watched[2].revents != 0) {
+      uint64_t count;
+      (void)!read(exported_.get(), &count, sizeof(count));  // Drains it.
+    }
+    if (watched[0].revents == 0) continue;
     UniqueFd connection(
         accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC));
     if (connection.valid()) {
@@ -397,6 +407,9 @@ absl::optional<ExportCache::Found> LocalTransferServer::ExportFor(
            .ok() ||
       !exports_.Add(*made))
     return absl::nullopt;
+  const uint64_t one = 1;
+  // Starts AcceptLoop's sweep; an eventfd counter cannot overflow from this.
+  (void)!write(exported_.get(), &one, sizeof(one));
   return ExportCache::Found{*std::move(made), offsets};
 }
 

@@ -140,7 +140,8 @@ class LocalTransferServer {
   ModelStore* const store_;
   const LocalTransferOptions options_;
   UniqueFd listener_;
-  UniqueFd wake_;  // An eventfd that stops AcceptLoop.
+  UniqueFd wake_;      // An eventfd that stops AcceptLoop.
+  UniqueFd exported_;  // An eventfd that tells AcceptLoop of a new export.
   std::thread acceptor_;
   ExportCache exports_;
   // Serialises making exports, so that workers fetching a version at once

@@ -620,6 +620,11 @@ TEST(LocalFetchTest, ExportGoesWithItsVersionAndMappingsOutliveIt) {
   ASSERT_TRUE(now.ok()) << now.status();
   EXPECT_TRUE(AllEqual(now->state, 3.0f));
   EXPECT_EQ(local.exports(), 1u);
+  // With no connection since, loads that push version 3 out drop its export.
+  LoadUniform(*server, "m", 4, 1000, 4.0f);
+  LoadUniform(*server, "m", 4, 1000, 5.0f);
+  EXPECT_TRUE(Eventually([&] { return local.exports() == 0; }));
+  EXPECT_TRUE(AllEqual(now->state, 3.0f));
 }
 
 TEST(LocalFetchTest, ExportBytesBoundKeepsTheMostRecentlyUsed) {
