@@ -742,6 +742,24 @@ TEST(LocalFetchTest, OldRequestsGetTheRegionAndNewOnesTheSealedExport) {
             MAP_FAILED);
   EXPECT_EQ(server->local_transfer()->fetches_from_exports(), 2);
   EXPECT_EQ(server->local_transfer()->fetches_served(), 3);
+  // The client can still ask for the copy into its own memory.
+  LocalFetchSettings settings;
+  settings.socket_path = dir.file("modelstated.local");
+  settings.timeout = kCallTimeout;
+  settings.accept_exports = false;
+  v1::StateDictRequest whole;
+  whole.set_model("m");
+  absl::StatusOr<absl::optional<LocalFetched>> copied =
+      FetchLocally(settings, whole);
+  ASSERT_TRUE(copied.ok()) << copied.status();
+  ASSERT_TRUE(copied->has_value());
+  ASSERT_EQ((*copied)->tensors.size(), 4u);
+  for (const Tensor& tensor : (*copied)->tensors) {
+    ASSERT_EQ(tensor.num_bytes(), 4000u);
+    EXPECT_EQ(tensor.data_as<float>()[999], 3.0f);
+  }
+  EXPECT_EQ(server->local_transfer()->fetches_from_exports(), 2);
+  EXPECT_EQ(server->local_transfer()->fetches_served(), 4);
 }
 
 TEST(LocalFetchTest, AWorkerWritingItsTensorsChangesNothingForOthers) {
