@@ -20,8 +20,11 @@ std::string LocalSocketPath(const std::string& work_dir);
 
 // A client that can fetch only through the local socket at `socket`: its gRPC
 // target has nothing listening, so a silent fallback to TCP cannot pass for a
-// shared-memory figure (it fails the run instead).
-std::unique_ptr<Client> SharedMemoryOnlyClient(const std::string& socket);
+// shared-memory figure (it fails the run instead). With `verify`, it checks
+// every checksum of the daemon's export too
+// (ClientOptions::verify_shared_memory).
+std::unique_ptr<Client> SharedMemoryOnlyClient(const std::string& socket,
+                                               bool verify = false);
 
 struct SharedMemorySamples {
   std::vector<double> shared_memory, tcp;  // GB/s

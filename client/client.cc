@@ -817,6 +817,7 @@ absl::StatusOr<absl::optional<LocalFetched>> FetchThroughSharedMemory(
   settings.socket_path = options.local_socket;
   settings.token = options.token;
   settings.timeout = options.timeout;
+  settings.verify_exports = options.verify_shared_memory;
   ASSIGN_OR_RETURN(absl::optional<LocalFetched> fetched,
                    FetchLocally(settings, ToProto(fetch), on_manifest));
   if (!fetched.has_value()) return fetched;

@@ -77,6 +77,11 @@ struct ClientOptions {
   // Both must be positive.
   absl::Duration keepalive_time = absl::InfiniteDuration();
   absl::Duration keepalive_timeout = absl::Seconds(20);
+  // Verify every checksum of a shared-memory fetch that maps the daemon's
+  // sealed export (zero copy), as every other fetch does. Off by default: the
+  // daemon verified the export when it made it, nothing can change it since,
+  // and hashing would cost more than the fetch (about 0.1 s per GiB).
+  bool verify_shared_memory = false;
 };
 
 // Called with (bytes done, bytes in all) as a transfer advances.

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -14,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "core/memfd_export.h"
 #include "core/status_macros.h"
 #include "proto/convert.h"
 #include "proto/local_frame.h"
@@ -46,11 +48,13 @@ absl::StatusOr<UniqueFd> Connect(const std::string& path) {
                                              path, ": ", strerror(errno)));
 }
 
-// Reads the daemon's answer; its error message becomes our status.
-absl::StatusOr<v1::LocalResponse> ReadResponse(int socket_fd) {
+// Reads the daemon's answer; its error message becomes our status. A
+// descriptor that comes with it goes to `received_fd`, when not null.
+absl::StatusOr<v1::LocalResponse> ReadResponse(
+    int socket_fd, UniqueFd* received_fd = nullptr) {
   v1::LocalResponse response;
   absl::Status read =
-      ReadLocalFrame(socket_fd, kMaxLocalFrameBytes, &response, nullptr);
+      ReadLocalFrame(socket_fd, kMaxLocalFrameBytes, &response, received_fd);
   if (read.code() == absl::StatusCode::kInvalidArgument ||
       read.code() == absl::StatusCode::kOutOfRange)
     return absl::UnavailableError(
@@ -213,6 +217,68 @@ absl::Status VerifyAsFilled(int socket_fd, int region,
   return Verify(tensors, entries, verified, tensors.size());
 }
 
+// Checks that `fd` is what the daemon promises of an export: a memfd of
+// exactly the manifest's region_bytes that nobody can write, resize or unseal,
+// holding each tensor whole at a 64-aligned offset.
+absl::Status CheckExport(int fd, const v1::LocalManifest& manifest,
+                         const std::vector<TransferEntry>& entries) {
+  struct stat info {};
+  const int seals = fcntl(fd, F_GET_SEALS);
+  if (fstat(fd, &info) != 0 || !S_ISREG(info.st_mode) || seals < 0 ||
+      (seals & kExportSeals) != kExportSeals ||
+      static_cast<uint64_t>(info.st_size) != manifest.region_bytes())
+    return absl::DataLossError(
+        "the daemon's export is not a sealed memfd of the manifest's size");
+  ASSIGN_OR_RETURN(const std::vector<uint64_t> sizes, TransferSizes(entries));
+  if (manifest.offsets_size() != static_cast<int>(sizes.size()))
+    return absl::DataLossError("the daemon's export layout is malformed");
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    const uint64_t offset = manifest.offsets(static_cast<int>(i));
+    if (offset % kLocalRegionAlignment != 0 ||
+        offset > manifest.region_bytes() ||
+        sizes[i] > manifest.region_bytes() - offset)
+      return absl::DataLossError("the daemon's export layout is malformed");
+  }
+  return absl::OkStatus();
+}
+
+// Maps the export privately (a worker writing to its tensors' pages gets its
+// own copies of those pages; the export never changes) and maps in the pages
+// of the fetched tensors, which already exist: no byte is copied. With
+// `verify`, checks every tensor's XXH3-64 as well (the daemon did when it
+// made the export).
+absl::StatusOr<std::vector<Tensor>> MapExport(
+    int fd, const v1::LocalManifest& manifest,
+    const std::vector<TransferEntry>& entries, bool verify) {
+  const uint64_t size = manifest.region_bytes();
+  std::shared_ptr<const void> mapping;
+  const uint8_t* base = nullptr;
+  if (size > 0) {
+    void* mapped =
+        mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    if (mapped == MAP_FAILED)
+      return absl::ResourceExhaustedError(
+          absl::StrCat("cannot map the daemon's export: ", strerror(errno)));
+    mapping = std::shared_ptr<const void>(
+        mapped, [size](const void* p) { munmap(const_cast<void*>(p), size); });
+    base = static_cast<const uint8_t*>(mapped);
+  }
+  std::shared_ptr<const Storage> storage =
+      Storage::Borrow(base, size, std::move(mapping));
+  std::vector<Tensor> tensors;
+  tensors.reserve(entries.size());
+  for (size_t i = 0; i < entries.size(); ++i) {
+    ASSIGN_OR_RETURN(Tensor tensor,
+                     Tensor::View(entries[i].dtype, entries[i].shape, storage,
+                                  manifest.offsets(static_cast<int>(i))));
+    tensors.push_back(std::move(tensor));
+    // Read faults only: a write fault on a private mapping would copy.
+    Populate(tensors, i, i + 1);
+  }
+  if (verify) RETURN_IF_ERROR(Verify(tensors, entries, 0, tensors.size()));
+  return tensors;
+}
+
 }  // namespace
 
 std::string LocalSocketFor(const std::string& target,
@@ -234,9 +300,13 @@ absl::StatusOr<absl::optional<LocalFetched>> FetchLocally(
   v1::LocalRequest message;
   *message.mutable_fetch()->mutable_request() = request;
   message.mutable_fetch()->set_token(settings.token);
+  message.mutable_fetch()->set_accept_export(settings.accept_exports);
   RETURN_IF_ERROR(WriteLocalFrame(socket_fd.get(), message));
-  ASSIGN_OR_RETURN(v1::LocalResponse response, ReadResponse(socket_fd.get()));
-  if (!response.has_manifest())
+  UniqueFd exported;
+  ASSIGN_OR_RETURN(v1::LocalResponse response,
+                   ReadResponse(socket_fd.get(), &exported));
+  if (!response.has_manifest() ||
+      response.manifest().shared_export() != exported.valid())
     return absl::DataLossError("the daemon did not answer with a manifest");
   LocalFetched fetched;
   v1::LocalManifest& manifest = *response.mutable_manifest();
@@ -244,9 +314,18 @@ absl::StatusOr<absl::optional<LocalFetched>> FetchLocally(
       ToTransferEntries(manifest.manifest().tensors());
   if (!entries.ok()) return absl::DataLossError(entries.status().message());
   fetched.entries = std::move(*entries);
-  RETURN_IF_ERROR(CheckLayout(manifest, fetched.entries));
+  RETURN_IF_ERROR(exported.valid()
+                      ? CheckExport(exported.get(), manifest, fetched.entries)
+                      : CheckLayout(manifest, fetched.entries));
   if (on_manifest)
     RETURN_IF_ERROR(on_manifest(manifest.manifest(), fetched.entries));
+  if (exported.valid()) {
+    ASSIGN_OR_RETURN(fetched.tensors,
+                     MapExport(exported.get(), manifest, fetched.entries,
+                               settings.verify_exports));
+    fetched.manifest = std::move(*manifest.mutable_manifest());
+    return fetched;
+  }
   ASSIGN_OR_RETURN(const UniqueFd region,
                    CreateRegion(manifest.region_bytes()));
   message.Clear();

@@ -1,8 +1,10 @@
 // The client's end of the same-host shared-memory fetch (docs/protocol.md,
 // "Same-host shared-memory fetch"): ask the daemon's local socket for a state
-// dict, create a memfd of the size its manifest asks for, pass it over, and
-// map what the daemon wrote read-only. Every tensor's XXH3-64 is verified
-// before it is handed out, as on the gRPC path.
+// dict and map the sealed export it answers with (zero copy; the tensors are
+// views of a private mapping of it), or, when the daemon has none to give,
+// create a memfd of the size its manifest asks for, pass it over, and map
+// what the daemon wrote read-only, verifying every tensor's XXH3-64 before it
+// is handed out, as on the gRPC path.
 //
 // Thread-safety: the functions may be called from any thread at once.
 #ifndef MODELSTATE_CLIENT_LOCAL_FETCH_H_
@@ -32,10 +34,19 @@ struct LocalFetchSettings {
   std::string token;
   // Bounds each wait for the daemon; infinite for none.
   absl::Duration timeout = absl::InfiniteDuration();
+  // Ask for the daemon's sealed export of the tensors (zero copy); false
+  // always has the daemon fill a memfd of this process's.
+  bool accept_exports = true;
+  // Check every tensor's XXH3-64 of an export too (about 0.1 s per GiB on two
+  // threads). The daemon checked them when it made the export, which nobody
+  // can change since, so this only guards against a daemon's bug. A region
+  // the daemon filled is always checked.
+  bool verify_exports = false;
 };
 
-// A state dict fetched through shared memory: the tensors are read-only
-// views of one mapping, which lives as long as any of them.
+// A state dict fetched through shared memory: the tensors are views of one
+// mapping, which lives as long as any of them (and keeps the pages of the
+// daemon's export alive until then, even once the daemon dropped it).
 struct LocalFetched {
   v1::Manifest manifest;
   std::vector<TransferEntry> entries;
@@ -51,9 +62,9 @@ using LocalManifestCallback = std::function<absl::Status(
 // nothing, when the socket is absent or nobody listens on it (the caller
 // falls back to gRPC); otherwise the fetched state dict or an error: the
 // daemon's (NotFound, PermissionDenied, ...), the callback's, DataLoss for a
-// failed checksum or a malformed answer, Unavailable when the daemon goes
-// away, DeadlineExceeded after `settings.timeout`, ResourceExhausted when the
-// region cannot be allocated.
+// failed checksum, a malformed answer or an export that is not sealed,
+// Unavailable when the daemon goes away, DeadlineExceeded after
+// `settings.timeout`, ResourceExhausted when the region cannot be allocated.
 absl::StatusOr<absl::optional<LocalFetched>> FetchLocally(
     const LocalFetchSettings& settings, const v1::StateDictRequest& request,
     const LocalManifestCallback& on_manifest = nullptr);

@@ -790,6 +790,14 @@ absl::Status ModelStore::CheckMemoryFor(int64_t extra_bytes) const {
   return CheckMemory(extra_bytes);
 }
 
+absl::Status ModelStore::ChargeIfFits(const MemoryCharge& charge,
+                                      int64_t bytes) const {
+  absl::ReaderMutexLock lock(&mu_);
+  RETURN_IF_ERROR(CheckMemory(bytes));
+  charge.Charge(accountant_, bytes, /*metadata_bytes=*/0);
+  return absl::OkStatus();
+}
+
 absl::Status ModelStore::RemoveReplicated(const std::string& name) {
   if (options_.replica_of.empty()) {
     return absl::FailedPreconditionError(

@@ -272,6 +272,12 @@ class ModelStore {
   // before fetching a version's new tensors.
   absl::Status CheckMemoryFor(int64_t extra_bytes) const;
 
+  // Counts `bytes` that the daemon holds for this store's tensors outside
+  // them (the same-host fetch's exports, core/memfd_export.h) as live bytes
+  // for as long as `charge` lives, once they fit the memory limit.
+  // ResourceExhausted, charging nothing, when they would not.
+  absl::Status ChargeIfFits(const MemoryCharge& charge, int64_t bytes) const;
+
   // Follower mode only: removes `name` as Delete does. NotFound if absent,
   // FailedPrecondition outside follower mode.
   absl::Status RemoveReplicated(const std::string& name);
@@ -281,7 +287,7 @@ class ModelStore {
   void RemoveListener(int64_t id);
 
   // Bytes of all live tensor storages the store has seen (models, retained
-  // versions and snapshots still held).
+  // versions and snapshots still held), and of what ChargeIfFits charged.
   int64_t live_bytes() const;
   // Estimated bytes of the metadata around them (modules, slots, names,
   // shapes, storage objects; see core/module.h), counted by the memory limit.

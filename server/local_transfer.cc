@@ -168,7 +168,8 @@ absl::StatusOr<std::unique_ptr<LocalTransferServer>> LocalTransferServer::Start(
   }
   std::unique_ptr<LocalTransferServer> server(
       new LocalTransferServer(store, std::move(options), std::move(listener)));
-  if (!server->wake_.valid()) return Errno("cannot create an eventfd");
+  if (!server->wake_.valid() || !server->exported_.valid())
+    return Errno("cannot create an eventfd");
   server->acceptor_ = std::thread([raw = server.get()] { raw->AcceptLoop(); });
   return server;
 }
@@ -179,7 +180,9 @@ LocalTransferServer::LocalTransferServer(ModelStore* store,
     : store_(store),
       options_(std::move(options)),
       listener_(std::move(listener)),
-      wake_(eventfd(0, EFD_CLOEXEC)) {}
+      wake_(eventfd(0, EFD_CLOEXEC)),
+      exported_(eventfd(0, EFD_CLOEXEC)),
+      exports_(options_.export_bytes) {}
 
 LocalTransferServer::~LocalTransferServer() {
   if (wake_.valid()) {
@@ -210,17 +213,42 @@ int64_t LocalTransferServer::fetches_served() const {
   return fetches_served_;
 }
 
+int64_t LocalTransferServer::fetches_from_exports() const {
+  absl::MutexLock lock(&mu_);
+  return fetches_from_exports_;
+}
+
+void LocalTransferServer::CountServed(bool from_export) {
+  absl::MutexLock lock(&mu_);
+  ++fetches_served_;
+  if (from_export) ++fetches_from_exports_;
+}
+
 void LocalTransferServer::AcceptLoop() {
-  pollfd watched[2] = {{listener_.get(), POLLIN, 0}, {wake_.get(), POLLIN, 0}};
+  pollfd watched[3] = {{listener_.get(), POLLIN, 0},
+                       {wake_.get(), POLLIN, 0},
+                       {exported_.get(), POLLIN, 0}};
   while (true) {
     Reap();
-    if (poll(watched, 2, -1) < 0) {
+    // Exports of versions that died give their memory back within a second:
+    // while any is kept, the loop wakes that often to look (and a new export
+    // wakes it to start).
+    exports_.Purge();
+    const int timeout_ms = exports_.size() > 0 ? 1000 : -1;
+    const int ready = poll(watched, 3, timeout_ms);
+    if (ready == 0) continue;
+    if (ready < 0) {
       if (errno == EINTR) continue;
       std::fprintf(stderr, "modelstated: local socket: poll: %s\n",
                    std::strerror(errno));
       return;
     }
     if (watched[1].revents != 0) return;
+    if (watched[2].revents != 0) {
+      uint64_t count;
+      (void)!read(exported_.get(), &count, sizeof(count));  // Drains it.
+    }
+    if (watched[0].revents == 0) continue;
     UniqueFd connection(
         accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC));
     if (connection.valid()) {
@@ -302,6 +330,18 @@ absl::Status LocalTransferServer::ServeFetch(
   v1::LocalResponse response;
   v1::LocalManifest* manifest = response.mutable_manifest();
   *manifest->mutable_manifest() = ToManifest(held->plan, held->total_bytes);
+  const absl::optional<ExportCache::Found> exported =
+      request.accept_export() ? ExportFor(held->tensors, held->layout.offsets,
+                                          held->layout.region_bytes)
+                              : absl::nullopt;
+  if (exported.has_value()) {
+    for (uint64_t offset : exported->offsets) manifest->add_offsets(offset);
+    manifest->set_region_bytes(exported->source->size());
+    manifest->set_shared_export(true);
+    // Counted before the client can see it, as a filled region is.
+    CountServed(/*from_export=*/true);
+    return WriteLocalFrame(connection, response, exported->source->fd());
+  }
   for (uint64_t offset : held->layout.offsets) manifest->add_offsets(offset);
   manifest->set_region_bytes(held->layout.region_bytes);
   RETURN_IF_ERROR(WriteLocalFrame(connection, response));
@@ -337,13 +377,40 @@ absl::Status LocalTransferServer::ServeFetch(
   region.Reset();
   RETURN_IF_ERROR(sent);
   if (!filled.ok()) return WriteLocalFrame(connection, ErrorResponse(filled));
-  {
-    absl::MutexLock lock(&mu_);
-    ++fetches_served_;
-  }
+  CountServed(/*from_export=*/false);
   response.Clear();
   response.mutable_filled()->set_total_bytes(held->total_bytes);
   return WriteLocalFrame(connection, response);
+}
+
+absl::optional<ExportCache::Found> LocalTransferServer::ExportFor(
+    const std::vector<Tensor>& tensors, const std::vector<uint64_t>& offsets,
+    uint64_t size) {
+  absl::optional<ExportCache::Found> found = exports_.Find(tensors);
+  if (found.has_value() || !exports_.Admits(size)) return found;
+  absl::MutexLock making(&making_export_mu_);
+  found = exports_.Find(tensors);  // Made while this fetch waited?
+  if (found.has_value()) return found;
+  // Exports of dead versions give their bytes back before the limit is asked.
+  exports_.Purge();
+  if (!store_->CheckMemoryFor(static_cast<int64_t>(size)).ok())
+    return absl::nullopt;
+  absl::StatusOr<std::shared_ptr<const MemfdExport>> made =
+      MemfdExport::Create(tensors, offsets, size);
+  if (!made.ok()) {
+    std::fprintf(stderr, "modelstated: local socket: no export: %s\n",
+                 made.status().ToString().c_str());
+    return absl::nullopt;
+  }
+  // Checked again while charging: a load may have taken the room meanwhile.
+  if (!store_->ChargeIfFits((*made)->charge(), static_cast<int64_t>(size))
+           .ok() ||
+      !exports_.Add(*made))
+    return absl::nullopt;
+  const uint64_t one = 1;
+  // Starts AcceptLoop's sweep; an eventfd counter cannot overflow from this.
+  (void)!write(exported_.get(), &one, sizeof(one));
+  return ExportCache::Found{*std::move(made), offsets};
 }
 
 }  // namespace modelstate

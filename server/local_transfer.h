@@ -1,18 +1,28 @@
 // The daemon's end of the same-host shared-memory fetch (modelstated
 // --local_socket; docs/protocol.md): a Unix socket on which a client on the
-// same host asks for a state dict, receives its manifest, and hands over a
-// memfd that the daemon fills with the tensors' bytes, one pwrite per tensor.
-// No byte goes through TCP, and the client maps the region read-only.
+// same host asks for a state dict and gets its manifest with the descriptor of
+// a sealed memfd holding the tensors (an export, core/memfd_export.h), made on
+// the first local fetch of those tensors and handed to every later one: no
+// byte is copied per fetch, and none goes through TCP. When no export can be
+// had (an old client, a memory limit, the export bound), the client hands
+// over a memfd of its own and the daemon fills it, one pwrite per tensor.
 //
-// Immutability: the daemon fills the client's own region from a snapshot it
+// Immutability: an export is sealed against every change before any client
+// sees it, and a client's own region is filled from a snapshot the daemon
 // holds for the duration of the request, so a concurrent load never changes
-// what a client received, and nothing of the daemon's is ever mapped by a
-// client.
+// what a client received.
+//
+// Memory: exports count as the store's live bytes (so --memory_limit_bytes
+// holds; one that would not fit is not made), at most
+// LocalTransferOptions::export_bytes of them are kept (least recently used
+// dropped first), and each is dropped once its version is neither retained
+// nor held, within a second. Clients' mappings keep an export's pages alive
+// until they unmap them, outside the daemon's accounting.
 //
 // Cleanup: each connection's state (the held snapshot, the received
 // descriptor) lives on its handler's stack, so a client that dies or stalls
 // (the idle timeout) leaves nothing behind once its handler returns. The
-// daemon never maps the client's memory: pwrite(2) into a region sealed
+// daemon never maps a client's memory: pwrite(2) into a region sealed
 // against shrinking cannot fault, whatever the client does to it meanwhile.
 //
 // Thread-safety: all methods may be called from any thread.
@@ -26,12 +36,15 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "absl/types/optional.h"
+#include "core/memfd_export.h"
 #include "core/model_store.h"
 #include "core/requests.h"
 #include "proto/local_frame.h"
@@ -65,6 +78,10 @@ struct LocalTransferOptions {
   absl::Duration idle_timeout = absl::Seconds(60);
   // Connections served at once; more are refused (ResourceExhausted).
   int max_connections = 64;
+  // Bytes of sealed exports kept for clients that accept them, least
+  // recently used dropped first; 0 makes none (every fetch fills the
+  // client's region).
+  uint64_t export_bytes = uint64_t{4} << 30;
 };
 
 class LocalTransferServer {
@@ -83,8 +100,14 @@ class LocalTransferServer {
 
   // Connections being served now.
   int active_connections() const;
-  // Fetches whose region was filled, since start.
+  // Fetches served (a region filled, or an export about to be handed over),
+  // since start.
   int64_t fetches_served() const;
+  // Of those, the ones served with an export.
+  int64_t fetches_from_exports() const;
+  // Exports kept now, and their bytes.
+  size_t exports() const { return exports_.size(); }
+  uint64_t export_bytes() const { return exports_.bytes(); }
 
  private:
   LocalTransferServer(ModelStore* store, LocalTransferOptions options,
@@ -106,18 +129,31 @@ class LocalTransferServer {
   // region. A non-OK return means the connection is no longer usable.
   absl::Status ServeFetch(int connection, const LocalPeer& peer,
                           const v1::LocalFetchRequest& request);
+  // An export holding `tensors`, made now (with `offsets` in `size` bytes)
+  // when none is kept; nullopt when none can be had.
+  absl::optional<ExportCache::Found> ExportFor(
+      const std::vector<Tensor>& tensors, const std::vector<uint64_t>& offsets,
+      uint64_t size);
+  // Counts a fetch served, from an export or not.
+  void CountServed(bool from_export);
 
   ModelStore* const store_;
   const LocalTransferOptions options_;
   UniqueFd listener_;
-  UniqueFd wake_;  // An eventfd that stops AcceptLoop.
+  UniqueFd wake_;      // An eventfd that stops AcceptLoop.
+  UniqueFd exported_;  // An eventfd that tells AcceptLoop of a new export.
   std::thread acceptor_;
+  ExportCache exports_;
+  // Serialises making exports, so that workers fetching a version at once
+  // make one export of it.
+  absl::Mutex making_export_mu_;
 
   mutable absl::Mutex mu_;
   std::map<uint64_t, Connection> connections_ ABSL_GUARDED_BY(mu_);
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 0;
   int active_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t fetches_served_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t fetches_from_exports_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace modelstate

@@ -84,6 +84,11 @@ ABSL_FLAG(std::string, local_socket, "",
           "path of a Unix socket (created with mode 0660) on which clients on "
           "this host fetch state dicts through shared memory instead of TCP; "
           "empty for none");
+ABSL_FLAG(uint64_t, local_export_bytes, uint64_t{4} << 30,
+          "bytes of sealed memfd exports kept for --local_socket fetches "
+          "(zero copy; counted by --memory_limit_bytes; least recently used "
+          "dropped first); 0 makes none, and every local fetch copies into "
+          "the client's memory");
 // Connection limits (issue 13): keepalive enforcement, idle connections and
 // the minimum chunk. See docs/operations.md.
 ABSL_FLAG(absl::Duration, keepalive_min_ping_interval, absl::Seconds(10),
@@ -205,6 +210,7 @@ absl::StatusOr<modelstate::ServerOptions> OptionsFromFlags() {
   options.audit_log = absl::GetFlag(FLAGS_audit_log);
   options.reflection = absl::GetFlag(FLAGS_reflection);
   options.local_socket = absl::GetFlag(FLAGS_local_socket);
+  options.local_export_bytes = absl::GetFlag(FLAGS_local_export_bytes);
 
   // Connection limits.
   options.keepalive_min_ping_interval =

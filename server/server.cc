@@ -332,6 +332,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
     LocalTransferOptions local;
     local.path = options.local_socket;
     local.authorize = options.local_authorize;
+    local.export_bytes = options.local_export_bytes;
     if (!local.authorize && server->access_ != nullptr) {
       // The side channel's token answers to the same policy as the gRPC port.
       ModelStateService* service = server->service_.get();

@@ -95,6 +95,8 @@ struct ServerOptions {
   // request's token when there is a policy, otherwise every peer that can
   // connect to the socket may read every model.
   LocalAuthorizer local_authorize;
+  // Bytes of sealed exports the local socket keeps (LocalTransferOptions).
+  uint64_t local_export_bytes = LocalTransferOptions().export_bytes;
   // Connection limits (issue 13; docs/operations.md). Clients may ping at
   // most every keepalive_min_ping_interval (with or without calls in flight);
   // after keepalive_max_ping_strikes pings that come sooner the connection is

@@ -24,9 +24,11 @@
 
 #include "absl/time/clock.h"
 #include "client/client.h"
+#include "core/memfd_export.h"
 #include "core/status_macros.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "proto/convert.h"
 #include "proto/local_frame.h"
 #include "tests/test_support.h"
 
@@ -116,6 +118,17 @@ int OpenFds() {
   while (readdir(dir) != nullptr) ++count;
   closedir(dir);
   return count;
+}
+
+// The store's live bytes without the local socket's exports.
+int64_t LiveWithoutExports(Server& server) {
+  return server.store().live_bytes() -
+         static_cast<int64_t>(server.local_transfer()->export_bytes());
+}
+
+// This process's descriptors without the exports' (one each).
+int FdsWithoutExports(Server& server) {
+  return OpenFds() - static_cast<int>(server.local_transfer()->exports());
 }
 
 // Polls `done` until it holds or kSettle passes.
@@ -544,8 +557,316 @@ TEST(LocalFetchTest, FetchesStayWholeVersionsUnderConcurrentLoads) {
         AllEqual(fetched.state, static_cast<float>(fetched.version - 1)));
 }
 
-// What a killed client had sent when it died.
-enum class KilledAfter { kFetch, kManifest, kRegion };
+TEST(LocalFetchTest, LaterFetchesMapOneSealedExportCountedAsLiveBytes) {
+  ScratchDir dir;
+  auto server = StartLocalServer(dir);
+  LoadUniform(*server, "m", 4, 1000, 7.0f);
+  const int64_t model_bytes = server->store().live_bytes();
+  auto client = LocalClient(*server, dir.file("modelstated.local"));
+  FetchRequest some("m");
+  some.keys = {"w3", "w1"};
+  for (const FetchRequest& request : {FetchRequest("m"), some}) {
+    for (int i = 0; i < 2; ++i) {
+      absl::StatusOr<FetchedStateDict> fetched = client->StateDict(request);
+      ASSERT_TRUE(fetched.ok()) << fetched.status();
+      EXPECT_TRUE(AllEqual(fetched->state, 7.0f));
+      EXPECT_EQ(fetched->state.size(), request.keys.empty() ? 4u : 2u);
+      if (!request.keys.empty()) EXPECT_EQ(fetched->state.Keys(), some.keys);
+    }
+  }
+  const LocalTransferServer& local = *server->local_transfer();
+  EXPECT_EQ(local.fetches_served(), 4);
+  EXPECT_EQ(local.fetches_from_exports(), 4);
+  // The first fetch made it; the subset's tensors are in it too.
+  EXPECT_EQ(local.exports(), 1u);
+  const uint64_t region =
+      LayOutLocalRegion({4000, 4000, 4000, 4000}).value().region_bytes;
+  EXPECT_EQ(local.export_bytes(), region);
+  EXPECT_EQ(server->store().live_bytes(),
+            model_bytes + static_cast<int64_t>(region));
+}
+
+TEST(LocalFetchTest, ExportGoesWithItsVersionAndMappingsOutliveIt) {
+  ScratchDir dir;
+  ServerOptions options;
+  options.retain_versions = 2;
+  auto server = StartLocalServer(dir, options);
+  auto client = LocalClient(*server, dir.file("modelstated.local"));
+  const LocalTransferServer& local = *server->local_transfer();
+  LoadUniform(*server, "m", 4, 1000, 1.0f);
+  const int64_t one_version = server->store().live_bytes();
+  absl::StatusOr<FetchedStateDict> first = client->StateDict({"m"});
+  ASSERT_TRUE(first.ok()) << first.status();
+  // Version 1 is retained, and so is its export, which serves it again.
+  LoadUniform(*server, "m", 4, 1000, 2.0f);
+  FetchRequest old("m");
+  old.version = 1;
+  absl::StatusOr<FetchedStateDict> again = client->StateDict(old);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_TRUE(AllEqual(again->state, 1.0f));
+  EXPECT_EQ(local.fetches_from_exports(), 2);
+  EXPECT_EQ(local.exports(), 1u);
+  // Version 3 pushes version 1 out: its export goes within a second.
+  LoadUniform(*server, "m", 4, 1000, 3.0f);
+  EXPECT_TRUE(Eventually([&] {
+    return local.exports() == 0 &&
+           server->store().live_bytes() == 2 * one_version;
+  })) << local.exports()
+      << " exports, live " << server->store().live_bytes();
+  // What clients mapped stays theirs, unchanged.
+  EXPECT_TRUE(AllEqual(first->state, 1.0f));
+  EXPECT_TRUE(AllEqual(again->state, 1.0f));
+  absl::StatusOr<FetchedStateDict> now = client->StateDict({"m"});
+  ASSERT_TRUE(now.ok()) << now.status();
+  EXPECT_TRUE(AllEqual(now->state, 3.0f));
+  EXPECT_EQ(local.exports(), 1u);
+  // With no connection since, loads that push version 3 out drop its export.
+  LoadUniform(*server, "m", 4, 1000, 4.0f);
+  LoadUniform(*server, "m", 4, 1000, 5.0f);
+  EXPECT_TRUE(Eventually([&] { return local.exports() == 0; }));
+  EXPECT_TRUE(AllEqual(now->state, 3.0f));
+}
+
+TEST(LocalFetchTest, ExportBytesBoundKeepsTheMostRecentlyUsed) {
+  ScratchDir dir;
+  const uint64_t big =
+      LayOutLocalRegion({4000, 4000, 4000, 4000}).value().region_bytes;
+  const uint64_t small =
+      LayOutLocalRegion({2000, 2000, 2000, 2000}).value().region_bytes;
+  ServerOptions options;
+  options.local_export_bytes = big;
+  auto server = StartLocalServer(dir, options);
+  LoadUniform(*server, "big", 4, 1000, 1.0f);
+  LoadUniform(*server, "small", 4, 500, 2.0f);
+  LoadUniform(*server, "huge", 4, 2000, 3.0f);
+  auto client = LocalClient(*server, dir.file("modelstated.local"));
+  const LocalTransferServer& local = *server->local_transfer();
+  const auto fetch = [&](const char* model, float value) {
+    absl::StatusOr<FetchedStateDict> fetched = client->StateDict({model});
+    ASSERT_TRUE(fetched.ok()) << fetched.status();
+    EXPECT_TRUE(AllEqual(fetched->state, value));
+  };
+  fetch("big", 1.0f);
+  EXPECT_EQ(local.export_bytes(), big);
+  fetch("small", 2.0f);  // Both do not fit: big's export goes.
+  EXPECT_EQ(local.export_bytes(), small);
+  fetch("huge", 3.0f);  // Over the bound alone: the client's region is filled.
+  EXPECT_EQ(local.export_bytes(), small);
+  EXPECT_EQ(local.fetches_from_exports(), 2);
+  EXPECT_EQ(local.fetches_served(), 3);
+
+  ScratchDir none_dir;
+  options.local_export_bytes = 0;
+  auto no_exports = StartLocalServer(none_dir, options);
+  LoadUniform(*no_exports, "m", 4, 1000, 4.0f);
+  auto other = LocalClient(*no_exports, none_dir.file("modelstated.local"));
+  for (int i = 0; i < 2; ++i) {
+    absl::StatusOr<FetchedStateDict> fetched = other->StateDict({"m"});
+    ASSERT_TRUE(fetched.ok()) << fetched.status();
+    EXPECT_TRUE(AllEqual(fetched->state, 4.0f));
+  }
+  EXPECT_EQ(no_exports->local_transfer()->fetches_served(), 2);
+  EXPECT_EQ(no_exports->local_transfer()->fetches_from_exports(), 0);
+  EXPECT_EQ(no_exports->local_transfer()->exports(), 0u);
+}
+
+TEST(LocalFetchTest, AnExportOverTheMemoryLimitIsNotMadeAndTheRegionIsFilled) {
+  ScratchDir dir;
+  ServerOptions options;
+  options.memory_limit_bytes = 6 << 20;
+  auto server = StartLocalServer(dir, options);
+  LoadUniform(*server, "m", 4, 256 * 1024, 5.0f);  // 4 MiB.
+  const int64_t model_bytes = server->store().live_bytes();
+  auto client = LocalClient(*server, dir.file("modelstated.local"));
+  const LocalTransferServer& local = *server->local_transfer();
+  absl::StatusOr<FetchedStateDict> whole = client->StateDict({"m"});
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  EXPECT_TRUE(AllEqual(whole->state, 5.0f));
+  EXPECT_EQ(local.fetches_from_exports(), 0);
+  EXPECT_EQ(local.exports(), 0u);
+  EXPECT_EQ(server->store().live_bytes(), model_bytes);
+  // One tensor's export fits, and counts.
+  FetchRequest one("m");
+  one.keys = {"w2"};
+  absl::StatusOr<FetchedStateDict> part = client->StateDict(one);
+  ASSERT_TRUE(part.ok()) << part.status();
+  EXPECT_TRUE(AllEqual(part->state, 5.0f));
+  EXPECT_EQ(local.fetches_from_exports(), 1);
+  EXPECT_EQ(server->store().live_bytes(), model_bytes + (1 << 20));
+}
+
+TEST(LocalFetchTest, OldRequestsGetTheRegionAndNewOnesTheSealedExport) {
+  ScratchDir dir;
+  auto server = StartLocalServer(dir);
+  LoadUniform(*server, "m", 4, 1000, 3.0f);
+  auto client = LocalClient(*server, dir.file("modelstated.local"));
+  ASSERT_TRUE(client->StateDict({"m"}).ok());  // Makes the export.
+  ASSERT_EQ(server->local_transfer()->exports(), 1u);
+  const auto expect_threes = [](int fd, const v1::LocalManifest& manifest) {
+    for (int i = 0; i < 4; ++i) {
+      std::vector<float> values(1000);
+      ASSERT_EQ(pread(fd, values.data(), 4000,
+                      static_cast<off_t>(manifest.offsets(i))),
+                4000);
+      EXPECT_EQ(values, std::vector<float>(1000, 3.0f));
+    }
+  };
+  RawConnection raw(dir.file("modelstated.local"));
+  // A client that predates exports: no descriptor on the manifest (Receive
+  // refuses one), and its own region is filled.
+  absl::StatusOr<v1::LocalResponse> manifest = AfterManifest(raw);
+  ASSERT_TRUE(manifest.ok()) << manifest.status();
+  EXPECT_FALSE(manifest->manifest().shared_export());
+  const uint64_t size = manifest->manifest().region_bytes();
+  UniqueFd region = Memfd(size, F_SEAL_SHRINK);
+  raw.Send(RegionOf(size), region.get());
+  absl::StatusOr<v1::LocalResponse> filled = raw.Receive();
+  ASSERT_TRUE(filled.ok() && filled->has_filled());
+  expect_threes(region.get(), manifest->manifest());
+  // One that accepts exports gets the daemon's, sealed for good.
+  v1::LocalRequest request = FetchOf("m");
+  request.mutable_fetch()->set_accept_export(true);
+  raw.Send(request);
+  v1::LocalResponse answer;
+  UniqueFd exported;
+  ASSERT_TRUE(
+      ReadLocalFrame(raw.fd(), kMaxLocalFrameBytes, &answer, &exported).ok());
+  ASSERT_TRUE(answer.has_manifest() && answer.manifest().shared_export());
+  ASSERT_TRUE(exported.valid());
+  EXPECT_EQ(fcntl(exported.get(), F_GET_SEALS), kExportSeals);
+  expect_threes(exported.get(), answer.manifest());
+  const float four = 4.0f;
+  EXPECT_EQ(pwrite(exported.get(), &four, sizeof(four), 0), -1);
+  EXPECT_EQ(mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED,
+                 exported.get(), 0),
+            MAP_FAILED);
+  EXPECT_EQ(server->local_transfer()->fetches_from_exports(), 2);
+  EXPECT_EQ(server->local_transfer()->fetches_served(), 3);
+  // The client can still ask for the copy into its own memory.
+  LocalFetchSettings settings;
+  settings.socket_path = dir.file("modelstated.local");
+  settings.timeout = kCallTimeout;
+  settings.accept_exports = false;
+  v1::StateDictRequest whole;
+  whole.set_model("m");
+  absl::StatusOr<absl::optional<LocalFetched>> copied =
+      FetchLocally(settings, whole);
+  ASSERT_TRUE(copied.ok()) << copied.status();
+  ASSERT_TRUE(copied->has_value());
+  ASSERT_EQ((*copied)->tensors.size(), 4u);
+  for (const Tensor& tensor : (*copied)->tensors) {
+    ASSERT_EQ(tensor.num_bytes(), 4000u);
+    EXPECT_EQ(tensor.data_as<float>()[999], 3.0f);
+  }
+  EXPECT_EQ(server->local_transfer()->fetches_from_exports(), 2);
+  EXPECT_EQ(server->local_transfer()->fetches_served(), 4);
+}
+
+TEST(LocalFetchTest, AWorkerWritingItsTensorsChangesNothingForOthers) {
+  ScratchDir dir;
+  auto server = StartLocalServer(dir);
+  LoadUniform(*server, "m", 2, 4096, 4.0f);
+  auto client = LocalClient(*server, dir.file("modelstated.local"));
+  absl::StatusOr<FetchedStateDict> mine = client->StateDict({"m"});
+  absl::StatusOr<FetchedStateDict> theirs = client->StateDict({"m"});
+  ASSERT_TRUE(mine.ok() && theirs.ok());
+  // As a worker that hands its tensors' memory to code that writes it
+  // would: the mapping is private, so the write copies the page.
+  float* data =
+      const_cast<float*>(mine->state.entries()[1].tensor.data_as<float>());
+  data[0] = -1.0f;
+  data[4095] = -1.0f;
+  EXPECT_EQ(mine->state.entries()[1].tensor.data_as<float>()[4095], -1.0f);
+  EXPECT_TRUE(AllEqual(theirs->state, 4.0f));
+  absl::StatusOr<FetchedStateDict> later = client->StateDict({"m"});
+  ASSERT_TRUE(later.ok()) << later.status();
+  EXPECT_TRUE(AllEqual(later->state, 4.0f));
+  EXPECT_EQ(server->local_transfer()->fetches_from_exports(), 3);
+}
+
+// A stand-in daemon that answers one fetch on `listener` with an export of
+// one float32 tensor of four 1.0s, sealed with `seals`, whose manifest
+// checksum is off by one when `corrupt`.
+void ServeOneExport(int listener, int seals, bool corrupt) {
+  UniqueFd connection(accept4(listener, nullptr, nullptr, SOCK_CLOEXEC));
+  ASSERT_TRUE(connection.valid());
+  ASSERT_TRUE(SetSocketTimeouts(connection.get(), kCallTimeout).ok());
+  v1::LocalRequest request;
+  ASSERT_TRUE(
+      ReadLocalFrame(connection.get(), kMaxLocalFrameBytes, &request, nullptr)
+          .ok());
+  EXPECT_TRUE(request.fetch().accept_export());
+  StateDict state = Uniform(1, 4, 1.0f);
+  UniqueFd memfd = Memfd(0, 0);
+  const Tensor& tensor = state.entries()[0].tensor;
+  ASSERT_EQ(pwrite(memfd.get(), tensor.data(), 16, 0), 16);
+  ASSERT_EQ(fcntl(memfd.get(), F_ADD_SEALS, seals), 0);
+  FetchPlan plan;
+  plan.model = "m";
+  plan.version = 1;
+  plan.state = state;
+  v1::LocalResponse response;
+  v1::LocalManifest* manifest = response.mutable_manifest();
+  *manifest->mutable_manifest() = ToManifest(plan, 16);
+  v1::TensorInfo* info = manifest->mutable_manifest()->mutable_tensors(0);
+  info->set_xxh3_64(info->xxh3_64() + (corrupt ? 1 : 0));
+  manifest->add_offsets(0);
+  manifest->set_region_bytes(16);
+  manifest->set_shared_export(true);
+  EXPECT_TRUE(WriteLocalFrame(connection.get(), response, memfd.get()).ok());
+}
+
+TEST(LocalFetchTest, VerifyingClientsRefuseACorruptExportAndNoneAnUnsealedOne) {
+  ScratchDir dir;
+  const std::string path = dir.file("stand-in.local");
+  struct Case {
+    const char* name;
+    int seals;
+    bool corrupt;
+    bool verify;
+    absl::StatusCode expected;
+  };
+  const std::vector<Case> cases = {
+      {"a sealed export, trusted", kExportSeals, true, false,
+       absl::StatusCode::kOk},
+      {"a sealed export, verified", kExportSeals, false, true,
+       absl::StatusCode::kOk},
+      {"a corrupt export, verified", kExportSeals, true, true,
+       absl::StatusCode::kDataLoss},
+      {"an export that could still be written", kExportSeals & ~F_SEAL_WRITE,
+       false, false, absl::StatusCode::kDataLoss},
+      {"an export that could still be unsealed", kExportSeals & ~F_SEAL_SEAL,
+       false, false, absl::StatusCode::kDataLoss},
+  };
+  for (const Case& test : cases) {
+    SCOPED_TRACE(test.name);
+    unlink(path.c_str());
+    UniqueFd listener(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_un address{};
+    address.sun_family = AF_UNIX;
+    std::strncpy(address.sun_path, path.c_str(), sizeof(address.sun_path) - 1);
+    ASSERT_EQ(bind(listener.get(), reinterpret_cast<sockaddr*>(&address),
+                   sizeof(address)),
+              0);
+    ASSERT_EQ(listen(listener.get(), 1), 0);
+    std::thread daemon(
+        [&] { ServeOneExport(listener.get(), test.seals, test.corrupt); });
+    ClientOptions options;
+    options.timeout = kCallTimeout;
+    options.local_socket = path;
+    options.verify_shared_memory = test.verify;
+    // Nothing listens on TCP port 1: only the stand-in can answer.
+    auto client = Client::Connect("127.0.0.1:1", options).value();
+    absl::StatusOr<FetchedStateDict> fetched = client->StateDict({"m"});
+    daemon.join();
+    EXPECT_EQ(fetched.status().code(), test.expected) << fetched.status();
+    if (fetched.ok()) EXPECT_TRUE(AllEqual(fetched->state, 1.0f));
+  }
+}
+
+// What a killed client had sent when it died. kExport: it asked for an
+// export and its manifest (with the descriptor) was on its way.
+enum class KilledAfter { kFetch, kManifest, kRegion, kExport };
 
 // Forks a client that speaks the protocol with raw system calls only (the
 // child of a threaded process may not allocate), stops after `stage`, and is
@@ -554,8 +875,10 @@ void RunKilledClient(const std::string& path, uint64_t region_bytes,
                      KilledAfter stage,
                      const std::function<void()>& meanwhile) {
   std::string fetch_frame, region_frame;
+  v1::LocalRequest fetch = FetchOf("m");
+  fetch.mutable_fetch()->set_accept_export(stage == KilledAfter::kExport);
   for (auto [request, frame] :
-       {std::make_pair(FetchOf("m"), &fetch_frame),
+       {std::make_pair(fetch, &fetch_frame),
         std::make_pair(RegionOf(region_bytes), &region_frame)}) {
     const std::string body = request.SerializeAsString();
     const uint32_t size = static_cast<uint32_t>(body.size());
@@ -623,12 +946,14 @@ TEST(LocalFetchTest, ClientKilledMidFetchLeavesNothingBehind) {
   ASSERT_TRUE(client->StateDict(small).ok());  // Warms up lazy fds.
   ASSERT_TRUE(Eventually(
       [&] { return server->local_transfer()->active_connections() == 0; }));
-  const int baseline_fds = OpenFds();
-  const int64_t one_version = server->store().live_bytes();
+  // The daemon's exports (one descriptor each, their bytes live) come and go
+  // with versions; what a killed client held must not stay.
+  const int baseline_fds = FdsWithoutExports(*server);
+  const int64_t one_version = LiveWithoutExports(*server);
   const uint64_t region_bytes = 16 * kFloats * sizeof(float);
   float value = 1.0f;
-  for (KilledAfter stage :
-       {KilledAfter::kFetch, KilledAfter::kManifest, KilledAfter::kRegion}) {
+  for (KilledAfter stage : {KilledAfter::kFetch, KilledAfter::kManifest,
+                            KilledAfter::kRegion, KilledAfter::kExport}) {
     SCOPED_TRACE(static_cast<int>(stage));
     RunKilledClient(path, region_bytes, stage, [&] {
       // A client that has its manifest pins the snapshot while it lives: a
@@ -638,17 +963,18 @@ TEST(LocalFetchTest, ClientKilledMidFetchLeavesNothingBehind) {
       value += 1.0f;
       LoadUniform(*server, "m", 16, kFloats, value);
       if (stage == KilledAfter::kManifest) {
-        EXPECT_GE(server->store().live_bytes(), 2 * one_version);
+        EXPECT_GE(LiveWithoutExports(*server), 2 * one_version);
       }
     });
     EXPECT_TRUE(Eventually([&] {
       return server->local_transfer()->active_connections() == 0 &&
-             OpenFds() == baseline_fds &&
-             server->store().live_bytes() == one_version;
+             FdsWithoutExports(*server) == baseline_fds &&
+             LiveWithoutExports(*server) == one_version;
     })) << "fds "
-        << OpenFds() << " (before " << baseline_fds << "), live "
-        << server->store().live_bytes() << " (one version " << one_version
-        << "), connections " << server->local_transfer()->active_connections();
+        << FdsWithoutExports(*server) << " (before " << baseline_fds
+        << "), live " << LiveWithoutExports(*server) << " (one version "
+        << one_version << "), connections "
+        << server->local_transfer()->active_connections();
   }
   absl::StatusOr<FetchedStateDict> fetched = client->StateDict({"m"});
   ASSERT_TRUE(fetched.ok()) << fetched.status();
