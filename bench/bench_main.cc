@@ -3,8 +3,11 @@
 // and JSON (docs/performance.md).
 //
 //   modelstate_bench [--quick] [--reps=N] [--work_dir=DIR] [--out=PREFIX]
-//                    [--check] [--only=P9|P1]
+//                    [--check] [--only=P9|P1|P4]
 //
+// --only=P4 measures the push against daemons with and without the storage
+// pool and raw TCP alone, printing each sample's daemon faults and peak RSS
+// (bench/push_only.h).
 // --only=P1 measures the fetch into fresh memory and raw TCP alone, printing
 // each sample's page-fault and compaction counters (bench/fresh_fetch.h).
 // --only=P9 measures the same-host shared-memory fetch alone
@@ -29,6 +32,7 @@
 #include "bench/fresh_fetch.h"
 #include "bench/naive_grpc.h"
 #include "bench/plan.h"
+#include "bench/push_only.h"
 #include "bench/raw_tcp.h"
 #include "bench/shared_memory.h"
 #include "bench/suite.h"
@@ -38,7 +42,7 @@ namespace {
 
 constexpr char kUsage[] =
     "usage: modelstate_bench [--quick] [--reps=N] [--work_dir=DIR] "
-    "[--out=PREFIX] [--check] [--only=P9|P1]\n";
+    "[--out=PREFIX] [--check] [--only=P9|P1|P4]\n";
 
 std::string SelfPath() {
   char self[4096];
@@ -67,6 +71,8 @@ bool ParseFlags(int argc, char** argv, Config& config) {
       config.only = "P9";
     } else if (arg == "--only=P1") {
       config.only = "P1";
+    } else if (arg == "--only=P4") {
+      config.only = "P4";
     } else {
       return false;
     }
@@ -95,5 +101,6 @@ int main(int argc, char** argv) {
   }
   if (config.only == "P9") return bench::RunSharedMemoryOnly(config);
   if (config.only == "P1") return bench::RunFreshFetchOnly(config);
+  if (config.only == "P4") return bench::RunPushOnly(config);
   return bench::RunSuite(config);
 }

@@ -34,10 +34,30 @@ PendingLoad::~PendingLoad() {
   if (store_ != nullptr) store_->Release(reserved_bytes_, /*finished=*/true);
 }
 
-ModelStore::ModelStore(Options options)
-    : options_(options), accountant_(std::make_shared<MemoryAccountant>()) {}
+class ModelStore::PoolBudget : public StoragePoolBudget {
+ public:
+  explicit PoolBudget(const ModelStore& store) : store_(store) {}
+  int64_t HeadroomBytes() const override {
+    return store_.options_.memory_limit_bytes -
+           store_.accountant_->live_bytes() -
+           store_.accountant_->metadata_bytes() - store_.reserved_bytes_.load();
+  }
 
-ModelStore::~ModelStore() = default;
+ private:
+  const ModelStore& store_;
+};
+
+ModelStore::ModelStore(Options options)
+    : options_(options), accountant_(std::make_shared<MemoryAccountant>()) {
+  if (options_.memory_limit_bytes > 0) {
+    pool_budget_ = std::make_unique<PoolBudget>(*this);
+    Storage::AddPoolBudget(pool_budget_.get());
+  }
+}
+
+ModelStore::~ModelStore() {
+  if (pool_budget_ != nullptr) Storage::RemovePoolBudget(pool_budget_.get());
+}
 
 namespace {
 
@@ -96,6 +116,11 @@ absl::Status ModelStore::CheckMemory(int64_t extra_bytes) const {
         "memory limit: ", extra_bytes, " more bytes needed, ", in_use, " of ",
         options_.memory_limit_bytes, " bytes in use"));
   }
+  // Pooled memory is spare: it makes room rather than failing the request.
+  const int64_t over = in_use + extra_bytes +
+                       static_cast<int64_t>(Storage::pooled_bytes()) -
+                       options_.memory_limit_bytes;
+  if (over > 0) Storage::TrimPool(static_cast<size_t>(over));
   return absl::OkStatus();
 }
 
@@ -864,9 +889,10 @@ int ModelStore::pending_loads() const {
   return pending_loads_;
 }
 
-int64_t ModelStore::reserved_bytes() const {
-  absl::ReaderMutexLock lock(&mu_);
-  return reserved_bytes_;
+int64_t ModelStore::reserved_bytes() const { return reserved_bytes_.load(); }
+
+int64_t ModelStore::pooled_bytes() const {
+  return static_cast<int64_t>(Storage::pooled_bytes());
 }
 
 }  // namespace modelstate

@@ -8,6 +8,7 @@
 #ifndef MODELSTATE_CORE_MODEL_STORE_H_
 #define MODELSTATE_CORE_MODEL_STORE_H_
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -294,6 +295,12 @@ class ModelStore {
   int64_t metadata_bytes() const;
   // Bytes reserved by pending loads.
   int64_t reserved_bytes() const;
+  // Bytes of freed tensor memory the process's storage pool holds for reuse
+  // (core/tensor.h). With a memory limit they count against it: the pool
+  // keeps a freed block only while live, metadata, reserved and pooled bytes
+  // fit the limit, and gives blocks back when a create, load or cast needs
+  // the room (it never makes one fail).
+  int64_t pooled_bytes() const;
   // Loads begun and not yet committed or aborted.
   int pending_loads() const;
 
@@ -339,8 +346,13 @@ class ModelStore {
   absl::Status Publish(const std::shared_ptr<absl::Mutex>& commit_mu,
                        const Snapshot& next, ModelEvent::Type event_type);
 
+  // Keeps the storage pool within the memory limit (registered only when
+  // there is one).
+  class PoolBudget;
+
   const Options options_;
   std::shared_ptr<MemoryAccountant> accountant_;
+  std::unique_ptr<PoolBudget> pool_budget_;
   CastCache cast_cache_;
 
   // Serialises creates and deletes (which persist and remove files). Taken
@@ -358,7 +370,9 @@ class ModelStore {
   mutable absl::Mutex mu_ ABSL_ACQUIRED_AFTER(events_mu_);
   std::map<std::string, Entry> models_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, int64_t> retired_versions_ ABSL_GUARDED_BY(mu_);
-  int64_t reserved_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  // Written with mu_ held; atomic because the pool budget reads it from
+  // whichever thread frees a storage, possibly one holding mu_.
+  std::atomic<int64_t> reserved_bytes_{0};
   int pending_loads_ ABSL_GUARDED_BY(mu_) = 0;
 };
 

@@ -360,6 +360,59 @@ LoadRequest Creating(const std::string& model) {
   return request;
 }
 
+// `tensors` float32 tensors of 2 MiB (the pool's smallest block), each
+// element `value`.
+StateDict TwoMiBTensors(int tensors, float value) {
+  StateDict state;
+  for (int i = 0; i < tensors; ++i) {
+    state.Set(absl::StrCat("w", i),
+              FullTensor(DType::kFloat32, {512 << 10}, value));
+  }
+  return state;
+}
+
+TEST(ModelStoreTest, PooledMemoryStaysWithinTheLimitAndMakesRoom) {
+  constexpr int64_t kMiB = 1 << 20;
+  Storage::SetPoolLimit(0);  // empties what earlier tests left
+  Storage::SetPoolLimit(size_t{1} << 30);
+  // Room for two and a half 8 MiB versions, and their metadata.
+  ModelStore::Options options;
+  options.memory_limit_bytes = 20 * kMiB + 64 * 1024;
+  ModelStore store(options);
+  ASSERT_TRUE(store.Load(Creating("m"), TwoMiBTensors(4, 1)).ok());
+  ASSERT_TRUE(store.Load("m", TwoMiBTensors(4, 2)).ok());
+  // Version 1 was dropped into the pool: 8 MiB live, 8 MiB pooled.
+  EXPECT_EQ(store.live_bytes(), 8 * kMiB);
+  EXPECT_EQ(store.pooled_bytes(), 8 * kMiB);
+
+  Snapshot held = store.GetSnapshot("m").value();
+  // The next load's tensors come from the pool.
+  ASSERT_TRUE(store.Load("m", TwoMiBTensors(4, 3)).ok());
+  EXPECT_EQ(store.pooled_bytes(), 0);
+  ASSERT_TRUE(store.Load(Creating("n"), TwoMiBTensors(2, 4)).ok());
+  EXPECT_EQ(store.live_bytes(), 20 * kMiB);
+  // With the store at its limit, memory it does not count (here a tensor of
+  // the caller's) is not pooled when freed: the pool may not hold it beside
+  // the 20 MiB the store counts.
+  { const StateDict uncounted = TwoMiBTensors(1, 5); }
+  EXPECT_EQ(store.pooled_bytes(), 0);
+  // Memory the store counted moves to the pool: the sum stays the same.
+  held = Snapshot();
+  EXPECT_EQ(store.live_bytes(), 12 * kMiB);
+  EXPECT_EQ(store.pooled_bytes(), 8 * kMiB);
+  ASSERT_TRUE(store.Delete("n").ok());
+  EXPECT_EQ(store.pooled_bytes(), 12 * kMiB);
+
+  // Pooled memory never makes a request fail: it is given back for room.
+  EXPECT_TRUE(store.CheckMemoryFor(12 * kMiB).ok());
+  EXPECT_LE(store.live_bytes() + store.metadata_bytes() + 12 * kMiB +
+                store.pooled_bytes(),
+            options.memory_limit_bytes);
+  EXPECT_LT(store.pooled_bytes(), 12 * kMiB);
+  EXPECT_EQ(store.CheckMemoryFor(12 * kMiB + 64 * 1024).code(),
+            absl::StatusCode::kResourceExhausted);
+}
+
 TEST(ModelStoreTest, MetadataIsChargedWhileTheModelLivesAndReturnedAfter) {
   ModelStore store;
   ModulePtr model = MustBuild(kTwoLayers);

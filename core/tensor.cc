@@ -2,11 +2,13 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <iterator>
 #include <new>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
@@ -47,12 +49,55 @@ void Poison(void*, size_t) {}
 void Unpoison(void*, size_t) {}
 #endif
 
-// Freed huge-page blocks kept for reuse by later allocations of the same
-// rounded size. Giving a block back to the kernel is what makes the next large
-// allocation slow: its pages must be faulted and zeroed again, and in a
-// virtual machine with free page reporting the host has usually reclaimed
-// them, so each fault waits for the host too (docs/performance.md, "P1: why
-// it was bimodal"). Bounded by `limit_` bytes; when full, a freed block goes
+// Maps `bytes` (a multiple of kHugePage) of fresh anonymous memory at a
+// kHugePage boundary, advised to use transparent huge pages. Returns null if
+// the mapping fails.
+uint8_t* MapHugeAligned(size_t bytes) {
+  const size_t span = bytes + kHugePage;
+  if (span < bytes) return nullptr;
+  void* raw = mmap(nullptr, span, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) return nullptr;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
+  const uintptr_t aligned = (start + kHugePage - 1) & ~(kHugePage - 1);
+  if (aligned > start) munmap(raw, aligned - start);
+  const uintptr_t tail = start + span - (aligned + bytes);
+  if (tail > 0) munmap(reinterpret_cast<void*>(aligned + bytes), tail);
+  void* data = reinterpret_cast<void*>(aligned);
+  madvise(data, bytes, MADV_HUGEPAGE);
+  return static_cast<uint8_t*>(data);
+}
+
+// Unmaps a block of MapHugeAligned memory (or part of one).
+void Unmap(uint8_t* data, size_t bytes) {
+  Unpoison(data, bytes);
+  munmap(data, bytes);
+}
+
+// Moves the pages of `bytes` at `from` to `to` (both kHugePage-aligned, sizes
+// multiples of it) without copying: the page tables move, huge pages stay
+// huge, and `from` is unmapped. mremap moves within one mapping only, and a
+// block assembled earlier spans several, so a failed move is retried a huge
+// page at a time; a huge page that still cannot move is given back to the
+// kernel, and `to` keeps the fresh page that was mapped there.
+void MovePages(uint8_t* from, size_t bytes, uint8_t* to) {
+  Unpoison(from, bytes);
+  constexpr int kFlags = MREMAP_MAYMOVE | MREMAP_FIXED;
+  if (mremap(from, bytes, bytes, kFlags, to) != MAP_FAILED) return;
+  for (size_t at = 0; at < bytes; at += kHugePage) {
+    if (mremap(from + at, kHugePage, kHugePage, kFlags, to + at) ==
+        MAP_FAILED) {
+      munmap(from + at, kHugePage);
+    }
+  }
+}
+
+// Freed huge-page blocks kept for reuse by later large allocations. Giving a
+// block back to the kernel is what makes the next large allocation slow: its
+// pages must be faulted and zeroed again, and in a virtual machine with free
+// page reporting the host has usually reclaimed them, so each fault waits for
+// the host too (docs/performance.md, "P1: why it was bimodal"). Bounded by
+// `limit_` bytes and by the registered budgets; when full, a freed block goes
 // back to the kernel and the pooled ones stay, so a steady workload keeps
 // reusing the same blocks.
 class BlockPool {
@@ -62,49 +107,70 @@ class BlockPool {
     return *pool;
   }
 
-  // Returns a pooled block of exactly `rounded` bytes, or null.
-  void* Take(size_t rounded) {
-    absl::MutexLock lock(&mu_);
-    for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
-      if (it->bytes != rounded) continue;
-      void* data = it->data;
-      pooled_ -= rounded;
-      blocks_.erase(std::next(it).base());
-      Unpoison(data, rounded);
-      return data;
+  // Returns `rounded` bytes (a multiple of kHugePage) at a kHugePage
+  // boundary: a pooled block of exactly that size if there is one, else fresh
+  // memory into which as much pooled memory as there is has been moved. Null
+  // if the mapping fails.
+  uint8_t* Allocate(size_t rounded) {
+    if (uint8_t* exact = TakeExact(rounded)) return exact;
+    uint8_t* data = MapHugeAligned(rounded);
+    if (data == nullptr) return nullptr;
+    size_t filled = 0;
+    for (const Block& piece : TakePieces(rounded)) {
+      MovePages(piece.data, piece.bytes, data + filled);
+      filled += piece.bytes;
     }
-    return nullptr;
+    return data;
   }
 
-  // Keeps `data` (`rounded` bytes) if the bound allows, else frees it.
-  void Give(void* data, size_t rounded) {
+  // Keeps `data` (`rounded` bytes) if the bound and the budgets allow, else
+  // unmaps it.
+  void Give(uint8_t* data, size_t rounded) {
     {
       absl::MutexLock lock(&mu_);
-      if (pooled_ + rounded <= limit_) {
+      if (pooled_ + rounded <= limit_ && WithinBudgets(pooled_ + rounded)) {
         Poison(data, rounded);
         blocks_.push_back({data, rounded});
         pooled_ += rounded;
         return;
       }
     }
-    std::free(data);
+    Unmap(data, rounded);
   }
 
   void SetLimit(size_t bytes) {
-    std::deque<Block> freed;
+    std::vector<Block> freed;
     {
       absl::MutexLock lock(&mu_);
       limit_ = bytes;
-      while (pooled_ > limit_) {
-        freed.push_back(blocks_.front());
-        pooled_ -= blocks_.front().bytes;
-        blocks_.pop_front();
-      }
+      freed = PopOldest(pooled_ > limit_ ? pooled_ - limit_ : 0);
     }
+    for (const Block& block : freed) Unmap(block.data, block.bytes);
+  }
+
+  size_t Trim(size_t bytes) {
+    std::vector<Block> freed;
+    {
+      absl::MutexLock lock(&mu_);
+      freed = PopOldest(bytes);
+    }
+    size_t trimmed = 0;
     for (const Block& block : freed) {
-      Unpoison(block.data, block.bytes);
-      std::free(block.data);
+      Unmap(block.data, block.bytes);
+      trimmed += block.bytes;
     }
+    return trimmed;
+  }
+
+  void AddBudget(const StoragePoolBudget* budget) {
+    absl::MutexLock lock(&mu_);
+    budgets_.push_back(budget);
+  }
+
+  void RemoveBudget(const StoragePoolBudget* budget) {
+    absl::MutexLock lock(&mu_);
+    budgets_.erase(std::remove(budgets_.begin(), budgets_.end(), budget),
+                   budgets_.end());
   }
 
   size_t pooled_bytes() {
@@ -114,13 +180,70 @@ class BlockPool {
 
  private:
   struct Block {
-    void* data;
+    uint8_t* data;
     size_t bytes;
   };
+
+  // A pooled block of exactly `rounded` bytes, newest first, or null.
+  uint8_t* TakeExact(size_t rounded) {
+    absl::MutexLock lock(&mu_);
+    for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
+      if (it->bytes != rounded) continue;
+      uint8_t* data = it->data;
+      pooled_ -= rounded;
+      blocks_.erase(std::next(it).base());
+      Unpoison(data, rounded);
+      return data;
+    }
+    return nullptr;
+  }
+
+  // Removes up to `rounded` bytes of pooled memory, newest first, splitting
+  // the last block it needs (its tail goes, its head stays pooled). The pieces
+  // still hold pooled (poisoned) pages, to be moved by the caller.
+  std::vector<Block> TakePieces(size_t rounded) {
+    std::vector<Block> pieces;
+    absl::MutexLock lock(&mu_);
+    size_t taken = 0;
+    while (taken < rounded && !blocks_.empty()) {
+      Block& newest = blocks_.back();
+      const size_t piece = std::min(newest.bytes, rounded - taken);
+      pieces.push_back({newest.data + newest.bytes - piece, piece});
+      newest.bytes -= piece;
+      if (newest.bytes == 0) blocks_.pop_back();
+      pooled_ -= piece;
+      taken += piece;
+    }
+    return pieces;
+  }
+
+  // Removes the oldest blocks until at least `bytes` have gone (or none are
+  // left), for the caller to unmap outside the lock.
+  std::vector<Block> PopOldest(size_t bytes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    std::vector<Block> popped;
+    size_t removed = 0;
+    while (removed < bytes && !blocks_.empty()) {
+      popped.push_back(blocks_.front());
+      removed += blocks_.front().bytes;
+      pooled_ -= blocks_.front().bytes;
+      blocks_.pop_front();
+    }
+    return popped;
+  }
+
+  bool WithinBudgets(size_t pooled) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (const StoragePoolBudget* budget : budgets_) {
+      if (static_cast<int64_t>(pooled) > budget->HeadroomBytes()) return false;
+    }
+    return true;
+  }
+
   absl::Mutex mu_;
   std::deque<Block> blocks_ ABSL_GUARDED_BY(mu_);  // oldest first
   size_t pooled_ ABSL_GUARDED_BY(mu_) = 0;
   size_t limit_ ABSL_GUARDED_BY(mu_) = kDefaultPoolLimit;
+  std::vector<const StoragePoolBudget*> budgets_ ABSL_GUARDED_BY(mu_);
 };
 
 // The alignment of a block of `bytes`, also the unit its size is rounded up
@@ -146,6 +269,9 @@ Storage::Storage(const uint8_t* data, uint8_t* allocated, size_t size,
 Storage::~Storage() {
   if (allocated_ == nullptr) return;
   if (Alignment(size_) == kHugePage) {
+    // Uncharged first: a budget deciding whether the pool may keep the block
+    // must not count its bytes as live as well.
+    charge_.Release();
     BlockPool::Get().Give(allocated_,
                           (size_ + kHugePage - 1) / kHugePage * kHugePage);
   } else {
@@ -153,11 +279,14 @@ Storage::~Storage() {
   }
 }
 
-MemoryCharge::~MemoryCharge() {
+MemoryCharge::~MemoryCharge() { Release(); }
+
+void MemoryCharge::Release() const {
   if (accountant_ == nullptr) return;
   accountant_->live_bytes_.fetch_sub(tensor_bytes_, std::memory_order_relaxed);
   accountant_->metadata_bytes_.fetch_sub(metadata_bytes_,
                                          std::memory_order_relaxed);
+  accountant_ = nullptr;
 }
 
 bool MemoryCharge::Charge(const std::shared_ptr<MemoryAccountant>& accountant,
@@ -176,6 +305,16 @@ void Storage::SetPoolLimit(size_t bytes) { BlockPool::Get().SetLimit(bytes); }
 
 size_t Storage::pooled_bytes() { return BlockPool::Get().pooled_bytes(); }
 
+size_t Storage::TrimPool(size_t bytes) { return BlockPool::Get().Trim(bytes); }
+
+void Storage::AddPoolBudget(const StoragePoolBudget* budget) {
+  BlockPool::Get().AddBudget(budget);
+}
+
+void Storage::RemovePoolBudget(const StoragePoolBudget* budget) {
+  BlockPool::Get().RemoveBudget(budget);
+}
+
 absl::StatusOr<std::shared_ptr<Storage>> Storage::Allocate(size_t bytes) {
   ASSIGN_OR_RETURN(std::shared_ptr<Storage> storage,
                    AllocateUninitialized(bytes));
@@ -187,26 +326,20 @@ absl::StatusOr<std::shared_ptr<Storage>> Storage::AllocateUninitialized(
     size_t bytes) {
   // Large buffers get 2 MiB alignment and transparent huge pages: filling a
   // fresh 1 GiB tensor then takes 512 page faults instead of 262,144, which is
-  // most of the cost of receiving it. aligned_alloc needs a non-zero multiple
-  // of the alignment.
+  // most of the cost of receiving it. The pool maps them (reusing freed ones);
+  // aligned_alloc needs a non-zero multiple of the alignment.
   const size_t alignment = Alignment(bytes);
   const size_t rounded =
       bytes == 0 ? alignment : (bytes + alignment - 1) / alignment * alignment;
   if (rounded < bytes) return absl::ResourceExhaustedError("tensor too large");
-  if (alignment == kHugePage) {
-    if (void* pooled = BlockPool::Get().Take(rounded)) {
-      uint8_t* allocated = static_cast<uint8_t*>(pooled);
-      return std::shared_ptr<Storage>(
-          new Storage(allocated, allocated, bytes, /*owner=*/nullptr));
-    }
-  }
-  void* data = std::aligned_alloc(alignment, rounded);
-  if (data == nullptr) {
+  uint8_t* allocated =
+      alignment == kHugePage
+          ? BlockPool::Get().Allocate(rounded)
+          : static_cast<uint8_t*>(std::aligned_alloc(alignment, rounded));
+  if (allocated == nullptr) {
     return absl::ResourceExhaustedError(
         absl::StrCat("cannot allocate ", bytes, " bytes"));
   }
-  if (alignment == kHugePage) madvise(data, rounded, MADV_HUGEPAGE);
-  uint8_t* allocated = static_cast<uint8_t*>(data);
   return std::shared_ptr<Storage>(
       new Storage(allocated, allocated, bytes, /*owner=*/nullptr));
 }

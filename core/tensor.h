@@ -55,6 +55,11 @@ class MemoryCharge {
   MemoryCharge& operator=(const MemoryCharge&) noexcept { return *this; }
   ~MemoryCharge();
 
+  // Gives the charge back now (the destructor then gives back nothing).
+  // Called by the holder's destructor when something must see the
+  // accountant's figures without this charge before the holder is gone.
+  void Release() const;
+
   // Charges `tensor_bytes` and `metadata_bytes` to `accountant`, which is kept
   // alive until the charge is given back. Returns false, changing nothing,
   // when this was charged before.
@@ -66,6 +71,20 @@ class MemoryCharge {
   mutable int64_t tensor_bytes_ = 0;
   mutable int64_t metadata_bytes_ = 0;
   mutable std::atomic_flag charged_ = ATOMIC_FLAG_INIT;
+};
+
+// A memory limit that the storage pool (see Storage) keeps within: the pool
+// keeps a freed block only while HeadroomBytes() covers every pooled byte,
+// that block included. ModelStore registers one when it has a memory limit,
+// so pooled memory and the memory the store counts never pass that limit
+// together.
+class StoragePoolBudget {
+ public:
+  virtual ~StoragePoolBudget() = default;
+  // The limit less the bytes counted against it, pooled bytes excluded (may
+  // be negative). Called with the pool's lock held, from whichever thread
+  // frees a storage: it must only read atomics (no locks, no allocation).
+  virtual int64_t HeadroomBytes() const = 0;
 };
 
 // What one storage costs beyond its bytes, as charged to an accountant: the
@@ -84,11 +103,18 @@ inline constexpr int64_t kStorageOverheadBytes = 384;
 // block has whatever alignment its owner gives it.
 //
 // Freed blocks of 2 MiB and more go to a process-wide pool, bounded by
-// SetPoolLimit (1 GiB unless set), and allocations of the same rounded size
-// reuse them: their pages are already faulted in, which spares refetching a
-// state dict the cost of faulting and zeroing fresh memory (and, in a VM with
-// free page reporting, of the host refilling it). Pooled memory is not
-// returned to the kernel until SetPoolLimit lowers the bound.
+// SetPoolLimit (1 GiB unless set) and by every registered StoragePoolBudget,
+// and later large allocations of any size reuse them: their pages are already
+// faulted in, which spares a refetch (or a load staged into fresh tensors) the
+// cost of faulting and zeroing fresh memory (and, in a VM with free page
+// reporting, of the host refilling it). An allocation takes a pooled block of
+// its exact rounded size if there is one; otherwise it is assembled from
+// pooled memory by moving whole pages into place (mremap, no copy), part of a
+// larger block or several smaller ones, with fresh pages for whatever the
+// pool lacks. So pooled memory is never stranded by a size it cannot serve
+// (e.g. a load's float16 tensors freed after their conversion to float32).
+// Pooled memory goes back to the kernel when SetPoolLimit lowers the bound,
+// TrimPool asks for room, or a budget has no headroom for it.
 //
 // Writing: Allocate returns the only writable handle (a non-const Storage);
 // fill the bytes through mutable_data() before sharing the storage with
@@ -117,6 +143,16 @@ class Storage {
 
   // Returns the bytes of the blocks the pool holds now. Thread-safe.
   static size_t pooled_bytes();
+
+  // Gives pooled blocks back to the kernel, oldest first, until at least
+  // `bytes` have gone or the pool is empty. Returns the bytes given back.
+  // Thread-safe.
+  static size_t TrimPool(size_t bytes);
+
+  // Makes the pool keep within `budget` until RemovePoolBudget; `budget`
+  // must stay valid until then. Thread-safe.
+  static void AddPoolBudget(const StoragePoolBudget* budget);
+  static void RemovePoolBudget(const StoragePoolBudget* budget);
 
   ~Storage();
   Storage(const Storage&) = delete;

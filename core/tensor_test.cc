@@ -84,15 +84,133 @@ TEST_F(StoragePoolTest, FreedLargeBlockIsReusedForTheSameRoundedSize) {
     first = storage->data();
   }
   EXPECT_EQ(Storage::pooled_bytes(), 2 * kHugePage);
-  // A different rounded size does not take it.
-  auto other = Storage::AllocateUninitialized(kHugePage).value();
-  EXPECT_NE(other->data(), first);
-  EXPECT_EQ(Storage::pooled_bytes(), 2 * kHugePage);
-  // The same rounded size does, with its new size.
   auto reused = Storage::AllocateUninitialized(2 * kHugePage - 5).value();
   EXPECT_EQ(reused->data(), first);
   EXPECT_EQ(reused->size(), 2 * kHugePage - 5);
   EXPECT_EQ(Storage::pooled_bytes(), 0u);
+}
+
+// Fills `storage` with `value`, so that a test can tell which pages moved
+// where.
+void FillPages(Storage& storage, uint8_t value) {
+  std::memset(storage.mutable_data(), value, storage.size());
+}
+
+TEST_F(StoragePoolTest, ASmallerAllocationTakesPartOfALargerPooledBlock) {
+  {
+    auto big = Storage::AllocateUninitialized(4 * kHugePage).value();
+    FillPages(*big, 0xab);
+  }
+  ASSERT_EQ(Storage::pooled_bytes(), 4 * kHugePage);
+  auto part = Storage::AllocateUninitialized(kHugePage).value();
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(part->data()) % kHugePage, 0u);
+  EXPECT_EQ(Storage::pooled_bytes(), 3 * kHugePage);
+  // Its pages are the pooled ones, moved rather than fresh (which read 0).
+  for (size_t i = 0; i < kHugePage; i += 4096)
+    ASSERT_EQ(part->data()[i], 0xab) << i;
+  FillPages(*part, 1);
+  auto rest = Storage::AllocateUninitialized(3 * kHugePage).value();
+  EXPECT_EQ(Storage::pooled_bytes(), 0u);
+  for (size_t i = 0; i < rest->size(); i += 4096)
+    ASSERT_EQ(rest->data()[i], 0xab) << i;
+  EXPECT_EQ(part->data()[kHugePage - 1], 1);
+}
+
+TEST_F(StoragePoolTest, ALargerAllocationGathersPooledBlocksAndFreshPages) {
+  // A load's float16 tensors freed after conversion to float32: two pooled
+  // blocks of half the size make one new block, plus fresh pages for what
+  // the pool lacks.
+  {
+    auto a = Storage::AllocateUninitialized(kHugePage).value();
+    auto b = Storage::AllocateUninitialized(2 * kHugePage).value();
+    FillPages(*a, 0xa1);
+    FillPages(*b, 0xb2);
+    b.reset();
+    a.reset();  // the newest
+  }
+  ASSERT_EQ(Storage::pooled_bytes(), 3 * kHugePage);
+  auto whole = Storage::AllocateUninitialized(4 * kHugePage).value();
+  EXPECT_EQ(Storage::pooled_bytes(), 0u);
+  // Newest first: a's page, then b's two, then one fresh (zero) page.
+  const uint8_t* data = whole->data();
+  for (size_t i = 0; i < kHugePage; i += 4096) {
+    ASSERT_EQ(data[i], 0xa1) << i;
+    ASSERT_EQ(data[kHugePage + i], 0xb2) << i;
+    ASSERT_EQ(data[2 * kHugePage + i], 0xb2) << i;
+    ASSERT_EQ(data[3 * kHugePage + i], 0) << i;
+  }
+  // An assembled block spans several mappings; freeing it and splitting it
+  // again still works.
+  FillPages(*whole, 7);
+  whole.reset();
+  ASSERT_EQ(Storage::pooled_bytes(), 4 * kHugePage);
+  auto again = Storage::AllocateUninitialized(3 * kHugePage).value();
+  auto last = Storage::AllocateUninitialized(kHugePage).value();
+  EXPECT_EQ(Storage::pooled_bytes(), 0u);
+  EXPECT_EQ(again->data()[3 * kHugePage - 1], 7);
+  EXPECT_EQ(last->data()[0], 7);
+}
+
+// A budget with a settable headroom, as a store with a memory limit gives.
+class FixedBudget : public StoragePoolBudget {
+ public:
+  explicit FixedBudget(int64_t headroom) : headroom_(headroom) {
+    Storage::AddPoolBudget(this);
+  }
+  ~FixedBudget() override { Storage::RemovePoolBudget(this); }
+  int64_t HeadroomBytes() const override { return headroom_; }
+
+ private:
+  int64_t headroom_;
+};
+
+TEST_F(StoragePoolTest, PoolKeepsWithinEveryBudgetAndTrimsOnRequest) {
+  {
+    const FixedBudget roomy(8 * kHugePage);
+    const FixedBudget tight(3 * kHugePage);
+    std::vector<std::shared_ptr<Storage>> storages;
+    for (int i = 0; i < 4; ++i)
+      storages.push_back(Storage::AllocateUninitialized(kHugePage).value());
+    storages.clear();
+    EXPECT_EQ(Storage::pooled_bytes(), 3 * kHugePage);
+  }
+  // Without budgets only the limit (8 huge pages) bounds it.
+  {
+    std::vector<std::shared_ptr<Storage>> storages;
+    for (int i = 0; i < 2; ++i)
+      storages.push_back(Storage::AllocateUninitialized(kHugePage).value());
+  }
+  EXPECT_EQ(Storage::pooled_bytes(), 3 * kHugePage);
+  EXPECT_EQ(Storage::TrimPool(kHugePage + 1), 2 * kHugePage);
+  EXPECT_EQ(Storage::pooled_bytes(), kHugePage);
+  EXPECT_EQ(Storage::TrimPool(100 * kHugePage), kHugePage);
+  EXPECT_EQ(Storage::pooled_bytes(), 0u);
+}
+
+TEST_F(StoragePoolTest, ABudgetSeesTheFreedStorageUncharged) {
+  // A store at its limit frees a version: the freed bytes are headroom.
+  auto accountant = std::make_shared<MemoryAccountant>();
+  class LiveBudget : public StoragePoolBudget {
+   public:
+    explicit LiveBudget(const MemoryAccountant& accountant)
+        : accountant_(accountant) {}
+    int64_t HeadroomBytes() const override {
+      return 2 * kHugePage + 1000 - accountant_.live_bytes() -
+             accountant_.metadata_bytes();
+    }
+
+   private:
+    const MemoryAccountant& accountant_;
+  } budget(*accountant);
+  Storage::AddPoolBudget(&budget);
+  {
+    auto storage = Storage::AllocateUninitialized(2 * kHugePage).value();
+    storage->AttachAccountant(accountant);
+    EXPECT_EQ(accountant->live_bytes(), static_cast<int64_t>(2 * kHugePage));
+  }
+  EXPECT_EQ(accountant->live_bytes(), 0);
+  EXPECT_EQ(Storage::pooled_bytes(), 2 * kHugePage);
+  Storage::RemovePoolBudget(&budget);
 }
 
 TEST_F(StoragePoolTest, AllocateZeroesAReusedBlock) {

@@ -108,6 +108,11 @@ ABSL_FLAG(uint32_t, min_chunk_bytes, modelstate::kDefaultMinChunkBytes,
           "fetches asking for smaller chunks get this; 0: no minimum");
 ABSL_FLAG(absl::Duration, release_memory_interval, absl::Seconds(10),
           "give memory freed after bursts back to the OS this often; 0: never");
+// Storage pool (docs/operations.md, "Storage pool").
+ABSL_FLAG(uint64_t, storage_pool_bytes, uint64_t{1} << 30,
+          "keep up to this many bytes of freed tensor memory (blocks of 2 MiB "
+          "and more) for reuse by later loads, within --memory_limit_bytes; "
+          "0: give freed memory back to the kernel at once");
 // Follower mode (docs/operations.md, "Followers").
 ABSL_FLAG(std::string, follow, "",
           "gRPC target of another modelstated (primary or follower) to mirror, "
@@ -267,11 +272,10 @@ int main(int argc, char** argv) {
   }
   const modelstate::ServerOptions& options = *parsed;
 
-  // No pool of freed tensor memory in the daemon: its memory budget is the
-  // live versions plus 64 MiB during a load, and pooled blocks (a converted
-  // load's received tensors, a replaced version) would be held beyond it
-  // without being counted (core/tensor.h).
-  modelstate::Storage::SetPoolLimit(0);
+  // Freed tensor memory (the version a load replaced) stages the next load,
+  // which then neither faults nor zeroes fresh pages. The store's memory
+  // limit bounds the pool too (core/model_store.h, pooled_bytes).
+  modelstate::Storage::SetPoolLimit(absl::GetFlag(FLAGS_storage_pool_bytes));
 
   // Block the stop signals (and SIGHUP, which reloads the auth policy) in
   // every thread; one thread waits for them.
