@@ -46,13 +46,26 @@ RawTcpClient::RawTcpClient(int port) : fd_(Connect(port)) {
 
 RawTcpClient::~RawTcpClient() { close(fd_); }
 
-uint64_t RawTcpClient::Fetch() {
+uint64_t RawTcpClient::Request() {
   uint64_t size;
   if (!WriteAll(fd_, "G", 1) ||
       !ReadAll(fd_, reinterpret_cast<char*>(&size), 8)) {
     Die("tcp fetch");
   }
+  return size;
+}
+
+uint64_t RawTcpClient::Fetch() {
+  const uint64_t size = Request();
   if (!ReadAll(fd_, FreshBuffer(size), size)) Die("tcp fetch");
+  ReleaseFreshBuffer();
+  return size;
+}
+
+uint64_t RawTcpClient::FetchInto(char* into, uint64_t capacity) {
+  const uint64_t size = Request();
+  if (size > capacity) Die("tcp fetch: the file outgrew the buffer");
+  if (!ReadAll(fd_, into, size)) Die("tcp fetch");
   return size;
 }
 
