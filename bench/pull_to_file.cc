@@ -61,6 +61,26 @@ void CheckSameBytes(const std::string& path, const std::string& reference) {
   }
 }
 
+// P3's directory, one per process.
+const std::string& TmpfsPath() {
+  static const std::string* const path =
+      new std::string(absl::StrCat("/dev/shm/modelstate-bench.", getpid()));
+  return *path;
+}
+
+// Removes P3's directory and everything in it (an atexit handler).
+void RemoveTmpfsDir() {
+  const std::string& dir = TmpfsPath();
+  if (DIR* entries = opendir(dir.c_str())) {
+    while (const dirent* entry = readdir(entries)) {
+      const std::string name = entry->d_name;
+      if (name != "." && name != "..") unlink((dir + "/" + name).c_str());
+    }
+    closedir(entries);
+  }
+  rmdir(dir.c_str());
+}
+
 double Timed(uint64_t bytes, const std::function<void()>& transfer) {
   const double start = Seconds();
   transfer();
@@ -70,25 +90,12 @@ double Timed(uint64_t bytes, const std::function<void()>& transfer) {
 }  // namespace
 
 std::string CreateTmpfsDir() {
-  static const std::string* const dir =
-      new std::string(absl::StrCat("/dev/shm/modelstate-bench.", getpid()));
-  if (mkdir(dir->c_str(), 0755) != 0 && errno != EEXIST)
-    Die("cannot create " + *dir);
-  static const bool registered = [] {
-    return std::atexit([] {
-             if (DIR* entries = opendir(dir->c_str())) {
-               while (const dirent* entry = readdir(entries)) {
-                 const std::string name = entry->d_name;
-                 if (name != "." && name != "..")
-                   unlink((*dir + "/" + name).c_str());
-               }
-               closedir(entries);
-             }
-             rmdir(dir->c_str());
-           }) == 0;
-  }();
+  const std::string& dir = TmpfsPath();
+  if (mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST)
+    Die("cannot create " + dir);
+  static const bool registered = std::atexit(RemoveTmpfsDir) == 0;
   if (!registered) Die("atexit");
-  return *dir;
+  return dir;
 }
 
 PullToFileSamples MeasurePullToFile(const Config& config, int daemon_port,
