@@ -18,6 +18,7 @@
 #include "bench/results.h"
 #include "client/client.h"
 #include "core/safetensors.h"
+#include "core/tensor.h"
 
 namespace modelstate::bench {
 namespace {
@@ -103,6 +104,11 @@ FreshFetchSamples Alternate(Client& client, RawTcpClient& tcp,
 FreshFetchSamples MeasureFreshFetch(const Config& config,
                                     const std::string& file, int reps,
                                     const std::string& id) {
+  // Start from an empty pool of freed blocks (core/tensor.h), as a new process
+  // does (--only=P1), whatever the benchmarks before left in it; then its
+  // default bound of 1 GiB again.
+  Storage::SetPoolLimit(0);
+  Storage::SetPoolLimit(kGiB);
   Child daemon = Spawn({config.daemon, "--listen=127.0.0.1:0",
                         "--demo_model=", "--log_rpcs=false"},
                        2, "serving on port ");

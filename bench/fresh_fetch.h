@@ -19,13 +19,15 @@ struct FreshFetchSamples {
   std::vector<double> modelstate, raw_tcp;
 };
 
-// The measurement of P1 and of each P10 size. Starts a daemon holding only
-// `file`'s tensors, loaded as a trainer would (LoadStateDict: anonymous
-// memory), and a raw TCP server of `file`. After one warm-up of each, `reps`
-// times: Client::StateDict of the model into fresh memory, dropped inside the
-// timing, then the raw TCP fetch of the file into fresh memory, freed inside
-// its timing. Prints one line of counters per sample on stderr, labelled `id`
-// and `id`.a ("P1 1.7 GB/s minflt ..."). Stops both servers before returning.
+// The measurement of P1 and of each P10 size. Empties this process's pool of
+// freed storage, so that every call starts as a new process would. Starts a
+// daemon holding only `file`'s tensors, loaded as a trainer would
+// (LoadStateDict: anonymous memory), and a raw TCP server of `file`. After one
+// warm-up of each, `reps` times: Client::StateDict of the model into fresh
+// memory, dropped inside the timing, then the raw TCP fetch of the file into
+// fresh memory, freed inside its timing. Prints one line of counters per
+// sample on stderr, labelled `id` and `id`.a ("P1 1.7 GB/s minflt ...").
+// Stops both servers before returning.
 FreshFetchSamples MeasureFreshFetch(const Config& config,
                                     const std::string& file, int reps,
                                     const std::string& id);
