@@ -95,6 +95,7 @@ int main(int argc, char** argv) {
   bench::Config config;
   config.self = bench::SelfPath();
   config.daemon = MODELSTATED_PATH;
+  config.ctl = MODELSTATECTL_PATH;
   if (!bench::ParseFlags(argc, argv, config)) {
     std::fputs(bench::kUsage, stderr);
     return 2;

@@ -43,7 +43,8 @@ struct Servers {
                  // model's alone
   Child tcp;     // contender (a): bench/raw_tcp.h
   Child naive;   // contender (b): bench/naive_grpc.h
-  Child nginx;   // contender (c): bench/nginx.h
+  Child nginx;   // contender (c): bench/nginx.h, also serving tmpfs_dir
+  std::string tmpfs_dir;  // P3's files (bench/pull_to_file.h), on tmpfs
 };
 
 // Everything a benchmark needs. The constructor starts the servers, connects to
@@ -52,6 +53,7 @@ struct Servers {
 struct Bench {
   Bench(const Config& config, const Plan& plan, const ModelFiles& files);
 
+  const Config& config;
   const Plan& plan;
   Servers servers;
   std::string lean_target;
@@ -68,11 +70,12 @@ struct Bench {
   uint64_t tensor_bytes = 0;   // its tensors' bytes: what modelstate sends
 };
 
-// P1, P1.a-c and P8, in GB/s: the main model fetched by modelstate, by each
-// contender, and by modelstate cast to bfloat16 (counting source bytes); the
-// five alternate, each repetition in a rotated order.
+// P1.b, P1.c and P8, in GB/s: the main model fetched by the naive gRPC
+// contender, by nginx, and by modelstate cast to bfloat16 (counting source
+// bytes); the three alternate, each repetition in a rotated order. (P1 and
+// P1.a are bench/fresh_fetch.h's.)
 struct FetchSamples {
-  std::vector<double> modelstate, raw_tcp, naive_grpc, nginx, cast_bf16;
+  std::vector<double> naive_grpc, nginx, cast_bf16;
 };
 FetchSamples MeasureFetches(Bench& bench);
 
@@ -99,9 +102,6 @@ struct LatencySamples {
   std::vector<double> fetch, empty;
 };
 LatencySamples MeasureLatency(Bench& bench);
-
-// P10, in GB/s: full fetches of the model of `size` bytes.
-std::vector<double> MeasureModelSize(Bench& bench, uint64_t size);
 
 }  // namespace modelstate::bench
 

@@ -11,7 +11,6 @@
 #include <cstdlib>
 #include <fstream>
 #include <memory>
-#include <sstream>
 
 #include "absl/strings/str_format.h"
 #include "core/safetensors.h"
@@ -65,18 +64,32 @@ uint64_t FileSize(const std::string& path) {
 }
 
 std::string ReadWholeFile(const std::string& path) {
+  // Read straight into a string of the file's size: one copy of the bytes in
+  // memory, even for P10's 4 GiB file.
+  std::string bytes(FileSize(path), '\0');
   std::ifstream in(path, std::ios::binary);
-  std::stringstream data;
-  data << in.rdbuf();
-  return data.str();
+  in.read(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  bytes.resize(static_cast<size_t>(in.gcount()));
+  return bytes;
 }
 
-char* FreshBuffer(uint64_t size) {
+namespace {
+
+std::shared_ptr<Storage>& ThreadBuffer() {
   static thread_local std::shared_ptr<Storage> buffer;
+  return buffer;
+}
+
+}  // namespace
+
+char* FreshBuffer(uint64_t size) {
+  std::shared_ptr<Storage>& buffer = ThreadBuffer();
   buffer.reset();
   buffer = Check(Storage::AllocateUninitialized(size), "allocate");
-  return reinterpret_cast<char*>(const_cast<uint8_t*>(buffer->data()));
+  return reinterpret_cast<char*>(buffer->mutable_data());
 }
+
+void ReleaseFreshBuffer() { ThreadBuffer().reset(); }
 
 namespace {
 

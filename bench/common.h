@@ -48,8 +48,14 @@ std::string ReadWholeFile(const std::string& path);
 // allocates tensors (Storage::AllocateUninitialized: huge pages for large
 // buffers), freshly for each transfer, so the comparison is of transports, not
 // allocators. The previous buffer of the calling thread is freed on the next
-// call.
+// call, or by ReleaseFreshBuffer.
 char* FreshBuffer(uint64_t size);
+
+// Frees the calling thread's FreshBuffer now: a contender calls it at the end
+// of its transfer, inside the timing, as a fetched state dict is dropped inside
+// modelstate's, and so that no two models' worth of buffers are alive at once
+// (the 4 GiB size of P10).
+void ReleaseFreshBuffer();
 
 // Binds a listening TCP socket on 127.0.0.1 to a free port, stored in `*port`.
 int Listen(int* port);

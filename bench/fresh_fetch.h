@@ -6,13 +6,42 @@
 #ifndef MODELSTATE_BENCH_FRESH_FETCH_H_
 #define MODELSTATE_BENCH_FRESH_FETCH_H_
 
+#include <string>
+#include <vector>
+
 #include "bench/plan.h"
+#include "bench/results.h"
 
 namespace modelstate::bench {
 
-// Runs P1, P1.a and P1/a against a daemon holding only the main model; prints
-// one line of counters per sample on stderr and the rows as markdown and JSON
-// on stdout (and to config.out if set). Returns the exit code.
+// In GB/s, one per repetition.
+struct FreshFetchSamples {
+  std::vector<double> modelstate, raw_tcp;
+};
+
+// The measurement of P1 and of each P10 size. Empties this process's pool of
+// freed storage, so that every call starts as a new process would. Starts a
+// daemon holding only `file`'s tensors, loaded as a trainer would
+// (LoadStateDict: anonymous memory), and a raw TCP server of `file`. After one
+// warm-up of each, `reps` times: Client::StateDict of the model into fresh
+// memory, dropped inside the timing, then the raw TCP fetch of the file into
+// fresh memory, freed inside its timing. Prints one line of counters per
+// sample on stderr, labelled `id` and `id`.a ("P1 1.7 GB/s minflt ...").
+// Stops both servers before returning.
+FreshFetchSamples MeasureFreshFetch(const Config& config,
+                                    const std::string& file, int reps,
+                                    const std::string& id);
+
+// Adds the figures P1 and P1.a.
+void AddFreshFetchRows(FreshFetchSamples samples, Results& results);
+
+// Adds the ratio P1/a (target >= 0.9) and P1/spread, P1's min over its median
+// (target >= 0.7), once P1 and P1.a are in `results`.
+void AddFreshFetchRatios(Results& results);
+
+// Runs P1 alone (MeasureFreshFetch and the rows above); prints the rows as
+// markdown and JSON on stdout (and to config.out if set). Returns the exit
+// code.
 int RunFreshFetchOnly(const Config& config);
 
 }  // namespace modelstate::bench

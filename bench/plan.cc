@@ -24,23 +24,35 @@ std::string SizeId(uint64_t size) {
 }
 
 std::vector<ExpectedFigure> ExpectedFigures(const Plan& plan) {
-  std::vector<ExpectedFigure> figures = {{"P1", "GB/s"},   {"P1.a", "GB/s"},
-                                         {"P1.b", "GB/s"}, {"P1.c", "GB/s"},
-                                         {"P8", "GB/s"},   {"P5.many", "GB/s"}};
-  for (int n : plan.fan_out) {
-    figures.push_back({absl::StrCat("P6.", n), "GB/s"});
-    figures.push_back({absl::StrCat("P6.rss.", n), "ratio"});
-  }
-  for (const char* id : {"P4", "P4.a"}) figures.push_back({id, "GB/s"});
-  figures.push_back({"RSS.load", "ratio"});
-  for (const char* id : {"P7.fetch", "P7.fetch99", "P7.empty", "P7.empty99"})
-    figures.push_back({id, "us"});
-  for (uint64_t size : plan.sizes) figures.push_back({SizeId(size), "GB/s"});
-  for (const char* id : {"P9.shm", "P9.tcp"}) figures.push_back({id, "GB/s"});
+  std::vector<ExpectedFigure> figures;
   for (const char* id :
-       {"P1/a", "P1/b", "P1/c", "P4/a", "P5", "P6", "P7", "P8", "P9"})
-    figures.push_back({id, "ratio"});
-  figures.push_back({"P10", "fraction"});
+       {"P1", "P1.a", "P1r", "P1r.staged", "P1r.a", "P3", "P3.c", "P1.b",
+        "P1.c", "P8", "P5.many", "P9.shm", "P9.tcp"}) {
+    figures.push_back({id, "GB/s", ""});
+  }
+  for (int n : plan.fan_out) {
+    figures.push_back({absl::StrCat("P6.", n), "GB/s", ""});
+    figures.push_back(
+        {absl::StrCat("P6.rss.", n), "ratio", "<= 1.1 + 64 MiB/model"});
+  }
+  for (const char* id : {"P4", "P4.a"}) figures.push_back({id, "GB/s", ""});
+  figures.push_back({"RSS.load", "ratio", ""});
+  for (const char* id : {"P7.fetch", "P7.fetch99", "P7.empty", "P7.empty99"})
+    figures.push_back({id, "us", ""});
+  for (uint64_t size : plan.sizes) {
+    figures.push_back({SizeId(size), "GB/s", ""});
+    figures.push_back({SizeId(size) + ".a", "GB/s", ""});
+    figures.push_back({SizeId(size) + "/a", "ratio", ""});
+  }
+  const std::vector<ExpectedFigure> judged = {
+      {"P1/a", "ratio", ">= 0.9"},   {"P1/spread", "ratio", ">= 0.7"},
+      {"P1r/a", "ratio", ">= 0.95"}, {"P1/b", "ratio", ">= 1.2"},
+      {"P1/c", "ratio", ">= 1.0"},   {"P3/c", "ratio", ">= 1.0"},
+      {"P4/a", "ratio", ">= 0.8"},   {"P5", "ratio", ">= 0.7"},
+      {"P6", "ratio", ">= 0.9"},     {"P7", "ratio", "<= 2.0"},
+      {"P8", "ratio", ">= 1.3"},     {"P9", "ratio", ">= 3.0"},
+      {"P10", "fraction", "<= 0.15"}};
+  figures.insert(figures.end(), judged.begin(), judged.end());
   return figures;
 }
 

@@ -20,6 +20,7 @@ struct Config {
   bool check = false;  // check `out`.json after writing it (results_check.h)
   std::string self;    // this executable, started again for the contenders
   std::string daemon;  // modelstated
+  std::string ctl;     // modelstatectl (P3)
   std::string only;  // "P9" or "P1": that figure alone (bench/shared_memory.h,
                      // bench/fresh_fetch.h)
 };
@@ -29,13 +30,14 @@ struct Plan {
   uint64_t model_bytes = 0;     // the main model: 16 tensors
   int64_t many_tensors = 0;     // P5: the same bytes as this many tensors
   std::vector<int> fan_out;     // P6: concurrent fetchers, 1 first
-  std::vector<uint64_t> sizes;  // P10: model sizes
+  std::vector<uint64_t> sizes;  // P10: model sizes, each against raw TCP
   int latency_calls = 0;        // P7: calls of each kind
 };
 
 Plan MakePlan(const Config& config);
 
-// The id of P10's figure for a model of `size` bytes, e.g. "P10.64MiB".
+// The id of P10's figure for a model of `size` bytes, e.g. "P10.64MiB"; its
+// raw-TCP baseline is SizeId + ".a" and their ratio SizeId + "/a".
 std::string SizeId(uint64_t size);
 
 // Every figure a run of `plan` reports, for CheckResultsJson.

@@ -6,13 +6,37 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <fstream>
+#include <memory>
+#include <string_view>
 
 #include "bench/common.h"
+#include "core/tensor.h"
 
 namespace modelstate::bench {
+namespace {
+
+// The bytes of `file` in memory allocated as the daemon holds tensors
+// (Storage: huge pages for large blocks), so both senders copy out of the same
+// kind of memory.
+std::shared_ptr<Storage> ReadIntoStorage(const std::string& file) {
+  const uint64_t size = FileSize(file);
+  std::shared_ptr<Storage> bytes =
+      Check(Storage::AllocateUninitialized(size), "allocate");
+  std::ifstream in(file, std::ios::binary);
+  if (!in.read(reinterpret_cast<char*>(bytes->mutable_data()),
+               static_cast<std::streamsize>(size))) {
+    Die("cannot read " + file);
+  }
+  return bytes;
+}
+
+}  // namespace
 
 void ServeTcp(const std::string& file) {
-  const std::string bytes = ReadWholeFile(file);
+  const std::shared_ptr<Storage> file_bytes = ReadIntoStorage(file);
+  const std::string_view bytes(
+      reinterpret_cast<const char*>(file_bytes->data()), file_bytes->size());
   int port;
   const int listener = Listen(&port);
   std::printf("PORT %d\n", port);
@@ -46,13 +70,26 @@ RawTcpClient::RawTcpClient(int port) : fd_(Connect(port)) {
 
 RawTcpClient::~RawTcpClient() { close(fd_); }
 
-uint64_t RawTcpClient::Fetch() {
+uint64_t RawTcpClient::Request() {
   uint64_t size;
   if (!WriteAll(fd_, "G", 1) ||
       !ReadAll(fd_, reinterpret_cast<char*>(&size), 8)) {
     Die("tcp fetch");
   }
+  return size;
+}
+
+uint64_t RawTcpClient::Fetch() {
+  const uint64_t size = Request();
   if (!ReadAll(fd_, FreshBuffer(size), size)) Die("tcp fetch");
+  ReleaseFreshBuffer();
+  return size;
+}
+
+uint64_t RawTcpClient::FetchInto(char* into, uint64_t capacity) {
+  const uint64_t size = Request();
+  if (size > capacity) Die("tcp fetch: the file outgrew the buffer");
+  if (!ReadAll(fd_, into, size)) Die("tcp fetch");
   return size;
 }
 

@@ -23,14 +23,22 @@ class RawTcpClient {
   RawTcpClient(const RawTcpClient&) = delete;
   RawTcpClient& operator=(const RawTcpClient&) = delete;
 
-  // Receives the server's file into fresh memory; returns its size.
+  // Receives the server's file into fresh memory (FreshBuffer), freed again
+  // before returning; returns its size.
   uint64_t Fetch();
+
+  // Receives the server's file into `into` (reused memory, the in-place
+  // refresh's baseline); returns its size. Dies if it exceeds `capacity`.
+  uint64_t FetchInto(char* into, uint64_t capacity);
 
   // Sends `bytes` for the server to receive into fresh memory, and waits for
   // its acknowledgement.
   void Push(const std::string& bytes);
 
  private:
+  // Asks for the file; returns the size the server announces.
+  uint64_t Request();
+
   int fd_;
 };
 

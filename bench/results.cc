@@ -76,18 +76,33 @@ double Results::Median(const std::string& id) const {
 
 void Results::AddRatio(std::string id, std::string figure,
                        const std::string& numerator,
-                       const std::string& denominator, Target target) {
+                       const std::string& denominator,
+                       std::optional<Target> target) {
   const double ratio = Median(numerator) / Median(denominator);
+  Add(std::move(id), std::move(figure), "ratio", {ratio}, std::move(target));
+}
+
+void Results::AddMinOverMedian(std::string id, std::string figure,
+                               const std::string& of, Target target) {
+  double ratio = std::numeric_limits<double>::quiet_NaN();
+  for (const Row& row : rows_) {
+    if (row.id != of) continue;
+    const Summary summary = Summarize(row.samples);
+    ratio = summary.min / summary.median;
+    break;
+  }
   Add(std::move(id), std::move(figure), "ratio", {ratio}, std::move(target));
 }
 
 void Results::AddLargestDeviation(std::string id, std::string figure,
                                   const std::vector<std::string>& ids,
-                                  const std::string& reference, Target target) {
-  const double base = Median(reference);
-  double worst = 0;
+                                  Target target) {
+  double sum = 0;
+  for (const std::string& each : ids) sum += Median(each);
+  const double mean = sum / ids.size();
+  double worst = ids.empty() ? std::nan("") : 0;
   for (const std::string& each : ids) {
-    const double deviation = std::abs(Median(each) / base - 1);
+    const double deviation = std::abs(Median(each) / mean - 1);
     if (std::isnan(deviation)) {  // a missing row makes the figure missing
       worst = deviation;
       break;

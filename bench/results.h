@@ -68,13 +68,18 @@ class Results {
   // Adds median(`numerator`) / median(`denominator`) as a one-sample "ratio".
   void AddRatio(std::string id, std::string figure,
                 const std::string& numerator, const std::string& denominator,
-                Target target);
+                std::optional<Target> target);
 
-  // Adds the largest |median(row) / median(`reference`) - 1| over the rows
-  // `ids` as a one-sample "fraction".
+  // Adds min(`of`) / median(`of`), how far the slowest sample fell below the
+  // typical one, as a one-sample "ratio".
+  void AddMinOverMedian(std::string id, std::string figure,
+                        const std::string& of, Target target);
+
+  // Adds the largest |median(row) / mean - 1| over the rows `ids`, where mean
+  // is the mean of their medians, as a one-sample "fraction": how far the most
+  // distant row strays from the rows' common level.
   void AddLargestDeviation(std::string id, std::string figure,
-                           const std::vector<std::string>& ids,
-                           const std::string& reference, Target target);
+                           const std::vector<std::string>& ids, Target target);
 
   const std::vector<Row>& rows() const { return rows_; }
 

@@ -59,14 +59,30 @@ void CheckNumbers(const Json& row, const std::string& name,
   }
 }
 
-bool Reports(const Json& rows, const ExpectedFigure& figure) {
+// The row that reports `figure`, or null.
+const Json* Find(const Json& rows, const ExpectedFigure& figure) {
   for (const Json& row : rows) {
     if (row.is_object() && StringField(row, "id") == figure.id &&
         StringField(row, "unit") == figure.unit) {
-      return true;
+      return &row;
     }
   }
-  return false;
+  return nullptr;
+}
+
+// Checks that `row` is judged as `figure` says.
+void CheckJudged(const Json& row, const ExpectedFigure& figure,
+                 std::vector<std::string>& problems) {
+  if (figure.target.empty()) return;
+  const std::string name = absl::StrCat(figure.id, " (", figure.unit, ")");
+  const std::string target = StringField(row, "target");
+  if (target != figure.target) {
+    problems.push_back(absl::StrCat(name, ": target \"", target,
+                                    "\", expected \"", figure.target, "\""));
+  }
+  const std::string verdict = StringField(row, "verdict");
+  if (verdict != "met" && verdict != "missed")
+    problems.push_back(absl::StrCat(name, ": not judged"));
 }
 
 }  // namespace
@@ -89,9 +105,13 @@ std::vector<std::string> CheckResultsJson(
     CheckNumbers(row, name, problems);
   }
   for (const ExpectedFigure& figure : expected) {
-    if (!Reports(rows, figure))
+    const Json* row = Find(rows, figure);
+    if (row == nullptr) {
       problems.push_back(absl::StrCat(figure.id, " (", figure.unit,
                                       "): missing from the results"));
+    } else {
+      CheckJudged(*row, figure, problems);
+    }
   }
   return problems;
 }

@@ -16,8 +16,10 @@ using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using ::testing::IsEmpty;
 
-const std::vector<ExpectedFigure> kExpected = {
-    {"P1", "GB/s"}, {"P7.fetch", "us"}, {"P1/a", "ratio"}, {"P10", "fraction"}};
+const std::vector<ExpectedFigure> kExpected = {{"P1", "GB/s", ""},
+                                               {"P7.fetch", "us", ""},
+                                               {"P1/a", "ratio", ""},
+                                               {"P10", "fraction", ""}};
 
 // A row as ToJson writes it.
 std::string Row(const std::string& id, const std::string& unit,
@@ -62,7 +64,7 @@ TEST(ResultsCheckTest, AcceptsWhatToJsonWrites) {
   results.Add("P1.a", "theirs", "GB/s", {4.0});
   results.Add("P7.fetch", "latency", "us", {150.0});
   results.AddRatio("P1/a", "ours / theirs", "P1", "P1.a", AtLeast(0.9));
-  results.AddLargestDeviation("P10", "d", {"P1", "P1.a"}, "P1", AtMost(0.15));
+  results.AddLargestDeviation("P10", "d", {"P1", "P1.a"}, AtMost(0.15));
   EXPECT_THAT(CheckResultsJson(ToJson(results).dump(2), kExpected), IsEmpty());
 }
 
@@ -72,9 +74,27 @@ TEST(ResultsCheckTest, RejectsWhatToJsonWritesWithoutAFigure) {
   results.Add("P1", "ours", "GB/s", {1.0, 3.0, 2.0});
   results.Add("P7.fetch", "latency", "us", {150.0});
   results.AddRatio("P1/a", "ours / theirs", "P1", "P1.a", AtLeast(0.9));
-  results.AddLargestDeviation("P10", "d", {"P1"}, "P1", AtMost(0.15));
+  results.AddLargestDeviation("P10", "d", {"P1"}, AtMost(0.15));
   EXPECT_THAT(CheckResultsJson(ToJson(results).dump(2), kExpected),
               ElementsAre(HasSubstr("P1/a (ratio): min is not a number")));
+}
+
+// A figure expected with a target must carry it and be judged against it.
+TEST(ResultsCheckTest, JudgedFiguresNeedTheirTargetAndAVerdict) {
+  Results results;
+  results.Add("P1", "ours", "GB/s", {1.0, 3.0, 2.0});
+  results.Add("P1.a", "theirs", "GB/s", {4.0});
+  results.AddRatio("P1/a", "ours / theirs", "P1", "P1.a", AtLeast(0.9));
+  results.AddRatio("P3/c", "unjudged", "P1", "P1.a", std::nullopt);
+  results.AddRatio("P1r/a", "other target", "P1", "P1.a", AtLeast(0.8));
+  const std::string json = ToJson(results).dump(2);
+  EXPECT_THAT(CheckResultsJson(json, {{"P1/a", "ratio", ">= 0.9"}}), IsEmpty());
+  EXPECT_THAT(CheckResultsJson(json, {{"P3/c", "ratio", ">= 1.0"}}),
+              ElementsAre(HasSubstr("P3/c (ratio): target \"\", expected "
+                                    "\">= 1.0\""),
+                          HasSubstr("P3/c (ratio): not judged")));
+  EXPECT_THAT(CheckResultsJson(json, {{"P1r/a", "ratio", ">= 0.95"}}),
+              ElementsAre(HasSubstr("P1r/a (ratio): target \">= 0.8\"")));
 }
 
 struct BadCase {

@@ -90,19 +90,51 @@ TEST(ResultsTest, RatioOfAMissingFigureIsNotANumber) {
   EXPECT_TRUE(std::isnan(results.rows().back().samples[0]));
 }
 
-TEST(ResultsTest, LargestDeviationFromTheReference) {
+TEST(ResultsTest, LargestDeviationFromTheMeanOfTheMedians) {
   Results results;
-  results.Add("S1", "", "GB/s", {1.5});
-  results.Add("S2", "", "GB/s", {2.0});
-  results.Add("S3", "", "GB/s", {2.2});
-  results.AddLargestDeviation("P10", "deviation", {"S1", "S2", "S3"}, "S2",
+  results.Add("S1", "", "ratio", {1.5, 0.1, 9.0});  // median 1.5
+  results.Add("S2", "", "ratio", {2.0});
+  results.Add("S3", "", "ratio", {2.5});
+  results.AddLargestDeviation("P10", "deviation", {"S1", "S2", "S3"},
                               AtMost(0.15));
   const Row& row = results.rows().back();
   EXPECT_EQ(row.unit, "fraction");
-  EXPECT_DOUBLE_EQ(row.samples[0], 0.25);
+  EXPECT_DOUBLE_EQ(row.samples[0], 0.25);  // mean 2.0: 1.5 and 2.5 are 25% off
   EXPECT_EQ(Verdict(row), "missed");
-  results.AddLargestDeviation("P10", "", {"S1", "S9"}, "S2", AtMost(0.15));
+  results.AddLargestDeviation("P10", "", {"S2", "S3"}, AtMost(0.15));
+  EXPECT_DOUBLE_EQ(results.rows().back().samples[0], 0.25 / 2.25);
+  EXPECT_EQ(Verdict(results.rows().back()), "met");
+}
+
+TEST(ResultsTest, LargestDeviationOfAMissingOrNoFigureIsNotANumber) {
+  Results results;
+  results.Add("S1", "", "ratio", {1.5});
+  results.AddLargestDeviation("P10", "", {"S1", "S9"}, AtMost(0.15));
   EXPECT_TRUE(std::isnan(results.rows().back().samples[0]));
+  results.AddLargestDeviation("P10", "", {}, AtMost(0.15));
+  EXPECT_TRUE(std::isnan(results.rows().back().samples[0]));
+  EXPECT_EQ(Verdict(results.rows().back()), "missed");
+}
+
+TEST(ResultsTest, MinOverMedianOfTheFirstRowWithTheId) {
+  Results results = TwoFigures();  // P1: 1, 3, 2
+  results.AddMinOverMedian("P1/spread", "min / median", "P1", AtLeast(0.7));
+  const Row& row = results.rows().back();
+  EXPECT_EQ(row.unit, "ratio");
+  ASSERT_EQ(row.samples.size(), 1u);
+  EXPECT_EQ(row.samples[0], 0.5);
+  EXPECT_EQ(Verdict(row), "missed");
+  results.AddMinOverMedian("P1.a/spread", "", "P1.a", AtLeast(0.7));
+  EXPECT_EQ(results.rows().back().samples[0], 1.0);
+  results.AddMinOverMedian("P2/spread", "", "P2", AtLeast(0.7));
+  EXPECT_TRUE(std::isnan(results.rows().back().samples[0]));
+}
+
+TEST(ResultsTest, RatioWithoutATargetIsOnlyReported) {
+  Results results = TwoFigures();
+  results.AddRatio("P1/a", "ours / theirs", "P1", "P1.a", std::nullopt);
+  EXPECT_EQ(results.rows().back().samples[0], 0.5);
+  EXPECT_EQ(Verdict(results.rows().back()), "");
 }
 
 TEST(ResultsTest, MarkdownRowsInOrder) {

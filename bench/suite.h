@@ -4,20 +4,15 @@
 #ifndef MODELSTATE_BENCH_SUITE_H_
 #define MODELSTATE_BENCH_SUITE_H_
 
-#include "bench/benchmarks.h"
 #include "bench/plan.h"
-#include "bench/results.h"
 
 namespace modelstate::bench {
 
-// Runs every benchmark on `bench` and returns the rows in report order: the
-// measured figures, then the ratios against the targets.
-Results CollectResults(Bench& bench);
-
-// Runs the suite of `config`: prints the markdown table and the JSON, writes
-// them to `config.out`.md and .json when set, and with `config.check` checks
-// the JSON file read back. Returns the exit status: 0, or 1 when the check
-// finds a problem. Dies on any failure to measure.
+// Runs the suite of `config` (every figure in one run: the measured rows in
+// report order, then the ratios against the targets): prints the markdown table
+// and the JSON, writes them to `config.out`.md and .json when set, and with
+// `config.check` checks the JSON file read back. Returns the exit status: 0, or
+// 1 when the check finds a problem. Dies on any failure to measure.
 int RunSuite(const Config& config);
 
 }  // namespace modelstate::bench

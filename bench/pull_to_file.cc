@@ -1,0 +1,144 @@
+#include "bench/pull_to_file.h"
+
+#include <dirent.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "bench/common.h"
+#include "bench/nginx.h"
+#include "core/safetensors.h"
+#include "tests/subprocess.h"
+
+namespace modelstate::bench {
+namespace {
+
+// Runs `modelstatectl pull` to `path`; dies unless it exits with 0.
+void Pull(const Config& config, int daemon_port, const std::string& model,
+          const std::string& path) {
+  SubprocessOptions options;
+  options.stdout_to = OutputTarget::Pipe();
+  options.stderr_to = OutputTarget::SameAsStdout();
+  std::unique_ptr<Subprocess> pull =
+      Check(Subprocess::Spawn(
+                {config.ctl, absl::StrCat("--server=127.0.0.1:", daemon_port),
+                 "pull", model, path},
+                options),
+            "start modelstatectl");
+  const int status = Check(pull->Wait(absl::Minutes(10)), "modelstatectl");
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    (void)pull->WaitForEndOfOutput(absl::Seconds(10));
+    Die("modelstatectl pull failed: " +
+        pull->Output(Subprocess::Stream::kStdout));
+  }
+}
+
+// Dies unless the files at `path` and `reference` hold the same bytes.
+void CheckSameBytes(const std::string& path, const std::string& reference) {
+  std::unique_ptr<FILE, int (*)(FILE*)> a(std::fopen(path.c_str(), "rb"),
+                                          &std::fclose);
+  std::unique_ptr<FILE, int (*)(FILE*)> b(std::fopen(reference.c_str(), "rb"),
+                                          &std::fclose);
+  if (a == nullptr || b == nullptr) Die("cannot open " + path);
+  std::vector<char> x(8 * kMiB), y(8 * kMiB);
+  while (true) {
+    const size_t got = std::fread(x.data(), 1, x.size(), a.get());
+    if (std::fread(y.data(), 1, y.size(), b.get()) != got ||
+        !std::equal(x.begin(), x.begin() + got, y.begin())) {
+      Die(path + " differs from " + reference);
+    }
+    if (got < x.size()) return;
+  }
+}
+
+// P3's directory, one per process.
+const std::string& TmpfsPath() {
+  static const std::string* const path =
+      new std::string(absl::StrCat("/dev/shm/modelstate-bench.", getpid()));
+  return *path;
+}
+
+// Removes P3's directory and everything in it (an atexit handler).
+void RemoveTmpfsDir() {
+  const std::string& dir = TmpfsPath();
+  if (DIR* entries = opendir(dir.c_str())) {
+    while (const dirent* entry = readdir(entries)) {
+      const std::string name = entry->d_name;
+      if (name != "." && name != "..") unlink((dir + "/" + name).c_str());
+    }
+    closedir(entries);
+  }
+  rmdir(dir.c_str());
+}
+
+double Timed(uint64_t bytes, const std::function<void()>& transfer) {
+  const double start = Seconds();
+  transfer();
+  return GBps(bytes, Seconds() - start);
+}
+
+}  // namespace
+
+std::string CreateTmpfsDir() {
+  const std::string& dir = TmpfsPath();
+  if (mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST)
+    Die("cannot create " + dir);
+  static const bool registered = std::atexit(RemoveTmpfsDir) == 0;
+  if (!registered) Die("atexit");
+  return dir;
+}
+
+PullToFileSamples MeasurePullToFile(const Config& config, int daemon_port,
+                                    const std::string& model, int nginx_port,
+                                    const std::string& tmpfs_dir, int reps) {
+  const std::string served = tmpfs_dir + "/served.safetensors";
+  const std::string pulled = tmpfs_dir + "/pulled.safetensors";
+  const std::string curled = tmpfs_dir + "/curled.safetensors";
+  Pull(config, daemon_port, model, served);  // Also the warm-up.
+  // The pull verified every tensor's checksum; the file must also parse.
+  Check(ReadSafetensorsFile(served), "read the pulled file");
+  const uint64_t bytes = FileSize(served);
+  CurlFetcher curl(absl::StrCat("http://127.0.0.1:", nginx_port,
+                                "/tmpfs/served.safetensors"));
+  const std::function<void()> transfers[2] = {
+      [&] { Pull(config, daemon_port, model, pulled); },
+      [&] {
+        if (curl.FetchToFile(curled) != bytes) Die("curl: short fetch");
+      }};
+  const std::string outputs[2] = {pulled, curled};
+  transfers[1]();  // Warm-up.
+  CheckSameBytes(curled, served);
+  std::remove(curled.c_str());
+  std::fprintf(stderr, "P3: %d repetitions\n", reps);
+  PullToFileSamples samples;
+  std::vector<double>* into[2] = {&samples.modelstatectl, &samples.nginx};
+  for (int rep = 0; rep < reps; ++rep) {
+    for (int i = 0; i < 2; ++i) {
+      const int next = (i + rep) % 2;
+      into[next]->push_back(Timed(bytes, transfers[next]));
+      CheckSameBytes(outputs[next], served);
+      std::remove(outputs[next].c_str());
+    }
+  }
+  std::remove(served.c_str());
+  return samples;
+}
+
+void AddPullToFileRows(PullToFileSamples samples, Results& results) {
+  results.Add("P3", "modelstatectl pull to a file on tmpfs", "GB/s",
+              std::move(samples.modelstatectl));
+  results.Add("P3.c", "nginx sendfile -> libcurl to a file on the same tmpfs",
+              "GB/s", std::move(samples.nginx));
+}
+
+}  // namespace modelstate::bench
