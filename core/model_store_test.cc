@@ -24,6 +24,13 @@ using ::testing::ElementsAre;
 constexpr char kTwoLayers[] = R"({"type": "Sequential", "modules": [
     {"type": "Linear", "args": [64, 64]}, {"type": "Linear", "args": [64, 64]}]})";
 
+// A store whose memory limit is `bytes`.
+ModelStore::Options LimitedTo(int64_t bytes) {
+  ModelStore::Options options;
+  options.memory_limit_bytes = bytes;
+  return options;
+}
+
 StateDict Filled(const ModulePtr& model, float value) {
   StateDict state;
   const StateDict current = GetStateDict(model).value();
@@ -119,7 +126,7 @@ TEST(ModelStoreTest, MemoryLimitCountsSnapshotsAndPendingLoads) {
   const int64_t model_bytes = static_cast<int64_t>(model->TotalTensorBytes());
   // The limit counts metadata too: a full load copies every module.
   const int64_t model_cost = model->Cost().total_bytes();
-  ModelStore store(ModelStore::Options{model_cost * 2 + model_cost / 2});
+  ModelStore store(LimitedTo(model_cost * 2 + model_cost / 2));
   ASSERT_TRUE(store.Create("m", model).ok());
   EXPECT_EQ(store.live_bytes(), model_bytes);
   EXPECT_EQ(store.metadata_bytes(), model_cost - model_bytes);
@@ -457,7 +464,7 @@ TEST(ModelStoreTest, MetadataIsChargedWhileTheModelLivesAndReturnedAfter) {
 TEST(ModelStoreTest, ZeroByteTensorsAndTinyModulesCountAgainstTheLimit) {
   // 100,000 zero-byte tensors cost tens of MB of metadata: refused under
   // 8 MiB from the keys alone, whether they share one module or each has one.
-  ModelStore store(ModelStore::Options{8 << 20});
+  ModelStore store(LimitedTo(8 << 20));
   std::vector<std::string> flat, nested;
   for (int i = 0; i < 100000; ++i) {
     flat.push_back(absl::StrCat("t", i));
@@ -499,7 +506,7 @@ TEST(ModelStoreTest, ModuleCountIsBoundedBeforeAnyTreeIsBuilt) {
 }
 
 TEST(ModelStoreTest, CreateFromSpecIsRefusedBeforeAllocating) {
-  ModelStore store(ModelStore::Options{64 << 20});
+  ModelStore store(LimitedTo(64 << 20));
   // 40 GB of weights: allocating and initialising them would take minutes and
   // more memory than the machine has; the estimate refuses it at once.
   const absl::Time start = absl::Now();
@@ -531,12 +538,11 @@ TEST(ModelStoreTest, CreateFromSpecReservesTheBuildsScratch) {
   ASSERT_EQ(cost.tensor_bytes, 2 << 20);
   ASSERT_EQ(cost.build_scratch_bytes, 4 << 20);
   // Room for the model, not for the model and its float32 draw.
-  ModelStore tight(ModelStore::Options{cost.total_bytes() + (1 << 20)});
+  ModelStore tight(LimitedTo(cost.total_bytes() + (1 << 20)));
   absl::Status refused = tight.CreateFromSpec("e", kBf16, 0).status();
   EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
   EXPECT_EQ(tight.reserved_bytes(), 0);
-  ModelStore roomy(
-      ModelStore::Options{cost.total_bytes() + cost.build_scratch_bytes});
+  ModelStore roomy(LimitedTo(cost.total_bytes() + cost.build_scratch_bytes));
   ASSERT_TRUE(roomy.CreateFromSpec("e", kBf16, 0).ok());
   EXPECT_EQ(roomy.live_bytes(), cost.tensor_bytes);
   EXPECT_EQ(roomy.reserved_bytes(), 0);

@@ -9,6 +9,13 @@
 namespace modelstate {
 namespace {
 
+// load_state_dict(strict=False).
+LoadOptions NonStrict() {
+  LoadOptions options;
+  options.strict = false;
+  return options;
+}
+
 using ::testing::ElementsAre;
 using ::testing::IsEmpty;
 
@@ -49,8 +56,7 @@ TEST(StateDictTest, NonPersistentBufferIsAbsentAndUnexpectedOnLoad) {
   EXPECT_EQ(strict.status().message(),
             "Error(s) in loading state_dict for Module:\n\t"
             "Unexpected key(s) in state_dict: \"scratch\". ");
-  absl::StatusOr<LoadResult> loose =
-      LoadStateDict(model, state, LoadOptions{false});
+  absl::StatusOr<LoadResult> loose = LoadStateDict(model, state, NonStrict());
   ASSERT_TRUE(loose.ok()) << loose.status();
   EXPECT_THAT(loose->unexpected_keys, ElementsAre("scratch"));
   EXPECT_THAT(loose->missing_keys, IsEmpty());
@@ -95,7 +101,7 @@ TEST(StateDictTest, TiedWeightsAreEmittedUnderBothKeysAndStayTiedAfterLoad) {
   // A non-strict load of one key reaches its tied twin too.
   StateDict one;
   one.Set("encoder.weight", FullTensor(DType::kFloat32, {2, 2}, 5));
-  LoadResult partial = LoadStateDict(model, one, LoadOptions{false}).value();
+  LoadResult partial = LoadStateDict(model, one, NonStrict()).value();
   EXPECT_THAT(partial.missing_keys, ElementsAre("decoder.weight"));
   StateDict partial_state = GetStateDict(partial.model).value();
   EXPECT_TRUE(partial_state.Find("decoder.weight")
@@ -182,8 +188,7 @@ TEST(StateDictTest, MissingUnexpectedAndSizeMismatchMessageOrder) {
             "checkpoint, the shape in current model is torch.Size([4, 3]).");
   // Size mismatches fail even when not strict; missing and unexpected keys
   // alone do not.
-  absl::Status loose =
-      LoadStateDict(model, broken, LoadOptions{false}).status();
+  absl::Status loose = LoadStateDict(model, broken, NonStrict()).status();
   EXPECT_EQ(loose.message(),
             "Error(s) in loading state_dict for Sequential:\n\t"
             "size mismatch for 0.weight: copying a param with shape "
@@ -199,7 +204,7 @@ TEST(StateDictTest, UnexpectedKeysUnderAndBesideChildren) {
   state.Set("fcx.weight", FullTensor(DType::kFloat32, {1}, 0));
   state.Set("gone.weight", FullTensor(DType::kFloat32, {1},
                                       0));  // under a None child: ignored
-  LoadResult result = LoadStateDict(model, state, LoadOptions{false}).value();
+  LoadResult result = LoadStateDict(model, state, NonStrict()).value();
   // Root-level checks come first, then fc's.
   EXPECT_THAT(result.unexpected_keys,
               ElementsAre("fcx.weight", "fc.weight.extra"));
@@ -333,7 +338,7 @@ TEST(StateDictTest, PlanLoadRejectsDuplicateKeys) {
   ModulePtr model = MustBuild(kMlp);
   std::vector<TensorSpec> specs = {{"0.bias", DType::kFloat32, {4}},
                                    {"0.bias", DType::kFloat32, {4}}};
-  EXPECT_EQ(PlanLoad(model, specs, LoadOptions{false}).status().code(),
+  EXPECT_EQ(PlanLoad(model, specs, NonStrict()).status().code(),
             absl::StatusCode::kInvalidArgument);
 }
 

@@ -80,13 +80,19 @@ class StateCollector : public prometheus::Collectable {
                           "Estimated bytes of modules, slots, names and "
                           "shapes around the tensors; counted by the limit.");
     AddSample(metadata, static_cast<double>(store_->metadata_bytes()));
+    auto pooled = Gauge("modelstate_memory_pooled_bytes",
+                        "Freed tensor memory held for reuse "
+                        "(--storage_pool_bytes); counted against the memory "
+                        "limit as spare room.");
+    AddSample(pooled, static_cast<double>(store_->pooled_bytes()));
     auto loads = Gauge("modelstate_pending_loads", "Loads in flight.");
     AddSample(loads, store_->pending_loads());
     auto calls =
         Gauge("modelstate_active_calls", "Calls in flight, streams included.");
     AddSample(calls, static_cast<double>(active_calls_()));
     std::vector<prometheus::MetricFamily> families = {
-        count, versions, bytes, live, reserved, metadata, limit, loads, calls};
+        count,  versions, bytes, live,  reserved,
+        pooled, metadata, limit, loads, calls};
     AddHeapGauges(families);
     return families;
   }

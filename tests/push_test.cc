@@ -33,6 +33,8 @@ using testing_support::ConnectTo;
 using testing_support::CoreState;
 using testing_support::Daemon;
 using testing_support::FilledLike;
+using testing_support::MetricsPort;
+using testing_support::MetricValue;
 using testing_support::ReadSourceFile;
 using testing_support::ScratchDir;
 using testing_support::StartServer;
@@ -348,6 +350,7 @@ class BigModelDaemon {
 
   bool started() const { return client_ != nullptr; }
   pid_t pid() const { return daemon_.pid(); }
+  Daemon& daemon() { return daemon_; }
 
   // Pushes `state` into "big" and checks that it took effect: the model then
   // holds the pushed values as float32, at the next version.
@@ -492,9 +495,17 @@ TEST(PushTest, StoragePoolBytesBoundsTheFreedMemoryTheDaemonKeeps) {
                         Case{"--storage_pool_bytes=134217728", 128},
                         Case{"--storage_pool_bytes=1073741824", 256}}) {
     SCOPED_TRACE(c.flag);
-    BigModelDaemon daemon({c.flag});
+    BigModelDaemon daemon({c.flag, "--metrics_listen=127.0.0.1:0"});
     ASSERT_TRUE(daemon.started());
+    const int metrics = MetricsPort(daemon.daemon());
+    ASSERT_GT(metrics, 0);
     daemon.Load(BigState(DType::kFloat32, 0x40));
+    // The daemon reports what it keeps: the dropped version's tensors (16 MiB
+    // each) up to the bound.
+    const double pooled =
+        MetricValue(metrics, "modelstate_memory_pooled_bytes") / kMiB;
+    EXPECT_LE(pooled, c.pooled_mib);
+    EXPECT_GE(pooled, c.pooled_mib == 0 ? 0 : c.pooled_mib - 16.0);
     // 256 MiB live, the pooled bytes, and up to 64 MiB of everything else.
     const uint64_t low = (256 + c.pooled_mib) * kMiB;
     const uint64_t high = low + 64 * kMiB;
