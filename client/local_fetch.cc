@@ -101,33 +101,28 @@ constexpr int kPopulateRead = 22;
 // Threads that verify the checksums of tensors that landed together.
 constexpr int kVerifyThreads = 2;
 
-// Maps the region read-only (its pages exist already, so this only fills
-// page tables) and returns the tensors as views of the mapping, which lives
-// as long as any of them.
-absl::StatusOr<std::vector<Tensor>> MapRegion(
-    int region, uint64_t size, const std::vector<TransferEntry>& entries,
-    const v1::LocalManifest& manifest) {
-  std::shared_ptr<const void> mapping;
-  const uint8_t* base = nullptr;
-  if (size > 0) {
-    // Mapped through a read-only descriptor: a shared mapping of a writable
-    // one could be made writable later, which F_SEAL_WRITE refuses (EBUSY).
-    const UniqueFd read_only(open(
-        absl::StrCat("/proc/self/fd/", region).c_str(), O_RDONLY | O_CLOEXEC));
-    if (!read_only.valid())
-      return absl::InternalError(
-          absl::StrCat("cannot reopen the region: ", strerror(errno)));
-    // Not populated yet: the fallocated pages are zeroed on first touch, which
-    // the daemon's writes do anyway (see Populate).
-    void* mapped =
-        mmap(nullptr, size, PROT_READ, MAP_SHARED, read_only.get(), 0);
-    if (mapped == MAP_FAILED)
-      return absl::ResourceExhaustedError(
-          absl::StrCat("cannot map the region: ", strerror(errno)));
-    mapping = std::shared_ptr<const void>(
-        mapped, [size](const void* p) { munmap(const_cast<void*>(p), size); });
-    base = static_cast<const uint8_t*>(mapped);
+// Maps `size` bytes of `fd` (none if 0) with `protection` and `flags`; the
+// mapping is undone when the returned pointer's last copy goes.
+absl::StatusOr<std::shared_ptr<const void>> Map(int fd, uint64_t size,
+                                                int protection, int flags,
+                                                const char* what) {
+  if (size == 0) return std::shared_ptr<const void>();
+  void* mapped = mmap(nullptr, size, protection, flags, fd, 0);
+  if (mapped == MAP_FAILED) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("cannot map ", what, ": ", strerror(errno)));
   }
+  return std::shared_ptr<const void>(
+      mapped, [size](const void* p) { munmap(const_cast<void*>(p), size); });
+}
+
+// The tensors of `entries` as views of `mapping` (of `size` bytes) at the
+// manifest's offsets; the mapping lives as long as any of them.
+absl::StatusOr<std::vector<Tensor>> ViewsOf(
+    std::shared_ptr<const void> mapping, uint64_t size,
+    const std::vector<TransferEntry>& entries,
+    const v1::LocalManifest& manifest) {
+  const auto* base = static_cast<const uint8_t*>(mapping.get());
   std::shared_ptr<const Storage> storage =
       Storage::Borrow(base, size, std::move(mapping));
   std::vector<Tensor> tensors;
@@ -139,6 +134,30 @@ absl::StatusOr<std::vector<Tensor>> MapRegion(
     tensors.push_back(std::move(tensor));
   }
   return tensors;
+}
+
+// Maps the region read-only (its pages exist already, so this only fills
+// page tables) and returns the tensors as views of the mapping.
+absl::StatusOr<std::vector<Tensor>> MapRegion(
+    int region, uint64_t size, const std::vector<TransferEntry>& entries,
+    const v1::LocalManifest& manifest) {
+  // Mapped through a read-only descriptor: a shared mapping of a writable
+  // one could be made writable later, which F_SEAL_WRITE refuses (EBUSY).
+  UniqueFd read_only;
+  if (size > 0) {
+    read_only = UniqueFd(open(absl::StrCat("/proc/self/fd/", region).c_str(),
+                              O_RDONLY | O_CLOEXEC));
+    if (!read_only.valid()) {
+      return absl::InternalError(
+          absl::StrCat("cannot reopen the region: ", strerror(errno)));
+    }
+  }
+  // Not populated yet: the fallocated pages are zeroed on first touch, which
+  // the daemon's writes do anyway (see Populate).
+  ASSIGN_OR_RETURN(
+      std::shared_ptr<const void> mapping,
+      Map(read_only.get(), size, PROT_READ, MAP_SHARED, "the region"));
+  return ViewsOf(std::move(mapping), size, entries, manifest);
 }
 
 // Maps in the pages of tensors [from, to), written by now, in one call
@@ -251,30 +270,13 @@ absl::StatusOr<std::vector<Tensor>> MapExport(
     int fd, const v1::LocalManifest& manifest,
     const std::vector<TransferEntry>& entries, bool verify) {
   const uint64_t size = manifest.region_bytes();
-  std::shared_ptr<const void> mapping;
-  const uint8_t* base = nullptr;
-  if (size > 0) {
-    void* mapped =
-        mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
-    if (mapped == MAP_FAILED)
-      return absl::ResourceExhaustedError(
-          absl::StrCat("cannot map the daemon's export: ", strerror(errno)));
-    mapping = std::shared_ptr<const void>(
-        mapped, [size](const void* p) { munmap(const_cast<void*>(p), size); });
-    base = static_cast<const uint8_t*>(mapped);
-  }
-  std::shared_ptr<const Storage> storage =
-      Storage::Borrow(base, size, std::move(mapping));
-  std::vector<Tensor> tensors;
-  tensors.reserve(entries.size());
-  for (size_t i = 0; i < entries.size(); ++i) {
-    ASSIGN_OR_RETURN(Tensor tensor,
-                     Tensor::View(entries[i].dtype, entries[i].shape, storage,
-                                  manifest.offsets(static_cast<int>(i))));
-    tensors.push_back(std::move(tensor));
-    // Read faults only: a write fault on a private mapping would copy.
-    Populate(tensors, i, i + 1);
-  }
+  ASSIGN_OR_RETURN(std::shared_ptr<const void> mapping,
+                   Map(fd, size, PROT_READ | PROT_WRITE, MAP_PRIVATE,
+                       "the daemon's export"));
+  ASSIGN_OR_RETURN(std::vector<Tensor> tensors,
+                   ViewsOf(std::move(mapping), size, entries, manifest));
+  // Read faults only: a write fault on a private mapping would copy.
+  Populate(tensors, 0, tensors.size());
   if (verify) RETURN_IF_ERROR(Verify(tensors, entries, 0, tensors.size()));
   return tensors;
 }
