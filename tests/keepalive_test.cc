@@ -17,6 +17,7 @@
 #include <atomic>
 #include <functional>
 #include <memory>
+#include <ostream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -224,6 +225,12 @@ struct ServerKeepalive {
   const char* timeout;
   bool closes;  // Within kWindow of the black hole.
 };
+
+// How CTest lists the cases.
+void PrintTo(const ServerKeepalive& c, std::ostream* out) {
+  *out << "--keepalive_time=" << c.time << " --keepalive_timeout=" << c.timeout
+       << (c.closes ? " closes" : " stays open");
+}
 
 class ServerKeepaliveTest : public ::testing::TestWithParam<ServerKeepalive> {};
 

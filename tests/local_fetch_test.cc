@@ -38,8 +38,11 @@ namespace {
 using ::testing::HasSubstr;
 using testing_support::ConnectTo;
 using testing_support::CoreState;
+using testing_support::Daemon;
 using testing_support::FilledLike;
 using testing_support::kCallTimeout;
+using testing_support::MetricsPort;
+using testing_support::MetricValue;
 using testing_support::ReadSourceFile;
 using testing_support::ScratchDir;
 using testing_support::StartServer;
@@ -584,6 +587,41 @@ TEST(LocalFetchTest, LaterFetchesMapOneSealedExportCountedAsLiveBytes) {
   EXPECT_EQ(local.export_bytes(), region);
   EXPECT_EQ(server->store().live_bytes(),
             model_bytes + static_cast<int64_t>(region));
+}
+
+// The daemon's flag reaches the exports: with the default bound a local fetch
+// leaves an export counted as live bytes, with --local_export_bytes=0 none.
+TEST(LocalFetchTest, DaemonFlagLocalExportBytesBoundsTheExports) {
+  const uint64_t region =
+      LayOutLocalRegion({4000, 4000, 4000, 4000}).value().region_bytes;
+  for (const char* bound : {"", "--local_export_bytes=0"}) {
+    SCOPED_TRACE(bound);
+    ScratchDir dir;
+    std::vector<std::string> args = {"--demo_model=", "--log_rpcs=false",
+                                     "--metrics_listen=127.0.0.1:0",
+                                     "--local_socket=" + dir.file("d.local")};
+    if (*bound != '\0') args.push_back(bound);
+    Daemon daemon(args);
+    const int metrics = MetricsPort(daemon);
+    ASSERT_GT(metrics, 0);
+    ClientOptions options;
+    options.timeout = kCallTimeout;
+    options.local_socket = dir.file("d.local");
+    auto client = Client::Connect(daemon.address(), options).value();
+    LoadRequest create("m");
+    create.create_if_missing = true;
+    ASSERT_TRUE(client->LoadStateDict(create, Uniform(4, 1000, 5.0f)).ok());
+    const double model_bytes =
+        MetricValue(metrics, "modelstate_memory_live_bytes");
+    for (int i = 0; i < 2; ++i) {
+      absl::StatusOr<FetchedStateDict> fetched = client->StateDict({"m"});
+      ASSERT_TRUE(fetched.ok()) << fetched.status();
+      EXPECT_TRUE(AllEqual(fetched->state, 5.0f));
+    }
+    const double exported = *bound == '\0' ? static_cast<double>(region) : 0;
+    EXPECT_EQ(MetricValue(metrics, "modelstate_memory_live_bytes"),
+              model_bytes + exported);
+  }
 }
 
 TEST(LocalFetchTest, ExportGoesWithItsVersionAndMappingsOutliveIt) {
