@@ -487,4 +487,11 @@ Tensor TensorBuilder::Build() && {
   return Tensor::View(dtype_, shape_, std::move(storage_), 0).value();
 }
 
+Tensor TensorBuilder::Build(uint64_t checksum) && {
+  Tensor tensor = std::move(*this).Build();
+  tensor.checksum_->value.store(checksum, std::memory_order_relaxed);
+  tensor.checksum_->known.store(true, std::memory_order_release);
+  return tensor;
+}
+
 }  // namespace modelstate

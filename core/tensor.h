@@ -260,6 +260,7 @@ class Tensor {
   bool BitwiseEquals(const Tensor& other) const;
 
  private:
+  friend class TensorBuilder;  // Build(checksum) fills the checksum cell.
   struct ChecksumCell {
     std::atomic<bool> known{false};
     std::atomic<uint64_t> value{0};
@@ -302,6 +303,10 @@ class TensorBuilder {
   // Freezes the bytes into an immutable Tensor. The builder must not be used
   // afterwards.
   Tensor Build() &&;
+  // Build, for bytes whose XXH3-64 the caller computed as it wrote them
+  // (e.g. while they arrived, cache-hot): Checksum() returns `checksum`
+  // without another pass over the bytes.
+  Tensor Build(uint64_t checksum) &&;
 
  private:
   TensorBuilder(DType dtype, Shape shape, int64_t num_elements,

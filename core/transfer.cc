@@ -36,7 +36,8 @@ ChunkReceiver::ChunkReceiver(std::vector<TransferEntry> entries,
     : entries_(std::move(entries)),
       sizes_(std::move(sizes)),
       on_tensor_(std::move(on_tensor)),
-      min_chunk_bytes_(min_chunk_bytes) {
+      min_chunk_bytes_(min_chunk_bytes),
+      hash_(XXH3_createState(), &XXH3_freeState) {
   for (uint64_t size : sizes_) total_ += size;
   if (!on_tensor_) done_.reserve(entries_.size());
   computed_.reserve(entries_.size());
@@ -73,9 +74,13 @@ absl::Status ChunkReceiver::CompleteFullTensors() {
                        TensorBuilder::Create(entry.dtype, entry.shape));
       builder_.emplace(std::move(empty));
     }
-    Tensor tensor = std::move(*builder_).Build();
+    // Every byte of a tensor passed through Accept's hash, unless the tensor
+    // is empty (made just above).
+    const uint64_t checksum = current_filled_ > 0
+                                  ? XXH3_64bits_digest(hash_.get())
+                                  : XXH3_64bits(nullptr, 0);
+    Tensor tensor = std::move(*builder_).Build(checksum);
     builder_.reset();
-    const uint64_t checksum = tensor.Checksum();
     computed_.push_back(checksum);
     const bool deferred = verify_zero_at_end_ && entry.checksum == 0;
     if (!deferred && checksum != entry.checksum) {
@@ -117,9 +122,11 @@ absl::Status ChunkReceiver::Accept(uint64_t offset, absl::string_view data) {
           TensorBuilder::CreateUninitialized(entry.dtype, entry.shape);
       if (!builder.ok()) return fail(builder.status());
       builder_.emplace(*std::move(builder));
+      XXH3_64bits_reset(hash_.get());
     }
     const uint64_t take = std::min(left, sizes_[current_] - current_filled_);
     std::memcpy(builder_->mutable_data() + current_filled_, in, take);
+    XXH3_64bits_update(hash_.get(), in, take);
     current_filled_ += take;
     in += take;
     left -= take;

@@ -21,6 +21,7 @@
 #include "absl/types/optional.h"
 #include "absl/types/span.h"
 #include "core/tensor.h"
+#include "xxhash.h"
 
 namespace modelstate {
 
@@ -120,6 +121,9 @@ class ChunkReceiver {
   size_t current_ = 0;           // Index of the tensor being filled.
   uint64_t current_filled_ = 0;  // Bytes of it received.
   absl::optional<TensorBuilder> builder_;
+  // XXH3-64 of the current tensor, fed by Accept as its bytes are copied in
+  // (cache-hot), rather than a second pass over the finished tensor.
+  std::unique_ptr<XXH3_state_t, XXH_errorcode (*)(XXH3_state_t*)> hash_;
   uint64_t received_ = 0;
   uint64_t total_ = 0;
   absl::Status error_;
