@@ -3,6 +3,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -301,6 +302,14 @@ bool MemoryCharge::Charge(const std::shared_ptr<MemoryAccountant>& accountant,
   return true;
 }
 
+namespace {
+std::atomic<size_t> max_allocation{SIZE_MAX};
+}  // namespace
+
+void Storage::SetMaxAllocation(size_t bytes) {
+  max_allocation.store(bytes, std::memory_order_relaxed);
+}
+
 void Storage::SetPoolLimit(size_t bytes) { BlockPool::Get().SetLimit(bytes); }
 
 size_t Storage::pooled_bytes() { return BlockPool::Get().pooled_bytes(); }
@@ -332,6 +341,10 @@ absl::StatusOr<std::shared_ptr<Storage>> Storage::AllocateUninitialized(
   const size_t rounded =
       bytes == 0 ? alignment : (bytes + alignment - 1) / alignment * alignment;
   if (rounded < bytes) return absl::ResourceExhaustedError("tensor too large");
+  if (rounded > max_allocation.load(std::memory_order_relaxed)) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "cannot allocate ", bytes, " bytes: over the allocation ceiling"));
+  }
   uint8_t* allocated =
       alignment == kHugePage
           ? BlockPool::Get().Allocate(rounded)

@@ -136,6 +136,12 @@ class Storage {
   static std::shared_ptr<const Storage> Borrow(
       const uint8_t* data, size_t bytes, std::shared_ptr<const void> owner);
 
+  // The largest storage AllocateUninitialized hands out; larger requests get
+  // ResourceExhausted. Unlimited unless set. The fuzzers set it: ASan's
+  // max_allocation_size_mb caps malloc, not the mappings large storages are.
+  // Thread-safe.
+  static void SetMaxAllocation(size_t bytes);
+
   // Bounds the pool of freed large blocks to `bytes`, freeing the oldest
   // pooled blocks beyond it (0 empties the pool and disables it).
   // Thread-safe.

@@ -262,6 +262,20 @@ TEST_F(StoragePoolTest, ConcurrentAllocationsAndFreesKeepBlocksDistinct) {
   EXPECT_LE(Storage::pooled_bytes(), 8 * kHugePage);
 }
 
+TEST(TensorTest, AllocationsOverTheCeilingAreRefused) {
+  Storage::SetMaxAllocation(4 << 20);
+  // Both paths: a large block (huge-page aligned) and a small one.
+  EXPECT_EQ(Storage::AllocateUninitialized(6 << 20).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(Storage::AllocateUninitialized(4 << 20).ok());
+  EXPECT_TRUE(Storage::AllocateUninitialized(1000).ok());
+  Storage::SetMaxAllocation(1000);
+  EXPECT_EQ(Storage::AllocateUninitialized(5000).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  Storage::SetMaxAllocation(SIZE_MAX);
+  EXPECT_TRUE(Storage::AllocateUninitialized(6 << 20).ok());
+}
+
 TEST(TensorTest, OnlyAllocatedStoragesAreWritable) {
   auto storage = Storage::Allocate(8).value();
   storage->mutable_data()[3] = 42;

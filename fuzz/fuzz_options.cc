@@ -11,6 +11,17 @@
 // that large still aborts: nothing reachable from a small input should ask for
 // it. (libFuzzer itself allocates 20 MiB blocks, and protobuf reserves up to
 // 50 MB for a string field whose declared length the input has not backed.)
+#include <cstddef>
+
+#include "core/tensor.h"
+
+// The same ceiling for tensor storages, which large ones map directly.
+static const bool kStorageCeiling = [] {
+  modelstate::Storage::SetMaxAllocation(
+      size_t{MODELSTATE_FUZZ_MAX_ALLOCATION_MB} << 20);
+  return true;
+}();
+
 #define MODELSTATE_STR(x) #x
 #define MODELSTATE_XSTR(x) MODELSTATE_STR(x)
 extern "C" const char* __asan_default_options() {

@@ -169,6 +169,32 @@ std::vector<char*> FoldRepeatedPreload(int argc, char** argv,
 
 }  // namespace
 
+// The --follow flags: the upstream and how to reach it.
+absl::Status FollowerOptionsFromFlags(modelstate::ServerOptions& options) {
+  options.follow = absl::GetFlag(FLAGS_follow);
+  options.follow_client.tls_ca_file = absl::GetFlag(FLAGS_follow_tls_ca);
+  options.follow_client.tls_cert_file = absl::GetFlag(FLAGS_follow_tls_cert);
+  options.follow_client.tls_key_file = absl::GetFlag(FLAGS_follow_tls_key);
+  if (!absl::GetFlag(FLAGS_follow_token_file).empty()) {
+    absl::StatusOr<std::string> token =
+        modelstate::ReadTokenFile(absl::GetFlag(FLAGS_follow_token_file));
+    if (!token.ok()) return token.status();
+    options.follow_client.token = *std::move(token);
+  }
+  options.follow_max_backoff = absl::GetFlag(FLAGS_follow_retry_max);
+  options.follow_client.keepalive_time =
+      absl::GetFlag(FLAGS_follow_keepalive_time);
+  options.follow_client.keepalive_timeout =
+      absl::GetFlag(FLAGS_follow_keepalive_timeout);
+  if (options.follow_client.keepalive_time <= absl::ZeroDuration() ||
+      options.follow_client.keepalive_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        "--follow_keepalive_time and --follow_keepalive_timeout must be "
+        "positive");
+  }
+  return absl::OkStatus();
+}
+
 // The server options the flags ask for, or InvalidArgument for a malformed
 // flag.
 absl::StatusOr<modelstate::ServerOptions> OptionsFromFlags() {
@@ -229,29 +255,8 @@ absl::StatusOr<modelstate::ServerOptions> OptionsFromFlags() {
   options.release_memory_interval =
       absl::GetFlag(FLAGS_release_memory_interval);
 
-  // Follower mode.
-  options.follow = absl::GetFlag(FLAGS_follow);
-  options.follow_client.tls_ca_file = absl::GetFlag(FLAGS_follow_tls_ca);
-  options.follow_client.tls_cert_file = absl::GetFlag(FLAGS_follow_tls_cert);
-  options.follow_client.tls_key_file = absl::GetFlag(FLAGS_follow_tls_key);
-  if (!absl::GetFlag(FLAGS_follow_token_file).empty()) {
-    absl::StatusOr<std::string> token =
-        modelstate::ReadTokenFile(absl::GetFlag(FLAGS_follow_token_file));
-    if (!token.ok()) return token.status();
-    options.follow_client.token = *std::move(token);
-  }
-  options.follow_max_backoff = absl::GetFlag(FLAGS_follow_retry_max);
-  options.follow_client.keepalive_time =
-      absl::GetFlag(FLAGS_follow_keepalive_time);
-  options.follow_client.keepalive_timeout =
-      absl::GetFlag(FLAGS_follow_keepalive_timeout);
-  if (options.follow_client.keepalive_time <= absl::ZeroDuration() ||
-      options.follow_client.keepalive_timeout <= absl::ZeroDuration()) {
-    return absl::InvalidArgumentError(
-        "--follow_keepalive_time and --follow_keepalive_timeout must be "
-        "positive");
-  }
-
+  const absl::Status follower = FollowerOptionsFromFlags(options);
+  if (!follower.ok()) return follower;
   return options;
 }
 

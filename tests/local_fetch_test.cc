@@ -574,7 +574,9 @@ TEST(LocalFetchTest, LaterFetchesMapOneSealedExportCountedAsLiveBytes) {
       ASSERT_TRUE(fetched.ok()) << fetched.status();
       EXPECT_TRUE(AllEqual(fetched->state, 7.0f));
       EXPECT_EQ(fetched->state.size(), request.keys.empty() ? 4u : 2u);
-      if (!request.keys.empty()) EXPECT_EQ(fetched->state.Keys(), some.keys);
+      if (!request.keys.empty()) {
+        EXPECT_EQ(fetched->state.Keys(), some.keys);
+      }
     }
   }
   const LocalTransferServer& local = *server->local_transfer();
@@ -898,7 +900,9 @@ TEST(LocalFetchTest, VerifyingClientsRefuseACorruptExportAndNoneAnUnsealedOne) {
     absl::StatusOr<FetchedStateDict> fetched = client->StateDict({"m"});
     daemon.join();
     EXPECT_EQ(fetched.status().code(), test.expected) << fetched.status();
-    if (fetched.ok()) EXPECT_TRUE(AllEqual(fetched->state, 1.0f));
+    if (fetched.ok()) {
+      EXPECT_TRUE(AllEqual(fetched->state, 1.0f));
+    }
   }
 }
 
