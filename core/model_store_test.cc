@@ -12,6 +12,7 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "core/limits.h"
+#include "core/sanitizers.h"
 #include "core/test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -547,14 +548,6 @@ TEST(ModelStoreTest, CreateFromSpecReservesTheBuildsScratch) {
   EXPECT_EQ(roomy.live_bytes(), cost.tensor_bytes);
   EXPECT_EQ(roomy.reserved_bytes(), 0);
 }
-
-#if defined(__SANITIZE_ADDRESS__)
-#define MODELSTATE_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define MODELSTATE_ASAN 1
-#endif
-#endif
 
 // The per-object figures of core/module.h are estimates; they must not be
 // below what the heap really gives a tree of many tiny objects, or a million

@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
+#include "core/sanitizers.h"
 #include "core/status_macros.h"
 #include "xxhash.h"
 
@@ -25,14 +26,6 @@ constexpr size_t kHugePage = 2 << 20;
 
 // The default bound of the pool of freed large blocks: one 1 GiB state dict.
 constexpr size_t kDefaultPoolLimit = size_t{1} << 30;
-
-#if defined(__SANITIZE_ADDRESS__)
-#define MODELSTATE_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define MODELSTATE_ASAN 1
-#endif
-#endif
 
 #ifdef MODELSTATE_ASAN
 extern "C" void __asan_poison_memory_region(void const volatile*, size_t);

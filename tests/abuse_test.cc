@@ -27,11 +27,13 @@
 #include "absl/time/time.h"
 #include "core/access_policy.h"
 #include "core/limits.h"
+#include "core/sanitizers.h"
 #include "gmock/gmock.h"
 #include "grpcpp/create_channel.h"
 #include "gtest/gtest.h"
 #include "modelstate/v1/model_state.grpc.pb.h"
 #include "proto/convert.h"
+#include "tests/proxy.h"
 #include "tests/test_support.h"
 #include "xxhash.h"
 
@@ -39,22 +41,12 @@ namespace modelstate {
 namespace {
 
 using ::testing::HasSubstr;
+using testing_support::ConnectToLoopback;
 using testing_support::Daemon;
 using testing_support::MetricsPort;
 using testing_support::MetricValue;
+using testing_support::SendAll;
 using testing_support::WaitUntil;
-
-#if defined(__SANITIZE_ADDRESS__)
-constexpr bool kUnderAsan = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-constexpr bool kUnderAsan = true;
-#else
-constexpr bool kUnderAsan = false;
-#endif
-#else
-constexpr bool kUnderAsan = false;
-#endif
 
 constexpr int64_t kMemoryLimit = 256 << 20;
 // The policy's principals: admin of everything (the checking client and most
@@ -298,27 +290,19 @@ grpc::Status FromFlood(int goaway) {
 // Writes `bytes` that are not HTTP/2 to the port; UNAVAILABLE once the server
 // closes the connection.
 grpc::Status Garbage(int port, const std::string& bytes) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_port = htons(static_cast<uint16_t>(port));
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  grpc::Status status(grpc::INTERNAL, "could not connect");
-  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) ==
-      0) {
-    send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL);
-    timeval timeout{10, 0};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
-    char buffer[4096];
-    ssize_t n;
-    while ((n = recv(fd, buffer, sizeof(buffer), 0)) > 0) {
-    }
-    const bool closed = n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK);
-    status = closed ? grpc::Status(grpc::UNAVAILABLE, "connection closed")
-                    : grpc::Status(grpc::OK, "connection still open");
+  const int fd = ConnectToLoopback(port);
+  if (fd < 0) return grpc::Status(grpc::INTERNAL, "could not connect");
+  SendAll(fd, bytes.data(), bytes.size());
+  timeval timeout{10, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+  char buffer[4096];
+  ssize_t n;
+  while ((n = recv(fd, buffer, sizeof(buffer), 0)) > 0) {
   }
+  const bool closed = n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK);
   close(fd);
-  return status;
+  return closed ? grpc::Status(grpc::UNAVAILABLE, "connection closed")
+                : grpc::Status(grpc::OK, "connection still open");
 }
 
 // `count` loads of the victim that stall after their header, then one more

@@ -18,6 +18,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "core/module_factory.h"
+#include "core/sanitizers.h"
 #include "gmock/gmock.h"
 #include "grpcpp/create_channel.h"
 #include "gtest/gtest.h"
@@ -406,18 +407,6 @@ uint64_t PeakRssOfLoads(const std::vector<StateDict>& states,
   }
   return peak;
 }
-
-#if defined(__SANITIZE_ADDRESS__)
-constexpr bool kUnderAsan = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-constexpr bool kUnderAsan = true;
-#else
-constexpr bool kUnderAsan = false;
-#endif
-#else
-constexpr bool kUnderAsan = false;
-#endif
 
 // The bound: the old version (256 MiB) and the new one (256 MiB) plus
 // 64 MiB for everything else the daemon holds (its own memory, gRPC's buffers,
