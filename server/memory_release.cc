@@ -5,8 +5,13 @@
 namespace modelstate {
 
 MemoryReleaser::MemoryReleaser(absl::Duration period) {
-  if (period > absl::ZeroDuration() && period != absl::InfiniteDuration())
-    thread_ = std::thread([this, period] { Run(period); });
+  if (period <= absl::ZeroDuration() || period == absl::InfiniteDuration())
+    return;
+  // Fixed values also turn off glibc's dynamic thresholds, which would
+  // otherwise move with the sizes freed.
+  mallopt(M_MMAP_THRESHOLD, kMmapThresholdBytes);
+  mallopt(M_TRIM_THRESHOLD, kTrimThresholdBytes);
+  thread_ = std::thread([this, period] { Run(period); });
 }
 
 MemoryReleaser::~MemoryReleaser() {

@@ -5,6 +5,14 @@
 // the buffers of a thousand connections), the daemon's resident set would
 // stay at the burst's peak for as long as it runs; trimming returns it.
 //
+// The other way round, glibc by default gives memory back on free() itself:
+// blocks past a dynamic threshold are mapped and unmapped per allocation, and
+// an arena's free top is trimmed once it passes a few MiB. gRPC's receive
+// buffers (up to 4 MiB each) then cost fresh page faults on every read of a
+// load: 70k-120k minor faults and a third of the daemon's CPU per 1 GiB push
+// (docs/performance.md). With a releaser running, frees keep their memory
+// for reuse and the periodic trim returns what an idle daemon holds.
+//
 // Thread-safety: constructed and destroyed on one thread; it runs its own.
 #ifndef MODELSTATE_SERVER_MEMORY_RELEASE_H_
 #define MODELSTATE_SERVER_MEMORY_RELEASE_H_
@@ -19,8 +27,14 @@ namespace modelstate {
 
 class MemoryReleaser {
  public:
-  // Starts a thread that calls malloc_trim(0) every `period`; a zero or
-  // infinite period starts none.
+  static constexpr int kTrimThresholdBytes = 64 << 20;
+  static constexpr int kMmapThresholdBytes = 32 << 20;
+
+  // Starts a thread that calls malloc_trim(0) every `period`, and sets
+  // malloc's thresholds so that frees in between keep their memory (up to
+  // kTrimThresholdBytes of free top per arena, allocations under
+  // kMmapThresholdBytes from the heap). A zero or infinite period starts
+  // no thread and leaves malloc's defaults.
   explicit MemoryReleaser(absl::Duration period);
   // Stops the thread and waits for it.
   ~MemoryReleaser();
