@@ -493,6 +493,19 @@ class ResumableFetch {
   std::unique_ptr<Attempt> attempt_;
 };
 
+// Calls `transfer.on_manifest`, if set, with the stream's tensors.
+absl::Status Announce(const v1::Manifest& manifest,
+                      const std::vector<TransferEntry>& entries,
+                      const TransferOptions& transfer) {
+  if (!transfer.on_manifest) return absl::OkStatus();
+  std::vector<TensorDescription> described;
+  described.reserve(entries.size());
+  for (size_t i = 0; i < entries.size(); ++i)
+    described.push_back(
+        Describe(manifest.tensors(static_cast<int>(i)), entries[i]));
+  return transfer.on_manifest(described);
+}
+
 }  // namespace
 
 absl::Time Client::Deadline() const {
@@ -511,15 +524,8 @@ absl::StatusOr<int64_t> Client::StateDictStreaming(
   absl::StatusOr<std::vector<TransferEntry>> entries =
       ToTransferEntries(manifest.tensors());
   if (!entries.ok()) return call.Abandon(entries.status());
-  if (transfer.on_manifest) {
-    std::vector<TensorDescription> described;
-    described.reserve(entries->size());
-    for (size_t i = 0; i < entries->size(); ++i)
-      described.push_back(
-          Describe(manifest.tensors(static_cast<int>(i)), (*entries)[i]));
-    absl::Status accepted = transfer.on_manifest(described);
-    if (!accepted.ok()) return call.Abandon(accepted);
-  }
+  absl::Status accepted = Announce(manifest, *entries, transfer);
+  if (!accepted.ok()) return call.Abandon(accepted);
   absl::StatusOr<std::unique_ptr<ChunkReceiver>> receiver =
       ChunkReceiver::Create(*entries, [&](size_t index, Tensor tensor) {
         return on_tensor(Describe(manifest.tensors(static_cast<int>(index)),
@@ -620,14 +626,18 @@ absl::StatusOr<std::vector<const Destination*>> MatchDestinations(
 // and checked when its last byte lands. The same contract as ChunkReceiver.
 class DestinationWriter {
  public:
+  // Tensors without a target are verified and dropped, or handed to
+  // `pieces` when set.
   DestinationWriter(std::vector<TransferEntry> entries,
                     std::vector<uint64_t> sizes,
                     std::vector<const Destination*> targets,
-                    std::vector<std::string>* written)
+                    std::vector<std::string>* written,
+                    const Client::PieceWriter* pieces = nullptr)
       : entries_(std::move(entries)),
         sizes_(std::move(sizes)),
         targets_(std::move(targets)),
         written_(written),
+        pieces_(pieces),
         hash_(XXH3_createState(), &XXH3_freeState) {
     for (uint64_t size : sizes_) total_ += size;
     XXH3_64bits_reset(hash_.get());
@@ -647,7 +657,8 @@ class DestinationWriter {
       RETURN_IF_ERROR(error_);
       const size_t take = static_cast<size_t>(
           std::min<uint64_t>(data.size(), sizes_[current_] - filled_));
-      Write(data.substr(0, take));
+      error_ = Write(data.substr(0, take));
+      RETURN_IF_ERROR(error_);
       data.remove_prefix(take);
     }
     error_ = CompleteFullTensors();
@@ -669,12 +680,14 @@ class DestinationWriter {
 
  private:
   // Writes the next bytes of the current tensor.
-  void Write(absl::string_view piece) {
+  absl::Status Write(absl::string_view piece) {
     const TransferEntry& entry = entries_[current_];
     XXH3_64bits_update(hash_.get(), piece.data(), piece.size());
-    if (targets_[current_] == nullptr) {  // Received, verified, dropped.
+    if (targets_[current_] == nullptr) {  // Handed on, or verified and dropped.
+      if (pieces_ != nullptr)
+        RETURN_IF_ERROR((*pieces_)(current_, filled_, piece));
       filled_ += piece.size();
-      return;
+      return absl::OkStatus();
     }
     const Destination& target = *targets_[current_];
     if (filled_ == 0 && written_ != nullptr) written_->push_back(entry.key);
@@ -682,7 +695,7 @@ class DestinationWriter {
     if (entry.dtype == target.dtype) {
       std::memcpy(out + filled_, piece.data(), piece.size());
       filled_ += piece.size();
-      return;
+      return absl::OkStatus();
     }
     // Elements may straddle chunks: their first bytes wait in carry_.
     const size_t in_size = ElementSize(entry.dtype);
@@ -705,6 +718,7 @@ class DestinationWriter {
     piece.remove_prefix(whole * in_size);
     std::memcpy(carry_, piece.data(), piece.size());
     filled_ += piece.size();
+    return absl::OkStatus();
   }
 
   // Verifies the tensors whose every byte has arrived.
@@ -729,6 +743,7 @@ class DestinationWriter {
   std::vector<uint64_t> sizes_;
   std::vector<const Destination*> targets_;
   std::vector<std::string>* written_;
+  const Client::PieceWriter* pieces_;
   std::unique_ptr<XXH3_state_t, decltype(&XXH3_freeState)> hash_;
   uint8_t carry_[8] = {};
   size_t current_ = 0;   // Index of the tensor being filled.
@@ -800,6 +815,26 @@ absl::StatusOr<int64_t> FetchInto(grpc::Channel* channel, absl::Time deadline,
 }
 
 }  // namespace
+
+absl::StatusOr<int64_t> Client::StateDictToWriter(
+    const FetchRequest& fetch, const TransferOptions& transfer,
+    const PieceWriter& write) {
+  ResumableFetch call(channel_.get(), Deadline(), options_.token, fetch,
+                      transfer);
+  ASSIGN_OR_RETURN(const v1::Manifest manifest, call.Start());
+  absl::StatusOr<std::vector<TransferEntry>> entries =
+      ToTransferEntries(manifest.tensors());
+  if (!entries.ok()) return call.Abandon(entries.status());
+  absl::Status accepted = Announce(manifest, *entries, transfer);
+  if (!accepted.ok()) return call.Abandon(accepted);
+  absl::StatusOr<std::vector<uint64_t>> sizes = TransferSizes(*entries);
+  if (!sizes.ok()) return call.Abandon(sizes.status());
+  const std::vector<const Destination*> no_targets(entries->size(), nullptr);
+  DestinationWriter writer(*entries, std::move(*sizes), no_targets, nullptr,
+                           &write);
+  RETURN_IF_ERROR(call.ReadToEnd(writer));
+  return manifest.version();
+}
 
 namespace {
 

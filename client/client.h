@@ -121,9 +121,10 @@ struct TransferOptions {
   // fetches, kDefaultChunkBytes for loads.
   uint32_t chunk_bytes = 0;
   ProgressCallback progress;
-  // StateDictStreaming only: called once with the stream's manifest (names,
-  // kinds, dtypes and shapes as delivered, after selection and casting),
-  // before any tensor. Returning an error stops the transfer with that error.
+  // StateDictStreaming and StateDictToWriter only: called once with the
+  // stream's manifest (names, kinds, dtypes and shapes as delivered, after
+  // selection and casting), before any tensor. Returning an error stops the
+  // transfer with that error.
   std::function<absl::Status(const std::vector<TensorDescription>&)>
       on_manifest;
   // When set, another thread may stop the transfer through it. Must outlive
@@ -239,6 +240,27 @@ class Client {
       const FetchRequest& request, const TransferOptions& transfer,
       const std::function<absl::Status(const TensorDescription&, Tensor)>&
           on_tensor);
+
+  // Where StateDictToWriter puts each piece of the stream: `piece` goes
+  // `offset` bytes into tensor `index` of the manifest (as
+  // TransferOptions::on_manifest describes it). Its bytes are valid only
+  // during the call.
+  using PieceWriter = std::function<absl::Status(size_t index, uint64_t offset,
+                                                 absl::string_view piece)>;
+
+  // Fetches a state dict into storage of the caller's (a file, a device) as
+  // its bytes arrive: `write` gets every piece of every tensor in stream
+  // order, straight from the received messages, and the client keeps none of
+  // them. Each tensor's checksum is computed as its pieces pass and checked
+  // once its last piece was written (DataLoss otherwise): what was written is
+  // unverified until the call returns OK, so publish nothing before then
+  // (modelstatectl pull writes a temporary file and renames it). Tensors
+  // without bytes get no piece. Resumes as StateDict does; a resumed stream
+  // continues at the next unwritten byte. Returns the version fetched, or the
+  // first error (including write's).
+  absl::StatusOr<int64_t> StateDictToWriter(const FetchRequest& request,
+                                            const TransferOptions& transfer,
+                                            const PieceWriter& write);
 
   // Fetches a state dict into the caller's memory (the worker's in-place
   // refresh): each fetched key goes to the destination of the same name, cast

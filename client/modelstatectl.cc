@@ -282,36 +282,40 @@ struct Pulled {
 };
 
 // Streams the state dict into a safetensors file at `path`: the header is
-// written as soon as the stream's manifest arrives, each tensor goes to its
-// place in the file as soon as it is complete and verified and is then
-// dropped, so the client holds at most one tensor whatever the model's size.
-// The file appears at `path` only once complete (SafetensorsStreamWriter).
+// written as soon as the stream's manifest arrives, and each piece of a tensor
+// goes to its place in the file as it arrives, so the client holds no tensor,
+// only the messages in flight, whatever the model's size. The file appears at
+// `path` only once complete and every tensor verified
+// (SafetensorsStreamWriter, Client::StateDictToWriter).
 absl::StatusOr<Pulled> PullToFile(Client &client, const FetchRequest &request,
                                   TransferOptions transfer,
                                   const std::string &path) {
   SafetensorsStreamWriter::Options options;
   options.fsync = absl::GetFlag(FLAGS_fsync);
   std::unique_ptr<SafetensorsStreamWriter> writer;
+  std::vector<std::string> names;
+  Pulled pulled;
   transfer.on_manifest =
       [&](const std::vector<TensorDescription> &manifest) -> absl::Status {
     std::vector<SafetensorsTensorInfo> tensors;
     tensors.reserve(manifest.size());
-    for (const TensorDescription &tensor : manifest)
+    for (const TensorDescription &tensor : manifest) {
       tensors.push_back({tensor.name, tensor.dtype, tensor.shape});
+      names.push_back(tensor.name);
+      pulled.bytes += tensor.num_bytes;
+    }
+    pulled.tensors = manifest.size();
     ASSIGN_OR_RETURN(
         writer, SafetensorsStreamWriter::Create(path, std::move(tensors),
                                                 {{"format", "pt"}}, options));
     return absl::OkStatus();
   };
-  Pulled pulled;
   ASSIGN_OR_RETURN(
       pulled.version,
-      client.StateDictStreaming(
+      client.StateDictToWriter(
           request, transfer,
-          [&](const TensorDescription &description, Tensor tensor) {
-            ++pulled.tensors;
-            pulled.bytes += tensor.num_bytes();
-            return writer->WriteTensor(description.name, tensor);
+          [&](size_t index, uint64_t offset, absl::string_view piece) {
+            return writer->WritePiece(names[index], offset, piece);
           }));
   if (writer == nullptr)
     return absl::InternalError("the stream had no manifest");

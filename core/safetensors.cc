@@ -546,37 +546,63 @@ void SafetensorsStreamWriter::PlaceTensors(
   file_bytes_ = offset;
 }
 
-absl::Status SafetensorsStreamWriter::WriteTensor(const std::string& name,
-                                                  const Tensor& tensor) {
+absl::StatusOr<SafetensorsStreamWriter::Slot*>
+SafetensorsStreamWriter::FindSlot(const std::string& name) {
   auto it = index_.find(name);
   if (it == index_.end()) {
     return absl::InvalidArgumentError(
         absl::StrCat("tensor \"", name, "\" is not one of the file's"));
   }
-  Slot& slot = slots_[it->second];
-  if (slot.written) {
+  return &slots_[it->second];
+}
+
+absl::Status SafetensorsStreamWriter::WriteAt(uint64_t offset, const void* data,
+                                              size_t size) {
+  if (size == 0) return absl::OkStatus();
+  if (lseek(fd_, static_cast<off_t>(offset), SEEK_SET) < 0)
+    return ErrnoToStatus(errno, "cannot seek in", temporary_path_);
+  return WriteAll(fd_, data, size, temporary_path_);
+}
+
+absl::Status SafetensorsStreamWriter::WriteTensor(const std::string& name,
+                                                  const Tensor& tensor) {
+  ASSIGN_OR_RETURN(Slot * slot, FindSlot(name));
+  if (slot->written || slot->filled > 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("tensor \"", name, "\" was written already"));
   }
-  if (tensor.dtype() != slot.dtype || tensor.shape() != slot.shape) {
+  if (tensor.dtype() != slot->dtype || tensor.shape() != slot->shape) {
     return absl::InvalidArgumentError(absl::StrCat(
         "tensor \"", name, "\" is ", SafetensorsName(tensor.dtype()), " ",
         TorchSizeString(tensor.shape()), " but the header says ",
-        SafetensorsName(slot.dtype), " ", TorchSizeString(slot.shape)));
+        SafetensorsName(slot->dtype), " ", TorchSizeString(slot->shape)));
   }
-  if (slot.bytes > 0) {
-    if (lseek(fd_, static_cast<off_t>(slot.offset), SEEK_SET) < 0)
-      return ErrnoToStatus(errno, "cannot seek in", temporary_path_);
-    const absl::Span<const uint8_t> bytes = tensor.bytes();
-    RETURN_IF_ERROR(WriteAll(fd_, bytes.data(), bytes.size(), temporary_path_));
+  const absl::Span<const uint8_t> bytes = tensor.bytes();
+  RETURN_IF_ERROR(WriteAt(slot->offset, bytes.data(), bytes.size()));
+  slot->written = true;
+  return absl::OkStatus();
+}
+
+absl::Status SafetensorsStreamWriter::WritePiece(const std::string& name,
+                                                 uint64_t offset,
+                                                 absl::string_view piece) {
+  ASSIGN_OR_RETURN(Slot * slot, FindSlot(name));
+  if (slot->written || offset != slot->filled ||
+      piece.size() > slot->bytes - slot->filled) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "piece of ", piece.size(), " bytes at offset ", offset, " of tensor \"",
+        name, "\" (", slot->bytes, " bytes, ", slot->filled, " written",
+        slot->written ? ", complete" : "", ")"));
   }
-  slot.written = true;
+  RETURN_IF_ERROR(WriteAt(slot->offset + offset, piece.data(), piece.size()));
+  slot->filled += piece.size();
+  slot->written = slot->filled == slot->bytes;
   return absl::OkStatus();
 }
 
 absl::Status SafetensorsStreamWriter::CheckAllWritten() const {
   for (const Slot& slot : slots_) {
-    if (!slot.written) {
+    if (!slot.written && slot.bytes > 0) {
       return absl::FailedPreconditionError(
           absl::StrCat("tensor \"", slot.name, "\" was never written"));
     }

@@ -152,10 +152,19 @@ class SafetensorsStreamWriter {
   // ErrnoToStatus of a failed write.
   absl::Status WriteTensor(const std::string& name, const Tensor& tensor);
 
-  // Checks that every tensor was written, optionally fsyncs, and renames the
-  // file to `path`. Returns FailedPrecondition naming a tensor never written,
-  // or the ErrnoToStatus of a failed fsync, close or rename; on any error the
-  // temporary file is removed and `path` is untouched.
+  // Writes the next `piece` of tensor `name`'s bytes, `offset` bytes into it,
+  // for a writer that gets a tensor piece by piece as it arrives. Pieces of a
+  // tensor come in order; it counts as written once its last byte is. Returns
+  // InvalidArgument when `name` is not one of the file's tensors, `offset` is
+  // not where its previous piece ended, or the piece runs past its end; the
+  // ErrnoToStatus of a failed write.
+  absl::Status WritePiece(const std::string& name, uint64_t offset,
+                          absl::string_view piece);
+
+  // Checks that every tensor with bytes was written, optionally fsyncs, and
+  // renames the file to `path`. Returns FailedPrecondition naming a tensor
+  // never written, or the ErrnoToStatus of a failed fsync, close or rename; on
+  // any error the temporary file is removed and `path` is untouched.
   absl::Status Commit();
 
   // True once Commit has fsynced the file and its directory.
@@ -173,6 +182,7 @@ class SafetensorsStreamWriter {
     Shape shape;
     uint64_t offset = 0;  // From the start of the file.
     uint64_t bytes = 0;
+    uint64_t filled = 0;  // Bytes written by WritePiece so far.
     bool written = false;
   };
 
@@ -182,6 +192,10 @@ class SafetensorsStreamWriter {
   void PlaceTensors(std::vector<SafetensorsTensorInfo> tensors,
                     const std::vector<size_t>& order, uint64_t header_bytes);
   absl::Status CheckAllWritten() const;
+  // The slot of tensor `name`, or InvalidArgument.
+  absl::StatusOr<Slot*> FindSlot(const std::string& name);
+  // Writes `size` bytes at `offset` of the file.
+  absl::Status WriteAt(uint64_t offset, const void* data, size_t size);
   // fsync, close and rename; the steps of Commit that touch the file.
   absl::Status Publish();
   // Closes and removes the temporary file.

@@ -340,6 +340,60 @@ TEST(SafetensorsTest, StreamWriterFailureLeavesTheOldFileAndNoTemporary) {
             absl::StatusCode::kNotFound);
 }
 
+TEST(SafetensorsTest, StreamWriterAssemblesTensorsFromPiecesInOrder) {
+  const ScratchDirectory dir;
+  const StateDict state = SampleWithBig();
+  auto writer =
+      SafetensorsStreamWriter::Create(dir.file("out"), Describe(state), {}, {})
+          .value();
+  for (const auto& entry : state.entries()) {
+    const absl::Span<const uint8_t> bytes = entry.tensor.bytes();
+    const absl::string_view all(reinterpret_cast<const char*>(bytes.data()),
+                                bytes.size());
+    // Pieces of an odd size, so that they straddle elements.
+    const size_t piece = all.size() > 4096 ? 4099 : 3;
+    for (size_t at = 0; at < all.size(); at += piece) {
+      ASSERT_TRUE(
+          writer->WritePiece(entry.key, at, all.substr(at, piece)).ok());
+    }
+  }
+  // Every tensor is whole: more bytes are refused.
+  absl::Status extra =
+      writer->WritePiece("big", state.Find("big")->num_bytes(), "x");
+  EXPECT_EQ(extra.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(writer->WriteTensor("big", *state.Find("big")).message(),
+              HasSubstr("written already"));
+  ASSERT_TRUE(writer->Commit().ok());
+  EXPECT_EQ(Contents(dir.file("out")), SerializeSafetensors(state).value());
+}
+
+TEST(SafetensorsTest, StreamWriterRefusesPiecesOutOfPlace) {
+  const ScratchDirectory dir;
+  const StateDict state = Sample();
+  auto writer =
+      SafetensorsStreamWriter::Create(dir.file("out"), Describe(state), {}, {})
+          .value();
+  const uint64_t bytes = state.Find("layer.weight")->num_bytes();
+  const std::string piece(4, '\0');
+  EXPECT_THAT(writer->WritePiece("nope", 0, piece).message(),
+              HasSubstr("is not one of the file's"));
+  // A gap, then an overlap, then past the end.
+  EXPECT_EQ(writer->WritePiece("layer.weight", 4, piece).code(),
+            absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(writer->WritePiece("layer.weight", 0, piece).ok());
+  EXPECT_EQ(writer->WritePiece("layer.weight", 0, piece).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      writer->WritePiece("layer.weight", 4, std::string(bytes, '\0')).code(),
+      absl::StatusCode::kInvalidArgument);
+  // Partly written: not a tensor of the file yet.
+  EXPECT_THAT(writer->WriteTensor("layer.weight", *state.Find("layer.weight"))
+                  .message(),
+              HasSubstr("written already"));
+  absl::Status committed = writer->Commit();
+  EXPECT_THAT(committed.message(), HasSubstr("was never written"));
+}
+
 TEST(SafetensorsTest, StreamWriterRefusesTensorsThatDoNotMatchTheHeader) {
   const ScratchDirectory dir;
   const StateDict state = Sample();
