@@ -318,6 +318,10 @@ class RawStateDictCall {
         step = absl::DataLossError("unexpected message in a StateDict stream");
       }
       if (!step.ok()) {
+        // The caller's own error (its callback's or writer's) stays as it is;
+        // what the receiver refused is a bad stream.
+        if (!receiver.callback_error().ok())
+          return Abandon(receiver.callback_error());
         if (step.code() == absl::StatusCode::kInvalidArgument)
           step = absl::DataLossError(step.message());
         return Abandon(step);
@@ -411,8 +415,10 @@ class ResumableFetch {
     absl::Status status =
         attempt_->call->ReadToEnd(receiver, transfer_.progress);
     int resumes = 0;
+    // A connection that dropped is resumed; the caller's own Unavailable
+    // (a busy device) is not.
     while (status.code() == absl::StatusCode::kUnavailable &&
-           resumes < transfer_.max_resumes) {
+           receiver.callback_error().ok() && resumes < transfer_.max_resumes) {
       ++resumes;
       absl::SleepFor(
           std::min(absl::Milliseconds(50) * (1 << std::min(resumes - 1, 5)),
@@ -677,6 +683,8 @@ class DestinationWriter {
 
   uint64_t received_bytes() const { return received_; }
   uint64_t total_bytes() const { return total_; }
+  // The piece writer's error, as ChunkReceiver::callback_error.
+  const absl::Status& callback_error() const { return callback_error_; }
 
  private:
   // Writes the next bytes of the current tensor.
@@ -684,8 +692,10 @@ class DestinationWriter {
     const TransferEntry& entry = entries_[current_];
     XXH3_64bits_update(hash_.get(), piece.data(), piece.size());
     if (targets_[current_] == nullptr) {  // Handed on, or verified and dropped.
-      if (pieces_ != nullptr)
-        RETURN_IF_ERROR((*pieces_)(current_, filled_, piece));
+      if (pieces_ != nullptr) {
+        callback_error_ = (*pieces_)(current_, filled_, piece);
+        RETURN_IF_ERROR(callback_error_);
+      }
       filled_ += piece.size();
       return absl::OkStatus();
     }
@@ -751,6 +761,7 @@ class DestinationWriter {
   uint64_t received_ = 0;
   uint64_t total_ = 0;
   absl::Status error_;
+  absl::Status callback_error_;
 };
 
 // Copies verified staged tensors into their destinations.

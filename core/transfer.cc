@@ -90,7 +90,8 @@ absl::Status ChunkReceiver::CompleteFullTensors() {
           absl::Hex(entry.checksum, absl::kZeroPad16)));
     }
     if (on_tensor_) {
-      RETURN_IF_ERROR(on_tensor_(current_, std::move(tensor)));
+      callback_error_ = on_tensor_(current_, std::move(tensor));
+      RETURN_IF_ERROR(callback_error_);
     } else {
       done_.push_back(std::move(tensor));
     }

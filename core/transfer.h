@@ -96,6 +96,9 @@ class ChunkReceiver {
   uint64_t received_bytes() const { return received_; }
   uint64_t total_bytes() const { return total_; }
   const std::vector<TransferEntry>& entries() const { return entries_; }
+  // The error `on_tensor` returned, which ended the transfer (OK if none): a
+  // transport reports it as it is, not as a fault of the stream.
+  const absl::Status& callback_error() const { return callback_error_; }
 
  private:
   ChunkReceiver(std::vector<TransferEntry> entries, std::vector<uint64_t> sizes,
@@ -127,6 +130,7 @@ class ChunkReceiver {
   uint64_t received_ = 0;
   uint64_t total_ = 0;
   absl::Status error_;
+  absl::Status callback_error_;
   bool verify_zero_at_end_ = false;  // CreateVerifyingAtEnd.
   std::vector<uint64_t> computed_;   // Checksums of the completed tensors.
 };

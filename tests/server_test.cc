@@ -644,17 +644,23 @@ TEST(ServerTest, StreamingFetchHandsOverEachTensorOnce) {
       });
   EXPECT_EQ(version.value(), 1);
   EXPECT_EQ(index, expected.size());
-  // A callback error stops the transfer and comes back as the result.
-  absl::Status stopped =
-      client
-          ->StateDictStreaming(
-              {"llama"}, options,
-              [&](const TensorDescription&, Tensor) {
-                return absl::CancelledError("worker says stop");
-              })
-          .status();
-  EXPECT_EQ(stopped.code(), absl::StatusCode::kCancelled);
-  EXPECT_EQ(stopped.message(), "worker says stop");
+  // A callback error stops the transfer and comes back as the result, as it
+  // is: not as a bad stream (DataLoss), nor resumed as a dropped connection.
+  for (const absl::Status& error : {absl::CancelledError("worker says stop"),
+                                    absl::InvalidArgumentError("bad buffer"),
+                                    absl::UnavailableError("device busy")}) {
+    int calls = 0;
+    absl::Status stopped =
+        client
+            ->StateDictStreaming({"llama"}, options,
+                                 [&](const TensorDescription&, Tensor) {
+                                   ++calls;
+                                   return error;
+                                 })
+            .status();
+    EXPECT_EQ(stopped, error);
+    EXPECT_EQ(calls, 1);
+  }
 }
 
 TEST(ServerTest, WatchStartsWithTheCurrentStateThenFollowsCommits) {
