@@ -276,6 +276,10 @@ int main(int argc, char** argv) {
     return 2;
   }
   const modelstate::ServerOptions& options = *parsed;
+  // Before any thread starts (server/memory_release.h): gRPC's receive
+  // buffers stay for reuse between the periodic trims.
+  if (modelstate::IsTrimPeriod(options.release_memory_interval))
+    modelstate::KeepFreedMemoryBetweenTrims();
 
   // Freed tensor memory (the version a load replaced) stages the next load,
   // which then neither faults nor zeroes fresh pages. The store's memory

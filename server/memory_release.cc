@@ -2,16 +2,30 @@
 
 #include <malloc.h>
 
+#include <algorithm>
+#include <thread>
+
 namespace modelstate {
 
-MemoryReleaser::MemoryReleaser(absl::Duration period) {
-  if (period <= absl::ZeroDuration() || period == absl::InfiniteDuration())
-    return;
+int MallocArenaBound() {
+  return std::max(2, static_cast<int>(std::thread::hardware_concurrency()));
+}
+
+void KeepFreedMemoryBetweenTrims() {
   // Fixed values also turn off glibc's dynamic thresholds, which would
   // otherwise move with the sizes freed.
   mallopt(M_MMAP_THRESHOLD, kMmapThresholdBytes);
   mallopt(M_TRIM_THRESHOLD, kTrimThresholdBytes);
-  thread_ = std::thread([this, period] { Run(period); });
+  mallopt(M_ARENA_MAX, MallocArenaBound());
+}
+
+bool IsTrimPeriod(absl::Duration period) {
+  return period > absl::ZeroDuration() && period != absl::InfiniteDuration();
+}
+
+MemoryReleaser::MemoryReleaser(absl::Duration period) {
+  if (IsTrimPeriod(period))
+    thread_ = std::thread([this, period] { Run(period); });
 }
 
 MemoryReleaser::~MemoryReleaser() {

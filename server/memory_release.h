@@ -10,8 +10,8 @@
 // an arena's free top is trimmed once it passes a few MiB. gRPC's receive
 // buffers (up to 4 MiB each) then cost fresh page faults on every read of a
 // load: 70k-120k minor faults and a third of the daemon's CPU per 1 GiB push
-// (docs/performance.md). With a releaser running, frees keep their memory
-// for reuse and the periodic trim returns what an idle daemon holds.
+// (docs/performance.md). KeepFreedMemoryBetweenTrims makes frees keep their
+// memory for reuse, and the periodic trim returns what an idle daemon holds.
 //
 // Thread-safety: constructed and destroyed on one thread; it runs its own.
 #ifndef MODELSTATE_SERVER_MEMORY_RELEASE_H_
@@ -25,16 +25,29 @@
 
 namespace modelstate {
 
+// malloc's thresholds while a MemoryReleaser trims: allocations under
+// kMmapThresholdBytes come from the heap, and an arena keeps up to
+// kTrimThresholdBytes of free memory at its top.
+inline constexpr int kMmapThresholdBytes = 32 << 20;
+inline constexpr int kTrimThresholdBytes = 32 << 20;
+
+// The arenas malloc may create: one per core, at least two (glibc's default
+// is eight per core). malloc_trim returns the free top of the main arena
+// only; every other arena keeps up to kTrimThresholdBytes, so fewer arenas
+// bound what a daemon holds between loads.
+int MallocArenaBound();
+
+// Sets the thresholds and the arena bound above. Call at the start of main,
+// before any thread allocates: glibc fixes its arena bound then.
+void KeepFreedMemoryBetweenTrims();
+
+// Whether `period` makes MemoryReleaser trim (positive and finite).
+bool IsTrimPeriod(absl::Duration period);
+
 class MemoryReleaser {
  public:
-  static constexpr int kTrimThresholdBytes = 64 << 20;
-  static constexpr int kMmapThresholdBytes = 32 << 20;
-
-  // Starts a thread that calls malloc_trim(0) every `period`, and sets
-  // malloc's thresholds so that frees in between keep their memory (up to
-  // kTrimThresholdBytes of free top per arena, allocations under
-  // kMmapThresholdBytes from the heap). A zero or infinite period starts
-  // no thread and leaves malloc's defaults.
+  // Starts a thread that calls malloc_trim(0) every `period`; a period that
+  // is not IsTrimPeriod starts none.
   explicit MemoryReleaser(absl::Duration period);
   // Stops the thread and waits for it.
   ~MemoryReleaser();

@@ -4,8 +4,12 @@
 
 #include <malloc.h>
 
+#include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
+#include <thread>
 #include <vector>
 
 #include "core/sanitizers.h"
@@ -15,8 +19,12 @@
 namespace modelstate {
 namespace {
 
+// As the daemon's main does, before any thread of the test allocates.
+const bool kTuned = (KeepFreedMemoryBetweenTrims(), true);
+
 constexpr size_t kBlockBytes = 4 << 20;  // gRPC's largest read buffer
-constexpr int kBlocks = 8;
+// Together below kTrimThresholdBytes, which free() keeps.
+constexpr int kBlocks = kTrimThresholdBytes / kBlockBytes - 2;
 
 // Allocates and touches kBlocks blocks of kBlockBytes on this thread (the main
 // arena), returning how many bytes malloc mapped for them on their own.
@@ -38,6 +46,7 @@ void FreeBlocks(std::vector<void*>& blocks) {
 
 TEST(MemoryReleaserTest, FreedBuffersStayForReuseUntilTheTrim) {
   if (kUnderAsan) GTEST_SKIP() << "ASan's allocator ignores mallopt";
+  ASSERT_TRUE(kTuned);
   // The first trim comes a period after this, long after the checks of what
   // free() kept.
   MemoryReleaser releaser(absl::Seconds(2));
@@ -60,6 +69,48 @@ TEST(MemoryReleaserTest, FreedBuffersStayForReuseUntilTheTrim) {
       absl::Seconds(10)))
       << "heap " << mallinfo2().arena << " bytes, " << heap_with_blocks
       << " with the blocks";
+}
+
+// The number of arenas malloc has made (malloc_info's <heap> elements).
+int MallocArenas() {
+  char* text = nullptr;
+  size_t size = 0;
+  FILE* out = open_memstream(&text, &size);
+  malloc_info(0, out);
+  std::fclose(out);
+  const std::string info(text, size);
+  std::free(text);
+  int arenas = 0;
+  for (size_t at = info.find("<heap nr="); at != std::string::npos;
+       at = info.find("<heap nr=", at + 1))
+    ++arenas;
+  return arenas;
+}
+
+TEST(MemoryReleaserTest, ThreadsShareAtMostOneArenaPerCore) {
+  if (kUnderAsan) GTEST_SKIP() << "ASan's allocator ignores mallopt";
+  ASSERT_TRUE(kTuned);
+  // More threads than the bound, each allocating while all are alive: glibc
+  // would give each its own arena up to eight per core.
+  const int threads = 2 * MallocArenaBound() + 1;
+  std::atomic<int> allocated{0};
+  std::atomic<bool> done{false};
+  std::vector<std::thread> workers;
+  for (int i = 0; i < threads; ++i) {
+    workers.emplace_back([&] {
+      void* block = std::malloc(1 << 20);
+      asm volatile("" : : "r"(block) : "memory");
+      ++allocated;
+      while (!done) std::this_thread::yield();
+      std::free(block);
+    });
+  }
+  while (allocated < threads) std::this_thread::yield();
+  const int arenas = MallocArenas();
+  done = true;
+  for (std::thread& worker : workers) worker.join();
+  EXPECT_GE(arenas, 1);
+  EXPECT_LE(arenas, MallocArenaBound());
 }
 
 }  // namespace
