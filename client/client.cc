@@ -512,6 +512,25 @@ absl::Status Announce(const v1::Manifest& manifest,
   return transfer.on_manifest(described);
 }
 
+// A fetch's manifest and its tensors, once on_manifest accepted them.
+struct StartedFetch {
+  v1::Manifest manifest;
+  std::vector<TransferEntry> entries;
+};
+
+// Starts `call` and hands its manifest to `transfer.on_manifest`; on an
+// error the call is abandoned.
+absl::StatusOr<StartedFetch> StartAndAnnounce(ResumableFetch& call,
+                                              const TransferOptions& transfer) {
+  ASSIGN_OR_RETURN(v1::Manifest manifest, call.Start());
+  absl::StatusOr<std::vector<TransferEntry>> entries =
+      ToTransferEntries(manifest.tensors());
+  if (!entries.ok()) return call.Abandon(entries.status());
+  absl::Status accepted = Announce(manifest, *entries, transfer);
+  if (!accepted.ok()) return call.Abandon(accepted);
+  return StartedFetch{std::move(manifest), *std::move(entries)};
+}
+
 }  // namespace
 
 absl::Time Client::Deadline() const {
@@ -526,17 +545,15 @@ absl::StatusOr<int64_t> Client::StateDictStreaming(
         on_tensor) {
   ResumableFetch call(channel_.get(), Deadline(), options_.token, fetch,
                       transfer);
-  ASSIGN_OR_RETURN(const v1::Manifest manifest, call.Start());
-  absl::StatusOr<std::vector<TransferEntry>> entries =
-      ToTransferEntries(manifest.tensors());
-  if (!entries.ok()) return call.Abandon(entries.status());
-  absl::Status accepted = Announce(manifest, *entries, transfer);
-  if (!accepted.ok()) return call.Abandon(accepted);
+  ASSIGN_OR_RETURN(const StartedFetch started,
+                   StartAndAnnounce(call, transfer));
+  const v1::Manifest& manifest = started.manifest;
+  const std::vector<TransferEntry>& entries = started.entries;
   absl::StatusOr<std::unique_ptr<ChunkReceiver>> receiver =
-      ChunkReceiver::Create(*entries, [&](size_t index, Tensor tensor) {
-        return on_tensor(Describe(manifest.tensors(static_cast<int>(index)),
-                                  (*entries)[index]),
-                         std::move(tensor));
+      ChunkReceiver::Create(entries, [&](size_t index, Tensor tensor) {
+        return on_tensor(
+            Describe(manifest.tensors(static_cast<int>(index)), entries[index]),
+            std::move(tensor));
       });
   if (!receiver.ok()) return call.Abandon(receiver.status());
   RETURN_IF_ERROR(call.ReadToEnd(**receiver));
@@ -832,19 +849,15 @@ absl::StatusOr<int64_t> Client::StateDictToWriter(
     const PieceWriter& write) {
   ResumableFetch call(channel_.get(), Deadline(), options_.token, fetch,
                       transfer);
-  ASSIGN_OR_RETURN(const v1::Manifest manifest, call.Start());
-  absl::StatusOr<std::vector<TransferEntry>> entries =
-      ToTransferEntries(manifest.tensors());
-  if (!entries.ok()) return call.Abandon(entries.status());
-  absl::Status accepted = Announce(manifest, *entries, transfer);
-  if (!accepted.ok()) return call.Abandon(accepted);
-  absl::StatusOr<std::vector<uint64_t>> sizes = TransferSizes(*entries);
+  ASSIGN_OR_RETURN(StartedFetch started, StartAndAnnounce(call, transfer));
+  absl::StatusOr<std::vector<uint64_t>> sizes = TransferSizes(started.entries);
   if (!sizes.ok()) return call.Abandon(sizes.status());
-  const std::vector<const Destination*> no_targets(entries->size(), nullptr);
-  DestinationWriter writer(*entries, std::move(*sizes), no_targets, nullptr,
-                           &write);
+  const std::vector<const Destination*> no_targets(started.entries.size(),
+                                                   nullptr);
+  DestinationWriter writer(std::move(started.entries), std::move(*sizes),
+                           no_targets, nullptr, &write);
   RETURN_IF_ERROR(call.ReadToEnd(writer));
-  return manifest.version();
+  return started.manifest.version();
 }
 
 namespace {

@@ -154,20 +154,25 @@ void ExpectSameAs(const Collector& collected,
   }
 }
 
-TEST(StateDictToWriterTest, PiecesReassembleBitExactlyInStreamOrder) {
-  const StateDict state = MixedState();
-  auto server = ServerWithMixedModel(state);
-  auto client = ConnectTo(*server);
-  absl::StatusOr<FetchedStateDict> fetched = client->StateDict({"mixed"});
+// Fetches "mixed" through StateDictToWriter into `collector` and expects it
+// to match StateDict of the same model, both at version 1.
+void ExpectWriterMatchesStateDict(Client& client, Collector& collector) {
+  absl::StatusOr<FetchedStateDict> fetched = client.StateDict({"mixed"});
   ASSERT_TRUE(fetched.ok()) << fetched.status();
-
-  Collector collector;
-  absl::StatusOr<int64_t> version = client->StateDictToWriter(
+  absl::StatusOr<int64_t> version = client.StateDictToWriter(
       {"mixed"}, collector.Transfer(), collector.Writer());
   ASSERT_TRUE(version.ok()) << version.status();
   EXPECT_EQ(*version, 1);
   EXPECT_EQ(fetched->version, 1);
   ExpectSameAs(collector, *fetched);
+}
+
+TEST(StateDictToWriterTest, PiecesReassembleBitExactlyInStreamOrder) {
+  const StateDict state = MixedState();
+  auto server = ServerWithMixedModel(state);
+  auto client = ConnectTo(*server);
+  Collector collector;
+  ExpectWriterMatchesStateDict(*client, collector);
   // Against what was loaded too, by key.
   for (size_t i = 0; i < collector.manifest().size(); ++i) {
     const TensorDescription& described = collector.manifest()[i];
@@ -207,14 +212,8 @@ TEST(StateDictToWriterTest, AWriterErrorEndsTheFetchWithThatError) {
   }
 
   // The daemon and the client's connection serve on.
-  absl::StatusOr<FetchedStateDict> fetched = client->StateDict({"mixed"});
-  ASSERT_TRUE(fetched.ok()) << fetched.status();
   Collector collector;
-  absl::StatusOr<int64_t> version = client->StateDictToWriter(
-      {"mixed"}, collector.Transfer(), collector.Writer());
-  ASSERT_TRUE(version.ok()) << version.status();
-  EXPECT_EQ(*version, 1);
-  ExpectSameAs(collector, *fetched);
+  ExpectWriterMatchesStateDict(*client, collector);
 }
 
 TEST(StateDictToWriterTest, AnOnManifestErrorEndsTheFetchBeforeAnyPiece) {
