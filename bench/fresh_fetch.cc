@@ -36,8 +36,9 @@ constexpr std::array<const char*, 7> kVmstat = {
 constexpr char kReportedKib[] =
     "/sys/module/page_reporting/parameters/reported_kib";
 
-// Room in the pool beyond the model file: the raw-TCP buffer's rounding to
-// huge pages.
+// Room in the pool beyond the model file: each freed block is rounded up to
+// whole huge pages, the raw-TCP buffer (one block) and each of the 16
+// tensors (up to 2 MiB each).
 constexpr uint64_t kPoolHeadroomBytes = 64 * kMiB;
 
 struct Counters {
@@ -119,8 +120,8 @@ FreshFetchSamples MeasureFreshFetch(const Config& config,
   // A process that fetches the same model again keeps its pages with a pool
   // its size; so does each contender here.
   Storage::SetPoolLimit(0);
-  Storage::SetPoolLimit(
-      std::max<uint64_t>(kGiB, FileSize(file) + kPoolHeadroomBytes));
+  Storage::SetPoolLimit(std::max<uint64_t>(
+      Storage::kDefaultPoolLimitBytes, FileSize(file) + kPoolHeadroomBytes));
   Child daemon = Spawn({config.daemon, "--listen=127.0.0.1:0",
                         "--demo_model=", "--log_rpcs=false"},
                        2, "serving on port ");
@@ -142,7 +143,7 @@ FreshFetchSamples MeasureFreshFetch(const Config& config,
   }
   Stop(tcp_server);
   Stop(daemon);
-  Storage::SetPoolLimit(kGiB);  // the default, for what runs after
+  Storage::SetPoolLimit(Storage::kDefaultPoolLimitBytes);  // for what follows
   return samples;
 }
 

@@ -296,7 +296,8 @@ class RawStateDictCall {
 
   // Feeds every chunk to `receiver` (a ChunkReceiver or a DestinationWriter)
   // until the end marker and the call's end. A bad stream is DataLoss,
-  // whatever the receiver called it.
+  // whatever the receiver called it; the receiver's callback error is
+  // returned as it is, whatever the server says after the cancel.
   template <typename Receiver>
   absl::Status ReadToEnd(Receiver& receiver, const ProgressCallback& progress) {
     bool ended = false;
@@ -320,8 +321,10 @@ class RawStateDictCall {
       if (!step.ok()) {
         // The caller's own error (its callback's or writer's) stays as it is;
         // what the receiver refused is a bad stream.
-        if (!receiver.callback_error().ok())
-          return Abandon(receiver.callback_error());
+        if (!receiver.callback_error().ok()) {
+          Abandon(step).IgnoreError();
+          return receiver.callback_error();
+        }
         if (step.code() == absl::StatusCode::kInvalidArgument)
           step = absl::DataLossError(step.message());
         return Abandon(step);
@@ -387,6 +390,7 @@ bool SameTransfer(const v1::Manifest& a, const v1::Manifest& b) {
 // (FetchRequest::offset), whose manifest must match the first's. The receiver,
 // with its partly filled tensor and checksum state, carries over, so every
 // byte is received once. Every call shares one deadline and the canceller.
+// The receiver's callback error ends the fetch as it is, never resumed.
 class ResumableFetch {
  public:
   ResumableFetch(grpc::Channel* channel, absl::Time deadline, std::string token,
@@ -427,7 +431,8 @@ class ResumableFetch {
       if (status.ok())
         status = attempt_->call->ReadToEnd(receiver, transfer_.progress);
     }
-    if (status.code() == absl::StatusCode::kUnavailable && resumes > 0) {
+    if (status.code() == absl::StatusCode::kUnavailable && resumes > 0 &&
+        receiver.callback_error().ok()) {
       return absl::UnavailableError(absl::StrCat(
           status.message(), " (gave up after ", resumes, " resumes, at byte ",
           receiver.received_bytes(), " of ", receiver.total_bytes(), ")"));
@@ -504,12 +509,7 @@ absl::Status Announce(const v1::Manifest& manifest,
                       const std::vector<TransferEntry>& entries,
                       const TransferOptions& transfer) {
   if (!transfer.on_manifest) return absl::OkStatus();
-  std::vector<TensorDescription> described;
-  described.reserve(entries.size());
-  for (size_t i = 0; i < entries.size(); ++i)
-    described.push_back(
-        Describe(manifest.tensors(static_cast<int>(i)), entries[i]));
-  return transfer.on_manifest(described);
+  return transfer.on_manifest(Describe(manifest, entries));
 }
 
 // A fetch's manifest and its tensors, once on_manifest accepted them.
@@ -646,21 +646,21 @@ absl::StatusOr<std::vector<const Destination*>> MatchDestinations(
 // Receives a transfer straight into caller-owned destinations (IntoOptions::
 // allow_partial_write): each piece is copied, or cast element by element,
 // where it belongs, and each tensor's XXH3-64 is computed as its bytes pass
-// and checked when its last byte lands. The same contract as ChunkReceiver.
+// and checked when its last byte lands. A tensor without a destination is
+// handed to the piece writer, when there is one (StateDictToWriter), or
+// verified and dropped. The same contract as ChunkReceiver.
 class DestinationWriter {
  public:
-  // Tensors without a target are verified and dropped, or handed to
-  // `pieces` when set.
   DestinationWriter(std::vector<TransferEntry> entries,
                     std::vector<uint64_t> sizes,
                     std::vector<const Destination*> targets,
                     std::vector<std::string>* written,
-                    const Client::PieceWriter* pieces = nullptr)
+                    const Client::PieceWriter* piece_writer = nullptr)
       : entries_(std::move(entries)),
         sizes_(std::move(sizes)),
         targets_(std::move(targets)),
         written_(written),
-        pieces_(pieces),
+        piece_writer_(piece_writer),
         hash_(XXH3_createState(), &XXH3_freeState) {
     for (uint64_t size : sizes_) total_ += size;
     XXH3_64bits_reset(hash_.get());
@@ -690,6 +690,10 @@ class DestinationWriter {
 
   absl::Status Finish(uint64_t total_bytes) {
     RETURN_IF_ERROR(error_);
+    // Empty tensors after the last byte, or in a transfer without bytes,
+    // have had no Accept to complete them.
+    error_ = CompleteFullTensors();
+    RETURN_IF_ERROR(error_);
     if (received_ != total_ || total_bytes != total_) {
       return absl::InvalidArgumentError(
           absl::StrCat("end marker says ", total_bytes, " bytes; received ",
@@ -709,8 +713,8 @@ class DestinationWriter {
     const TransferEntry& entry = entries_[current_];
     XXH3_64bits_update(hash_.get(), piece.data(), piece.size());
     if (targets_[current_] == nullptr) {  // Handed on, or verified and dropped.
-      if (pieces_ != nullptr) {
-        callback_error_ = (*pieces_)(current_, filled_, piece);
+      if (piece_writer_ != nullptr) {
+        callback_error_ = (*piece_writer_)(current_, filled_, piece);
         RETURN_IF_ERROR(callback_error_);
       }
       filled_ += piece.size();
@@ -770,7 +774,7 @@ class DestinationWriter {
   std::vector<uint64_t> sizes_;
   std::vector<const Destination*> targets_;
   std::vector<std::string>* written_;
-  const Client::PieceWriter* pieces_;
+  const Client::PieceWriter* piece_writer_;
   std::unique_ptr<XXH3_state_t, decltype(&XXH3_freeState)> hash_;
   uint8_t carry_[8] = {};
   size_t current_ = 0;   // Index of the tensor being filled.

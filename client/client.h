@@ -255,9 +255,11 @@ class Client {
   // once its last piece was written (DataLoss otherwise): what was written is
   // unverified until the call returns OK, so publish nothing before then
   // (modelstatectl pull writes a temporary file and renames it). Tensors
-  // without bytes get no piece. Resumes as StateDict does; a resumed stream
-  // continues at the next unwritten byte. Returns the version fetched, or the
-  // first error (including write's).
+  // without bytes get no piece. Always over gRPC, never through shared
+  // memory. Resumes after a dropped connection as StateDict does, continuing
+  // at the next unwritten byte. Returns the version fetched, or the first
+  // error: `write`'s and on_manifest's come back as they are (never resumed,
+  // never taken for a bad stream).
   absl::StatusOr<int64_t> StateDictToWriter(const FetchRequest& request,
                                             const TransferOptions& transfer,
                                             const PieceWriter& write);

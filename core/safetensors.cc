@@ -558,10 +558,19 @@ SafetensorsStreamWriter::FindSlot(const std::string& name) {
 
 absl::Status SafetensorsStreamWriter::WriteAt(uint64_t offset, const void* data,
                                               size_t size) {
-  if (size == 0) return absl::OkStatus();
-  if (lseek(fd_, static_cast<off_t>(offset), SEEK_SET) < 0)
-    return ErrnoToStatus(errno, "cannot seek in", temporary_path_);
-  return WriteAll(fd_, data, size, temporary_path_);
+  const char* p = static_cast<const char*>(data);
+  while (size > 0) {
+    const ssize_t wrote = pwrite(fd_, p, size, static_cast<off_t>(offset));
+    if (wrote < 0 && errno == EINTR) continue;
+    if (wrote <= 0) {
+      return ErrnoToStatus(wrote < 0 ? errno : ENOSPC, "cannot write",
+                           temporary_path_);
+    }
+    p += wrote;
+    offset += static_cast<uint64_t>(wrote);
+    size -= static_cast<size_t>(wrote);
+  }
+  return absl::OkStatus();
 }
 
 absl::Status SafetensorsStreamWriter::WriteTensor(const std::string& name,

@@ -148,8 +148,8 @@ class SafetensorsStreamWriter {
 
   // Writes the bytes of tensor `name` at its place in the file. Returns
   // InvalidArgument when `name` is not one of the file's tensors, was written
-  // already, or `tensor`'s dtype or shape differ from its description; the
-  // ErrnoToStatus of a failed write.
+  // already (whole, or in part by WritePiece), or `tensor`'s dtype or shape
+  // differ from its description; the ErrnoToStatus of a failed write.
   absl::Status WriteTensor(const std::string& name, const Tensor& tensor);
 
   // Writes the next `piece` of tensor `name`'s bytes, `offset` bytes into it,
@@ -161,7 +161,8 @@ class SafetensorsStreamWriter {
   absl::Status WritePiece(const std::string& name, uint64_t offset,
                           absl::string_view piece);
 
-  // Checks that every tensor with bytes was written, optionally fsyncs, and
+  // Checks that every tensor with bytes was written (tensors without bytes
+  // need no write, whole or in pieces), optionally fsyncs, and
   // renames the file to `path`. Returns FailedPrecondition naming a tensor
   // never written, or the ErrnoToStatus of a failed fsync, close or rename; on
   // any error the temporary file is removed and `path` is untouched.
@@ -194,7 +195,7 @@ class SafetensorsStreamWriter {
   absl::Status CheckAllWritten() const;
   // The slot of tensor `name`, or InvalidArgument.
   absl::StatusOr<Slot*> FindSlot(const std::string& name);
-  // Writes `size` bytes at `offset` of the file.
+  // Writes `size` bytes at `offset` of the file (pwrite: no seek).
   absl::Status WriteAt(uint64_t offset, const void* data, size_t size);
   // fsync, close and rename; the steps of Commit that touch the file.
   absl::Status Publish();

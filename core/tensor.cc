@@ -24,9 +24,6 @@ namespace {
 constexpr size_t kAlignment = 64;
 constexpr size_t kHugePage = 2 << 20;
 
-// The default bound of the pool of freed large blocks: one 1 GiB state dict.
-constexpr size_t kDefaultPoolLimit = size_t{1} << 30;
-
 #ifdef MODELSTATE_ASAN
 extern "C" void __asan_poison_memory_region(void const volatile*, size_t);
 extern "C" void __asan_unpoison_memory_region(void const volatile*, size_t);
@@ -236,7 +233,7 @@ class BlockPool {
   absl::Mutex mu_;
   std::deque<Block> blocks_ ABSL_GUARDED_BY(mu_);  // oldest first
   size_t pooled_ ABSL_GUARDED_BY(mu_) = 0;
-  size_t limit_ ABSL_GUARDED_BY(mu_) = kDefaultPoolLimit;
+  size_t limit_ ABSL_GUARDED_BY(mu_) = Storage::kDefaultPoolLimitBytes;
   std::vector<const StoragePoolBudget*> budgets_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -142,6 +142,9 @@ class Storage {
   // Thread-safe.
   static void SetMaxAllocation(size_t bytes);
 
+  // The pool's bound unless SetPoolLimit changes it: one 1 GiB state dict.
+  static constexpr size_t kDefaultPoolLimitBytes = size_t{1} << 30;
+
   // Bounds the pool of freed large blocks to `bytes`, freeing the oldest
   // pooled blocks beyond it (0 empties the pool and disables it).
   // Thread-safe.

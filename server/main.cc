@@ -278,8 +278,13 @@ int main(int argc, char** argv) {
   const modelstate::ServerOptions& options = *parsed;
   // Before any thread starts (server/memory_release.h): gRPC's receive
   // buffers stay for reuse between the periodic trims.
-  if (modelstate::IsTrimPeriod(options.release_memory_interval))
-    modelstate::KeepFreedMemoryBetweenTrims();
+  if (modelstate::IsTrimPeriod(options.release_memory_interval)) {
+    const absl::Status tuned = modelstate::KeepFreedMemoryBetweenTrims();
+    if (!tuned.ok()) {
+      std::fprintf(stderr, "modelstated: warning: %s\n",
+                   std::string(tuned.message()).c_str());
+    }
+  }
 
   // Freed tensor memory (the version a load replaced) stages the next load,
   // which then neither faults nor zeroes fresh pages. The store's memory

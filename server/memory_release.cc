@@ -1,6 +1,7 @@
 #include "server/memory_release.h"
 
 #include <malloc.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <thread>
@@ -8,15 +9,25 @@
 namespace modelstate {
 
 int MallocArenaBound() {
-  return std::max(2, static_cast<int>(std::thread::hardware_concurrency()));
+  // The CPUs this process may run on (a container's share), not the host's.
+  cpu_set_t cpus;
+  CPU_ZERO(&cpus);
+  const int usable =
+      sched_getaffinity(0, sizeof(cpus), &cpus) == 0
+          ? CPU_COUNT(&cpus)
+          : static_cast<int>(std::thread::hardware_concurrency());
+  return std::clamp(usable, 2, kMaxMallocArenas);
 }
 
-void KeepFreedMemoryBetweenTrims() {
+absl::Status KeepFreedMemoryBetweenTrims() {
   // Fixed values also turn off glibc's dynamic thresholds, which would
   // otherwise move with the sizes freed.
-  mallopt(M_MMAP_THRESHOLD, kMmapThresholdBytes);
-  mallopt(M_TRIM_THRESHOLD, kTrimThresholdBytes);
-  mallopt(M_ARENA_MAX, MallocArenaBound());
+  if (mallopt(M_MMAP_THRESHOLD, kMmapThresholdBytes) != 1 ||
+      mallopt(M_TRIM_THRESHOLD, kTrimThresholdBytes) != 1 ||
+      mallopt(M_ARENA_MAX, MallocArenaBound()) != 1) {
+    return absl::InternalError("malloc refused its thresholds (mallopt)");
+  }
+  return absl::OkStatus();
 }
 
 bool IsTrimPeriod(absl::Duration period) {

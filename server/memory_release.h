@@ -20,6 +20,7 @@
 #include <thread>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 
@@ -31,15 +32,20 @@ namespace modelstate {
 inline constexpr int kMmapThresholdBytes = 32 << 20;
 inline constexpr int kTrimThresholdBytes = 32 << 20;
 
-// The arenas malloc may create: one per core, at least two (glibc's default
-// is eight per core). malloc_trim returns the free top of the main arena
-// only; every other arena keeps up to kTrimThresholdBytes, so fewer arenas
-// bound what a daemon holds between loads.
+// The arenas malloc may create: one per CPU this process may use, at least
+// two and at most kMaxMallocArenas (glibc's default is eight per CPU of the
+// host). malloc_trim returns the free top of the main arena only; every other
+// arena keeps up to kTrimThresholdBytes, so the bound also bounds what an
+// idle daemon holds: at most kMaxMallocArenas x 32 MiB = 256 MiB beyond its
+// heap in use, in practice the arenas of the threads that received loads.
+inline constexpr int kMaxMallocArenas = 8;
 int MallocArenaBound();
 
 // Sets the thresholds and the arena bound above. Call at the start of main,
-// before any thread allocates: glibc fixes its arena bound then.
-void KeepFreedMemoryBetweenTrims();
+// before any thread allocates: glibc applies an arena bound when it next
+// makes an arena, and threads made before then may have their own already.
+// Internal if malloc refuses a value.
+absl::Status KeepFreedMemoryBetweenTrims();
 
 // Whether `period` makes MemoryReleaser trim (positive and finite).
 bool IsTrimPeriod(absl::Duration period);

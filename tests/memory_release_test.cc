@@ -20,7 +20,7 @@ namespace modelstate {
 namespace {
 
 // As the daemon's main does, before any thread of the test allocates.
-const bool kTuned = (KeepFreedMemoryBetweenTrims(), true);
+const bool kTuned = KeepFreedMemoryBetweenTrims().ok();
 
 constexpr size_t kBlockBytes = 4 << 20;  // gRPC's largest read buffer
 // Together below kTrimThresholdBytes, which free() keeps.
@@ -29,6 +29,9 @@ constexpr int kBlocks = kTrimThresholdBytes / kBlockBytes - 2;
 // Allocates and touches kBlocks blocks of kBlockBytes on this thread (the main
 // arena), returning how many bytes malloc mapped for them on their own.
 size_t AllocateBlocks(std::vector<void*>& blocks) {
+  // Reserved first, so that the vector's own buffer does not land above the
+  // blocks and pin the heap's top.
+  blocks.reserve(kBlocks);
   const size_t mapped_before = mallinfo2().hblkhd;
   for (int i = 0; i < kBlocks; ++i) {
     void* block = std::malloc(kBlockBytes);
@@ -47,9 +50,6 @@ void FreeBlocks(std::vector<void*>& blocks) {
 TEST(MemoryReleaserTest, FreedBuffersStayForReuseUntilTheTrim) {
   if (kUnderAsan) GTEST_SKIP() << "ASan's allocator ignores mallopt";
   ASSERT_TRUE(kTuned);
-  // The first trim comes a period after this, long after the checks of what
-  // free() kept.
-  MemoryReleaser releaser(absl::Seconds(2));
   std::vector<void*> blocks;
   // glibc's defaults would map the first 4 MiB block on its own (its dynamic
   // threshold starts at 128 KiB) and give the freed top back at once.
@@ -60,7 +60,9 @@ TEST(MemoryReleaserTest, FreedBuffersStayForReuseUntilTheTrim) {
       << "freed buffers were given back on free()";
   EXPECT_GE(mallinfo2().arena, heap_with_blocks - kBlockBytes);
 
-  // The periodic trim returns them.
+  // The periodic trim returns them: the heap's top shrinks (free pages in
+  // the middle of the heap would go too, but the blocks are at its top).
+  MemoryReleaser releaser(absl::Milliseconds(100));
   EXPECT_TRUE(testing_support::WaitUntil(
       [&] {
         return mallinfo2().arena + kBlocks * kBlockBytes / 2 <=
