@@ -30,13 +30,13 @@ namespace modelstate {
 // kMmapThresholdBytes come from the heap, and an arena keeps up to
 // kTrimThresholdBytes of free memory at its top.
 inline constexpr int kMmapThresholdBytes = 32 << 20;
-inline constexpr int kTrimThresholdBytes = 32 << 20;
+inline constexpr int kTrimThresholdBytes = 16 << 20;
 
 // The arenas malloc may create: one per CPU this process may use, at least
 // two and at most kMaxMallocArenas (glibc's default is eight per CPU of the
 // host). malloc_trim returns the free top of the main arena only; every other
 // arena keeps up to kTrimThresholdBytes, so the bound also bounds what an
-// idle daemon holds: at most kMaxMallocArenas x 32 MiB = 256 MiB beyond its
+// idle daemon holds: at most kMaxMallocArenas x 16 MiB = 128 MiB beyond its
 // heap in use, in practice the arenas of the threads that received loads.
 inline constexpr int kMaxMallocArenas = 8;
 int MallocArenaBound();
