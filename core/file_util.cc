@@ -44,6 +44,22 @@ absl::Status WriteAll(int fd, const void* data, size_t size,
   return absl::OkStatus();
 }
 
+absl::Status WriteFullyAt(int fd, uint64_t offset, const void* data,
+                          size_t size, absl::string_view path) {
+  const uint8_t* p = static_cast<const uint8_t*>(data);
+  size_t done = 0;
+  while (done < size) {
+    const ssize_t wrote =
+        pwrite(fd, p + done, size - done, static_cast<off_t>(offset + done));
+    if (wrote < 0 && errno == EINTR) continue;
+    if (wrote <= 0) {
+      return ErrnoToStatus(wrote < 0 ? errno : ENOSPC, "cannot write", path);
+    }
+    done += static_cast<size_t>(wrote);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ReadFully(int fd, uint64_t offset, void* out, size_t size,
                        absl::string_view path) {
   uint8_t* p = static_cast<uint8_t*>(out);

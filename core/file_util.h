@@ -39,6 +39,13 @@ absl::Status WriteAll(int fd, const void* data, size_t size,
                       absl::string_view path,
                       const WriteFunction& write_fn = nullptr);
 
+// Writes all `size` bytes of `data` at `offset` of `fd` (with pwrite(2), so
+// the file position is untouched), retrying after EINTR and after short
+// writes. Returns OK, or the ErrnoToStatus of the failure ("cannot write
+// <path>"); a write that makes no progress counts as ENOSPC.
+absl::Status WriteFullyAt(int fd, uint64_t offset, const void* data,
+                          size_t size, absl::string_view path);
+
 // Reads exactly `size` bytes at `offset` of `fd` into `out` (with pread(2), so
 // the file position is untouched), retrying after EINTR and after short reads.
 // Returns the ErrnoToStatus of a failed read ("cannot read <path>"), or

@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "core/file_util.h"
 #include "core/status_macros.h"
 #include "xxhash.h"
 
@@ -26,17 +27,11 @@ absl::Status NoMemory(absl::string_view what) {
 // measured here (docs/design.md, "Same-host shared memory"), and two threads
 // writing one memfd gain nothing (its writes serialise on the inode).
 absl::Status WriteAt(int fd, const Tensor& tensor, uint64_t at) {
-  const uint8_t* data = tensor.data();
-  size_t left = tensor.num_bytes();
-  while (left > 0) {
-    const ssize_t wrote = pwrite(fd, data, left, static_cast<off_t>(at));
-    if (wrote < 0 && errno == EINTR) continue;
-    if (wrote <= 0) return NoMemory("pwrite");
-    data += wrote;
-    left -= static_cast<size_t>(wrote);
-    at += static_cast<uint64_t>(wrote);
-  }
-  return absl::OkStatus();
+  const absl::Status written =
+      WriteFullyAt(fd, at, tensor.data(), tensor.num_bytes(), "the export");
+  if (written.ok()) return written;
+  return absl::ResourceExhaustedError(
+      absl::StrCat("cannot export tensors: ", written.message()));
 }
 
 // MADV_POPULATE_READ, which older C libraries do not name.

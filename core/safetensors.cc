@@ -556,23 +556,6 @@ SafetensorsStreamWriter::FindSlot(const std::string& name) {
   return &slots_[it->second];
 }
 
-absl::Status SafetensorsStreamWriter::WriteAt(uint64_t offset, const void* data,
-                                              size_t size) {
-  const char* p = static_cast<const char*>(data);
-  while (size > 0) {
-    const ssize_t wrote = pwrite(fd_, p, size, static_cast<off_t>(offset));
-    if (wrote < 0 && errno == EINTR) continue;
-    if (wrote <= 0) {
-      return ErrnoToStatus(wrote < 0 ? errno : ENOSPC, "cannot write",
-                           temporary_path_);
-    }
-    p += wrote;
-    offset += static_cast<uint64_t>(wrote);
-    size -= static_cast<size_t>(wrote);
-  }
-  return absl::OkStatus();
-}
-
 absl::Status SafetensorsStreamWriter::WriteTensor(const std::string& name,
                                                   const Tensor& tensor) {
   ASSIGN_OR_RETURN(Slot * slot, FindSlot(name));
@@ -587,7 +570,8 @@ absl::Status SafetensorsStreamWriter::WriteTensor(const std::string& name,
         SafetensorsName(slot->dtype), " ", TorchSizeString(slot->shape)));
   }
   const absl::Span<const uint8_t> bytes = tensor.bytes();
-  RETURN_IF_ERROR(WriteAt(slot->offset, bytes.data(), bytes.size()));
+  RETURN_IF_ERROR(WriteFullyAt(fd_, slot->offset, bytes.data(), bytes.size(),
+                               temporary_path_));
   slot->written = true;
   return absl::OkStatus();
 }
@@ -603,7 +587,8 @@ absl::Status SafetensorsStreamWriter::WritePiece(const std::string& name,
         name, "\" (", slot->bytes, " bytes, ", slot->filled, " written",
         slot->written ? ", complete" : "", ")"));
   }
-  RETURN_IF_ERROR(WriteAt(slot->offset + offset, piece.data(), piece.size()));
+  RETURN_IF_ERROR(WriteFullyAt(fd_, slot->offset + offset, piece.data(),
+                               piece.size(), temporary_path_));
   slot->filled += piece.size();
   slot->written = slot->filled == slot->bytes;
   return absl::OkStatus();

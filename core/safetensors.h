@@ -195,8 +195,6 @@ class SafetensorsStreamWriter {
   absl::Status CheckAllWritten() const;
   // The slot of tensor `name`, or InvalidArgument.
   absl::StatusOr<Slot*> FindSlot(const std::string& name);
-  // Writes `size` bytes at `offset` of the file (pwrite: no seek).
-  absl::Status WriteAt(uint64_t offset, const void* data, size_t size);
   // fsync, close and rename; the steps of Commit that touch the file.
   absl::Status Publish();
   // Closes and removes the temporary file.
