@@ -172,7 +172,8 @@ absl::StatusOr<Snapshot> ReadVersion(const std::string& dir,
     ASSIGN_OR_RETURN(LoadResult loaded, LoadStateDict(built, ordered, exact));
     root = std::move(loaded.model);
   }
-  return Snapshot{model, version, std::move(root), architecture};
+  return Snapshot{model, version, std::move(root), architecture,
+                  /*memo=*/nullptr};
 }
 
 }  // namespace

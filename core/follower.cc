@@ -153,7 +153,7 @@ absl::StatusOr<Snapshot> BuildReplica(const ModelManifest& manifest,
   }
   ASSIGN_OR_RETURN(ModulePtr root, BuildModuleFromStateDict(state, tree));
   return Snapshot{manifest.summary.name, manifest.version, std::move(root),
-                  manifest.architecture_json};
+                  manifest.architecture_json, /*memo=*/nullptr};
 }
 
 absl::StatusOr<SyncOutcome> SyncModel(ModelStore& store, Upstream& upstream,

@@ -90,8 +90,8 @@ class FakeUpstream : public Upstream {
     request.version = version;
     request.keys = keys;
     ASSIGN_OR_RETURN(FetchPlan plan, store_->Fetch(request));
-    fetched_bytes_ += plan.state.TotalBytes();
-    return plan.state;
+    fetched_bytes_ += plan.state->TotalBytes();
+    return *plan.state;
   }
 
   void Cancel() override {
@@ -328,7 +328,7 @@ TEST(SyncModelTest, FetchedTensorThatDiffersFromTheManifestIsRefused) {
   const SyncPlan plan = PlanSync(manifest, {});
   FetchRequest request("net");
   request.keys = plan.fetch_keys;
-  StateDict fetched = primary.Fetch(request).value().state;
+  StateDict fetched = *primary.Fetch(request).value().state;
   ASSERT_TRUE(BuildReplica(manifest, plan, fetched).ok());
   fetched.Set("0.bias", FullTensor(DType::kFloat32, {64}, 5));
   absl::StatusOr<Snapshot> built = BuildReplica(manifest, plan, fetched);

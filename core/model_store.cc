@@ -176,7 +176,8 @@ absl::Status ModelStore::Add(const std::string& name, ModulePtr root,
       version = retired == retired_versions_.end() ? 1 : retired->second + 1;
     }
   }
-  Snapshot snapshot{name, version, std::move(root), std::move(architecture)};
+  Snapshot snapshot{name, version, std::move(root), std::move(architecture),
+                    std::make_shared<StateDictMemo>()};
   if (persist && options_.persister != nullptr) {
     RETURN_IF_ERROR(options_.persister->Persist(snapshot));
   }
@@ -251,6 +252,7 @@ absl::Status ModelStore::Publish(const std::shared_ptr<absl::Mutex>& commit_mu,
       }
     }
     entry.current = next;
+    entry.current.memo = std::make_shared<StateDictMemo>();
   }
   Notify(ModelEvent{event_type, next.model, next.version});
   cast_cache_.Purge();
@@ -294,7 +296,8 @@ absl::StatusOr<Snapshot> ModelStore::Rollback(const std::string& name,
   absl::MutexLock commit(commit_mu.get());
   ASSIGN_OR_RETURN(Snapshot target, GetSnapshot(name, version));
   ASSIGN_OR_RETURN(Snapshot current, GetSnapshot(name));
-  Snapshot next{name, current.version + 1, target.root, current.architecture};
+  Snapshot next{name, current.version + 1, target.root, current.architecture,
+                /*memo=*/nullptr};
   RETURN_IF_ERROR(Publish(commit_mu, next, ModelEvent::Type::kUpdated));
   return next;
 }
@@ -578,7 +581,7 @@ absl::StatusOr<int64_t> ModelStore::CommitConverted(
                                         options, converted));
   }
   Snapshot next{name, current.version + 1, std::move(rebuilt),
-                current.architecture};
+                current.architecture, /*memo=*/nullptr};
   RETURN_IF_ERROR(Publish(*commit_mu, next, ModelEvent::Type::kUpdated));
   return next.version;
 }
@@ -633,6 +636,24 @@ absl::StatusOr<Snapshot> ModelStore::CreateFromSpec(
   return GetSnapshot(name);
 }
 
+absl::StatusOr<std::shared_ptr<const StateDict>> ModelStore::SelectState(
+    const Snapshot& snapshot, const StateDictOptions& options) const {
+  const bool whole_model = options.module.empty() && options.prefix.empty() &&
+                           options.recurse && options.include_buffers &&
+                           options.keys.empty();
+  if (whole_model && snapshot.memo != nullptr) {
+    return snapshot.memo->Get(
+        snapshot.root, [this](const MemoryCharge& charge, int64_t bytes) {
+          absl::ReaderMutexLock lock(&mu_);
+          if (!CheckMemory(bytes).ok()) return false;
+          charge.Charge(accountant_, /*tensor_bytes=*/0, bytes);
+          return true;
+        });
+  }
+  ASSIGN_OR_RETURN(StateDict state, GetStateDict(snapshot.root, options));
+  return std::make_shared<const StateDict>(std::move(state));
+}
+
 absl::StatusOr<FetchPlan> ModelStore::Fetch(const FetchRequest& request) {
   ASSIGN_OR_RETURN(Snapshot snapshot,
                    GetSnapshot(request.model, request.version));
@@ -640,12 +661,13 @@ absl::StatusOr<FetchPlan> ModelStore::Fetch(const FetchRequest& request) {
   plan.model = snapshot.model;
   plan.version = snapshot.version;
   ASSIGN_OR_RETURN(plan.state,
-                   GetStateDict(snapshot.root, ToStateDictOptions(request)));
+                   SelectState(snapshot, ToStateDictOptions(request)));
   if (request.dtype.has_value()) {
-    ASSIGN_OR_RETURN(plan.state,
-                     CastFloatingForFetch(plan.state, *request.dtype));
+    ASSIGN_OR_RETURN(StateDict cast,
+                     CastFloatingForFetch(*plan.state, *request.dtype));
+    plan.state = std::make_shared<const StateDict>(std::move(cast));
   }
-  const uint64_t total_bytes = plan.state.TotalBytes();
+  const uint64_t total_bytes = plan.state->TotalBytes();
   if (request.offset > total_bytes) {
     return absl::OutOfRangeError(absl::StrCat(
         "offset ", request.offset, " is past the end of version ", plan.version,
@@ -697,7 +719,9 @@ absl::StatusOr<ModelManifest> ModelStore::Describe(
                    snapshot.root->GetSubmodule(snapshot.root, request.module));
   StateDictOptions options;
   options.module = request.module;
-  ASSIGN_OR_RETURN(StateDict state, GetStateDict(snapshot.root, options));
+  ASSIGN_OR_RETURN(const std::shared_ptr<const StateDict> selected,
+                   SelectState(snapshot, options));
+  const StateDict& state = *selected;
   manifest.summary.name = snapshot.model;
   manifest.summary.num_tensors = static_cast<int64_t>(state.size());
   manifest.summary.num_bytes = state.TotalBytes();

@@ -26,6 +26,7 @@
 #include "core/module.h"
 #include "core/requests.h"
 #include "core/state_dict.h"
+#include "core/state_dict_memo.h"
 
 namespace modelstate {
 
@@ -38,6 +39,9 @@ struct Snapshot {
   // The architecture spec the model was created from; empty for models made
   // from a checkpoint.
   std::string architecture;
+  // The whole state dict that every fetch of this version shares, once built.
+  // The store gives each version it holds a memo of its own.
+  std::shared_ptr<StateDictMemo> memo;
 };
 
 struct ModelEvent {
@@ -289,6 +293,7 @@ class ModelStore {
 
   // Bytes of all live tensor storages the store has seen (models, retained
   // versions and snapshots still held), and of what ChargeIfFits charged.
+  // Kept state dicts (Snapshot::memo) count as metadata.
   int64_t live_bytes() const;
   // Estimated bytes of the metadata around them (modules, slots, names,
   // shapes, storage objects; see core/module.h), counted by the memory limit.
@@ -319,6 +324,10 @@ class ModelStore {
                                               int64_t version);
   absl::Status CheckMemory(int64_t extra_bytes) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // The state dict `options` select from `snapshot`: its memo's when they
+  // select the whole model, else built for the request.
+  absl::StatusOr<std::shared_ptr<const StateDict>> SelectState(
+      const Snapshot& snapshot, const StateDictOptions& options) const;
   // OK unless the store is a follower's (FailedPrecondition naming the
   // upstream).
   absl::Status CheckWritable() const;

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -57,7 +58,9 @@ struct FetchRequest {
 struct FetchPlan {
   std::string model;
   int64_t version = 0;
-  StateDict state;
+  // Shared by every fetch of the same selection while the version lives
+  // (core/state_dict_memo.h).
+  std::shared_ptr<const StateDict> state;
   // Where the data starts (FetchRequest::offset), at most state's total bytes.
   uint64_t offset = 0;
 };

@@ -1,5 +1,7 @@
 #include "core/state_dict.h"
 
+#include <algorithm>
+#include <string>
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
@@ -56,6 +58,52 @@ size_t StateDict::TotalBytes() const {
   size_t total = 0;
   for (const Entry& entry : entries_) total += entry.tensor.num_bytes();
   return total;
+}
+
+namespace {
+
+// What glibc's malloc takes for a request of `bytes`: a 16-byte aligned chunk
+// with an 8-byte header, at least 32 bytes.
+int64_t HeapBlockBytes(size_t bytes) {
+  return std::max<int64_t>(32, (bytes + 8 + 15) / 16 * 16);
+}
+
+// Heap bytes of a string beyond the object: none while it fits the
+// small-string buffer.
+int64_t StringHeapBytes(const std::string& text) {
+  constexpr size_t kSmallStringCapacity = 15;
+  return text.capacity() > kSmallStringCapacity
+             ? HeapBlockBytes(text.capacity() + 1)
+             : 0;
+}
+
+// Heap bytes of a flat_hash_map's slots and control bytes.
+template <typename Map>
+int64_t IndexHeapBytes(const Map& index) {
+  if (index.capacity() == 0) return 0;
+  return HeapBlockBytes(index.capacity() *
+                        (sizeof(typename Map::value_type) + 1));
+}
+
+}  // namespace
+
+int64_t StateDict::HeapBytes() const {
+  int64_t bytes = IndexHeapBytes(index_) + IndexHeapBytes(metadata_index_);
+  if (entries_.capacity() > 0)
+    bytes += HeapBlockBytes(entries_.capacity() * sizeof(Entry));
+  for (const Entry& entry : entries_) {
+    // The key is held twice: by its entry and by the index.
+    bytes += 2 * StringHeapBytes(entry.key);
+    const Shape& shape = entry.tensor.shape();
+    if (shape.capacity() > 0)
+      bytes += HeapBlockBytes(shape.capacity() * sizeof(int64_t));
+  }
+  if (metadata_.capacity() > 0) {
+    bytes += HeapBlockBytes(metadata_.capacity() * sizeof(metadata_[0]));
+  }
+  for (const auto& [path, version] : metadata_)
+    bytes += 2 * StringHeapBytes(path);
+  return bytes;
 }
 
 void StateDict::SetModuleVersion(std::string module_path, int version) {

@@ -50,6 +50,11 @@ class StateDict {
   // Sum of the tensors' byte sizes (a shared tensor counts once per key).
   size_t TotalBytes() const;
 
+  // Estimated heap bytes this object holds beyond its tensors' storages:
+  // entries, keys, shapes, indexes and module metadata, at their capacities
+  // and as glibc's allocator rounds each block. What keeping it costs.
+  int64_t HeapBytes() const;
+
   // torch's state_dict._metadata: module path ("" for the root) -> module
   // version.
   void SetModuleVersion(std::string module_path, int version);

@@ -29,15 +29,15 @@ TEST(UseCasesTest, FetchSelectsLikeTorchAndCasts) {
   const FetchPlan plan = store.Fetch(request).value();
   EXPECT_EQ(plan.model, "net");
   EXPECT_EQ(plan.version, 1);
-  EXPECT_THAT(plan.state.Keys(), ElementsAre("weight", "bias"));
-  EXPECT_EQ(plan.state.Find("weight")->dtype(), DType::kFloat16);
+  EXPECT_THAT(plan.state->Keys(), ElementsAre("weight", "bias"));
+  EXPECT_EQ(plan.state->Find("weight")->dtype(), DType::kFloat16);
 
   request = FetchRequest{"net"};
   request.recurse = false;
-  EXPECT_TRUE(store.Fetch(request).value().state.empty());
+  EXPECT_TRUE(store.Fetch(request).value().state->empty());
   request = FetchRequest{"net"};
   request.keys = {"2.bias", "0.weight"};
-  EXPECT_THAT(store.Fetch(request).value().state.Keys(),
+  EXPECT_THAT(store.Fetch(request).value().state->Keys(),
               ElementsAre("2.bias", "0.weight"));
   request.version = 5;
   EXPECT_EQ(store.Fetch(request).status().code(), absl::StatusCode::kNotFound);
@@ -51,12 +51,12 @@ TEST(UseCasesTest, FetchFromAnOffsetKeepsEveryTensorAndChecksTheEnd) {
   ModelStore store;
   ASSERT_TRUE(store.CreateFromSpec("net", kNet, 1).ok());
   FetchRequest request{"net"};
-  const uint64_t total = store.Fetch(request).value().state.TotalBytes();
+  const uint64_t total = store.Fetch(request).value().state->TotalBytes();
   request.version = 1;
   request.offset = total;
   const FetchPlan plan = store.Fetch(request).value();
   EXPECT_EQ(plan.offset, total);
-  EXPECT_EQ(plan.state.TotalBytes(), total);
+  EXPECT_EQ(plan.state->TotalBytes(), total);
   request.offset = total + 1;
   const absl::Status past = store.Fetch(request).status();
   EXPECT_EQ(past.code(), absl::StatusCode::kOutOfRange);
@@ -69,7 +69,7 @@ TEST(UseCasesTest, DescribeCountsTheSubmoduleNotTheModel) {
   options.retain_versions = 2;
   ModelStore store(options);
   ASSERT_TRUE(store.CreateFromSpec("net", kNet, 1).ok());
-  const StateDict state = store.Fetch({"net"}).value().state;
+  const StateDict state = *store.Fetch({"net"}).value().state;
   ASSERT_TRUE(store.Load({"net"}, state).ok());
 
   FetchRequest request{"net"};
@@ -169,7 +169,7 @@ TEST(UseCasesTest, PendingLoadsAreCapped) {
   options.max_pending_loads = 2;
   ModelStore store(options);
   ASSERT_TRUE(store.CreateFromSpec("net", kNet, 1).ok());
-  const StateDict state = store.Fetch({"net"}).value().state;
+  const StateDict state = *store.Fetch({"net"}).value().state;
   std::vector<TensorSpec> specs;
   for (const auto& entry : state.entries())
     specs.push_back({entry.key, entry.tensor.dtype(), entry.tensor.shape()});

@@ -29,7 +29,7 @@ struct Outcome {
 };
 
 void LoadOnce(ModelStore& store) {
-  const StateDict state = store.Fetch({"net"}).value().state;
+  const StateDict state = *store.Fetch({"net"}).value().state;
   ASSERT_TRUE(store.Load({"net"}, state).ok());
 }
 

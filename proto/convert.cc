@@ -185,7 +185,7 @@ v1::Manifest ToManifest(const FetchPlan& plan, uint64_t total_bytes) {
   v1::Manifest manifest;
   manifest.set_model(plan.model);
   manifest.set_version(plan.version);
-  ToTensorInfos(plan.state, manifest.mutable_tensors());
+  ToTensorInfos(*plan.state, manifest.mutable_tensors());
   manifest.set_total_bytes(total_bytes);
   return manifest;
 }

@@ -173,13 +173,15 @@ TEST(ConvertTest, FetchPlanManifest) {
   FetchPlan plan;
   plan.model = "policy";
   plan.version = 4;
-  plan.state.Set("w", FullTensor(DType::kFloat32, {2}, 1));
+  StateDict state;
+  state.Set("w", FullTensor(DType::kFloat32, {2}, 1));
+  plan.state = std::make_shared<const StateDict>(state);
   const v1::Manifest manifest = ToManifest(plan, 8);
   EXPECT_EQ(manifest.model(), "policy");
   EXPECT_EQ(manifest.version(), 4);
   EXPECT_EQ(manifest.total_bytes(), 8u);
   ASSERT_EQ(manifest.tensors_size(), 1);
-  EXPECT_EQ(manifest.tensors(0).xxh3_64(), plan.state.Find("w")->Checksum());
+  EXPECT_EQ(manifest.tensors(0).xxh3_64(), state.Find("w")->Checksum());
 }
 
 TEST(ConvertTest, LoadOutcomeAndEvents) {

@@ -122,7 +122,7 @@ absl::StatusOr<HeldFetch> PlanFetch(ModelStore* store, const LocalPeer& peer,
   if (authorize) RETURN_IF_ERROR(authorize(peer, request.token(), fetch));
   HeldFetch held;
   ASSIGN_OR_RETURN(held.plan, store->Fetch(fetch));
-  held.tensors = held.plan.state.Tensors();
+  held.tensors = held.plan.state->Tensors();
   std::vector<uint64_t> sizes;
   for (const Tensor& tensor : held.tensors) {
     sizes.push_back(tensor.num_bytes());

@@ -844,7 +844,7 @@ void ServeOneExport(int listener, int seals, bool corrupt) {
   FetchPlan plan;
   plan.model = "m";
   plan.version = 1;
-  plan.state = state;
+  plan.state = std::make_shared<const StateDict>(state);
   v1::LocalResponse response;
   v1::LocalManifest* manifest = response.mutable_manifest();
   *manifest->mutable_manifest() = ToManifest(plan, 16);

@@ -34,7 +34,7 @@ std::unique_ptr<Server> StartWithNet(ServerOptions options = {}) {
 
 // Commits one more version of "net".
 void LoadOnce(Server& server) {
-  const StateDict state = server.store().Fetch({"net"}).value().state;
+  const StateDict state = *server.store().Fetch({"net"}).value().state;
   ASSERT_TRUE(server.store().Load({"net"}, state).ok());
 }
 

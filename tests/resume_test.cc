@@ -115,7 +115,7 @@ constexpr uint64_t kBig = 256 * kMiB;
 
 TEST(ResumeTest, StateDictResumesBitExactAfterDropsAtRandomPoints) {
   auto server = StartWithBig(kBig);
-  const StateDict expected = server->store().Fetch({"big"}).value().state;
+  const StateDict expected = *server->store().Fetch({"big"}).value().state;
   CuttingProxy proxy(server->port(), RandomCuts(5));
   auto client = ConnectThrough(proxy);
   uint64_t last_done = 0;
@@ -254,7 +254,7 @@ TEST(ResumeTest, AVersionNoLongerRetainedEndsTheFetchWithNotFound) {
   CuttingProxy proxy(server->port(), {4 * kMiB});
   // While the connection is down, a new version replaces the pinned one.
   proxy.set_on_cut([&server](int) {
-    const StateDict state = server->store().Fetch({"big"}).value().state;
+    const StateDict state = *server->store().Fetch({"big"}).value().state;
     ASSERT_TRUE(server->store().Load({"big"}, state).ok());
   });
   auto client = ConnectThrough(proxy);

@@ -326,7 +326,8 @@ class FaultyService : public v1::ModelState::Service {
   grpc::Status StateDict(
       grpc::ServerContext*, const v1::StateDictRequest*,
       grpc::ServerWriter<v1::StateDictResponse>* writer) override {
-    FetchPlan plan{"faulty", 3, state_};
+    FetchPlan plan{"faulty", 3,
+                   std::make_shared<const modelstate::StateDict>(state_)};
     uint64_t total = 0;
     for (const auto& entry : state_.entries())
       total += entry.tensor.num_bytes();

@@ -1,0 +1,51 @@
+// One model version's whole state dict, built by the first fetch that needs it
+// and shared by every later fetch of that version. A version's module tree is
+// immutable, so the memo never goes stale; it lives as long as the version.
+// For a model of many small tensors, walking the tree and building the entries
+// and their keys costs a fetch as much as sending the bytes does
+// (docs/performance.md, P5).
+#ifndef MODELSTATE_CORE_STATE_DICT_MEMO_H_
+#define MODELSTATE_CORE_STATE_DICT_MEMO_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "core/module.h"
+#include "core/state_dict.h"
+#include "core/tensor.h"
+
+namespace modelstate {
+
+// Thread-safe.
+class StateDictMemo {
+ public:
+  // Charges `charge` with `metadata_bytes` when they fit the memory limit and
+  // returns true, or returns false and charges nothing.
+  using ChargeIfFits =
+      std::function<bool(const MemoryCharge& charge, int64_t metadata_bytes)>;
+
+  // Returns GetStateDict(root), kept after the first call that builds it when
+  // `charge_if_fits` accepts its size (StateDict::HeapBytes and the object
+  // itself): the charge then lasts
+  // as long as the memo. A state dict that does not fit is returned without
+  // being kept. Concurrent first callers wait for one build rather than each
+  // making their own. GetStateDict's errors.
+  absl::StatusOr<std::shared_ptr<const StateDict>> Get(
+      const ModulePtr& root, const ChargeIfFits& charge_if_fits);
+
+  // True once a state dict is kept.
+  bool kept() const;
+
+ private:
+  mutable absl::Mutex mu_;
+  std::shared_ptr<const StateDict> state_ ABSL_GUARDED_BY(mu_);
+  MemoryCharge charge_;
+};
+
+}  // namespace modelstate
+
+#endif  // MODELSTATE_CORE_STATE_DICT_MEMO_H_
