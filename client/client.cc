@@ -401,14 +401,24 @@ class ResumableFetch {
         request_(request),
         transfer_(transfer) {}
 
-  // Starts the first call and returns its manifest.
+  // Starts the first call and returns its manifest. A connection that drops
+  // before the manifest is read is opened again, as a resume from byte 0,
+  // within the same budget. An Unavailable the server sent (its connection
+  // still up) or a channel that cannot connect at all fails at once.
   absl::StatusOr<v1::Manifest> Start() {
     if (request_.offset != 0) {
       return absl::InvalidArgumentError(
           "FetchRequest.offset is set by resumed fetches, not by callers");
     }
     Open(request_);
-    ASSIGN_OR_RETURN(first_, attempt_->call->ReadManifest());
+    absl::StatusOr<v1::Manifest> manifest = attempt_->call->ReadManifest();
+    while (manifest.status().code() == absl::StatusCode::kUnavailable &&
+           resumes_ < transfer_.max_resumes && ConnectionDropped()) {
+      BackOff();
+      Open(request_);
+      manifest = attempt_->call->ReadManifest();
+    }
+    ASSIGN_OR_RETURN(first_, std::move(manifest));
     return first_;
   }
 
@@ -418,23 +428,19 @@ class ResumableFetch {
   absl::Status ReadToEnd(Receiver& receiver) {
     absl::Status status =
         attempt_->call->ReadToEnd(receiver, transfer_.progress);
-    int resumes = 0;
     // A connection that dropped is resumed; the caller's own Unavailable
     // (a busy device) is not.
     while (status.code() == absl::StatusCode::kUnavailable &&
-           receiver.callback_error().ok() && resumes < transfer_.max_resumes) {
-      ++resumes;
-      absl::SleepFor(
-          std::min(absl::Milliseconds(50) * (1 << std::min(resumes - 1, 5)),
-                   absl::Seconds(1)));
+           receiver.callback_error().ok() && resumes_ < transfer_.max_resumes) {
+      BackOff();
       status = Resume(receiver.received_bytes());
       if (status.ok())
         status = attempt_->call->ReadToEnd(receiver, transfer_.progress);
     }
-    if (status.code() == absl::StatusCode::kUnavailable && resumes > 0 &&
+    if (status.code() == absl::StatusCode::kUnavailable && resumes_ > 0 &&
         receiver.callback_error().ok()) {
       return absl::UnavailableError(absl::StrCat(
-          status.message(), " (gave up after ", resumes, " resumes, at byte ",
+          status.message(), " (gave up after ", resumes_, " resumes, at byte ",
           receiver.received_bytes(), " of ", receiver.total_bytes(), ")"));
     }
     return status;
@@ -467,6 +473,30 @@ class ResumableFetch {
     proto.set_chunk_bytes(transfer_.chunk_bytes);
     attempt_->call = std::make_unique<RawStateDictCall>(
         channel_, &attempt_->context, SerializeToByteBuffer(proto));
+  }
+
+  // True when the channel lost the connection it had: a drop, not a server's
+  // answer (the connection stays READY) nor a server that cannot be reached
+  // (TRANSIENT_FAILURE). The channel learns of a drop a moment after the
+  // call does, so a READY channel is given that moment to leave READY.
+  bool ConnectionDropped() const {
+    constexpr absl::Duration kStateSettles = absl::Milliseconds(20);
+    grpc_connectivity_state state =
+        channel_->GetState(/*try_to_connect=*/false);
+    if (state == GRPC_CHANNEL_READY &&
+        channel_->WaitForStateChange(
+            state, absl::ToChronoTime(absl::Now() + kStateSettles))) {
+      state = channel_->GetState(/*try_to_connect=*/false);
+    }
+    return state == GRPC_CHANNEL_IDLE || state == GRPC_CHANNEL_CONNECTING;
+  }
+
+  // Counts one more resume and waits before it: 50 ms, doubling, at most 1 s.
+  void BackOff() {
+    ++resumes_;
+    absl::SleepFor(
+        std::min(absl::Milliseconds(50) * (1 << std::min(resumes_ - 1, 5)),
+                 absl::Seconds(1)));
   }
 
   // Opens the next call at byte `received` of the pinned version and checks
@@ -502,6 +532,7 @@ class ResumableFetch {
   const TransferOptions& transfer_;
   v1::Manifest first_;
   std::unique_ptr<Attempt> attempt_;
+  int resumes_ = 0;  // Calls opened again after a drop, of max_resumes.
 };
 
 // Calls `transfer.on_manifest`, if set, with the stream's tensors.

@@ -132,8 +132,10 @@ struct TransferOptions {
   CallCanceller* canceller = nullptr;
   // Fetches: when the connection drops mid-stream (Unavailable after the
   // manifest), the fetch resumes from the bytes received so far, of the
-  // version the first manifest named, at most this many times (0: never).
-  // Resumes share the call's deadline and back off from 50 ms to 1 s.
+  // version the first manifest named; when it drops before the manifest was
+  // read (but the server was reached), the call is opened again. At most this
+  // many times in all (0: never). Resumes share the call's deadline and back
+  // off from 50 ms to 1 s.
   int max_resumes = 8;
 };
 

@@ -24,6 +24,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "client/client.h"
+#include "core/test_util.h"
 #include "gmock/gmock.h"
 #include "grpcpp/create_channel.h"
 #include "gtest/gtest.h"
@@ -136,9 +137,37 @@ TEST(ResumeTest, StateDictResumesBitExactAfterDropsAtRandomPoints) {
   ExpectFewBytesMoved(proxy, kBig);
 }
 
+// A drop inside the manifest (a model of many tensors has a large one) opens
+// the call again rather than failing the fetch.
+TEST(ResumeTest, StateDictStartsAgainAfterADropInsideTheManifest) {
+  std::unique_ptr<Server> server = StartServer();
+  StateDict state;
+  for (int i = 0; i < 4000; ++i) {
+    state.Set(absl::StrCat("encoder.layers.", i, ".weight"),
+              FullTensor(DType::kFloat32, {16}, static_cast<float>(i)));
+  }
+  LoadRequest create("many");
+  create.create_if_missing = true;
+  ASSERT_TRUE(server->store().Load(create, state).ok());
+  // The manifest is about 200 KB: 32 KB into the connection is inside it.
+  CuttingProxy proxy(server->port(), {32 * 1024});
+  auto client = ConnectThrough(proxy);
+  absl::StatusOr<FetchedStateDict> fetched = client->StateDict({"many"});
+  ASSERT_TRUE(fetched.ok()) << fetched.status();
+  EXPECT_TRUE(SameState(fetched->state, state));
+  EXPECT_EQ(proxy.connections(), 2);
+  // Without resumes the drop is the fetch's error.
+  CuttingProxy again(server->port(), {32 * 1024});
+  TransferOptions no_resumes;
+  no_resumes.max_resumes = 0;
+  EXPECT_EQ(
+      ConnectThrough(again)->StateDict({"many"}, no_resumes).status().code(),
+      absl::StatusCode::kUnavailable);
+}
+
 TEST(ResumeTest, StateDictIntoResumesBitExactInBothModes) {
   auto server = StartWithBig(kBig);
-  const StateDict expected = server->store().Fetch({"big"}).value().state;
+  const StateDict expected = *server->store().Fetch({"big"}).value().state;
   for (bool partial : {false, true}) {
     SCOPED_TRACE(partial ? "write in place" : "verify then copy");
     CuttingProxy proxy(server->port(), RandomCuts(4));
