@@ -3,13 +3,16 @@
 // and JSON (docs/performance.md).
 //
 //   modelstate_bench [--quick] [--reps=N] [--work_dir=DIR] [--out=PREFIX]
-//                    [--check] [--only=P9|P1|P4]
+//                    [--check] [--only=P9|P1|P3|P4]
 //
 // --only=P4 measures the push against daemons with and without the storage
 // pool and raw TCP alone, printing each sample's daemon faults and peak RSS
 // (bench/push_only.h).
 // --only=P1 measures the fetch into fresh memory and raw TCP alone, printing
 // each sample's page-fault and compaction counters (bench/fresh_fetch.h).
+// --only=P3 measures modelstatectl pull to tmpfs and nginx -> libcurl to the
+// same tmpfs alone, printing each sample's counters: the pull's process and
+// the daemon's CPU, curl's and nginx's, reclaim (bench/pull_to_file.h).
 // --only=P9 measures the same-host shared-memory fetch alone
 // (bench/shared_memory.h), against a daemon holding only the main model.
 //
@@ -32,6 +35,7 @@
 #include "bench/fresh_fetch.h"
 #include "bench/naive_grpc.h"
 #include "bench/plan.h"
+#include "bench/pull_to_file.h"
 #include "bench/push_only.h"
 #include "bench/raw_tcp.h"
 #include "bench/shared_memory.h"
@@ -42,7 +46,7 @@ namespace {
 
 constexpr char kUsage[] =
     "usage: modelstate_bench [--quick] [--reps=N] [--work_dir=DIR] "
-    "[--out=PREFIX] [--check] [--only=P9|P1|P4]\n";
+    "[--out=PREFIX] [--check] [--only=P9|P1|P3|P4]\n";
 
 std::string SelfPath() {
   char self[4096];
@@ -71,6 +75,8 @@ bool ParseFlags(int argc, char** argv, Config& config) {
       config.only = "P9";
     } else if (arg == "--only=P1") {
       config.only = "P1";
+    } else if (arg == "--only=P3") {
+      config.only = "P3";
     } else if (arg == "--only=P4") {
       config.only = "P4";
     } else {
@@ -102,6 +108,7 @@ int main(int argc, char** argv) {
   }
   if (config.only == "P9") return bench::RunSharedMemoryOnly(config);
   if (config.only == "P1") return bench::RunFreshFetchOnly(config);
+  if (config.only == "P3") return bench::RunPullToFileOnly(config);
   if (config.only == "P4") return bench::RunPushOnly(config);
   return bench::RunSuite(config);
 }

@@ -1,7 +1,7 @@
 // --only=P1: the full fetch into fresh memory (Client::StateDict) against raw
 // TCP into fresh memory, alone, with what the kernel did during each sample
-// (/proc/vmstat deltas and the process's minor faults), so that a slow sample
-// can be told from a fast one by its faults and compactions
+// (/proc/vmstat deltas and the process's minor faults, bench/counters.h), so
+// that a slow sample can be told from a fast one by its faults and compactions
 // (docs/performance.md, "P1: why it was bimodal").
 #ifndef MODELSTATE_BENCH_FRESH_FETCH_H_
 #define MODELSTATE_BENCH_FRESH_FETCH_H_
@@ -9,8 +9,10 @@
 #include <string>
 #include <vector>
 
+#include "bench/child_process.h"
 #include "bench/plan.h"
 #include "bench/results.h"
+#include "client/client.h"
 
 namespace modelstate::bench {
 
@@ -18,6 +20,15 @@ namespace modelstate::bench {
 struct FreshFetchSamples {
   std::vector<double> modelstate, raw_tcp;
 };
+
+// Starts modelstated on a free loopback port holding no model, as P1's and
+// P3 alone's daemon. Dies if it does not come up.
+Child StartEmptyDaemon(const Config& config);
+
+// Loads `file`'s tensors as model "main" (creating it) through `client`, as a
+// trainer would: LoadStateDict, so the daemon holds them in anonymous memory,
+// not in the page cache of a preloaded file. Dies on failure.
+void LoadMainAsTrainer(Client& client, const std::string& file);
 
 // The measurement of P1 and of each P10 size. Empties this process's pool of
 // freed storage, so that every call starts as a new process would. Starts a

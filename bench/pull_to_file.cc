@@ -16,8 +16,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "bench/common.h"
+#include "bench/counters.h"
+#include "bench/fresh_fetch.h"
 #include "bench/nginx.h"
+#include "client/client.h"
 #include "core/safetensors.h"
+#include "core/tensor.h"
 #include "tests/subprocess.h"
 
 namespace modelstate::bench {
@@ -81,10 +85,29 @@ void RemoveTmpfsDir() {
   rmdir(dir.c_str());
 }
 
+// Times `transfer` of `bytes`; returns its GB/s.
 double Timed(uint64_t bytes, const std::function<void()>& transfer) {
   const double start = Seconds();
   transfer();
   return GBps(bytes, Seconds() - start);
+}
+
+// A pull's counters: the modelstatectl process's (the only child reaped
+// during the sample, after its exit), the daemon's CPU seconds, and what the
+// kernel did, reclaim included.
+std::string PullDeltas(const Counters& before, const Counters& after) {
+  return absl::StrCat(UsageDeltas("ctl_", before.children, after.children),
+                      " daemon_cpu_s ",
+                      after.server_cpu_seconds - before.server_cpu_seconds, " ",
+                      SystemDeltas(before, after, ReclaimVmstat()));
+}
+
+// A libcurl fetch's counters: this process's (curl runs in it), nginx's CPU
+// seconds, and what the kernel did, as for a pull.
+std::string CurlDeltas(const Counters& before, const Counters& after) {
+  return absl::StrCat(UsageDeltas("", before.self, after.self), " nginx_cpu_s ",
+                      after.server_cpu_seconds - before.server_cpu_seconds, " ",
+                      SystemDeltas(before, after, ReclaimVmstat()));
 }
 
 }  // namespace
@@ -98,24 +121,28 @@ std::string CreateTmpfsDir() {
   return dir;
 }
 
-PullToFileSamples MeasurePullToFile(const Config& config, int daemon_port,
-                                    const std::string& model, int nginx_port,
+PullToFileSamples MeasurePullToFile(const Config& config, const Child& daemon,
+                                    const std::string& model,
+                                    const Child& nginx,
                                     const std::string& tmpfs_dir, int reps) {
   const std::string served = tmpfs_dir + "/served.safetensors";
   const std::string pulled = tmpfs_dir + "/pulled.safetensors";
   const std::string curled = tmpfs_dir + "/curled.safetensors";
-  Pull(config, daemon_port, model, served);  // Also the warm-up.
+  Pull(config, daemon.port, model, served);  // Also the warm-up.
   // The pull verified every tensor's checksum; the file must also parse.
   Check(ReadSafetensorsFile(served), "read the pulled file");
   const uint64_t bytes = FileSize(served);
-  CurlFetcher curl(absl::StrCat("http://127.0.0.1:", nginx_port,
+  CurlFetcher curl(absl::StrCat("http://127.0.0.1:", nginx.port,
                                 "/tmpfs/served.safetensors"));
   const std::function<void()> transfers[2] = {
-      [&] { Pull(config, daemon_port, model, pulled); },
+      [&] { Pull(config, daemon.port, model, pulled); },
       [&] {
         if (curl.FetchToFile(curled) != bytes) Die("curl: short fetch");
       }};
   const std::string outputs[2] = {pulled, curled};
+  const char* const ids[2] = {"P3", "P3.c"};
+  const DescribeDeltas describe[2] = {PullDeltas, CurlDeltas};
+  const pid_t servers[2] = {daemon.pid, nginx.pid};
   transfers[1]();  // Warm-up.
   CheckSameBytes(curled, served);
   std::remove(curled.c_str());
@@ -125,7 +152,9 @@ PullToFileSamples MeasurePullToFile(const Config& config, int daemon_port,
   for (int rep = 0; rep < reps; ++rep) {
     for (int i = 0; i < 2; ++i) {
       const int next = (i + rep) % 2;
-      into[next]->push_back(Timed(bytes, transfers[next]));
+      into[next]->push_back(SampleWithCounters(
+          ids[next], [&] { return Timed(bytes, transfers[next]); },
+          describe[next], servers[next]));
       CheckSameBytes(outputs[next], served);
       std::remove(outputs[next].c_str());
     }
@@ -139,6 +168,38 @@ void AddPullToFileRows(PullToFileSamples samples, Results& results) {
               std::move(samples.modelstatectl));
   results.Add("P3.c", "nginx sendfile -> libcurl to a file on the same tmpfs",
               "GB/s", std::move(samples.nginx));
+}
+
+void AddPullToFileRatio(Results& results) {
+  results.AddRatio("P3/c", "P3 / nginx to tmpfs", "P3", "P3.c", AtLeast(1.0));
+}
+
+int RunPullToFileOnly(const Config& config) {
+  mkdir(config.work_dir.c_str(), 0755);
+  const Plan plan = MakePlan(config);
+  const std::string file = ModelFile(config.work_dir, 16, plan.model_bytes);
+  const std::string tmpfs_dir = CreateTmpfsDir();
+  Child daemon = StartEmptyDaemon(config);
+  Child nginx = StartNginx(config.work_dir, tmpfs_dir);
+  {
+    auto client = Check(
+        Client::Connect(absl::StrCat("127.0.0.1:", daemon.port)), "connect");
+    LoadMainAsTrainer(*client, file);
+  }
+  // The load's tensors went to this process's pool of freed storage, which
+  // neither contender uses (a pull is another process, curl writes with
+  // stdio): return that memory to the kernel rather than hold it idle.
+  Storage::SetPoolLimit(0);
+  Storage::SetPoolLimit(Storage::kDefaultPoolLimitBytes);
+  Results results;
+  AddPullToFileRows(
+      MeasurePullToFile(config, daemon, "main", nginx, tmpfs_dir, plan.reps),
+      results);
+  Stop(nginx);
+  Stop(daemon);
+  AddPullToFileRatio(results);
+  PrintAndWrite(results, config.out);
+  return 0;
 }
 
 }  // namespace modelstate::bench

@@ -24,8 +24,8 @@ void AddFetchRows(Bench& bench, Results& results) {
   AddReusedMemoryRows(
       MeasureReusedMemory(*bench.client, bench.tcp, "main", bench.plan.reps),
       results);
-  AddPullToFileRows(MeasurePullToFile(bench.config, bench.servers.daemon.port,
-                                      "main", bench.servers.nginx.port,
+  AddPullToFileRows(MeasurePullToFile(bench.config, bench.servers.daemon,
+                                      "main", bench.servers.nginx,
                                       bench.servers.tmpfs_dir, bench.plan.reps),
                     results);
   FetchSamples fetches = MeasureFetches(bench);
@@ -102,7 +102,7 @@ void AddRatios(const Plan& plan, Results& results) {
                    AtLeast(0.95));
   results.AddRatio("P1/b", "P1 / naive gRPC", "P1", "P1.b", AtLeast(1.2));
   results.AddRatio("P1/c", "P1 / nginx", "P1", "P1.c", AtLeast(1.0));
-  results.AddRatio("P3/c", "P3 / nginx to tmpfs", "P3", "P3.c", AtLeast(1.0));
+  AddPullToFileRatio(results);
   results.AddRatio("P4/a", "P4 / raw TCP push", "P4", "P4.a", AtLeast(0.8));
   results.AddRatio("P5", "many tensors / 16 tensors", "P5.many", "P1",
                    AtLeast(0.7));
