@@ -20,13 +20,6 @@ uint64_t FetchModelstate(Client& client,
   return fetched.state.TotalBytes();
 }
 
-// Runs `transfer` of `bytes` once; returns its GB/s.
-double TimedGBps(uint64_t bytes, const std::function<void()>& transfer) {
-  const double start = Seconds();
-  transfer();
-  return GBps(bytes, Seconds() - start);
-}
-
 std::string FileName(const std::string& path) {
   return path.substr(path.rfind('/') + 1);
 }

@@ -27,6 +27,12 @@ double Seconds() {
 
 double GBps(uint64_t bytes, double seconds) { return bytes / seconds / 1e9; }
 
+double TimedGBps(uint64_t bytes, const std::function<void()>& transfer) {
+  const double start = Seconds();
+  transfer();
+  return GBps(bytes, Seconds() - start);
+}
+
 void Die(const std::string& message) {
   std::fprintf(stderr, "modelstate_bench: %s\n", message.c_str());
   std::exit(1);

@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <utility>
 
@@ -24,6 +25,9 @@ double Seconds();
 
 // Throughput in GB/s (10^9 bytes per second).
 double GBps(uint64_t bytes, double seconds);
+
+// Runs `transfer` of `bytes` once; returns its GB/s.
+double TimedGBps(uint64_t bytes, const std::function<void()>& transfer);
 
 // Prints `message` and exits with status 1.
 [[noreturn]] void Die(const std::string& message);

@@ -26,13 +26,6 @@ namespace {
 // tensors (up to 2 MiB each).
 constexpr uint64_t kPoolHeadroomBytes = 64 * kMiB;
 
-// Times `transfer` of `bytes`; returns its GB/s.
-double Timed(uint64_t bytes, const std::function<void()>& transfer) {
-  const double start = Seconds();
-  transfer();
-  return GBps(bytes, Seconds() - start);
-}
-
 // Samples `reps` times the fetch of `model` through `client` and `tcp`'s, as
 // MeasureFreshFetch describes.
 FreshFetchSamples Alternate(Client& client, RawTcpClient& tcp,
@@ -47,9 +40,9 @@ FreshFetchSamples Alternate(Client& client, RawTcpClient& tcp,
   std::fprintf(stderr, "%s: %d repetitions\n", id.c_str(), reps);
   for (int rep = 0; rep < reps; ++rep) {
     samples.modelstate.push_back(SampleWithCounters(
-        id, [&] { return Timed(tensor_bytes, fetch); }, FaultDeltas));
+        id, [&] { return TimedGBps(tensor_bytes, fetch); }, FaultDeltas));
     samples.raw_tcp.push_back(SampleWithCounters(
-        id + ".a", [&] { return Timed(file_bytes, [&] { tcp.Fetch(); }); },
+        id + ".a", [&] { return TimedGBps(file_bytes, [&] { tcp.Fetch(); }); },
         FaultDeltas));
   }
   return samples;

@@ -85,13 +85,6 @@ void RemoveTmpfsDir() {
   rmdir(dir.c_str());
 }
 
-// Times `transfer` of `bytes`; returns its GB/s.
-double Timed(uint64_t bytes, const std::function<void()>& transfer) {
-  const double start = Seconds();
-  transfer();
-  return GBps(bytes, Seconds() - start);
-}
-
 // A pull's counters: the modelstatectl process's (the only child reaped
 // during the sample, after its exit), the daemon's CPU seconds, and what the
 // kernel did, reclaim included.
@@ -153,7 +146,7 @@ PullToFileSamples MeasurePullToFile(const Config& config, const Child& daemon,
     for (int i = 0; i < 2; ++i) {
       const int next = (i + rep) % 2;
       into[next]->push_back(SampleWithCounters(
-          ids[next], [&] { return Timed(bytes, transfers[next]); },
+          ids[next], [&] { return TimedGBps(bytes, transfers[next]); },
           describe[next], servers[next]));
       CheckSameBytes(outputs[next], served);
       std::remove(outputs[next].c_str());
