@@ -390,7 +390,9 @@ bool SameTransfer(const v1::Manifest& a, const v1::Manifest& b) {
 // (FetchRequest::offset), whose manifest must match the first's. The receiver,
 // with its partly filled tensor and checksum state, carries over, so every
 // byte is received once. Every call shares one deadline and the canceller.
-// The receiver's callback error ends the fetch as it is, never resumed.
+// The receiver's callback error ends the fetch as it is, never resumed. A
+// first call whose connection drops before its manifest is read is opened
+// again, within the same budget.
 class ResumableFetch {
  public:
   ResumableFetch(grpc::Channel* channel, absl::Time deadline, std::string token,
@@ -413,7 +415,7 @@ class ResumableFetch {
     Open(request_);
     absl::StatusOr<v1::Manifest> manifest = attempt_->call->ReadManifest();
     while (manifest.status().code() == absl::StatusCode::kUnavailable &&
-           resumes_ < transfer_.max_resumes && ConnectionDropped()) {
+           MayResume() && ConnectionDropped()) {
       BackOff();
       Open(request_);
       manifest = attempt_->call->ReadManifest();
@@ -431,7 +433,7 @@ class ResumableFetch {
     // A connection that dropped is resumed; the caller's own Unavailable
     // (a busy device) is not.
     while (status.code() == absl::StatusCode::kUnavailable &&
-           receiver.callback_error().ok() && resumes_ < transfer_.max_resumes) {
+           receiver.callback_error().ok() && MayResume()) {
       BackOff();
       status = Resume(receiver.received_bytes());
       if (status.ok())
@@ -475,10 +477,10 @@ class ResumableFetch {
         channel_, &attempt_->context, SerializeToByteBuffer(proto));
   }
 
-  // True when the channel lost the connection it had: a drop, not a server's
-  // answer (the connection stays READY) nor a server that cannot be reached
-  // (TRANSIENT_FAILURE). The channel learns of a drop a moment after the
-  // call does, so a READY channel is given that moment to leave READY.
+  // True when the channel lost the connection it had (IDLE): not a server's
+  // answer (the connection stays READY), nor a server that cannot be reached
+  // (TRANSIENT_FAILURE, or CONNECTING again). The channel learns of a drop a
+  // moment after the call does, so a READY channel is given that moment.
   bool ConnectionDropped() const {
     constexpr absl::Duration kStateSettles = absl::Milliseconds(20);
     grpc_connectivity_state state =
@@ -488,15 +490,27 @@ class ResumableFetch {
             state, absl::ToChronoTime(absl::Now() + kStateSettles))) {
       state = channel_->GetState(/*try_to_connect=*/false);
     }
-    return state == GRPC_CHANNEL_IDLE || state == GRPC_CHANNEL_CONNECTING;
+    return state == GRPC_CHANNEL_IDLE;
   }
 
-  // Counts one more resume and waits before it: 50 ms, doubling, at most 1 s.
+  // True while resumes are left and the next one's back-off ends before the
+  // deadline (past it, the last Unavailable is the answer, not a
+  // DeadlineExceeded of a call that could not start).
+  bool MayResume() const {
+    return resumes_ < transfer_.max_resumes &&
+           absl::Now() + Delay(resumes_ + 1) < deadline_;
+  }
+
+  // The back-off before resume `n` (from 1): 50 ms, doubling, at most 1 s.
+  static absl::Duration Delay(int n) {
+    return std::min(absl::Milliseconds(50) * (1 << std::min(n - 1, 5)),
+                    absl::Seconds(1));
+  }
+
+  // Counts one more resume and waits before it.
   void BackOff() {
     ++resumes_;
-    absl::SleepFor(
-        std::min(absl::Milliseconds(50) * (1 << std::min(resumes_ - 1, 5)),
-                 absl::Seconds(1)));
+    absl::SleepFor(Delay(resumes_));
   }
 
   // Opens the next call at byte `received` of the pinned version and checks

@@ -133,9 +133,11 @@ struct TransferOptions {
   // Fetches: when the connection drops mid-stream (Unavailable after the
   // manifest), the fetch resumes from the bytes received so far, of the
   // version the first manifest named; when it drops before the manifest was
-  // read (but the server was reached), the call is opened again. At most this
-  // many times in all (0: never). Resumes share the call's deadline and back
-  // off from 50 ms to 1 s.
+  // read (the channel had a connection and lost it), the call is opened
+  // again. At most this many times in all (0: never). Resumes share the
+  // call's deadline and back off from 50 ms to 1 s. An Unavailable from the
+  // server itself is not resumed; telling it from a drop makes such an answer
+  // up to 20 ms later.
   int max_resumes = 8;
 };
 

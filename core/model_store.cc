@@ -638,17 +638,11 @@ absl::StatusOr<Snapshot> ModelStore::CreateFromSpec(
 
 absl::StatusOr<std::shared_ptr<const StateDict>> ModelStore::SelectState(
     const Snapshot& snapshot, const StateDictOptions& options) const {
-  const bool whole_model = options.module.empty() && options.prefix.empty() &&
-                           options.recurse && options.include_buffers &&
-                           options.keys.empty();
-  if (whole_model && snapshot.memo != nullptr) {
-    return snapshot.memo->Get(
-        snapshot.root, [this](const MemoryCharge& charge, int64_t bytes) {
-          absl::ReaderMutexLock lock(&mu_);
-          if (!CheckMemory(bytes).ok()) return false;
-          charge.Charge(accountant_, /*tensor_bytes=*/0, bytes);
-          return true;
-        });
+  if (options.SelectsWholeModel() && snapshot.memo != nullptr) {
+    return snapshot.memo->Get(snapshot.root, [this](const MemoryCharge& charge,
+                                                    int64_t bytes) {
+      return ChargeIfFits(charge, /*bytes=*/0, /*metadata_bytes=*/bytes).ok();
+    });
   }
   ASSIGN_OR_RETURN(StateDict state, GetStateDict(snapshot.root, options));
   return std::make_shared<const StateDict>(std::move(state));
@@ -839,11 +833,11 @@ absl::Status ModelStore::CheckMemoryFor(int64_t extra_bytes) const {
   return CheckMemory(extra_bytes);
 }
 
-absl::Status ModelStore::ChargeIfFits(const MemoryCharge& charge,
-                                      int64_t bytes) const {
+absl::Status ModelStore::ChargeIfFits(const MemoryCharge& charge, int64_t bytes,
+                                      int64_t metadata_bytes) const {
   absl::ReaderMutexLock lock(&mu_);
-  RETURN_IF_ERROR(CheckMemory(bytes));
-  charge.Charge(accountant_, bytes, /*metadata_bytes=*/0);
+  RETURN_IF_ERROR(CheckMemory(bytes + metadata_bytes));
+  charge.Charge(accountant_, bytes, metadata_bytes);
   return absl::OkStatus();
 }
 

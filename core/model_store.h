@@ -281,7 +281,9 @@ class ModelStore {
   // them (the same-host fetch's exports, core/memfd_export.h) as live bytes
   // for as long as `charge` lives, once they fit the memory limit.
   // ResourceExhausted, charging nothing, when they would not.
-  absl::Status ChargeIfFits(const MemoryCharge& charge, int64_t bytes) const;
+  // `metadata_bytes` count as metadata (see metadata_bytes()).
+  absl::Status ChargeIfFits(const MemoryCharge& charge, int64_t bytes,
+                            int64_t metadata_bytes = 0) const;
 
   // Follower mode only: removes `name` as Delete does. NotFound if absent,
   // FailedPrecondition outside follower mode.
@@ -293,10 +295,10 @@ class ModelStore {
 
   // Bytes of all live tensor storages the store has seen (models, retained
   // versions and snapshots still held), and of what ChargeIfFits charged.
-  // Kept state dicts (Snapshot::memo) count as metadata.
   int64_t live_bytes() const;
   // Estimated bytes of the metadata around them (modules, slots, names,
-  // shapes, storage objects; see core/module.h), counted by the memory limit.
+  // shapes, storage objects; see core/module.h) and of kept state dicts
+  // (Snapshot::memo), counted by the memory limit.
   int64_t metadata_bytes() const;
   // Bytes reserved by pending loads.
   int64_t reserved_bytes() const;

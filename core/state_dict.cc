@@ -77,6 +77,13 @@ int64_t StringHeapBytes(const std::string& text) {
              : 0;
 }
 
+// Heap bytes of a vector's buffer.
+template <typename T>
+int64_t VectorHeapBytes(const std::vector<T>& items) {
+  return items.capacity() == 0 ? 0
+                               : HeapBlockBytes(items.capacity() * sizeof(T));
+}
+
 // Heap bytes of a flat_hash_map's slots and control bytes.
 template <typename Map>
 int64_t IndexHeapBytes(const Map& index) {
@@ -88,18 +95,12 @@ int64_t IndexHeapBytes(const Map& index) {
 }  // namespace
 
 int64_t StateDict::HeapBytes() const {
-  int64_t bytes = IndexHeapBytes(index_) + IndexHeapBytes(metadata_index_);
-  if (entries_.capacity() > 0)
-    bytes += HeapBlockBytes(entries_.capacity() * sizeof(Entry));
+  int64_t bytes = IndexHeapBytes(index_) + IndexHeapBytes(metadata_index_) +
+                  VectorHeapBytes(entries_) + VectorHeapBytes(metadata_);
+  // Keys and module paths are held twice: in order and by their index.
   for (const Entry& entry : entries_) {
-    // The key is held twice: by its entry and by the index.
-    bytes += 2 * StringHeapBytes(entry.key);
-    const Shape& shape = entry.tensor.shape();
-    if (shape.capacity() > 0)
-      bytes += HeapBlockBytes(shape.capacity() * sizeof(int64_t));
-  }
-  if (metadata_.capacity() > 0) {
-    bytes += HeapBlockBytes(metadata_.capacity() * sizeof(metadata_[0]));
+    bytes +=
+        2 * StringHeapBytes(entry.key) + VectorHeapBytes(entry.tensor.shape());
   }
   for (const auto& [path, version] : metadata_)
     bytes += 2 * StringHeapBytes(path);

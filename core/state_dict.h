@@ -87,6 +87,14 @@ struct StateDictOptions {
   // When non-empty, only these keys (full keys as they would be emitted), in
   // this order. A key that the state dict does not have is NotFound.
   std::vector<std::string> keys;
+
+  // True when these options select the whole model's state dict as
+  // model.state_dict() gives it (keep_module_prefix matters only with a
+  // module). A field added above must be considered here.
+  bool SelectsWholeModel() const {
+    return module.empty() && prefix.empty() && recurse && include_buffers &&
+           keys.empty();
+  }
 };
 
 // Appends the state dict of `root` (or of its submodule) to `destination`,

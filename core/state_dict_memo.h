@@ -1,6 +1,7 @@
 // One model version's whole state dict, built by the first fetch that needs it
 // and shared by every later fetch of that version. A version's module tree is
-// immutable, so the memo never goes stale; it lives as long as the version.
+// immutable, so the memo never goes stale; it lives as long as the version's
+// snapshots (each of which holds the tree too).
 // For a model of many small tensors, walking the tree and building the entries
 // and their keys costs a fetch as much as sending the bytes does
 // (docs/performance.md, P5).
@@ -28,12 +29,12 @@ class StateDictMemo {
   using ChargeIfFits =
       std::function<bool(const MemoryCharge& charge, int64_t metadata_bytes)>;
 
-  // Returns GetStateDict(root), kept after the first call that builds it when
-  // `charge_if_fits` accepts its size (StateDict::HeapBytes and the object
-  // itself): the charge then lasts
-  // as long as the memo. A state dict that does not fit is returned without
-  // being kept. Concurrent first callers wait for one build rather than each
-  // making their own. GetStateDict's errors.
+  // Returns GetStateDict(root), kept once `charge_if_fits` accepts its size
+  // (StateDict::HeapBytes and the object itself). The charge lasts as long as
+  // the state dict does, in the memo or in a fetch still sending it.
+  // Concurrent first callers wait for one build rather than each making their
+  // own; once a build did not fit, each caller builds its own without waiting
+  // (and the next that fits is kept). GetStateDict's errors.
   absl::StatusOr<std::shared_ptr<const StateDict>> Get(
       const ModulePtr& root, const ChargeIfFits& charge_if_fits);
 
@@ -41,9 +42,23 @@ class StateDictMemo {
   bool kept() const;
 
  private:
+  // A state dict and the charge for its heap, which go together.
+  struct Charged {
+    StateDict state;
+    MemoryCharge charge;
+  };
+
+  static absl::StatusOr<std::shared_ptr<Charged>> Build(const ModulePtr& root);
+  // Keeps `charged` if nothing is kept yet and it fits; returns its state dict
+  // either way.
+  std::shared_ptr<const StateDict> Offer(std::shared_ptr<Charged> charged,
+                                         const ChargeIfFits& charge_if_fits)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
   mutable absl::Mutex mu_;
-  std::shared_ptr<const StateDict> state_ ABSL_GUARDED_BY(mu_);
-  MemoryCharge charge_;
+  std::shared_ptr<const StateDict> kept_ ABSL_GUARDED_BY(mu_);
+  // A build did not fit the memory limit: builds no longer hold the lock.
+  bool declined_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace modelstate

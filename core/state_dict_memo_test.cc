@@ -75,6 +75,30 @@ TEST(StateDictMemoTest, WholeModelFetchesOfAVersionShareOneStateDict) {
   EXPECT_EQ(first->Find("0.weight")->dtype(), DType::kFloat32);
 }
 
+TEST(StateDictMemoTest, DescribeBuildsItAndReplicatedVersionsGetTheirOwn) {
+  ModelStore primary;
+  ASSERT_TRUE(primary.Create("m", MustBuild(kTwoLayers)).ok());
+  ASSERT_FALSE(primary.GetSnapshot("m")->memo->kept());
+  ASSERT_TRUE(primary.Describe({"m"}).ok());
+  EXPECT_TRUE(primary.GetSnapshot("m")->memo->kept());
+  const std::shared_ptr<const StateDict> described = Fetched(primary, {"m"});
+  EXPECT_EQ(Fetched(primary, {"m"}), described);
+  // A follower's store is handed snapshots without a memo, or with the
+  // upstream's: each version it applies gets one of its own.
+  ModelStore::Options options;
+  options.replica_of = "primary:1";
+  ModelStore follower(options);
+  Snapshot replicated = primary.GetSnapshot("m").value();
+  ASSERT_TRUE(follower.ApplyReplicated(replicated).ok());
+  const std::shared_ptr<StateDictMemo> first = follower.GetSnapshot("m")->memo;
+  ASSERT_NE(first, nullptr);
+  EXPECT_NE(first, replicated.memo);
+  EXPECT_EQ(Fetched(follower, {"m"}), Fetched(follower, {"m"}));
+  replicated.version = 2;
+  ASSERT_TRUE(follower.ApplyReplicated(replicated).ok());
+  EXPECT_NE(follower.GetSnapshot("m")->memo, first);
+}
+
 TEST(StateDictMemoTest, EachVersionHasItsOwnAndRetainedOnesKeepTheirs) {
   ModelStore::Options options;
   options.retain_versions = 2;
@@ -96,18 +120,24 @@ TEST(StateDictMemoTest, EachVersionHasItsOwnAndRetainedOnesKeepTheirs) {
   EXPECT_EQ(Fetched(store, {"m"}), v3);
 }
 
-TEST(StateDictMemoTest, IsChargedAsMetadataWhileItsVersionLives) {
+TEST(StateDictMemoTest, IsChargedAsMetadataWhileItsStateDictLives) {
   ModelStore store;
   ASSERT_TRUE(store.Create("m", MustBuild(kTwoLayers)).ok());
   const int64_t tree_only = store.metadata_bytes();
   std::shared_ptr<const StateDict> state = Fetched(store, {"m"});
-  const int64_t memo_bytes =
-      static_cast<int64_t>(sizeof(StateDict)) + state->HeapBytes();
-  EXPECT_GT(memo_bytes, 4 * static_cast<int64_t>(sizeof(StateDict::Entry)));
-  EXPECT_EQ(store.metadata_bytes(), tree_only + memo_bytes);
-  state.reset();  // Its tensors are v1's: held, they would stay counted.
-  // v2 replaces v1 (one version retained): v1's memo goes with it.
+  const int64_t heap_bytes = state->HeapBytes();
+  EXPECT_GT(heap_bytes, 4 * static_cast<int64_t>(sizeof(StateDict::Entry)));
+  // The state dict's heap and the object holding it with its charge.
+  const int64_t charged = store.metadata_bytes() - tree_only;
+  EXPECT_GT(charged, static_cast<int64_t>(sizeof(StateDict)) + heap_bytes);
+  EXPECT_LT(charged, static_cast<int64_t>(sizeof(StateDict)) + heap_bytes +
+                         static_cast<int64_t>(sizeof(MemoryCharge)) + 64);
+  // v2 replaces v1 (one version retained); v1's state dict, held as a fetch
+  // still sending it would, keeps its charge and v1's four storages.
   LoadFilled(store, 1);
+  EXPECT_EQ(store.metadata_bytes(),
+            tree_only + charged + 4 * kStorageOverheadBytes);
+  state.reset();
   EXPECT_EQ(store.metadata_bytes(), tree_only);
   ASSERT_TRUE(store.Delete("m").ok());
   EXPECT_EQ(store.metadata_bytes(), 0);
@@ -128,6 +158,14 @@ TEST(StateDictMemoTest, OneThatDoesNotFitTheLimitIsServedButNotKept) {
   EXPECT_TRUE(SameEntries(*first, *second));
   EXPECT_EQ(store.metadata_bytes(), before);
   EXPECT_FALSE(store.GetSnapshot("m")->memo->kept());
+  // Concurrent fetches of a state dict that does not fit each build their
+  // own, without queueing behind one another's build.
+  std::vector<std::shared_ptr<const StateDict>> seen(4);
+  std::vector<std::thread> fetchers;
+  for (auto& slot : seen)
+    fetchers.emplace_back([&store, &slot] { slot = Fetched(store, {"m"}); });
+  for (std::thread& fetcher : fetchers) fetcher.join();
+  for (const auto& state : seen) EXPECT_TRUE(SameEntries(*state, *first));
 }
 
 TEST(StateDictMemoTest, ConcurrentFirstFetchesShareOneBuild) {

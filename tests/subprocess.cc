@@ -114,6 +114,18 @@ bool FindCompleteLine(absl::string_view text, absl::string_view needle,
   return false;
 }
 
+// A descriptor that turns readable when `pid` exits, so a wait ends then
+// rather than at its next poll (benchmarks time children through Wait); -1
+// where the kernel (before 5.3) or the headers have none.
+int OpenPidfd(pid_t pid) {
+#ifdef SYS_pidfd_open
+  return static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
+#else
+  (void)pid;
+  return -1;
+#endif
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Subprocess>> Subprocess::Spawn(
@@ -276,10 +288,7 @@ absl::StatusOr<int> Subprocess::TryReap() {
 
 absl::StatusOr<int> Subprocess::Wait(absl::Duration timeout) {
   const absl::Time deadline = absl::Now() + timeout;
-  // A pidfd turns readable when the child exits, so the wait ends then rather
-  // than at the next poll (benchmarks time children through this). Kernels
-  // before 5.3 have none; then the wait polls.
-  const int pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid_, 0));
+  int pidfd = -1;  // Opened once the child is known not to be reaped.
   absl::Duration pause = absl::Milliseconds(1);
   absl::StatusOr<int> result = absl::UnknownError("unreachable");
   while (true) {
@@ -289,6 +298,7 @@ absl::StatusOr<int> Subprocess::Wait(absl::Duration timeout) {
       result = TryReap();
       if (result.ok()) break;
     }
+    if (pidfd < 0) pidfd = OpenPidfd(pid_);
     const absl::Duration left = deadline - absl::Now();
     if (left <= absl::ZeroDuration()) {
       result = absl::DeadlineExceededError(
