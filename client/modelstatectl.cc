@@ -1,6 +1,5 @@
 // modelstatectl: command line of the modelstate client. `modelstatectl --help`
 // lists the flags.
-#include <malloc.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -21,6 +20,7 @@
 #include "client/client.h"
 #include "client/format.h"
 #include "core/file_util.h"
+#include "core/malloc_policy.h"
 #include "core/safetensors.h"
 #include "core/status_macros.h"
 #include "proto/convert.h"
@@ -445,14 +445,12 @@ int Run(const std::vector<char *> &positional) {
 }  // namespace modelstate
 
 int main(int argc, char **argv) {
-  // A pull or push moves gigabytes through gRPC's buffers of a few MiB each.
-  // With glibc's defaults each is mapped afresh and unmapped when freed (about
-  // 43,000 page faults per GiB pulled, each page zeroed by the kernel); kept
-  // in the heap they are reused, and the CLI's footprint stays what it holds
-  // at once. Before any thread starts, as glibc wants.
-  constexpr int kKeptBufferBytes = 32 << 20;
-  mallopt(M_MMAP_THRESHOLD, kKeptBufferBytes);
-  mallopt(M_TRIM_THRESHOLD, 2 * kKeptBufferBytes);
+  // A pull or push moves gigabytes through gRPC's buffers of a few MiB each:
+  // kept in the heap, they are reused instead of faulted in afresh. Before
+  // any thread starts, as glibc wants.
+  const absl::Status kept = modelstate::KeepFreedMemoryForReuse();
+  if (!kept.ok())
+    std::fprintf(stderr, "warning: %s\n", kept.ToString().c_str());
   absl::SetProgramUsageMessage(modelstate::kUsage);
   std::vector<char *> positional = absl::ParseCommandLine(argc, argv);
   return modelstate::Run(positional);

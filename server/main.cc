@@ -279,7 +279,7 @@ int main(int argc, char** argv) {
   // Before any thread starts (server/memory_release.h): gRPC's receive
   // buffers stay for reuse between the periodic trims.
   if (modelstate::IsTrimPeriod(options.release_memory_interval)) {
-    const absl::Status tuned = modelstate::KeepFreedMemoryBetweenTrims();
+    const absl::Status tuned = modelstate::KeepFreedMemoryForReuse();
     if (!tuned.ok()) {
       std::fprintf(stderr, "modelstated: warning: %s\n",
                    std::string(tuned.message()).c_str());

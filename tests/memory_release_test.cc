@@ -20,7 +20,7 @@ namespace modelstate {
 namespace {
 
 // As the daemon's main does, before any thread of the test allocates.
-const bool kTuned = KeepFreedMemoryBetweenTrims().ok();
+const bool kTuned = KeepFreedMemoryForReuse().ok();
 
 constexpr size_t kBlockBytes = 4 << 20;  // gRPC's largest read buffer
 // Together below kTrimThresholdBytes, which free() keeps.
