@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <thread>
 
+#include "core/sanitizers.h"
+
 namespace modelstate {
 
 int MallocArenaBound() {
@@ -20,6 +22,9 @@ int MallocArenaBound() {
 }
 
 absl::Status KeepFreedMemoryForReuse() {
+  // AddressSanitizer's allocator replaces glibc's and refuses every mallopt:
+  // there is no policy to set.
+  if (kUnderAsan) return absl::OkStatus();
   // Fixed values also turn off glibc's dynamic thresholds, which would
   // otherwise move with the sizes freed.
   if (mallopt(M_MMAP_THRESHOLD, kMmapThresholdBytes) != 1 ||
