@@ -21,8 +21,8 @@
 
 namespace modelstate {
 namespace {
-constexpr size_t kAlignment = 64;
-constexpr size_t kHugePage = 2 << 20;
+constexpr size_t kAlignment = kStorageAlignment;
+constexpr size_t kHugePage = kHugePageBytes;
 
 #ifdef MODELSTATE_ASAN
 extern "C" void __asan_poison_memory_region(void const volatile*, size_t);
@@ -343,14 +343,25 @@ absl::StatusOr<std::shared_ptr<Storage>> Storage::AllocateUninitialized(
     return absl::ResourceExhaustedError(
         absl::StrCat("cannot allocate ", bytes, " bytes"));
   }
-  return std::shared_ptr<Storage>(
-      new Storage(allocated, allocated, bytes, /*owner=*/nullptr));
+  return Make(allocated, allocated, bytes, /*owner=*/nullptr);
+}
+
+std::shared_ptr<Storage> Storage::Make(const uint8_t* data, uint8_t* allocated,
+                                       size_t size,
+                                       std::shared_ptr<const void> owner) {
+  // make_shared puts the storage and its control block in one allocation;
+  // it needs a public constructor, which this local class lends it.
+  struct Made : Storage {
+    Made(const uint8_t* data, uint8_t* allocated, size_t size,
+         std::shared_ptr<const void> owner)
+        : Storage(data, allocated, size, std::move(owner)) {}
+  };
+  return std::make_shared<Made>(data, allocated, size, std::move(owner));
 }
 
 std::shared_ptr<const Storage> Storage::Borrow(
     const uint8_t* data, size_t bytes, std::shared_ptr<const void> owner) {
-  return std::shared_ptr<const Storage>(
-      new Storage(data, /*allocated=*/nullptr, bytes, std::move(owner)));
+  return Make(data, /*allocated=*/nullptr, bytes, std::move(owner));
 }
 
 void Storage::AttachAccountant(
@@ -403,6 +414,16 @@ Tensor::Tensor(DType dtype, Shape shape, int64_t num_elements,
       checksum_(checksum ? std::move(checksum)
                          : std::make_shared<ChecksumCell>()) {}
 
+Tensor::Tensor(DType dtype, Shape shape, int64_t num_elements,
+               std::shared_ptr<const Storage> storage, size_t offset,
+               uint64_t known_checksum)
+    : dtype_(dtype),
+      shape_(std::move(shape)),
+      num_elements_(num_elements),
+      storage_(std::move(storage)),
+      offset_(offset),
+      known_checksum_(known_checksum) {}
+
 absl::StatusOr<Tensor> Tensor::Zeros(DType dtype, const Shape& shape) {
   ASSIGN_OR_RETURN(TensorBuilder builder, TensorBuilder::Create(dtype, shape));
   return std::move(builder).Build();
@@ -449,10 +470,13 @@ absl::StatusOr<Tensor> Tensor::Reshape(const Shape& shape) const {
         absl::StrCat("cannot reshape ", TorchSizeString(shape_), " to ",
                      TorchSizeString(shape)));
   }
+  if (checksum_ == nullptr)
+    return Tensor(dtype_, shape, count, storage_, offset_, known_checksum_);
   return Tensor(dtype_, shape, count, storage_, offset_, checksum_);
 }
 
 uint64_t Tensor::Checksum() const {
+  if (checksum_ == nullptr) return known_checksum_;
   if (checksum_->known.load(std::memory_order_acquire)) {
     return checksum_->value.load(std::memory_order_relaxed);
   }
@@ -470,31 +494,40 @@ bool Tensor::BitwiseEquals(const Tensor& other) const {
 
 absl::StatusOr<TensorBuilder> TensorBuilder::Create(DType dtype,
                                                     const Shape& shape) {
-  ASSIGN_OR_RETURN(int64_t bytes, NumBytes(dtype, shape));
-  ASSIGN_OR_RETURN(int64_t count, NumElements(shape));
-  ASSIGN_OR_RETURN(std::shared_ptr<Storage> storage,
-                   Storage::Allocate(static_cast<size_t>(bytes)));
-  return TensorBuilder(dtype, shape, count, std::move(storage));
+  ASSIGN_OR_RETURN(TensorBuilder builder, CreateUninitialized(dtype, shape));
+  std::memset(builder.mutable_data(), 0, builder.num_bytes());
+  return builder;
 }
 
 absl::StatusOr<TensorBuilder> TensorBuilder::CreateUninitialized(
     DType dtype, const Shape& shape) {
   ASSIGN_OR_RETURN(int64_t bytes, NumBytes(dtype, shape));
-  ASSIGN_OR_RETURN(int64_t count, NumElements(shape));
   ASSIGN_OR_RETURN(std::shared_ptr<Storage> storage,
                    Storage::AllocateUninitialized(static_cast<size_t>(bytes)));
-  return TensorBuilder(dtype, shape, count, std::move(storage));
+  return InBlock(dtype, shape, std::move(storage), 0);
+}
+
+absl::StatusOr<TensorBuilder> TensorBuilder::InBlock(
+    DType dtype, const Shape& shape, std::shared_ptr<Storage> block,
+    size_t offset) {
+  ASSIGN_OR_RETURN(int64_t bytes, NumBytes(dtype, shape));
+  ASSIGN_OR_RETURN(int64_t count, NumElements(shape));
+  if (offset > block->size() ||
+      static_cast<uint64_t>(bytes) > block->size() - offset) {
+    return absl::InvalidArgumentError("tensor does not fit in its block");
+  }
+  return TensorBuilder(dtype, shape, count, static_cast<size_t>(bytes),
+                       std::move(block), offset);
 }
 
 Tensor TensorBuilder::Build() && {
-  return Tensor::View(dtype_, shape_, std::move(storage_), 0).value();
+  return Tensor(dtype_, std::move(shape_), num_elements_, std::move(storage_),
+                offset_);
 }
 
 Tensor TensorBuilder::Build(uint64_t checksum) && {
-  Tensor tensor = std::move(*this).Build();
-  tensor.checksum_->value.store(checksum, std::memory_order_relaxed);
-  tensor.checksum_->known.store(true, std::memory_order_release);
-  return tensor;
+  return Tensor(dtype_, std::move(shape_), num_elements_, std::move(storage_),
+                offset_, checksum);
 }
 
 }  // namespace modelstate

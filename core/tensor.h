@@ -94,6 +94,12 @@ class StoragePoolBudget {
 // about 300 bytes with glibc's malloc; rounded up.
 inline constexpr int64_t kStorageOverheadBytes = 384;
 
+// Every allocated storage starts at a kStorageAlignment boundary (what SIMD
+// loads and torch's CPU allocator want); those of kHugePageBytes and more at a
+// huge page boundary.
+inline constexpr size_t kStorageAlignment = 64;
+inline constexpr size_t kHugePageBytes = size_t{2} << 20;
+
 // A contiguous block of bytes: either allocated here, or borrowed from memory
 // an owner keeps alive (a memory-mapped file).
 //
@@ -184,6 +190,9 @@ class Storage {
  private:
   Storage(const uint8_t* data, uint8_t* allocated, size_t size,
           std::shared_ptr<const void> owner);
+  static std::shared_ptr<Storage> Make(const uint8_t* data, uint8_t* allocated,
+                                       size_t size,
+                                       std::shared_ptr<const void> owner);
 
   const uint8_t* data_;
   uint8_t* allocated_;  // data_ when allocated here (freed with the storage),
@@ -269,21 +278,32 @@ class Tensor {
   bool BitwiseEquals(const Tensor& other) const;
 
  private:
-  friend class TensorBuilder;  // Build(checksum) fills the checksum cell.
+  friend class TensorBuilder;  // Build(checksum) knows the checksum.
   struct ChecksumCell {
     std::atomic<bool> known{false};
     std::atomic<uint64_t> value{0};
   };
 
+  // A tensor whose checksum is computed on first use, into `checksum` (a new
+  // cell when null).
   Tensor(DType dtype, Shape shape, int64_t num_elements,
          std::shared_ptr<const Storage> storage, size_t offset,
          std::shared_ptr<ChecksumCell> checksum = nullptr);
+  // A tensor whose checksum is already known: it needs no cell.
+  Tensor(DType dtype, Shape shape, int64_t num_elements,
+         std::shared_ptr<const Storage> storage, size_t offset,
+         uint64_t known_checksum);
 
   DType dtype_;
   Shape shape_;
   int64_t num_elements_;
   std::shared_ptr<const Storage> storage_;
   size_t offset_;
+  // The checksum, when known as the tensor was made (bytes hashed as they
+  // arrived); otherwise the cell copies share, null until then. Received
+  // tensors, a hundred thousand at a time for a model of small tensors, so
+  // skip one allocation each.
+  uint64_t known_checksum_ = 0;
   std::shared_ptr<ChecksumCell> checksum_;
 };
 
@@ -299,14 +319,22 @@ class TensorBuilder {
   static absl::StatusOr<TensorBuilder> CreateUninitialized(DType dtype,
                                                            const Shape& shape);
 
+  // A tensor of uninitialised bytes at `offset` in `block`, a storage that
+  // several tensors share (many small tensors received into one allocation).
+  // The caller writes every byte of this tensor and no byte of a tensor
+  // already built in the block. InvalidArgument when the tensor does not fit.
+  static absl::StatusOr<TensorBuilder> InBlock(DType dtype, const Shape& shape,
+                                               std::shared_ptr<Storage> block,
+                                               size_t offset);
+
   DType dtype() const { return dtype_; }
   const Shape& shape() const { return shape_; }
-  size_t num_bytes() const { return storage_->size(); }
+  size_t num_bytes() const { return num_bytes_; }
   int64_t num_elements() const { return num_elements_; }
-  uint8_t* mutable_data() { return storage_->mutable_data(); }
+  uint8_t* mutable_data() { return storage_->mutable_data() + offset_; }
   template <typename T>
   T* mutable_data_as() {
-    return reinterpret_cast<T*>(storage_->mutable_data());
+    return reinterpret_cast<T*>(mutable_data());
   }
 
   // Freezes the bytes into an immutable Tensor. The builder must not be used
@@ -319,16 +347,21 @@ class TensorBuilder {
 
  private:
   TensorBuilder(DType dtype, Shape shape, int64_t num_elements,
-                std::shared_ptr<Storage> storage)
+                size_t num_bytes, std::shared_ptr<Storage> storage,
+                size_t offset)
       : dtype_(dtype),
         shape_(std::move(shape)),
         num_elements_(num_elements),
-        storage_(std::move(storage)) {}
+        num_bytes_(num_bytes),
+        storage_(std::move(storage)),
+        offset_(offset) {}
 
   DType dtype_;
   Shape shape_;
   int64_t num_elements_;
+  size_t num_bytes_;
   std::shared_ptr<Storage> storage_;
+  size_t offset_;
 };
 
 }  // namespace modelstate
