@@ -13,6 +13,18 @@
 
 namespace modelstate {
 
+StateDict::StateDict(const StateDict& other)
+    : entries_(other.entries_),
+      metadata_(other.metadata_),
+      metadata_index_(other.metadata_index_) {
+  RebuildIndex();
+}
+
+StateDict& StateDict::operator=(const StateDict& other) {
+  if (this != &other) *this = StateDict(other);
+  return *this;
+}
+
 void StateDict::Set(std::string key, Tensor tensor, TensorKind kind) {
   auto it = index_.find(key);
   if (it != index_.end()) {
@@ -20,8 +32,7 @@ void StateDict::Set(std::string key, Tensor tensor, TensorKind kind) {
     entries_[it->second].kind = kind;
     return;
   }
-  index_.emplace(key, entries_.size());
-  entries_.push_back(Entry{std::move(key), std::move(tensor), kind});
+  Append(std::move(key), std::move(tensor), kind);
 }
 
 absl::Status StateDict::Insert(std::string key, Tensor tensor,
@@ -30,9 +41,32 @@ absl::Status StateDict::Insert(std::string key, Tensor tensor,
     return absl::InvalidArgumentError(
         absl::StrCat("duplicate key \"", key, "\""));
   }
-  index_.emplace(key, entries_.size());
-  entries_.push_back(Entry{std::move(key), std::move(tensor), kind});
+  Append(std::move(key), std::move(tensor), kind);
   return absl::OkStatus();
+}
+
+void StateDict::Append(std::string key, Tensor tensor, TensorKind kind) {
+  const bool reallocates = entries_.size() == entries_.capacity();
+  entries_.push_back(Entry{std::move(key), std::move(tensor), kind});
+  if (reallocates) {
+    RebuildIndex();
+  } else {
+    index_.emplace(entries_.back().key, entries_.size() - 1);
+  }
+}
+
+void StateDict::RebuildIndex() {
+  index_.clear();
+  index_.reserve(entries_.size());
+  for (size_t i = 0; i < entries_.size(); ++i)
+    index_.emplace(entries_[i].key, i);
+}
+
+void StateDict::Reserve(size_t entries) {
+  if (entries <= entries_.capacity()) return;
+  entries_.reserve(entries);
+  RebuildIndex();
+  index_.reserve(entries);
 }
 
 const Tensor* StateDict::Find(absl::string_view key) const {
@@ -97,10 +131,9 @@ int64_t IndexHeapBytes(const Map& index) {
 int64_t StateDict::HeapBytes() const {
   int64_t bytes = IndexHeapBytes(index_) + IndexHeapBytes(metadata_index_) +
                   VectorHeapBytes(entries_) + VectorHeapBytes(metadata_);
-  // Keys and module paths are held twice: in order and by their index.
+  // Keys are held once (the index views them); module paths twice.
   for (const Entry& entry : entries_) {
-    bytes +=
-        2 * StringHeapBytes(entry.key) + VectorHeapBytes(entry.tensor.shape());
+    bytes += StringHeapBytes(entry.key) + VectorHeapBytes(entry.tensor.shape());
   }
   for (const auto& [path, version] : metadata_)
     bytes += 2 * StringHeapBytes(path);

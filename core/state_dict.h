@@ -22,6 +22,12 @@ namespace modelstate {
 // (module path -> version).
 class StateDict {
  public:
+  StateDict() = default;
+  StateDict(const StateDict& other);
+  StateDict& operator=(const StateDict& other);
+  StateDict(StateDict&&) = default;
+  StateDict& operator=(StateDict&&) = default;
+
   struct Entry {
     std::string key;
     Tensor tensor;
@@ -36,6 +42,10 @@ class StateDict {
   // Appends `key`. Returns InvalidArgument if the key is already present.
   absl::Status Insert(std::string key, Tensor tensor,
                       TensorKind kind = TensorKind::kParameter);
+
+  // Makes room for `entries` keys in all, so that adding that many moves
+  // nothing (a received state dict knows its size from the manifest).
+  void Reserve(size_t entries);
 
   // Returns the tensor under `key`, or null.
   const Tensor* Find(absl::string_view key) const;
@@ -64,8 +74,17 @@ class StateDict {
   }
 
  private:
+  // Appends an entry for a key not present.
+  void Append(std::string key, Tensor tensor, TensorKind kind);
+  // Points index_ at entries_' keys again.
+  void RebuildIndex();
+
   std::vector<Entry> entries_;
-  absl::flat_hash_map<std::string, size_t> index_;
+  // Position by key. The views point into entries_' keys, so a key is held
+  // once: its characters move only when entries_ reallocates (a short key
+  // sits inside its string object), and then the index is rebuilt. Moving a
+  // StateDict moves entries_' buffer, which keeps them where they are.
+  absl::flat_hash_map<absl::string_view, size_t> index_;
   std::vector<std::pair<std::string, int>> metadata_;
   absl::flat_hash_map<std::string, size_t> metadata_index_;
 };

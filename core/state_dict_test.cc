@@ -2,6 +2,7 @@
 // torch's exact text.
 #include "core/state_dict.h"
 
+#include "absl/strings/str_cat.h"
 #include "core/test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -340,6 +341,50 @@ TEST(StateDictTest, PlanLoadRejectsDuplicateKeys) {
                                    {"0.bias", DType::kFloat32, {4}}};
   EXPECT_EQ(PlanLoad(model, specs, NonStrict()).status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// The index views the entries' keys: every key must still be found after
+// the entries move (growth, Reserve), in copies and in moved-to dicts, short
+// keys (inside their string objects) and long ones alike.
+TEST(StateDictTest, KeysAreFoundThroughGrowthCopiesAndMoves) {
+  auto key = [](int i) {
+    return i % 2 == 0 ? absl::StrCat("k", i)
+                      : absl::StrCat("encoder.layers.", i, ".self_attn.weight");
+  };
+  auto expect_all = [&](const StateDict& state, int count) {
+    ASSERT_EQ(state.size(), static_cast<size_t>(count));
+    for (int i = 0; i < count; ++i) {
+      const Tensor* found = state.Find(key(i));
+      ASSERT_NE(found, nullptr) << key(i);
+      EXPECT_EQ(found->num_elements(), i + 1);
+    }
+    EXPECT_EQ(state.Find("absent"), nullptr);
+  };
+  StateDict state;
+  for (int i = 0; i < 300; ++i)
+    state.Set(key(i), Tensor::Zeros(DType::kFloat32, {i + 1}).value());
+  expect_all(state, 300);
+  state.Reserve(5000);
+  expect_all(state, 300);
+  StateDict copy = state;
+  for (int i = 300; i < 700; ++i)
+    ASSERT_TRUE(
+        state.Insert(key(i), Tensor::Zeros(DType::kFloat32, {i + 1}).value())
+            .ok());
+  expect_all(copy, 300);
+  expect_all(state, 700);
+  EXPECT_EQ(state.Insert(key(5), Tensor()).code(),
+            absl::StatusCode::kInvalidArgument);
+  StateDict assigned;
+  assigned = copy;
+  copy = StateDict();
+  expect_all(assigned, 300);
+  StateDict moved = std::move(state);
+  expect_all(moved, 700);
+  // Set on an existing key keeps its place.
+  moved.Set(key(3), Tensor::Zeros(DType::kFloat32, {4}).value());
+  EXPECT_EQ(moved.entries()[3].key, key(3));
+  expect_all(moved, 700);
 }
 
 }  // namespace
