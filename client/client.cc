@@ -403,11 +403,13 @@ class ResumableFetch {
         request_(request),
         transfer_(transfer) {}
 
-  // Starts the first call and returns its manifest. A connection that drops
-  // before the manifest is read is opened again, as a resume from byte 0,
-  // within the same budget. An Unavailable the server sent (its connection
-  // still up) or a channel that cannot connect at all fails at once.
-  absl::StatusOr<v1::Manifest> Start() {
+  // Starts the first call and returns its manifest, which lives as long as
+  // this object (a copy of 100,000 tensors' descriptions is not free). A
+  // connection that drops before the manifest is read is opened again, as a
+  // resume from byte 0, within the same budget. An Unavailable the server
+  // sent (its connection still up) or a channel that cannot connect at all
+  // fails at once.
+  absl::StatusOr<const v1::Manifest*> Start() {
     if (request_.offset != 0) {
       return absl::InvalidArgumentError(
           "FetchRequest.offset is set by resumed fetches, not by callers");
@@ -421,7 +423,7 @@ class ResumableFetch {
       manifest = attempt_->call->ReadManifest();
     }
     ASSIGN_OR_RETURN(first_, std::move(manifest));
-    return first_;
+    return &first_;
   }
 
   // Feeds every chunk to `receiver` until the end marker, resuming after
@@ -557,9 +559,10 @@ absl::Status Announce(const v1::Manifest& manifest,
   return transfer.on_manifest(Describe(manifest, entries));
 }
 
-// A fetch's manifest and its tensors, once on_manifest accepted them.
+// A fetch's manifest (the call's) and its tensors, once on_manifest accepted
+// them.
 struct StartedFetch {
-  v1::Manifest manifest;
+  const v1::Manifest& manifest;
   std::vector<TransferEntry> entries;
 };
 
@@ -567,13 +570,13 @@ struct StartedFetch {
 // error the call is abandoned.
 absl::StatusOr<StartedFetch> StartAndAnnounce(ResumableFetch& call,
                                               const TransferOptions& transfer) {
-  ASSIGN_OR_RETURN(v1::Manifest manifest, call.Start());
+  ASSIGN_OR_RETURN(const v1::Manifest* manifest, call.Start());
   absl::StatusOr<std::vector<TransferEntry>> entries =
-      ToTransferEntries(manifest.tensors());
+      ToTransferEntries(manifest->tensors());
   if (!entries.ok()) return call.Abandon(entries.status());
-  absl::Status accepted = Announce(manifest, *entries, transfer);
+  absl::Status accepted = Announce(*manifest, *entries, transfer);
   if (!accepted.ok()) return call.Abandon(accepted);
-  return StartedFetch{std::move(manifest), *std::move(entries)};
+  return StartedFetch{*manifest, *std::move(entries)};
 }
 
 }  // namespace
@@ -584,25 +587,51 @@ absl::Time Client::Deadline() const {
              : absl::Now() + options_.timeout;
 }
 
+namespace {
+
+// Called with each received tensor, its index in the manifest and its entry.
+using ReceivedTensorCallback =
+    std::function<absl::Status(const v1::Manifest& manifest, size_t index,
+                               const TransferEntry& entry, Tensor tensor)>;
+
+// Fetches `fetch`, handing each tensor to `on_tensor` as it completes, packed
+// as `packing` says. Returns the version.
+absl::StatusOr<int64_t> ReceiveTensors(
+    grpc::Channel* channel, absl::Time deadline, const std::string& token,
+    const FetchRequest& fetch, const TransferOptions& transfer,
+    TensorPacking packing, const ReceivedTensorCallback& on_tensor) {
+  ResumableFetch call(channel, deadline, token, fetch, transfer);
+  ASSIGN_OR_RETURN(StartedFetch started, StartAndAnnounce(call, transfer));
+  const v1::Manifest& manifest = started.manifest;
+  absl::StatusOr<std::unique_ptr<ChunkReceiver>> receiver =
+      ChunkReceiver::Create(
+          std::move(started.entries),
+          [&](size_t index, const TransferEntry& entry, Tensor tensor) {
+            return on_tensor(manifest, index, entry, std::move(tensor));
+          },
+          /*min_chunk_bytes=*/0, packing);
+  if (!receiver.ok()) return call.Abandon(receiver.status());
+  RETURN_IF_ERROR(call.ReadToEnd(**receiver));
+  return manifest.version();
+}
+
+}  // namespace
+
 absl::StatusOr<int64_t> Client::StateDictStreaming(
     const FetchRequest& fetch, const TransferOptions& transfer,
     const std::function<absl::Status(const TensorDescription&, Tensor)>&
         on_tensor) {
-  ResumableFetch call(channel_.get(), Deadline(), options_.token, fetch,
-                      transfer);
-  ASSIGN_OR_RETURN(const StartedFetch started,
-                   StartAndAnnounce(call, transfer));
-  const v1::Manifest& manifest = started.manifest;
-  const std::vector<TransferEntry>& entries = started.entries;
-  absl::StatusOr<std::unique_ptr<ChunkReceiver>> receiver =
-      ChunkReceiver::Create(entries, [&](size_t index, Tensor tensor) {
+  // Tensors in storages of their own: a consumer that keeps a few of them
+  // keeps no one else's bytes alive.
+  return ReceiveTensors(
+      channel_.get(), Deadline(), options_.token, fetch, transfer,
+      TensorPacking::kOwnStorage,
+      [&](const v1::Manifest& manifest, size_t index,
+          const TransferEntry& entry, Tensor tensor) {
         return on_tensor(
-            Describe(manifest.tensors(static_cast<int>(index)), entries[index]),
+            Describe(manifest.tensors(static_cast<int>(index)), entry),
             std::move(tensor));
       });
-  if (!receiver.ok()) return call.Abandon(receiver.status());
-  RETURN_IF_ERROR(call.ReadToEnd(**receiver));
-  return manifest.version();
 }
 
 namespace {
@@ -864,7 +893,8 @@ absl::StatusOr<int64_t> FetchInto(grpc::Channel* channel, absl::Time deadline,
                                   const IntoOptions& into) {
   if (into.written_keys != nullptr) into.written_keys->clear();
   ResumableFetch call(channel, deadline, token, fetch, transfer);
-  ASSIGN_OR_RETURN(const v1::Manifest manifest, call.Start());
+  ASSIGN_OR_RETURN(const v1::Manifest* started, call.Start());
+  const v1::Manifest& manifest = *started;
   absl::StatusOr<std::vector<TransferEntry>> entries =
       ToTransferEntries(manifest.tensors());
   if (!entries.ok()) return call.Abandon(entries.status());
@@ -881,10 +911,13 @@ absl::StatusOr<int64_t> FetchInto(grpc::Channel* channel, absl::Time deadline,
   }
   std::vector<Tensor> staged;
   absl::StatusOr<std::unique_ptr<ChunkReceiver>> receiver =
-      ChunkReceiver::Create(*entries, [&](size_t, Tensor tensor) {
-        staged.push_back(std::move(tensor));
-        return absl::OkStatus();
-      });
+      ChunkReceiver::Create(
+          *entries,
+          [&](size_t, const TransferEntry&, Tensor tensor) {
+            staged.push_back(std::move(tensor));
+            return absl::OkStatus();
+          },
+          /*min_chunk_bytes=*/0, TensorPacking::kPackSmall);
   if (!receiver.ok()) return call.Abandon(receiver.status());
   RETURN_IF_ERROR(call.ReadToEnd(**receiver));
   CopyStaged(staged, *targets, into.written_keys, *entries);
@@ -1039,12 +1072,18 @@ absl::StatusOr<FetchedStateDict> Client::StateDict(
   }
   ASSIGN_OR_RETURN(
       fetched.version,
-      StateDictStreaming(
-          request, transfer,
-          [&](const TensorDescription& description, Tensor tensor) {
-            return fetched.state.Insert(description.name, std::move(tensor),
-                                        description.kind);
-          }));
+      ReceiveTensors(channel_.get(), Deadline(), options_.token, request,
+                     transfer, TensorPacking::kPackSmall,
+                     [&](const v1::Manifest& manifest, size_t index,
+                         const TransferEntry& entry, Tensor tensor) {
+                       if (index == 0)
+                         fetched.state.Reserve(manifest.tensors_size());
+                       const v1::TensorInfo& info =
+                           manifest.tensors(static_cast<int>(index));
+                       return fetched.state.Insert(
+                           entry.key, std::move(tensor),
+                           FromProto(info.kind()).value());
+                     }));
   return fetched;
 }
 
@@ -1149,11 +1188,18 @@ class SendHasher {
     XXH3_64bits_reset(state_.get());
   }
 
-  // Adds the next piece of the stream; a piece never spans two tensors.
+  // Adds the next piece of the stream, which may span tensors that lie back
+  // to back in one storage (ChunkSender).
   void Add(absl::Span<const uint8_t> piece) {
-    CompleteFullTensors();
-    XXH3_64bits_update(state_.get(), piece.data(), piece.size());
-    filled_ += piece.size();
+    while (!piece.empty()) {
+      CompleteFullTensors();
+      if (checksums_.size() == sizes_.size()) return;  // Past the end.
+      const uint64_t take =
+          std::min<uint64_t>(piece.size(), sizes_[checksums_.size()] - filled_);
+      XXH3_64bits_update(state_.get(), piece.data(), take);
+      filled_ += take;
+      piece.remove_prefix(take);
+    }
   }
 
   // Every tensor's checksum in stream order, once every piece was added.

@@ -32,11 +32,13 @@ absl::StatusOr<std::vector<uint64_t>> TransferSizes(
 
 ChunkReceiver::ChunkReceiver(std::vector<TransferEntry> entries,
                              std::vector<uint64_t> sizes,
-                             TensorCallback on_tensor, uint64_t min_chunk_bytes)
+                             TensorCallback on_tensor, uint64_t min_chunk_bytes,
+                             TensorPacking packing)
     : entries_(std::move(entries)),
       sizes_(std::move(sizes)),
       on_tensor_(std::move(on_tensor)),
       min_chunk_bytes_(min_chunk_bytes),
+      packing_(packing),
       hash_(XXH3_createState(), &XXH3_freeState) {
   for (uint64_t size : sizes_) total_ += size;
   if (!on_tensor_) done_.reserve(entries_.size());
@@ -45,11 +47,11 @@ ChunkReceiver::ChunkReceiver(std::vector<TransferEntry> entries,
 
 absl::StatusOr<std::unique_ptr<ChunkReceiver>> ChunkReceiver::Create(
     std::vector<TransferEntry> entries, TensorCallback on_tensor,
-    uint64_t min_chunk_bytes) {
+    uint64_t min_chunk_bytes, TensorPacking packing) {
   ASSIGN_OR_RETURN(std::vector<uint64_t> sizes, TransferSizes(entries));
   std::unique_ptr<ChunkReceiver> receiver(
       new ChunkReceiver(std::move(entries), std::move(sizes),
-                        std::move(on_tensor), min_chunk_bytes));
+                        std::move(on_tensor), min_chunk_bytes, packing));
   // Zero-byte tensors at the front are complete before any data.
   RETURN_IF_ERROR(receiver->CompleteFullTensors());
   return receiver;
@@ -59,8 +61,9 @@ absl::StatusOr<std::unique_ptr<ChunkReceiver>>
 ChunkReceiver::CreateVerifyingAtEnd(std::vector<TransferEntry> entries,
                                     uint64_t min_chunk_bytes) {
   ASSIGN_OR_RETURN(std::vector<uint64_t> sizes, TransferSizes(entries));
-  std::unique_ptr<ChunkReceiver> receiver(new ChunkReceiver(
-      std::move(entries), std::move(sizes), nullptr, min_chunk_bytes));
+  std::unique_ptr<ChunkReceiver> receiver(
+      new ChunkReceiver(std::move(entries), std::move(sizes), nullptr,
+                        min_chunk_bytes, TensorPacking::kOwnStorage));
   receiver->verify_zero_at_end_ = true;
   RETURN_IF_ERROR(receiver->CompleteFullTensors());
   return receiver;
@@ -76,9 +79,11 @@ absl::Status ChunkReceiver::CompleteFullTensors() {
     }
     // Every byte of a tensor passed through Accept's hash, unless the tensor
     // is empty (made just above).
-    const uint64_t checksum = current_filled_ > 0
-                                  ? XXH3_64bits_digest(hash_.get())
-                                  : XXH3_64bits(nullptr, 0);
+    const uint64_t checksum = current_filled_ == 0 ? XXH3_64bits(nullptr, 0)
+                              : one_piece_checksum_.has_value()
+                                  ? *one_piece_checksum_
+                                  : XXH3_64bits_digest(hash_.get());
+    one_piece_checksum_.reset();
     Tensor tensor = std::move(*builder_).Build(checksum);
     builder_.reset();
     computed_.push_back(checksum);
@@ -90,15 +95,54 @@ absl::Status ChunkReceiver::CompleteFullTensors() {
           absl::Hex(entry.checksum, absl::kZeroPad16)));
     }
     if (on_tensor_) {
-      callback_error_ = on_tensor_(current_, std::move(tensor));
+      callback_error_ = on_tensor_(current_, entry, std::move(tensor));
       RETURN_IF_ERROR(callback_error_);
     } else {
       done_.push_back(std::move(tensor));
     }
     ++current_;
     current_filled_ = 0;
+    if (current_ == block_end_) block_.reset();  // Its tensors hold it.
   }
   return absl::OkStatus();
+}
+
+namespace {
+uint64_t AlignedForStorage(uint64_t offset) {
+  return (offset + kStorageAlignment - 1) / kStorageAlignment *
+         kStorageAlignment;
+}
+bool IsPacked(uint64_t bytes) { return bytes < kPackedTensorMaxBytes; }
+}  // namespace
+
+absl::Status ChunkReceiver::NewBlock() {
+  uint64_t bytes = 0;
+  size_t end = current_;
+  for (; end < entries_.size() && IsPacked(sizes_[end]); ++end) {
+    if (sizes_[end] == 0) continue;  // Made apart, with no bytes to come.
+    const uint64_t next = AlignedForStorage(bytes) + sizes_[end];
+    if (next > kPackBlockBytes) break;
+    bytes = next;
+  }
+  // A block cut short by the next tensor takes the whole kPackBlockBytes (at
+  // most kPackedTensorMaxBytes unused) so that, freed, it serves the next one
+  // from Storage's pool of huge pages.
+  const bool full = end < entries_.size() && IsPacked(sizes_[end]);
+  ASSIGN_OR_RETURN(
+      block_, Storage::AllocateUninitialized(full ? kPackBlockBytes : bytes));
+  block_end_ = end;
+  block_used_ = 0;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<TensorBuilder> ChunkReceiver::NewBuilder() {
+  const TransferEntry& entry = entries_[current_];
+  if (packing_ == TensorPacking::kOwnStorage || !IsPacked(sizes_[current_]))
+    return TensorBuilder::CreateUninitialized(entry.dtype, entry.shape);
+  if (block_ == nullptr || current_ >= block_end_) RETURN_IF_ERROR(NewBlock());
+  const uint64_t offset = AlignedForStorage(block_used_);
+  block_used_ = offset + sizes_[current_];
+  return TensorBuilder::InBlock(entry.dtype, entry.shape, block_, offset);
 }
 
 absl::Status ChunkReceiver::Accept(uint64_t offset, absl::string_view data) {
@@ -106,6 +150,7 @@ absl::Status ChunkReceiver::Accept(uint64_t offset, absl::string_view data) {
   auto fail = [this](absl::Status status) {
     error_ = status;
     builder_.reset();
+    block_.reset();
     done_.clear();
     return status;
   };
@@ -117,17 +162,14 @@ absl::Status ChunkReceiver::Accept(uint64_t offset, absl::string_view data) {
   const char* in = data.data();
   uint64_t left = data.size();
   while (left > 0) {
-    const TransferEntry& entry = entries_[current_];
     if (!builder_) {
-      absl::StatusOr<TensorBuilder> builder =
-          TensorBuilder::CreateUninitialized(entry.dtype, entry.shape);
+      absl::StatusOr<TensorBuilder> builder = NewBuilder();
       if (!builder.ok()) return fail(builder.status());
       builder_.emplace(*std::move(builder));
-      XXH3_64bits_reset(hash_.get());
     }
     const uint64_t take = std::min(left, sizes_[current_] - current_filled_);
     std::memcpy(builder_->mutable_data() + current_filled_, in, take);
-    XXH3_64bits_update(hash_.get(), in, take);
+    Hash(in, take);
     current_filled_ += take;
     in += take;
     left -= take;
@@ -136,6 +178,17 @@ absl::Status ChunkReceiver::Accept(uint64_t offset, absl::string_view data) {
     if (!completed.ok()) return fail(completed);
   }
   return absl::OkStatus();
+}
+
+void ChunkReceiver::Hash(const char* piece, uint64_t size) {
+  // A tensor whose bytes arrive in one piece (most small tensors) is hashed
+  // in one call, without the streaming state's reset, buffering and digest.
+  if (current_filled_ == 0 && size == sizes_[current_]) {
+    one_piece_checksum_ = XXH3_64bits(piece, size);
+    return;
+  }
+  if (current_filled_ == 0) XXH3_64bits_reset(hash_.get());
+  XXH3_64bits_update(hash_.get(), piece, size);
 }
 
 absl::Status ChunkReceiver::CheckChunk(uint64_t offset, uint64_t size) const {
@@ -178,6 +231,7 @@ absl::Status ChunkReceiver::BeginChunk(uint64_t offset, uint64_t size) {
   if (error_.ok()) announced_end_ = offset + size;
   if (!error_.ok()) {
     builder_.reset();
+    block_.reset();
     done_.clear();
   }
   return error_;
@@ -243,6 +297,23 @@ ChunkSender::ChunkSender(std::vector<Tensor> tensors, uint64_t chunk_bytes,
   within_ = skip;
 }
 
+void ChunkSender::AddPiece(const Tensor& tensor, uint64_t take,
+                           Chunk* chunk) const {
+  const uint8_t* start = tensor.data() + within_;
+  // Tensors laid out back to back in one storage (a checkpoint file's, a
+  // packed block) go out as one piece: one buffer for the transport to hold
+  // instead of one per tensor.
+  if (!chunk->pieces.empty() && chunk->owners.back() == tensor.storage()) {
+    absl::Span<const uint8_t>& last = chunk->pieces.back();
+    if (last.data() + last.size() == start) {
+      last = absl::Span<const uint8_t>(last.data(), last.size() + take);
+      return;
+    }
+  }
+  chunk->pieces.emplace_back(start, take);
+  chunk->owners.push_back(tensor.storage());
+}
+
 bool ChunkSender::Next(Chunk* chunk) {
   chunk->pieces.clear();
   chunk->owners.clear();
@@ -252,10 +323,7 @@ bool ChunkSender::Next(Chunk* chunk) {
     const Tensor& tensor = tensors_[tensor_];
     const uint64_t available = tensor.num_bytes() - within_;
     const uint64_t take = std::min(available, chunk_bytes_ - chunk->size);
-    if (take > 0) {
-      chunk->pieces.emplace_back(tensor.data() + within_, take);
-      chunk->owners.push_back(tensor.storage());
-    }
+    if (take > 0) AddPiece(tensor, take, chunk);
     chunk->size += take;
     within_ += take;
     if (within_ == tensor.num_bytes()) {

@@ -43,13 +43,29 @@ struct TransferEntry {
 absl::StatusOr<std::vector<uint64_t>> TransferSizes(
     const std::vector<TransferEntry>& entries);
 
+// Where a receiver puts the tensors it makes.
+enum class TensorPacking {
+  // Each tensor in a storage of its own, so that no tensor keeps another's
+  // bytes alive: what a daemon keeps across versions that share tensors.
+  kOwnStorage,
+  // Runs of tensors under kPackedTensorMaxBytes share blocks of up to
+  // kPackBlockBytes, each tensor at a kStorageAlignment boundary: one
+  // allocation per block instead of one per tensor (and per freed tensor),
+  // for a client taking a whole state dict of many small tensors at once. A
+  // block lives while any of its tensors does.
+  kPackSmall,
+};
+inline constexpr uint64_t kPackedTensorMaxBytes = 64 << 10;
+inline constexpr uint64_t kPackBlockBytes = kHugePageBytes;
+
 // Receives one transfer. Not thread-safe; one stream feeds it.
 class ChunkReceiver {
  public:
-  // Called with each tensor as soon as it is complete and verified. Returning
-  // an error stops the transfer with that error.
-  using TensorCallback =
-      std::function<absl::Status(size_t index, Tensor tensor)>;
+  // Called with each tensor, its index and its entry as soon as it is
+  // complete and verified. Returning an error stops the transfer with that
+  // error.
+  using TensorCallback = std::function<absl::Status(
+      size_t index, const TransferEntry& entry, Tensor tensor)>;
 
   // Returns a receiver for `entries`, or InvalidArgument (see TransferSizes).
   // With `on_tensor`, completed tensors are handed over and not kept; without
@@ -58,7 +74,8 @@ class ChunkReceiver {
   // senders uses it, so that no one makes it handle a message per byte).
   static absl::StatusOr<std::unique_ptr<ChunkReceiver>> Create(
       std::vector<TransferEntry> entries, TensorCallback on_tensor = nullptr,
-      uint64_t min_chunk_bytes = 0);
+      uint64_t min_chunk_bytes = 0,
+      TensorPacking packing = TensorPacking::kOwnStorage);
 
   // As Create without a callback, for a load whose client may send the
   // checksums with its end marker (docs/protocol.md, "Checksums at the end"):
@@ -102,9 +119,18 @@ class ChunkReceiver {
 
  private:
   ChunkReceiver(std::vector<TransferEntry> entries, std::vector<uint64_t> sizes,
-                TensorCallback on_tensor, uint64_t min_chunk_bytes);
+                TensorCallback on_tensor, uint64_t min_chunk_bytes,
+                TensorPacking packing);
+  // A builder for the current tensor, which has bytes to come: in a block
+  // when packed, else in storage of its own.
+  absl::StatusOr<TensorBuilder> NewBuilder();
+  // Allocates the block for the run of small tensors starting at the current
+  // one.
+  absl::Status NewBlock();
   // Completes tensors (verifying checksums) while the current one is full.
   absl::Status CompleteFullTensors();
+  // Feeds the current tensor's checksum with its next `size` bytes.
+  void Hash(const char* piece, uint64_t size);
   // Accept's and BeginChunk's checks of a chunk's place and size.
   absl::Status CheckChunk(uint64_t offset, uint64_t size) const;
   // InvalidArgument for a chunk below min_chunk_bytes that does not end the
@@ -124,9 +150,17 @@ class ChunkReceiver {
   size_t current_ = 0;           // Index of the tensor being filled.
   uint64_t current_filled_ = 0;  // Bytes of it received.
   absl::optional<TensorBuilder> builder_;
+  TensorPacking packing_;
+  // The block being filled (kPackSmall): tensors before block_end_ have
+  // their place in it, the next one at block_used_ rounded up.
+  std::shared_ptr<Storage> block_;
+  size_t block_end_ = 0;
+  uint64_t block_used_ = 0;
   // XXH3-64 of the current tensor, fed by Accept as its bytes are copied in
   // (cache-hot), rather than a second pass over the finished tensor.
   std::unique_ptr<XXH3_state_t, XXH_errorcode (*)(XXH3_state_t*)> hash_;
+  // The current tensor's checksum when its bytes came in one piece.
+  absl::optional<uint64_t> one_piece_checksum_;
   uint64_t received_ = 0;
   uint64_t total_ = 0;
   absl::Status error_;
@@ -137,7 +171,8 @@ class ChunkReceiver {
 
 // Cuts tensors into chunks of at most `chunk_bytes`. Small tensors share a
 // chunk; large ones span several. The pieces alias the tensors' storage:
-// nothing is copied.
+// nothing is copied. Tensors that lie back to back in one storage share a
+// piece.
 class ChunkSender {
  public:
   struct Chunk {
@@ -163,6 +198,9 @@ class ChunkSender {
   const std::vector<Tensor>& tensors() const { return tensors_; }
 
  private:
+  // Adds `take` bytes of `tensor`, from within_, to `chunk`.
+  void AddPiece(const Tensor& tensor, uint64_t take, Chunk* chunk) const;
+
   std::vector<Tensor> tensors_;
   uint64_t chunk_bytes_;
   uint64_t total_ = 0;

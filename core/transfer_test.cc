@@ -1,6 +1,8 @@
 #include "core/transfer.h"
 
 #include <algorithm>
+#include <map>
+#include <set>
 #include <string>
 
 #include "core/limits.h"
@@ -150,12 +152,15 @@ TEST(TransferTest, BadStreamsAreRefused) {
 TEST(TransferTest, CallbackReceivesEachTensorOnceVerified) {
   const std::vector<Tensor> tensors = SampleTensors();
   std::vector<size_t> seen;
-  auto receiver = ChunkReceiver::Create(EntriesOf(tensors), [&](size_t index,
-                                                                Tensor tensor) {
-                    EXPECT_TRUE(tensor.BitwiseEquals(tensors[index]));
-                    seen.push_back(index);
-                    return absl::OkStatus();
-                  }).value();
+  auto receiver =
+      ChunkReceiver::Create(EntriesOf(tensors), [&](size_t index,
+                                                    const TransferEntry& entry,
+                                                    Tensor tensor) {
+        EXPECT_TRUE(tensor.BitwiseEquals(tensors[index]));
+        EXPECT_EQ(entry.key, EntriesOf(tensors)[index].key);
+        seen.push_back(index);
+        return absl::OkStatus();
+      }).value();
   ChunkSender sender(tensors, 100);
   ChunkSender::Chunk chunk;
   while (sender.Next(&chunk))
@@ -304,6 +309,182 @@ TEST(TransferTest, ChunksBelowTheMinimumAreRefusedUnlessTheyEndTheStream) {
     ASSERT_TRUE(pieces->Accept(offset, data.substr(offset, 10)).ok());
   EXPECT_THAT(std::string(pieces->BeginChunk(1000, 10).message()),
               HasSubstr("smaller than the minimum of 1000"));
+}
+
+// A model of small tensors around a large one: 300 of 10 KB (more than one
+// block's worth), empty ones among them, one of 64 KiB (not packed), and a
+// last run shorter than a block.
+std::vector<Tensor> ManySmallTensors() {
+  std::vector<Tensor> tensors;
+  for (int i = 0; i < 300; ++i) {
+    tensors.push_back(FullTensor(DType::kFloat32, {2500 + i % 7}, 0.5f * i));
+    if (i % 50 == 0)
+      tensors.push_back(Tensor::Zeros(DType::kFloat32, {0}).value());
+  }
+  tensors.push_back(FullTensor(DType::kFloat32, {16384}, 3.0f));
+  for (int i = 0; i < 20; ++i)
+    tensors.push_back(FullTensor(DType::kBFloat16, {1 + i}, -1.0f * i));
+  return tensors;
+}
+
+std::vector<Tensor> ReceiveAll(const std::vector<Tensor>& tensors,
+                               TensorPacking packing) {
+  ChunkSender sender(tensors, 100000);
+  auto receiver =
+      ChunkReceiver::Create(EntriesOf(tensors), nullptr, 0, packing).value();
+  ChunkSender::Chunk chunk;
+  while (sender.Next(&chunk))
+    EXPECT_TRUE(receiver->Accept(chunk.offset, Join(chunk)).ok());
+  return receiver->Finish(sender.total_bytes()).value();
+}
+
+TEST(TransferTest, PackedSmallTensorsShareAlignedBlocksAndKeepTheirBytes) {
+  const std::vector<Tensor> sent = ManySmallTensors();
+  const std::vector<Tensor> received =
+      ReceiveAll(sent, TensorPacking::kPackSmall);
+  ASSERT_EQ(received.size(), sent.size());
+  std::map<const Storage*, int> tensors_per_block;
+  for (size_t i = 0; i < sent.size(); ++i) {
+    EXPECT_TRUE(received[i].BitwiseEquals(sent[i])) << i;
+    EXPECT_EQ(
+        reinterpret_cast<uintptr_t>(received[i].data()) % kStorageAlignment,
+        0u);
+    EXPECT_EQ(received[i].Checksum(), sent[i].Checksum());
+    if (received[i].num_bytes() == 0) {
+      EXPECT_EQ(received[i].storage()->size(), 0u);
+      continue;
+    }
+    const bool packed = received[i].num_bytes() < kPackedTensorMaxBytes;
+    if (packed) {
+      ++tensors_per_block[received[i].storage().get()];
+    } else {
+      EXPECT_EQ(received[i].storage()->size(), 65536u);
+    }
+  }
+  // 300 tensors of ~10 KB fill one block (208 of them) and part of a second;
+  // the 20 after the large tensor make a third.
+  ASSERT_EQ(tensors_per_block.size(), 3u);
+  for (size_t i = 0; i < sent.size(); ++i) {
+    if (received[i].num_bytes() == 0 ||
+        received[i].num_bytes() >= kPackedTensorMaxBytes)
+      continue;
+    const Storage& block = *received[i].storage();
+    // Cut short by the next tensor: a whole block; a run's last: exact.
+    if (i < 200) {
+      EXPECT_EQ(block.size(), kPackBlockBytes) << i;
+    }
+    if (i + 1 == sent.size()) {
+      EXPECT_LT(block.size(), 4096u);
+    }
+    // The receiver holds no block once its tensors are done.
+    EXPECT_EQ(received[i].storage().use_count(), tensors_per_block[&block])
+        << i;
+  }
+}
+
+TEST(TransferTest, OwnStorageGivesEveryTensorItsOwn) {
+  const std::vector<Tensor> sent = ManySmallTensors();
+  const std::vector<Tensor> received =
+      ReceiveAll(sent, TensorPacking::kOwnStorage);
+  std::set<const Storage*> storages;
+  for (size_t i = 0; i < sent.size(); ++i) {
+    EXPECT_TRUE(received[i].BitwiseEquals(sent[i])) << i;
+    EXPECT_EQ(received[i].storage()->size(), received[i].num_bytes());
+    storages.insert(received[i].storage().get());
+  }
+  EXPECT_EQ(storages.size(), sent.size());
+}
+
+TEST(TransferTest, PackedTensorsHandedOverEarlyKeepTheirBytes) {
+  // Each tensor leaves through the callback while later ones are still
+  // written into its block: its bytes must not change.
+  const std::vector<Tensor> sent = ManySmallTensors();
+  std::vector<Tensor> handed;
+  std::vector<std::string> bytes_when_handed;
+  auto receiver = ChunkReceiver::Create(
+                      EntriesOf(sent),
+                      [&](size_t, const TransferEntry&, Tensor tensor) {
+                        bytes_when_handed.emplace_back(
+                            reinterpret_cast<const char*>(tensor.data()),
+                            tensor.num_bytes());
+                        handed.push_back(std::move(tensor));
+                        return absl::OkStatus();
+                      },
+                      0, TensorPacking::kPackSmall)
+                      .value();
+  ChunkSender sender(sent, 3000);
+  ChunkSender::Chunk chunk;
+  while (sender.Next(&chunk))
+    ASSERT_TRUE(receiver->Accept(chunk.offset, Join(chunk)).ok());
+  ASSERT_TRUE(receiver->Finish(sender.total_bytes()).ok());
+  ASSERT_EQ(handed.size(), sent.size());
+  for (size_t i = 0; i < sent.size(); ++i) {
+    EXPECT_EQ(std::string(reinterpret_cast<const char*>(handed[i].data()),
+                          handed[i].num_bytes()),
+              bytes_when_handed[i]);
+    EXPECT_TRUE(handed[i].BitwiseEquals(sent[i])) << i;
+  }
+}
+
+TEST(TransferTest, APackedTransferThatFailsReleasesItsBlock) {
+  const std::vector<Tensor> sent = ManySmallTensors();
+  std::vector<TransferEntry> entries = EntriesOf(sent);
+  entries[5].checksum ^= 1;
+  std::vector<Tensor> handed;
+  auto receiver = ChunkReceiver::Create(
+                      entries,
+                      [&](size_t, const TransferEntry&, Tensor tensor) {
+                        handed.push_back(std::move(tensor));
+                        return absl::OkStatus();
+                      },
+                      0, TensorPacking::kPackSmall)
+                      .value();
+  ChunkSender sender(sent, 100000);
+  ChunkSender::Chunk chunk;
+  ASSERT_TRUE(sender.Next(&chunk));
+  EXPECT_EQ(receiver->Accept(chunk.offset, Join(chunk)).code(),
+            absl::StatusCode::kDataLoss);
+  ASSERT_EQ(handed.size(), 5u);  // Four tensors and an empty one.
+  // Only the tensors handed over hold the block now.
+  EXPECT_EQ(handed[0].storage().use_count(), 4);
+}
+
+TEST(TransferTest, TensorsBackToBackInOneStorageShareAPiece) {
+  std::shared_ptr<Storage> bytes = Storage::Allocate(4096).value();
+  for (int i = 0; i < 4096; ++i) bytes->mutable_data()[i] = i % 251;
+  auto view = [&](size_t offset, int64_t floats) {
+    return Tensor::View(DType::kFloat32, {floats}, bytes, offset).value();
+  };
+  // Two views back to back, then a gap, then one of its own storage.
+  const std::vector<Tensor> tensors = {view(0, 100), view(400, 50),
+                                       view(1024, 10),
+                                       FullTensor(DType::kFloat32, {8}, 1.0f)};
+  ChunkSender sender(tensors, 1 << 20);
+  ChunkSender::Chunk chunk;
+  ASSERT_TRUE(sender.Next(&chunk));
+  ASSERT_EQ(chunk.pieces.size(), 3u);
+  EXPECT_EQ(chunk.pieces[0].data(), bytes->data());
+  EXPECT_EQ(chunk.pieces[0].size(), 600u);
+  EXPECT_EQ(chunk.pieces[1].data(), bytes->data() + 1024);
+  EXPECT_EQ(chunk.pieces[2].data(), tensors[3].data());
+  EXPECT_EQ(chunk.owners.size(), chunk.pieces.size());
+  EXPECT_EQ(chunk.owners[0], tensors[0].storage());
+  EXPECT_EQ(chunk.owners[2], tensors[3].storage());
+  // The bytes are still every tensor's, in order.
+  auto receiver = ChunkReceiver::Create(EntriesOf(tensors)).value();
+  ASSERT_TRUE(receiver->Accept(chunk.offset, Join(chunk)).ok());
+  std::vector<Tensor> received = receiver->Finish(chunk.size).value();
+  for (size_t i = 0; i < tensors.size(); ++i)
+    EXPECT_TRUE(received[i].BitwiseEquals(tensors[i])) << i;
+  // Across chunks: a chunk boundary inside the run splits it there only.
+  ChunkSender small(tensors, 500);
+  ASSERT_TRUE(small.Next(&chunk));
+  ASSERT_EQ(chunk.pieces.size(), 1u);
+  EXPECT_EQ(chunk.pieces[0].size(), 500u);
+  ASSERT_TRUE(small.Next(&chunk));
+  ASSERT_EQ(chunk.pieces.size(), 3u);
+  EXPECT_EQ(chunk.pieces[0].data(), bytes->data() + 500);
+  EXPECT_EQ(chunk.pieces[0].size(), 100u);
 }
 
 }  // namespace

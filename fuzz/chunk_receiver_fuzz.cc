@@ -1,8 +1,9 @@
 // The chunk receiver (every LoadStateDict stream and every client fetch) on a
 // manifest and a chunk sequence derived from the input: dtypes, shapes (mostly
 // small, sometimes arbitrary int64s), checksums (mostly right), chunk sizes and
-// offsets (mostly in order), the end marker. A transfer that finishes must
-// give exactly the bytes that were sent.
+// offsets (mostly in order), the end marker, small tensors packed into shared
+// blocks or not. A transfer that finishes must give exactly the bytes that
+// were sent, every tensor aligned as Storage promises.
 #include <algorithm>
 #include <cstdint>
 #include <string>
@@ -61,11 +62,13 @@ void FuzzOne(const uint8_t* data, size_t size) {
   const bool perturb = in.ConsumeIntegralInRange<int>(0, 15) == 0;
   const uint64_t end_delta = in.ConsumeIntegralInRange<int>(0, 15) == 0;
   const size_t wrong_checksum = in.ConsumeIntegralInRange<size_t>(0, 63);
+  const TensorPacking packing =
+      in.ConsumeBool() ? TensorPacking::kPackSmall : TensorPacking::kOwnStorage;
   const std::string stream = in.ConsumeRemainingBytesAsString();
   SetChecksums(stream, wrong_checksum, &entries);
 
   absl::StatusOr<std::unique_ptr<ChunkReceiver>> receiver =
-      ChunkReceiver::Create(entries);
+      ChunkReceiver::Create(entries, nullptr, 0, packing);
   if (!receiver.ok()) return;
   uint64_t offset = 0;
   size_t next = 0;
@@ -88,8 +91,11 @@ void FuzzOne(const uint8_t* data, size_t size) {
       wrong_checksum < entries.size())
     __builtin_trap();
   std::string received;
-  for (const Tensor& t : *tensors)
+  for (const Tensor& t : *tensors) {
+    if (reinterpret_cast<uintptr_t>(t.data()) % kStorageAlignment != 0)
+      __builtin_trap();
     received.append(reinterpret_cast<const char*>(t.data()), t.num_bytes());
+  }
   if (received != stream) __builtin_trap();
 }
 

@@ -149,6 +149,24 @@ TEST(PushTest, GeneratedStubClientsOfEitherChecksumStyleLoad) {
   }
 }
 
+// `state` with every tensor moved into one storage, back to back, as a
+// checkpoint file's tensors lie: the sender sends them as one piece.
+StateDict BackToBack(const StateDict& state) {
+  std::shared_ptr<Storage> bytes =
+      Storage::AllocateUninitialized(state.TotalBytes()).value();
+  StateDict packed;
+  size_t at = 0;
+  for (const StateDict::Entry& entry : state.entries()) {
+    const Tensor& tensor = entry.tensor;
+    std::copy_n(tensor.data(), tensor.num_bytes(), bytes->mutable_data() + at);
+    packed.Set(entry.key,
+               Tensor::View(tensor.dtype(), tensor.shape(), bytes, at).value(),
+               entry.kind);
+    at += tensor.num_bytes();
+  }
+  return packed;
+}
+
 TEST(PushTest, ClientLoadsRoundTripAtEveryChunkSize) {
   auto server = StartServer(AnyChunkSize());
   auto client = ConnectTo(*server);
@@ -174,6 +192,14 @@ TEST(PushTest, ClientLoadsRoundTripAtEveryChunkSize) {
       EXPECT_EQ(loaded->version, ++version);
       EXPECT_EQ(progressed, pushed.TotalBytes());
       ExpectSameState(CoreState(*server, name), pushed);
+      // The same bytes from one storage: pieces span tensors, checksums
+      // still come out per tensor.
+      const StateDict back_to_back =
+          BackToBack(FilledLike(shape, 0.5f * chunk_bytes + 2));
+      loaded = client->LoadStateDict({name}, back_to_back, options);
+      ASSERT_TRUE(loaded.ok()) << loaded.status();
+      EXPECT_EQ(loaded->version, ++version);
+      ExpectSameState(CoreState(*server, name), back_to_back);
     }
   }
   // A model created by a load, with a zero-byte tensor among the others.

@@ -52,6 +52,25 @@ void ExpectSameState(const StateDict& a, const StateDict& b) {
   }
 }
 
+// A fetched state dict's small tensors share blocks (TensorPacking), each at
+// an aligned start.
+void ExpectSmallTensorsPacked(const StateDict& state) {
+  int small = 0;
+  std::set<const Storage*> blocks;
+  for (const StateDict::Entry& entry : state.entries()) {
+    const Tensor& tensor = entry.tensor;
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(tensor.data()) % kStorageAlignment,
+              0u);
+    if (tensor.num_bytes() == 0 || tensor.num_bytes() >= kPackedTensorMaxBytes)
+      continue;
+    ++small;
+    blocks.insert(tensor.storage().get());
+  }
+  if (small >= 2) {
+    EXPECT_LT(blocks.size(), static_cast<size_t>(small));
+  }
+}
+
 TEST(ServerTest, SnapshotsMatchTheCoreStateDictBitForBit) {
   auto server = StartServer();
   auto client = ConnectTo(*server);
@@ -72,6 +91,7 @@ TEST(ServerTest, SnapshotsMatchTheCoreStateDictBitForBit) {
       ASSERT_TRUE(fetched.ok()) << fetched.status();
       EXPECT_EQ(fetched->version, 1);
       ExpectSameState(fetched->state, expected);
+      ExpectSmallTensorsPacked(fetched->state);
     }
     ModelManifest manifest = client->GetModel(name).value();
     ASSERT_EQ(manifest.tensors.size(), expected.size());
@@ -639,6 +659,8 @@ TEST(ServerTest, StreamingFetchHandsOverEachTensorOnce) {
       [&](const TensorDescription& description, Tensor tensor) {
         EXPECT_EQ(description.name, expected.entries()[index].key);
         EXPECT_TRUE(tensor.BitwiseEquals(expected.entries()[index].tensor));
+        // Not packed: a consumer keeping a tensor keeps only its bytes.
+        EXPECT_EQ(tensor.storage()->size(), tensor.num_bytes());
         ++index;
         return absl::OkStatus();
       });
