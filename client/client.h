@@ -232,6 +232,11 @@ class Client {
   // version; NotFound if the server no longer retains that version, Aborted if
   // its manifest changed, Unavailable once the resumes are spent. Never a
   // partial result. `request.offset` must be 0 (resumes set it).
+  // Tensors under 64 KiB lie in shared blocks of up to 2 MiB, each at a
+  // 64-byte boundary (TensorPacking::kPackSmall in core/transfer.h): one
+  // allocation per block rather than per tensor. A block is freed with the
+  // last of its tensors; a caller keeping a few small tensors of many keeps
+  // their blocks (StateDictStreaming gives every tensor its own storage).
   absl::StatusOr<FetchedStateDict> StateDict(
       const FetchRequest& request, const TransferOptions& transfer = {});
 
