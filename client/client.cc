@@ -1073,7 +1073,7 @@ absl::StatusOr<FetchedStateDict> Client::StateDict(
   ASSIGN_OR_RETURN(
       fetched.version,
       ReceiveTensors(channel_.get(), Deadline(), options_.token, request,
-                     transfer, TensorPacking::kPackSmall,
+                     transfer, transfer.packing,
                      [&](const v1::Manifest& manifest, size_t index,
                          const TransferEntry& entry, Tensor tensor) {
                        if (index == 0)

@@ -23,6 +23,7 @@
 #include "core/requests.h"
 #include "core/state_dict.h"
 #include "core/tensor.h"
+#include "core/transfer.h"
 #include "modelstate/v1/model_state.grpc.pb.h"
 
 namespace modelstate {
@@ -139,6 +140,12 @@ struct TransferOptions {
   // server itself is not resumed; telling it from a drop makes such an answer
   // up to 20 ms later.
   int max_resumes = 8;
+  // StateDict only: how the received tensors are laid out (core/transfer.h).
+  // By default tensors under 64 KiB share blocks of up to 2 MiB;
+  // kOwnStorage gives each its own, for a holder that keeps a few of many
+  // tensors for long (a follower daemon, whose versions share the tensors a
+  // load left unchanged).
+  TensorPacking packing = TensorPacking::kPackSmall;
 };
 
 // Caller-owned memory that StateDictInto fills: one state-dict entry, laid
@@ -232,8 +239,8 @@ class Client {
   // version; NotFound if the server no longer retains that version, Aborted if
   // its manifest changed, Unavailable once the resumes are spent. Never a
   // partial result. `request.offset` must be 0 (resumes set it).
-  // Tensors under 64 KiB lie in shared blocks of up to 2 MiB, each at a
-  // 64-byte boundary (TensorPacking::kPackSmall in core/transfer.h): one
+  // Unless TransferOptions::packing says otherwise, tensors under 64 KiB lie
+  // in shared blocks of up to 2 MiB, each at a 64-byte boundary: one
   // allocation per block rather than per tensor. A block is freed with the
   // last of its tensors; a caller keeping a few small tensors of many keeps
   // their blocks (StateDictStreaming gives every tensor its own storage).

@@ -25,6 +25,18 @@ StateDict& StateDict::operator=(const StateDict& other) {
   return *this;
 }
 
+StateDict& StateDict::operator=(StateDict&& other) {
+  // A self-move must not leave the index viewing keys the move freed.
+  if (this == &other) return *this;
+  entries_ = std::move(other.entries_);
+  index_ = std::move(other.index_);
+  metadata_ = std::move(other.metadata_);
+  metadata_index_ = std::move(other.metadata_index_);
+  other.entries_.clear();
+  other.index_.clear();
+  return *this;
+}
+
 void StateDict::Set(std::string key, Tensor tensor, TensorKind kind) {
   auto it = index_.find(key);
   if (it != index_.end()) {
@@ -56,8 +68,10 @@ void StateDict::Append(std::string key, Tensor tensor, TensorKind kind) {
 }
 
 void StateDict::RebuildIndex() {
-  index_.clear();
-  index_.reserve(entries_.size());
+  // Sized for every entry the vector holds room for, so that appends until
+  // its next reallocation do not rehash.
+  index_ = {};
+  index_.reserve(entries_.capacity());
   for (size_t i = 0; i < entries_.size(); ++i)
     index_.emplace(entries_[i].key, i);
 }
@@ -66,7 +80,6 @@ void StateDict::Reserve(size_t entries) {
   if (entries <= entries_.capacity()) return;
   entries_.reserve(entries);
   RebuildIndex();
-  index_.reserve(entries);
 }
 
 const Tensor* StateDict::Find(absl::string_view key) const {

@@ -26,7 +26,7 @@ class StateDict {
   StateDict(const StateDict& other);
   StateDict& operator=(const StateDict& other);
   StateDict(StateDict&&) = default;
-  StateDict& operator=(StateDict&&) = default;
+  StateDict& operator=(StateDict&& other);
 
   struct Entry {
     std::string key;

@@ -385,6 +385,11 @@ TEST(StateDictTest, KeysAreFoundThroughGrowthCopiesAndMoves) {
   moved.Set(key(3), Tensor::Zeros(DType::kFloat32, {4}).value());
   EXPECT_EQ(moved.entries()[3].key, key(3));
   expect_all(moved, 700);
+  StateDict& alias = moved;
+  moved = std::move(alias);  // A self-move keeps everything.
+  expect_all(moved, 700);
+  assigned = std::move(moved);
+  expect_all(assigned, 700);
 }
 
 }  // namespace

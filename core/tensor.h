@@ -239,9 +239,10 @@ class Tensor {
   int64_t num_elements() const { return num_elements_; }
   size_t num_bytes() const { return num_elements_ * ElementSize(dtype_); }
   // The first byte. Tensors made here (Zeros, FromBytes, CastTo,
-  // TensorBuilder) start at their storage's start, so they are aligned as
-  // Storage::Allocate promises; a View is aligned only as far as its storage
-  // and offset make it (a safetensors file's tensors may not be).
+  // TensorBuilder) start at a kStorageAlignment boundary of their storage
+  // (its start, or their place in a shared block); a View is aligned only as
+  // far as its storage and offset make it (a safetensors file's tensors may
+  // not be).
   const uint8_t* data() const { return storage_->data() + offset_; }
   absl::Span<const uint8_t> bytes() const { return {data(), num_bytes()}; }
   const std::shared_ptr<const Storage>& storage() const { return storage_; }

@@ -53,6 +53,9 @@ absl::StatusOr<StateDict> GrpcUpstream::Fetch(
   TransferOptions transfer;
   transfer.canceller = &canceller_;
   transfer.max_resumes = kFetchResumes;
+  // Versions share the tensors a load left unchanged: a packed block would
+  // keep the replaced neighbours of a kept tensor alive.
+  transfer.packing = TensorPacking::kOwnStorage;
   ASSIGN_OR_RETURN(FetchedStateDict fetched,
                    streams_->StateDict(request, transfer));
   if (fetched.version != version) {

@@ -213,6 +213,10 @@ TEST(PushTest, ClientLoadsRoundTripAtEveryChunkSize) {
   ASSERT_TRUE(created.ok()) << created.status();
   EXPECT_TRUE(created->created);
   ExpectSameState(CoreState(*server, "fresh"), fresh);
+  // Back to back, the empty tensors lie inside the one piece.
+  const StateDict fresh_back_to_back = BackToBack(fresh);
+  ASSERT_TRUE(client->LoadStateDict({"fresh"}, fresh_back_to_back).ok());
+  ExpectSameState(CoreState(*server, "fresh"), fresh_back_to_back);
 }
 
 TEST(PushTest, BadChecksumsInTheEndMarkerChangeNothing) {

@@ -248,6 +248,43 @@ TEST(ReplicationTest, ChainMirrorsEveryCommitBitExactInCommitOrder) {
   EXPECT_THAT(b.Log(), HasSubstr("follow: deleted scratch"));
 }
 
+// A follower keeps every version's tensors, sharing the unchanged ones
+// across versions: none may sit in a block that keeps others alive
+// (TransferOptions::packing), though a client's fetch packs them.
+TEST(ReplicationTest, AFollowerKeepsEachTensorInAStorageOfItsOwn) {
+  auto primary = testing_support::StartServer();
+  auto writer = ConnectTo(*primary);
+  const int64_t version = writer->CreateModel("net", kNet, 3).value().version;
+  ServerOptions options;
+  options.follow = absl::StrCat("127.0.0.1:", primary->port());
+  options.follow_max_backoff = absl::Milliseconds(100);
+  auto follower = testing_support::StartServer(options);
+  auto reader = ConnectTo(*follower);
+  ASSERT_TRUE(WaitUntil([&] {
+    absl::StatusOr<ModelManifest> manifest = reader->GetModel("net");
+    return manifest.ok() && manifest->version == version;
+  }));
+  const StateDict expected = testing_support::CoreState(*primary, "net");
+  const StateDict kept = testing_support::CoreState(*follower, "net");
+  ASSERT_EQ(kept.size(), expected.size());
+  int small = 0;
+  for (size_t i = 0; i < kept.size(); ++i) {
+    const Tensor& tensor = kept.entries()[i].tensor;
+    EXPECT_TRUE(tensor.BitwiseEquals(expected.entries()[i].tensor));
+    if (tensor.num_bytes() == 0) continue;
+    EXPECT_EQ(tensor.storage()->size(), tensor.num_bytes())
+        << kept.entries()[i].key;
+    if (tensor.num_bytes() < kPackedTensorMaxBytes) ++small;
+  }
+  EXPECT_GE(small, 2);  // Enough to share a block, had they been packed.
+  // The same model fetched by a client is packed.
+  const StateDict fetched = reader->StateDict("net").value().state;
+  std::set<const Storage*> storages;
+  for (const StateDict::Entry& entry : fetched.entries())
+    storages.insert(entry.tensor.storage().get());
+  EXPECT_LT(storages.size(), fetched.size());
+}
+
 TEST(ReplicationTest, WritesToAFollowerFailNamingTheUpstreamAndChangeNothing) {
   Daemon primary({"--demo_model=", "--log_rpcs=false", "--retain_versions=2"});
   Daemon follower(FollowerArgs(primary.address(), {"--retain_versions=2"}));
