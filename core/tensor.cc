@@ -243,6 +243,12 @@ size_t Alignment(size_t bytes) {
   return bytes >= kHugePage ? kHugePage : kAlignment;
 }
 
+// True when `bytes` at `offset` lie within `storage`.
+bool FitsIn(const Storage& storage, size_t offset, int64_t bytes) {
+  return offset <= storage.size() &&
+         static_cast<uint64_t>(bytes) <= storage.size() - offset;
+}
+
 const std::shared_ptr<const Storage>& EmptyStorage() {
   static const auto* empty =
       new std::shared_ptr<const Storage>(Storage::Allocate(0).value());
@@ -447,8 +453,7 @@ absl::StatusOr<Tensor> Tensor::View(DType dtype, const Shape& shape,
                                     std::shared_ptr<const Storage> storage,
                                     size_t offset) {
   ASSIGN_OR_RETURN(int64_t bytes, NumBytes(dtype, shape));
-  if (offset > storage->size() ||
-      static_cast<uint64_t>(bytes) > storage->size() - offset) {
+  if (!FitsIn(*storage, offset, bytes)) {
     return absl::InvalidArgumentError("tensor view exceeds its storage");
   }
   ASSIGN_OR_RETURN(int64_t count, NumElements(shape));
@@ -512,8 +517,7 @@ absl::StatusOr<TensorBuilder> TensorBuilder::InBlock(
     size_t offset) {
   ASSIGN_OR_RETURN(int64_t bytes, NumBytes(dtype, shape));
   ASSIGN_OR_RETURN(int64_t count, NumElements(shape));
-  if (offset > block->size() ||
-      static_cast<uint64_t>(bytes) > block->size() - offset) {
+  if (!FitsIn(*block, offset, bytes)) {
     return absl::InvalidArgumentError("tensor does not fit in its block");
   }
   return TensorBuilder(dtype, shape, count, static_cast<size_t>(bytes),

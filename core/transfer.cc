@@ -102,7 +102,8 @@ absl::Status ChunkReceiver::CompleteFullTensors() {
     }
     ++current_;
     current_filled_ = 0;
-    if (current_ == block_end_) block_.reset();  // Its tensors hold it.
+    // Its tensors hold it; the next small tensor starts a block of its own.
+    if (current_ == block_end_) block_.reset();
   }
   return absl::OkStatus();
 }
@@ -139,7 +140,7 @@ absl::StatusOr<TensorBuilder> ChunkReceiver::NewBuilder() {
   const TransferEntry& entry = entries_[current_];
   if (packing_ == TensorPacking::kOwnStorage || !IsPacked(sizes_[current_]))
     return TensorBuilder::CreateUninitialized(entry.dtype, entry.shape);
-  if (block_ == nullptr || current_ >= block_end_) RETURN_IF_ERROR(NewBlock());
+  if (block_ == nullptr) RETURN_IF_ERROR(NewBlock());
   const uint64_t offset = AlignedForStorage(block_used_);
   block_used_ = offset + sizes_[current_];
   return TensorBuilder::InBlock(entry.dtype, entry.shape, block_, offset);
