@@ -46,7 +46,13 @@ ABSL_FLAG(std::string, tls_client_ca, "",
           "PEM CA that client certificates must chain to (mTLS)");
 ABSL_FLAG(std::string, metrics_listen, "",
           "host:port of a plaintext HTTP listener serving Prometheus metrics "
-          "at /metrics; empty for none");
+          "at /metrics, to anyone who reaches it (no credentials); empty for "
+          "none");
+ABSL_FLAG(bool, metrics_model_labels, true,
+          "label per-model metrics (modelstate_model_version, "
+          "modelstate_model_bytes) with each model's name, also of models "
+          "an --auth_policy hides; false leaves those series out, so that "
+          "/metrics names no model");
 ABSL_FLAG(std::string, health_listen, "",
           "host:port of an extra plaintext port serving only grpc.health.v1");
 ABSL_FLAG(absl::Duration, shutdown_grace, absl::Seconds(30),
@@ -226,6 +232,7 @@ absl::StatusOr<modelstate::ServerOptions> OptionsFromFlags() {
   options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
   options.health_listen = absl::GetFlag(FLAGS_health_listen);
   options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  options.metrics_model_labels = absl::GetFlag(FLAGS_metrics_model_labels);
   options.log_rpcs = absl::GetFlag(FLAGS_log_rpcs);
   options.data_dir = absl::GetFlag(FLAGS_data_dir);
   const std::string durability = absl::GetFlag(FLAGS_durability);

@@ -2,6 +2,7 @@
 
 #include <malloc.h>
 
+#include <atomic>
 #include <utility>
 #include <vector>
 
@@ -43,65 +44,22 @@ void AddHeapGauges(std::vector<prometheus::MetricFamily>& families) {
   families.push_back(std::move(free_bytes));
 }
 
-// The store's state, read at every scrape rather than kept up to date.
-class StateCollector : public prometheus::Collectable {
- public:
-  StateCollector(const ModelStore* store, int64_t memory_limit_bytes,
-                 std::function<int64_t()> active_calls)
-      : store_(store),
-        memory_limit_bytes_(memory_limit_bytes),
-        active_calls_(std::move(active_calls)) {}
-
-  std::vector<prometheus::MetricFamily> Collect() const override {
-    const std::vector<ModelSummary> models = store_->Summaries();
-    auto count = Gauge("modelstate_models", "Models held.");
-    AddSample(count, static_cast<double>(models.size()));
-    auto versions =
-        Gauge("modelstate_model_version", "Current version of each model.");
-    auto bytes = Gauge("modelstate_model_bytes",
-                       "Tensor bytes of each model's state dict.");
-    for (const ModelSummary& model : models) {
-      AddSample(versions, static_cast<double>(model.version),
-                {{"model", model.name}});
-      AddSample(bytes, static_cast<double>(model.num_bytes),
-                {{"model", model.name}});
-    }
-    auto live = Gauge("modelstate_memory_live_bytes",
-                      "Tensor bytes alive: models, retained versions, "
-                      "snapshots held by streams, kept casts.");
-    AddSample(live, static_cast<double>(store_->live_bytes()));
-    auto reserved = Gauge("modelstate_memory_reserved_bytes",
-                          "Bytes reserved by loads in flight.");
-    AddSample(reserved, static_cast<double>(store_->reserved_bytes()));
-    auto limit = Gauge("modelstate_memory_limit_bytes",
-                       "--memory_limit_bytes; 0 means none.");
-    AddSample(limit, static_cast<double>(memory_limit_bytes_));
-    auto metadata = Gauge("modelstate_memory_metadata_bytes",
-                          "Estimated bytes of modules, slots, names and "
-                          "shapes around the tensors; counted by the limit.");
-    AddSample(metadata, static_cast<double>(store_->metadata_bytes()));
-    auto pooled = Gauge("modelstate_memory_pooled_bytes",
-                        "Freed tensor memory held for reuse "
-                        "(--storage_pool_bytes); counted against the memory "
-                        "limit as spare room.");
-    AddSample(pooled, static_cast<double>(store_->pooled_bytes()));
-    auto loads = Gauge("modelstate_pending_loads", "Loads in flight.");
-    AddSample(loads, store_->pending_loads());
-    auto calls =
-        Gauge("modelstate_active_calls", "Calls in flight, streams included.");
-    AddSample(calls, static_cast<double>(active_calls_()));
-    std::vector<prometheus::MetricFamily> families = {
-        count,  versions, bytes, live,  reserved,
-        pooled, metadata, limit, loads, calls};
-    AddHeapGauges(families);
-    return families;
+// Each model's version and bytes, labelled with its name.
+void AddPerModelGauges(const std::vector<ModelSummary>& models,
+                       std::vector<prometheus::MetricFamily>& families) {
+  auto versions =
+      Gauge("modelstate_model_version", "Current version of each model.");
+  auto bytes = Gauge("modelstate_model_bytes",
+                     "Tensor bytes of each model's state dict.");
+  for (const ModelSummary& model : models) {
+    AddSample(versions, static_cast<double>(model.version),
+              {{"model", model.name}});
+    AddSample(bytes, static_cast<double>(model.num_bytes),
+              {{"model", model.name}});
   }
-
- private:
-  const ModelStore* store_;
-  const int64_t memory_limit_bytes_;
-  const std::function<int64_t()> active_calls_;
-};
+  families.push_back(std::move(versions));
+  families.push_back(std::move(bytes));
+}
 
 prometheus::MetricFamily Counter(std::string name, std::string help,
                                  double value) {
@@ -167,6 +125,60 @@ class FollowerCollector : public prometheus::Collectable {
 
 }  // namespace
 
+// The store's state, read at every scrape rather than kept up to date.
+class StateCollector : public prometheus::Collectable {
+ public:
+  StateCollector(const ModelStore* store, int64_t memory_limit_bytes,
+                 std::function<int64_t()> active_calls)
+      : store_(store),
+        memory_limit_bytes_(memory_limit_bytes),
+        active_calls_(std::move(active_calls)) {}
+
+  void SetModelLabels(bool enabled) { model_labels_ = enabled; }
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    const std::vector<ModelSummary> models = store_->Summaries();
+    auto count = Gauge("modelstate_models", "Models held.");
+    AddSample(count, static_cast<double>(models.size()));
+    std::vector<prometheus::MetricFamily> families = {count};
+    if (model_labels_) AddPerModelGauges(models, families);
+    auto live = Gauge("modelstate_memory_live_bytes",
+                      "Tensor bytes alive: models, retained versions, "
+                      "snapshots held by streams, kept casts.");
+    AddSample(live, static_cast<double>(store_->live_bytes()));
+    auto reserved = Gauge("modelstate_memory_reserved_bytes",
+                          "Bytes reserved by loads in flight.");
+    AddSample(reserved, static_cast<double>(store_->reserved_bytes()));
+    auto limit = Gauge("modelstate_memory_limit_bytes",
+                       "--memory_limit_bytes; 0 means none.");
+    AddSample(limit, static_cast<double>(memory_limit_bytes_));
+    auto metadata = Gauge("modelstate_memory_metadata_bytes",
+                          "Estimated bytes of modules, slots, names and "
+                          "shapes around the tensors; counted by the limit.");
+    AddSample(metadata, static_cast<double>(store_->metadata_bytes()));
+    auto pooled = Gauge("modelstate_memory_pooled_bytes",
+                        "Freed tensor memory held for reuse "
+                        "(--storage_pool_bytes); counted against the memory "
+                        "limit as spare room.");
+    AddSample(pooled, static_cast<double>(store_->pooled_bytes()));
+    auto loads = Gauge("modelstate_pending_loads", "Loads in flight.");
+    AddSample(loads, store_->pending_loads());
+    auto calls =
+        Gauge("modelstate_active_calls", "Calls in flight, streams included.");
+    AddSample(calls, static_cast<double>(active_calls_()));
+    families.insert(families.end(),
+                    {live, reserved, pooled, metadata, limit, loads, calls});
+    AddHeapGauges(families);
+    return families;
+  }
+
+ private:
+  const ModelStore* store_;
+  const int64_t memory_limit_bytes_;
+  const std::function<int64_t()> active_calls_;
+  std::atomic<bool> model_labels_{true};
+};
+
 std::shared_ptr<prometheus::Collectable> FollowerMetrics(
     const Follower* follower) {
   return std::make_shared<FollowerCollector>(follower);
@@ -193,6 +205,12 @@ Metrics::Metrics(const ModelStore* store, int64_t memory_limit_bytes,
                          .Register(*registry_)),
       state_(std::make_shared<StateCollector>(store, memory_limit_bytes,
                                               std::move(active_calls))) {}
+
+void Metrics::SetModelLabels(bool enabled) { state_->SetModelLabels(enabled); }
+
+std::shared_ptr<prometheus::Collectable> Metrics::state_metrics() const {
+  return state_;
+}
 
 void Metrics::RecordRpc(absl::string_view method, grpc::StatusCode code,
                         uint64_t bytes, absl::Duration duration) {

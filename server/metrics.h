@@ -1,7 +1,8 @@
 // Prometheus metrics of one daemon: RPCs by method and status code, bytes
 // moved, transfer durations, and at every scrape the store's state (models,
 // versions, bytes held, memory reserved against the limit, loads and calls in
-// flight).
+// flight). The per-model series name every model, also those an auth policy
+// hides from a caller's ListModels; SetModelLabels(false) leaves them out.
 //
 // Thread-safety: every method may be called from any thread.
 #ifndef MODELSTATE_SERVER_METRICS_H_
@@ -25,6 +26,8 @@
 
 namespace modelstate {
 
+class StateCollector;
+
 class Metrics {
  public:
   // `store` must outlive the metrics; `active_calls` reports the calls in
@@ -41,13 +44,17 @@ class Metrics {
   // AuthFailureName ("unknown_token", "permission_denied", ...).
   void RecordAuthFailure(absl::string_view reason);
 
+  // With false, no scrape carries a model name from the next one on: the
+  // per-model series (modelstate_model_version, modelstate_model_bytes) are
+  // left out, while modelstate_models and the memory gauges still count every
+  // model. True by default.
+  void SetModelLabels(bool enabled);
+
   // What an exposer serves: the RPC metrics and the store's state.
   std::shared_ptr<prometheus::Collectable> rpc_metrics() const {
     return registry_;
   }
-  std::shared_ptr<prometheus::Collectable> state_metrics() const {
-    return state_;
-  }
+  std::shared_ptr<prometheus::Collectable> state_metrics() const;
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
@@ -55,7 +62,7 @@ class Metrics {
   prometheus::Family<prometheus::Counter>& bytes_;
   prometheus::Family<prometheus::Histogram>& durations_;
   prometheus::Family<prometheus::Counter>& auth_failures_;
-  std::shared_ptr<prometheus::Collectable> state_;
+  std::shared_ptr<StateCollector> state_;
 };
 
 // A follower's state, read at every scrape (modelstated --follow):

@@ -134,6 +134,26 @@ void ApplyConnectionLimits(const ServerOptions& options,
                              ChannelArgMillis(options.max_connection_idle));
 }
 
+// The metrics listener's civetweb settings. A worker thread serves one
+// connection at a time from its first byte, so a client that sends nothing,
+// or half a request, holds a thread: the request timeout bounds for how long
+// (civetweb's default is 30 s), and threads beyond prometheus-cpp's two keep a
+// few such clients from delaying a scrape at all. Keep-alive stays off: an idle
+// kept-alive connection would hold a thread too.
+constexpr int kMetricsThreads = 8;
+constexpr absl::Duration kMetricsRequestTimeout = absl::Seconds(3);
+
+std::vector<std::string> MetricsListenerOptions(const std::string& listen) {
+  return {"listening_ports",
+          listen,
+          "num_threads",
+          std::to_string(kMetricsThreads),
+          "request_timeout_ms",
+          std::to_string(absl::ToInt64Milliseconds(kMetricsRequestTimeout)),
+          "enable_keep_alive",
+          "no"};
+}
+
 absl::Status ValidateServerOptions(const ServerOptions& options) {
   if (options.chunk_bytes == 0 || options.chunk_bytes > kMaxChunkBytes) {
     return absl::InvalidArgumentError(
@@ -231,7 +251,8 @@ absl::Status Server::ServeMetrics(const std::string& listen) {
   if (listen.empty()) return absl::OkStatus();
   // prometheus-cpp reports a listener it cannot start by throwing.
   try {
-    exposer_ = std::make_unique<prometheus::Exposer>(listen);
+    exposer_ =
+        std::make_unique<prometheus::Exposer>(MetricsListenerOptions(listen));
   } catch (const std::exception& error) {
     return absl::UnavailableError(
         absl::StrCat("cannot serve metrics on ", listen, ": ", error.what()));
@@ -248,6 +269,9 @@ absl::Status Server::ServeMetrics(const std::string& listen) {
 }
 
 absl::Status Server::PrepareFollower(const ServerOptions& options) {
+  // Here because this is the last step before ServeMetrics that is given the
+  // options.
+  metrics_->SetModelLabels(options.metrics_model_labels);
   if (options.follow.empty()) return absl::OkStatus();
   ASSIGN_OR_RETURN(
       upstream_, GrpcUpstream::Connect(options.follow, options.follow_client));

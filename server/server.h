@@ -59,8 +59,12 @@ struct ServerOptions {
   // the main port requires mTLS); empty for none.
   std::string health_listen;
   // host:port of a plaintext HTTP listener serving Prometheus metrics at
-  // /metrics; port 0 picks a free port; empty for none.
+  // /metrics; port 0 picks a free port; empty for none. It asks for no
+  // credentials.
   std::string metrics_listen;
+  // Label the per-model metrics with each model's name; false leaves those
+  // series out, so that a scrape names no model (Metrics::SetModelLabels).
+  bool metrics_model_labels = true;
   bool log_rpcs = true;
   // Directory where every committed version is persisted and from which models
   // are restored at start; empty keeps state in memory only.
