@@ -1,13 +1,18 @@
 #include "client/client.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <climits>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <set>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "client/local_fetch.h"
@@ -121,8 +126,51 @@ Client::Client(std::shared_ptr<grpc::Channel> channel, ClientOptions options)
       stub_(v1::ModelState::NewStub(channel_)),
       options_(std::move(options)) {}
 
-absl::StatusOr<std::string> ReadTokenFile(const std::string& path) {
-  ASSIGN_OR_RETURN(const std::string text, ReadFileToString(path));
+namespace {
+
+// Of a token file's mode: FailedPrecondition when group or others may write
+// it; OK otherwise, with `*warning` set when they may read it.
+absl::Status CheckTokenFileMode(const std::string& path, mode_t mode,
+                                std::string* warning) {
+  const std::string shown = absl::StrFormat("%04o", mode & 07777);
+  if ((mode & (S_IWGRP | S_IWOTH)) != 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "token file ", path, " has mode ", shown,
+        ": group or others may write it, so anyone could replace the token; "
+        "refusing it (chmod 600 ",
+        path, ")"));
+  }
+  if ((mode & (S_IRGRP | S_IROTH)) != 0) {
+    *warning = absl::StrCat("token file ", path, " has mode ", shown,
+                            ": group or others may read the token (chmod 600 ",
+                            path, ")");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> ReadTokenFile(const std::string& path,
+                                          std::string* warning) {
+  std::string ignored;
+  if (warning == nullptr) warning = &ignored;
+  warning->clear();
+  // The mode is taken from the file as opened, so it is the file read.
+  std::unique_ptr<std::FILE, int (*)(std::FILE*)> file(
+      std::fopen(path.c_str(), "rb"), std::fclose);
+  if (file == nullptr) return ErrnoToStatus(errno, "cannot read", path);
+  struct stat info;
+  if (fstat(fileno(file.get()), &info) != 0)
+    return ErrnoToStatus(errno, "cannot read", path);
+  if (S_ISREG(info.st_mode))
+    RETURN_IF_ERROR(CheckTokenFileMode(path, info.st_mode, warning));
+  std::string text;
+  char buffer[4096];
+  size_t got;
+  while ((got = std::fread(buffer, 1, sizeof buffer, file.get())) > 0)
+    text.append(buffer, got);
+  if (std::ferror(file.get()))
+    return absl::UnavailableError(absl::StrCat("cannot read ", path));
   const std::string token(absl::StripAsciiWhitespace(text));
   if (token.empty())
     return absl::InvalidArgumentError(absl::StrCat(path, " holds no token"));

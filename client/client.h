@@ -195,8 +195,14 @@ struct FetchedStateDict {
 
 // The bearer token in the file at `path`, surrounding whitespace stripped:
 // how modelstatectl --token_file and modelstated --follow_token_file read one.
-// The file's error, or InvalidArgument if it holds no token.
-absl::StatusOr<std::string> ReadTokenFile(const std::string& path);
+// A regular file that group or others may write is refused with
+// FailedPrecondition naming the path and its mode (anyone could swap the
+// token); one that they may read is read, and `*warning` (when given) is set to
+// a line saying so, as ssh warns about a key file, for the caller to print
+// (otherwise it is cleared). Other files (a pipe, /dev/stdin) are not checked.
+// Also the file's read error, or InvalidArgument if it holds no token.
+absl::StatusOr<std::string> ReadTokenFile(const std::string& path,
+                                          std::string* warning = nullptr);
 
 class Client {
  public:

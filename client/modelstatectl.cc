@@ -370,14 +370,19 @@ int Watch(Client &client, const std::string &model) {
 }
 
 // The bearer token of --token_file (surrounding whitespace stripped), else of
-// $MODELSTATE_TOKEN, else none.
+// $MODELSTATE_TOKEN, else none. A token file others may read is used with a
+// warning on stderr.
 absl::StatusOr<std::string> Token() {
   const std::string path = absl::GetFlag(FLAGS_token_file);
   if (path.empty()) {
     const char *env = std::getenv("MODELSTATE_TOKEN");
     return std::string(absl::StripAsciiWhitespace(env ? env : ""));
   }
-  return ReadTokenFile(path);
+  std::string warning;
+  absl::StatusOr<std::string> token = ReadTokenFile(path, &warning);
+  if (!warning.empty())
+    std::fprintf(stderr, "modelstatectl: warning: %s\n", warning.c_str());
+  return token;
 }
 
 int Run(const std::vector<char *> &positional) {
