@@ -1,13 +1,16 @@
 #include "core/access_policy.h"
 
+#include <arpa/inet.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 
 #include <algorithm>
 #include <map>
+#include <optional>
 #include <utility>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -156,7 +159,93 @@ absl::Status ValidatePrincipalName(const Json& principal,
   return absl::OkStatus();
 }
 
+// An IPv4 or IPv6 address as its bytes (4 or 16), or nullopt for text that is
+// not one: addresses are compared as numbers, "fd00::7" equal to "FD00:0::7".
+std::optional<std::string> IpAddressBytes(absl::string_view text) {
+  if (absl::StrContains(text, '\0')) return std::nullopt;
+  const std::string copy(text);
+  unsigned char bytes[16];
+  if (inet_pton(AF_INET, copy.c_str(), bytes) == 1)
+    return std::string(reinterpret_cast<char*>(bytes), 4);
+  if (inet_pton(AF_INET6, copy.c_str(), bytes) == 1)
+    return std::string(reinterpret_cast<char*>(bytes), 16);
+  return std::nullopt;
+}
+
+// RFC 3986: scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ), then ':'.
+bool HasUriScheme(absl::string_view name) {
+  const size_t colon = name.find(':');
+  if (colon == 0 || colon == absl::string_view::npos) return false;
+  if (!absl::ascii_isalpha(static_cast<unsigned char>(name[0]))) return false;
+  for (char c : name.substr(0, colon)) {
+    if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '+' &&
+        c != '-' && c != '.') {
+      return false;
+    }
+  }
+  return true;
+}
+
+bool Contains(const std::vector<std::string>& values, absl::string_view name) {
+  return std::find(values.begin(), values.end(), name) != values.end();
+}
+
+bool ContainsAddress(const std::vector<std::string>& values,
+                     absl::string_view name) {
+  const std::optional<std::string> wanted = IpAddressBytes(name);
+  return wanted.has_value() &&
+         std::any_of(values.begin(), values.end(),
+                     [&wanted](const std::string& value) {
+                       return IpAddressBytes(value) == wanted;
+                     });
+}
+
+// The certificate's names for a message: typed, escaped, the first few and
+// each cut short (a certificate may carry many, and long ones).
+std::string ShownNames(const CertificateNames& certificate) {
+  constexpr size_t kShown = 256;
+  constexpr size_t kMaxNames = 8;
+  std::vector<std::string> shown;
+  auto add = [&shown](const char* type, const std::vector<std::string>& names) {
+    for (const std::string& name : names) {
+      if (shown.size() == kMaxNames) return;
+      shown.push_back(absl::StrCat(
+          type, " \"", absl::CEscape(absl::string_view(name).substr(0, kShown)),
+          name.size() > kShown ? "..." : "", "\""));
+    }
+  };
+  add("CN", certificate.common_names);
+  add("DNS", certificate.dns);
+  add("URI", certificate.uris);
+  add("email", certificate.emails);
+  add("IP", certificate.ips);
+  return absl::StrJoin(shown, ", ");
+}
+
 }  // namespace
+
+CertificateNameKind CertificateNameKindOf(absl::string_view name) {
+  if (IpAddressBytes(name).has_value()) return CertificateNameKind::kIp;
+  if (HasUriScheme(name)) return CertificateNameKind::kUri;
+  if (absl::StrContains(name, '@')) return CertificateNameKind::kEmail;
+  return CertificateNameKind::kDns;
+}
+
+bool CertificateHolds(const CertificateNames& certificate,
+                      absl::string_view name) {
+  switch (CertificateNameKindOf(name)) {
+    case CertificateNameKind::kIp:
+      return ContainsAddress(certificate.ips, name);
+    case CertificateNameKind::kUri:
+      return Contains(certificate.uris, name);
+    case CertificateNameKind::kEmail:
+      return Contains(certificate.emails, name);
+    case CertificateNameKind::kDns:
+      return Contains(certificate.dns, name) ||
+             Contains(certificate.common_names, name);
+  }
+  return false;
+}
 
 const char* RoleName(Role role) {
   switch (role) {
@@ -190,6 +279,8 @@ const char* ActionName(Action action) {
       return "CreateModel";
     case Action::kDeleteModel:
       return "DeleteModel";
+    case Action::kLoadStateDictCreate:
+      return "LoadStateDict+create";
   }
   return "unknown";
 }
@@ -207,6 +298,7 @@ Role RequiredRole(Action action) {
       return Role::kWrite;
     case Action::kCreateModel:
     case Action::kDeleteModel:
+    case Action::kLoadStateDictCreate:
       return Role::kAdmin;
   }
   return Role::kAdmin;
@@ -367,10 +459,8 @@ absl::StatusOr<Principal> AccessPolicy::Authenticate(
   }
   if (credentials.authorization.size() == 1)
     return AuthenticateToken(credentials.authorization[0], failure);
-  if (!credentials.certificate_common_names.empty() ||
-      !credentials.certificate_alt_names.empty()) {
+  if (!credentials.certificate.empty())
     return AuthenticateCertificate(credentials, failure);
-  }
   *failure = AuthFailure::kMissingCredentials;
   return absl::UnauthenticatedError(
       "no credentials: send \"authorization: Bearer <token>\" metadata or a "
@@ -417,10 +507,7 @@ absl::StatusOr<Principal> AccessPolicy::AuthenticateCertificate(
     const CallerCredentials& credentials, AuthFailure* failure) const {
   std::vector<const Entry*> owners;
   auto holds = [&credentials](const std::string& name) {
-    const auto& cns = credentials.certificate_common_names;
-    const auto& sans = credentials.certificate_alt_names;
-    return std::find(cns.begin(), cns.end(), name) != cns.end() ||
-           std::find(sans.begin(), sans.end(), name) != sans.end();
+    return CertificateHolds(credentials.certificate, name);
   };
   for (const Entry& entry : entries_) {
     if (std::any_of(entry.certificate_names.begin(),
@@ -428,20 +515,16 @@ absl::StatusOr<Principal> AccessPolicy::AuthenticateCertificate(
       owners.push_back(&entry);
     }
   }
-  std::vector<std::string> names = credentials.certificate_common_names;
-  names.insert(names.end(), credentials.certificate_alt_names.begin(),
-               credentials.certificate_alt_names.end());
-  const std::string shown =
-      absl::StrCat("\"", absl::StrJoin(names, "\", \""), "\"");
   if (owners.size() != 1) {
+    const std::string shown = ShownNames(credentials.certificate);
     *failure = AuthFailure::kUnknownCertificate;
     if (owners.empty()) {
       return absl::UnauthenticatedError(absl::StrCat(
-          "client certificate ", shown, " names no principal of the policy"));
+          "client certificate (", shown, ") names no principal of the policy"));
     }
     return absl::UnauthenticatedError(
-        absl::StrCat("client certificate ", shown,
-                     " names more than one principal of the policy"));
+        absl::StrCat("client certificate (", shown,
+                     ") names more than one principal of the policy"));
   }
   return Principal(owners[0]->name, owners[0]->grants);
 }

@@ -5,7 +5,8 @@
 // network.
 //
 // Roles are ordered: read (ListModels, GetModel, StateDict, WatchModel) <
-// write (+ LoadStateDict, RollbackModel) < admin (+ CreateModel, DeleteModel).
+// write (+ LoadStateDict, RollbackModel) < admin (+ CreateModel, DeleteModel,
+// and a LoadStateDict that creates its model).
 // The file format is documented in docs/operations.md ("Authentication and
 // authorization").
 //
@@ -41,23 +42,56 @@ enum class Action {
   kRollbackModel,
   kCreateModel,
   kDeleteModel,
+  // A LoadStateDict with create_if_missing whose model does not exist: it
+  // creates the model, so it needs what CreateModel needs.
+  kLoadStateDictCreate,
 };
 
-// The RPC's name ("LoadStateDict").
+// The RPC's name ("LoadStateDict"); "LoadStateDict+create" for a load that
+// creates its model.
 const char* ActionName(Action action);
 
 // The least role that allows `action`.
 Role RequiredRole(Action action);
+
+// The names of a client certificate the transport verified (mTLS), each kind
+// apart: a policy's name is matched only against the kind it is written as
+// (CertificateNameKindOf), so that a common name spelling a URI is never taken
+// for a URI subject alternative name.
+struct CertificateNames {
+  std::vector<std::string> common_names;  // Subject CN(s).
+  // Subject alternative names by type.
+  std::vector<std::string> dns;
+  std::vector<std::string> uris;  // SPIFFE IDs among them.
+  std::vector<std::string> emails;
+  std::vector<std::string> ips;  // As text ("10.0.0.7", "fd00::7").
+
+  bool empty() const {
+    return common_names.empty() && dns.empty() && uris.empty() &&
+           emails.empty() && ips.empty();
+  }
+};
+
+// What a certificate name in a policy is, by how it is written: an IP address
+// ("10.0.0.7", "fd00::7") is kIp; a name with a URI scheme ("spiffe://ml/x",
+// "urn:x") kUri; one with '@' kEmail; any other (a DNS-like name) kDns.
+enum class CertificateNameKind { kDns, kUri, kEmail, kIp };
+CertificateNameKind CertificateNameKindOf(absl::string_view name);
+
+// True when `certificate` carries the policy name `name`: an IP, URI or email
+// name only as a subject alternative name of that type (IPs compared as
+// addresses), a DNS-like name as a DNS subject alternative name or, only for
+// such a name, as the common name.
+bool CertificateHolds(const CertificateNames& certificate,
+                      absl::string_view name);
 
 // What a caller presented, as the transport saw it. Secrets in here (the
 // authorization values) must never be logged.
 struct CallerCredentials {
   // Every value of the call's "authorization" metadata.
   std::vector<std::string> authorization;
-  // Of a client certificate the transport verified (mTLS): its subject common
-  // name(s) and subject alternative names (DNS, URI, email, IP as text).
-  std::vector<std::string> certificate_common_names;
-  std::vector<std::string> certificate_alt_names;
+  // Of a client certificate the transport verified; empty without one.
+  CertificateNames certificate;
 };
 
 // Why a caller was refused, for metrics.

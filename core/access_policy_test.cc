@@ -92,32 +92,52 @@ TEST(GlobMatchesTest, Table) {
   }
 }
 
-TEST(AccessPolicyTest, RolesFollowTheHierarchy) {
+// Every action, as every role, granted on a glob that matches the model and on
+// one that does not.
+TEST(AccessPolicyTest, EveryActionRoleAndGlob) {
   struct Case {
     Action action;
+    const char* name;
     Role needed;
   };
   const Case cases[] = {
-      {Action::kListModels, Role::kNone},
-      {Action::kGetModel, Role::kRead},
-      {Action::kStateDict, Role::kRead},
-      {Action::kWatchModel, Role::kRead},
-      {Action::kLoadStateDict, Role::kWrite},
-      {Action::kRollbackModel, Role::kWrite},
-      {Action::kCreateModel, Role::kAdmin},
-      {Action::kDeleteModel, Role::kAdmin},
+      {Action::kListModels, "ListModels", Role::kNone},
+      {Action::kGetModel, "GetModel", Role::kRead},
+      {Action::kStateDict, "StateDict", Role::kRead},
+      {Action::kWatchModel, "WatchModel", Role::kRead},
+      {Action::kLoadStateDict, "LoadStateDict", Role::kWrite},
+      {Action::kRollbackModel, "RollbackModel", Role::kWrite},
+      {Action::kCreateModel, "CreateModel", Role::kAdmin},
+      {Action::kDeleteModel, "DeleteModel", Role::kAdmin},
+      {Action::kLoadStateDictCreate, "LoadStateDict+create", Role::kAdmin},
   };
+  struct Grant {
+    const char* glob;
+    bool matches;  // Of the model "policy-b".
+  };
+  const Grant grants[] = {{"policy-*", true}, {"other-*", false}};
   for (const Case& c : cases) {
-    EXPECT_EQ(RequiredRole(c.action), c.needed) << ActionName(c.action);
+    EXPECT_EQ(std::string(ActionName(c.action)), c.name);
+    EXPECT_EQ(RequiredRole(c.action), c.needed) << c.name;
     for (Role held : {Role::kNone, Role::kRead, Role::kWrite, Role::kAdmin}) {
-      const Principal principal("p", {{"m", held}});
-      const absl::Status status = Authorize(principal, c.action, "m");
-      EXPECT_EQ(status.ok(), held >= c.needed)
-          << ActionName(c.action) << " with " << RoleName(held);
-      if (!status.ok()) {
-        EXPECT_EQ(status.code(), absl::StatusCode::kPermissionDenied);
-        EXPECT_THAT(status.message(),
-                    HasSubstr(absl::StrCat("needs role ", RoleName(c.needed))));
+      for (const Grant& grant : grants) {
+        const Principal principal("p", {{grant.glob, held}});
+        const absl::Status status = Authorize(principal, c.action, "policy-b");
+        const Role effective = grant.matches ? held : Role::kNone;
+        const std::string label =
+            absl::StrCat(c.name, " as ", RoleName(held), " on ", grant.glob);
+        EXPECT_EQ(status.ok(), effective >= c.needed) << label;
+        if (status.ok()) continue;
+        EXPECT_EQ(status.code(), absl::StatusCode::kPermissionDenied) << label;
+        const std::string has =
+            effective == Role::kNone
+                ? "has no role"
+                : absl::StrCat("has role ", RoleName(effective));
+        EXPECT_EQ(
+            status.message(),
+            absl::StrCat("principal \"p\" ", has, " on model \"policy-b\"; ",
+                         c.name, " needs role ", RoleName(c.needed)))
+            << label;
       }
     }
   }
@@ -243,20 +263,21 @@ TEST(AccessPolicyTest, EveryStoredHashIsComparedInFull) {
 TEST(AccessPolicyTest, CertificatesAuthenticateByCommonOrAltName) {
   const AccessPolicy policy = TestPolicy();
   CallerCredentials by_cn;
-  by_cn.certificate_common_names = {"worker"};
+  by_cn.certificate.common_names = {"worker"};
   EXPECT_EQ(policy.Authenticate(by_cn)->name(), "worker");
   CallerCredentials by_san;
-  by_san.certificate_common_names = {"pod-1234"};
-  by_san.certificate_alt_names = {"pod-1234.ml.svc", "spiffe://ml/worker"};
+  by_san.certificate.common_names = {"pod-1234"};
+  by_san.certificate.dns = {"pod-1234.ml.svc"};
+  by_san.certificate.uris = {"spiffe://ml/worker"};
   EXPECT_EQ(policy.Authenticate(by_san)->name(), "worker");
 
   CallerCredentials stranger;
-  stranger.certificate_common_names = {"rogue"};
+  stranger.certificate.common_names = {"rogue"};
   AuthFailure failure;
   absl::StatusOr<Principal> refused = policy.Authenticate(stranger, &failure);
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnauthenticated);
   EXPECT_EQ(failure, AuthFailure::kUnknownCertificate);
-  EXPECT_THAT(refused.status().message(), HasSubstr("\"rogue\""));
+  EXPECT_THAT(refused.status().message(), HasSubstr("CN \"rogue\""));
 
   // A token, when sent, decides over the certificate.
   CallerCredentials both = by_cn;
@@ -266,13 +287,79 @@ TEST(AccessPolicyTest, CertificatesAuthenticateByCommonOrAltName) {
   EXPECT_FALSE(policy.Authenticate(both).ok());
 }
 
+// A policy's certificate name matches only the certificate names of the type
+// it is written as; only a DNS-like name may match the common name.
+TEST(AccessPolicyTest, CertificateNamesMatchOnlyTheirOwnType) {
+  using Names = std::vector<std::string> CertificateNames::*;
+  const Names kCn = &CertificateNames::common_names;
+  const Names kDns = &CertificateNames::dns;
+  const Names kUri = &CertificateNames::uris;
+  const Names kEmail = &CertificateNames::emails;
+  const Names kIp = &CertificateNames::ips;
+  struct Case {
+    const char* policy_name;
+    CertificateNameKind kind;
+    Names type;  // Where the certificate carries `value`.
+    const char* value;
+    bool holds;
+  };
+  const std::string spiffe = "spiffe://example.org/worker";
+  const CertificateNameKind kUriKind = CertificateNameKind::kUri;
+  const Case cases[] = {
+      {spiffe.c_str(), kUriKind, kUri, spiffe.c_str(), true},
+      {spiffe.c_str(), kUriKind, kCn, spiffe.c_str(), false},
+      {spiffe.c_str(), kUriKind, kDns, spiffe.c_str(), false},
+      {spiffe.c_str(), kUriKind, kEmail, spiffe.c_str(), false},
+      {spiffe.c_str(), kUriKind, kUri, "spiffe://example.org/other", false},
+      {"urn:example:worker", kUriKind, kUri, "urn:example:worker", true},
+      {"urn:example:worker", kUriKind, kCn, "urn:example:worker", false},
+      {"worker@example.org", CertificateNameKind::kEmail, kEmail,
+       "worker@example.org", true},
+      {"worker@example.org", CertificateNameKind::kEmail, kCn,
+       "worker@example.org", false},
+      {"worker@example.org", CertificateNameKind::kEmail, kDns,
+       "worker@example.org", false},
+      {"10.0.0.7", CertificateNameKind::kIp, kIp, "10.0.0.7", true},
+      {"10.0.0.7", CertificateNameKind::kIp, kCn, "10.0.0.7", false},
+      {"10.0.0.7", CertificateNameKind::kIp, kDns, "10.0.0.7", false},
+      {"10.0.0.7", CertificateNameKind::kIp, kIp, "10.0.0.8", false},
+      {"fd00::7", CertificateNameKind::kIp, kIp, "fd00:0:0:0:0:0:0:7", true},
+      {"fd00::7", CertificateNameKind::kIp, kCn, "fd00::7", false},
+      {"worker.ml.svc", CertificateNameKind::kDns, kDns, "worker.ml.svc", true},
+      {"worker.ml.svc", CertificateNameKind::kDns, kCn, "worker.ml.svc", true},
+      {"worker.ml.svc", CertificateNameKind::kDns, kUri, "worker.ml.svc",
+       false},
+      {"worker.ml.svc", CertificateNameKind::kDns, kEmail, "worker.ml.svc",
+       false},
+      {"worker", CertificateNameKind::kDns, kCn, "worker", true},
+  };
+  for (const Case& c : cases) {
+    CertificateNames certificate;
+    (certificate.*c.type).push_back(c.value);
+    EXPECT_EQ(CertificateNameKindOf(c.policy_name), c.kind) << c.policy_name;
+    EXPECT_EQ(CertificateHolds(certificate, c.policy_name), c.holds)
+        << c.policy_name << " vs " << c.value;
+  }
+
+  // Through a policy: a common name spelling a SPIFFE ID is no SPIFFE ID.
+  const AccessPolicy policy = TestPolicy();
+  CallerCredentials forged;
+  forged.certificate.common_names = {"spiffe://ml/worker"};
+  AuthFailure failure;
+  absl::StatusOr<Principal> refused = policy.Authenticate(forged, &failure);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(failure, AuthFailure::kUnknownCertificate);
+  EXPECT_THAT(refused.status().message(),
+              HasSubstr("CN \"spiffe://ml/worker\""));
+}
+
 TEST(AccessPolicyTest, CertificateNamingTwoPrincipalsIsRefused) {
   const AccessPolicy policy = *AccessPolicy::Parse(R"({"principals": [
       {"name": "a", "certificate_names": ["a.svc"]},
       {"name": "b", "certificate_names": ["b.svc"]}]})");
   CallerCredentials both;
-  both.certificate_common_names = {"a.svc"};
-  both.certificate_alt_names = {"b.svc"};
+  both.certificate.common_names = {"a.svc"};
+  both.certificate.dns = {"b.svc"};
   absl::StatusOr<Principal> refused = policy.Authenticate(both);
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnauthenticated);
   EXPECT_THAT(refused.status().message(), HasSubstr("more than one"));

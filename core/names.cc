@@ -59,6 +59,14 @@ bool IsValidUtf8(absl::string_view s) {
       reinterpret_cast<const uint8_t*>(s.data()), s.size()));
 }
 
+absl::Status CheckNameSize(absl::string_view what, absl::string_view name,
+                           size_t max_bytes) {
+  if (name.size() <= max_bytes) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(what, " of ", name.size(),
+                                                 " bytes is longer than the ",
+                                                 max_bytes, " allowed"));
+}
+
 absl::Status ValidateMemberName(absl::string_view name) {
   if (name.empty()) {
     return absl::InvalidArgumentError(

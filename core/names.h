@@ -9,6 +9,7 @@
 #ifndef MODELSTATE_CORE_NAMES_H_
 #define MODELSTATE_CORE_NAMES_H_
 
+#include <cstddef>
 #include <cstdint>
 
 #include "absl/status/status.h"
@@ -20,6 +21,14 @@ namespace modelstate {
 // Strict UTF-8 (no overlong forms, no surrogates, nothing above U+10FFFF).
 bool IsValidUtf8(absl::Span<const uint8_t> s);
 bool IsValidUtf8(absl::string_view s);
+
+// The size check of a name that arrives in a request (a model name, module
+// path or key), made before the name is logged, looked up or echoed: OK when
+// `name` is at most `max_bytes` long, otherwise InvalidArgument naming `what`
+// ("model name"), the size and the bound, without the name itself (it may be
+// huge or hostile).
+absl::Status CheckNameSize(absl::string_view what, absl::string_view name,
+                           size_t max_bytes);
 
 // Returns OK if `name` can name a parameter, buffer or child; InvalidArgument
 // saying why not otherwise.

@@ -6,7 +6,6 @@
 #include <cstring>
 #include <utility>
 
-#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -37,11 +36,15 @@ CallerCredentials CredentialsOf(const grpc::ServerContextBase& context) {
   // Only a certificate the TLS handshake verified against --tls_client_ca
   // makes the peer authenticated; its names are then the CA's word.
   const std::shared_ptr<const grpc::AuthContext> auth = context.auth_context();
+  // The names are taken by type, never from the flattened SAN list, so that
+  // a common name that spells a URI cannot pass for a URI name.
   if (auth != nullptr && auth->IsPeerAuthenticated()) {
-    credentials.certificate_common_names =
-        PropertyValues(*auth, GRPC_X509_CN_PROPERTY_NAME);
-    credentials.certificate_alt_names =
-        PropertyValues(*auth, GRPC_X509_SAN_PROPERTY_NAME);
+    CertificateNames& names = credentials.certificate;
+    names.common_names = PropertyValues(*auth, GRPC_X509_CN_PROPERTY_NAME);
+    names.dns = PropertyValues(*auth, GRPC_PEER_DNS_PROPERTY_NAME);
+    names.uris = PropertyValues(*auth, GRPC_PEER_URI_PROPERTY_NAME);
+    names.emails = PropertyValues(*auth, GRPC_PEER_EMAIL_PROPERTY_NAME);
+    names.ips = PropertyValues(*auth, GRPC_PEER_IP_PROPERTY_NAME);
   }
   return credentials;
 }
@@ -174,15 +177,15 @@ AuditLog::~AuditLog() {
 }
 
 void AuditLog::Record(const Entry& entry) {
-  // The model name comes from the request: escaped and quoted so that no name
-  // can forge a line.
+  // The model name comes from the request: escaped, cut short and quoted so
+  // that no name can forge a line or flood the log.
   const std::string line = absl::StrFormat(
       "audit: time=%s principal=%s action=%s model=\"%s\" version=%d "
       "bytes=%d status=%s peer=%s\n",
       absl::FormatTime(absl::RFC3339_full, absl::Now(), absl::UTCTimeZone()),
-      entry.principal, ActionName(entry.action), absl::CEscape(entry.model),
-      entry.version, entry.bytes, StatusCodeName(entry.code),
-      entry.peer.empty() ? "-" : entry.peer);
+      LogField(entry.principal), ActionName(entry.action),
+      EscapeForLog(entry.model, kMaxLoggedNameBytes), entry.version,
+      entry.bytes, StatusCodeName(entry.code), LogField(entry.peer));
   absl::MutexLock lock(&mu_);
   std::fwrite(line.data(), 1, line.size(), file_);
   std::fflush(file_);

@@ -24,7 +24,7 @@ namespace modelstate {
 
 // What the caller of `context` presented: its "authorization" metadata values
 // and, when the transport verified a client certificate (mTLS), the
-// certificate's common and alternative names.
+// certificate's common name(s) and its alternative names by type.
 CallerCredentials CredentialsOf(const grpc::ServerContextBase& context);
 
 // Who a call acts for. Without a policy every caller is "anonymous" and may
@@ -90,10 +90,11 @@ class AccessControl {
   std::thread poller_;
 };
 
-// One line per write (LoadStateDict, RollbackModel, CreateModel,
-// DeleteModel), refused ones included, apart from the RPC log:
+// One line per write (LoadStateDict, LoadStateDict+create, RollbackModel,
+// CreateModel, DeleteModel), refused ones included, apart from the RPC log:
 //   audit: time=<RFC 3339> principal=<name> action=<RPC> model="<name>"
 //   version=<n> bytes=<n> status=<CODE> peer=<address>
+// The model name is escaped and cut as EscapeForLog does (server/rpc_log.h).
 // Thread-safe.
 class AuditLog {
  public:

@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "core/names.h"
 #include "core/status_macros.h"
 #include "core/transfer.h"
 #include "core/watch_queue.h"
@@ -34,6 +35,32 @@ grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
   record.Log(grpc_status);
   reactor->Finish(grpc_status);
   return reactor;
+}
+
+// The size bounds of a request's names, checked before anything logs, looks
+// up or echoes them.
+absl::Status CheckRequestNames(absl::string_view model,
+                               absl::string_view module = {}) {
+  RETURN_IF_ERROR(CheckNameSize("model name", model, kMaxModelNameLength));
+  return CheckNameSize("module path", module, kMaxKeyLength);
+}
+
+absl::Status CheckRequestNames(const v1::StateDictRequest& request) {
+  RETURN_IF_ERROR(CheckRequestNames(request.model(), request.module()));
+  for (const std::string& key : request.keys())
+    RETURN_IF_ERROR(CheckNameSize("key", key, kMaxKeyLength));
+  return absl::OkStatus();
+}
+
+absl::Status CheckRequestNames(const v1::LoadHeader& header) {
+  RETURN_IF_ERROR(CheckRequestNames(header.model(), header.module()));
+  for (const v1::TensorInfo& tensor : header.tensors())
+    RETURN_IF_ERROR(CheckNameSize("key", tensor.name(), kMaxKeyLength));
+  for (const auto& [module, class_name] : header.class_names()) {
+    RETURN_IF_ERROR(CheckNameSize("module path", module, kMaxKeyLength));
+    RETURN_IF_ERROR(CheckNameSize("class name", class_name, kMaxKeyLength));
+  }
+  return absl::OkStatus();
 }
 
 const grpc::Status& ShuttingDown() {
@@ -75,8 +102,11 @@ class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
       return;
     }
     record_.set_model(request_.model());
-    const absl::Status admitted =
-        service->Admit(*context, Action::kStateDict, request_.model()).status();
+    absl::Status admitted = CheckRequestNames(request_);
+    if (admitted.ok()) {
+      admitted = service->Admit(*context, Action::kStateDict, request_.model())
+                     .status();
+    }
     if (!admitted.ok()) {
       FinishWith(ToGrpcStatus(admitted));
       return;
@@ -306,16 +336,17 @@ class LoadReactor : public grpc::ServerReadReactor<grpc::ByteBuffer>,
     if (receiver_ != nullptr)
       return absl::InvalidArgumentError("a load has only one header");
     record_.set_model(header.model());
+    RETURN_IF_ERROR(CheckRequestNames(header));
     RETURN_IF_ERROR(
         service_->Authorize(*caller_, Action::kLoadStateDict, header.model()));
     // Before the manifest is copied into entries and specs (a 60 MB header
     // of a million tensors would cost hundreds of MB to convert).
     RETURN_IF_ERROR(store_->CheckLoadSize(header.tensors_size()));
-    ASSIGN_OR_RETURN(const LoadRequest request, FromProto(header));
+    ASSIGN_OR_RETURN(LoadRequest request, FromProto(header));
     ASSIGN_OR_RETURN(std::vector<TransferEntry> entries,
                      ToTransferEntries(header.tensors()));
     ASSIGN_OR_RETURN(pending_,
-                     store_->BeginLoad(request, ToTensorSpecs(entries)));
+                     BeginLoad(std::move(request), ToTensorSpecs(entries)));
     ASSIGN_OR_RETURN(receiver_, ChunkReceiver::CreateVerifyingAtEnd(
                                     std::move(entries),
                                     service_->options().min_chunk_bytes));
@@ -325,6 +356,32 @@ class LoadReactor : public grpc::ServerReadReactor<grpc::ByteBuffer>,
           " bytes but its tensors add up to ", receiver_->total_bytes()));
     }
     return absl::OkStatus();
+  }
+
+  // A load that creates its model is a create, which needs the admin role.
+  // Whoever lacks it loads with creation off, so that neither a missing model
+  // nor one deleted after this check is ever created by the load; the store's
+  // NotFound for the missing model becomes the PermissionDenied of the create.
+  absl::StatusOr<std::unique_ptr<PendingLoad>> BeginLoad(
+      LoadRequest request, std::vector<TensorSpec> specs) {
+    absl::Status may_create = absl::OkStatus();
+    if (request.create_if_missing) {
+      may_create =
+          caller_->Authorize(Action::kLoadStateDictCreate, request.model);
+      request.create_if_missing = may_create.ok();
+    }
+    absl::StatusOr<std::unique_ptr<PendingLoad>> pending =
+        store_->BeginLoad(request, std::move(specs));
+    if (pending.ok() && (*pending)->creates_model())
+      audit_action_ = Action::kLoadStateDictCreate;
+    if (may_create.ok() || !absl::IsNotFound(pending.status()) ||
+        store_->GetSnapshot(request.model).ok()) {
+      return pending;
+    }
+    audit_action_ = Action::kLoadStateDictCreate;
+    RETURN_IF_ERROR(
+        service_->Authorize(*caller_, audit_action_, request.model));
+    return pending;
   }
 
   absl::Status HandleEnd(const v1::End& end) {
@@ -352,7 +409,7 @@ class LoadReactor : public grpc::ServerReadReactor<grpc::ByteBuffer>,
     status_ = ToGrpcStatus(status);
     // Before Finish, so that the line is written by the time the client
     // learns the outcome.
-    service_->Audit(caller_ ? &*caller_ : nullptr, Action::kLoadStateDict,
+    service_->Audit(caller_ ? &*caller_ : nullptr, audit_action_,
                     record_.model(), version_, bytes_received_,
                     status_.error_code(), peer_);
     Finish(status_);
@@ -375,6 +432,8 @@ class LoadReactor : public grpc::ServerReadReactor<grpc::ByteBuffer>,
   // For the audit line.
   const std::string peer_;
   std::optional<Caller> caller_;
+  // LoadStateDict+create once the load turns out to create its model.
+  Action audit_action_ = Action::kLoadStateDict;
   int64_t version_ = 0;
   uint64_t bytes_received_ = 0;
 };
@@ -475,6 +534,7 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse> {
       return absl::InvalidArgumentError(
           "min_version applies to the watch of one model, not all_models");
     }
+    RETURN_IF_ERROR(CheckRequestNames(model_));
     absl::StatusOr<Caller> caller =
         all_models_ ? service_->Authenticate(*context)
                     : service_->Admit(*context, Action::kWatchModel, model_);
@@ -580,16 +640,33 @@ namespace {
 // What a unary call may do, who it acts for once admitted, and for writes
 // what it wrote (for the audit line).
 struct UnaryAccess {
-  explicit UnaryAccess(Action action) : action(action) {}
+  explicit UnaryAccess(Action action, absl::string_view module = {})
+      : action(action), module(module) {}
   const Action action;
+  const absl::string_view module;  // The request's submodule path, if any.
   Caller caller = Caller::Anonymous();
   int64_t version = 0;
   uint64_t bytes = 0;
 };
 
+// Sets `access.caller` to who calls and returns OK when the request's names
+// are within bounds and that caller may do `access.action` on `model`.
+// `*authenticated` tells whether the caller is known.
+absl::Status AdmitUnary(ModelStateService* service,
+                        const grpc::ServerContextBase& context,
+                        absl::string_view model, UnaryAccess& access,
+                        bool* authenticated) {
+  *authenticated = false;
+  RETURN_IF_ERROR(CheckRequestNames(model, access.module));
+  ASSIGN_OR_RETURN(access.caller, service->Authenticate(context));
+  *authenticated = true;
+  return service->Authorize(access.caller, access.action, model);
+}
+
 // Runs a unary call's `body` (decode, one core call, encode) unless the server
-// drains or the caller may not do `access.action` on the record's model, and
-// finishes the call with its status.
+// drains, a name of the request is too long, or the caller may not do
+// `access.action` on the record's model, and finishes the call with its
+// status.
 grpc::ServerUnaryReactor* Unary(ModelStateService* service,
                                 grpc::CallbackServerContext* context,
                                 RpcRecord& record, UnaryAccess& access,
@@ -599,15 +676,12 @@ grpc::ServerUnaryReactor* Unary(ModelStateService* service,
     return FinishUnary(context, record,
                        absl::UnavailableError("server shutting down"));
   }
-  absl::StatusOr<Caller> caller = service->Authenticate(*context);
-  absl::Status status = caller.status();
-  if (caller.ok()) {
-    access.caller = *std::move(caller);
-    status = service->Authorize(access.caller, access.action, record.model());
-  }
+  bool authenticated = false;
+  absl::Status status =
+      AdmitUnary(service, *context, record.model(), access, &authenticated);
   if (status.ok()) status = body();
   if (IsWrite(access.action)) {
-    service->Audit(caller.ok() ? &access.caller : nullptr, access.action,
+    service->Audit(authenticated ? &access.caller : nullptr, access.action,
                    record.model(), access.version, access.bytes,
                    ToGrpcStatus(status).error_code(), context->peer());
   }
@@ -655,8 +729,12 @@ class DescribeAfterVersion : public grpc::ServerUnaryReactor {
         record_("GetModel", service->options().log_rpcs,
                 service->options().metrics) {
     record_.set_model(request->model());
-    const absl::Status admitted =
-        service->Admit(*context, Action::kGetModel, request->model()).status();
+    absl::Status admitted =
+        CheckRequestNames(request->model(), request->module());
+    if (admitted.ok()) {
+      admitted = service->Admit(*context, Action::kGetModel, request->model())
+                     .status();
+    }
     if (!admitted.ok()) {
       FinishWith(ToGrpcStatus(admitted));
       return;
@@ -703,7 +781,7 @@ grpc::ServerUnaryReactor* ModelStateService::GetModel(
   }
   RpcRecord record("GetModel", options_.log_rpcs, options_.metrics);
   record.set_model(request->model());
-  UnaryAccess access(Action::kGetModel);
+  UnaryAccess access(Action::kGetModel, request->module());
   return Unary(this, context, record, access, [&]() -> absl::Status {
     return DescribeModel(store_, *request, response);
   });

@@ -1,17 +1,40 @@
 // One log line per RPC on stderr: method, model, bytes, duration, status.
+// Strings that come from a request are escaped and cut short on every log
+// line (EscapeForLog), so that no request can forge a line or flood the log.
 #ifndef MODELSTATE_SERVER_RPC_LOG_H_
 #define MODELSTATE_SERVER_RPC_LOG_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
+#include "absl/strings/string_view.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "core/limits.h"
 #include "grpcpp/support/status.h"
 
 namespace modelstate {
 
 class Metrics;
+
+// The most bytes of a request's name (a model name: every valid one whole) and
+// of a status message that a log line shows.
+inline constexpr size_t kMaxLoggedNameBytes = kMaxModelNameLength;
+inline constexpr size_t kMaxLoggedMessageBytes = 200;
+
+// `text` made safe for one log line: printable ASCII stays as it is, except
+// '"' and '\\' (escaped as \" and \\); newline, carriage return and tab become
+// \n, \r and \t, and every other byte \xNN. Only the first `max_bytes` bytes
+// are shown, followed by "...(<size> bytes)" when `text` is longer, so a line
+// is bounded whatever the request held.
+std::string EscapeForLog(absl::string_view text, size_t max_bytes);
+
+// A log field without spaces: `text` itself when it is 1 to
+// kMaxLoggedNameBytes bytes of letters, digits and ._-:/[]@+% (every valid
+// model name, principal and peer address), "-" when empty, and otherwise
+// EscapeForLog(text, kMaxLoggedNameBytes) in double quotes.
+std::string LogField(absl::string_view text);
 
 // Collects what one RPC did; Log() writes it and counts it in `metrics`. Not
 // thread-safe (one per RPC).
@@ -26,7 +49,9 @@ class RpcRecord {
   void add_bytes(uint64_t bytes) { bytes_ += bytes; }
 
   // Writes "rpc=<method> model=<model> bytes=<n> duration_ms=<ms> status=<CODE>
-  // [msg]" when logging is on, and records the RPC in the metrics.
+  // [message="<msg>"]" when logging is on (the model as LogField shows it, the
+  // message escaped and cut to kMaxLoggedMessageBytes), and records the RPC in
+  // the metrics.
   void Log(const grpc::Status& status) const;
 
  private:

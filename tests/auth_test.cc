@@ -6,6 +6,7 @@
 #include "server/auth.h"
 
 #include <signal.h>
+#include <sys/stat.h>
 
 #include <atomic>
 #include <fstream>
@@ -16,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/notification.h"
@@ -300,6 +302,52 @@ TEST_F(AuthTest, WriteRoleWritesAndCannotCreateOrDelete) {
   EXPECT_TRUE(server_->store().GetSnapshot("team-b").ok());
 }
 
+// A load that would create its model is a create: the writer's is refused
+// (and creates nothing), a load into an existing model with the same option is
+// a plain write, and an admin's creates. The audit log tells them apart.
+TEST_F(AuthTest, CreatingThroughALoadNeedsAdmin) {
+  Start(Options());
+  const StateDict state = NewState("team-a", 2);
+  LoadRequest create_new("team-new");
+  create_new.create_if_missing = true;
+  const absl::Status refused =
+      As(kWriterToken)->LoadStateDict(create_new, state).status();
+  EXPECT_EQ(refused.code(), absl::StatusCode::kPermissionDenied) << refused;
+  EXPECT_EQ(refused.message(),
+            "principal \"writer\" has role write on model \"team-new\"; "
+            "LoadStateDict+create needs role admin");
+  EXPECT_FALSE(server_->store().GetSnapshot("team-new").ok());
+  EXPECT_EQ(server_->store().Summaries().size(), 3u);
+
+  LoadRequest into_existing("team-a");
+  into_existing.create_if_missing = true;
+  absl::StatusOr<LoadOutcome> written =
+      As(kWriterToken)->LoadStateDict(into_existing, state);
+  ASSERT_TRUE(written.ok()) << written.status();
+  EXPECT_FALSE(written->created);
+  EXPECT_EQ(written->version, 2);
+
+  absl::StatusOr<LoadOutcome> created =
+      As(kAdminToken)->LoadStateDict(create_new, state);
+  ASSERT_TRUE(created.ok()) << created.status();
+  EXPECT_TRUE(created->created);
+  EXPECT_EQ(VersionOf("team-new"), 1);
+
+  const std::vector<std::string> lines =
+      absl::StrSplit(ReadFile(dir_.file("audit.log")), '\n', absl::SkipEmpty());
+  ASSERT_EQ(lines.size(), 3u) << ReadFile(dir_.file("audit.log"));
+  EXPECT_THAT(lines[0],
+              HasSubstr("principal=writer action=LoadStateDict+create "
+                        "model=\"team-new\" version=0 bytes=0 "
+                        "status=PERMISSION_DENIED"));
+  EXPECT_THAT(lines[1], HasSubstr("principal=writer action=LoadStateDict "
+                                  "model=\"team-a\" version=2"));
+  EXPECT_THAT(lines[1], HasSubstr("status=OK"));
+  EXPECT_THAT(lines[2], HasSubstr("principal=ops action=LoadStateDict+create "
+                                  "model=\"team-new\" version=1"));
+  EXPECT_THAT(lines[2], HasSubstr("status=OK"));
+}
+
 TEST_F(AuthTest, PrincipalOfAnotherModelIsDeniedEverything) {
   Start(Options());
   auto writer = As(kWriterToken);
@@ -541,15 +589,16 @@ TEST_F(AuthTest, AuthFailuresAreCountedByReason) {
   for (const std::string& line : expected) EXPECT_THAT(page, HasSubstr(line));
 }
 
-// Makes a client certificate signed by the test CA: CN `cn`, and the
-// subjectAltName `san` when not empty ("URI:spiffe://...").
+// Makes a client certificate signed by the test CA: CN `cn` (a '/' in it
+// written "\\/", as openssl's -subj wants), and the subjectAltName `san` when
+// not empty ("URI:spiffe://...").
 void MakeClientCertificate(const testing_support::Certificates& pki,
                            const std::string& name, const std::string& cn,
                            const std::string& san) {
   const std::string d = pki.dir;
   std::string script = absl::StrCat(
-      "set -e; cd ", d, "; openssl req -newkey rsa:2048 -nodes -subj /CN=", cn,
-      " -keyout ", name, ".key -out ", name, ".csr 2>/dev/null; ");
+      "set -e; cd ", d, "; openssl req -newkey rsa:2048 -nodes -subj '/CN=", cn,
+      "' -keyout ", name, ".key -out ", name, ".csr 2>/dev/null; ");
   std::string ext;
   if (!san.empty()) {
     absl::StrAppend(&script, "printf 'subjectAltName=", san, "\\n' > ", name,
@@ -604,6 +653,9 @@ TEST_F(AuthTest, MutualTlsPrincipalsByCertificateName) {
   const testing_support::Certificates pki = testing_support::MakeCertificates();
   MakeClientCertificate(pki, "trainer", "pod-1234", "URI:spiffe://ml/trainer");
   MakeClientCertificate(pki, "stranger", "stranger", "");
+  // The SPIFFE ID of trainer spelt as a common name, not a URI name.
+  MakeClientCertificate(pki, "forged", "spiffe:\\/\\/ml\\/trainer", "");
+  MakeClientCertificate(pki, "worker-dns", "pod-7", "DNS:worker");
   ServerOptions options = Options();
   options.tls_cert_file = pki.server_cert;
   options.tls_key_file = pki.server_key;
@@ -642,6 +694,14 @@ TEST_F(AuthTest, MutualTlsPrincipalsByCertificateName) {
   EXPECT_THAT(refused.message(), HasSubstr("\"stranger\""));
   // A token sent over mTLS decides.
   EXPECT_TRUE(connect("stranger", kAdminToken)->GetModel("other").ok());
+  // A name is matched against its own type only: a common name that spells
+  // a URI is not the URI name, and a DNS name stands for a plain name.
+  const absl::Status forged =
+      connect("forged", "")->GetModel("team-a").status();
+  EXPECT_EQ(forged.code(), absl::StatusCode::kUnauthenticated) << forged;
+  EXPECT_THAT(forged.message(), HasSubstr("CN \"spiffe://ml/trainer\""));
+  EXPECT_THAT(Names(connect("worker-dns", "")->ListModels().value()),
+              ::testing::ElementsAre("team-a"));
 }
 
 TEST(AuthOptionsTest, LoopbackListenAddresses) {
@@ -693,8 +753,10 @@ TEST(AuthDaemonTest, SighupReloadsAndTokensStayOutOfTheLog) {
       absl::StrCat(CtlPath(), " --server=", daemon.address(), " ");
   const std::string token_file = dir.file("token");
   std::ofstream(token_file) << kReaderToken << "\n";
+  ASSERT_EQ(chmod(token_file.c_str(), 0600), 0);
   const std::string late_file = dir.file("late");
   std::ofstream(late_file) << kLateToken;
+  ASSERT_EQ(chmod(late_file.c_str(), 0600), 0);
 
   CommandResult listed =
       RunCommand(ctl + "--token_file=" + token_file + " models");
@@ -758,6 +820,119 @@ TEST(AuthDaemonTest, SighupReloadsAndTokensStayOutOfTheLog) {
        {kReaderToken, kWriterToken, kAdminToken, kLateToken}) {
     EXPECT_THAT(log, Not(HasSubstr(token)));
   }
+  EXPECT_EQ(daemon.Stop(SIGTERM, 30), 0);
+}
+
+// Lines of `log` that start with `prefix`.
+std::vector<std::string> LinesStartingWith(const std::string& log,
+                                           const std::string& prefix) {
+  std::vector<std::string> found;
+  for (absl::string_view line : absl::StrSplit(log, '\n')) {
+    if (absl::StartsWith(line, prefix)) found.emplace_back(line);
+  }
+  return found;
+}
+
+// Model names go into the RPC log and the audit log, which share stderr by
+// default: a name cannot forge a line there, and a huge one is refused at the
+// edge and costs the log a bounded line.
+TEST(AuthDaemonTest, RequestNamesCannotForgeOrFloodTheLog) {
+  ScratchDir dir;
+  const std::string policy = dir.file("policy.json");
+  WriteFile(policy, PolicyJson());
+  Daemon daemon({"--auth_policy=" + policy, "--auth_policy_poll=inf",
+                 "--demo_model=team-a", "--log_rpcs=true"});
+  ASSERT_NE(daemon.port(), 0);
+  ClientOptions options;
+  options.timeout = testing_support::kCallTimeout;
+  options.token = kWriterToken;
+  auto writer = Client::Connect(daemon.address(), options).value();
+  auto anonymous = testing_support::ConnectTo(daemon.address());
+
+  const std::string forged =
+      "team-x\naudit: time=2030-01-01T00:00:00Z principal=admin "
+      "action=DeleteModel model=\"team-a\" version=1 bytes=0 status=OK\r";
+  EXPECT_EQ(writer->DeleteModel(forged).code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_FALSE(anonymous->GetModel(forged).ok());
+  ASSERT_TRUE(daemon.WaitForLog("rpc=GetModel", kWait));
+  std::string log = daemon.Log();
+  const std::vector<std::string> audits = LinesStartingWith(log, "audit:");
+  ASSERT_EQ(audits.size(), 1u) << log;
+  EXPECT_THAT(audits[0], HasSubstr("principal=writer action=DeleteModel "
+                                   "model=\"team-x\\naudit: time="));
+  EXPECT_THAT(log, Not(HasSubstr("principal=admin action=DeleteModel "
+                                 "model=\"team-a\" version=1 bytes=0 "
+                                 "status=OK\r")));
+  EXPECT_THAT(log, Not(HasSubstr("\r")));
+  const std::vector<std::string> rpcs = LinesStartingWith(log, "rpc=");
+  ASSERT_EQ(rpcs.size(), 2u) << log;
+  EXPECT_THAT(rpcs[0], HasSubstr("model=\"team-x\\naudit: time="));
+
+  // 1 MiB names, with and without credentials: refused at once, a line each.
+  const size_t before = log.size();
+  const std::string huge(1 << 20, 'm');
+  for (int i = 0; i < 2; ++i) {
+    const absl::Status deleted = writer->DeleteModel(huge);
+    EXPECT_EQ(deleted.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(deleted.message(),
+                HasSubstr("model name of 1048576 bytes is longer than the "
+                          "128 allowed"));
+    EXPECT_EQ(anonymous->GetModel(huge).status().code(),
+              absl::StatusCode::kInvalidArgument);
+  }
+  ASSERT_TRUE(Eventually([&] {
+    return LinesStartingWith(daemon.Log(), "rpc=").size() == 6;
+  })) << daemon.Log();
+  log = daemon.Log();
+  // Four RPC lines and two audit lines, each well under 2 KiB.
+  EXPECT_LT(log.size() - before, 6u * 2048) << log.substr(before, 4096);
+  EXPECT_EQ(LinesStartingWith(log, "audit:").size(), 3u);
+  EXPECT_THAT(log, HasSubstr("...(1048576 bytes)"));
+  EXPECT_EQ(daemon.Stop(SIGTERM, 30), 0);
+}
+
+// modelstatectl refuses a token file others may write and warns about one
+// they may read, as ssh does for keys.
+TEST(AuthDaemonTest, TokenFilesOthersMayWriteAreRefused) {
+  ScratchDir dir;
+  const std::string policy = dir.file("policy.json");
+  WriteFile(policy, PolicyJson());
+  Daemon daemon({"--auth_policy=" + policy, "--auth_policy_poll=inf",
+                 "--demo_model=team-a"});
+  ASSERT_NE(daemon.port(), 0);
+  const std::string token_file = dir.file("token");
+  std::ofstream(token_file) << kReaderToken << "\n";
+  const std::string models =
+      absl::StrCat(CtlPath(), " --server=", daemon.address(),
+                   " --token_file=", token_file, " models");
+
+  ASSERT_EQ(chmod(token_file.c_str(), 0666), 0);
+  CommandResult run = RunCommand(models);
+  EXPECT_EQ(run.exit_code, 1) << run.output;
+  EXPECT_THAT(run.output, HasSubstr(absl::StrCat("token file ", token_file,
+                                                 " has mode 0666: group or "
+                                                 "others may write it")));
+  EXPECT_THAT(run.output, Not(HasSubstr("team-a")));
+  ASSERT_EQ(chmod(token_file.c_str(), 0620), 0);
+  run = RunCommand(models);
+  EXPECT_EQ(run.exit_code, 1) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("has mode 0620"));
+
+  ASSERT_EQ(chmod(token_file.c_str(), 0644), 0);
+  run = RunCommand(models);
+  EXPECT_EQ(run.exit_code, 0) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("team-a"));
+  EXPECT_THAT(run.output, HasSubstr(absl::StrCat(
+                              "modelstatectl: warning: token file ", token_file,
+                              " has mode 0644: group or "
+                              "others may read the token")));
+
+  ASSERT_EQ(chmod(token_file.c_str(), 0600), 0);
+  run = RunCommand(models);
+  EXPECT_EQ(run.exit_code, 0) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("team-a"));
+  EXPECT_THAT(run.output, Not(HasSubstr("warning")));
   EXPECT_EQ(daemon.Stop(SIGTERM, 30), 0);
 }
 
