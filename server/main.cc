@@ -135,6 +135,12 @@ ABSL_FLAG(std::string, follow_token_file, "",
           "every model)");
 ABSL_FLAG(std::string, follow_tls_key, "",
           "PEM private key of --follow_tls_cert");
+ABSL_FLAG(bool, follow_open_reads, false,
+          "let a follower of an upstream that checks its callers (it is given "
+          "--follow_token_file or --follow_tls_cert, or the upstream refuses "
+          "an unauthenticated ListModels at start) run without an "
+          "--auth_policy of its own, serving every model it mirrors to every "
+          "caller; without it such a follower refuses to start");
 ABSL_FLAG(absl::Duration, follow_retry_max, absl::Seconds(10),
           "while the --follow upstream is unreachable, retries back off "
           "exponentially from 100ms up to this");
@@ -188,6 +194,7 @@ absl::Status FollowerOptionsFromFlags(modelstate::ServerOptions& options) {
     options.follow_client.token = *std::move(token);
   }
   options.follow_max_backoff = absl::GetFlag(FLAGS_follow_retry_max);
+  options.follow_open_reads = absl::GetFlag(FLAGS_follow_open_reads);
   options.follow_client.keepalive_time =
       absl::GetFlag(FLAGS_follow_keepalive_time);
   options.follow_client.keepalive_timeout =

@@ -134,6 +134,61 @@ void ApplyConnectionLimits(const ServerOptions& options,
                              ChannelArgMillis(options.max_connection_idle));
 }
 
+// The credential a follower presents to its upstream, as the flag that gives
+// it; empty for none.
+std::string UpstreamCredentialFlag(const ClientOptions& client) {
+  if (!client.token.empty()) return "--follow_token_file";
+  if (!client.tls_cert_file.empty()) return "--follow_tls_cert";
+  return "";
+}
+
+// A follower serves whatever its upstream let it read. Credentials for the
+// upstream mean that the upstream checks its callers, so a follower without a
+// policy of its own would hand what they protect to every caller.
+absl::Status ValidateFollowerAccess(const ServerOptions& options) {
+  if (options.follow.empty()) {
+    if (!options.follow_open_reads) return absl::OkStatus();
+    return absl::InvalidArgumentError("--follow_open_reads needs --follow");
+  }
+  if (!options.auth_policy_file.empty() || options.follow_open_reads)
+    return absl::OkStatus();
+  const std::string credential = UpstreamCredentialFlag(options.follow_client);
+  if (credential.empty()) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      "this follower presents credentials to ", options.follow, " (",
+      credential,
+      ") but has no --auth_policy of its own: it would serve the models its "
+      "upstream protects to every caller. Give it an --auth_policy, or "
+      "--follow_open_reads to serve them to everyone on purpose"));
+}
+
+// How long a follower's start waits for ProbeUpstreamAccess's answer.
+constexpr absl::Duration kUpstreamProbeTimeout = absl::Seconds(3);
+
+// A follower with neither credentials nor a policy of its own asks its
+// upstream for the listing without credentials: UNAUTHENTICATED means the
+// upstream checks its callers, and the follower refuses to start rather than
+// serve openly what its data dir kept from a time it had credentials. Any
+// other answer passes, an unreachable upstream's too: such a follower gets
+// nothing from an upstream that checks callers.
+absl::Status ProbeUpstreamAccess(const ServerOptions& options) {
+  if (!options.auth_policy_file.empty() || options.follow_open_reads)
+    return absl::OkStatus();
+  ClientOptions probe = options.follow_client;
+  probe.timeout = kUpstreamProbeTimeout;
+  probe.own_connection = true;
+  ASSIGN_OR_RETURN(std::unique_ptr<Client> client,
+                   Client::Connect(options.follow, probe));
+  const absl::Status listed = client->ListModels().status();
+  if (!absl::IsUnauthenticated(listed)) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      options.follow,
+      " checks its callers (ListModels without credentials: ", listed.message(),
+      "): a follower of it needs credentials for it (--follow_token_file or "
+      "--follow_tls_cert) and an --auth_policy of its own, or "
+      "--follow_open_reads to serve its models to everyone on purpose"));
+}
+
 // The metrics listener's civetweb settings. A worker thread serves one
 // connection at a time from its first byte, so a client that sends nothing,
 // or half a request, holds a thread: the request timeout bounds for how long
@@ -179,6 +234,7 @@ absl::Status ValidateServerOptions(const ServerOptions& options) {
   if (options.follow_max_backoff <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("--follow_retry_max must be positive");
   }
+  RETURN_IF_ERROR(ValidateFollowerAccess(options));
   return ValidateConnectionLimits(options);
 }
 
@@ -217,6 +273,16 @@ absl::Status Server::OpenStore(const ServerOptions& options) {
 }
 
 absl::Status Server::OpenAccessControl(const ServerOptions& options) {
+  if (options.follow_open_reads && options.auth_policy_file.empty()) {
+    std::fprintf(stderr,
+                 "modelstated: WARNING: --follow_open_reads: every client that "
+                 "reaches %s%s%s may read every model mirrored from %s, also "
+                 "those %s protects\n",
+                 options.listen.c_str(),
+                 options.local_socket.empty() ? "" : " or ",
+                 options.local_socket.c_str(), options.follow.c_str(),
+                 options.follow.c_str());
+  }
   if (!options.audit_log.empty()) {
     ASSIGN_OR_RETURN(audit_, AuditLog::Open(options.audit_log));
   }
@@ -273,6 +339,7 @@ absl::Status Server::PrepareFollower(const ServerOptions& options) {
   // options.
   metrics_->SetModelLabels(options.metrics_model_labels);
   if (options.follow.empty()) return absl::OkStatus();
+  RETURN_IF_ERROR(ProbeUpstreamAccess(options));
   ASSIGN_OR_RETURN(
       upstream_, GrpcUpstream::Connect(options.follow, options.follow_client));
   FollowerOptions follower_options;

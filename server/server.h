@@ -131,6 +131,12 @@ struct ServerOptions {
   // Waits between attempts to reach an unavailable upstream double up to
   // this.
   absl::Duration follow_max_backoff = absl::Seconds(10);
+  // A follower of an upstream that authenticates (it is given credentials
+  // for it, or refuses an unauthenticated ListModels at start) must have an
+  // auth_policy_file of its own, so that it serves no more openly than its
+  // upstream; true lets it start without one and serve every model it
+  // mirrors to every caller. Ignored with an auth_policy_file.
+  bool follow_open_reads = false;
 };
 
 class Server {

@@ -3,7 +3,8 @@
 // refuse writes, sync only changed tensors, survive SIGKILL mid-sync with their
 // data dir, keep serving while the primary is down and catch up after it
 // restarts from its data dir, and reach a TLS upstream with a client
-// certificate.
+// certificate; a follower of an upstream that checks its callers starts only
+// with an auth policy of its own or --follow_open_reads.
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -115,6 +116,16 @@ StateDict RandomLike(const StateDict& shape, std::mt19937& rng) {
     out.Set(entry.key, tensor.CastTo(entry.tensor.dtype()).value(), entry.kind);
   }
   return out;
+}
+
+// Writes a policy giving the principal `name`, holding `token`, the read role
+// on the models `glob` matches.
+void WriteReadPolicy(const std::string& path, const std::string& name,
+                     const std::string& token, const std::string& glob) {
+  std::ofstream(path) << absl::StrCat(
+      R"({"version": 1, "principals": [{"name": ")", name,
+      R"(", "token_sha256": [")", Sha256Hex(token),
+      R"("], "roles": [{"models": ")", glob, R"(", "role": "read"}]}]})");
 }
 
 bool Serving(Client& client) {
@@ -576,10 +587,11 @@ TEST(ReplicationTest, FollowsATlsUpstreamWithAClientCertificate) {
   auto primary = testing_support::StartServer(tls);
   ASSERT_NE(primary, nullptr);
   const std::string upstream = "localhost:" + std::to_string(primary->port());
+  // It presents a certificate, so it needs a policy of its own or this.
   Daemon follower(FollowerArgs(
       upstream,
       {"--follow_tls_ca=" + certs.ca, "--follow_tls_cert=" + certs.client_cert,
-       "--follow_tls_key=" + certs.client_key}));
+       "--follow_tls_key=" + certs.client_key, "--follow_open_reads"}));
   // Without a client certificate the upstream refuses it: never SERVING.
   Daemon refused(FollowerArgs(upstream, {"--follow_tls_ca=" + certs.ca}));
   auto to_follower = ConnectTo(follower.address());
@@ -597,10 +609,7 @@ TEST(ReplicationTest, FollowsATlsUpstreamWithAClientCertificate) {
 TEST(ReplicationTest, FollowsAnUpstreamWithAnAuthPolicyWithItsToken) {
   ScratchDir dir;
   const std::string policy = dir.file("policy.json");
-  std::ofstream(policy) << absl::StrCat(
-      R"({"version": 1, "principals": [{"name": "replica", "token_sha256": [")",
-      Sha256Hex("replica-token"),
-      R"("], "roles": [{"models": "*", "role": "read"}]}]})");
+  WriteReadPolicy(policy, "replica", "replica-token", "*");
   std::ofstream(dir.file("token")) << "replica-token\n";
   std::ofstream(dir.file("wrong")) << "not-the-token\n";
   ServerOptions options;
@@ -609,10 +618,13 @@ TEST(ReplicationTest, FollowsAnUpstreamWithAnAuthPolicyWithItsToken) {
   auto primary = testing_support::StartServer(options);
   ASSERT_NE(primary, nullptr);
   const std::string upstream = "127.0.0.1:" + std::to_string(primary->port());
-  Daemon follower(
-      FollowerArgs(upstream, {"--follow_token_file=" + dir.file("token")}));
-  Daemon refused(
-      FollowerArgs(upstream, {"--follow_token_file=" + dir.file("wrong")}));
+  // Both present tokens, so they need a policy of their own or this.
+  Daemon follower(FollowerArgs(
+      upstream,
+      {"--follow_token_file=" + dir.file("token"), "--follow_open_reads"}));
+  Daemon refused(FollowerArgs(
+      upstream,
+      {"--follow_token_file=" + dir.file("wrong"), "--follow_open_reads"}));
   auto to_follower = ConnectTo(follower.address());
   ASSERT_TRUE(WaitUntil([&] { return Serving(*to_follower); }));
   EXPECT_EQ(VersionOf(*to_follower, "demo").version, 1);
@@ -625,6 +637,124 @@ TEST(ReplicationTest, FollowsAnUpstreamWithAnAuthPolicyWithItsToken) {
                                   " --listen=127.0.0.1:0 --follow=" + upstream +
                                   " --follow_token_file=" + dir.file("absent"));
   EXPECT_EQ(missing.exit_code, 2);
+}
+
+// The upstream of the tests below: the demo model, readable only with
+// "replica-token" (the follower's token file, `dir`/token).
+std::unique_ptr<Server> StartUpstreamThatChecksCallers(const ScratchDir& dir) {
+  WriteReadPolicy(dir.file("upstream-policy.json"), "replica", "replica-token",
+                  "*");
+  std::ofstream(dir.file("token")) << "replica-token\n";
+  ServerOptions options;
+  options.demo_model = "demo";
+  options.auth_policy_file = dir.file("upstream-policy.json");
+  return testing_support::StartServer(options);
+}
+
+// A follower that presents credentials to its upstream would hand what they
+// unlock to every caller: without a policy of its own it does not start.
+TEST(ReplicationTest,
+     AFollowerWithCredentialsButNoPolicyOfItsOwnRefusesToStart) {
+  ScratchDir dir;
+  auto primary = StartUpstreamThatChecksCallers(dir);
+  ASSERT_NE(primary, nullptr);
+  const std::string follower =
+      testing_support::DaemonPath() +
+      " --listen=127.0.0.1:0 --log_rpcs=false --follow=127.0.0.1:" +
+      std::to_string(primary->port());
+  const testing_support::CommandResult with_token = testing_support::RunCommand(
+      follower + " --follow_token_file=" + dir.file("token"));
+  EXPECT_EQ(with_token.exit_code, 1);
+  EXPECT_THAT(with_token.output,
+              HasSubstr("presents credentials to 127.0.0.1:"));
+  EXPECT_THAT(with_token.output,
+              HasSubstr("(--follow_token_file) but has no --auth_policy of "
+                        "its own"));
+  const testing_support::Certificates certs =
+      testing_support::MakeCertificates();
+  const testing_support::CommandResult with_certificate =
+      testing_support::RunCommand(follower + " --follow_tls_ca=" + certs.ca +
+                                  " --follow_tls_cert=" + certs.client_cert +
+                                  " --follow_tls_key=" + certs.client_key);
+  EXPECT_EQ(with_certificate.exit_code, 1);
+  EXPECT_THAT(with_certificate.output,
+              HasSubstr("(--follow_tls_cert) but has no --auth_policy"));
+}
+
+// Without credentials it asks the upstream for a listing at start; refused
+// with UNAUTHENTICATED, it does not start either.
+TEST(ReplicationTest,
+     AFollowerOfAnUpstreamThatChecksCallersRefusesToStartOpen) {
+  ScratchDir dir;
+  auto primary = StartUpstreamThatChecksCallers(dir);
+  ASSERT_NE(primary, nullptr);
+  const std::string upstream = "127.0.0.1:" + std::to_string(primary->port());
+  const testing_support::CommandResult refused = testing_support::RunCommand(
+      testing_support::DaemonPath() +
+      " --listen=127.0.0.1:0 --log_rpcs=false --follow=" + upstream);
+  EXPECT_EQ(refused.exit_code, 1);
+  EXPECT_THAT(refused.output,
+              HasSubstr(upstream + " checks its callers (ListModels without "
+                                   "credentials: "));
+  // Told that reads are open, it starts (and gets nothing without a token).
+  Daemon open(FollowerArgs(upstream, {"--follow_open_reads"}));
+  EXPECT_GT(open.port(), 0);
+  EXPECT_TRUE(open.WaitForLog("UNAUTHENTICATED", kWait));
+}
+
+// --follow_open_reads: the follower starts, says at start that it serves the
+// upstream's protected models to everyone, and does.
+TEST(ReplicationTest,
+     WithFollowOpenReadsAFollowerStartsWarnsAndServesEveryone) {
+  ScratchDir dir;
+  auto primary = StartUpstreamThatChecksCallers(dir);
+  ASSERT_NE(primary, nullptr);
+  const std::string upstream = "127.0.0.1:" + std::to_string(primary->port());
+  Daemon follower(FollowerArgs(
+      upstream,
+      {"--follow_token_file=" + dir.file("token"), "--follow_open_reads"}));
+  ASSERT_GT(follower.port(), 0);
+  EXPECT_THAT(follower.Log(),
+              HasSubstr("WARNING: --follow_open_reads: every client that "
+                        "reaches 127.0.0.1:0 may read every model mirrored "
+                        "from " +
+                        upstream));
+  auto anyone = ConnectTo(follower.address());
+  ASSERT_TRUE(WaitUntil([&] { return Serving(*anyone); }));
+  EXPECT_EQ(VersionOf(*anyone, "demo").version, 1);
+}
+
+// With a policy of its own the follower starts, no warning, and its callers
+// need credentials of its policy.
+TEST(ReplicationTest, WithAPolicyOfItsOwnAFollowerStartsAndChecksItsCallers) {
+  ScratchDir dir;
+  auto primary = StartUpstreamThatChecksCallers(dir);
+  ASSERT_NE(primary, nullptr);
+  WriteReadPolicy(dir.file("follower-policy.json"), "worker", "worker-token",
+                  "demo");
+  const std::string upstream = "127.0.0.1:" + std::to_string(primary->port());
+  Daemon follower(FollowerArgs(
+      upstream, {"--follow_token_file=" + dir.file("token"),
+                 "--auth_policy=" + dir.file("follower-policy.json")}));
+  ASSERT_GT(follower.port(), 0);
+  auto anonymous = ConnectTo(follower.address());
+  ASSERT_TRUE(WaitUntil([&] { return Serving(*anonymous); }));
+  EXPECT_EQ(anonymous->GetModel("demo").status().code(),
+            absl::StatusCode::kUnauthenticated);
+  ClientOptions worker_options;
+  worker_options.token = "worker-token";
+  worker_options.timeout = testing_support::kCallTimeout;
+  auto worker = Client::Connect(follower.address(), worker_options).value();
+  EXPECT_EQ(VersionOf(*worker, "demo").version, 1);
+  EXPECT_THAT(follower.Log(), Not(HasSubstr("follow_open_reads")));
+}
+
+TEST(ReplicationTest, FollowOpenReadsNeedsFollow) {
+  const testing_support::CommandResult refused = testing_support::RunCommand(
+      testing_support::DaemonPath() +
+      " --listen=127.0.0.1:0 --log_rpcs=false --follow_open_reads");
+  EXPECT_EQ(refused.exit_code, 1);
+  EXPECT_THAT(refused.output, HasSubstr("--follow_open_reads needs --follow"));
 }
 
 TEST(ReplicationTest, FollowRefusesPreloadsAndANonPositiveRetryCap) {
