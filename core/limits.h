@@ -24,6 +24,14 @@ inline constexpr uint32_t kDefaultMinChunkBytes = 64u << 10;
 // manifests of several hundred thousand tensors).
 inline constexpr int kMaxMessageBytes = 64 << 20;
 
+// Request frames on the same-host socket (modelstated --local_socket), the
+// first of a connection included: the daemon reads that one before it knows
+// whether the peer may read anything, so the bound keeps what unauthorized
+// peers can pin small (all 64 connection slots: 1 MiB). It holds a model name,
+// a module path, a token and a few hundred keys of typical length; a client
+// whose request is larger fetches through gRPC instead.
+inline constexpr uint32_t kMaxLocalRequestBytes = 16u << 10;
+
 // Model names: 1 to this many characters from [A-Za-z0-9._-], not starting
 // with '.'.
 inline constexpr int kMaxModelNameLength = 128;

@@ -1,10 +1,13 @@
 #include "proto/local_frame.h"
 
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstring>
 #include <string>
 #include <utility>
@@ -26,11 +29,51 @@ absl::Status SocketError(int err, absl::string_view what) {
   return absl::UnavailableError(absl::StrCat(what, ": ", std::strerror(err)));
 }
 
+// The socket's receive timeout (SetSocketTimeouts); infinite when it has none.
+absl::Duration ReceiveTimeout(int socket) {
+  timeval value{};
+  socklen_t size = sizeof(value);
+  if (getsockopt(socket, SOL_SOCKET, SO_RCVTIMEO, &value, &size) != 0 ||
+      (value.tv_sec == 0 && value.tv_usec == 0))
+    return absl::InfiniteDuration();
+  return absl::DurationFromTimeval(value);
+}
+
+// Waits until `socket` has bytes, or its end, to read: until `deadline` at
+// most, and no longer than the socket's receive timeout, which a poll would
+// otherwise bypass.
+absl::Status WaitReadable(int socket, absl::Time deadline) {
+  const absl::Time gap_end = absl::Now() + ReceiveTimeout(socket);
+  const absl::Time until = std::min(deadline, gap_end);
+  for (absl::Duration left = until - absl::Now(); left > absl::ZeroDuration();
+       left = until - absl::Now()) {
+    pollfd watched{socket, POLLIN, 0};
+    const int64_t wait_ms =
+        absl::ToInt64Milliseconds(absl::Ceil(left, absl::Milliseconds(1)));
+    const int ready = poll(
+        &watched, 1, static_cast<int>(std::min<int64_t>(wait_ms, INT_MAX)));
+    if (ready > 0) return absl::OkStatus();
+    if (ready < 0 && errno != EINTR)
+      return SocketError(errno, "cannot wait on the local socket");
+  }
+  if (gap_end < deadline)
+    return SocketError(EAGAIN, "cannot read from the local socket");
+  return absl::DeadlineExceededError(
+      "the local frame did not arrive whole in time");
+}
+
 // Receives up to `size` bytes into `out`, appending any descriptors that came
-// with them to `fds`. Returns the bytes read (0 at the end of the stream).
+// with them to `fds`, once some arrived by `deadline`. Returns the bytes read
+// (0 at the end of the stream).
 absl::StatusOr<size_t> ReceiveSome(int socket, char* out, size_t size,
+                                   absl::Time deadline,
                                    std::vector<UniqueFd>* fds,
                                    bool* truncated) {
+  // Without a deadline the socket's receive timeout alone governs, in recvmsg.
+  if (deadline != absl::InfiniteFuture()) {
+    absl::Status readable = WaitReadable(socket, deadline);
+    if (!readable.ok()) return readable;
+  }
   alignas(cmsghdr) char control[CMSG_SPACE(kMaxReceivedFds * sizeof(int))];
   iovec iov{out, size};
   msghdr header{};
@@ -58,14 +101,15 @@ absl::StatusOr<size_t> ReceiveSome(int socket, char* out, size_t size,
   return static_cast<size_t>(got);
 }
 
-// Reads exactly `size` bytes. `started` says whether bytes of this frame were
-// read before, which makes an end of stream a broken frame.
+// Reads exactly `size` bytes by `deadline`. `started` says whether bytes of
+// this frame were read before, which makes an end of stream a broken frame.
 absl::Status ReceiveAll(int socket, char* out, size_t size, bool started,
-                        std::vector<UniqueFd>* fds, bool* truncated) {
+                        absl::Time deadline, std::vector<UniqueFd>* fds,
+                        bool* truncated) {
   size_t done = 0;
   while (done < size) {
     absl::StatusOr<size_t> got =
-        ReceiveSome(socket, out + done, size - done, fds, truncated);
+        ReceiveSome(socket, out + done, size - done, deadline, fds, truncated);
     if (!got.ok()) return got.status();
     if (*got == 0) {
       if (!started && done == 0)
@@ -164,12 +208,12 @@ absl::Status WriteLocalFrame(int socket,
 
 absl::Status ReadLocalFrame(int socket, uint32_t max_bytes,
                             google::protobuf::MessageLite* message,
-                            UniqueFd* received_fd) {
+                            UniqueFd* received_fd, absl::Time deadline) {
   std::vector<UniqueFd> fds;  // Closed on every error path.
   bool truncated = false;
   unsigned char length[4];
   absl::Status read = ReceiveAll(socket, reinterpret_cast<char*>(length), 4,
-                                 /*started=*/false, &fds, &truncated);
+                                 /*started=*/false, deadline, &fds, &truncated);
   if (!read.ok()) return read;
   const uint32_t size = length[0] | length[1] << 8 | length[2] << 16 |
                         static_cast<uint32_t>(length[3]) << 24;
@@ -178,8 +222,8 @@ absl::Status ReadLocalFrame(int socket, uint32_t max_bytes,
         "local frame of ", size, " bytes exceeds the limit of ", max_bytes));
   }
   std::string body(size, '\0');
-  read =
-      ReceiveAll(socket, body.data(), size, /*started=*/true, &fds, &truncated);
+  read = ReceiveAll(socket, body.data(), size, /*started=*/true, deadline, &fds,
+                    &truncated);
   if (!read.ok()) return read;
   if (truncated || fds.size() > 1 || (!fds.empty() && received_fd == nullptr)) {
     return absl::InvalidArgumentError(
@@ -190,6 +234,10 @@ absl::Status ReadLocalFrame(int socket, uint32_t max_bytes,
   if (received_fd != nullptr)
     *received_fd = fds.empty() ? UniqueFd() : std::move(fds[0]);
   return absl::OkStatus();
+}
+
+absl::Status AwaitLocalFrame(int socket, absl::Time deadline) {
+  return WaitReadable(socket, deadline);
 }
 
 v1::LocalStatus ToLocalStatus(const absl::Status& status) {

@@ -71,15 +71,23 @@ absl::Status WriteLocalFrame(int socket,
                              int fd_to_pass = -1);
 
 // Reads one frame into `message`; a descriptor that came with it goes to
-// `received_fd` (which may be null to refuse descriptors). Returns
-// OutOfRange for a clean end of stream before the frame's first byte,
+// `received_fd` (which may be null to refuse descriptors). The length is
+// checked against `max_bytes` before anything is allocated for the body.
+// Returns OutOfRange for a clean end of stream before the frame's first byte,
 // InvalidArgument for a frame larger than `max_bytes`, a message that does not
 // parse, more than one descriptor or an unwanted one (all of them are closed),
 // Unavailable when the connection breaks mid-frame, DeadlineExceeded after the
-// socket's receive timeout.
+// socket's receive timeout (a gap) or when the whole frame has not arrived by
+// `deadline`, however steadily its bytes came.
 absl::Status ReadLocalFrame(int socket, uint32_t max_bytes,
                             google::protobuf::MessageLite* message,
-                            UniqueFd* received_fd);
+                            UniqueFd* received_fd,
+                            absl::Time deadline = absl::InfiniteFuture());
+
+// Waits until the next frame's first byte (or the end of the stream) can be
+// read. Returns OK then, DeadlineExceeded at `deadline` or after the socket's
+// receive timeout, whichever comes first, Unavailable when the socket fails.
+absl::Status AwaitLocalFrame(int socket, absl::Time deadline);
 
 // LocalStatus <-> absl::Status. A code out of range reads as Unknown; an OK
 // code reads as Unknown too, since the daemon only sends errors.
