@@ -8,6 +8,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -17,15 +18,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "core/limits.h"
 #include "core/status_macros.h"
 #include "core/transfer.h"
 #include "proto/convert.h"
 
 namespace modelstate {
 namespace {
-
-// Requests are a model name, keys and a token: far below a manifest's size.
-constexpr uint32_t kMaxLocalRequestBytes = 16u << 20;
 
 absl::Status Errno(absl::string_view what) {
   return absl::UnavailableError(absl::StrCat(what, ": ", std::strerror(errno)));
@@ -115,11 +114,18 @@ struct HeldFetch {
   uint64_t total_bytes = 0;
 };
 
-absl::StatusOr<HeldFetch> PlanFetch(ModelStore* store, const LocalPeer& peer,
-                                    const LocalAuthorizer& authorize,
-                                    const v1::LocalFetchRequest& request) {
-  ASSIGN_OR_RETURN(const FetchRequest fetch, FromProto(request.request()));
+// The fetch `request` asks for, once `peer` may make it; the error to send
+// otherwise.
+absl::StatusOr<FetchRequest> AuthorizedFetch(
+    const LocalPeer& peer, const LocalAuthorizer& authorize,
+    const v1::LocalFetchRequest& request) {
+  ASSIGN_OR_RETURN(FetchRequest fetch, FromProto(request.request()));
   if (authorize) RETURN_IF_ERROR(authorize(peer, request.token(), fetch));
+  return fetch;
+}
+
+absl::StatusOr<HeldFetch> PlanFetch(ModelStore* store,
+                                    const FetchRequest& fetch) {
   HeldFetch held;
   ASSIGN_OR_RETURN(held.plan, store->Fetch(fetch));
   held.tensors = held.plan.state->Tensors();
@@ -143,10 +149,13 @@ absl::StatusOr<std::unique_ptr<LocalTransferServer>> LocalTransferServer::Start(
         absl::StrCat("local socket path must have 1 to ",
                      sizeof(address.sun_path) - 1, " characters"));
   }
-  if (options.max_connections < 1 ||
-      options.idle_timeout <= absl::ZeroDuration()) {
+  if (options.max_connections < 1 || options.max_connections_per_uid < 0 ||
+      options.idle_timeout <= absl::ZeroDuration() ||
+      options.request_timeout <= absl::ZeroDuration() ||
+      options.authorization_timeout <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError(
-        "local socket: max_connections and idle_timeout must be positive");
+        "local socket: max_connections and the timeouts must be positive, "
+        "max_connections_per_uid not negative");
   }
   std::memcpy(address.sun_path, options.path.data(), options.path.size());
   UniqueFd listener(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
@@ -179,6 +188,9 @@ LocalTransferServer::LocalTransferServer(ModelStore* store,
                                          UniqueFd listener)
     : store_(store),
       options_(std::move(options)),
+      max_connections_per_uid_(options_.max_connections_per_uid > 0
+                                   ? options_.max_connections_per_uid
+                                   : std::max(1, options_.max_connections / 4)),
       listener_(std::move(listener)),
       wake_(eventfd(0, EFD_CLOEXEC)),
       exported_(eventfd(0, EFD_CLOEXEC)),
@@ -263,19 +275,39 @@ void LocalTransferServer::AcceptLoop() {
 }
 
 void LocalTransferServer::Admit(UniqueFd connection) {
-  absl::MutexLock lock(&mu_);
-  if (active_ >= options_.max_connections) {
-    (void)SetSocketTimeouts(connection.get(), absl::Seconds(1));
-    (void)WriteLocalFrame(connection.get(),
-                          ErrorResponse(absl::ResourceExhaustedError(
-                              "too many local connections")));
-    return;
+  const absl::StatusOr<LocalPeer> peer = PeerOf(connection.get());
+  absl::Status admitted = peer.status();
+  {
+    absl::MutexLock lock(&mu_);
+    if (admitted.ok()) admitted = CheckRoomFor(*peer);
+    if (admitted.ok()) {
+      const uint64_t id = next_id_++;
+      ++active_;
+      ++active_per_uid_[peer->uid];
+      Connection& entry = connections_[id];
+      entry.fd = connection.Release();
+      entry.handler = std::thread(
+          [this, id, fd = entry.fd, peer = *peer] { Serve(id, fd, peer); });
+      return;
+    }
   }
-  const uint64_t id = next_id_++;
-  ++active_;
-  Connection& entry = connections_[id];
-  entry.fd = connection.Release();
-  entry.handler = std::thread([this, id, fd = entry.fd] { Serve(id, fd); });
+  // The refusal is a small frame that the socket's buffer takes at once; the
+  // timeout only guards the accepting thread against surprises.
+  (void)SetSocketTimeouts(connection.get(), absl::Seconds(1));
+  (void)WriteLocalFrame(connection.get(), ErrorResponse(admitted));
+}
+
+absl::Status LocalTransferServer::CheckRoomFor(const LocalPeer& peer) const {
+  if (active_ >= options_.max_connections)
+    return absl::ResourceExhaustedError("too many local connections");
+  const auto of_uid = active_per_uid_.find(peer.uid);
+  if (of_uid != active_per_uid_.end() &&
+      of_uid->second >= max_connections_per_uid_) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("too many local connections of uid ", peer.uid,
+                     " (at most ", max_connections_per_uid_, ")"));
+  }
+  return absl::OkStatus();
 }
 
 void LocalTransferServer::Reap() {
@@ -294,46 +326,69 @@ void LocalTransferServer::Reap() {
   for (std::thread& handler : finished) handler.join();
 }
 
-void LocalTransferServer::Serve(uint64_t id, int connection) {
-  absl::StatusOr<LocalPeer> peer = PeerOf(connection);
+void LocalTransferServer::Serve(uint64_t id, int connection,
+                                const LocalPeer& peer) {
+  absl::Time unauthorized_until = absl::Now() + options_.authorization_timeout;
   absl::Status status = SetSocketTimeouts(connection, options_.idle_timeout);
-  if (status.ok()) status = peer.status();
   while (status.ok()) {
     v1::LocalRequest request;
-    status = ReadLocalFrame(connection, kMaxLocalRequestBytes, &request,
-                            /*received_fd=*/nullptr);
-    if (status.ok() && request.has_fetch()) {
-      status = ServeFetch(connection, *peer, request.fetch());
-    } else if (status.ok()) {
-      status = absl::InvalidArgumentError(
-          "a local connection must start with a fetch request");
-    }
+    status = ReadRequest(connection, unauthorized_until, &request,
+                         /*received_fd=*/nullptr);
+    if (status.ok())
+      status = Answer(connection, peer, request, &unauthorized_until);
   }
   // A clean close, a timeout or a broken socket need no answer; a request we
   // could not make sense of does.
-  if (status.code() == absl::StatusCode::kInvalidArgument ||
-      status.code() == absl::StatusCode::kPermissionDenied)
+  if (status.code() == absl::StatusCode::kInvalidArgument)
     (void)WriteLocalFrame(connection, ErrorResponse(status));
   absl::MutexLock lock(&mu_);
   close(connection);
   connections_[id].fd = -1;
   --active_;
+  if (--active_per_uid_[peer.uid] == 0) active_per_uid_.erase(peer.uid);
 }
 
-absl::Status LocalTransferServer::ServeFetch(
-    int connection, const LocalPeer& peer,
-    const v1::LocalFetchRequest& request) {
-  absl::StatusOr<HeldFetch> held =
-      PlanFetch(store_, peer, options_.authorize, request);
+absl::Status LocalTransferServer::ReadRequest(int connection,
+                                              absl::Time first_byte_by,
+                                              v1::LocalRequest* request,
+                                              UniqueFd* received_fd) {
+  RETURN_IF_ERROR(AwaitLocalFrame(connection, first_byte_by));
+  const absl::Time deadline =
+      std::min(first_byte_by, absl::Now() + options_.request_timeout);
+  return ReadLocalFrame(connection, kMaxLocalRequestBytes, request, received_fd,
+                        deadline);
+}
+
+absl::Status LocalTransferServer::Answer(int connection, const LocalPeer& peer,
+                                         const v1::LocalRequest& request,
+                                         absl::Time* unauthorized_until) {
+  if (!request.has_fetch()) {
+    return absl::InvalidArgumentError(
+        "a local connection must start with a fetch request");
+  }
+  const absl::StatusOr<FetchRequest> fetch =
+      AuthorizedFetch(peer, options_.authorize, request.fetch());
+  // A refused request leaves the connection usable, within the time an
+  // unauthorized connection has.
+  if (!fetch.ok())
+    return WriteLocalFrame(connection, ErrorResponse(fetch.status()));
+  *unauthorized_until = absl::InfiniteFuture();
+  return ServeFetch(connection, *fetch, request.fetch().accept_export());
+}
+
+absl::Status LocalTransferServer::ServeFetch(int connection,
+                                             const FetchRequest& fetch,
+                                             bool accept_export) {
+  absl::StatusOr<HeldFetch> held = PlanFetch(store_, fetch);
   if (!held.ok())
     return WriteLocalFrame(connection, ErrorResponse(held.status()));
   v1::LocalResponse response;
   v1::LocalManifest* manifest = response.mutable_manifest();
   *manifest->mutable_manifest() = ToManifest(held->plan, held->total_bytes);
   const absl::optional<ExportCache::Found> exported =
-      request.accept_export() ? ExportFor(held->tensors, held->layout.offsets,
-                                          held->layout.region_bytes)
-                              : absl::nullopt;
+      accept_export ? ExportFor(held->tensors, held->layout.offsets,
+                                held->layout.region_bytes)
+                    : absl::nullopt;
   if (exported.has_value()) {
     for (uint64_t offset : exported->offsets) manifest->add_offsets(offset);
     manifest->set_region_bytes(exported->source->size());
@@ -349,7 +404,7 @@ absl::Status LocalTransferServer::ServeFetch(
   v1::LocalRequest next;
   UniqueFd region;
   RETURN_IF_ERROR(
-      ReadLocalFrame(connection, kMaxLocalRequestBytes, &next, &region));
+      ReadRequest(connection, absl::InfiniteFuture(), &next, &region));
   if (!next.has_region() || !region.valid()) {
     return absl::InvalidArgumentError(
         "expected the region (LocalRegion with one descriptor) after the "

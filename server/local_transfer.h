@@ -21,7 +21,14 @@
 //
 // Cleanup: each connection's state (the held snapshot, the received
 // descriptor) lives on its handler's stack, so a client that dies or stalls
-// (the idle timeout) leaves nothing behind once its handler returns. The
+// (the idle timeout) leaves nothing behind once its handler returns.
+//
+// Hostile peers: whoever can connect is untrusted until a fetch of theirs is
+// authorized. Every request frame is bounded (kMaxLocalRequestBytes) before
+// anything is allocated for it and must arrive whole within request_timeout
+// of its first byte, however steadily its bytes trickle; a connection with no
+// authorized fetch is closed authorization_timeout after it was accepted; and
+// one uid holds at most max_connections_per_uid of the connection slots. The
 // daemon never maps a client's memory: pwrite(2) into a region sealed
 // against shrinking cannot fault, whatever the client does to it meanwhile.
 //
@@ -76,8 +83,19 @@ struct LocalTransferOptions {
   // A connection that sends nothing (or reads nothing) for this long is
   // closed, releasing whatever it held.
   absl::Duration idle_timeout = absl::Seconds(60);
+  // A request frame must arrive whole within this of its first byte, so that
+  // a peer cannot hold a connection by sending a byte per idle_timeout.
+  absl::Duration request_timeout = absl::Seconds(5);
+  // A connection on which no fetch has been authorized yet is closed this
+  // long after it was accepted, however it spends the time (silence, slow or
+  // refused requests): a peer without a valid token cannot keep a slot.
+  absl::Duration authorization_timeout = absl::Seconds(10);
   // Connections served at once; more are refused (ResourceExhausted).
   int max_connections = 64;
+  // Connections served at once for one peer uid, so that one local user
+  // cannot take every slot; more are refused (ResourceExhausted). 0: a
+  // quarter of max_connections (at least 1).
+  int max_connections_per_uid = 0;
   // Bytes of sealed exports kept for clients that accept them, least
   // recently used dropped first; 0 makes none (every fetch fills the
   // client's region).
@@ -118,17 +136,33 @@ class LocalTransferServer {
   };
 
   void AcceptLoop();
-  // Starts a handler for a new connection, or refuses it when
-  // max_connections are being served.
+  // Starts a handler for a new connection, or refuses it (with an error
+  // frame) when its peer has no credentials or no slot is free for it.
   void Admit(UniqueFd connection);
+  // OK when a connection of `peer` may be served now, ResourceExhausted when
+  // max_connections, or max_connections_per_uid of its uid, are.
+  absl::Status CheckRoomFor(const LocalPeer& peer) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Joins the handlers that have finished.
   void Reap();
   // Serves one connection until it ends, then closes it.
-  void Serve(uint64_t id, int connection);
-  // Answers one LocalFetchRequest on `connection`, through to the filled
+  void Serve(uint64_t id, int connection, const LocalPeer& peer);
+  // Reads the next request frame on `connection`: its first byte by
+  // `first_byte_by` (and within the idle timeout), the whole frame by then
+  // too and within request_timeout of that byte. The errors of
+  // ReadLocalFrame.
+  absl::Status ReadRequest(int connection, absl::Time first_byte_by,
+                           v1::LocalRequest* request, UniqueFd* received_fd);
+  // Answers one request of `peer`; once a fetch is authorized, sets
+  // `*unauthorized_until` to the infinite future. A non-OK return means the
+  // connection is no longer usable.
+  absl::Status Answer(int connection, const LocalPeer& peer,
+                      const v1::LocalRequest& request,
+                      absl::Time* unauthorized_until);
+  // Answers an authorized fetch on `connection`, through to the filled
   // region. A non-OK return means the connection is no longer usable.
-  absl::Status ServeFetch(int connection, const LocalPeer& peer,
-                          const v1::LocalFetchRequest& request);
+  absl::Status ServeFetch(int connection, const FetchRequest& fetch,
+                          bool accept_export);
   // An export holding `tensors`, made now (with `offsets` in `size` bytes)
   // when none is kept; nullopt when none can be had.
   absl::optional<ExportCache::Found> ExportFor(
@@ -139,6 +173,7 @@ class LocalTransferServer {
 
   ModelStore* const store_;
   const LocalTransferOptions options_;
+  const int max_connections_per_uid_;
   UniqueFd listener_;
   UniqueFd wake_;      // An eventfd that stops AcceptLoop.
   UniqueFd exported_;  // An eventfd that tells AcceptLoop of a new export.
@@ -152,6 +187,7 @@ class LocalTransferServer {
   std::map<uint64_t, Connection> connections_ ABSL_GUARDED_BY(mu_);
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 0;
   int active_ ABSL_GUARDED_BY(mu_) = 0;
+  std::map<uid_t, int> active_per_uid_ ABSL_GUARDED_BY(mu_);
   int64_t fetches_served_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t fetches_from_exports_ ABSL_GUARDED_BY(mu_) = 0;
 };
