@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "core/limits.h"
 #include "core/memfd_export.h"
 #include "core/status_macros.h"
 #include "proto/convert.h"
@@ -62,6 +63,25 @@ absl::StatusOr<v1::LocalResponse> ReadResponse(
   RETURN_IF_ERROR(read);
   if (response.has_error()) return FromLocalStatus(response.error());
   return response;
+}
+
+// Sends `fetch` and reads the daemon's first answer (a descriptor with it goes
+// to `exported`). nullopt when the daemon refused for want of room
+// (ResourceExhausted: no connection slot free, or not the memory): gRPC, with
+// its own admission, serves the fetch instead.
+absl::StatusOr<absl::optional<v1::LocalResponse>> SendFetch(
+    int socket_fd, const v1::LocalRequest& fetch, UniqueFd* exported) {
+  const absl::Status sent = WriteLocalFrame(socket_fd, fetch);
+  // A daemon refusing a connection answers without reading the request and
+  // closes, which can break the write; its answer is still there to read.
+  if (!sent.ok() && sent.code() != absl::StatusCode::kUnavailable) return sent;
+  absl::StatusOr<v1::LocalResponse> response =
+      ReadResponse(socket_fd, exported);
+  if (response.status().code() == absl::StatusCode::kResourceExhausted)
+    return absl::nullopt;
+  RETURN_IF_ERROR(sent);
+  RETURN_IF_ERROR(response.status());
+  return *std::move(response);
 }
 
 // Checks that the daemon's layout is the one both ends compute.
@@ -296,17 +316,20 @@ std::string LocalSocketFor(const std::string& target,
 absl::StatusOr<absl::optional<LocalFetched>> FetchLocally(
     const LocalFetchSettings& settings, const v1::StateDictRequest& request,
     const LocalManifestCallback& on_manifest) {
-  ASSIGN_OR_RETURN(const UniqueFd socket_fd, Connect(settings.socket_path));
-  if (!socket_fd.valid()) return absl::nullopt;
-  RETURN_IF_ERROR(SetSocketTimeouts(socket_fd.get(), settings.timeout));
   v1::LocalRequest message;
   *message.mutable_fetch()->mutable_request() = request;
   message.mutable_fetch()->set_token(settings.token);
   message.mutable_fetch()->set_accept_export(settings.accept_exports);
-  RETURN_IF_ERROR(WriteLocalFrame(socket_fd.get(), message));
+  // The daemon reads no larger request before it knows who sends it.
+  if (message.ByteSizeLong() > kMaxLocalRequestBytes) return absl::nullopt;
+  ASSIGN_OR_RETURN(const UniqueFd socket_fd, Connect(settings.socket_path));
+  if (!socket_fd.valid()) return absl::nullopt;
+  RETURN_IF_ERROR(SetSocketTimeouts(socket_fd.get(), settings.timeout));
   UniqueFd exported;
-  ASSIGN_OR_RETURN(v1::LocalResponse response,
-                   ReadResponse(socket_fd.get(), &exported));
+  ASSIGN_OR_RETURN(absl::optional<v1::LocalResponse> answer,
+                   SendFetch(socket_fd.get(), message, &exported));
+  if (!answer.has_value()) return absl::nullopt;
+  v1::LocalResponse& response = *answer;
   if (!response.has_manifest() ||
       response.manifest().shared_export() != exported.valid())
     return absl::DataLossError("the daemon did not answer with a manifest");

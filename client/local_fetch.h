@@ -59,11 +59,14 @@ using LocalManifestCallback = std::function<absl::Status(
     const v1::Manifest&, const std::vector<TransferEntry>&)>;
 
 // Fetches `request` through the local socket. Returns nullopt, having done
-// nothing, when the socket is absent or nobody listens on it (the caller
-// falls back to gRPC); otherwise the fetched state dict or an error: the
-// daemon's (NotFound, PermissionDenied, ...), the callback's, DataLoss for a
-// failed checksum, a malformed answer or an export that is not sealed,
-// Unavailable when the daemon goes away, DeadlineExceeded after
+// nothing, when the socket is absent or nobody listens on it, when the
+// request (with its token) is larger than the daemon reads on that socket
+// (kMaxLocalRequestBytes: a long key list), or when the daemon refuses it
+// with ResourceExhausted (no connection slot free for this process's uid, or
+// memory): the caller falls back to gRPC. Otherwise the fetched state dict or
+// an error: the daemon's (NotFound, PermissionDenied, ...), the callback's,
+// DataLoss for a failed checksum, a malformed answer or an export that is not
+// sealed, Unavailable when the daemon goes away, DeadlineExceeded after
 // `settings.timeout`, ResourceExhausted when the region cannot be allocated.
 absl::StatusOr<absl::optional<LocalFetched>> FetchLocally(
     const LocalFetchSettings& settings, const v1::StateDictRequest& request,
