@@ -17,13 +17,16 @@
 
 #include <atomic>
 #include <cstring>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/time/clock.h"
 #include "client/client.h"
+#include "core/limits.h"
 #include "core/memfd_export.h"
 #include "core/status_macros.h"
 #include "gmock/gmock.h"
@@ -145,10 +148,12 @@ bool Eventually(Predicate done) {
   return true;
 }
 
-// A hand-driven local connection, for requests no client would send.
+// A hand-driven local connection, for requests no client would send. Each
+// wait for the daemon is bounded by `timeout`.
 class RawConnection {
  public:
-  explicit RawConnection(const std::string& path) {
+  explicit RawConnection(const std::string& path,
+                         absl::Duration timeout = kCallTimeout) {
     fd_ = UniqueFd(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
     sockaddr_un address{};
     address.sun_family = AF_UNIX;
@@ -156,7 +161,7 @@ class RawConnection {
     EXPECT_EQ(connect(fd_.get(), reinterpret_cast<sockaddr*>(&address),
                       sizeof(address)),
               0);
-    EXPECT_TRUE(SetSocketTimeouts(fd_.get(), kCallTimeout).ok());
+    EXPECT_TRUE(SetSocketTimeouts(fd_.get(), timeout).ok());
   }
   int fd() const { return fd_.get(); }
 
@@ -323,6 +328,28 @@ TEST(LocalFetchTest, FallsBackToTcpWhenTheSocketIsAbsent) {
           ->StateDictInto(one, {{"w1", DType::kFloat32, {100}, memory.data()}})
           .ok());
   EXPECT_EQ(memory, std::vector<float>(100, 2.0f));
+}
+
+TEST(LocalFetchTest, RequestsLargerThanTheSocketReadsGoThroughTcp) {
+  ScratchDir dir;
+  auto server = StartLocalServer(dir);
+  constexpr int kTensors = 3000;  // Their keys alone pass the request bound.
+  LoadUniform(*server, "m", kTensors, 1, 6.0f);
+  auto client = LocalClient(*server, dir.file("modelstated.local"));
+  FetchRequest every_key("m");
+  for (int i = 0; i < kTensors; ++i)
+    every_key.keys.push_back("w" + std::to_string(i));
+  FetchRequest few_keys("m");
+  few_keys.keys = {"w0", "w1"};
+  absl::StatusOr<FetchedStateDict> large = client->StateDict(every_key);
+  ASSERT_TRUE(large.ok()) << large.status();
+  EXPECT_EQ(large->state.size(), static_cast<size_t>(kTensors));
+  EXPECT_TRUE(AllEqual(large->state, 6.0f));
+  EXPECT_EQ(server->local_transfer()->fetches_served(), 0);
+  absl::StatusOr<FetchedStateDict> small = client->StateDict(few_keys);
+  ASSERT_TRUE(small.ok()) << small.status();
+  EXPECT_EQ(small->state.Keys(), few_keys.keys);
+  EXPECT_EQ(server->local_transfer()->fetches_served(), 1);
 }
 
 TEST(LocalFetchTest, UnknownModelIsNotFoundAndNothingIsServed) {
@@ -1093,8 +1120,15 @@ TEST_F(LocalTransferServerTest, IdleConnectionIsClosedAndReleasesItsVersion) {
 TEST_F(LocalTransferServerTest, BadOptionsAreRefused) {
   for (auto change : std::vector<std::function<void(LocalTransferOptions&)>>{
            [](LocalTransferOptions& o) { o.max_connections = 0; },
+           [](LocalTransferOptions& o) { o.max_connections_per_uid = -1; },
            [](LocalTransferOptions& o) {
              o.idle_timeout = absl::ZeroDuration();
+           },
+           [](LocalTransferOptions& o) {
+             o.request_timeout = absl::ZeroDuration();
+           },
+           [](LocalTransferOptions& o) {
+             o.authorization_timeout = absl::ZeroDuration();
            },
            [](LocalTransferOptions& o) { o.path = std::string(200, 'x'); },
        }) {
@@ -1103,6 +1137,233 @@ TEST_F(LocalTransferServerTest, BadOptionsAreRefused) {
     change(options);
     EXPECT_EQ(LocalTransferServer::Start(&store_, options).status().code(),
               absl::StatusCode::kInvalidArgument);
+  }
+}
+
+// Hostile peers of a daemon whose bounds are small enough to watch act:
+// each case says what its peer got, or what went wrong.
+constexpr absl::Duration kRequestTimeout = absl::Seconds(1);
+constexpr absl::Duration kAuthorizationTimeout = absl::Seconds(2);
+constexpr int kSlotsPerUid = 3;
+// How long a hostile peer waits for the daemon to act: well past the bounds
+// above, well short of the idle timeout (the default, 60 s), so a peer that
+// is cut off was cut off by a bound that counts total time.
+constexpr absl::Duration kPatience = absl::Seconds(5);
+// Resident memory that may come and go in this process while a case runs
+// (other threads, allocator caches): far less than any case's frames.
+constexpr int64_t kResidentNoise = int64_t{8} << 20;
+
+// This process's resident memory (VmRSS): it is the daemon's.
+int64_t ResidentBytes() {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);) {
+    if (absl::StartsWith(line, "VmRSS:"))
+      return std::stoll(line.substr(6)) * 1024;  // Given in kB.
+  }
+  return -1;
+}
+
+// A frame's 4-byte length header announcing `size` bytes, and no body.
+std::string LengthOnly(uint32_t size) {
+  return std::string(reinterpret_cast<const char*>(&size), 4);
+}
+
+// The bytes of `request` as one frame.
+std::string FrameOf(const v1::LocalRequest& request) {
+  const std::string body = request.SerializeAsString();
+  return LengthOnly(static_cast<uint32_t>(body.size())) + body;
+}
+
+// OK when the daemon answered with an error of `code` whose message has
+// `text`.
+absl::Status ExpectError(const absl::StatusOr<v1::LocalResponse>& answer,
+                         absl::StatusCode code, absl::string_view text = "") {
+  if (!answer.ok()) return answer.status();
+  const absl::Status error = FromLocalStatus(answer->error());
+  if (!answer->has_error() || error.code() != code ||
+      !absl::StrContains(error.message(), text))
+    return absl::InternalError("unexpected answer: " + answer->DebugString());
+  return absl::OkStatus();
+}
+
+// OK when the daemon has closed `peer` (or closes it within the peer's
+// timeout), sending nothing more.
+absl::Status ExpectClosed(RawConnection& peer) {
+  const absl::StatusCode code = peer.Receive().status().code();
+  if (code == absl::StatusCode::kOutOfRange ||
+      code == absl::StatusCode::kUnavailable)
+    return absl::OkStatus();
+  return absl::InternalError(
+      absl::StrCat("the daemon did not close the connection: ",
+                   absl::StatusCodeToString(code)));
+}
+
+// Has `peer` make one authorized fetch (of the export, which ends it): the
+// connection then counts as authorized and is governed by the idle timeout.
+absl::Status FetchAuthorized(RawConnection& peer) {
+  v1::LocalRequest request = FetchOf("m", "right");
+  request.mutable_fetch()->set_accept_export(true);
+  peer.Send(request);
+  v1::LocalResponse answer;
+  UniqueFd exported;
+  absl::Status read =
+      ReadLocalFrame(peer.fd(), kMaxLocalFrameBytes, &answer, &exported);
+  if (read.ok() && !answer.has_manifest())
+    return absl::InternalError("no manifest: " + answer.DebugString());
+  return read;
+}
+
+// Announces frames of `size` bytes from `peers` connections at once; OK when
+// each is refused as too large and the daemon's memory did not grow by them.
+absl::Status AnnounceFrames(const std::string& path, int peers, uint32_t size) {
+  const int64_t before = ResidentBytes();
+  std::vector<std::unique_ptr<RawConnection>> connections;
+  for (int i = 0; i < peers; ++i) {
+    connections.push_back(std::make_unique<RawConnection>(path, kPatience));
+    connections.back()->SendBytes(LengthOnly(size));
+  }
+  for (auto& peer : connections) {
+    RETURN_IF_ERROR(ExpectError(peer->Receive(),
+                                absl::StatusCode::kInvalidArgument, "limit"));
+  }
+  const int64_t grown = ResidentBytes() - before;
+  if (grown > kResidentNoise)
+    return absl::InternalError(absl::StrCat("resident memory grew by ", grown));
+  return absl::OkStatus();
+}
+
+// Sends the next request one byte every 200 ms on a connection past its
+// authorization, so that only the request bound can stop it.
+absl::Status TrickleARequest(const std::string& path) {
+  RawConnection peer(path, kPatience);
+  RETURN_IF_ERROR(FetchAuthorized(peer));
+  const std::string frame = FrameOf(FetchOf("m", std::string(40, 't')));
+  const absl::Time start = absl::Now();
+  for (char byte : frame) {
+    if (send(peer.fd(), &byte, 1, MSG_NOSIGNAL) != 1) {
+      const absl::Duration took = absl::Now() - start;
+      if (took < kRequestTimeout || took > kPatience)
+        return absl::InternalError(
+            absl::StrCat("cut off after ", absl::FormatDuration(took)));
+      return absl::OkStatus();
+    }
+    absl::SleepFor(absl::Milliseconds(200));
+  }
+  return absl::InternalError(
+      absl::StrCat("a request trickled in over ",
+                   absl::FormatDuration(absl::Now() - start)));
+}
+
+// Connects and sends nothing: closed once unauthorized for too long, long
+// before the idle timeout.
+absl::Status StaySilent(const std::string& path) {
+  RawConnection peer(path, kPatience);
+  const absl::Time start = absl::Now();
+  RETURN_IF_ERROR(ExpectClosed(peer));
+  if (absl::Now() - start < kAuthorizationTimeout)
+    return absl::InternalError("closed before the authorization timeout");
+  return absl::OkStatus();
+}
+
+// Keeps sending requests that are refused, each in good time: the connection
+// still goes once it has been unauthorized for too long.
+absl::Status KeepBeingRefused(const std::string& path) {
+  RawConnection peer(path, kPatience);
+  const std::string refused = FrameOf(FetchOf("m", "wrong"));
+  const absl::Time give_up = absl::Now() + kPatience;
+  while (absl::Now() < give_up) {
+    if (send(peer.fd(), refused.data(), refused.size(), MSG_NOSIGNAL) < 0)
+      return absl::OkStatus();  // Closed before this request.
+    absl::StatusOr<v1::LocalResponse> answer = peer.Receive();
+    if (!answer.ok()) return ExpectClosed(peer);
+    RETURN_IF_ERROR(
+        ExpectError(answer, absl::StatusCode::kPermissionDenied, "token"));
+    absl::SleepFor(absl::Milliseconds(300));
+  }
+  return absl::InternalError("refused requests kept the connection open");
+}
+
+// Takes every slot its uid may have (with authorized connections, which the
+// idle timeout alone would end) and asks for one more: refused by the per-uid
+// cap while the server has slots free, and a client falls back to gRPC.
+absl::Status TakeEverySlotOfTheUid(const std::string& path,
+                                   const LocalTransferServer& server) {
+  std::vector<std::unique_ptr<RawConnection>> held;
+  for (int i = 0; i < kSlotsPerUid; ++i) {
+    held.push_back(std::make_unique<RawConnection>(path, kPatience));
+    RETURN_IF_ERROR(FetchAuthorized(*held.back()));
+  }
+  RawConnection extra(path, kPatience);
+  RETURN_IF_ERROR(ExpectError(extra.Receive(),
+                              absl::StatusCode::kResourceExhausted,
+                              absl::StrCat("uid ", getuid())));
+  if (server.active_connections() != kSlotsPerUid)
+    return absl::InternalError("the cap was not what refused");
+  LocalFetchSettings settings;
+  settings.socket_path = path;
+  settings.token = "right";
+  settings.timeout = kPatience;
+  v1::StateDictRequest whole;
+  whole.set_model("m");
+  ASSIGN_OR_RETURN(absl::optional<LocalFetched> fetched,
+                   FetchLocally(settings, whole));
+  if (fetched.has_value())
+    return absl::InternalError("a fetch got a slot past the cap");
+  return absl::OkStatus();
+}
+
+TEST_F(LocalTransferServerTest, HostilePeersAreCutOffAndRealFetchesGoOn) {
+  LocalTransferOptions options;
+  options.authorize = [](const LocalPeer&, const std::string& token,
+                         const FetchRequest&) {
+    return token == "right" ? absl::OkStatus()
+                            : absl::PermissionDeniedError("wrong token");
+  };
+  options.max_connections = 8;
+  options.max_connections_per_uid = kSlotsPerUid;
+  options.request_timeout = kRequestTimeout;
+  options.authorization_timeout = kAuthorizationTimeout;
+  auto server = Start(options);
+  ASSERT_NE(server, nullptr);
+  const std::string path = dir_.file("local");
+  LocalFetchSettings settings;
+  settings.socket_path = path;
+  settings.token = "right";
+  settings.timeout = kCallTimeout;
+  settings.accept_exports = false;  // Both request frames of a fetch.
+  v1::StateDictRequest whole;
+  whole.set_model("m");
+  struct Case {
+    const char* name;
+    std::function<absl::Status()> peer;
+  };
+  const std::vector<Case> cases = {
+      {"announces a 1 GiB frame",
+       [&] { return AnnounceFrames(path, 1, 1u << 30); }},
+      {"announces 16 MiB frames from every slot of its uid",
+       [&] { return AnnounceFrames(path, kSlotsPerUid, 16u << 20); }},
+      {"announces a frame just past the request bound",
+       [&] { return AnnounceFrames(path, 1, kMaxLocalRequestBytes + 1); }},
+      {"trickles a request, a byte every 200 ms",
+       [&] { return TrickleARequest(path); }},
+      {"connects and sends nothing", [&] { return StaySilent(path); }},
+      {"keeps sending refused requests",
+       [&] { return KeepBeingRefused(path); }},
+      {"takes every slot of its uid and asks for one more",
+       [&] { return TakeEverySlotOfTheUid(path, *server); }},
+  };
+  for (const Case& test : cases) {
+    SCOPED_TRACE(test.name);
+    const absl::Status outcome = test.peer();
+    EXPECT_TRUE(outcome.ok()) << outcome;
+    EXPECT_TRUE(Eventually([&] { return server->active_connections() == 0; }))
+        << server->active_connections() << " connections left";
+    absl::StatusOr<absl::optional<LocalFetched>> fetched =
+        FetchLocally(settings, whole);
+    ASSERT_TRUE(fetched.ok()) << fetched.status();
+    ASSERT_TRUE(fetched->has_value());
+    ASSERT_EQ((*fetched)->tensors.size(), 2u);
+    EXPECT_EQ((*fetched)->tensors[1].data_as<float>()[999], 4.0f);
   }
 }
 
