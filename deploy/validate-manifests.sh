@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Renders every kustomize overlay and validates every object offline against the Kubernetes
-# JSON schemas, then proves the validator rejects a broken manifest. Needs kubectl (for
-# kustomize v5) and Node.js with npm, which tools/install-deps.sh installs; installs the
+# JSON schemas and every follower's flags against modelstated's start-up rule, then proves the
+# validator rejects a broken manifest and a follower without a policy of its own. Needs kubectl
+# (for kustomize v5) and Node.js with npm, which tools/install-deps.sh installs; installs the
 # validator's npm packages from package-lock.json. Exits 77 (ctest: skipped), saying why, when a
 # tool is missing.
 set -euo pipefail
@@ -31,3 +32,8 @@ if node "$here/validate/validate.mjs" "$here/validate/testdata/broken.yaml" 2>/d
   exit 1
 fi
 echo "broken manifest rejected, as it should be"
+if node "$here/validate/validate.mjs" "$here/validate/testdata/follower-without-policy.yaml" 2>/dev/null; then
+  echo "validator accepted a follower with upstream credentials and no --auth_policy" >&2
+  exit 1
+fi
+echo "follower without a policy of its own rejected, as it should be"
