@@ -53,9 +53,8 @@ absl::Status CheckRequestNames(const v1::StateDictRequest& request) {
 }
 
 absl::Status CheckRequestNames(const v1::LoadHeader& header) {
+  // Tensor keys are the store's to bound (ValidateTensorKey), before any use.
   RETURN_IF_ERROR(CheckRequestNames(header.model(), header.module()));
-  for (const v1::TensorInfo& tensor : header.tensors())
-    RETURN_IF_ERROR(CheckNameSize("key", tensor.name(), kMaxKeyLength));
   for (const auto& [module, class_name] : header.class_names()) {
     RETURN_IF_ERROR(CheckNameSize("module path", module, kMaxKeyLength));
     RETURN_IF_ERROR(CheckNameSize("class name", class_name, kMaxKeyLength));
