@@ -27,6 +27,10 @@ namespace modelstate {
 // certificate's common name(s) and its alternative names by type.
 CallerCredentials CredentialsOf(const grpc::ServerContextBase& context);
 
+// The names of the client certificate the transport verified, by type; none
+// when `auth` is null or the peer presented no verified certificate.
+CertificateNames CertificateNamesOf(const grpc::AuthContext* auth);
+
 // Who a call acts for. Without a policy every caller is "anonymous" and may
 // do everything (the daemon's behaviour before policies existed).
 class Caller {

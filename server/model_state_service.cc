@@ -928,8 +928,11 @@ absl::Time ModelStateService::MinVersionDeadline(
 
 absl::StatusOr<Caller> ModelStateService::Authenticate(
     const grpc::ServerContextBase& context) {
-  if (options_.access == nullptr) return Caller::Anonymous();
-  return Authenticate(CredentialsOf(context));
+  absl::StatusOr<Caller> caller = options_.access == nullptr
+                                      ? Caller::Anonymous()
+                                      : Authenticate(CredentialsOf(context));
+  if (caller.ok() && options_.on_admitted) options_.on_admitted(context.peer());
+  return caller;
 }
 
 absl::StatusOr<Caller> ModelStateService::Authenticate(

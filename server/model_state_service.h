@@ -5,7 +5,9 @@
 #define MODELSTATE_SERVER_MODEL_STATE_SERVICE_H_
 
 #include <cstdint>
+#include <functional>
 #include <set>
+#include <string>
 #include <thread>
 
 #include "absl/synchronization/mutex.h"
@@ -39,6 +41,9 @@ struct ServiceOptions {
   // Both must outlive the service.
   AccessControl* access = nullptr;
   AuditLog* audit = nullptr;
+  // Told the peer (grpc::ServerContext::peer()) of every call whose caller
+  // was authenticated (every call without a policy); may be empty.
+  std::function<void(const std::string& peer)> on_admitted;
   // Minimum chunk (issue 13): load chunks below it that do not end their
   // stream are INVALID_ARGUMENT, and a fetch's chunk_bytes below it is raised
   // to it. 0 disables it.

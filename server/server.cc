@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "core/file_util.h"
@@ -16,6 +17,8 @@
 #include "grpcpp/impl/server_builder_option.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
+#include "proto/grpc_status.h"
+#include "server/header_check.h"
 
 namespace modelstate {
 namespace {
@@ -23,6 +26,9 @@ namespace {
 // How long connections stay open after the last call of a graceful stop (see
 // Server::Shutdown).
 const absl::Duration kShutdownLinger = absl::Seconds(1);
+
+// Connections the health-only port keeps open at once.
+constexpr int kHealthConnections = 64;
 
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(
     const ServerOptions& options) {
@@ -101,6 +107,9 @@ absl::Status ValidateConnectionLimits(const ServerOptions& options) {
           absl::StrCat(name, " must be at least 1ms"));
     }
   }
+  if (options.max_concurrent_streams < 1) {
+    return absl::InvalidArgumentError("max_concurrent_streams must be >= 1");
+  }
   if (options.keepalive_max_ping_strikes < 0) {
     return absl::InvalidArgumentError(
         "keepalive_max_ping_strikes must be >= 0");
@@ -132,6 +141,8 @@ void ApplyConnectionLimits(const ServerOptions& options,
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
   builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS,
                              ChannelArgMillis(options.max_connection_idle));
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS,
+                             options.max_concurrent_streams);
 }
 
 // The credential a follower presents to its upstream, as the flag that gives
@@ -268,6 +279,9 @@ absl::Status Server::OpenStore(const ServerOptions& options) {
   service.access = access_.get();
   service.audit = audit_.get();
   service.min_chunk_bytes = options.min_chunk_bytes;
+  service.on_admitted = [this](const std::string& peer) {
+    AdmitConnection(peer);
+  };
   service_ = std::make_unique<ModelStateService>(store_.get(), service);
   return absl::OkStatus();
 }
@@ -366,41 +380,97 @@ void Server::StartFollower() {
   follower_thread_ = std::thread([this] { follower_->Run(); });
 }
 
+absl::StatusOr<std::unique_ptr<ConnectionGate>> Server::OpenGate(
+    const std::string& listen, int max_connections,
+    const ServerOptions& options) {
+  ConnectionGateOptions gate;
+  gate.listen = listen;
+  gate.max_connections = max_connections;
+  gate.admission_timeout = options.unauthenticated_connection_timeout;
+  gate.on_accepting_changed = [this](bool accepting) {
+    OnAcceptingChanged(accepting);
+  };
+  return ConnectionGate::Listen(std::move(gate));
+}
+
 absl::Status Server::Listen(
     const ServerOptions& options,
     const std::shared_ptr<grpc::ServerCredentials>& credentials) {
+  using grpc::ServerBuilder;
+  constexpr auto kFromFd =
+      ServerBuilder::experimental_type::ExternalConnectionType::FROM_FD;
   grpc::EnableDefaultHealthCheckService(true);
-  grpc::ServerBuilder builder;
+  ASSIGN_OR_RETURN(gate_,
+                   OpenGate(options.listen, options.max_connections, options));
+  port_ = gate_->port();
+  ServerBuilder builder;
   builder.SetOption(std::make_unique<ReflectionOption>(options.reflection));
-  builder.AddListeningPort(options.listen, credentials, &port_);
+  acceptor_ = builder.experimental().AddExternalConnectionAcceptor(kFromFd,
+                                                                   credentials);
   builder.RegisterService(service_.get());
   builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
   builder.SetMaxSendMessageSize(kMaxMessageBytes);
   ApplyConnectionLimits(options, builder);
   server_ = builder.BuildAndStart();
-  if (server_ == nullptr || port_ == 0) {
+  if (server_ == nullptr) {
     return absl::UnavailableError(
-        absl::StrCat("cannot listen on ", options.listen));
+        absl::StrCat("cannot serve on ", options.listen));
   }
-  if (!options.health_listen.empty()) {
-    grpc::ServerBuilder health_builder;
-    health_builder.SetOption(
-        std::make_unique<ReflectionOption>(options.reflection));
-    // Answers every other method with UNIMPLEMENTED. It also gives the server
-    // a callback method, without which gRPC refuses to build a server whose
-    // only service is the default health check (reflection off).
-    health_builder.RegisterCallbackGenericService(&health_unimplemented_);
-    health_builder.AddListeningPort(options.health_listen,
-                                    grpc::InsecureServerCredentials(),
-                                    &health_port_);
-    ApplyConnectionLimits(options, health_builder);
-    health_server_ = health_builder.BuildAndStart();
-    if (health_server_ == nullptr || health_port_ == 0) {
-      return absl::UnavailableError(
-          absl::StrCat("cannot listen on ", options.health_listen));
-    }
+  gate_->Start(acceptor_.get());
+  if (options.health_listen.empty()) return absl::OkStatus();
+  // Probes connect, ask and leave: a few slots are plenty, and the oldest
+  // gives way to a new one.
+  ASSIGN_OR_RETURN(health_gate_, OpenGate(options.health_listen,
+                                          kHealthConnections, options));
+  health_port_ = health_gate_->port();
+  ServerBuilder health_builder;
+  health_builder.SetOption(
+      std::make_unique<ReflectionOption>(options.reflection));
+  // Answers every other method with UNIMPLEMENTED. It also gives the server
+  // a callback method, without which gRPC refuses to build a server whose
+  // only service is the default health check (reflection off).
+  health_builder.RegisterCallbackGenericService(&health_unimplemented_);
+  health_acceptor_ =
+      health_builder.experimental().AddExternalConnectionAcceptor(
+          kFromFd, grpc::InsecureServerCredentials());
+  ApplyConnectionLimits(options, health_builder);
+  health_server_ = health_builder.BuildAndStart();
+  if (health_server_ == nullptr) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot serve on ", options.health_listen));
   }
+  health_gate_->Start(health_acceptor_.get());
   return absl::OkStatus();
+}
+
+grpc::Status Server::CheckHeaders(const std::string& method,
+                                  const std::vector<std::string>& authorization,
+                                  const grpc::AuthContext* peer) {
+  // Probes and schema discovery stay open, as the health port is.
+  if (absl::StartsWith(method, "/grpc.health.v1.Health/") ||
+      absl::StartsWith(method, "/grpc.reflection.")) {
+    return grpc::Status::OK;
+  }
+  CallerCredentials credentials;
+  credentials.authorization = authorization;
+  credentials.certificate = CertificateNamesOf(peer);
+  return ToGrpcStatus(service_->Authenticate(credentials).status());
+}
+
+void Server::MarkReady() {
+  absl::MutexLock lock(&shutdown_mu_);
+  if (shut_down_) return;
+  ready_ = true;
+  SetServing(server_.get(), accepting_);
+  SetServing(health_server_.get(), accepting_);
+}
+
+void Server::OnAcceptingChanged(bool accepting) {
+  absl::MutexLock lock(&shutdown_mu_);
+  accepting_ = accepting;
+  if (shut_down_ || !ready_) return;
+  SetServing(server_.get(), accepting);
+  SetServing(health_server_.get(), accepting);
 }
 
 absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
@@ -409,6 +479,16 @@ absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
   ASSIGN_OR_RETURN(auto credentials, Credentials(options));
   std::unique_ptr<Server> server(new Server());
   RETURN_IF_ERROR(server->OpenAccessControl(options));
+  if (server->access_ != nullptr) {
+    Server* raw = server.get();
+    credentials =
+        CheckingHeaders(options.tls_cert_file.empty() ? nullptr : credentials,
+                        [raw](const std::string& method,
+                              const std::vector<std::string>& authorization,
+                              const grpc::AuthContext* peer) {
+                          return raw->CheckHeaders(method, authorization, peer);
+                        });
+  }
   server->memory_releaser_ =
       std::make_unique<MemoryReleaser>(options.release_memory_interval);
   RETURN_IF_ERROR(server->OpenStore(options));
@@ -460,8 +540,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
     server->StartFollower();
     return server;
   }
-  SetServing(server->server_.get(), true);
-  SetServing(server->health_server_.get(), true);
+  server->MarkReady();
   return server;
 }
 
@@ -502,6 +581,9 @@ void Server::Shutdown(absl::Duration grace) {
       gpr_time_from_millis(
           std::max<int64_t>(0, absl::ToInt64Milliseconds(end - absl::Now())),
           GPR_TIMESPAN));
+  // No new connections from here on; those open are gRPC's to close.
+  if (gate_) gate_->Stop();
+  if (health_gate_) health_gate_->Stop();
   if (server_) server_->Shutdown(deadline);
   if (health_server_) health_server_->Shutdown(deadline);
 }

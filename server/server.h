@@ -24,6 +24,7 @@
 #include "grpcpp/server.h"
 #include "prometheus/exposer.h"
 #include "server/auth.h"
+#include "server/connection_gate.h"
 #include "server/follower_upstream.h"
 #include "server/local_transfer.h"
 #include "server/memory_release.h"
@@ -114,6 +115,15 @@ struct ServerOptions {
   absl::Duration keepalive_time = absl::Minutes(1);
   absl::Duration keepalive_timeout = absl::Seconds(20);
   absl::Duration max_connection_idle = absl::Minutes(30);
+  // Connections open at once on the main port (lowered to three quarters of
+  // the open-file limit); past it the oldest connection without an admitted
+  // call is closed for the new one, or the new one is refused.
+  int max_connections = 4096;
+  // A connection on which no call was admitted (authenticated; any call
+  // without an auth policy) within this long is closed.
+  absl::Duration unauthenticated_connection_timeout = absl::Seconds(10);
+  // HTTP/2 streams one connection may have open at once.
+  int max_concurrent_streams = 64;
   // Load chunks below this that do not end their stream are refused, and a
   // fetch's chunk_bytes below it is raised to it; 0 disables it.
   uint32_t min_chunk_bytes = kDefaultMinChunkBytes;
@@ -157,6 +167,16 @@ class Server {
   // The bound port of the metrics listener, or 0.
   int metrics_port() const { return metrics_port_; }
   ModelStore& store() { return *store_; }
+  // The main port's connections (see ConnectionGate).
+  ConnectionGate::Counts connection_counts() const {
+    return gate_ ? gate_->counts() : ConnectionGate::Counts{};
+  }
+  // False while the main port cannot accept (out of descriptors).
+  bool accepting() const { return gate_ == nullptr || gate_->accepting(); }
+  // Marks the connection of `peer` as having an admitted call.
+  void AdmitConnection(absl::string_view peer) {
+    if (gate_) gate_->Admit(peer);
+  }
   ModelStateService& service() { return *service_; }
 
   // Re-reads the auth policy file (SIGHUP). On error the previous policy stays
@@ -189,6 +209,20 @@ class Server {
   // Follower mode: runs the follower on a thread of its own; health turns
   // SERVING after its first full sync.
   void StartFollower();
+  // A gate on `listen` whose accepting state drives health.
+  absl::StatusOr<std::unique_ptr<ConnectionGate>> OpenGate(
+      const std::string& listen, int max_connections,
+      const ServerOptions& options);
+  // Whether a call may go on, from its headers alone (server/header_check.h):
+  // health and reflection always, everything else with credentials the
+  // policy knows.
+  grpc::Status CheckHeaders(const std::string& method,
+                            const std::vector<std::string>& authorization,
+                            const grpc::AuthContext* peer);
+  // Health turns SERVING once the models are in (and while the main port
+  // can accept).
+  void MarkReady();
+  void OnAcceptingChanged(bool accepting);
   // Starts the main and health listeners.
   absl::Status Listen(
       const ServerOptions& options,
@@ -211,6 +245,13 @@ class Server {
   std::unique_ptr<grpc::Server> server_;
   grpc::CallbackGenericService health_unimplemented_;
   std::unique_ptr<grpc::Server> health_server_;
+  // Accept connections for server_ and health_server_; after them, so that
+  // they stop handing over connections before the servers go.
+  std::unique_ptr<grpc::experimental::ExternalConnectionAcceptor> acceptor_;
+  std::unique_ptr<grpc::experimental::ExternalConnectionAcceptor>
+      health_acceptor_;
+  std::unique_ptr<ConnectionGate> gate_;
+  std::unique_ptr<ConnectionGate> health_gate_;
   // Uses store_, so it is declared (and destroyed) after it.
   std::unique_ptr<LocalTransferServer> local_;
   int port_ = 0;
@@ -220,6 +261,8 @@ class Server {
   std::unique_ptr<prometheus::Exposer> exposer_;
   absl::Mutex shutdown_mu_;
   bool shut_down_ ABSL_GUARDED_BY(shutdown_mu_) = false;
+  bool ready_ ABSL_GUARDED_BY(shutdown_mu_) = false;
+  bool accepting_ ABSL_GUARDED_BY(shutdown_mu_) = true;
 };
 
 }  // namespace modelstate
