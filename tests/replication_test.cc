@@ -639,6 +639,10 @@ TEST(ReplicationTest, FollowsAnUpstreamWithAnAuthPolicyWithItsToken) {
   EXPECT_EQ(missing.exit_code, 2);
 }
 
+// How long the refusals below may take: a daemon that starts instead runs
+// until this kills it, and the test fails on its exit code.
+constexpr absl::Duration kRefusalWait = absl::Seconds(20);
+
 // The upstream of the tests below: the demo model, readable only with
 // "replica-token" (the follower's token file, `dir`/token).
 std::unique_ptr<Server> StartUpstreamThatChecksCallers(const ScratchDir& dir) {
@@ -663,7 +667,7 @@ TEST(ReplicationTest,
       " --listen=127.0.0.1:0 --log_rpcs=false --follow=127.0.0.1:" +
       std::to_string(primary->port());
   const testing_support::CommandResult with_token = testing_support::RunCommand(
-      follower + " --follow_token_file=" + dir.file("token"));
+      follower + " --follow_token_file=" + dir.file("token"), kRefusalWait);
   EXPECT_EQ(with_token.exit_code, 1);
   EXPECT_THAT(with_token.output,
               HasSubstr("presents credentials to 127.0.0.1:"));
@@ -673,9 +677,10 @@ TEST(ReplicationTest,
   const testing_support::Certificates certs =
       testing_support::MakeCertificates();
   const testing_support::CommandResult with_certificate =
-      testing_support::RunCommand(follower + " --follow_tls_ca=" + certs.ca +
-                                  " --follow_tls_cert=" + certs.client_cert +
-                                  " --follow_tls_key=" + certs.client_key);
+      testing_support::RunCommand(
+          follower + " --follow_tls_ca=" + certs.ca + " --follow_tls_cert=" +
+              certs.client_cert + " --follow_tls_key=" + certs.client_key,
+          kRefusalWait);
   EXPECT_EQ(with_certificate.exit_code, 1);
   EXPECT_THAT(with_certificate.output,
               HasSubstr("(--follow_tls_cert) but has no --auth_policy"));
@@ -691,7 +696,8 @@ TEST(ReplicationTest,
   const std::string upstream = "127.0.0.1:" + std::to_string(primary->port());
   const testing_support::CommandResult refused = testing_support::RunCommand(
       testing_support::DaemonPath() +
-      " --listen=127.0.0.1:0 --log_rpcs=false --follow=" + upstream);
+          " --listen=127.0.0.1:0 --log_rpcs=false --follow=" + upstream,
+      kRefusalWait);
   EXPECT_EQ(refused.exit_code, 1);
   EXPECT_THAT(refused.output,
               HasSubstr(upstream + " checks its callers (ListModels without "
@@ -752,7 +758,8 @@ TEST(ReplicationTest, WithAPolicyOfItsOwnAFollowerStartsAndChecksItsCallers) {
 TEST(ReplicationTest, FollowOpenReadsNeedsFollow) {
   const testing_support::CommandResult refused = testing_support::RunCommand(
       testing_support::DaemonPath() +
-      " --listen=127.0.0.1:0 --log_rpcs=false --follow_open_reads");
+          " --listen=127.0.0.1:0 --log_rpcs=false --follow_open_reads",
+      kRefusalWait);
   EXPECT_EQ(refused.exit_code, 1);
   EXPECT_THAT(refused.output, HasSubstr("--follow_open_reads needs --follow"));
 }
