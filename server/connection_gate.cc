@@ -249,7 +249,10 @@ void ConnectionGate::Run() {
     const int ready = poll(fds, 2, timeout_ms);
     if (stop_) break;
     if (ready > 0 && (fds[1].revents & POLLIN)) AcceptReady();
-    if (!may_accept && absl::Now() >= retry_accept_at_) AcceptReady();
+    if (!may_accept && absl::Now() >= retry_accept_at_) {
+      AcceptReady();
+      if (!accepting_.load()) ProbeDescriptors();
+    }
     if (absl::Now() >= next_sweep_) {
       absl::MutexLock lock(&mu_);
       SweepLocked(absl::Now());
@@ -274,8 +277,9 @@ bool ConnectionGate::AcceptOne() {
   const int fd =
       accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
   if (fd < 0) {
-    OnAcceptFailed(errno);
-    return errno == ECONNABORTED || errno == EINTR || errno == EPROTO;
+    const int error = errno;
+    OnAcceptFailed(error);
+    return error == ECONNABORTED || error == EINTR || error == EPROTO;
   }
   SetAccepting(true);
   HandOver(fd);
@@ -309,6 +313,18 @@ void ConnectionGate::OnAcceptFailed(int error) {
     }
   }
   retry_accept_at_ = absl::Now() + kOutOfDescriptorsPause;
+}
+
+void ConnectionGate::ProbeDescriptors() {
+  if (reserve_fd_ < 0) reserve_fd_ = OpenReserve();
+  const int probe =
+      reserve_fd_ < 0 ? -1 : fcntl(reserve_fd_, F_DUPFD_CLOEXEC, 0);
+  if (probe < 0) {
+    retry_accept_at_ = absl::Now() + kOutOfDescriptorsPause;
+    return;
+  }
+  close(probe);
+  SetAccepting(true);
 }
 
 void ConnectionGate::HandOver(int fd) {

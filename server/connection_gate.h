@@ -115,6 +115,10 @@ class ConnectionGate {
   // Accepts one connection; false when none is pending or accept failed.
   bool AcceptOne();
   void OnAcceptFailed(int error);
+  // While not accepting: accepting again once a descriptor can be had, even
+  // if no client is waiting to connect (health must not stay NOT_SERVING
+  // because the pod was taken out of its Service).
+  void ProbeDescriptors();
   void HandOver(int fd);
   // Forgets connections gRPC has closed, closes the overdue ones.
   void SweepLocked(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -214,7 +214,15 @@ TEST(ConnectionGateTest, RunningOutOfDescriptorsIsReportedAndHeals) {
   hog.reset();
   ASSERT_EQ(setrlimit(RLIMIT_NOFILE, &original), 0);
   close(refused);
-  // Accepting resumes by itself.
+  // Accepting resumes by itself, before any client knocks: a pod out of its
+  // Service gets none.
+  EXPECT_TRUE(
+      WaitUntil([&] { return server->accepting(); }, absl::Seconds(10)));
+  EXPECT_TRUE(WaitUntil(
+      [&] {
+        return Health(health) == grpc::health::v1::HealthCheckResponse::SERVING;
+      },
+      absl::Seconds(10)));
   auto client = ConnectTo(*server);
   EXPECT_TRUE(client->ListModels().ok());
   EXPECT_TRUE(server->accepting());
@@ -252,6 +260,76 @@ TEST(ConnectionGateTest, TheCapStaysBelowTheOpenFileLimit) {
   setrlimit(RLIMIT_NOFILE, &original);
   ASSERT_TRUE(gate.ok()) << gate.status();
   EXPECT_EQ((*gate)->max_connections(), 300);
+}
+
+// The daemon's flags reach the gate and gRPC: a short unauthenticated
+// connection timeout, a small connection cap and one stream per connection,
+// each seen from outside, with the connection metrics counting them.
+TEST(ConnectionFlagsTest, TheDaemonTakesItsConnectionLimits) {
+  testing_support::Daemon daemon(
+      {"--demo_model=demo", "--metrics_listen=127.0.0.1:0",
+       "--unauthenticated_connection_timeout=300ms", "--max_connections=3",
+       "--max_concurrent_streams=1"});
+  ASSERT_NE(daemon.port(), 0);
+  const int metrics = testing_support::MetricsPort(daemon);
+  ASSERT_NE(metrics, 0);
+  const int idle = IdleConnection(daemon.port());
+  EXPECT_TRUE(ClosedByServer(idle, absl::Seconds(5)));  // Not the default 10s.
+  close(idle);
+  EXPECT_TRUE(WaitUntil(
+      [&] {
+        return testing_support::MetricValue(
+                   metrics, "modelstate_connections_expired_total") == 1;
+      },
+      absl::Seconds(10)));
+
+  // One stream per connection: a second call waits behind an open watch.
+  {
+    grpc::ChannelArguments arguments;
+    arguments.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    auto channel = grpc::CreateCustomChannel(
+        daemon.address(), grpc::InsecureChannelCredentials(), arguments);
+    auto stub = v1::ModelState::NewStub(channel);
+    grpc::ClientContext watch_context;
+    v1::WatchModelRequest watch;
+    watch.set_model("demo");
+    auto watching = stub->WatchModel(&watch_context, watch);
+    v1::WatchModelResponse event;
+    ASSERT_TRUE(watching->Read(&event));
+    grpc::ClientContext list_context;
+    list_context.set_deadline(std::chrono::system_clock::now() +
+                              std::chrono::seconds(1));
+    v1::ListModelsResponse listed;
+    EXPECT_EQ(stub->ListModels(&list_context, v1::ListModelsRequest(), &listed)
+                  .error_code(),
+              grpc::StatusCode::DEADLINE_EXCEEDED);
+    watch_context.TryCancel();
+    watching->Finish();
+  }  // The contexts, and with them the channel, go here.
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        return testing_support::MetricValue(metrics,
+                                            "modelstate_connections_open") == 0;
+      },
+      absl::Seconds(10)))
+      << testing_support::HttpGet(metrics, "/metrics");
+
+  // Three connections with calls fill the cap: a fourth is refused.
+  ClientOptions own;
+  own.own_connection = true;
+  own.timeout = absl::Seconds(60);
+  std::vector<std::unique_ptr<Client>> clients;
+  for (int i = 0; i < 3; ++i) {
+    clients.push_back(Client::Connect(daemon.address(), own).value());
+    ASSERT_TRUE(clients.back()->ListModels().ok());
+  }
+  const int fourth = IdleConnection(daemon.port());
+  EXPECT_TRUE(ClosedByServer(fourth, absl::Seconds(10)));
+  close(fourth);
+  EXPECT_GE(testing_support::MetricValue(
+                metrics, "modelstate_connections_refused_total"),
+            1);
+  EXPECT_EQ(testing_support::MetricValue(metrics, "modelstate_accepting"), 1);
 }
 
 int64_t ResidentBytes(pid_t pid) {
