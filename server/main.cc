@@ -19,6 +19,7 @@
 #include "absl/time/time.h"
 #include "core/memory_limit.h"
 #include "core/tensor.h"
+#include "server/connection_gate.h"
 #include "server/server.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50551",
@@ -95,6 +96,10 @@ ABSL_FLAG(uint64_t, local_export_bytes, uint64_t{4} << 30,
           "(zero copy; counted by --memory_limit_bytes; least recently used "
           "dropped first); 0 makes none, and every local fetch copies into "
           "the client's memory");
+ABSL_FLAG(int32_t, local_max_connections_per_uid, 0,
+          "connections one peer uid may hold on --local_socket at once; more "
+          "are refused and those clients fetch through gRPC (0: a quarter of "
+          "the 64 connection slots)");
 // Connection limits (issue 13): keepalive enforcement, idle connections and
 // the minimum chunk. See docs/operations.md.
 ABSL_FLAG(absl::Duration, keepalive_min_ping_interval, absl::Seconds(10),
@@ -109,6 +114,15 @@ ABSL_FLAG(absl::Duration, keepalive_timeout, absl::Seconds(20),
           "close a connection whose peer does not answer a ping within this");
 ABSL_FLAG(absl::Duration, max_connection_idle, absl::Minutes(30),
           "close connections without calls for this long; inf: never");
+ABSL_FLAG(int32_t, max_connections, 4096,
+          "connections open at once on --listen (lowered to 3/4 of the "
+          "open-file limit); past it the oldest connection without an "
+          "authenticated call makes room, or the new one is refused");
+ABSL_FLAG(absl::Duration, unauthenticated_connection_timeout, absl::Seconds(10),
+          "close a connection on which no ModelState call was authenticated "
+          "(any ModelState call, without --auth_policy) within this long");
+ABSL_FLAG(int32_t, max_concurrent_streams, 64,
+          "HTTP/2 streams (calls) one connection may have open at once");
 ABSL_FLAG(uint32_t, min_chunk_bytes, modelstate::kDefaultMinChunkBytes,
           "load chunks below this that do not end their stream are refused; "
           "fetches asking for smaller chunks get this; 0: no minimum");
@@ -188,8 +202,11 @@ absl::Status FollowerOptionsFromFlags(modelstate::ServerOptions& options) {
   options.follow_client.tls_cert_file = absl::GetFlag(FLAGS_follow_tls_cert);
   options.follow_client.tls_key_file = absl::GetFlag(FLAGS_follow_tls_key);
   if (!absl::GetFlag(FLAGS_follow_token_file).empty()) {
-    absl::StatusOr<std::string> token =
-        modelstate::ReadTokenFile(absl::GetFlag(FLAGS_follow_token_file));
+    std::string warning;
+    absl::StatusOr<std::string> token = modelstate::ReadTokenFile(
+        absl::GetFlag(FLAGS_follow_token_file), &warning);
+    if (!warning.empty())
+      std::fprintf(stderr, "modelstated: warning: %s\n", warning.c_str());
     if (!token.ok()) return token.status();
     options.follow_client.token = *std::move(token);
   }
@@ -256,6 +273,8 @@ absl::StatusOr<modelstate::ServerOptions> OptionsFromFlags() {
   options.reflection = absl::GetFlag(FLAGS_reflection);
   options.local_socket = absl::GetFlag(FLAGS_local_socket);
   options.local_export_bytes = absl::GetFlag(FLAGS_local_export_bytes);
+  options.local_max_connections_per_uid =
+      absl::GetFlag(FLAGS_local_max_connections_per_uid);
 
   // Connection limits.
   options.keepalive_min_ping_interval =
@@ -265,6 +284,10 @@ absl::StatusOr<modelstate::ServerOptions> OptionsFromFlags() {
   options.keepalive_time = absl::GetFlag(FLAGS_keepalive_time);
   options.keepalive_timeout = absl::GetFlag(FLAGS_keepalive_timeout);
   options.max_connection_idle = absl::GetFlag(FLAGS_max_connection_idle);
+  options.max_connections = absl::GetFlag(FLAGS_max_connections);
+  options.unauthenticated_connection_timeout =
+      absl::GetFlag(FLAGS_unauthenticated_connection_timeout);
+  options.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
   options.min_chunk_bytes = absl::GetFlag(FLAGS_min_chunk_bytes);
   options.release_memory_interval =
       absl::GetFlag(FLAGS_release_memory_interval);
@@ -290,6 +313,9 @@ int main(int argc, char** argv) {
     return 2;
   }
   const modelstate::ServerOptions& options = *parsed;
+  // Each connection is a descriptor; the connection cap is set below the
+  // limit this leaves.
+  modelstate::RaiseOpenFileLimit();
   // Before any thread starts (server/memory_release.h): gRPC's receive
   // buffers stay for reuse between the periodic trims.
   if (modelstate::IsTrimPeriod(options.release_memory_interval)) {

@@ -184,6 +184,53 @@ std::shared_ptr<prometheus::Collectable> FollowerMetrics(
   return std::make_shared<FollowerCollector>(follower);
 }
 
+namespace {
+
+class ConnectionCollector : public prometheus::Collectable {
+ public:
+  explicit ConnectionCollector(const ConnectionGate* gate) : gate_(gate) {}
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    const ConnectionGate::Counts counts = gate_->counts();
+    auto open = Gauge("modelstate_connections_open",
+                      "Connections open on the main port.");
+    AddSample(open, static_cast<double>(counts.open));
+    auto accepting = Gauge("modelstate_accepting",
+                           "0 while the main port cannot accept connections "
+                           "(out of file descriptors).");
+    AddSample(accepting, gate_->accepting() ? 1 : 0);
+    return {
+        open,
+        accepting,
+        Counter("modelstate_connections_accepted_total",
+                "Connections accepted on the main port.",
+                static_cast<double>(counts.accepted)),
+        Counter("modelstate_connections_refused_total",
+                "Connections closed at once: at --max_connections with every "
+                "connection authenticated, or out of file descriptors.",
+                static_cast<double>(counts.refused)),
+        Counter("modelstate_connections_evicted_total",
+                "Connections without an authenticated call closed to make "
+                "room for a new one at --max_connections.",
+                static_cast<double>(counts.evicted)),
+        Counter("modelstate_connections_expired_total",
+                "Connections closed for making no authenticated call within "
+                "--unauthenticated_connection_timeout.",
+                static_cast<double>(counts.expired)),
+    };
+  }
+
+ private:
+  const ConnectionGate* gate_;
+};
+
+}  // namespace
+
+std::shared_ptr<prometheus::Collectable> ConnectionMetrics(
+    const ConnectionGate* gate) {
+  return std::make_shared<ConnectionCollector>(gate);
+}
+
 Metrics::Metrics(const ModelStore* store, int64_t memory_limit_bytes,
                  std::function<int64_t()> active_calls)
     : registry_(std::make_shared<prometheus::Registry>()),

@@ -17,6 +17,7 @@
 #include "absl/time/time.h"
 #include "core/follower.h"
 #include "core/model_store.h"
+#include "server/connection_gate.h"
 #include "grpcpp/support/status.h"
 #include "prometheus/collectable.h"
 #include "prometheus/counter.h"
@@ -73,6 +74,13 @@ class Metrics {
 // outlive the collectable's use.
 std::shared_ptr<prometheus::Collectable> FollowerMetrics(
     const Follower* follower);
+
+// The main port's connections, read at every scrape:
+// modelstate_connections_open and modelstate_accepting gauges and
+// modelstate_connections_{accepted,refused,evicted,expired}_total counters.
+// `gate` must outlive the collectable's use.
+std::shared_ptr<prometheus::Collectable> ConnectionMetrics(
+    const ConnectionGate* gate);
 
 }  // namespace modelstate
 

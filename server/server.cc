@@ -3,11 +3,13 @@
 #include <algorithm>
 #include <climits>
 #include <cstdio>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "core/file_util.h"
 #include "core/startup.h"
@@ -19,6 +21,7 @@
 #include "grpcpp/server_builder.h"
 #include "proto/grpc_status.h"
 #include "server/header_check.h"
+#include "server/rpc_log.h"
 
 namespace modelstate {
 namespace {
@@ -26,6 +29,20 @@ namespace {
 // How long connections stay open after the last call of a graceful stop (see
 // Server::Shutdown).
 const absl::Duration kShutdownLinger = absl::Seconds(1);
+
+// The action of a ModelState method ("/modelstate.v1.ModelState/GetModel"),
+// if it is one.
+std::optional<Action> ActionOfMethod(absl::string_view method) {
+  if (!absl::ConsumePrefix(&method, "/modelstate.v1.ModelState/"))
+    return std::nullopt;
+  for (Action action :
+       {Action::kListModels, Action::kGetModel, Action::kStateDict,
+        Action::kWatchModel, Action::kLoadStateDict, Action::kRollbackModel,
+        Action::kCreateModel, Action::kDeleteModel}) {
+    if (method == ActionName(action)) return action;
+  }
+  return std::nullopt;
+}
 
 // Connections the health-only port keeps open at once.
 constexpr int kHealthConnections = 64;
@@ -273,6 +290,7 @@ absl::Status Server::OpenStore(const ServerOptions& options) {
   metrics_ = std::make_unique<Metrics>(
       store_.get(), options.memory_limit_bytes,
       [this] { return service_ ? service_->active_calls() : 0; });
+  metrics_->SetModelLabels(options.metrics_model_labels);
   ServiceOptions service{options.chunk_bytes, options.log_rpcs,
                          options.stream_idle_timeout, metrics_.get()};
   service.max_version_wait = options.max_version_wait;
@@ -339,6 +357,10 @@ absl::Status Server::ServeMetrics(const std::string& listen) {
   }
   exposer_->RegisterCollectable(metrics_->rpc_metrics());
   exposer_->RegisterCollectable(metrics_->state_metrics());
+  if (gate_) {
+    connection_metrics_ = ConnectionMetrics(gate_.get());
+    exposer_->RegisterCollectable(connection_metrics_);
+  }
   if (follower_) {
     follower_metrics_ = FollowerMetrics(follower_.get());
     exposer_->RegisterCollectable(follower_metrics_);
@@ -349,9 +371,6 @@ absl::Status Server::ServeMetrics(const std::string& listen) {
 }
 
 absl::Status Server::PrepareFollower(const ServerOptions& options) {
-  // Here because this is the last step before ServeMetrics that is given the
-  // options.
-  metrics_->SetModelLabels(options.metrics_model_labels);
   if (options.follow.empty()) return absl::OkStatus();
   RETURN_IF_ERROR(ProbeUpstreamAccess(options));
   ASSIGN_OR_RETURN(
@@ -361,12 +380,7 @@ absl::Status Server::PrepareFollower(const ServerOptions& options) {
   follower_options.log = [](const std::string& line) {
     std::fprintf(stderr, "modelstated: %s\n", line.c_str());
   };
-  follower_options.on_first_sync = [this] {
-    absl::MutexLock lock(&shutdown_mu_);
-    if (shut_down_) return;
-    SetServing(server_.get(), true);
-    SetServing(health_server_.get(), true);
-  };
+  follower_options.on_first_sync = [this] { MarkReady(); };
   follower_ = std::make_unique<Follower>(store_.get(), upstream_.get(),
                                          std::move(follower_options));
   return absl::OkStatus();
@@ -393,53 +407,66 @@ absl::StatusOr<std::unique_ptr<ConnectionGate>> Server::OpenGate(
   return ConnectionGate::Listen(std::move(gate));
 }
 
+absl::Status Server::AddPort(
+    const std::string& listen, int max_connections,
+    const ServerOptions& options,
+    const std::shared_ptr<grpc::ServerCredentials>& credentials,
+    grpc::ServerBuilder& builder, std::unique_ptr<ConnectionGate>& gate,
+    std::unique_ptr<grpc::experimental::ExternalConnectionAcceptor>& acceptor,
+    int& port) {
+  // Only local processes reach a Unix socket, and its file mode says which:
+  // gRPC's own listener serves it.
+  if (absl::StartsWith(listen, "unix:") ||
+      absl::StartsWith(listen, "unix-abstract:")) {
+    builder.AddListeningPort(listen, credentials, &port);
+    return absl::OkStatus();
+  }
+  ASSIGN_OR_RETURN(gate, OpenGate(listen, max_connections, options));
+  port = gate->port();
+  acceptor = builder.experimental().AddExternalConnectionAcceptor(
+      grpc::ServerBuilder::experimental_type::ExternalConnectionType::FROM_FD,
+      credentials);
+  return absl::OkStatus();
+}
+
 absl::Status Server::Listen(
     const ServerOptions& options,
     const std::shared_ptr<grpc::ServerCredentials>& credentials) {
-  using grpc::ServerBuilder;
-  constexpr auto kFromFd =
-      ServerBuilder::experimental_type::ExternalConnectionType::FROM_FD;
   grpc::EnableDefaultHealthCheckService(true);
-  ASSIGN_OR_RETURN(gate_,
-                   OpenGate(options.listen, options.max_connections, options));
-  port_ = gate_->port();
-  ServerBuilder builder;
+  grpc::ServerBuilder builder;
   builder.SetOption(std::make_unique<ReflectionOption>(options.reflection));
-  acceptor_ = builder.experimental().AddExternalConnectionAcceptor(kFromFd,
-                                                                   credentials);
+  RETURN_IF_ERROR(AddPort(options.listen, options.max_connections, options,
+                          credentials, builder, gate_, acceptor_, port_));
   builder.RegisterService(service_.get());
   builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
   builder.SetMaxSendMessageSize(kMaxMessageBytes);
   ApplyConnectionLimits(options, builder);
   server_ = builder.BuildAndStart();
-  if (server_ == nullptr) {
+  if (server_ == nullptr || port_ == 0) {
     return absl::UnavailableError(
-        absl::StrCat("cannot serve on ", options.listen));
+        absl::StrCat("cannot listen on ", options.listen));
   }
-  gate_->Start(acceptor_.get());
+  if (gate_) gate_->Start(acceptor_.get());
   if (options.health_listen.empty()) return absl::OkStatus();
-  // Probes connect, ask and leave: a few slots are plenty, and the oldest
-  // gives way to a new one.
-  ASSIGN_OR_RETURN(health_gate_, OpenGate(options.health_listen,
-                                          kHealthConnections, options));
-  health_port_ = health_gate_->port();
-  ServerBuilder health_builder;
+  grpc::ServerBuilder health_builder;
   health_builder.SetOption(
       std::make_unique<ReflectionOption>(options.reflection));
   // Answers every other method with UNIMPLEMENTED. It also gives the server
   // a callback method, without which gRPC refuses to build a server whose
   // only service is the default health check (reflection off).
   health_builder.RegisterCallbackGenericService(&health_unimplemented_);
-  health_acceptor_ =
-      health_builder.experimental().AddExternalConnectionAcceptor(
-          kFromFd, grpc::InsecureServerCredentials());
+  // Probes connect, ask and leave: a few slots are plenty, and the oldest
+  // gives way to a new one.
+  RETURN_IF_ERROR(AddPort(options.health_listen, kHealthConnections, options,
+                          grpc::InsecureServerCredentials(), health_builder,
+                          health_gate_, health_acceptor_, health_port_));
   ApplyConnectionLimits(options, health_builder);
   health_server_ = health_builder.BuildAndStart();
-  if (health_server_ == nullptr) {
+  if (health_server_ == nullptr || health_port_ == 0) {
     return absl::UnavailableError(
-        absl::StrCat("cannot serve on ", options.health_listen));
+        absl::StrCat("cannot listen on ", options.health_listen));
   }
-  health_gate_->Start(health_acceptor_.get());
+  if (health_gate_) health_gate_->Start(health_acceptor_.get());
   return absl::OkStatus();
 }
 
@@ -454,7 +481,23 @@ grpc::Status Server::CheckHeaders(const std::string& method,
   CallerCredentials credentials;
   credentials.authorization = authorization;
   credentials.certificate = CertificateNamesOf(peer);
-  return ToGrpcStatus(service_->Authenticate(credentials).status());
+  const grpc::Status status =
+      ToGrpcStatus(service_->Authenticate(credentials).status());
+  if (!status.ok()) LogRefusedCall(method, status);
+  return status;
+}
+
+// The call was not read, so its lines name no model, and the peer is not
+// known at this step.
+void Server::LogRefusedCall(const std::string& method,
+                            const grpc::Status& status) {
+  const std::optional<Action> action = ActionOfMethod(method);
+  RpcRecord record(action ? ActionName(*action) : "unknown",
+                   service_->options().log_rpcs, metrics_.get());
+  record.Log(status);
+  if (action && IsWrite(*action)) {
+    service_->Audit(nullptr, *action, "", 0, 0, status.error_code(), "");
+  }
 }
 
 void Server::MarkReady() {
@@ -504,6 +547,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
     local.path = options.local_socket;
     local.authorize = options.local_authorize;
     local.export_bytes = options.local_export_bytes;
+    local.max_connections_per_uid = options.local_max_connections_per_uid;
     if (!local.authorize && server->access_ != nullptr) {
       // The side channel's token answers to the same policy as the gRPC port.
       ModelStateService* service = server->service_.get();

@@ -22,6 +22,7 @@
 #include "grpcpp/generic/async_generic_service.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
+#include "grpcpp/server_builder.h"
 #include "prometheus/exposer.h"
 #include "server/auth.h"
 #include "server/connection_gate.h"
@@ -102,6 +103,9 @@ struct ServerOptions {
   LocalAuthorizer local_authorize;
   // Bytes of sealed exports the local socket keeps (LocalTransferOptions).
   uint64_t local_export_bytes = LocalTransferOptions().export_bytes;
+  // Connections one peer uid may hold on the local socket at once
+  // (LocalTransferOptions::max_connections_per_uid); 0: a quarter of them.
+  int local_max_connections_per_uid = 0;
   // Connection limits (issue 13; docs/operations.md). Clients may ping at
   // most every keepalive_min_ping_interval (with or without calls in flight);
   // after keepalive_max_ping_strikes pings that come sooner the connection is
@@ -219,10 +223,23 @@ class Server {
   grpc::Status CheckHeaders(const std::string& method,
                             const std::vector<std::string>& authorization,
                             const grpc::AuthContext* peer);
+  // One RPC log line (and an audit line, for a write) of a call that
+  // CheckHeaders refused.
+  void LogRefusedCall(const std::string& method, const grpc::Status& status);
   // Health turns SERVING once the models are in (and while the main port
   // can accept).
   void MarkReady();
   void OnAcceptingChanged(bool accepting);
+  // Adds `listen` to `builder`: a TCP address through a gate of its own
+  // (`gate`, with its `acceptor`; started once the server is built), a Unix
+  // socket as gRPC's own port. Sets `port` (a Unix socket's only once built).
+  absl::Status AddPort(
+      const std::string& listen, int max_connections,
+      const ServerOptions& options,
+      const std::shared_ptr<grpc::ServerCredentials>& credentials,
+      grpc::ServerBuilder& builder, std::unique_ptr<ConnectionGate>& gate,
+      std::unique_ptr<grpc::experimental::ExternalConnectionAcceptor>& acceptor,
+      int& port);
   // Starts the main and health listeners.
   absl::Status Listen(
       const ServerOptions& options,
@@ -242,6 +259,7 @@ class Server {
   std::thread follower_thread_;
   // The exposer holds collectables weakly; this keeps the follower's alive.
   std::shared_ptr<prometheus::Collectable> follower_metrics_;
+  std::shared_ptr<prometheus::Collectable> connection_metrics_;
   std::unique_ptr<grpc::Server> server_;
   grpc::CallbackGenericService health_unimplemented_;
   std::unique_ptr<grpc::Server> health_server_;
