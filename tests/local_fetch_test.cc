@@ -300,6 +300,27 @@ TEST(LocalFetchTest, UnixTargetUsesTheLocalSocketBesideIt) {
   EXPECT_EQ(LocalSocketFor("127.0.0.1:1", "/x"), "/x");
 }
 
+// --local_max_connections_per_uid reaches the socket: with 1, a second
+// connection of this uid is refused (the default would take 16).
+TEST(LocalFetchTest, TheDaemonTakesItsPerUidCap) {
+  ScratchDir dir;
+  const std::string socket = dir.file("modelstated.local");
+  Daemon daemon({"--local_socket=" + socket, "--demo_model=demo",
+                 "--local_max_connections_per_uid=1"});
+  ASSERT_NE(daemon.port(), 0);
+  RawConnection first(socket);
+  first.Send(FetchOf("demo"));
+  absl::StatusOr<v1::LocalResponse> served = first.Receive();
+  ASSERT_TRUE(served.ok()) << served.status();
+  EXPECT_TRUE(served->has_manifest());
+  RawConnection second(socket);
+  absl::StatusOr<v1::LocalResponse> refused = second.Receive();
+  ASSERT_TRUE(refused.ok()) << refused.status();
+  const absl::Status status = FromLocalStatus(refused->error());
+  EXPECT_EQ(status.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(status.message(), HasSubstr("at most 1"));
+}
+
 TEST(LocalFetchTest, SocketIsGroupOnly) {
   ScratchDir dir;
   auto server = StartLocalServer(dir);
