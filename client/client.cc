@@ -1,6 +1,7 @@
 #include "client/client.h"
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -162,8 +163,17 @@ absl::StatusOr<std::string> ReadTokenFile(const std::string& path,
   struct stat info;
   if (fstat(fileno(file.get()), &info) != 0)
     return ErrnoToStatus(errno, "cannot read", path);
-  if (S_ISREG(info.st_mode))
+  // A pipe that others may write feeds them the token as well as a file
+  // does; devices (/dev/stdin's terminal) are left alone.
+  if (S_ISREG(info.st_mode) || S_ISFIFO(info.st_mode)) {
     RETURN_IF_ERROR(CheckTokenFileMode(path, info.st_mode, warning));
+    // As ssh does for keys: another user's file could be swapped under us.
+    if (info.st_uid != geteuid() && info.st_uid != 0) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("token file ", path, " belongs to uid ", info.st_uid,
+                       ", neither this user nor root; refusing it"));
+    }
+  }
   std::string text;
   char buffer[4096];
   size_t got;

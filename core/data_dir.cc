@@ -26,6 +26,9 @@ namespace {
 using Json = nlohmann::ordered_json;
 
 constexpr char kManifestSuffix[] = ".manifest.json";
+// Present once a daemon with an access policy has used the directory. Model
+// names never start with '.', so it cannot be a model's.
+constexpr char kAccessPolicyMarker[] = ".written-under-auth-policy";
 constexpr char kDataSuffix[] = ".safetensors";
 constexpr char kTempPrefix[] = ".tmp-";
 constexpr char kManifestFormat[] = "modelstate-manifest-v1";
@@ -190,6 +193,22 @@ absl::StatusOr<std::unique_ptr<DataDir>> DataDir::Open(const std::string& path,
   return std::unique_ptr<DataDir>(new DataDir(path, std::move(options)));
 }
 
+absl::Status DataDir::RecordAccessPolicy() {
+  if (WrittenUnderAccessPolicy()) return absl::OkStatus();
+  return WriteFileAtomically(
+      path_, kAccessPolicyMarker,
+      [](const std::function<absl::Status(const void*, size_t)>& write) {
+        static constexpr char kText[] =
+            "models here were written by a daemon with an --auth_policy\n";
+        return write(kText, sizeof(kText) - 1);
+      });
+}
+
+bool DataDir::WrittenUnderAccessPolicy() const {
+  struct stat info;
+  return stat((path_ + "/" + kAccessPolicyMarker).c_str(), &info) == 0;
+}
+
 absl::Status DataDir::WriteFileAtomically(
     const std::string& dir, const std::string& name,
     const std::function<absl::Status(
@@ -279,6 +298,7 @@ absl::Status DataDir::Remove(const std::string& model) {
 RestoreReport DataDir::Restore() const {
   RestoreReport report;
   for (const std::string& model : ListDir(path_)) {
+    if (model == kAccessPolicyMarker) continue;
     const std::string dir = path_ + "/" + model;
     if (!IsDirectory(dir) || !ValidateModelName(model).ok()) {
       report.problems.push_back(

@@ -73,6 +73,12 @@ class DataDir : public StatePersister {
   // files are reported and left alone; leftover temporary files are deleted.
   RestoreReport Restore() const;
 
+  // Records, durably, that a daemon with an access policy used the
+  // directory: its models may be ones the policy protects.
+  absl::Status RecordAccessPolicy();
+  // Whether RecordAccessPolicy was ever called on this directory.
+  bool WrittenUnderAccessPolicy() const;
+
   const std::string& path() const { return path_; }
 
  private:

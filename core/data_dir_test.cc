@@ -176,6 +176,21 @@ TEST(DataDirTest, RestoreReportsAndSkipsDamagedAndForeignFiles) {
           .good());
 }
 
+TEST(DataDirTest, TheAccessPolicyMarkIsKeptAndIsNoModel) {
+  const ScratchDir scratch;
+  auto data_dir = DataDir::Open(scratch.path()).value();
+  EXPECT_FALSE(data_dir->WrittenUnderAccessPolicy());
+  ModelStore store(Persisting(data_dir.get()));
+  ASSERT_TRUE(store.Create("cnn", MustBuild(kCnn, 3), kCnn).ok());
+  ASSERT_TRUE(data_dir->RecordAccessPolicy().ok());
+  ASSERT_TRUE(data_dir->RecordAccessPolicy().ok());  // Idempotent.
+  auto reopened = DataDir::Open(scratch.path()).value();
+  EXPECT_TRUE(reopened->WrittenUnderAccessPolicy());
+  const RestoreReport report = reopened->Restore();
+  EXPECT_THAT(report.problems, ::testing::IsEmpty());
+  ASSERT_EQ(report.models.size(), 1u);
+}
+
 TEST(DataDirTest, FullDiskFailsASyncLoadAndChangesNothing) {
   const ScratchDir scratch;
   const std::string& path = scratch.path();

@@ -183,9 +183,10 @@ absl::StatusOr<std::unique_ptr<ConnectionGate>> ConnectionGate::Listen(
   const int wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   rlimit files{};
   getrlimit(RLIMIT_NOFILE, &files);
-  const int64_t fd_cap = std::max<int64_t>(
-      1,
-      static_cast<int64_t>(std::min<rlim_t>(files.rlim_cur, 1 << 30)) * 3 / 4);
+  const int64_t usable =
+      static_cast<int64_t>(std::min<rlim_t>(files.rlim_cur, 1 << 30)) * 3 / 4;
+  const int64_t fd_cap =
+      std::max<int64_t>(1, usable - options.reserved_descriptors);
   const int max_connections =
       static_cast<int>(std::min<int64_t>(options.max_connections, fd_cap));
   const int port = BoundPort(*listen_fd);
@@ -300,6 +301,11 @@ void ConnectionGate::OnAcceptFailed(int error) {
                    port_, std::strerror(error));
     }
     SetAccepting(false);
+    {
+      // A connection that has not proven itself gives its descriptor up.
+      absl::MutexLock lock(&mu_);
+      EvictOldestUnadmitted();
+    }
     // The pending peer is closed rather than left waiting in the backlog.
     if (reserve_fd_ >= 0) {
       close(reserve_fd_);

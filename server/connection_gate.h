@@ -49,11 +49,15 @@ struct ConnectionGateOptions {
   // Connections open at once. Lowered to three quarters of the open-file
   // limit when above it, so that the daemon's own files always have room.
   int max_connections = 4096;
+  // Descriptors other listeners of the process may hold at once (the health
+  // port's connections, the local socket's): the cap stays below three
+  // quarters of the open-file limit less these.
+  int reserved_descriptors = 0;
   // A connection on which no call was admitted (see Admit) within this long
   // is closed; infinite keeps them (max_connection_idle still applies).
   absl::Duration admission_timeout = absl::InfiniteDuration();
-  // Told whenever the gate starts or stops being able to accept. Called on
-  // the gate's thread; must not call back into the gate.
+  // Told whenever the gate starts or stops being able to accept; may be
+  // empty. Called on the gate's thread; must not call back into the gate.
   std::function<void(bool accepting)> on_accepting_changed;
 };
 

@@ -123,6 +123,9 @@ ABSL_FLAG(absl::Duration, unauthenticated_connection_timeout, absl::Seconds(10),
           "(any ModelState call, without --auth_policy) within this long");
 ABSL_FLAG(int32_t, max_concurrent_streams, 64,
           "HTTP/2 streams (calls) one connection may have open at once");
+ABSL_FLAG(int64_t, grpc_memory_bytes, int64_t{512} << 20,
+          "memory gRPC may hold for the buffers of --listen's connections; "
+          "past it gRPC cancels streams");
 ABSL_FLAG(uint32_t, min_chunk_bytes, modelstate::kDefaultMinChunkBytes,
           "load chunks below this that do not end their stream are refused; "
           "fetches asking for smaller chunks get this; 0: no minimum");
@@ -288,6 +291,7 @@ absl::StatusOr<modelstate::ServerOptions> OptionsFromFlags() {
   options.unauthenticated_connection_timeout =
       absl::GetFlag(FLAGS_unauthenticated_connection_timeout);
   options.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
+  options.grpc_memory_bytes = absl::GetFlag(FLAGS_grpc_memory_bytes);
   options.min_chunk_bytes = absl::GetFlag(FLAGS_min_chunk_bytes);
   options.release_memory_interval =
       absl::GetFlag(FLAGS_release_memory_interval);

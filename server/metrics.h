@@ -17,13 +17,13 @@
 #include "absl/time/time.h"
 #include "core/follower.h"
 #include "core/model_store.h"
-#include "server/connection_gate.h"
 #include "grpcpp/support/status.h"
 #include "prometheus/collectable.h"
 #include "prometheus/counter.h"
 #include "prometheus/family.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
+#include "server/connection_gate.h"
 
 namespace modelstate {
 

@@ -87,4 +87,22 @@ void RpcRecord::Log(const grpc::Status& status) const {
   std::fwrite(line.data(), 1, line.size(), stderr);
 }
 
+bool LogRateLimit::Allow(int64_t* suppressed) {
+  *suppressed = 0;
+  const absl::Time now = absl::Now();
+  absl::MutexLock lock(&mu_);
+  if (now - window_start_ >= absl::Seconds(1)) {
+    window_start_ = now;
+    in_window_ = 0;
+    *suppressed = suppressed_;
+    suppressed_ = 0;
+  }
+  if (in_window_ < per_second_) {
+    ++in_window_;
+    return true;
+  }
+  ++suppressed_;
+  return false;
+}
+
 }  // namespace modelstate

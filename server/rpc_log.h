@@ -8,7 +8,9 @@
 #include <cstdint>
 #include <string>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "core/limits.h"
@@ -61,6 +63,24 @@ class RpcRecord {
   std::string model_;
   uint64_t bytes_ = 0;
   absl::Time start_ = absl::Now();
+};
+
+// At most `per_second` events a second pass; the rest are counted, so that a
+// flood of refused calls costs the logs a bounded number of lines.
+// Thread-safe.
+class LogRateLimit {
+ public:
+  explicit LogRateLimit(int per_second) : per_second_(per_second) {}
+  // True when this event may be logged. When a new second begins, sets
+  // `*suppressed` to how many were not logged in the seconds before (else 0).
+  bool Allow(int64_t* suppressed);
+
+ private:
+  const int per_second_;
+  absl::Mutex mu_;
+  absl::Time window_start_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
+  int in_window_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t suppressed_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // The canonical name of a gRPC status code ("NOT_FOUND").

@@ -17,6 +17,7 @@
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/impl/server_builder_option.h"
+#include "grpcpp/resource_quota.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
 #include "proto/grpc_status.h"
@@ -44,8 +45,10 @@ std::optional<Action> ActionOfMethod(absl::string_view method) {
   return std::nullopt;
 }
 
-// Connections the health-only port keeps open at once.
+// Connections the health-only port keeps open at once, and the memory its
+// gRPC may hold for them (a probe's request is a few bytes).
 constexpr int kHealthConnections = 64;
+constexpr size_t kHealthGrpcMemoryBytes = 16 << 20;
 
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(
     const ServerOptions& options) {
@@ -124,6 +127,9 @@ absl::Status ValidateConnectionLimits(const ServerOptions& options) {
           absl::StrCat(name, " must be at least 1ms"));
     }
   }
+  if (options.grpc_memory_bytes < (16 << 20)) {
+    return absl::InvalidArgumentError("grpc_memory_bytes must be >= 16 MiB");
+  }
   if (options.max_concurrent_streams < 1) {
     return absl::InvalidArgumentError("max_concurrent_streams must be >= 1");
   }
@@ -187,6 +193,23 @@ absl::Status ValidateFollowerAccess(const ServerOptions& options) {
       credential,
       ") but has no --auth_policy of its own: it would serve the models its "
       "upstream protects to every caller. Give it an --auth_policy, or "
+      "--follow_open_reads to serve them to everyone on purpose"));
+}
+
+// A data dir a daemon with a policy wrote may hold protected models: a
+// follower without a policy would serve them to every caller, whether or not
+// its upstream can be asked at start.
+absl::Status CheckDataDirAccess(const ServerOptions& options,
+                                DataDir& data_dir) {
+  if (!options.auth_policy_file.empty()) return data_dir.RecordAccessPolicy();
+  if (options.follow.empty() || options.follow_open_reads ||
+      !data_dir.WrittenUnderAccessPolicy()) {
+    return absl::OkStatus();
+  }
+  return absl::FailedPreconditionError(absl::StrCat(
+      "data dir ", data_dir.path(),
+      " holds models written under an --auth_policy: this follower has none "
+      "and would serve them to every caller. Give it an --auth_policy, or "
       "--follow_open_reads to serve them to everyone on purpose"));
 }
 
@@ -274,6 +297,7 @@ absl::Status Server::OpenStore(const ServerOptions& options) {
     DataDirOptions dir_options;
     dir_options.keep_versions = options.retain_versions;
     ASSIGN_OR_RETURN(data_dir_, DataDir::Open(options.data_dir, dir_options));
+    RETURN_IF_ERROR(CheckDataDirAccess(options, *data_dir_));
     persister = data_dir_.get();
     if (!options.sync_durability) {
       async_ = std::make_unique<AsyncPersister>(data_dir_.get());
@@ -401,9 +425,17 @@ absl::StatusOr<std::unique_ptr<ConnectionGate>> Server::OpenGate(
   gate.listen = listen;
   gate.max_connections = max_connections;
   gate.admission_timeout = options.unauthenticated_connection_timeout;
-  gate.on_accepting_changed = [this](bool accepting) {
-    OnAcceptingChanged(accepting);
-  };
+  // Health speaks for the main port: only its gate drives it, and its cap
+  // leaves room for the other listeners' descriptors.
+  if (listen == options.listen) {
+    gate.on_accepting_changed = [this](bool accepting) {
+      OnAcceptingChanged(accepting);
+    };
+    if (!options.health_listen.empty())
+      gate.reserved_descriptors += kHealthConnections;
+    if (!options.local_socket.empty())
+      gate.reserved_descriptors += LocalTransferOptions().max_connections;
+  }
   return ConnectionGate::Listen(std::move(gate));
 }
 
@@ -441,6 +473,13 @@ absl::Status Server::Listen(
   builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
   builder.SetMaxSendMessageSize(kMaxMessageBytes);
   ApplyConnectionLimits(options, builder);
+  // gRPC reads a message whole, whatever its length prefix says, before it
+  // checks the size, and the calls that need no credentials (health,
+  // reflection) are read: only its memory quota, which cancels streams
+  // under pressure, bounds what such a caller makes it hold.
+  builder.SetResourceQuota(
+      grpc::ResourceQuota("modelstate")
+          .Resize(static_cast<size_t>(options.grpc_memory_bytes)));
   server_ = builder.BuildAndStart();
   if (server_ == nullptr || port_ == 0) {
     return absl::UnavailableError(
@@ -461,6 +500,8 @@ absl::Status Server::Listen(
                           grpc::InsecureServerCredentials(), health_builder,
                           health_gate_, health_acceptor_, health_port_));
   ApplyConnectionLimits(options, health_builder);
+  health_builder.SetResourceQuota(
+      grpc::ResourceQuota("modelstate-health").Resize(kHealthGrpcMemoryBytes));
   health_server_ = health_builder.BuildAndStart();
   if (health_server_ == nullptr || health_port_ == 0) {
     return absl::UnavailableError(
@@ -492,10 +533,19 @@ grpc::Status Server::CheckHeaders(const std::string& method,
 void Server::LogRefusedCall(const std::string& method,
                             const grpc::Status& status) {
   const std::optional<Action> action = ActionOfMethod(method);
+  int64_t suppressed = 0;
+  const bool logged = refused_log_limit_.Allow(&suppressed);
+  if (suppressed > 0) {
+    std::fprintf(stderr,
+                 "modelstated: %lld calls refused for want of credentials "
+                 "were not logged (more than %d a second)\n",
+                 static_cast<long long>(suppressed), kLoggedRefusalsPerSecond);
+  }
+  // Counted in the metrics whether logged or not.
   RpcRecord record(action ? ActionName(*action) : "unknown",
-                   service_->options().log_rpcs, metrics_.get());
+                   logged && service_->options().log_rpcs, metrics_.get());
   record.Log(status);
-  if (action && IsWrite(*action)) {
+  if (logged && action && IsWrite(*action)) {
     service_->Audit(nullptr, *action, "", 0, 0, status.error_code(), "");
   }
 }

@@ -31,6 +31,7 @@
 #include "server/memory_release.h"
 #include "server/metrics.h"
 #include "server/model_state_service.h"
+#include "server/rpc_log.h"
 
 namespace modelstate {
 
@@ -128,6 +129,9 @@ struct ServerOptions {
   absl::Duration unauthenticated_connection_timeout = absl::Seconds(10);
   // HTTP/2 streams one connection may have open at once.
   int max_concurrent_streams = 64;
+  // Memory gRPC may hold for the main port's connections (receive buffers);
+  // past it gRPC cancels streams (RST_STREAM ENHANCE_YOUR_CALM).
+  int64_t grpc_memory_bytes = int64_t{512} << 20;
   // Load chunks below this that do not end their stream are refused, and a
   // fetch's chunk_bytes below it is raised to it; 0 disables it.
   uint32_t min_chunk_bytes = kDefaultMinChunkBytes;
@@ -280,6 +284,9 @@ class Server {
   absl::Mutex shutdown_mu_;
   bool shut_down_ ABSL_GUARDED_BY(shutdown_mu_) = false;
   bool ready_ ABSL_GUARDED_BY(shutdown_mu_) = false;
+  // Calls refused from their headers that get log lines, a second.
+  static constexpr int kLoggedRefusalsPerSecond = 20;
+  LogRateLimit refused_log_limit_{kLoggedRefusalsPerSecond};
   bool accepting_ ABSL_GUARDED_BY(shutdown_mu_) = true;
 };
 

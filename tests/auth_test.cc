@@ -5,8 +5,10 @@
 // clients' token options (modelstatectl --token_file and $MODELSTATE_TOKEN).
 #include "server/auth.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <fstream>
@@ -936,6 +938,23 @@ TEST(AuthDaemonTest, TokenFilesOthersMayWriteAreRefused) {
   EXPECT_EQ(run.exit_code, 0) << run.output;
   EXPECT_THAT(run.output, HasSubstr("team-a"));
   EXPECT_THAT(run.output, Not(HasSubstr("warning")));
+
+  // Another user's file, however tight its mode, could be swapped.
+  ASSERT_EQ(chown(token_file.c_str(), 65534, 65534), 0);
+  run = RunCommand(models);
+  EXPECT_EQ(run.exit_code, 1) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("belongs to uid 65534"));
+  // A pipe others may write is refused as a file is.
+  const std::string fifo = dir.file("token.fifo");
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  ASSERT_EQ(chmod(fifo.c_str(), 0666), 0);
+  run = RunCommand(absl::StrCat("(echo ", kReaderToken, " > ", fifo, " &); ",
+                                CtlPath(), " --server=", daemon.address(),
+                                " --token_file=", fifo, " models"));
+  EXPECT_EQ(run.exit_code, 1) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("has mode 0666"));
+  // Lets the writer go, should it still wait for a reader.
+  close(open(fifo.c_str(), O_RDONLY | O_NONBLOCK));
   EXPECT_EQ(daemon.Stop(SIGTERM, 30), 0);
 }
 

@@ -19,7 +19,9 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "client/client.h"
 #include "core/access_policy.h"
@@ -342,6 +344,16 @@ int64_t ResidentBytes(pid_t pid) {
   return -1;
 }
 
+// A policy file in `dir` whose one principal, "admin", holds "admin-token".
+std::string AdminOnlyPolicy(const testing_support::ScratchDir& dir) {
+  const std::string path = dir.file("policy.json");
+  std::ofstream(path)
+      << R"({"principals": [{"name": "admin", )"
+      << R"("token_sha256": [")" << Sha256Hex("admin-token")
+      << R"("], "roles": [{"models": "*", "role": "admin"}]}]})";
+  return path;
+}
+
 // Calls whose request is one large message, sent without credentials: gRPC
 // would read each whole request before a handler could refuse it.
 grpc::StatusCode CallWithoutCredentials(v1::ModelState::Stub& stub, int kind,
@@ -366,11 +378,7 @@ grpc::StatusCode CallWithoutCredentials(v1::ModelState::Stub& stub, int kind,
 
 TEST(UnauthenticatedCallTest, IsRefusedBeforeItsRequestIsRead) {
   testing_support::ScratchDir dir;
-  const std::string policy = dir.file("policy.json");
-  std::ofstream(policy)
-      << R"({"principals": [{"name": "admin", )"
-      << R"("token_sha256": [")" << Sha256Hex("admin-token")
-      << R"("], "roles": [{"models": "*", "role": "admin"}]}]})";
+  const std::string policy = AdminOnlyPolicy(dir);
   testing_support::Daemon daemon({"--auth_policy=" + policy, "--demo_model=",
                                   "--log_rpcs=false", "--audit_log="});
   ASSERT_NE(daemon.port(), 0);
@@ -402,13 +410,106 @@ TEST(UnauthenticatedCallTest, IsRefusedBeforeItsRequestIsRead) {
       << "before " << (before >> 20) << " MiB, peak " << (peak >> 20) << " MiB";
 }
 
+// Health checks with `bytes` of service name on `port`, `calls` at once;
+// the daemon's peak resident growth while they run.
+int64_t PeakGrowthOfHugeHealthChecks(const testing_support::Daemon& daemon,
+                                     int port, int calls, size_t bytes) {
+  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(port),
+                                     grpc::InsecureChannelCredentials());
+  auto stub = grpc::health::v1::Health::NewStub(channel);
+  const std::string service(bytes, 's');
+  const int64_t before = ResidentBytes(daemon.pid());
+  int64_t peak = before;
+  std::atomic<int> done{0};
+  std::vector<std::thread> callers;
+  for (int i = 0; i < calls; ++i) {
+    callers.emplace_back([&] {
+      grpc::ClientContext context;
+      context.set_deadline(std::chrono::system_clock::now() +
+                           std::chrono::seconds(60));
+      grpc::health::v1::HealthCheckRequest request;
+      request.set_service(service);
+      grpc::health::v1::HealthCheckResponse response;
+      EXPECT_FALSE(stub->Check(&context, request, &response).ok());
+      ++done;
+    });
+  }
+  while (done.load() < calls) {
+    peak = std::max(peak, ResidentBytes(daemon.pid()));
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  for (std::thread& caller : callers) caller.join();
+  return peak - before;
+}
+
+// Health needs no credentials, so gRPC reads its requests, whole before it
+// checks their size: its memory quota is what bounds them, on the health
+// port (16 MiB) and on the main port (--grpc_memory_bytes).
+TEST(UnauthenticatedCallTest, HugeHealthChecksAreBoundedByTheMemoryQuota) {
+  testing_support::ScratchDir dir;
+  testing_support::Daemon daemon({"--auth_policy=" + AdminOnlyPolicy(dir),
+                                  "--demo_model=", "--log_rpcs=false",
+                                  "--health_listen=127.0.0.1:0",
+                                  "--grpc_memory_bytes=67108864"});
+  ASSERT_NE(daemon.port(), 0);
+  ASSERT_TRUE(daemon.WaitForLog("health on port", absl::Seconds(30)));
+  const std::string log = daemon.Log();
+  const int health_port =
+      std::stoi(log.substr(log.find("health on port ") + 15));
+  // Read whole, these would take 200 MiB and 2 x 150 MiB.
+  EXPECT_LT(PeakGrowthOfHugeHealthChecks(daemon, health_port, 1, 200 << 20),
+            int64_t{64} << 20);
+  EXPECT_LT(PeakGrowthOfHugeHealthChecks(daemon, daemon.port(), 2, 150 << 20),
+            int64_t{160} << 20);
+  // And health still answers.
+  EXPECT_EQ(Health(grpc::CreateChannel(daemon.address(),
+                                       grpc::InsecureChannelCredentials())),
+            grpc::health::v1::HealthCheckResponse::SERVING);
+}
+
+// A flood of refused calls: bounded log and audit lines, and a line saying
+// how many went unlogged.
+TEST(UnauthenticatedCallTest, AFloodOfRefusedCallsCostsTheLogsFewLines) {
+  testing_support::ScratchDir dir;
+  testing_support::Daemon daemon({"--auth_policy=" + AdminOnlyPolicy(dir),
+                                  "--demo_model=", "--log_rpcs=true"});
+  ASSERT_NE(daemon.port(), 0);
+  auto stub = v1::ModelState::NewStub(grpc::CreateChannel(
+      daemon.address(), grpc::InsecureChannelCredentials()));
+  auto delete_without_credentials = [&] {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() +
+                         std::chrono::seconds(30));
+    v1::DeleteModelRequest request;
+    request.set_model("demo");
+    v1::DeleteModelResponse response;
+    return stub->DeleteModel(&context, request, &response).error_code();
+  };
+  const absl::Time start = absl::Now();
+  int calls = 0;
+  while (absl::Now() - start < absl::Milliseconds(900) && calls < 2000) {
+    ASSERT_EQ(delete_without_credentials(), grpc::StatusCode::UNAUTHENTICATED);
+    ++calls;
+  }
+  ASSERT_GT(calls, 100) << "too slow a machine to flood";
+  absl::SleepFor(absl::Milliseconds(1100));
+  ASSERT_EQ(delete_without_credentials(), grpc::StatusCode::UNAUTHENTICATED);
+  ASSERT_TRUE(daemon.WaitForLog("were not logged", absl::Seconds(10)));
+  const std::string log = daemon.Log();
+  int audits = 0, rpcs = 0;
+  for (absl::string_view line : absl::StrSplit(log, '\n')) {
+    audits += absl::StartsWith(line, "audit:");
+    rpcs += absl::StartsWith(line, "rpc=DeleteModel");
+  }
+  // At most two one-second windows of 20, and the call after them.
+  EXPECT_LE(audits, 41);
+  EXPECT_EQ(audits, rpcs);
+  EXPECT_GE(audits, 20);
+}
+
 TEST(UnauthenticatedCallTest, HealthStaysOpenOtherCallsNeedCredentials) {
   testing_support::ScratchDir dir;
-  const std::string policy = dir.file("policy.json");
-  std::ofstream(policy)
-      << R"({"principals": [{"name": "admin", )"
-      << R"("token_sha256": [")" << Sha256Hex("admin-token")
-      << R"("], "roles": [{"models": "*", "role": "admin"}]}]})";
+  const std::string policy = AdminOnlyPolicy(dir);
   testing_support::Daemon daemon({"--auth_policy=" + policy, "--demo_model="});
   ASSERT_NE(daemon.port(), 0);
   auto channel =

@@ -755,6 +755,44 @@ TEST(ReplicationTest, WithAPolicyOfItsOwnAFollowerStartsAndChecksItsCallers) {
   EXPECT_THAT(follower.Log(), Not(HasSubstr("follow_open_reads")));
 }
 
+// A data dir that a follower with a policy filled may hold protected
+// models: restarted without credentials or a policy, and with its upstream
+// out of reach (so no probe can tell), the follower still refuses to serve it.
+TEST(ReplicationTest, AFollowerWithoutAPolicyRefusesADataDirWrittenUnderOne) {
+  ScratchDir dir;
+  auto primary = StartUpstreamThatChecksCallers(dir);
+  ASSERT_NE(primary, nullptr);
+  WriteReadPolicy(dir.file("follower-policy.json"), "worker", "worker-token",
+                  "demo");
+  const std::string data = "--data_dir=" + dir.file("data");
+  {
+    Daemon follower(FollowerArgs(
+        "127.0.0.1:" + std::to_string(primary->port()),
+        {"--follow_token_file=" + dir.file("token"),
+         "--auth_policy=" + dir.file("follower-policy.json"), data}));
+    ASSERT_GT(follower.port(), 0);
+    ASSERT_TRUE(follower.WaitForLog("demo", kWait));
+    ClientOptions worker_options;
+    worker_options.token = "worker-token";
+    worker_options.timeout = testing_support::kCallTimeout;
+    auto worker = Client::Connect(follower.address(), worker_options).value();
+    ASSERT_TRUE(WaitUntil([&] { return worker->GetModel("demo").ok(); }));
+    EXPECT_EQ(follower.Stop(SIGTERM, 30), 0);
+  }
+  const std::string unreachable = " --follow=127.0.0.1:1 ";
+  const testing_support::CommandResult refused = testing_support::RunCommand(
+      testing_support::DaemonPath() + " --listen=127.0.0.1:0 --log_rpcs=false" +
+          unreachable + data,
+      kRefusalWait);
+  EXPECT_EQ(refused.exit_code, 1);
+  EXPECT_THAT(refused.output,
+              HasSubstr("holds models written under an --auth_policy"));
+  // On purpose, it serves them to everyone.
+  Daemon open(FollowerArgs("127.0.0.1:1", {"--follow_open_reads", data}));
+  ASSERT_GT(open.port(), 0);
+  EXPECT_EQ(VersionOf(*ConnectTo(open.address()), "demo").version, 1);
+}
+
 TEST(ReplicationTest, FollowOpenReadsNeedsFollow) {
   const testing_support::CommandResult refused = testing_support::RunCommand(
       testing_support::DaemonPath() +
