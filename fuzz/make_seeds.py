@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the seed corpora in fuzz/corpus/<target>/ (run from anywhere; rewrites the files it
 names, leaves others). Seeds are small valid inputs of each format, plus the reproducers of the
-crashes in issue 13, which must stay rejected with an error, not a crash."""
+crashes the abuse tests once found, which must stay rejected with an error, not a crash."""
 import json
 import os
 import struct

@@ -86,7 +86,7 @@ ABSL_FLAG(std::string, audit_log, "-",
           "one line per write (principal, model, version, bytes): - for "
           "stderr, a file to append to, or empty for none");
 ABSL_FLAG(bool, reflection, true, "serve gRPC server reflection");
-// Same-host shared-memory fetch (issue 12 part 6; docs/operations.md).
+// Same-host shared-memory fetch (docs/operations.md).
 ABSL_FLAG(std::string, local_socket, "",
           "path of a Unix socket (created with mode 0660) on which clients on "
           "this host fetch state dicts through shared memory instead of TCP; "
@@ -100,7 +100,7 @@ ABSL_FLAG(int32_t, local_max_connections_per_uid, 0,
           "connections one peer uid may hold on --local_socket at once; more "
           "are refused and those clients fetch through gRPC (0: a quarter of "
           "the 64 connection slots)");
-// Connection limits (issue 13): keepalive enforcement, idle connections and
+// Connection limits: keepalive enforcement, idle connections and
 // the minimum chunk. See docs/operations.md.
 ABSL_FLAG(absl::Duration, keepalive_min_ping_interval, absl::Seconds(10),
           "clients may ping at most this often; pings that come sooner are "

@@ -44,7 +44,7 @@ struct ServiceOptions {
   // Told the peer (grpc::ServerContext::peer()) of every call whose caller
   // was authenticated (every call without a policy); may be empty.
   std::function<void(const std::string& peer)> on_admitted;
-  // Minimum chunk (issue 13): load chunks below it that do not end their
+  // Minimum chunk: load chunks below it that do not end their
   // stream are INVALID_ARGUMENT, and a fetch's chunk_bytes below it is raised
   // to it. 0 disables it.
   uint32_t min_chunk_bytes = kDefaultMinChunkBytes;

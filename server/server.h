@@ -95,7 +95,7 @@ struct ServerOptions {
   std::string audit_log;
   // Serve gRPC server reflection on the main port.
   bool reflection = true;
-  // Same-host shared-memory fetch (issue 12 part 6, server/local_transfer.h):
+  // Same-host shared-memory fetch (server/local_transfer.h):
   // path of a Unix socket (mode 0660) serving it; empty for none.
   std::string local_socket;
   // Per-model check of local fetches; unset: the auth policy's check of the
@@ -107,7 +107,7 @@ struct ServerOptions {
   // Connections one peer uid may hold on the local socket at once
   // (LocalTransferOptions::max_connections_per_uid); 0: a quarter of them.
   int local_max_connections_per_uid = 0;
-  // Connection limits (issue 13; docs/operations.md). Clients may ping at
+  // Connection limits (docs/operations.md). Clients may ping at
   // most every keepalive_min_ping_interval (with or without calls in flight);
   // after keepalive_max_ping_strikes pings that come sooner the connection is
   // closed with GOAWAY (ENHANCE_YOUR_CALM), 0 bearing any number. The server

@@ -1,8 +1,8 @@
-// Hostile requests over the wire against a real modelstated (issue 13, part
-// 5): each row of the table is one attack, answered with its status code,
-// after which the daemon must still answer a health check and a fetch, and no
-// stored model may have changed. After the whole table, with every client
-// gone, the daemon's RSS must be back within 10% of where it started.
+// Hostile requests over the wire against a real modelstated: each row of the
+// table is one attack, answered with its status code, after which the daemon
+// must still answer a health check and a fetch, and no stored model may have
+// changed. After the whole table, with every client gone, the daemon's RSS must
+// be back within 10% of where it started.
 //
 // The daemon runs with an auth policy. Rows carry the credential their
 // requests present: the admin's token for most, so that the attack reaches

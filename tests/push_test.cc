@@ -1,7 +1,7 @@
 // Pushes (LoadStateDict) end to end: the client's zero-copy raw stream with
 // its checksums in the end marker, plain generated-stub clients of either
 // protocol style, checksum failures that change nothing, and the daemon's
-// peak memory during a large load (issue 12 part 4: at most the old and the
+// peak memory during a large load (at most the old and the
 // new version plus 64 MiB, never a third copy).
 #include <unistd.h>
 

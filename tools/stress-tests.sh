@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the tests that involve threads, processes or timing many times with
-# `ctest -j2` while two CPU hogs compete for the cores, to flush out flaky tests
-# (issue 14). Prints the runs and the failures per test; exits non-zero if any
+# `ctest -j2` while two CPU hogs compete for the cores, to flush out flaky tests.
+# Prints the runs and the failures per test; exits non-zero if any
 # run failed.
 #
 #   tools/stress-tests.sh [-b BUILD_DIR] [UNIT_RUNS [E2E_RUNS]]
