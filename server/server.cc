@@ -315,8 +315,11 @@ absl::Status Server::OpenStore(const ServerOptions& options) {
       store_.get(), options.memory_limit_bytes,
       [this] { return service_ ? service_->active_calls() : 0; });
   metrics_->SetModelLabels(options.metrics_model_labels);
-  ServiceOptions service{options.chunk_bytes, options.log_rpcs,
-                         options.stream_idle_timeout, metrics_.get()};
+  ServiceOptions service;
+  service.default_chunk_bytes = options.chunk_bytes;
+  service.log_rpcs = options.log_rpcs;
+  service.stream_idle_timeout = options.stream_idle_timeout;
+  service.metrics = metrics_.get();
   service.max_version_wait = options.max_version_wait;
   service.access = access_.get();
   service.audit = audit_.get();
