@@ -16,7 +16,7 @@
 #include "bench/plan.h"
 #include "bench/raw_tcp.h"
 #include "client/client.h"
-#include "core/safetensors.h"
+#include "model/safetensors.h"
 
 namespace modelstate::bench {
 

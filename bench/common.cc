@@ -13,9 +13,9 @@
 #include <memory>
 
 #include "absl/strings/str_format.h"
-#include "core/safetensors.h"
-#include "core/state_dict.h"
-#include "core/tensor.h"
+#include "model/safetensors.h"
+#include "model/state_dict.h"
+#include "model/tensor.h"
 
 namespace modelstate::bench {
 

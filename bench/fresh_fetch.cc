@@ -15,8 +15,8 @@
 #include "bench/raw_tcp.h"
 #include "bench/results.h"
 #include "client/client.h"
-#include "core/safetensors.h"
-#include "core/tensor.h"
+#include "model/safetensors.h"
+#include "model/tensor.h"
 
 namespace modelstate::bench {
 namespace {
@@ -68,7 +68,7 @@ void LoadMainAsTrainer(Client& client, const std::string& file) {
 FreshFetchSamples MeasureFreshFetch(const Config& config,
                                     const std::string& file, int reps,
                                     const std::string& id) {
-  // Start from an empty pool of freed blocks (core/tensor.h), as a new process
+  // Start from an empty pool of freed blocks (model/tensor.h), as a new process
   // does (--only=P1), whatever the benchmarks before left in it; then bound
   // it to what either contender frees. Both receive `file`'s bytes, and the
   // raw-TCP buffer holds the header too, one huge page past a 1 GiB model:

@@ -20,8 +20,8 @@
 #include "bench/fresh_fetch.h"
 #include "bench/nginx.h"
 #include "client/client.h"
-#include "core/safetensors.h"
-#include "core/tensor.h"
+#include "model/safetensors.h"
+#include "model/tensor.h"
 #include "tests/subprocess.h"
 
 namespace modelstate::bench {

@@ -17,7 +17,7 @@
 #include "bench/raw_tcp.h"
 #include "bench/results.h"
 #include "client/client.h"
-#include "core/safetensors.h"
+#include "model/safetensors.h"
 
 namespace modelstate::bench {
 namespace {

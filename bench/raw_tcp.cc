@@ -11,7 +11,7 @@
 #include <string_view>
 
 #include "bench/common.h"
-#include "core/tensor.h"
+#include "model/tensor.h"
 
 namespace modelstate::bench {
 namespace {

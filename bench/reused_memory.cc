@@ -6,7 +6,7 @@
 #include <utility>
 
 #include "bench/common.h"
-#include "core/tensor.h"
+#include "model/tensor.h"
 
 namespace modelstate::bench {
 namespace {

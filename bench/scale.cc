@@ -30,7 +30,7 @@
 #include "bench/common.h"
 #include "bench/results.h"
 #include "client/client.h"
-#include "core/tensor.h"
+#include "model/tensor.h"
 
 namespace modelstate::bench {
 namespace {

@@ -9,7 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "bench/child_process.h"
 #include "bench/common.h"
-#include "core/safetensors.h"
+#include "model/safetensors.h"
 
 namespace modelstate::bench {
 

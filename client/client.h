@@ -19,11 +19,10 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/optional.h"
-#include "core/model_store.h"
-#include "core/requests.h"
-#include "core/state_dict.h"
-#include "core/tensor.h"
-#include "core/transfer.h"
+#include "store/requests.h"
+#include "model/state_dict.h"
+#include "model/tensor.h"
+#include "transfer/transfer.h"
 #include "modelstate/v1/model_state.grpc.pb.h"
 
 namespace modelstate {
@@ -116,7 +115,7 @@ class CallCanceller {
 };
 
 // How a state dict travels; what it selects is the FetchRequest or
-// LoadRequest (core/requests.h).
+// LoadRequest (store/requests.h).
 struct TransferOptions {
   // Bytes per data chunk, at most kMaxChunkBytes; 0: the server's default for
   // fetches, kDefaultChunkBytes for loads.
@@ -140,7 +139,7 @@ struct TransferOptions {
   // server itself is not resumed; telling it from a drop makes such an answer
   // up to 20 ms later.
   int max_resumes = 8;
-  // StateDict only: how the received tensors are laid out (core/transfer.h).
+  // StateDict only: how the received tensors are laid out (transfer/transfer.h).
   // By default tensors under 64 KiB share blocks of up to 2 MiB;
   // kOwnStorage gives each its own, for a holder that keeps a few of many
   // tensors for long (a follower daemon, whose versions share the tensors a

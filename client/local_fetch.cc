@@ -15,9 +15,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
-#include "core/limits.h"
-#include "core/memfd_export.h"
-#include "core/status_macros.h"
+#include "common/limits.h"
+#include "transfer/export_seals.h"
+#include "common/status_macros.h"
 #include "proto/convert.h"
 #include "proto/local_frame.h"
 #include "xxhash.h"

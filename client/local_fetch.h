@@ -17,8 +17,8 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "absl/types/optional.h"
-#include "core/tensor.h"
-#include "core/transfer.h"
+#include "model/tensor.h"
+#include "transfer/transfer.h"
 #include "modelstate/v1/model_state.pb.h"
 
 namespace modelstate {

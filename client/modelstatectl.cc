@@ -19,10 +19,10 @@
 #include "absl/time/clock.h"
 #include "client/client.h"
 #include "client/format.h"
-#include "core/file_util.h"
-#include "core/malloc_policy.h"
-#include "core/safetensors.h"
-#include "core/status_macros.h"
+#include "common/file_util.h"
+#include "common/malloc_policy.h"
+#include "model/safetensors.h"
+#include "common/status_macros.h"
 #include "proto/convert.h"
 
 ABSL_FLAG(std::string, server, "127.0.0.1:50551", "HOST:PORT of modelstated");

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "core/transfer.h"
+#include "transfer/transfer.h"
 #include "fuzzer/FuzzedDataProvider.h"
 
 namespace modelstate {

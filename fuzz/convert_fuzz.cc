@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <string>
 
-#include "core/transfer.h"
+#include "transfer/transfer.h"
 #include "proto/convert.h"
 
 namespace modelstate {

@@ -13,7 +13,7 @@
 // 50 MB for a string field whose declared length the input has not backed.)
 #include <cstddef>
 
-#include "core/tensor.h"
+#include "model/tensor.h"
 
 // The same ceiling for tensor storages, which large ones map directly.
 static const bool kStorageCeiling = [] {

@@ -5,8 +5,8 @@
 #include <string>
 
 #include "absl/strings/string_view.h"
-#include "core/module_factory.h"
-#include "core/state_dict.h"
+#include "model/module_factory.h"
+#include "model/state_dict.h"
 
 namespace modelstate {
 namespace {

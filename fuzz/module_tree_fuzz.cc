@@ -9,8 +9,8 @@
 
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
-#include "core/module_tree.h"
-#include "core/state_dict.h"
+#include "model/module_tree.h"
+#include "model/state_dict.h"
 
 namespace modelstate {
 namespace {

@@ -6,8 +6,8 @@
 #include <cstring>
 #include <memory>
 
-#include "core/safetensors.h"
-#include "core/tensor.h"
+#include "model/safetensors.h"
+#include "model/tensor.h"
 
 namespace modelstate {
 namespace {

@@ -9,10 +9,9 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "core/model_store.h"
-#include "core/requests.h"
-#include "core/state_dict.h"
-#include "core/transfer.h"
+#include "store/requests.h"
+#include "model/state_dict.h"
+#include "transfer/transfer.h"
 #include "modelstate/v1/model_state.pb.h"
 
 namespace modelstate {

@@ -3,7 +3,7 @@
 // fails.
 #include "proto/convert.h"
 
-#include "core/test_util.h"
+#include "model/test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 

@@ -29,8 +29,8 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "client/client.h"
-#include "core/dtype.h"
-#include "core/tensor.h"
+#include "model/dtype.h"
+#include "model/tensor.h"
 
 namespace py = pybind11;
 

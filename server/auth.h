@@ -1,6 +1,6 @@
 // Transport glue of authentication and authorization: credentials out of a
 // gRPC call, the policy file kept current (SIGHUP and file changes), and the
-// audit log of writes. The decisions themselves are core/access_policy's.
+// audit log of writes. The decisions themselves are access/access_policy's.
 #ifndef MODELSTATE_SERVER_AUTH_H_
 #define MODELSTATE_SERVER_AUTH_H_
 
@@ -16,7 +16,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "core/access_policy.h"
+#include "access/access_policy.h"
 #include "grpcpp/server_context.h"
 #include "grpcpp/support/status.h"
 

@@ -2,7 +2,7 @@
 
 #include <utility>
 
-#include "core/status_macros.h"
+#include "common/status_macros.h"
 
 namespace modelstate {
 namespace {

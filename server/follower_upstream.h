@@ -12,7 +12,7 @@
 
 #include "absl/status/statusor.h"
 #include "client/client.h"
-#include "core/follower.h"
+#include "store/follower.h"
 
 namespace modelstate {
 

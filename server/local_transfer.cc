@@ -18,9 +18,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "core/limits.h"
-#include "core/status_macros.h"
-#include "core/transfer.h"
+#include "common/limits.h"
+#include "common/status_macros.h"
+#include "transfer/transfer.h"
 #include "proto/convert.h"
 
 namespace modelstate {

@@ -1,7 +1,7 @@
 // The daemon's end of the same-host shared-memory fetch (modelstated
 // --local_socket; docs/protocol.md): a Unix socket on which a client on the
 // same host asks for a state dict and gets its manifest with the descriptor of
-// a sealed memfd holding the tensors (an export, core/memfd_export.h), made on
+// a sealed memfd holding the tensors (an export, store/memfd_export.h), made on
 // the first local fetch of those tensors and handed to every later one: no
 // byte is copied per fetch, and none goes through TCP. When no export can be
 // had (an old client, a memory limit, the export bound), the client hands
@@ -51,9 +51,9 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/optional.h"
-#include "core/memfd_export.h"
-#include "core/model_store.h"
-#include "core/requests.h"
+#include "store/memfd_export.h"
+#include "store/model_store.h"
+#include "store/requests.h"
 #include "proto/local_frame.h"
 
 namespace modelstate {

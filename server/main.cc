@@ -17,8 +17,8 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/time.h"
-#include "core/memory_limit.h"
-#include "core/tensor.h"
+#include "store/memory_limit.h"
+#include "model/tensor.h"
 #include "server/connection_gate.h"
 #include "server/server.h"
 
@@ -332,7 +332,7 @@ int main(int argc, char** argv) {
 
   // Freed tensor memory (the version a load replaced) stages the next load,
   // which then neither faults nor zeroes fresh pages. The store's memory
-  // limit bounds the pool too (core/model_store.h, pooled_bytes).
+  // limit bounds the pool too (store/model_store.h, pooled_bytes).
   modelstate::Storage::SetPoolLimit(absl::GetFlag(FLAGS_storage_pool_bytes));
 
   // Block the stop signals (and SIGHUP, which reloads the auth policy) in

@@ -6,7 +6,7 @@
 // stay at the burst's peak for as long as it runs; trimming returns it.
 //
 // The other way round, frees between trims keep their memory for reuse
-// (KeepFreedMemoryForReuse, core/malloc_policy.h), and the periodic trim
+// (KeepFreedMemoryForReuse, common/malloc_policy.h), and the periodic trim
 // returns what an idle daemon holds.
 //
 // Thread-safety: constructed and destroyed on one thread; it runs its own.
@@ -19,7 +19,7 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "core/malloc_policy.h"
+#include "common/malloc_policy.h"
 
 namespace modelstate {
 

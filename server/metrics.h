@@ -15,8 +15,8 @@
 
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
-#include "core/follower.h"
-#include "core/model_store.h"
+#include "store/follower.h"
+#include "store/model_store.h"
 #include "grpcpp/support/status.h"
 #include "prometheus/collectable.h"
 #include "prometheus/counter.h"

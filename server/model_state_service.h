@@ -12,10 +12,10 @@
 
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "core/access_policy.h"
-#include "core/limits.h"
-#include "core/model_store.h"
-#include "core/version_wait.h"
+#include "access/access_policy.h"
+#include "common/limits.h"
+#include "store/model_store.h"
+#include "store/version_wait.h"
 #include "modelstate/v1/model_state.grpc.pb.h"
 #include "server/auth.h"
 

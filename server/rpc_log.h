@@ -13,7 +13,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "core/limits.h"
+#include "common/limits.h"
 #include "grpcpp/support/status.h"
 
 namespace modelstate {

@@ -15,10 +15,10 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "client/client.h"
-#include "core/data_dir.h"
-#include "core/follower.h"
-#include "core/limits.h"
-#include "core/model_store.h"
+#include "store/data_dir.h"
+#include "store/follower.h"
+#include "common/limits.h"
+#include "store/model_store.h"
 #include "grpcpp/generic/async_generic_service.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
@@ -84,7 +84,7 @@ struct ServerOptions {
   // model to reach it (less when the client's deadline is nearer).
   absl::Duration max_version_wait = absl::Seconds(60);
   // --- Authentication and authorization (docs/operations.md) ---
-  // JSON access policy (core/access_policy.h); empty: no policy, every caller
+  // JSON access policy (access/access_policy.h); empty: no policy, every caller
   // may do everything.
   std::string auth_policy_file;
   // How often the policy file is checked for changes (it is also re-read by

@@ -12,7 +12,7 @@
 #include <thread>
 #include <vector>
 
-#include "core/sanitizers.h"
+#include "common/sanitizers.h"
 #include "gtest/gtest.h"
 #include "tests/test_support.h"
 

@@ -1,6 +1,6 @@
 """An independent safetensors reader and writer in plain Python + numpy.
 
-It shares no code with core/safetensors.cc, so files that pass through both prove the two
+It shares no code with model/safetensors.cc, so files that pass through both prove the two
 implementations agree on the format. Used by tests/torch_oracle.py and by the C++ interop test:
 
     python3 tests/safetensors_ref.py dump FILE      # prints {"tensors": {name: {dtype, shape, hex}},

@@ -11,9 +11,9 @@
 #include <string>
 
 #include "absl/strings/escaping.h"
-#include "core/module_factory.h"
-#include "core/safetensors.h"
-#include "core/state_dict.h"
+#include "model/module_factory.h"
+#include "model/safetensors.h"
+#include "model/state_dict.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"

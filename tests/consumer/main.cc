@@ -9,8 +9,8 @@
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "client/client.h"
-#include "core/state_dict.h"
-#include "core/tensor.h"
+#include "model/state_dict.h"
+#include "model/tensor.h"
 
 int main() {
   modelstate::ClientOptions options;

@@ -1,0 +1,390 @@
+// The set of named model instances the daemon serves, with atomic loads and
+// point-in-time snapshots.
+//
+// Thread-safety: every method may be called from any thread. Readers
+// (GetSnapshot, List) hold the store's lock only to copy a pointer, and writers
+// hold it only to validate and swap pointers, so no reader ever waits for a
+// writer's data transfer or dtype conversion.
+#ifndef MODELSTATE_STORE_MODEL_STORE_H_
+#define MODELSTATE_STORE_MODEL_STORE_H_
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/types/optional.h"
+#include "model/cast_cache.h"
+#include "model/module.h"
+#include "store/requests.h"
+#include "model/state_dict.h"
+#include "store/state_dict_memo.h"
+
+namespace modelstate {
+
+// An immutable point-in-time view of a model. It shares storage with the model
+// and is never changed by later loads.
+struct Snapshot {
+  std::string model;
+  int64_t version = 0;
+  ModulePtr root;
+  // The architecture spec the model was created from; empty for models made
+  // from a checkpoint.
+  std::string architecture;
+  // The whole state dict that every fetch of this version shares, once built.
+  // The store gives each version it holds a memo of its own.
+  std::shared_ptr<StateDictMemo> memo;
+};
+
+class ModelStore;
+
+// A load that passed validation and holds its memory reservation. Receive the
+// tensors `inputs()` describes, then hand them with it to
+// ModelStore::CommitLoad. Destroying it without committing aborts the load,
+// releases the reservation and leaves the model unchanged.
+class PendingLoad {
+ public:
+  ~PendingLoad();
+  PendingLoad(const PendingLoad&) = delete;
+  PendingLoad& operator=(const PendingLoad&) = delete;
+
+  const std::string& model() const { return request_.model; }
+  const std::vector<TensorSpec>& inputs() const { return inputs_; }
+  // Missing and unexpected keys as torch reports them (also when the load is
+  // not strict).
+  const LoadPlan& plan() const { return plan_; }
+  bool creates_model() const { return creates_model_; }
+  int64_t base_version() const { return base_.version; }
+  // Bytes reserved against the store's memory limit until commit or abort.
+  int64_t reserved_bytes() const { return reserved_bytes_; }
+
+ private:
+  friend class ModelStore;
+  PendingLoad() = default;
+
+  ModelStore* store_ = nullptr;
+  std::vector<TensorSpec> inputs_;
+  LoadRequest request_;
+  LoadPlan plan_;
+  Snapshot base_;
+  bool creates_model_ = false;
+  int64_t reserved_bytes_ = 0;
+};
+
+// Where committed versions go to become durable (see store/data_dir.h). The
+// store calls it with the model's commit lock held, before the version becomes
+// visible.
+class StatePersister {
+ public:
+  virtual ~StatePersister() = default;
+  // Makes `snapshot` durable (or schedules it, for asynchronous persisters). A
+  // non-OK status fails the create, load or rollback, which then changes
+  // nothing.
+  virtual absl::Status Persist(const Snapshot& snapshot) = 0;
+  // Removes every persisted version of `model`.
+  virtual absl::Status Remove(const std::string& model) = 0;
+};
+
+class ModelStore {
+ public:
+  struct Options {
+    // Live tensor bytes (models, retained versions, snapshots still held,
+    // staged loads) plus the estimated metadata of their modules and storages
+    // (model/module.h) may not exceed this. 0 means unlimited.
+    int64_t memory_limit_bytes = 0;
+    // Versions kept in memory per model, the current one included (>= 1). Older
+    // versions share the storage of tensors they have in common.
+    int retain_versions = 1;
+    // Persists every committed version when set; must outlive the store.
+    StatePersister* persister = nullptr;
+    // Loads between BeginLoad and their commit or abort may not exceed this
+    // (each holds a memory reservation and staging memory). 0: unlimited.
+    int max_pending_loads = 0;
+    // Follower mode: when set (the upstream's target), the store mirrors that
+    // upstream. Create, CreateFromSpec, Delete, BeginLoad, Load and Rollback
+    // fail with FailedPrecondition naming it, and only ApplyReplicated and
+    // RemoveReplicated (store/follower.h) change models.
+    std::string replica_of;
+  };
+
+  explicit ModelStore(Options options);
+  ModelStore() : ModelStore(Options{}) {}
+  ~ModelStore();
+
+  // Adds model `name` at version 1 (or, for a name used before, one past its
+  // last version). Returns InvalidArgument for a bad name or more than
+  // kMaxModules modules, AlreadyExists if the name is taken, ResourceExhausted
+  // if its bytes and metadata would exceed the memory limit, or the
+  // persister's error.
+  absl::Status Create(const std::string& name, ModulePtr root,
+                      std::string architecture = "");
+
+  // Adds a model restored from disk at `version`, without persisting it again.
+  // Errors as Create.
+  absl::Status Restore(const std::string& name, ModulePtr root,
+                       std::string architecture, int64_t version);
+
+  // Removes model `name` and its persisted versions; snapshots already taken
+  // stay valid. NotFound if it does not exist. If `deleted` is given, it is
+  // set to the state removed (for the audit line: a writer committing just
+  // before the delete cannot make it name another version).
+  absl::Status Delete(const std::string& name, Snapshot* deleted = nullptr);
+
+  // Returns the current state of `name`, or NotFound.
+  absl::StatusOr<Snapshot> GetSnapshot(const std::string& name) const;
+
+  // Returns version `version` of `name` if it is current or retained (0 means
+  // current); NotFound otherwise.
+  absl::StatusOr<Snapshot> GetSnapshot(const std::string& name,
+                                       int64_t version) const;
+
+  // Returns the versions of `name` held in memory, newest first, or NotFound.
+  absl::StatusOr<std::vector<int64_t>> RetainedVersions(
+      const std::string& name) const;
+
+  // Makes retained version `version` of `name` current again, as a new version
+  // number, and returns the model at that new version. NotFound for an unknown
+  // model or a version not retained; the persister's error otherwise.
+  absl::StatusOr<Snapshot> Rollback(const std::string& name, int64_t version);
+
+  // Returns a snapshot of every model, ordered by name.
+  std::vector<Snapshot> List() const;
+
+  // Builds a model from an architecture spec (model/module_factory.h) with
+  // `seed` and adds it as Create does. The model's cost is estimated from the
+  // spec first (EstimateSpecCost), so one over the memory limit is refused
+  // with ResourceExhausted before any tensor is allocated. Returns the new
+  // model's snapshot, or InvalidArgument for a bad name or spec, and Create's
+  // errors.
+  absl::StatusOr<Snapshot> CreateFromSpec(const std::string& name,
+                                          const std::string& spec_json,
+                                          uint64_t seed);
+
+  // torch's state_dict() of a model version, or of one submodule, with the
+  // tensors cast when asked (reusing earlier conversions, see
+  // CastFloatingForFetch). Returns NotFound for an unknown model, version,
+  // submodule or key, InvalidArgument for a non-floating cast dtype, and
+  // OutOfRange for an offset past the selected tensors' total bytes.
+  // `request.min_version` is the caller's to wait for (VersionWaiter).
+  absl::StatusOr<FetchPlan> Fetch(const FetchRequest& request);
+
+  // Describes a model version, or the submodule `request.module` of it (the
+  // other selection fields are ignored). Errors as Fetch.
+  absl::StatusOr<ModelManifest> Describe(const FetchRequest& request) const;
+
+  // Summaries of every model at its current version, ordered by name.
+  std::vector<ModelSummary> Summaries() const;
+
+  // Returns `state` (from a snapshot) with its floating tensors converted to
+  // `dtype` as CastFloatingTensors does, reusing conversions of the same bytes
+  // made for earlier fetches, so that many workers fetching a model as bf16 pay
+  // for the conversion once. Kept conversions count as live bytes, are kept
+  // only while they fit the memory limit, and go when their source tensors do.
+  // InvalidArgument unless `dtype` is floating.
+  absl::StatusOr<StateDict> CastFloatingForFetch(const StateDict& state,
+                                                 DType dtype);
+
+  // Validates a load of tensors described by `inputs` from their names, dtypes
+  // and shapes alone, and reserves the memory it needs: tensor bytes,
+  // conversions, and the metadata of the modules and storages it adds (for a
+  // load that creates its model, estimated from the keys before any tree is
+  // built; more than kMaxModules modules is InvalidArgument). Returns NotFound
+  // (unknown model or submodule), InvalidArgument (duplicate keys, bad name),
+  // Aborted (expected version differs), FailedPrecondition with torch's text
+  // (strict key errors, shape mismatches), or ResourceExhausted (memory limit,
+  // or max_pending_loads loads already pending).
+  absl::StatusOr<std::unique_ptr<PendingLoad>> BeginLoad(
+      const LoadRequest& request, std::vector<TensorSpec> inputs);
+
+  // Applies `load` with `tensors` (parallel to load->inputs(), each matching
+  // its spec) as one atomic step: converts dtypes and rebuilds the tree outside
+  // the store's lock, persists the new version (if a persister is set), then
+  // swaps it in and bumps the version. If the model changed since BeginLoad,
+  // the plan is re-validated against the new state: an expected version that no
+  // longer matches, or a changed destination dtype, gives Aborted; a model
+  // deleted (or created) meanwhile gives NotFound (or AlreadyExists). On any
+  // error, including the persister's, the model is unchanged.
+  absl::StatusOr<LoadOutcome> CommitLoad(std::unique_ptr<PendingLoad> load,
+                                         std::vector<Tensor> tensors);
+
+  // The first check of a load, from its tensor count alone, before its
+  // manifest is converted or validated: every tensor a load declares is
+  // received into a storage of its own, so ResourceExhausted when
+  // `num_tensors` storages' overhead alone would pass the memory limit. A load
+  // that passes still goes through BeginLoad's full check.
+  absl::Status CheckLoadSize(int64_t num_tensors) const;
+
+  // BeginLoad + CommitLoad for a state dict already in memory.
+  absl::StatusOr<LoadOutcome> Load(const LoadRequest& request,
+                                   const StateDict& state);
+
+  // Calls `listener` after every create, committed load, rollback and delete,
+  // in commit order, from the committing thread. It must be quick and must not
+  // call back into the store. Returns an id for RemoveListener.
+  int64_t AddListener(std::function<void(const ModelEvent&)> listener);
+
+  // As AddListener, for the events of `model` only, and first calls `listener`
+  // once with kCurrent (and the current version) or kAbsent, atomically with
+  // its registration: no event is missed or seen twice.
+  int64_t Watch(const std::string& model,
+                std::function<void(const ModelEvent&)> listener);
+
+  // As Watch, over every model: first calls `listener` with kCurrent for each
+  // model (ordered by name), then once with kListed, atomically with its
+  // registration; then with every event of every model. In follower mode
+  // before MarkReplicaSynced, returns Unavailable instead: a follower that has
+  // not mirrored its upstream yet (just restarted without its models) must
+  // not list its partial state to followers of its own, which would drop
+  // what they hold.
+  absl::StatusOr<int64_t> WatchAll(
+      std::function<void(const ModelEvent&)> listener);
+
+  // Follower mode: the upstream's first full listing has been mirrored, so
+  // WatchAll may serve.
+  void MarkReplicaSynced();
+
+  // Follower mode only (Options::replica_of; store/follower.h): makes
+  // `snapshot` the current version of its model with the upstream's version
+  // number. A new model is created; a version above the current one is
+  // committed as a load would be (the current one is retained); a version at
+  // or below the current one (an upstream that restarted with other state)
+  // replaces the model, as a delete then a create. Persists first; on any
+  // error (InvalidArgument for a bad name or version, FailedPrecondition
+  // outside follower mode, ResourceExhausted, the persister's) the model is
+  // unchanged.
+  absl::Status ApplyReplicated(Snapshot snapshot);
+
+  // ResourceExhausted if `extra_bytes` more live bytes would exceed the memory
+  // limit (with what pending loads reserve); OK otherwise. A follower asks
+  // before fetching a version's new tensors.
+  absl::Status CheckMemoryFor(int64_t extra_bytes) const;
+
+  // Counts `bytes` that the daemon holds for this store's tensors outside
+  // them (the same-host fetch's exports, store/memfd_export.h) as live bytes
+  // for as long as `charge` lives, once they fit the memory limit.
+  // ResourceExhausted, charging nothing, when they would not.
+  // `metadata_bytes` count as metadata (see metadata_bytes()).
+  absl::Status ChargeIfFits(const MemoryCharge& charge, int64_t bytes,
+                            int64_t metadata_bytes = 0) const;
+
+  // Follower mode only: removes `name` as Delete does. NotFound if absent,
+  // FailedPrecondition outside follower mode.
+  absl::Status RemoveReplicated(const std::string& name);
+
+  // Removes a listener added by AddListener or Watch. Once it returns, the
+  // listener is not running and will not be called again.
+  void RemoveListener(int64_t id);
+
+  // Bytes of all live tensor storages the store has seen (models, retained
+  // versions and snapshots still held), and of what ChargeIfFits charged.
+  int64_t live_bytes() const;
+  // Estimated bytes of the metadata around them (modules, slots, names,
+  // shapes, storage objects; see model/module.h) and of kept state dicts
+  // (Snapshot::memo), counted by the memory limit.
+  int64_t metadata_bytes() const;
+  // Bytes reserved by pending loads.
+  int64_t reserved_bytes() const;
+  // Bytes of freed tensor memory the process's storage pool holds for reuse
+  // (model/tensor.h). With a memory limit they count against it: the pool
+  // keeps a freed block only while live, metadata, reserved and pooled bytes
+  // fit the limit, and gives blocks back when a create, load or cast needs
+  // the room (it never makes one fail).
+  int64_t pooled_bytes() const;
+  // Loads begun and not yet committed or aborted.
+  int pending_loads() const;
+
+ private:
+  friend class PendingLoad;
+  struct Entry {
+    Snapshot current;
+    std::deque<Snapshot> history;  // Older retained versions, newest first.
+    // Serialises commits of this model, including their persisting; readers
+    // never take it.
+    std::shared_ptr<absl::Mutex> commit_mu = std::make_shared<absl::Mutex>();
+  };
+
+  // Version `version` (0: current) of a model's entry, or NotFound.
+  static absl::StatusOr<Snapshot> FindVersion(const Entry& entry,
+                                              int64_t version);
+  absl::Status CheckMemory(int64_t extra_bytes) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // The state dict `options` select from `snapshot`: its memo's when they
+  // select the whole model, else built for the request.
+  absl::StatusOr<std::shared_ptr<const StateDict>> SelectState(
+      const Snapshot& snapshot, const StateDictOptions& options) const;
+  // OK unless the store is a follower's (FailedPrecondition naming the
+  // upstream).
+  absl::Status CheckWritable() const;
+  // Delete without the follower-mode check.
+  absl::Status Erase(const std::string& name, Snapshot* erased = nullptr);
+  // Returns a pending load's reservation; `finished` also ends its count.
+  void Release(int64_t reserved_bytes, bool finished);
+  void AttachTree(const Module& root);
+  void Notify(const ModelEvent& event)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(events_mu_);
+  absl::Status Add(const std::string& name, ModulePtr root,
+                   std::string architecture, int64_t version, bool persist);
+  // Returns the commit mutex of `name`, or NotFound.
+  absl::StatusOr<std::shared_ptr<absl::Mutex>> CommitMutex(
+      const std::string& name) const;
+  // The commit of a load that creates its model.
+  absl::StatusOr<LoadOutcome> CommitCreatingLoad(
+      PendingLoad& load, absl::Span<const Tensor> tensors);
+  // Rebuilds the tree with `converted` (re-planned if another load committed
+  // first) and publishes it; returns the new version.
+  absl::StatusOr<int64_t> CommitConverted(const PendingLoad& load,
+                                          absl::Span<const Tensor> converted);
+  // With the model's commit mutex held: persists `next` and publishes it as
+  // the current version of the same entry (`commit_mu` identifies it).
+  absl::Status Publish(const std::shared_ptr<absl::Mutex>& commit_mu,
+                       const Snapshot& next, ModelEvent::Type event_type);
+
+  // Keeps the storage pool within the memory limit (registered only when
+  // there is one).
+  class PoolBudget;
+
+  const Options options_;
+  std::shared_ptr<MemoryAccountant> accountant_;
+  std::unique_ptr<PoolBudget> pool_budget_;
+  CastCache cast_cache_;
+
+  // Serialises creates and deletes (which persist and remove files). Taken
+  // first.
+  absl::Mutex admin_mu_;
+
+  // Serialises writers' swap-and-notify so listeners see events in commit
+  // order. Taken after any commit mutex and before mu_.
+  absl::Mutex events_mu_;
+  std::map<int64_t, std::function<void(const ModelEvent&)>> listeners_
+      ABSL_GUARDED_BY(events_mu_);
+  int64_t next_listener_id_ ABSL_GUARDED_BY(events_mu_) = 1;
+  bool replica_synced_ ABSL_GUARDED_BY(events_mu_) = false;
+
+  mutable absl::Mutex mu_ ABSL_ACQUIRED_AFTER(events_mu_);
+  std::map<std::string, Entry> models_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, int64_t> retired_versions_ ABSL_GUARDED_BY(mu_);
+  // Written with mu_ held; atomic because the pool budget reads it from
+  // whichever thread frees a storage, possibly one holding mu_.
+  std::atomic<int64_t> reserved_bytes_{0};
+  int pending_loads_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+// A model's summary: its root class, and the tensor count and bytes of its
+// full state dict.
+ModelSummary Summarize(const Snapshot& snapshot);
+
+// Returns OK for a model name of 1 to 128 characters from [A-Za-z0-9._-] that
+// does not start with '.'; InvalidArgument otherwise.
+absl::Status ValidateModelName(absl::string_view name);
+
+}  // namespace modelstate
+
+#endif  // MODELSTATE_STORE_MODEL_STORE_H_

@@ -1,0 +1,18 @@
+#include "store/requests.h"
+
+#include <vector>
+
+namespace modelstate {
+
+std::vector<TensorDescription> DescribeTensors(const StateDict& state) {
+  std::vector<TensorDescription> tensors;
+  tensors.reserve(state.size());
+  for (const StateDict::Entry& entry : state.entries()) {
+    tensors.push_back(TensorDescription{
+        entry.key, entry.kind, entry.tensor.dtype(), entry.tensor.shape(),
+        entry.tensor.num_bytes(), entry.tensor.Checksum()});
+  }
+  return tensors;
+}
+
+}  // namespace modelstate
