@@ -32,6 +32,15 @@ inline constexpr int kMaxMessageBytes = 64 << 20;
 // whose request is larger fetches through gRPC instead.
 inline constexpr uint32_t kMaxLocalRequestBytes = 16u << 10;
 
+// The largest frame either end of the same-host socket accepts: requests are
+// small, but a manifest of many tensors is not, so the gRPC message limit
+// applies to both.
+inline constexpr uint32_t kMaxLocalFrameBytes = 64u << 20;
+
+// Status messages sent to a peer are cut to this many bytes, so that a
+// message quoting hostile input stays small.
+inline constexpr size_t kMaxStatusMessageBytes = 3072;
+
 // Model names: 1 to this many characters from [A-Za-z0-9._-], not starting
 // with '.'.
 inline constexpr int kMaxModelNameLength = 128;
@@ -39,6 +48,9 @@ inline constexpr int kMaxModelNameLength = 128;
 // State-dict keys and module paths.
 inline constexpr int kMaxKeyLength = 4096;
 inline constexpr int kMaxKeyComponents = 256;
+
+// torch class names of modules in a tree description.
+inline constexpr size_t kMaxClassNameLength = 128;
 
 // Nesting of an architecture spec (modules inside containers).
 inline constexpr int kMaxSpecDepth = 128;

@@ -11,22 +11,12 @@
 #include "absl/strings/str_split.h"
 #include "absl/types/span.h"
 #include "common/limits.h"
-#include "model/module_version.h"
 #include "common/status_macros.h"
+#include "model/module_version.h"
+#include "model/names.h"
 
 namespace modelstate {
 namespace {
-
-constexpr size_t kMaxClassNameLength = 128;
-
-// Keys and paths in messages: long ones are cut, so a hostile 100,000-character
-// key does not become a 100,000-character error.
-std::string Quoted(absl::string_view text) {
-  constexpr size_t kShown = 80;
-  if (text.size() <= kShown) return absl::StrCat("\"", text, "\"");
-  return absl::StrCat("\"", text.substr(0, kShown), "...\" (", text.size(),
-                      " characters)");
-}
 
 // One module of the tree being planned. Nodes live in a vector and refer to
 // each other by index, so neither building nor destroying the plan recurses.
@@ -60,27 +50,13 @@ class FlatTree {
   std::vector<FlatNode> nodes_;  // nodes_[0] is the root.
 };
 
-absl::Status CheckKeyLimits(absl::string_view key) {
-  if (key.size() > static_cast<size_t>(kMaxKeyLength)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("key ", Quoted(key), " is longer than kMaxKeyLength (",
-                     kMaxKeyLength, " characters)"));
-  }
-  if (std::count(key.begin(), key.end(), '.') + 1 > kMaxKeyComponents) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("key ", Quoted(key), " has more than kMaxKeyComponents (",
-                     kMaxKeyComponents, ") components"));
-  }
-  return absl::OkStatus();
-}
-
 absl::StatusOr<std::vector<absl::string_view>> SplitKey(absl::string_view key) {
   RETURN_IF_ERROR(CheckKeyLimits(key));
   std::vector<absl::string_view> parts = absl::StrSplit(key, '.');
   for (absl::string_view part : parts) {
     if (part.empty()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("key ", Quoted(key), " has an empty component"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "key ", QuotedForMessage(key), " has an empty component"));
     }
   }
   return parts;
@@ -124,9 +100,10 @@ absl::Status CheckClassName(const std::string& path,
                c == '.';
       });
   if (valid) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat(
-      "class name ", Quoted(class_name), " for module ", Quoted(path),
-      " must be 1 to ", kMaxClassNameLength, " characters from [A-Za-z0-9_.]"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("class name ", QuotedForMessage(class_name), " for module ",
+                   QuotedForMessage(path), " must be 1 to ",
+                   kMaxClassNameLength, " characters from [A-Za-z0-9_.]"));
 }
 
 // Returns each node's class name (null for "Module"), adding the modules that

@@ -6,20 +6,17 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "common/limits.h"
+#include "common/status_macros.h"
 
 namespace modelstate {
-namespace {
-
 // Long names in messages are cut: a hostile 100,000-byte key does not become a
 // 100,000-byte error.
-std::string Quoted(absl::string_view text) {
+std::string QuotedForMessage(absl::string_view text) {
   constexpr size_t kShown = 80;
   if (text.size() <= kShown) return absl::StrCat("\"", text, "\"");
   return absl::StrCat("\"", text.substr(0, kShown), "...\" (", text.size(),
                       " bytes)");
 }
-
-}  // namespace
 
 // Strict UTF-8 (no overlong forms, no surrogates, nothing above U+10FFFF).
 bool IsValidUtf8(absl::Span<const uint8_t> s) {
@@ -81,36 +78,41 @@ absl::Status ValidateMemberName(absl::string_view name) {
     return byte < 0x20 || byte == 0x7F;
   });
   if (has_control) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("name ", Quoted(name), " contains a control character"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "name ", QuotedForMessage(name), " contains a control character"));
   }
   if (!IsValidUtf8(name)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("name ", Quoted(name), " is not valid UTF-8"));
+        absl::StrCat("name ", QuotedForMessage(name), " is not valid UTF-8"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckKeyLimits(absl::string_view key) {
+  if (key.size() > static_cast<size_t>(kMaxKeyLength)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "key ", QuotedForMessage(key), " is longer than kMaxKeyLength (",
+        kMaxKeyLength, " bytes)"));
+  }
+  if (std::count(key.begin(), key.end(), '.') + 1 > kMaxKeyComponents) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "key ", QuotedForMessage(key), " has more than kMaxKeyComponents (",
+        kMaxKeyComponents, ") components"));
   }
   return absl::OkStatus();
 }
 
 absl::Status ValidateTensorKey(absl::string_view key) {
-  if (key.size() > static_cast<size_t>(kMaxKeyLength)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("key ", Quoted(key), " is longer than kMaxKeyLength (",
-                     kMaxKeyLength, " bytes)"));
-  }
-  if (std::count(key.begin(), key.end(), '.') + 1 > kMaxKeyComponents) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("key ", Quoted(key), " has more than kMaxKeyComponents (",
-                     kMaxKeyComponents, ") components"));
-  }
+  RETURN_IF_ERROR(CheckKeyLimits(key));
   for (absl::string_view part : absl::StrSplit(key, '.')) {
     if (part.empty()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("key ", Quoted(key), " has an empty component"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "key ", QuotedForMessage(key), " has an empty component"));
     }
     absl::Status valid = ValidateMemberName(part);
     if (!valid.ok()) {
       return absl::InvalidArgumentError(
-          absl::StrCat("key ", Quoted(key), ": ", valid.message()));
+          absl::StrCat("key ", QuotedForMessage(key), ": ", valid.message()));
     }
   }
   return absl::OkStatus();

@@ -11,6 +11,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
@@ -33,6 +34,14 @@ absl::Status CheckNameSize(absl::string_view what, absl::string_view name,
 // Returns OK if `name` can name a parameter, buffer or child; InvalidArgument
 // saying why not otherwise.
 absl::Status ValidateMemberName(absl::string_view name);
+
+// `text` in double quotes for an error message, cut after 80 bytes (with its
+// length), so that hostile input does not make a huge message.
+std::string QuotedForMessage(absl::string_view text);
+
+// InvalidArgument when `key` is longer than kMaxKeyLength or has more than
+// kMaxKeyComponents dotted components.
+absl::Status CheckKeyLimits(absl::string_view key);
 
 // Returns OK for a dotted state-dict key of valid member names within the
 // length and component limits; InvalidArgument naming the rule otherwise.

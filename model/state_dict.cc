@@ -8,8 +8,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
-#include "model/module_version.h"
 #include "common/status_macros.h"
+#include "model/module_version.h"
 
 namespace modelstate {
 
@@ -267,7 +267,14 @@ absl::StatusOr<StateDict> CastFloatingTensors(const StateDict& state,
 
 namespace {
 
-// Replays torch's recursive `load(module, state_dict, prefix)` over keys only.
+bool ShapeIsKnown(const Tensor&) { return true; }
+bool ShapeIsKnown(const ModuleLayout::TensorShape& tensor) {
+  return !tensor.lazy;
+}
+
+// Replays torch's recursive `load(module, state_dict, prefix)` over keys only,
+// on a Module or a ModuleLayout.
+template <typename Tree>
 class LoadPlanner {
  public:
   LoadPlanner(absl::Span<const TensorSpec> inputs, const StateDict* metadata,
@@ -286,7 +293,7 @@ class LoadPlanner {
     return absl::OkStatus();
   }
 
-  void Visit(const Module& module, const std::string& prefix,
+  void Visit(const Tree& module, const std::string& prefix,
              std::vector<size_t>* path,
              const std::vector<size_t>& keys_under_prefix) {
     VisitOwnTensors(module, prefix, *path);
@@ -311,7 +318,7 @@ class LoadPlanner {
       }
     }
     for (size_t c = 0; c < module.children().size(); ++c) {
-      const ChildSlot& child = module.children()[c];
+      const auto& child = module.children()[c];
       if (!child.module) continue;
       path->push_back(c);
       Visit(*child.module, prefix + child.name + ".", path, child_keys[c]);
@@ -323,20 +330,20 @@ class LoadPlanner {
   std::vector<size_t>& apply_order() { return apply_order_; }
 
  private:
-  static bool IsOwnStateName(const Module& module, absl::string_view name) {
-    const TensorSlot* slot = module.FindTensor(name);
+  static bool IsOwnStateName(const Tree& module, absl::string_view name) {
+    const auto* slot = module.FindTensor(name);
     return slot != nullptr && slot->tensor.has_value() && slot->persistent;
   }
 
-  void VisitOwnTensors(const Module& module, const std::string& prefix,
+  void VisitOwnTensors(const Tree& module, const std::string& prefix,
                        const std::vector<size_t>& path) {
     absl::optional<int> version;
     if (metadata_ != nullptr)
       version = metadata_->ModuleVersion(WithoutTrailingDot(prefix));
     for (TensorKind kind : {TensorKind::kParameter, TensorKind::kBuffer}) {
-      const std::vector<TensorSlot>& slots = module.slots(kind);
+      const auto& slots = module.slots(kind);
       for (size_t s = 0; s < slots.size(); ++s) {
-        const TensorSlot& slot = slots[s];
+        const auto& slot = slots[s];
         if (!slot.tensor || !slot.persistent) continue;
         const std::string key = prefix + slot.name;
         auto found = index_.find(key);
@@ -353,13 +360,12 @@ class LoadPlanner {
         }
         const TensorSpec& input = inputs_[found->second];
         const Shape& model_shape = slot.tensor->shape();
-        const bool squeeze = model_shape.empty() && input.shape == Shape{1};
-        if (!squeeze && input.shape != model_shape) {
-          error_msgs_.push_back(absl::StrCat(
-              "size mismatch for ", key, ": copying a param with shape ",
-              TorchSizeString(input.shape),
-              " from checkpoint, the shape in current model is ",
-              TorchSizeString(model_shape), "."));
+        const bool known = ShapeIsKnown(*slot.tensor);
+        const bool squeeze =
+            known && model_shape.empty() && input.shape == Shape{1};
+        if (known && !squeeze && input.shape != model_shape) {
+          error_msgs_.push_back(
+              SizeMismatchText(key, input.shape, model_shape));
           continue;
         }
         LoadTarget target{
@@ -392,6 +398,26 @@ std::string QuotedList(const std::vector<std::string>& keys) {
                        });
 }
 
+template <typename Tree>
+absl::StatusOr<LoadPlan> PlanLoadOf(const Tree& module,
+                                    absl::Span<const TensorSpec> inputs,
+                                    const LoadOptions& options,
+                                    const StateDict* metadata) {
+  LoadPlan plan;
+  plan.root_type = module.type_name();
+  LoadPlanner<Tree> planner(inputs, metadata, options, &plan);
+  RETURN_IF_ERROR(planner.Index());
+  std::vector<size_t> all_keys(inputs.size());
+  for (size_t i = 0; i < inputs.size(); ++i) all_keys[i] = i;
+  std::vector<size_t> path;
+  planner.Visit(module, "", &path, all_keys);
+  RETURN_IF_ERROR(LoadStateDictError(
+      plan.root_type, plan.missing_keys, plan.unexpected_keys,
+      std::move(planner.error_msgs()), options.strict));
+  plan.apply_order = std::move(planner.apply_order());
+  return plan;
+}
+
 }  // namespace
 
 absl::StatusOr<LoadPlan> PlanLoad(const ModulePtr& root,
@@ -399,35 +425,70 @@ absl::StatusOr<LoadPlan> PlanLoad(const ModulePtr& root,
                                   const LoadOptions& options,
                                   const StateDict* metadata) {
   ASSIGN_OR_RETURN(ModulePtr module, root->GetSubmodule(root, options.module));
-  LoadPlan plan;
-  plan.root_type = module->type_name();
-  LoadPlanner planner(inputs, metadata, options, &plan);
-  RETURN_IF_ERROR(planner.Index());
-  std::vector<size_t> all_keys(inputs.size());
-  for (size_t i = 0; i < inputs.size(); ++i) all_keys[i] = i;
-  std::vector<size_t> path;
-  planner.Visit(*module, "", &path, all_keys);
+  return PlanLoadOf(*module, inputs, options, metadata);
+}
 
-  std::vector<std::string>& msgs = planner.error_msgs();
-  if (options.strict) {
-    if (!plan.unexpected_keys.empty()) {
-      msgs.insert(msgs.begin(),
-                  absl::StrCat("Unexpected key(s) in state_dict: ",
-                               QuotedList(plan.unexpected_keys), ". "));
-    }
-    if (!plan.missing_keys.empty()) {
-      msgs.insert(msgs.begin(),
-                  absl::StrCat("Missing key(s) in state_dict: ",
-                               QuotedList(plan.missing_keys), ". "));
+absl::StatusOr<LoadPlan> PlanLoad(const ModuleLayout& root,
+                                  absl::Span<const TensorSpec> inputs,
+                                  const LoadOptions& options) {
+  return PlanLoadOf(root, inputs, options, nullptr);
+}
+
+std::string SizeMismatchText(absl::string_view key, const Shape& checkpoint,
+                             const Shape& model) {
+  return absl::StrCat("size mismatch for ", key,
+                      ": copying a param with shape ",
+                      TorchSizeString(checkpoint),
+                      " from checkpoint, the shape in current model is ",
+                      TorchSizeString(model), ".");
+}
+
+absl::Status LoadStateDictError(absl::string_view root_type,
+                                const std::vector<std::string>& missing,
+                                const std::vector<std::string>& unexpected,
+                                std::vector<std::string> problems,
+                                bool strict) {
+  if (strict && !unexpected.empty()) {
+    problems.insert(problems.begin(),
+                    absl::StrCat("Unexpected key(s) in state_dict: ",
+                                 QuotedList(unexpected), ". "));
+  }
+  if (strict && !missing.empty()) {
+    problems.insert(problems.begin(),
+                    absl::StrCat("Missing key(s) in state_dict: ",
+                                 QuotedList(missing), ". "));
+  }
+  if (problems.empty()) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrCat("Error(s) in loading state_dict for ", root_type, ":\n\t",
+                   absl::StrJoin(problems, "\n\t")));
+}
+
+void ModuleLayout::AddTensor(TensorKind kind, Slot slot) {
+  (kind == TensorKind::kParameter ? parameters_ : buffers_)
+      .push_back(std::move(slot));
+}
+
+void ModuleLayout::AddChild(std::string name,
+                            std::shared_ptr<const ModuleLayout> child) {
+  children_.push_back(Child{std::move(name), std::move(child)});
+}
+
+int64_t ModuleLayout::FindChildIndex(absl::string_view name) const {
+  for (size_t i = 0; i < children_.size(); ++i) {
+    if (children_[i].name == name) return static_cast<int64_t>(i);
+  }
+  return -1;
+}
+
+const ModuleLayout::Slot* ModuleLayout::FindTensor(
+    absl::string_view name) const {
+  for (const std::vector<Slot>* slots : {&parameters_, &buffers_}) {
+    for (const Slot& slot : *slots) {
+      if (slot.name == name) return &slot;
     }
   }
-  if (!msgs.empty()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("Error(s) in loading state_dict for ", plan.root_type,
-                     ":\n\t", absl::StrJoin(msgs, "\n\t")));
-  }
-  plan.apply_order = std::move(planner.apply_order());
-  return plan;
+  return nullptr;
 }
 
 absl::StatusOr<Tensor> ConvertForTarget(

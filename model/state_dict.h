@@ -4,6 +4,7 @@
 #ifndef MODELSTATE_MODEL_STATE_DICT_H_
 #define MODELSTATE_MODEL_STATE_DICT_H_
 
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -12,6 +13,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/types/optional.h"
 #include "absl/types/span.h"
 #include "model/module.h"
 #include "model/tensor.h"
@@ -182,6 +184,51 @@ struct LoadPlan {
   int64_t conversion_bytes = 0;
 };
 
+// What the load rules see of a module that lives outside this library (a
+// torch nn.Module in the Python client): its class, its own tensors' dtypes
+// and shapes, and its children. It answers the questions PlanLoad asks of a
+// Module, so that both are checked by the one rule.
+class ModuleLayout {
+ public:
+  // A tensor as the rules see it; `lazy` is torch's UninitializedParameter,
+  // whose shape nothing is checked against.
+  struct TensorShape {
+    DType dtype_value = DType::kFloat32;
+    Shape shape_value;
+    bool lazy = false;
+    DType dtype() const { return dtype_value; }
+    const Shape& shape() const { return shape_value; }
+  };
+  struct Slot {
+    std::string name;
+    absl::optional<TensorShape> tensor;  // Empty: registered as None.
+    bool persistent = true;              // Buffers only.
+  };
+  struct Child {
+    std::string name;
+    std::shared_ptr<const ModuleLayout> module;  // Null: registered as None.
+  };
+
+  explicit ModuleLayout(std::string type_name)
+      : type_name_(std::move(type_name)) {}
+
+  void AddTensor(TensorKind kind, Slot slot);
+  void AddChild(std::string name, std::shared_ptr<const ModuleLayout> child);
+
+  const std::string& type_name() const { return type_name_; }
+  const std::vector<Slot>& slots(TensorKind kind) const {
+    return kind == TensorKind::kParameter ? parameters_ : buffers_;
+  }
+  const std::vector<Child>& children() const { return children_; }
+  int64_t FindChildIndex(absl::string_view name) const;
+  const Slot* FindTensor(absl::string_view name) const;
+
+ private:
+  std::string type_name_;
+  std::vector<Slot> parameters_, buffers_;
+  std::vector<Child> children_;
+};
+
 // Validates loading tensors described by `inputs` into `root` (or its
 // submodule) with torch's rules. `metadata`, when given, supplies module
 // versions for BatchNorm's num_batches_tracked rule. Returns NotFound for an
@@ -193,6 +240,28 @@ absl::StatusOr<LoadPlan> PlanLoad(const ModulePtr& root,
                                   absl::Span<const TensorSpec> inputs,
                                   const LoadOptions& options,
                                   const StateDict* metadata = nullptr);
+
+// PlanLoad's rules over a layout (torch's module-version rules see no
+// metadata, as for a state dict without `_metadata`). The targets' child_path
+// and slot index into `root`'s children() and slots().
+absl::StatusOr<LoadPlan> PlanLoad(const ModuleLayout& root,
+                                  absl::Span<const TensorSpec> inputs,
+                                  const LoadOptions& options);
+
+// torch's texts, built here only. "size mismatch for <key>: copying a param
+// with shape torch.Size([..]) from checkpoint, the shape in current model is
+// torch.Size([..])."
+std::string SizeMismatchText(absl::string_view key, const Shape& checkpoint,
+                             const Shape& model);
+
+// FailedPrecondition "Error(s) in loading state_dict for <root_type>:\n\t"
+// followed by the missing keys, the unexpected keys (each only when `strict`)
+// and `problems`, as torch's load_state_dict raises it; OK when there is
+// nothing to report.
+absl::Status LoadStateDictError(absl::string_view root_type,
+                                const std::vector<std::string>& missing,
+                                const std::vector<std::string>& unexpected,
+                                std::vector<std::string> problems, bool strict);
 
 // Converts `input` (described by the same spec the plan was made from) into
 // what its target stores: cast to the target dtype (torch's copy_ conversion)

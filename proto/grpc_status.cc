@@ -3,18 +3,15 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "common/limits.h"
 
 namespace modelstate {
-namespace {
-constexpr size_t kMaxMessageBytes = 3072;
-}  // namespace
-
 grpc::Status ToGrpcStatus(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
   std::string message(status.message());
-  if (message.size() > kMaxMessageBytes) {
-    const size_t cut = message.size() - kMaxMessageBytes;
-    message.resize(kMaxMessageBytes);
+  if (message.size() > kMaxStatusMessageBytes) {
+    const size_t cut = message.size() - kMaxStatusMessageBytes;
+    message.resize(kMaxStatusMessageBytes);
     absl::StrAppend(&message, "... (", cut, " more bytes)");
   }
   return grpc::Status(static_cast<grpc::StatusCode>(status.code()), message);

@@ -16,14 +16,11 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "common/limits.h"
 #include "google/protobuf/message_lite.h"
 #include "modelstate/v1/model_state.pb.h"
 
 namespace modelstate {
-
-// The largest frame either end accepts: requests are small, but a manifest
-// of many tensors is not, so the gRPC message limit applies to both.
-inline constexpr uint32_t kMaxLocalFrameBytes = 64u << 20;
 
 // Alignment of each tensor in a shared-memory region.
 inline constexpr uint64_t kLocalRegionAlignment = 64;

@@ -29,7 +29,9 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "client/client.h"
+#include "common/limits.h"
 #include "model/dtype.h"
+#include "model/state_dict.h"
 #include "model/tensor.h"
 
 namespace py = pybind11;
@@ -186,6 +188,63 @@ std::vector<Destination> ToDestinations(const py::list& items) {
          t[2].cast<Shape>(), reinterpret_cast<void*>(t[3].cast<uintptr_t>())});
   }
   return destinations;
+}
+
+// A torch module's layout from Python's nested tuples (see _layout_of in
+// __init__.py): (class name, [(name, is_buffer, tensor, persistent)],
+// [(child name, layout or None)]), where tensor is None or
+// (dtype, shape or None when lazy).
+std::shared_ptr<const ModuleLayout> ToLayout(const py::handle& item,
+                                             int depth) {
+  if (depth > kMaxSpecDepth) throw py::value_error("module tree too deep");
+  auto t = item.cast<py::tuple>();
+  auto layout = std::make_shared<ModuleLayout>(t[0].cast<std::string>());
+  for (const py::handle& slot_item : t[1].cast<py::list>()) {
+    auto s = slot_item.cast<py::tuple>();
+    ModuleLayout::Slot slot{s[0].cast<std::string>(), absl::nullopt,
+                            s[3].cast<bool>()};
+    if (!s[2].is_none()) {
+      auto tensor = s[2].cast<py::tuple>();
+      const bool lazy = tensor[1].is_none();
+      slot.tensor = ModuleLayout::TensorShape{
+          ParseDType(tensor[0].cast<std::string>()),
+          lazy ? Shape{} : tensor[1].cast<Shape>(), lazy};
+    }
+    layout->AddTensor(
+        s[1].cast<bool>() ? TensorKind::kBuffer : TensorKind::kParameter,
+        std::move(slot));
+  }
+  for (const py::handle& child_item : t[2].cast<py::list>()) {
+    auto c = child_item.cast<py::tuple>();
+    layout->AddChild(c[0].cast<std::string>(),
+                     c[1].is_none() ? nullptr : ToLayout(c[1], depth + 1));
+  }
+  return layout;
+}
+
+// torch's load_state_dict checks (PlanLoad) of a module's layout against
+// (key, dtype, shape) tuples: (None, keys to fill) or (torch's error text,
+// None). Other errors (duplicate keys) raise.
+py::tuple PlanLoadInto(const py::object& layout, const py::list& fetched,
+                       bool strict) {
+  std::vector<TensorSpec> inputs;
+  inputs.reserve(fetched.size());
+  for (const py::handle& item : fetched) {
+    auto t = item.cast<py::tuple>();
+    inputs.push_back({t[0].cast<std::string>(),
+                      ParseDType(t[1].cast<std::string>()),
+                      t[2].cast<Shape>()});
+  }
+  LoadOptions options;
+  options.strict = strict;
+  absl::StatusOr<LoadPlan> plan =
+      PlanLoad(*ToLayout(layout, 0), inputs, options);
+  if (absl::IsFailedPrecondition(plan.status()))
+    return py::make_tuple(std::string(plan.status().message()), py::none());
+  RaiseIfError(plan.status());
+  py::list keys;
+  for (size_t input : plan->apply_order) keys.append(inputs[input].key);
+  return py::make_tuple(py::none(), keys);
 }
 
 FetchRequest ToFetchRequest(const std::string& model, const py::dict& args) {
@@ -509,6 +568,8 @@ PYBIND11_MODULE(_modelstate, m) {
                        int64_t min_version) {
         return std::make_unique<Watcher>(self.client(), model, min_version);
       });
+  m.def("plan_load_into", &PlanLoadInto, py::arg("layout"), py::arg("fetched"),
+        py::arg("strict"));
   py::class_<Watcher>(m, "Watcher")
       .def("next", &Watcher::Next)
       .def("close", &Watcher::Close);

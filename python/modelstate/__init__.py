@@ -93,53 +93,58 @@ def _size(shape):
     return torch.Size(shape)
 
 
-def _load_errors(net, fetched_shapes, strict):
-    """torch 1.13's load_state_dict checks of ``net`` against a state dict of
-    these key -> shape, without touching any tensor. Returns (missing keys,
-    unexpected keys, error messages) exactly as torch would build them, and
-    the key -> local tensor pairs to fill."""
-    missing, unexpected, errors, targets = [], [], [], {}
+def _layout_of(net, prefix, tensors):
+    """``net``'s layout for the C++ load rules (see _modelstate.cc ToLayout),
+    gathering key -> own tensor into ``tensors`` on the way."""
+    own = []
+    for is_buffer, slots in ((False, net._parameters), (True, net._buffers)):
+        for name, tensor in slots.items():
+            persistent = not is_buffer or name not in net._non_persistent_buffers_set
+            if tensor is None:
+                own.append((name, is_buffer, None, persistent))
+                continue
+            lazy = torch.nn.parameter.is_lazy(tensor)
+            shape = None if lazy else list(tensor.shape)
+            own.append((name, is_buffer, (_dtype_name(tensor.dtype), shape), persistent))
+            tensors[prefix + name] = tensor
+    children = [(name, None if child is None else
+                 _layout_of(child, prefix + name + ".", tensors))
+                for name, child in net._modules.items()]
+    return (type(net).__name__, own, children)
 
-    def visit(module, prefix):
-        persistent = {k: v for k, v in module._buffers.items()
-                      if k not in module._non_persistent_buffers_set}
-        local = {k: v for k, v in list(module._parameters.items()) +
-                 list(persistent.items()) if v is not None}
-        for name, param in local.items():
-            key = prefix + name
-            if key in fetched_shapes:
-                shape = _size(fetched_shapes[key])
-                lazy = torch.nn.parameter.is_lazy(param)
-                if not lazy and len(param.shape) == 0 and shape == (1,):
-                    targets[key] = param
-                elif not lazy and shape != param.shape:
-                    errors.append(
-                        "size mismatch for {}: copying a param with shape {} "
-                        "from checkpoint, the shape in current model is {}."
-                        .format(key, shape, param.shape))
-                else:
-                    targets[key] = param
-            elif strict:
-                missing.append(key)
-        if strict:
-            for key in fetched_shapes:
-                if key.startswith(prefix):
-                    first = key[len(prefix):].split(".", 1)[0]
-                    if first not in module._modules and first not in local:
-                        unexpected.append(key)
-        for name, child in module._modules.items():
-            if child is not None:
-                visit(child, prefix + name + ".")
 
-    visit(net, "")
-    if strict:
-        if unexpected:
-            errors.insert(0, "Unexpected key(s) in state_dict: {}. ".format(
-                ", ".join('"{}"'.format(k) for k in unexpected)))
-        if missing:
-            errors.insert(0, "Missing key(s) in state_dict: {}. ".format(
-                ", ".join('"{}"'.format(k) for k in missing)))
-    return missing, unexpected, errors, targets
+def _dict_layout(net, tensors):
+    """A flat dict of tensors as a module tree: "a.b" is tensor b of child a."""
+    root = (type(net).__name__, [], [])
+    for key, tensor in net.items():
+        node, *path = (root,) + tuple(key.split("."))[:-1]
+        for part in path:
+            found = [c for name, c in node[2] if name == part]
+            if not found:
+                found = [(part, [], [])]
+                node[2].append((part, found[0]))
+            node = found[0]
+        node[1].append((key.rsplit(".", 1)[-1], False,
+                        (_dtype_name(tensor.dtype), list(tensor.shape)), True))
+        tensors[key] = tensor
+    return root
+
+
+def _load_targets(net, described, strict):
+    """torch's load_state_dict checks of ``net`` (an nn.Module or a dict of
+    tensors) against the fetched (key, kind, dtype, shape, ...) descriptions,
+    run by the C++ rule the daemon applies: the key -> local tensor pairs to
+    fill; RuntimeError with torch's text otherwise."""
+    tensors = {}
+    if isinstance(net, torch.nn.Module):
+        layout = _layout_of(net, "", tensors)
+    else:
+        layout = _dict_layout(net, tensors)
+    fetched = [(d[0], d[2], list(d[3])) for d in described]
+    error, keys = _modelstate.plan_load_into(layout, fetched, strict)
+    if error is not None:
+        raise RuntimeError(error)
+    return collections.OrderedDict((key, tensors[key]) for key in keys)
 
 
 def _fetch_args(module, keep_module_prefix, keys, recurse, include_buffers,
@@ -278,15 +283,8 @@ class Client:
         min_version: as for ``state_dict``.
         """
         def allocate(described):
-            shapes = collections.OrderedDict((d[0], d[3]) for d in described)
-            if isinstance(net, torch.nn.Module):
-                _, _, errors, targets = _load_errors(net, shapes, strict)
-            else:
-                errors, targets = _dict_load_errors(net, shapes, strict)
-            if errors:
-                raise RuntimeError(
-                    "Error(s) in loading state_dict for {}:\n\t{}".format(
-                        type(net).__name__, "\n\t".join(errors)))
+            shapes = {d[0]: d[3] for d in described}
+            targets = _load_targets(net, described, strict)
             destinations = []
             for key, tensor in targets.items():
                 tensor = tensor.detach()
@@ -383,33 +381,6 @@ class Client:
         as the model changes; it ends when closed. With min_version, the first
         event (CURRENT) waits until the model is at that version or later."""
         return Watch(self._c.watch(model, min_version or 0))
-
-
-def _dict_load_errors(tensors, fetched_shapes, strict):
-    """torch's checks for a flat dict of tensors: (error messages, key ->
-    tensor to fill)."""
-    errors, targets = [], {}
-    for key, tensor in tensors.items():
-        if key not in fetched_shapes:
-            continue
-        shape = _size(fetched_shapes[key])
-        if shape != tensor.shape:
-            errors.append(
-                "size mismatch for {}: copying a param with shape {} from "
-                "checkpoint, the shape in current model is {}.".format(
-                    key, shape, tensor.shape))
-        else:
-            targets[key] = tensor
-    if strict:
-        unexpected = [k for k in fetched_shapes if k not in tensors]
-        missing = [k for k in tensors if k not in fetched_shapes]
-        if unexpected:
-            errors.insert(0, "Unexpected key(s) in state_dict: {}. ".format(
-                ", ".join('"{}"'.format(k) for k in unexpected)))
-        if missing:
-            errors.insert(0, "Missing key(s) in state_dict: {}. ".format(
-                ", ".join('"{}"'.format(k) for k in missing)))
-    return errors, targets
 
 
 def _module_layout(net, state_dict):
