@@ -16,7 +16,7 @@ namespace {
 // Fetches into fresh tensors; returns their bytes.
 uint64_t FetchModelstate(Client& client,
                          const modelstate::FetchRequest& request) {
-  FetchedStateDict fetched = Check(client.StateDict(request), "fetch");
+  FetchedStateDict fetched = Check(client.Fetch(request), "fetch");
   return fetched.state.TotalBytes();
 }
 
@@ -55,12 +55,12 @@ FanOutSamples MeasureFetchers(Bench& bench, int fetchers) {
       std::vector<std::thread> threads;
       for (int i = 0; i < fetchers; ++i) {
         threads.emplace_back([&, i] {
-          Check(clients[i]->StateDictStreaming(
-                    "main", {},
-                    [](const TensorDescription&, Tensor) {
-                      return absl::OkStatus();
-                    }),
-                "streaming fetch");
+          Check(
+              clients[i]->FetchStreaming("main", {},
+                                         [](const TensorDescription&, Tensor) {
+                                           return absl::OkStatus();
+                                         }),
+              "streaming fetch");
         });
       }
       for (auto& thread : threads) thread.join();
@@ -125,7 +125,7 @@ Bench::Bench(const Config& config, const Plan& plan, const ModelFiles& files)
   // anonymous memory rather than in the page cache of its preload file, which
   // the kernel's proactive reclaim on this kind of machine evicts between
   // repetitions.
-  Check(client->LoadStateDict("main", main_state.tensors), "load main");
+  Check(client->Load("main", main_state.tensors), "load main");
   tensor_bytes = FetchModelstate(*client, "main");
 }
 
@@ -189,8 +189,7 @@ PushSamples MeasurePush(Bench& bench) {
   for (int rep = 0; rep < bench.plan.reps; ++rep) {
     ResetPeakRss(lean);
     samples.modelstate.push_back(TimedGBps(bench.tensor_bytes, [&] {
-      Check(bench.lean_client->LoadStateDict("main", bench.main_state.tensors),
-            "push");
+      Check(bench.lean_client->Load("main", bench.main_state.tensors), "push");
     }));
     samples.peak_rss.push_back(static_cast<double>(PeakRssBytes(lean)) /
                                bench.tensor_bytes);

@@ -49,12 +49,11 @@ int FetchLoop(const std::string& address, const std::string& model, int reps,
   for (int rep = 0; rep < reps; ++rep) {
     const double start = Seconds();
     if (mode == "state-dict") {
-      FetchedStateDict fetched = Check(client->StateDict(model), "StateDict");
+      FetchedStateDict fetched = Check(client->Fetch(model), "StateDict");
       const double seconds = Seconds() - start;  // Before the free.
       std::printf("%s %.6f\n", mode.c_str(), GBps(total, seconds));
     } else {
-      Check(client->StateDictInto(model, destinations, {}, into),
-            "StateDictInto");
+      Check(client->FetchInto(model, destinations, {}, into), "StateDictInto");
       std::printf("%s %.6f\n", mode.c_str(), GBps(total, Seconds() - start));
     }
     std::fflush(stdout);

@@ -32,7 +32,7 @@ FreshFetchSamples Alternate(Client& client, RawTcpClient& tcp,
                             const std::string& model, int reps,
                             const std::string& id) {
   const auto fetch = [&] {
-    return Check(client.StateDict(model), "fetch").state.TotalBytes();
+    return Check(client.Fetch(model), "fetch").state.TotalBytes();
   };
   const uint64_t tensor_bytes = fetch();  // Warm-ups.
   const uint64_t file_bytes = tcp.Fetch();
@@ -62,7 +62,7 @@ void LoadMainAsTrainer(Client& client, const std::string& file) {
       Check(ReadSafetensorsFile(file), "read model file");
   LoadRequest load("main");
   load.create_if_missing = true;
-  Check(client.LoadStateDict(load, state.tensors), "load main");
+  Check(client.Load(load, state.tensors), "load main");
 }
 
 FreshFetchSamples MeasureFreshFetch(const Config& config,

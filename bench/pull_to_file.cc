@@ -36,7 +36,7 @@ void Pull(const Config& config, int daemon_port, const std::string& model,
   std::unique_ptr<Subprocess> pull =
       Check(Subprocess::Spawn(
                 {config.ctl, absl::StrCat("--server=127.0.0.1:", daemon_port),
-                 "pull", model, path},
+                 "fetch", model, path},
                 options),
             "start modelstatectl");
   const int status = Check(pull->Wait(absl::Minutes(10)), "modelstatectl");

@@ -67,7 +67,7 @@ PushTarget StartTarget(const Config& config,
             "connect");
   LoadRequest load("main");
   load.create_if_missing = true;
-  Check(target.client->LoadStateDict(load, state.tensors), "load main");
+  Check(target.client->Load(load, state.tensors), "load main");
   return target;
 }
 
@@ -78,7 +78,7 @@ double PushSample(const char* what, PushTarget& target,
   ResetPeakRss(pid);
   const ProcessCounters before = ReadProcessCounters(pid);
   const double start = Seconds();
-  Check(target.client->LoadStateDict("main", state.tensors), what);
+  Check(target.client->Load("main", state.tensors), what);
   const double gbps = GBps(state.tensors.TotalBytes(), Seconds() - start);
   const ProcessCounters after = ReadProcessCounters(pid);
   std::fprintf(stderr,

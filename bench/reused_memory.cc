@@ -52,12 +52,12 @@ ReusedMemorySamples MeasureReusedMemory(Client& client, RawTcpClient& tcp,
   const std::vector<Contender> contenders = {
       {&samples.in_place, weights.bytes,
        [&] {
-         Check(client.StateDictInto(model, weights.destinations, {}, in_place),
+         Check(client.FetchInto(model, weights.destinations, {}, in_place),
                "P1r fetch");
        }},
       {&samples.staged, weights.bytes,
        [&] {
-         Check(client.StateDictInto(model, weights.destinations),
+         Check(client.FetchInto(model, weights.destinations),
                "P1r staged fetch");
        }},
       {&samples.raw_tcp, file_bytes,

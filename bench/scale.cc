@@ -150,8 +150,7 @@ std::vector<double> Propagate(Client& primary, int primary_port,
                               const std::vector<int>& follower_ports,
                               CommitClock& clock, const StateDict& state) {
   LoadRequest request(kModel);
-  const LoadOutcome outcome =
-      Check(primary.LoadStateDict(request, state), "push");
+  const LoadOutcome outcome = Check(primary.Load(request, state), "push");
   const double committed = clock.WhenReached(primary_port, outcome.version);
   std::vector<double> delays;
   for (int port : follower_ports) {
@@ -168,10 +167,10 @@ double FetchRound(const std::vector<std::unique_ptr<Client>>& clients,
   std::vector<std::thread> threads;
   for (const std::unique_ptr<Client>& client : clients) {
     threads.emplace_back([&client] {
-      Check(client->StateDictStreaming(FetchRequest(kModel), {},
-                                       [](const TensorDescription&, Tensor) {
-                                         return absl::OkStatus();
-                                       }),
+      Check(client->FetchStreaming(FetchRequest(kModel), {},
+                                   [](const TensorDescription&, Tensor) {
+                                     return absl::OkStatus();
+                                   }),
             "fetch");
     });
   }
@@ -274,7 +273,7 @@ int Run(const ScaleConfig& config) {
   std::unique_ptr<Client> client = Connect(primary.port);
   LoadRequest create(kModel);
   create.create_if_missing = true;
-  Check(client->LoadStateDict(create, model.Update(kTensors, seed)), "create");
+  Check(client->Load(create, model.Update(kTensors, seed)), "create");
   Results results;
   Collect("S4.0",
           absl::StrCat(config.fetchers, " fetchers on the primary alone"),

@@ -32,7 +32,7 @@ namespace {
 // repetition's memory is fresh), in GB/s.
 double TimedFetch(Client& client, const std::string& model) {
   const double start = Seconds();
-  FetchedStateDict fetched = Check(client.StateDict(model), "P9 fetch");
+  FetchedStateDict fetched = Check(client.Fetch(model), "P9 fetch");
   const uint64_t bytes = fetched.state.TotalBytes();
   fetched = {};
   return GBps(bytes, Seconds() - start);
@@ -92,7 +92,7 @@ int RunSharedMemoryOnly(const Config& config) {
         Check(ReadSafetensorsFile(file), "read model file");
     LoadRequest load("main");
     load.create_if_missing = true;
-    Check(tcp->LoadStateDict(load, state.tensors), "load main");
+    Check(tcp->Load(load, state.tensors), "load main");
     AddSharedMemoryRows(MeasureSharedMemory(*tcp, *local, "main", plan.reps),
                         results);
     // What checking every checksum of the export would cost (informative,

@@ -19,11 +19,11 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/optional.h"
-#include "store/requests.h"
 #include "model/state_dict.h"
 #include "model/tensor.h"
-#include "transfer/transfer.h"
 #include "modelstate/v1/model_state.grpc.pb.h"
+#include "store/requests.h"
+#include "transfer/transfer.h"
 
 namespace modelstate {
 
@@ -50,7 +50,7 @@ struct ClientOptions {
   std::string load_balancing_policy;
   // When positive, the HTTP/2 flow-control window of each stream is fixed at
   // this many bytes instead of grown by gRPC's bandwidth probing: memory-lean
-  // receivers (modelstatectl pull) hold at most this much in flight. 0 keeps
+  // receivers (modelstatectl fetch) hold at most this much in flight. 0 keeps
   // gRPC's adaptive window, the fastest on long fat links.
   uint32_t receive_window_bytes = 0;
   // Bearer token sent with every call as "authorization: Bearer <token>"
@@ -61,7 +61,7 @@ struct ClientOptions {
   std::string token;
   // Same-host shared-memory fetch (docs/protocol.md): the daemon's
   // --local_socket path. When set, and by default for a "unix:PATH" target
-  // (then PATH.local), StateDict and StateDictInto fetch through shared memory
+  // (then PATH.local), Fetch and FetchInto fetch through shared memory
   // instead of TCP, and through gRPC when nothing listens there. A canceller
   // is checked before and after such a fetch, not during it.
   std::string local_socket;
@@ -121,7 +121,7 @@ struct TransferOptions {
   // fetches, kDefaultChunkBytes for loads.
   uint32_t chunk_bytes = 0;
   ProgressCallback progress;
-  // StateDictStreaming and StateDictToWriter only: called once with the
+  // FetchStreaming and FetchToWriter only: called once with the
   // stream's manifest (names, kinds, dtypes and shapes as delivered, after
   // selection and casting), before any tensor. Returning an error stops the
   // transfer with that error.
@@ -139,7 +139,7 @@ struct TransferOptions {
   // server itself is not resumed; telling it from a drop makes such an answer
   // up to 20 ms later.
   int max_resumes = 8;
-  // StateDict only: how the received tensors are laid out (transfer/transfer.h).
+  // Fetch only: how the received tensors are laid out (transfer/transfer.h).
   // By default tensors under 64 KiB share blocks of up to 2 MiB;
   // kOwnStorage gives each its own, for a holder that keeps a few of many
   // tensors for long (a follower daemon, whose versions share the tensors a
@@ -147,7 +147,7 @@ struct TransferOptions {
   TensorPacking packing = TensorPacking::kPackSmall;
 };
 
-// Caller-owned memory that StateDictInto fills: one state-dict entry, laid
+// Caller-owned memory that FetchInto fills: one state-dict entry, laid
 // out as a C-contiguous tensor of `dtype` and `shape` (NumBytes(dtype, shape)
 // writable bytes at `data`, no alignment needed). Several destinations may
 // name the same memory (torch's tied weights).
@@ -165,7 +165,7 @@ using DestinationAllocator =
     std::function<absl::StatusOr<std::vector<Destination>>(
         const std::vector<TensorDescription>& tensors)>;
 
-// What StateDictInto may do to the caller's memory when the fetch fails.
+// What FetchInto may do to the caller's memory when the fetch fails.
 struct IntoOptions {
   // false (the default), verify then copy: every tensor is received into a
   // staging buffer and verified, and destinations are written only once the
@@ -248,21 +248,21 @@ class Client {
   // in shared blocks of up to 2 MiB, each at a 64-byte boundary: one
   // allocation per block rather than per tensor. A block is freed with the
   // last of its tensors; a caller keeping a few small tensors of many keeps
-  // their blocks (StateDictStreaming gives every tensor its own storage).
-  absl::StatusOr<FetchedStateDict> StateDict(
-      const FetchRequest& request, const TransferOptions& transfer = {});
+  // their blocks (FetchStreaming gives every tensor its own storage).
+  absl::StatusOr<FetchedStateDict> Fetch(const FetchRequest& request,
+                                         const TransferOptions& transfer = {});
 
   // Fetches a state dict tensor by tensor: `on_tensor` gets each one as soon as
   // it is complete and verified, and the client keeps no reference to it
   // afterwards, so a worker can copy into its own buffers while at most one
   // tensor of ours is alive. Returns the version fetched, or the first error
   // (including the callback's).
-  absl::StatusOr<int64_t> StateDictStreaming(
+  absl::StatusOr<int64_t> FetchStreaming(
       const FetchRequest& request, const TransferOptions& transfer,
       const std::function<absl::Status(const TensorDescription&, Tensor)>&
           on_tensor);
 
-  // Where StateDictToWriter puts each piece of the stream: `piece` goes
+  // Where FetchToWriter puts each piece of the stream: `piece` goes
   // `offset` bytes into tensor `index` of the manifest (as
   // TransferOptions::on_manifest describes it). Its bytes are valid only
   // during the call.
@@ -275,15 +275,15 @@ class Client {
   // them. Each tensor's checksum is computed as its pieces pass and checked
   // once its last piece was written (DataLoss otherwise): what was written is
   // unverified until the call returns OK, so publish nothing before then
-  // (modelstatectl pull writes a temporary file and renames it). Tensors
+  // (modelstatectl fetch writes a temporary file and renames it). Tensors
   // without bytes get no piece. Always over gRPC, never through shared
-  // memory. Resumes after a dropped connection as StateDict does, continuing
+  // memory. Resumes after a dropped connection as Fetch does, continuing
   // at the next unwritten byte. Returns the version fetched, or the first
   // error: `write`'s and on_manifest's come back as they are (never resumed,
   // never taken for a bad stream).
-  absl::StatusOr<int64_t> StateDictToWriter(const FetchRequest& request,
-                                            const TransferOptions& transfer,
-                                            const PieceWriter& write);
+  absl::StatusOr<int64_t> FetchToWriter(const FetchRequest& request,
+                                        const TransferOptions& transfer,
+                                        const PieceWriter& write);
 
   // Fetches a state dict into the caller's memory (the worker's in-place
   // refresh): each fetched key goes to the destination of the same name, cast
@@ -301,7 +301,7 @@ class Client {
   // During the transfer: DataLoss for a failed checksum or a malformed stream,
   // Unavailable when the connection drops, Cancelled through the canceller.
   // What a failure leaves in the destinations is `into`'s choice.
-  absl::StatusOr<int64_t> StateDictInto(
+  absl::StatusOr<int64_t> FetchInto(
       const FetchRequest& request, const std::vector<Destination>& destinations,
       const TransferOptions& transfer = {}, const IntoOptions& into = {});
 
@@ -311,17 +311,17 @@ class Client {
   // verified and dropped, while a destination whose key is not fetched, or
   // whose shape differs, is FailedPrecondition. The destinations' memory must
   // stay valid until the call returns.
-  absl::StatusOr<int64_t> StateDictInto(const FetchRequest& request,
-                                        const DestinationAllocator& allocate,
-                                        const TransferOptions& transfer = {},
-                                        const IntoOptions& into = {});
+  absl::StatusOr<int64_t> FetchInto(const FetchRequest& request,
+                                    const DestinationAllocator& allocate,
+                                    const TransferOptions& transfer = {},
+                                    const IntoOptions& into = {});
 
   // Loads `state` into `request.model` (torch's load_state_dict); all or
   // nothing on the server. Strict-key and shape errors are FailedPrecondition
   // with torch's text; Aborted when `expected_version` differs.
-  absl::StatusOr<LoadOutcome> LoadStateDict(
-      const LoadRequest& request, const modelstate::StateDict& state,
-      const TransferOptions& transfer = {});
+  absl::StatusOr<LoadOutcome> Load(const LoadRequest& request,
+                                   const modelstate::StateDict& state,
+                                   const TransferOptions& transfer = {});
 
   // Delivers the model's events to `on_event` until it returns false or the
   // server ends the stream. Returns OK when `on_event` stopped it, otherwise
@@ -347,6 +347,39 @@ class Client {
   // for SERVING, false for NOT_SERVING, or the call's error (NotFound for an
   // unknown service).
   absl::StatusOr<bool> CheckHealth(const std::string& service = "");
+
+  // Older names, kept for existing callers.
+  absl::StatusOr<FetchedStateDict> StateDict(
+      const FetchRequest& request, const TransferOptions& transfer = {}) {
+    return Fetch(request, transfer);
+  }
+  absl::StatusOr<int64_t> StateDictStreaming(
+      const FetchRequest& request, const TransferOptions& transfer,
+      const std::function<absl::Status(const TensorDescription&, Tensor)>&
+          on_tensor) {
+    return FetchStreaming(request, transfer, on_tensor);
+  }
+  absl::StatusOr<int64_t> StateDictToWriter(const FetchRequest& request,
+                                            const TransferOptions& transfer,
+                                            const PieceWriter& write) {
+    return FetchToWriter(request, transfer, write);
+  }
+  absl::StatusOr<int64_t> StateDictInto(
+      const FetchRequest& request, const std::vector<Destination>& destinations,
+      const TransferOptions& transfer = {}, const IntoOptions& into = {}) {
+    return FetchInto(request, destinations, transfer, into);
+  }
+  absl::StatusOr<int64_t> StateDictInto(const FetchRequest& request,
+                                        const DestinationAllocator& allocate,
+                                        const TransferOptions& transfer = {},
+                                        const IntoOptions& into = {}) {
+    return FetchInto(request, allocate, transfer, into);
+  }
+  absl::StatusOr<LoadOutcome> LoadStateDict(
+      const LoadRequest& request, const modelstate::StateDict& state,
+      const TransferOptions& transfer = {}) {
+    return Load(request, state, transfer);
+  }
 
   // The channel, for other services such as reflection.
   const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }

@@ -16,11 +16,10 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "common/limits.h"
-#include "transfer/export_seals.h"
 #include "common/status_macros.h"
 #include "proto/convert.h"
 #include "proto/local_frame.h"
-#include "xxhash.h"
+#include "transfer/export_seals.h"
 
 namespace modelstate {
 namespace {
@@ -211,7 +210,7 @@ absl::Status Verify(const std::vector<Tensor>& tensors,
       before += tensors[i].num_bytes();
       if (owner != worker) continue;
       matches[i - from] =
-          XXH3_64bits(tensors[i].data(), tensors[i].num_bytes()) ==
+          ChecksumOf(tensors[i].data(), tensors[i].num_bytes()) ==
           entries[i].checksum;
     }
   };

@@ -18,8 +18,8 @@
 #include "absl/time/time.h"
 #include "absl/types/optional.h"
 #include "model/tensor.h"
-#include "transfer/transfer.h"
 #include "modelstate/v1/model_state.pb.h"
+#include "transfer/transfer.h"
 
 namespace modelstate {
 

@@ -21,8 +21,8 @@
 #include "client/format.h"
 #include "common/file_util.h"
 #include "common/malloc_policy.h"
-#include "model/safetensors.h"
 #include "common/status_macros.h"
+#include "model/safetensors.h"
 #include "proto/convert.h"
 
 ABSL_FLAG(std::string, server, "127.0.0.1:50551", "HOST:PORT of modelstated");
@@ -37,38 +37,38 @@ ABSL_FLAG(std::string, lb_policy, "",
           "headless Service");
 ABSL_FLAG(absl::Duration, timeout, absl::InfiniteDuration(),
           "deadline of each call");
-ABSL_FLAG(std::string, module, "", "submodule path (info, pull, push)");
+ABSL_FLAG(std::string, module, "", "submodule path (info, fetch, load)");
 ABSL_FLAG(std::string, arch, "", "architecture spec .json (create)");
 ABSL_FLAG(std::string, from, "",
           ".safetensors checkpoint to create the model from (create)");
 ABSL_FLAG(uint64_t, seed, 0, "seed of random initialisers (create --arch)");
-ABSL_FLAG(std::vector<std::string>, keys, {}, "only these keys (pull)");
+ABSL_FLAG(std::vector<std::string>, keys, {}, "only these keys (fetch)");
 ABSL_FLAG(std::string, dtype, "",
-          "cast floating tensors: bf16, f16 or f32 (pull)");
-ABSL_FLAG(bool, no_buffers, false, "parameters only (pull)");
+          "cast floating tensors: bf16, f16 or f32 (fetch)");
+ABSL_FLAG(bool, no_buffers, false, "parameters only (fetch)");
 ABSL_FLAG(bool, strip_module_prefix, false,
           "with --module: keys relative to the submodule, as torch's "
-          "submodule.state_dict() (pull)");
+          "submodule.state_dict() (fetch)");
 ABSL_FLAG(bool, fsync, false,
-          "fsync the pulled file and its directory before reporting success "
-          "(pull)");
-ABSL_FLAG(bool, non_strict, false, "torch's strict=False (push)");
-ABSL_FLAG(bool, assign, false, "torch's assign=True (push)");
+          "fsync the fetched file and its directory before reporting success "
+          "(fetch)");
+ABSL_FLAG(bool, non_strict, false, "torch's strict=False (load)");
+ABSL_FLAG(bool, assign, false, "torch's assign=True (load)");
 ABSL_FLAG(int64_t, if_version, -1,
-          "push only if the model is at this version (push)");
+          "load only if the model is at this version (load)");
 ABSL_FLAG(int64_t, count, 0, "stop after this many events; 0: never (watch)");
 ABSL_FLAG(uint32_t, chunk_bytes, 0, "chunk size of transfers; 0: default");
 ABSL_FLAG(int64_t, version, 0,
-          "a retained version instead of the current one (info, pull)");
+          "a retained version instead of the current one (info, fetch)");
 ABSL_FLAG(uint32_t, receive_window_bytes, 4u << 20,
           "bytes in flight per stream (fixed HTTP/2 window), bounding the "
           "CLI's memory; 0: gRPC's adaptive window");
 ABSL_FLAG(int64_t, min_version, 0,
           "consistent reads: wait (up to --timeout, or the server's "
           "--max_version_wait) until the model is at this version or later; "
-          "UNAVAILABLE if it does not get there (pull, info, watch)");
+          "UNAVAILABLE if it does not get there (fetch, info, watch)");
 ABSL_FLAG(int32_t, max_resumes, 8,
-          "resume a pull this many times after dropped connections, from the "
+          "resume a fetch this many times after dropped connections, from the "
           "byte reached; 0: never");
 // Authentication: a bearer token from a file (never from the command line,
 // where other users could read it), else from $MODELSTATE_TOKEN.
@@ -87,12 +87,13 @@ constexpr char kUsage[] =
   info MODEL [--module=PATH] [--version=N] [--min_version=N] [--bytes]  key, kind, dtype, shape, size, checksum
   create MODEL --arch=SPEC.json | --from=FILE.safetensors
   delete MODEL
-  pull MODEL OUT.safetensors [--module=PATH [--strip_module_prefix]] [--keys=a,b] [--dtype=bf16|f16|f32] [--no_buffers] [--version=N] [--min_version=N] [--max_resumes=N] [--fsync]
-  push MODEL IN.safetensors [--module=PATH] [--non_strict] [--assign] [--if_version=N]
+  fetch MODEL OUT.safetensors [--module=PATH [--strip_module_prefix]] [--keys=a,b] [--dtype=bf16|f16|f32] [--no_buffers] [--version=N] [--min_version=N] [--max_resumes=N] [--fsync]
+  load MODEL IN.safetensors [--module=PATH] [--non_strict] [--assign] [--if_version=N]
   watch MODEL [--count=N] [--min_version=N]
   versions MODEL                                      retained versions, newest first
   rollback MODEL VERSION                              make a retained version current again
-  health                                              SERVING or NOT_SERVING (exit 0 or 1))";
+  health                                              SERVING or NOT_SERVING (exit 0 or 1)
+"pull" and "push" are older names of fetch and load.)";
 
 // Exit codes: 0 success, 1 the call failed, 2 bad usage.
 int Fail(const absl::Status &status) {
@@ -208,7 +209,7 @@ TransferOptions Transfer(ProgressBar &bar) {
   return transfer;
 }
 
-int PrintPush(const absl::StatusOr<LoadOutcome> &result) {
+int PrintLoad(const absl::StatusOr<LoadOutcome> &result) {
   if (!result.ok()) return Fail(result.status());
   std::printf("version %lld%s\n", static_cast<long long>(result->version),
               result->created ? " (created)" : "");
@@ -247,16 +248,16 @@ int Create(Client &client, const std::string &model) {
   request.expected_version = 0;  // Refuse to overwrite an existing model.
   ProgressBar bar("create");
   absl::StatusOr<LoadOutcome> result =
-      client.LoadStateDict(request, file->tensors, Transfer(bar));
+      client.Load(request, file->tensors, Transfer(bar));
   if (!result.ok() && result.status().code() == absl::StatusCode::kAborted) {
     return Fail(absl::AlreadyExistsError(
         absl::StrCat("model \"", model, "\" already exists")));
   }
-  return PrintPush(result);
+  return PrintLoad(result);
 }
 
-// The selection flags of pull.
-absl::StatusOr<FetchRequest> PullRequest(const std::string &model) {
+// The selection flags of fetch.
+absl::StatusOr<FetchRequest> FetchSelection(const std::string &model) {
   FetchRequest request(model);
   request.module = absl::GetFlag(FLAGS_module);
   request.keys = absl::GetFlag(FLAGS_keys);
@@ -274,8 +275,8 @@ absl::StatusOr<FetchRequest> PullRequest(const std::string &model) {
   return request;
 }
 
-// What a pull wrote, for its closing line.
-struct Pulled {
+// What a fetch wrote, for its closing line.
+struct Fetched {
   int64_t version = 0;
   size_t tensors = 0;
   uint64_t bytes = 0;
@@ -287,15 +288,15 @@ struct Pulled {
 // goes to its place in the file as it arrives, so the client holds no tensor,
 // only the messages in flight, whatever the model's size. The file appears at
 // `path` only once complete and every tensor verified
-// (SafetensorsStreamWriter, Client::StateDictToWriter).
-absl::StatusOr<Pulled> PullToFile(Client &client, const FetchRequest &request,
-                                  TransferOptions transfer,
-                                  const std::string &path) {
+// (SafetensorsStreamWriter, Client::FetchToWriter).
+absl::StatusOr<Fetched> FetchToFile(Client &client, const FetchRequest &request,
+                                    TransferOptions transfer,
+                                    const std::string &path) {
   SafetensorsStreamWriter::Options options;
   options.fsync = absl::GetFlag(FLAGS_fsync);
   std::unique_ptr<SafetensorsStreamWriter> writer;
   std::vector<std::string> names;
-  Pulled pulled;
+  Fetched fetched;
   transfer.on_manifest =
       [&](const std::vector<TensorDescription> &manifest) -> absl::Status {
     std::vector<SafetensorsTensorInfo> tensors;
@@ -303,17 +304,17 @@ absl::StatusOr<Pulled> PullToFile(Client &client, const FetchRequest &request,
     for (const TensorDescription &tensor : manifest) {
       tensors.push_back({tensor.name, tensor.dtype, tensor.shape});
       names.push_back(tensor.name);
-      pulled.bytes += tensor.num_bytes;
+      fetched.bytes += tensor.num_bytes;
     }
-    pulled.tensors = manifest.size();
+    fetched.tensors = manifest.size();
     ASSIGN_OR_RETURN(
         writer, SafetensorsStreamWriter::Create(path, std::move(tensors),
                                                 {{"format", "pt"}}, options));
     return absl::OkStatus();
   };
   ASSIGN_OR_RETURN(
-      pulled.version,
-      client.StateDictToWriter(
+      fetched.version,
+      client.FetchToWriter(
           request, transfer,
           [&](size_t index, uint64_t offset, absl::string_view piece) {
             return writer->WritePiece(names[index], offset, piece);
@@ -321,25 +322,28 @@ absl::StatusOr<Pulled> PullToFile(Client &client, const FetchRequest &request,
   if (writer == nullptr)
     return absl::InternalError("the stream had no manifest");
   RETURN_IF_ERROR(writer->Commit());
-  pulled.synced = writer->synced();
-  return pulled;
+  fetched.synced = writer->synced();
+  return fetched;
 }
 
-int Pull(Client &client, const std::string &model, const std::string &path) {
-  absl::StatusOr<FetchRequest> request = PullRequest(model);
+int FetchCommand(Client &client, const std::string &model,
+                 const std::string &path) {
+  absl::StatusOr<FetchRequest> request = FetchSelection(model);
   if (!request.ok()) return Usage(std::string(request.status().message()));
-  ProgressBar bar("pull");
-  absl::StatusOr<Pulled> pulled =
-      PullToFile(client, *request, Transfer(bar), path);
-  if (!pulled.ok()) return Fail(pulled.status());
+  ProgressBar bar("fetch");
+  absl::StatusOr<Fetched> fetched =
+      FetchToFile(client, *request, Transfer(bar), path);
+  if (!fetched.ok()) return Fail(fetched.status());
+  // Worded as before fetch was the command's name: scripts read this line.
   std::printf("pulled %s version %lld: %zu tensors, %llu bytes -> %s%s\n",
-              model.c_str(), static_cast<long long>(pulled->version),
-              pulled->tensors, static_cast<unsigned long long>(pulled->bytes),
-              path.c_str(), pulled->synced ? " (fsynced)" : "");
+              model.c_str(), static_cast<long long>(fetched->version),
+              fetched->tensors, static_cast<unsigned long long>(fetched->bytes),
+              path.c_str(), fetched->synced ? " (fsynced)" : "");
   return 0;
 }
 
-int Push(Client &client, const std::string &model, const std::string &path) {
+int LoadCommand(Client &client, const std::string &model,
+                const std::string &path) {
   absl::StatusOr<SafetensorsFile> file = ReadSafetensorsFile(path);
   if (!file.ok()) return Fail(file.status());
   LoadRequest request(model);
@@ -348,8 +352,8 @@ int Push(Client &client, const std::string &model, const std::string &path) {
   request.module = absl::GetFlag(FLAGS_module);
   if (absl::GetFlag(FLAGS_if_version) >= 0)
     request.expected_version = absl::GetFlag(FLAGS_if_version);
-  ProgressBar bar("push");
-  return PrintPush(client.LoadStateDict(request, file->tensors, Transfer(bar)));
+  ProgressBar bar("load");
+  return PrintLoad(client.Load(request, file->tensors, Transfer(bar)));
 }
 
 int Watch(Client &client, const std::string &model) {
@@ -385,6 +389,29 @@ absl::StatusOr<std::string> Token() {
   return token;
 }
 
+int Versions(Client &client, const std::string &model) {
+  absl::StatusOr<ModelManifest> manifest = client.GetModel(model);
+  if (!manifest.ok()) return Fail(manifest.status());
+  for (int64_t version : manifest->retained_versions) {
+    std::printf("%lld%s\n", static_cast<long long>(version),
+                version == manifest->summary.version ? " (current)" : "");
+  }
+  return 0;
+}
+
+int Rollback(Client &client, const std::string &model,
+             const std::string &version_text) {
+  int64_t version;
+  if (!absl::SimpleAtoi(version_text, &version))
+    return Usage("VERSION must be a number");
+  absl::StatusOr<ModelSummary> rolled = client.RollbackModel(model, version);
+  if (!rolled.ok()) return Fail(rolled.status());
+  std::printf("%s is at version %lld (the state of version %lld)\n",
+              model.c_str(), static_cast<long long>(rolled->version),
+              static_cast<long long>(version));
+  return 0;
+}
+
 int Run(const std::vector<char *> &positional) {
   if (positional.size() < 2) return Usage("missing COMMAND");
   const std::string command = positional[1];
@@ -413,30 +440,14 @@ int Run(const std::vector<char *> &positional) {
     std::printf("deleted %s\n", args[0].c_str());
     return 0;
   }
-  if (command == "pull" && want(2)) return Pull(**client, args[0], args[1]);
-  if (command == "push" && want(2)) return Push(**client, args[0], args[1]);
+  if ((command == "fetch" || command == "pull") && want(2))
+    return FetchCommand(**client, args[0], args[1]);
+  if ((command == "load" || command == "push") && want(2))
+    return LoadCommand(**client, args[0], args[1]);
   if (command == "watch" && want(1)) return Watch(**client, args[0]);
-  if (command == "versions" && want(1)) {
-    absl::StatusOr<ModelManifest> manifest = (*client)->GetModel(args[0]);
-    if (!manifest.ok()) return Fail(manifest.status());
-    for (int64_t version : manifest->retained_versions) {
-      std::printf("%lld%s\n", static_cast<long long>(version),
-                  version == manifest->summary.version ? " (current)" : "");
-    }
-    return 0;
-  }
-  if (command == "rollback" && want(2)) {
-    int64_t version;
-    if (!absl::SimpleAtoi(args[1], &version))
-      return Usage("VERSION must be a number");
-    absl::StatusOr<ModelSummary> rolled =
-        (*client)->RollbackModel(args[0], version);
-    if (!rolled.ok()) return Fail(rolled.status());
-    std::printf("%s is at version %lld (the state of version %lld)\n",
-                args[0].c_str(), static_cast<long long>(rolled->version),
-                static_cast<long long>(version));
-    return 0;
-  }
+  if (command == "versions" && want(1)) return Versions(**client, args[0]);
+  if (command == "rollback" && want(2))
+    return Rollback(**client, args[0], args[1]);
   if (command == "health" && want(0)) {
     absl::StatusOr<bool> serving = (*client)->CheckHealth();
     if (!serving.ok()) return Fail(serving.status());
@@ -450,7 +461,7 @@ int Run(const std::vector<char *> &positional) {
 }  // namespace modelstate
 
 int main(int argc, char **argv) {
-  // A pull or push moves gigabytes through gRPC's buffers of a few MiB each:
+  // A fetch or load moves gigabytes through gRPC's buffers of a few MiB each:
   // kept in the heap, they are reused instead of faulted in afresh. Before
   // any thread starts, as glibc wants.
   const absl::Status kept = modelstate::KeepFreedMemoryForReuse();

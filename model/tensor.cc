@@ -480,12 +480,16 @@ absl::StatusOr<Tensor> Tensor::Reshape(const Shape& shape) const {
   return Tensor(dtype_, shape, count, storage_, offset_, checksum_);
 }
 
+uint64_t ChecksumOf(const void* data, size_t size) {
+  return XXH3_64bits(data, size);
+}
+
 uint64_t Tensor::Checksum() const {
   if (checksum_ == nullptr) return known_checksum_;
   if (checksum_->known.load(std::memory_order_acquire)) {
     return checksum_->value.load(std::memory_order_relaxed);
   }
-  const uint64_t checksum = XXH3_64bits(data(), num_bytes());
+  const uint64_t checksum = ChecksumOf(data(), num_bytes());
   checksum_->value.store(checksum, std::memory_order_relaxed);
   checksum_->known.store(true, std::memory_order_release);
   return checksum;

@@ -211,6 +211,11 @@ absl::StatusOr<int64_t> NumElements(const Shape& shape);
 // int64.
 absl::StatusOr<int64_t> NumBytes(DType dtype, const Shape& shape);
 
+// XXH3-64 of `size` bytes at `data`: the protocol's per-tensor checksum, in
+// one call over bytes that are all at hand (transfer/checksum.h hashes bytes
+// that arrive in pieces).
+uint64_t ChecksumOf(const void* data, size_t size);
+
 // Formats a shape the way torch prints it: "torch.Size([3, 4])",
 // "torch.Size([])".
 std::string TorchSizeString(const Shape& shape);

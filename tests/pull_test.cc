@@ -18,9 +18,9 @@
 #include "absl/time/clock.h"
 #include "common/file_util.h"
 #include "common/limits.h"
-#include "model/safetensors.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "model/safetensors.h"
 #include "tests/test_support.h"
 
 namespace modelstate {
@@ -162,7 +162,7 @@ TEST(PullTest, PeakRssOfTheCliStaysBelow64MiBAndAChunk) {
   // The CLI holds no tensor: each received piece goes to the file as it
   // arrives. It holds about 16 MiB of process and what its fixed 4 MiB
   // receive window lets into gRPC's buffers (--receive_window_bytes); 52-117
-  // MiB measured with gRPC's adaptive window. The bound is 64 MiB plus
+  // MiB measured with gRPC's adaptive window. The required bound is 64 MiB plus
   // a chunk, for any model size.
   constexpr uint64_t kLimit = (uint64_t{64} << 20) + kDefaultChunkBytes;
   // getrusage reports the peak of every child reaped so far; this test runs in
@@ -190,6 +190,28 @@ TEST(PullTest, PeakRssOfTheCliStaysBelow64MiBAndAChunk) {
   ASSERT_TRUE(file.ok()) << file.status();
   EXPECT_EQ(file->tensors.size(), 2u);
   EXPECT_EQ(file->tensors.TotalBytes(), uint64_t{256} << 20);
+}
+
+TEST(PullTest, FetchIsTheCommandAndPullStillWorks) {
+  const ScratchDir scratch;
+  Daemon daemon({"--preload=cnn=" + SourcePath("tests/models/cnn.json"),
+                 "--demo_model="});
+  ASSERT_GT(daemon.port(), 0);
+  std::unique_ptr<Client> client = ConnectTo(daemon.address());
+  absl::StatusOr<FetchedStateDict> fetched = client->StateDict({"cnn"});
+  ASSERT_TRUE(fetched.ok()) << fetched.status();
+  const std::string expected = scratch.file("expected.st");
+  ASSERT_TRUE(
+      WriteSafetensorsFile(expected, fetched->state, {{"format", "pt"}}).ok());
+  for (const std::string spelling : {"fetch", "pull"}) {
+    SCOPED_TRACE(spelling);
+    const std::string out = scratch.file(spelling + ".st");
+    CommandResult command =
+        RunCommand(absl::StrCat(CtlPath(), " --server=", daemon.address(), " ",
+                                spelling, " cnn ", out));
+    ASSERT_EQ(command.exit_code, 0) << command.output;
+    EXPECT_EQ(Contents(out), Contents(expected));
+  }
 }
 
 TEST(PullTest, FailedPullLeavesTheOldFileAndNoTemporary) {

@@ -17,11 +17,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
-#include "model/module_factory.h"
 #include "common/sanitizers.h"
 #include "gmock/gmock.h"
 #include "grpcpp/create_channel.h"
 #include "gtest/gtest.h"
+#include "model/module_factory.h"
+#include "model/safetensors.h"
 #include "modelstate/v1/model_state.grpc.pb.h"
 #include "proto/convert.h"
 #include "tests/test_support.h"
@@ -30,13 +31,16 @@ namespace modelstate {
 namespace {
 
 using ::testing::HasSubstr;
+using testing_support::CommandResult;
 using testing_support::ConnectTo;
 using testing_support::CoreState;
+using testing_support::CtlPath;
 using testing_support::Daemon;
 using testing_support::FilledLike;
 using testing_support::MetricsPort;
 using testing_support::MetricValue;
 using testing_support::ReadSourceFile;
+using testing_support::RunCommand;
 using testing_support::ScratchDir;
 using testing_support::StartServer;
 
@@ -217,6 +221,26 @@ TEST(PushTest, ClientLoadsRoundTripAtEveryChunkSize) {
   const StateDict fresh_back_to_back = BackToBack(fresh);
   ASSERT_TRUE(client->LoadStateDict({"fresh"}, fresh_back_to_back).ok());
   ExpectSameState(CoreState(*server, "fresh"), fresh_back_to_back);
+}
+
+TEST(PushTest, LoadIsTheCommandAndPushStillWorks) {
+  const ScratchDir scratch;
+  Daemon daemon({});
+  ASSERT_GT(daemon.port(), 0);
+  std::unique_ptr<Client> client = ConnectTo(daemon.address());
+  const StateDict shape = client->StateDict({"demo"}).value().state;
+  float value = 1;
+  for (const std::string spelling : {"load", "push"}) {
+    SCOPED_TRACE(spelling);
+    const StateDict state = FilledLike(shape, value++);
+    const std::string in = scratch.file(spelling + ".st");
+    ASSERT_TRUE(WriteSafetensorsFile(in, state, {{"format", "pt"}}).ok());
+    CommandResult command =
+        RunCommand(absl::StrCat(CtlPath(), " --server=", daemon.address(), " ",
+                                spelling, " demo ", in));
+    ASSERT_EQ(command.exit_code, 0) << command.output;
+    ExpectSameState(client->StateDict({"demo"}).value().state, state);
+  }
 }
 
 TEST(PushTest, BadChecksumsInTheEndMarkerChangeNothing) {
@@ -438,7 +462,7 @@ uint64_t PeakRssOfLoads(const std::vector<StateDict>& states,
   return peak;
 }
 
-// The bound: the old version (256 MiB) and the new one (256 MiB) plus
+// The required bound: the old version (256 MiB) and the new one (256 MiB) plus
 // 64 MiB for everything else the daemon holds (its own memory, gRPC's buffers,
 // the tensor being converted).
 constexpr uint64_t kPeakLimit = (256 + 256 + 64) * kMiB;
@@ -465,7 +489,7 @@ TEST(PushTest, PeakRssOfADtypeChangingLoadIsOldPlusNewPlus64MiB) {
   EXPECT_LE(peak, kPeakLimit);
 }
 
-// Loads in a row on one connection get one allowance more than the issue's
+// Loads in a row on one connection get one allowance more than the required
 // bound: gRPC's receive buffers. gRPC's BDP probe grows the HTTP/2 window as
 // the connection streams, and up to ~45-50 MiB of received messages wait in
 // a malloc arena at the peak (measured from /proc/PID/smaps: 512 MiB of
@@ -474,7 +498,7 @@ TEST(PushTest, PeakRssOfADtypeChangingLoadIsOldPlusNewPlus64MiB) {
 // without the pool); with the BDP probe off the same loads peak at 547 MiB.
 // Bounding that window is the server's gRPC configuration, not the loads';
 // a third copy would still pass this bound by 200 MiB. Single loads keep the
-// issue's bound (the tests above).
+// required bound (the tests above).
 constexpr uint64_t kGrpcWindowAllowance = 48 * kMiB;
 
 TEST(PushTest, PeakRssOfLoadsInARowWithoutThePoolHoldsNoThirdCopy) {

@@ -6,7 +6,6 @@
 #include "absl/strings/str_cat.h"
 #include "common/limits.h"
 #include "common/status_macros.h"
-#include "xxhash.h"
 
 namespace modelstate {
 
@@ -32,27 +31,38 @@ absl::StatusOr<std::vector<uint64_t>> TransferSizes(
 
 ChunkReceiver::ChunkReceiver(std::vector<TransferEntry> entries,
                              std::vector<uint64_t> sizes,
-                             TensorCallback on_tensor, uint64_t min_chunk_bytes,
-                             TensorPacking packing)
+                             TensorCallback on_tensor, TensorSink* sink,
+                             uint64_t min_chunk_bytes, TensorPacking packing)
     : entries_(std::move(entries)),
       sizes_(std::move(sizes)),
       on_tensor_(std::move(on_tensor)),
+      sink_(sink),
       min_chunk_bytes_(min_chunk_bytes),
-      packing_(packing),
-      hash_(XXH3_createState(), &XXH3_freeState) {
+      packing_(packing) {
   for (uint64_t size : sizes_) total_ += size;
-  if (!on_tensor_) done_.reserve(entries_.size());
+  if (!on_tensor_ && sink_ == nullptr) done_.reserve(entries_.size());
   computed_.reserve(entries_.size());
+  if (!sizes_.empty()) checksum_.Begin(sizes_[0]);
 }
 
 absl::StatusOr<std::unique_ptr<ChunkReceiver>> ChunkReceiver::Create(
     std::vector<TransferEntry> entries, TensorCallback on_tensor,
     uint64_t min_chunk_bytes, TensorPacking packing) {
   ASSIGN_OR_RETURN(std::vector<uint64_t> sizes, TransferSizes(entries));
-  std::unique_ptr<ChunkReceiver> receiver(
-      new ChunkReceiver(std::move(entries), std::move(sizes),
-                        std::move(on_tensor), min_chunk_bytes, packing));
+  std::unique_ptr<ChunkReceiver> receiver(new ChunkReceiver(
+      std::move(entries), std::move(sizes), std::move(on_tensor),
+      /*sink=*/nullptr, min_chunk_bytes, packing));
   // Zero-byte tensors at the front are complete before any data.
+  RETURN_IF_ERROR(receiver->CompleteFullTensors());
+  return receiver;
+}
+
+absl::StatusOr<std::unique_ptr<ChunkReceiver>> ChunkReceiver::CreateIntoSink(
+    std::vector<TransferEntry> entries, TensorSink* sink) {
+  ASSIGN_OR_RETURN(std::vector<uint64_t> sizes, TransferSizes(entries));
+  std::unique_ptr<ChunkReceiver> receiver(
+      new ChunkReceiver(std::move(entries), std::move(sizes), nullptr, sink,
+                        /*min_chunk_bytes=*/0, TensorPacking::kOwnStorage));
   RETURN_IF_ERROR(receiver->CompleteFullTensors());
   return receiver;
 }
@@ -61,9 +71,9 @@ absl::StatusOr<std::unique_ptr<ChunkReceiver>>
 ChunkReceiver::CreateVerifyingAtEnd(std::vector<TransferEntry> entries,
                                     uint64_t min_chunk_bytes) {
   ASSIGN_OR_RETURN(std::vector<uint64_t> sizes, TransferSizes(entries));
-  std::unique_ptr<ChunkReceiver> receiver(
-      new ChunkReceiver(std::move(entries), std::move(sizes), nullptr,
-                        min_chunk_bytes, TensorPacking::kOwnStorage));
+  std::unique_ptr<ChunkReceiver> receiver(new ChunkReceiver(
+      std::move(entries), std::move(sizes), nullptr, /*sink=*/nullptr,
+      min_chunk_bytes, TensorPacking::kOwnStorage));
   receiver->verify_zero_at_end_ = true;
   RETURN_IF_ERROR(receiver->CompleteFullTensors());
   return receiver;
@@ -71,41 +81,46 @@ ChunkReceiver::CreateVerifyingAtEnd(std::vector<TransferEntry> entries,
 
 absl::Status ChunkReceiver::CompleteFullTensors() {
   while (current_ < entries_.size() && current_filled_ == sizes_[current_]) {
-    const TransferEntry& entry = entries_[current_];
-    if (!builder_) {
-      ASSIGN_OR_RETURN(TensorBuilder empty,
-                       TensorBuilder::Create(entry.dtype, entry.shape));
-      builder_.emplace(std::move(empty));
-    }
-    // Every byte of a tensor passed through Accept's hash, unless the tensor
-    // is empty (made just above).
-    const uint64_t checksum = current_filled_ == 0 ? XXH3_64bits(nullptr, 0)
-                              : one_piece_checksum_.has_value()
-                                  ? *one_piece_checksum_
-                                  : XXH3_64bits_digest(hash_.get());
-    one_piece_checksum_.reset();
-    Tensor tensor = std::move(*builder_).Build(checksum);
-    builder_.reset();
-    computed_.push_back(checksum);
-    const bool deferred = verify_zero_at_end_ && entry.checksum == 0;
-    if (!deferred && checksum != entry.checksum) {
-      return absl::DataLossError(absl::StrCat(
-          "checksum mismatch for tensor \"", entry.key, "\": got xxh3 ",
-          absl::Hex(checksum, absl::kZeroPad16), ", manifest says ",
-          absl::Hex(entry.checksum, absl::kZeroPad16)));
-    }
-    if (on_tensor_) {
-      callback_error_ = on_tensor_(current_, entry, std::move(tensor));
-      RETURN_IF_ERROR(callback_error_);
-    } else {
-      done_.push_back(std::move(tensor));
-    }
+    RETURN_IF_ERROR(CompleteCurrent());
     ++current_;
     current_filled_ = 0;
+    if (current_ < entries_.size()) checksum_.Begin(sizes_[current_]);
     // Its tensors hold it; the next small tensor starts a block of its own.
     if (current_ == block_end_) block_.reset();
   }
   return absl::OkStatus();
+}
+
+absl::Status ChunkReceiver::CompleteCurrent() {
+  const TransferEntry& entry = entries_[current_];
+  if (sink_ != nullptr) {
+    callback_error_ = sink_->Complete(current_);
+    RETURN_IF_ERROR(callback_error_);
+  }
+  // Every byte of the tensor passed through Accept's checksum.
+  const uint64_t checksum = checksum_.Digest();
+  computed_.push_back(checksum);
+  const bool deferred = verify_zero_at_end_ && entry.checksum == 0;
+  if (!deferred && checksum != entry.checksum) {
+    return absl::DataLossError(absl::StrCat(
+        "checksum mismatch for tensor \"", entry.key, "\": got xxh3 ",
+        absl::Hex(checksum, absl::kZeroPad16), ", manifest says ",
+        absl::Hex(entry.checksum, absl::kZeroPad16)));
+  }
+  if (sink_ != nullptr) return absl::OkStatus();
+  if (!builder_) {  // A tensor without bytes, which Accept never saw.
+    ASSIGN_OR_RETURN(TensorBuilder empty,
+                     TensorBuilder::Create(entry.dtype, entry.shape));
+    builder_.emplace(std::move(empty));
+  }
+  Tensor tensor = std::move(*builder_).Build(checksum);
+  builder_.reset();
+  if (!on_tensor_) {
+    done_.push_back(std::move(tensor));
+    return absl::OkStatus();
+  }
+  callback_error_ = on_tensor_(current_, entry, std::move(tensor));
+  return callback_error_;
 }
 
 namespace {
@@ -146,50 +161,49 @@ absl::StatusOr<TensorBuilder> ChunkReceiver::NewBuilder() {
   return TensorBuilder::InBlock(entry.dtype, entry.shape, block_, offset);
 }
 
+absl::Status ChunkReceiver::Fail(absl::Status status) {
+  error_ = status;
+  builder_.reset();
+  block_.reset();
+  done_.clear();
+  return status;
+}
+
 absl::Status ChunkReceiver::Accept(uint64_t offset, absl::string_view data) {
   if (!error_.ok()) return error_;
-  auto fail = [this](absl::Status status) {
-    error_ = status;
-    builder_.reset();
-    block_.reset();
-    done_.clear();
-    return status;
-  };
   absl::Status misplaced = CheckChunk(offset, data.size());
   // A piece of a chunk BeginChunk announced was checked with the whole chunk.
   if (misplaced.ok() && received_ >= announced_end_)
     misplaced = CheckChunkSize(offset, data.size());
-  if (!misplaced.ok()) return fail(misplaced);
-  const char* in = data.data();
-  uint64_t left = data.size();
-  while (left > 0) {
-    if (!builder_) {
-      absl::StatusOr<TensorBuilder> builder = NewBuilder();
-      if (!builder.ok()) return fail(builder.status());
-      builder_.emplace(*std::move(builder));
-    }
-    const uint64_t take = std::min(left, sizes_[current_] - current_filled_);
-    std::memcpy(builder_->mutable_data() + current_filled_, in, take);
-    Hash(in, take);
+  if (!misplaced.ok()) return Fail(misplaced);
+  while (!data.empty()) {
+    const uint64_t take =
+        std::min<uint64_t>(data.size(), sizes_[current_] - current_filled_);
+    const absl::string_view piece = data.substr(0, take);
+    absl::Status placed = Place(piece);
+    if (!placed.ok()) return Fail(placed);
+    checksum_.Update(piece.data(), take);
     current_filled_ += take;
-    in += take;
-    left -= take;
     received_ += take;
+    data.remove_prefix(take);
     absl::Status completed = CompleteFullTensors();
-    if (!completed.ok()) return fail(completed);
+    if (!completed.ok()) return Fail(completed);
   }
   return absl::OkStatus();
 }
 
-void ChunkReceiver::Hash(const char* piece, uint64_t size) {
-  // A tensor whose bytes arrive in one piece (most small tensors) is hashed
-  // in one call, without the streaming state's reset, buffering and digest.
-  if (current_filled_ == 0 && size == sizes_[current_]) {
-    one_piece_checksum_ = XXH3_64bits(piece, size);
-    return;
+absl::Status ChunkReceiver::Place(absl::string_view piece) {
+  if (sink_ != nullptr) {
+    callback_error_ = sink_->Write(current_, current_filled_, piece);
+    return callback_error_;
   }
-  if (current_filled_ == 0) XXH3_64bits_reset(hash_.get());
-  XXH3_64bits_update(hash_.get(), piece, size);
+  if (!builder_) {
+    ASSIGN_OR_RETURN(TensorBuilder builder, NewBuilder());
+    builder_.emplace(std::move(builder));
+  }
+  std::memcpy(builder_->mutable_data() + current_filled_, piece.data(),
+              piece.size());
+  return absl::OkStatus();
 }
 
 absl::Status ChunkReceiver::CheckChunk(uint64_t offset, uint64_t size) const {
@@ -229,13 +243,9 @@ absl::Status ChunkReceiver::BeginChunk(uint64_t offset, uint64_t size) {
   if (!error_.ok()) return error_;
   error_ = CheckChunk(offset, size);
   if (error_.ok()) error_ = CheckChunkSize(offset, size);
-  if (error_.ok()) announced_end_ = offset + size;
-  if (!error_.ok()) {
-    builder_.reset();
-    block_.reset();
-    done_.clear();
-  }
-  return error_;
+  if (!error_.ok()) return Fail(error_);
+  announced_end_ = offset + size;
+  return absl::OkStatus();
 }
 
 absl::Status ChunkReceiver::VerifyChecksums(

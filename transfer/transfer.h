@@ -21,7 +21,7 @@
 #include "absl/types/optional.h"
 #include "absl/types/span.h"
 #include "model/tensor.h"
-#include "xxhash.h"
+#include "transfer/checksum.h"
 
 namespace modelstate {
 
@@ -58,6 +58,23 @@ enum class TensorPacking {
 inline constexpr uint64_t kPackedTensorMaxBytes = 64 << 10;
 inline constexpr uint64_t kPackBlockBytes = kHugePageBytes;
 
+// Where a receiver puts the bytes of each tensor when it makes no tensors:
+// memory the caller owns (a fetch into a model's buffers), a file. The bytes
+// go from the received message straight to the sink: nothing is copied
+// before.
+class TensorSink {
+ public:
+  virtual ~TensorSink() = default;
+  // Takes the next `piece` of tensor `index`, `offset` bytes into it. The
+  // bytes are valid only during the call. An error ends the transfer with it,
+  // as a callback's does.
+  virtual absl::Status Write(size_t index, uint64_t offset,
+                             absl::string_view piece) = 0;
+  // Called once tensor `index` has all its bytes (a tensor without bytes had
+  // no Write), before its checksum is verified.
+  virtual absl::Status Complete(size_t index) = 0;
+};
+
 // Receives one transfer. Not thread-safe; one stream feeds it.
 class ChunkReceiver {
  public:
@@ -76,6 +93,13 @@ class ChunkReceiver {
       std::vector<TransferEntry> entries, TensorCallback on_tensor = nullptr,
       uint64_t min_chunk_bytes = 0,
       TensorPacking packing = TensorPacking::kOwnStorage);
+
+  // As Create, but every tensor's bytes go to `sink` (which must outlive the
+  // receiver) instead of tensors of the receiver's making; its checksum is
+  // computed as they pass and verified once its last byte was written, so
+  // what the sink holds is unverified until then. Finish returns no tensors.
+  static absl::StatusOr<std::unique_ptr<ChunkReceiver>> CreateIntoSink(
+      std::vector<TransferEntry> entries, TensorSink* sink);
 
   // As Create without a callback, for a load whose client may send the
   // checksums with its end marker (docs/protocol.md, "Checksums at the end"):
@@ -113,14 +137,14 @@ class ChunkReceiver {
   uint64_t received_bytes() const { return received_; }
   uint64_t total_bytes() const { return total_; }
   const std::vector<TransferEntry>& entries() const { return entries_; }
-  // The error `on_tensor` returned, which ended the transfer (OK if none): a
-  // transport reports it as it is, not as a fault of the stream.
+  // The error `on_tensor` (or the sink) returned, which ended the transfer (OK
+  // if none): a transport reports it as it is, not as a fault of the stream.
   const absl::Status& callback_error() const { return callback_error_; }
 
  private:
   ChunkReceiver(std::vector<TransferEntry> entries, std::vector<uint64_t> sizes,
-                TensorCallback on_tensor, uint64_t min_chunk_bytes,
-                TensorPacking packing);
+                TensorCallback on_tensor, TensorSink* sink,
+                uint64_t min_chunk_bytes, TensorPacking packing);
   // A builder for the current tensor, which has bytes to come: in a block
   // when packed, else in storage of its own.
   absl::StatusOr<TensorBuilder> NewBuilder();
@@ -129,8 +153,13 @@ class ChunkReceiver {
   absl::Status NewBlock();
   // Completes tensors (verifying checksums) while the current one is full.
   absl::Status CompleteFullTensors();
-  // Feeds the current tensor's checksum with its next `size` bytes.
-  void Hash(const char* piece, uint64_t size);
+  // Puts the current tensor's next bytes where they go: into its builder or
+  // the sink.
+  absl::Status Place(absl::string_view piece);
+  // Verifies the current tensor, complete, and hands it over.
+  absl::Status CompleteCurrent();
+  // Stops the transfer with `status`; returns it.
+  absl::Status Fail(absl::Status status);
   // Accept's and BeginChunk's checks of a chunk's place and size.
   absl::Status CheckChunk(uint64_t offset, uint64_t size) const;
   // InvalidArgument for a chunk below min_chunk_bytes that does not end the
@@ -142,6 +171,7 @@ class ChunkReceiver {
   std::vector<TransferEntry> entries_;
   std::vector<uint64_t> sizes_;
   TensorCallback on_tensor_;
+  TensorSink* sink_ = nullptr;  // CreateIntoSink.
   uint64_t min_chunk_bytes_;
   // Where the chunk BeginChunk last announced ends; Accept's pieces before it
   // are not chunks of their own.
@@ -158,9 +188,7 @@ class ChunkReceiver {
   uint64_t block_used_ = 0;
   // XXH3-64 of the current tensor, fed by Accept as its bytes are copied in
   // (cache-hot), rather than a second pass over the finished tensor.
-  std::unique_ptr<XXH3_state_t, XXH_errorcode (*)(XXH3_state_t*)> hash_;
-  // The current tensor's checksum when its bytes came in one piece.
-  absl::optional<uint64_t> one_piece_checksum_;
+  ChecksumCursor checksum_;
   uint64_t received_ = 0;
   uint64_t total_ = 0;
   absl::Status error_;

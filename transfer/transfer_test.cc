@@ -6,9 +6,9 @@
 #include <string>
 
 #include "common/limits.h"
-#include "model/test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "model/test_util.h"
 
 namespace modelstate {
 namespace {
@@ -60,6 +60,67 @@ TEST(TransferTest, RoundTripsAtEveryChunkSize) {
     for (size_t i = 0; i < tensors.size(); ++i)
       EXPECT_TRUE(received[i].BitwiseEquals(tensors[i]));
   }
+}
+
+// Writes every piece where a flat buffer per tensor says, and records the
+// order of the calls.
+class RecordingSink : public TensorSink {
+ public:
+  explicit RecordingSink(const std::vector<Tensor>& tensors) {
+    for (const Tensor& tensor : tensors)
+      bytes_.emplace_back(tensor.num_bytes(), '\0');
+  }
+  absl::Status Write(size_t index, uint64_t offset,
+                     absl::string_view piece) override {
+    bytes_[index].replace(offset, piece.size(), piece.data(), piece.size());
+    return absl::OkStatus();
+  }
+  absl::Status Complete(size_t index) override {
+    completed_.push_back(index);
+    return absl::OkStatus();
+  }
+  const std::string& bytes(size_t index) const { return bytes_[index]; }
+  const std::vector<size_t>& completed() const { return completed_; }
+
+ private:
+  std::vector<std::string> bytes_;
+  std::vector<size_t> completed_;
+};
+
+TEST(TransferTest, ASinkGetsEveryByteAndEveryTensorCompletesInOrder) {
+  const std::vector<Tensor> tensors = SampleTensors();
+  for (uint64_t chunk_bytes : {1, 7, 64, 1 << 20}) {
+    RecordingSink sink(tensors);
+    ChunkSender sender(tensors, chunk_bytes);
+    auto receiver =
+        ChunkReceiver::CreateIntoSink(EntriesOf(tensors), &sink).value();
+    ChunkSender::Chunk chunk;
+    while (sender.Next(&chunk))
+      ASSERT_TRUE(receiver->Accept(chunk.offset, Join(chunk)).ok());
+    EXPECT_TRUE(receiver->Finish(sender.total_bytes()).value().empty());
+    EXPECT_THAT(sink.completed(), ::testing::ElementsAre(0, 1, 2, 3, 4));
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      EXPECT_EQ(sink.bytes(i),
+                std::string(reinterpret_cast<const char*>(tensors[i].data()),
+                            tensors[i].num_bytes()));
+    }
+  }
+}
+
+TEST(TransferTest, ASinkTensorFailingItsChecksumIsDataLoss) {
+  const std::vector<Tensor> tensors = SampleTensors();
+  std::vector<TransferEntry> entries = EntriesOf(tensors);
+  entries[2].checksum ^= 1;
+  RecordingSink sink(tensors);
+  ChunkSender sender(tensors, 64);
+  auto receiver = ChunkReceiver::CreateIntoSink(entries, &sink).value();
+  ChunkSender::Chunk chunk;
+  absl::Status status;
+  while (status.ok() && sender.Next(&chunk))
+    status = receiver->Accept(chunk.offset, Join(chunk));
+  EXPECT_EQ(status.code(), absl::StatusCode::kDataLoss) << status;
+  EXPECT_THAT(std::string(status.message()), HasSubstr("\"t2\""));
+  EXPECT_TRUE(receiver->callback_error().ok());
 }
 
 // A resumed fetch: a sender started at any byte sends exactly the rest, at the

@@ -1,0 +1,330 @@
+// Fetching a state dict into the caller's memory (a worker's in-place
+// refresh): matching destinations to the manifest, then receiving either
+// straight into them or staged and verified first.
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "client/client.h"
+#include "client/fetch_call.h"
+#include "client/local_fetch.h"
+#include "common/status_macros.h"
+#include "proto/convert.h"
+#include "transfer/transfer.h"
+
+namespace modelstate {
+namespace {
+
+// Keys quoted and joined the way torch lists them, at most 20 of them.
+std::string QuotedKeys(const std::vector<std::string>& keys) {
+  constexpr size_t kMaxListed = 20;
+  std::vector<std::string> quoted;
+  for (size_t i = 0; i < keys.size() && i < kMaxListed; ++i)
+    quoted.push_back(absl::StrCat("\"", keys[i], "\""));
+  std::string text = absl::StrJoin(quoted, ", ");
+  if (keys.size() > kMaxListed)
+    absl::StrAppend(&text, " and ", keys.size() - kMaxListed, " more");
+  return text;
+}
+
+// Checks what can be checked before the call: unique keys, usable memory.
+absl::Status CheckDestinations(const std::vector<Destination>& destinations) {
+  std::set<absl::string_view> keys;
+  for (const Destination& destination : destinations) {
+    if (!keys.insert(destination.key).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("duplicate destination key \"", destination.key, "\""));
+    }
+    absl::StatusOr<int64_t> bytes =
+        NumBytes(destination.dtype, destination.shape);
+    if (!bytes.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "destination \"", destination.key, "\": ", bytes.status().message()));
+    }
+    if (*bytes > 0 && destination.data == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("destination \"", destination.key, "\" has no memory"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Returns, for each fetched entry, its destination. FailedPrecondition naming
+// every key without a counterpart and every shape that differs.
+// With `drop_unmatched`, fetched keys without a destination get nullptr (to
+// be received and dropped) instead.
+absl::StatusOr<std::vector<const Destination*>> MatchDestinations(
+    const std::vector<TransferEntry>& entries,
+    const std::vector<Destination>& destinations, bool drop_unmatched) {
+  std::map<absl::string_view, const Destination*> by_key;
+  for (const Destination& destination : destinations)
+    by_key[destination.key] = &destination;
+  std::vector<const Destination*> targets;
+  std::vector<std::string> unexpected, mismatched;
+  for (const TransferEntry& entry : entries) {
+    auto found = by_key.find(entry.key);
+    if (found == by_key.end()) {
+      if (!drop_unmatched) unexpected.push_back(entry.key);
+      targets.push_back(nullptr);
+      continue;
+    }
+    if (found->second->shape != entry.shape) {
+      mismatched.push_back(absl::StrCat(
+          "size mismatch for ", entry.key, ": copying a param with shape ",
+          TorchSizeString(entry.shape),
+          " from checkpoint, the shape in current model is ",
+          TorchSizeString(found->second->shape), "."));
+    }
+    targets.push_back(found->second);
+    by_key.erase(found);
+  }
+  std::vector<std::string> missing;
+  for (const Destination& destination : destinations) {
+    if (by_key.count(destination.key) > 0) missing.push_back(destination.key);
+  }
+  if (unexpected.empty() && missing.empty() && mismatched.empty())
+    return targets;
+  std::vector<std::string> problems;
+  if (!missing.empty())
+    problems.push_back(
+        absl::StrCat("destinations not fetched: ", QuotedKeys(missing), "."));
+  if (!unexpected.empty())
+    problems.push_back(absl::StrCat(
+        "fetched keys without a destination: ", QuotedKeys(unexpected), "."));
+  for (std::string& problem : mismatched) problems.push_back(problem);
+  return absl::FailedPreconditionError(absl::StrCat(
+      "cannot fetch into the destinations: ", absl::StrJoin(problems, " ")));
+}
+
+// Writes a transfer straight into caller-owned destinations (IntoOptions::
+// allow_partial_write): each piece is copied, or cast element by element,
+// where it belongs. A tensor without a destination is verified and dropped.
+class DestinationSink : public TensorSink {
+ public:
+  // `entries` and `targets` (one per entry) must outlive the sink.
+  DestinationSink(const std::vector<TransferEntry>& entries,
+                  const std::vector<const Destination*>& targets,
+                  std::vector<std::string>* written)
+      : entries_(entries), targets_(targets), written_(written) {}
+
+  absl::Status Write(size_t index, uint64_t offset,
+                     absl::string_view piece) override {
+    const Destination* target = targets_[index];
+    if (target == nullptr) return absl::OkStatus();
+    if (offset == 0) Written(index);
+    const DType dtype = entries_[index].dtype;
+    if (dtype == target->dtype) {
+      std::memcpy(static_cast<uint8_t*>(target->data) + offset, piece.data(),
+                  piece.size());
+    } else {
+      Cast(dtype, *target, offset, piece);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Complete(size_t index) override {
+    // A tensor without bytes had no Write to count it.
+    if (targets_[index] != nullptr && !started_) Written(index);
+    started_ = false;
+    return absl::OkStatus();
+  }
+
+ private:
+  void Written(size_t index) {
+    started_ = true;
+    if (written_ != nullptr) written_->push_back(entries_[index].key);
+  }
+
+  // Converts a piece of `dtype` elements `offset` bytes into its tensor to
+  // the target's dtype. Elements may straddle pieces: their first bytes wait
+  // in carry_.
+  void Cast(DType dtype, const Destination& target, uint64_t offset,
+            absl::string_view piece) {
+    auto* out = static_cast<uint8_t*>(target.data);
+    const size_t in_size = ElementSize(dtype);
+    const size_t out_size = ElementSize(target.dtype);
+    const size_t partial = offset % in_size;
+    if (partial > 0) {
+      const size_t take = std::min(in_size - partial, piece.size());
+      std::memcpy(carry_ + partial, piece.data(), take);
+      piece.remove_prefix(take);
+      offset += take;
+      if (offset % in_size == 0) {
+        ConvertElements(dtype, carry_, target.dtype,
+                        out + (offset / in_size - 1) * out_size, 1);
+      }
+    }
+    const size_t whole = piece.size() / in_size;
+    ConvertElements(dtype, piece.data(), target.dtype,
+                    out + (offset / in_size) * out_size, whole);
+    piece.remove_prefix(whole * in_size);
+    std::memcpy(carry_, piece.data(), piece.size());
+  }
+
+  const std::vector<TransferEntry>& entries_;
+  const std::vector<const Destination*>& targets_;
+  std::vector<std::string>* written_;
+  bool started_ = false;  // The current tensor was counted as written.
+  uint8_t carry_[8] = {};
+};
+
+// Copies verified staged tensors into their destinations.
+void CopyStaged(const std::vector<Tensor>& staged,
+                const std::vector<const Destination*>& targets,
+                std::vector<std::string>* written,
+                const std::vector<TransferEntry>& entries) {
+  for (size_t i = 0; i < staged.size(); ++i) {
+    if (targets[i] == nullptr) continue;
+    ConvertElements(staged[i].dtype(), staged[i].data(), targets[i]->dtype,
+                    targets[i]->data,
+                    static_cast<size_t>(staged[i].num_elements()));
+    if (written != nullptr) written->push_back(entries[i].key);
+  }
+}
+
+// Picks each fetched tensor's destination (nullptr: drop it) from the
+// manifest.
+using DestinationResolver =
+    std::function<absl::StatusOr<std::vector<const Destination*>>(
+        const v1::Manifest&, const std::vector<TransferEntry>&)>;
+
+// Receives a fetch straight into its destinations (allow_partial_write).
+absl::Status ReceiveInPlace(ResumableFetch& call,
+                            const std::vector<TransferEntry>& entries,
+                            const std::vector<const Destination*>& targets,
+                            std::vector<std::string>* written) {
+  DestinationSink sink(entries, targets, written);
+  absl::StatusOr<std::unique_ptr<ChunkReceiver>> receiver =
+      ChunkReceiver::CreateIntoSink(entries, &sink);
+  if (!receiver.ok()) return call.Abandon(receiver.status());
+  return call.ReadToEnd(**receiver);
+}
+
+// Receives a fetch into staging tensors and copies them into their
+// destinations once every one was verified.
+absl::Status ReceiveStaged(ResumableFetch& call,
+                           const std::vector<TransferEntry>& entries,
+                           const std::vector<const Destination*>& targets,
+                           std::vector<std::string>* written) {
+  std::vector<Tensor> staged;
+  absl::StatusOr<std::unique_ptr<ChunkReceiver>> receiver =
+      ChunkReceiver::Create(
+          entries,
+          [&](size_t, const TransferEntry&, Tensor tensor) {
+            staged.push_back(std::move(tensor));
+            return absl::OkStatus();
+          },
+          /*min_chunk_bytes=*/0, TensorPacking::kPackSmall);
+  if (!receiver.ok()) return call.Abandon(receiver.status());
+  RETURN_IF_ERROR(call.ReadToEnd(**receiver));
+  CopyStaged(staged, targets, written, entries);
+  return absl::OkStatus();
+}
+
+// FetchInto over gRPC: read the manifest, resolve destinations, then receive
+// in the mode `into` chooses.
+absl::StatusOr<int64_t> FetchIntoOverGrpc(
+    grpc::Channel* channel, absl::Time deadline, const std::string& token,
+    const FetchRequest& fetch, const DestinationResolver& resolve,
+    const TransferOptions& transfer, const IntoOptions& into) {
+  if (into.written_keys != nullptr) into.written_keys->clear();
+  ResumableFetch call(channel, deadline, token, fetch, transfer);
+  ASSIGN_OR_RETURN(const v1::Manifest* manifest, call.Start());
+  absl::StatusOr<std::vector<TransferEntry>> entries =
+      ToTransferEntries(manifest->tensors());
+  if (!entries.ok()) return call.Abandon(entries.status());
+  absl::StatusOr<std::vector<const Destination*>> targets =
+      resolve(*manifest, *entries);
+  if (!targets.ok()) return call.Abandon(targets.status());
+  RETURN_IF_ERROR(
+      into.allow_partial_write
+          ? ReceiveInPlace(call, *entries, *targets, into.written_keys)
+          : ReceiveStaged(call, *entries, *targets, into.written_keys));
+  return manifest->version();
+}
+
+// FetchInto through shared memory: destinations are resolved from the
+// manifest before any byte moves, and written only once every tensor in the
+// region has been verified, so a failure leaves them untouched (which keeps
+// the promises of both IntoOptions modes).
+absl::StatusOr<absl::optional<int64_t>> FetchIntoThroughSharedMemory(
+    const ClientOptions& options, const FetchRequest& fetch,
+    const DestinationResolver& resolve, const TransferOptions& transfer,
+    const IntoOptions& into) {
+  if (into.written_keys != nullptr) into.written_keys->clear();
+  std::vector<const Destination*> targets;
+  ASSIGN_OR_RETURN(
+      const absl::optional<LocalFetched> fetched,
+      FetchThroughSharedMemory(
+          options, fetch, transfer,
+          [&](const v1::Manifest& manifest,
+              const std::vector<TransferEntry>& entries) -> absl::Status {
+            ASSIGN_OR_RETURN(targets, resolve(manifest, entries));
+            return absl::OkStatus();
+          }));
+  if (!fetched.has_value()) return absl::nullopt;
+  CopyStaged(fetched->tensors, targets, into.written_keys, fetched->entries);
+  return fetched->manifest.version();
+}
+
+// FetchInto through shared memory when `options` say the daemon is local
+// and its socket answers, through gRPC otherwise.
+absl::StatusOr<int64_t> FetchIntoEitherWay(
+    const ClientOptions& options, grpc::Channel* channel, absl::Time deadline,
+    const FetchRequest& fetch, const DestinationResolver& resolve,
+    const TransferOptions& transfer, const IntoOptions& into) {
+  ASSIGN_OR_RETURN(
+      const absl::optional<int64_t> local,
+      FetchIntoThroughSharedMemory(options, fetch, resolve, transfer, into));
+  if (local.has_value()) return *local;
+  return FetchIntoOverGrpc(channel, deadline, options.token, fetch, resolve,
+                           transfer, into);
+}
+
+}  // namespace
+
+absl::StatusOr<int64_t> Client::FetchInto(
+    const FetchRequest& fetch, const std::vector<Destination>& destinations,
+    const TransferOptions& transfer, const IntoOptions& into) {
+  if (into.written_keys != nullptr) into.written_keys->clear();
+  RETURN_IF_ERROR(CheckDestinations(destinations));
+  const DestinationResolver resolve =
+      [&](const v1::Manifest&, const std::vector<TransferEntry>& entries) {
+        return MatchDestinations(entries, destinations,
+                                 /*drop_unmatched=*/false);
+      };
+  return FetchIntoEitherWay(options_, channel_.get(), Deadline(), fetch,
+                            resolve, transfer, into);
+}
+
+absl::StatusOr<int64_t> Client::FetchInto(const FetchRequest& fetch,
+                                          const DestinationAllocator& allocate,
+                                          const TransferOptions& transfer,
+                                          const IntoOptions& into) {
+  std::vector<Destination> destinations;
+  const DestinationResolver resolve =
+      [&](const v1::Manifest& manifest,
+          const std::vector<TransferEntry>& entries)
+      -> absl::StatusOr<std::vector<const Destination*>> {
+    std::vector<TensorDescription> tensors;
+    tensors.reserve(entries.size());
+    for (size_t i = 0; i < entries.size(); ++i)
+      tensors.push_back(
+          Describe(manifest.tensors(static_cast<int>(i)), entries[i]));
+    ASSIGN_OR_RETURN(destinations, allocate(tensors));
+    RETURN_IF_ERROR(CheckDestinations(destinations));
+    return MatchDestinations(entries, destinations,
+                             /*drop_unmatched=*/true);
+  };
+  return FetchIntoEitherWay(options_, channel_.get(), Deadline(), fetch,
+                            resolve, transfer, into);
+}
+
+}  // namespace modelstate
