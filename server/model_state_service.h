@@ -1,6 +1,8 @@
 // The modelstate.v1.ModelState service over the gRPC callback API. Each handler
-// delegates to the ModelStore, converts statuses and records one log line;
-// streaming handlers are reactors with one write in flight.
+// passes the access gate, delegates to the ModelStore, converts statuses and
+// records one log line; streaming handlers are reactors with one write in
+// flight. The handlers live by family: fetch_call (StateDict), load_call
+// (LoadStateDict), watch_call (WatchModel) and unary_calls (the rest).
 #ifndef MODELSTATE_SERVER_MODEL_STATE_SERVICE_H_
 #define MODELSTATE_SERVER_MODEL_STATE_SERVICE_H_
 

@@ -330,7 +330,7 @@ absl::Status Server::OpenStore(const ServerOptions& options) {
   return absl::OkStatus();
 }
 
-absl::Status Server::OpenAccessControl(const ServerOptions& options) {
+absl::Status Server::OpenPolicyAndAuditLog(const ServerOptions& options) {
   if (options.follow_open_reads && options.auth_policy_file.empty()) {
     std::fprintf(stderr,
                  "modelstated: WARNING: --follow_open_reads: every client that "
@@ -613,7 +613,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
   RETURN_IF_ERROR(ValidateServerOptions(options));
   ASSIGN_OR_RETURN(auto credentials, Credentials(options));
   std::unique_ptr<Server> server(new Server());
-  RETURN_IF_ERROR(server->OpenAccessControl(options));
+  RETURN_IF_ERROR(server->OpenPolicyAndAuditLog(options));
   credentials = server->CheckingCallHeaders(options, std::move(credentials));
   server->memory_releaser_ =
       std::make_unique<MemoryReleaser>(options.release_memory_interval);

@@ -214,7 +214,7 @@ class Server {
   // Opens the data directory (when set) and creates the store and service.
   absl::Status OpenStore(const ServerOptions& options);
   // Opens the auth policy and audit log, when asked for.
-  absl::Status OpenAccessControl(const ServerOptions& options);
+  absl::Status OpenPolicyAndAuditLog(const ServerOptions& options);
   // The main port's credentials: with a policy, calls are first judged from
   // their headers (CheckHeaders).
   std::shared_ptr<grpc::ServerCredentials> CheckingCallHeaders(
