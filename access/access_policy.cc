@@ -144,6 +144,57 @@ absl::StatusOr<std::vector<RoleGrant>> ParseGrants(const Json& principal,
   return grants;
 }
 
+// Who holds each principal name, token hash and certificate name of a
+// policy: none of them may be given twice.
+class Owners {
+ public:
+  // Records `owner` as the holder of `what`; InvalidArgument at `where` when
+  // another principal already holds it.
+  absl::Status Claim(const std::string& what, const std::string& owner,
+                     const std::string& where) {
+    auto [it, inserted] = owners_.emplace(what, owner);
+    if (!inserted) {
+      return Invalid(where, absl::StrCat("is also given to principal \"",
+                                         it->second, "\""));
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  std::map<std::string, std::string> owners_;
+};
+
+absl::StatusOr<std::vector<Hash>> ParseTokenHashes(const Json& principal,
+                                                   const std::string& where,
+                                                   const std::string& name,
+                                                   Owners& owners) {
+  ASSIGN_OR_RETURN(std::vector<std::string> hexes,
+                   StringArray(principal, where, "token_sha256"));
+  std::vector<Hash> hashes;
+  for (size_t h = 0; h < hexes.size(); ++h) {
+    const std::string at = absl::StrCat(where, ".token_sha256[", h, "]");
+    ASSIGN_OR_RETURN(const Hash hash, ParseHash(hexes[h], at));
+    RETURN_IF_ERROR(owners.Claim(
+        "token:" + std::string(hash.begin(), hash.end()), name, at));
+    hashes.push_back(hash);
+  }
+  return hashes;
+}
+
+absl::StatusOr<std::vector<std::string>> ParseCertificateNames(
+    const Json& principal, const std::string& where, const std::string& name,
+    Owners& owners) {
+  ASSIGN_OR_RETURN(std::vector<std::string> names,
+                   StringArray(principal, where, "certificate_names"));
+  for (size_t c = 0; c < names.size(); ++c) {
+    const std::string at = absl::StrCat(where, ".certificate_names[", c, "]");
+    if (names[c].size() > kMaxCertificateNameLength)
+      return Invalid(at, "is longer than 1024 characters");
+    RETURN_IF_ERROR(owners.Claim("cert:" + names[c], name, at));
+  }
+  return names;
+}
+
 absl::Status ValidatePrincipalName(const Json& principal,
                                    const std::string& where) {
   if (!principal.contains("name") || !principal.at("name").is_string())
@@ -382,16 +433,7 @@ absl::StatusOr<AccessPolicy> AccessPolicy::Parse(absl::string_view json) {
   if (!principals.is_array())
     return Invalid("auth policy: principals", "must be an array");
   std::vector<Entry> entries;
-  std::map<std::string, std::string> owners;  // Name, hash or cert -> owner.
-  auto claim = [&owners](const std::string& what, const std::string& owner,
-                         const std::string& where) -> absl::Status {
-    auto [it, inserted] = owners.emplace(what, owner);
-    if (!inserted) {
-      return Invalid(where, absl::StrCat("is also given to principal \"",
-                                         it->second, "\""));
-    }
-    return absl::OkStatus();
-  };
+  Owners owners;
   for (size_t i = 0; i < principals.size(); ++i) {
     const std::string where = absl::StrCat("auth policy: principals[", i, "]");
     const Json& principal = principals[i];
@@ -402,25 +444,13 @@ absl::StatusOr<AccessPolicy> AccessPolicy::Parse(absl::string_view json) {
     RETURN_IF_ERROR(ValidatePrincipalName(principal, where));
     Entry entry;
     entry.name = principal.at("name").get<std::string>();
-    RETURN_IF_ERROR(claim("name:" + entry.name, entry.name, where + ".name"));
-    ASSIGN_OR_RETURN(std::vector<std::string> hashes,
-                     StringArray(principal, where, "token_sha256"));
-    for (size_t h = 0; h < hashes.size(); ++h) {
-      const std::string at = absl::StrCat(where, ".token_sha256[", h, "]");
-      ASSIGN_OR_RETURN(const Hash hash, ParseHash(hashes[h], at));
-      RETURN_IF_ERROR(claim("token:" + std::string(hash.begin(), hash.end()),
-                            entry.name, at));
-      entry.token_hashes.push_back(hash);
-    }
-    ASSIGN_OR_RETURN(entry.certificate_names,
-                     StringArray(principal, where, "certificate_names"));
-    for (size_t c = 0; c < entry.certificate_names.size(); ++c) {
-      const std::string at = absl::StrCat(where, ".certificate_names[", c, "]");
-      if (entry.certificate_names[c].size() > kMaxCertificateNameLength)
-        return Invalid(at, "is longer than 1024 characters");
-      RETURN_IF_ERROR(
-          claim("cert:" + entry.certificate_names[c], entry.name, at));
-    }
+    RETURN_IF_ERROR(
+        owners.Claim("name:" + entry.name, entry.name, where + ".name"));
+    ASSIGN_OR_RETURN(entry.token_hashes,
+                     ParseTokenHashes(principal, where, entry.name, owners));
+    ASSIGN_OR_RETURN(
+        entry.certificate_names,
+        ParseCertificateNames(principal, where, entry.name, owners));
     if (entry.token_hashes.empty() && entry.certificate_names.empty()) {
       return Invalid(where,
                      "needs at least one of \"token_sha256\" or "
@@ -469,23 +499,13 @@ absl::StatusOr<Principal> AccessPolicy::Authenticate(
 
 absl::StatusOr<Principal> AccessPolicy::AuthenticateToken(
     absl::string_view header, AuthFailure* failure) const {
-  // RFC 6750: the scheme is case-insensitive; one space, then the token.
-  constexpr absl::string_view kScheme = "bearer ";
-  absl::string_view token;
-  if (header.size() > kScheme.size() &&
-      absl::StartsWithIgnoreCase(header, kScheme)) {
-    token = header.substr(kScheme.size());
-  }
-  const bool well_formed =
-      !token.empty() && std::all_of(token.begin(), token.end(), [](char c) {
-        return absl::ascii_isgraph(static_cast<unsigned char>(c));
-      });
-  if (!well_formed) {
+  const std::optional<absl::string_view> token = BearerTokenOf(header);
+  if (!token.has_value()) {
     *failure = AuthFailure::kMalformedCredentials;
     return absl::UnauthenticatedError(
         "malformed authorization metadata: want \"Bearer <token>\"");
   }
-  const Hash presented = Sha256(token);
+  const Hash presented = Sha256(*token);
   // Compare against every stored hash, without stopping at a match, so that
   // timing says nothing about which (or whether any) hash matched early.
   const Entry* owner = nullptr;

@@ -23,6 +23,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "access/credentials.h"
 
 namespace modelstate {
 
@@ -54,24 +55,6 @@ const char* ActionName(Action action);
 // The least role that allows `action`.
 Role RequiredRole(Action action);
 
-// The names of a client certificate the transport verified (mTLS), each kind
-// apart: a policy's name is matched only against the kind it is written as
-// (CertificateNameKindOf), so that a common name spelling a URI is never taken
-// for a URI subject alternative name.
-struct CertificateNames {
-  std::vector<std::string> common_names;  // Subject CN(s).
-  // Subject alternative names by type.
-  std::vector<std::string> dns;
-  std::vector<std::string> uris;  // SPIFFE IDs among them.
-  std::vector<std::string> emails;
-  std::vector<std::string> ips;  // As text ("10.0.0.7", "fd00::7").
-
-  bool empty() const {
-    return common_names.empty() && dns.empty() && uris.empty() &&
-           emails.empty() && ips.empty();
-  }
-};
-
 // What a certificate name in a policy is, by how it is written: an IP address
 // ("10.0.0.7", "fd00::7") is kIp; a name with a URI scheme ("spiffe://ml/x",
 // "urn:x") kUri; one with '@' kEmail; any other (a DNS-like name) kDns.
@@ -84,15 +67,6 @@ CertificateNameKind CertificateNameKindOf(absl::string_view name);
 // such a name, as the common name.
 bool CertificateHolds(const CertificateNames& certificate,
                       absl::string_view name);
-
-// What a caller presented, as the transport saw it. Secrets in here (the
-// authorization values) must never be logged.
-struct CallerCredentials {
-  // Every value of the call's "authorization" metadata.
-  std::vector<std::string> authorization;
-  // Of a client certificate the transport verified; empty without one.
-  CertificateNames certificate;
-};
 
 // Why a caller was refused, for metrics.
 enum class AuthFailure {

@@ -20,8 +20,8 @@
 #include "absl/time/clock.h"
 #include "common/limits.h"
 #include "common/status_macros.h"
-#include "transfer/transfer.h"
 #include "proto/convert.h"
+#include "transfer/transfer.h"
 
 namespace modelstate {
 namespace {
@@ -136,6 +136,27 @@ absl::StatusOr<HeldFetch> PlanFetch(ModelStore* store,
   }
   ASSIGN_OR_RETURN(held.layout, LayOutLocalRegion(sizes));
   return held;
+}
+
+// Fills `region`, which the client says is `size` bytes, with the tensors of
+// `held`, reporting progress on `connection`. A report that cannot be sent
+// means the client is gone: the fill stops there, with that error in `*sent`.
+// Returns what the client is told of the fill.
+absl::Status FillReceivedRegion(int connection, int region, uint64_t size,
+                                const HeldFetch& held, absl::Status* sent) {
+  if (size != held.layout.region_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "LocalRegion.size is ", size, ", expected ", held.layout.region_bytes));
+  }
+  RETURN_IF_ERROR(CheckRegion(region, held.layout.region_bytes));
+  return FillRegion(region, held.tensors, held.layout.offsets,
+                    [&](size_t written) {
+                      v1::LocalResponse progress;
+                      progress.mutable_progress()->set_tensors_written(
+                          static_cast<uint32_t>(written));
+                      *sent = WriteLocalFrame(connection, progress);
+                      return *sent;
+                    });
 }
 
 }  // namespace
@@ -410,25 +431,9 @@ absl::Status LocalTransferServer::ServeFetch(int connection,
         "expected the region (LocalRegion with one descriptor) after the "
         "manifest");
   }
-  absl::Status filled =
-      next.region().size() == held->layout.region_bytes
-          ? CheckRegion(region.get(), held->layout.region_bytes)
-          : absl::InvalidArgumentError(
-                absl::StrCat("LocalRegion.size is ", next.region().size(),
-                             ", expected ", held->layout.region_bytes));
-  // A progress report that cannot be sent means the client is gone: the
-  // connection is done for, and the fill stops there.
   absl::Status sent;
-  if (filled.ok()) {
-    filled = FillRegion(region.get(), held->tensors, held->layout.offsets,
-                        [&](size_t written) {
-                          v1::LocalResponse progress;
-                          progress.mutable_progress()->set_tensors_written(
-                              static_cast<uint32_t>(written));
-                          sent = WriteLocalFrame(connection, progress);
-                          return sent;
-                        });
-  }
+  const absl::Status filled = FillReceivedRegion(
+      connection, region.get(), next.region().size(), *held, &sent);
   region.Reset();
   RETURN_IF_ERROR(sent);
   if (!filled.ok()) return WriteLocalFrame(connection, ErrorResponse(filled));

@@ -51,10 +51,10 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/optional.h"
+#include "proto/local_frame.h"
 #include "store/memfd_export.h"
 #include "store/model_store.h"
 #include "store/requests.h"
-#include "proto/local_frame.h"
 
 namespace modelstate {
 

@@ -17,10 +17,10 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/time.h"
-#include "store/memory_limit.h"
 #include "model/tensor.h"
 #include "server/connection_gate.h"
 #include "server/server.h"
+#include "store/memory_limit.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50551",
           "host:port to serve on (port 0: any free port)");
@@ -228,11 +228,10 @@ absl::Status FollowerOptionsFromFlags(modelstate::ServerOptions& options) {
   return absl::OkStatus();
 }
 
-// The server options the flags ask for, or InvalidArgument for a malformed
-// flag.
-absl::StatusOr<modelstate::ServerOptions> OptionsFromFlags() {
-  modelstate::ServerOptions options;
-  options.listen = absl::GetFlag(FLAGS_listen);
+// The --preload pairs, or InvalidArgument for one that is not NAME=PATH.
+absl::StatusOr<std::vector<std::pair<std::string, std::string>>>
+PreloadsFromFlags() {
+  std::vector<std::pair<std::string, std::string>> preloads;
   for (const std::string& item : absl::GetFlag(FLAGS_preload)) {
     std::pair<std::string, std::string> pair =
         absl::StrSplit(item, absl::MaxSplits('=', 1));
@@ -240,18 +239,64 @@ absl::StatusOr<modelstate::ServerOptions> OptionsFromFlags() {
       return absl::InvalidArgumentError(
           absl::StrCat("--preload wants NAME=PATH, got \"", item, "\""));
     }
-    options.preload.push_back(pair);
+    preloads.push_back(pair);
   }
+  return preloads;
+}
+
+// --memory_limit_bytes, or 90% of what the machine or cgroup gives (logged)
+// when it is negative.
+int64_t MemoryLimitFromFlags() {
+  const int64_t flag = absl::GetFlag(FLAGS_memory_limit_bytes);
+  if (flag >= 0) return flag;
+  const modelstate::DefaultMemoryLimit limit = modelstate::DetectMemoryLimit();
+  std::fprintf(stderr, "modelstated: memory limit %lld bytes (90%% of %s)\n",
+               static_cast<long long>(limit.bytes), limit.source.c_str());
+  return limit.bytes;
+}
+
+// Authentication, authorization and the shared-memory side channel.
+void AccessOptionsFromFlags(modelstate::ServerOptions& options) {
+  options.auth_policy_file = absl::GetFlag(FLAGS_auth_policy);
+  options.auth_policy_poll_interval = absl::GetFlag(FLAGS_auth_policy_poll);
+  options.audit_log = absl::GetFlag(FLAGS_audit_log);
+  options.reflection = absl::GetFlag(FLAGS_reflection);
+  options.local_socket = absl::GetFlag(FLAGS_local_socket);
+  options.local_export_bytes = absl::GetFlag(FLAGS_local_export_bytes);
+  options.local_max_connections_per_uid =
+      absl::GetFlag(FLAGS_local_max_connections_per_uid);
+}
+
+// Connection limits and the memory gRPC may hold.
+void ConnectionOptionsFromFlags(modelstate::ServerOptions& options) {
+  options.keepalive_min_ping_interval =
+      absl::GetFlag(FLAGS_keepalive_min_ping_interval);
+  options.keepalive_max_ping_strikes =
+      absl::GetFlag(FLAGS_keepalive_max_ping_strikes);
+  options.keepalive_time = absl::GetFlag(FLAGS_keepalive_time);
+  options.keepalive_timeout = absl::GetFlag(FLAGS_keepalive_timeout);
+  options.max_connection_idle = absl::GetFlag(FLAGS_max_connection_idle);
+  options.max_connections = absl::GetFlag(FLAGS_max_connections);
+  options.unauthenticated_connection_timeout =
+      absl::GetFlag(FLAGS_unauthenticated_connection_timeout);
+  options.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
+  options.grpc_memory_bytes = absl::GetFlag(FLAGS_grpc_memory_bytes);
+  options.min_chunk_bytes = absl::GetFlag(FLAGS_min_chunk_bytes);
+  options.release_memory_interval =
+      absl::GetFlag(FLAGS_release_memory_interval);
+}
+
+// The server options the flags ask for, or InvalidArgument for a malformed
+// flag.
+absl::StatusOr<modelstate::ServerOptions> OptionsFromFlags() {
+  modelstate::ServerOptions options;
+  options.listen = absl::GetFlag(FLAGS_listen);
+  auto preloads = PreloadsFromFlags();
+  if (!preloads.ok()) return preloads.status();
+  options.preload = *std::move(preloads);
   options.demo_model = absl::GetFlag(FLAGS_demo_model);
   options.chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);
-  options.memory_limit_bytes = absl::GetFlag(FLAGS_memory_limit_bytes);
-  if (options.memory_limit_bytes < 0) {
-    const modelstate::DefaultMemoryLimit limit =
-        modelstate::DetectMemoryLimit();
-    options.memory_limit_bytes = limit.bytes;
-    std::fprintf(stderr, "modelstated: memory limit %lld bytes (90%% of %s)\n",
-                 static_cast<long long>(limit.bytes), limit.source.c_str());
-  }
+  options.memory_limit_bytes = MemoryLimitFromFlags();
   options.max_pending_loads = absl::GetFlag(FLAGS_max_pending_loads);
   options.stream_idle_timeout = absl::GetFlag(FLAGS_stream_idle_timeout);
   options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
@@ -269,36 +314,83 @@ absl::StatusOr<modelstate::ServerOptions> OptionsFromFlags() {
   options.sync_durability = durability == "sync";
   options.retain_versions = absl::GetFlag(FLAGS_retain_versions);
   options.max_version_wait = absl::GetFlag(FLAGS_max_version_wait);
-
-  options.auth_policy_file = absl::GetFlag(FLAGS_auth_policy);
-  options.auth_policy_poll_interval = absl::GetFlag(FLAGS_auth_policy_poll);
-  options.audit_log = absl::GetFlag(FLAGS_audit_log);
-  options.reflection = absl::GetFlag(FLAGS_reflection);
-  options.local_socket = absl::GetFlag(FLAGS_local_socket);
-  options.local_export_bytes = absl::GetFlag(FLAGS_local_export_bytes);
-  options.local_max_connections_per_uid =
-      absl::GetFlag(FLAGS_local_max_connections_per_uid);
-
-  // Connection limits.
-  options.keepalive_min_ping_interval =
-      absl::GetFlag(FLAGS_keepalive_min_ping_interval);
-  options.keepalive_max_ping_strikes =
-      absl::GetFlag(FLAGS_keepalive_max_ping_strikes);
-  options.keepalive_time = absl::GetFlag(FLAGS_keepalive_time);
-  options.keepalive_timeout = absl::GetFlag(FLAGS_keepalive_timeout);
-  options.max_connection_idle = absl::GetFlag(FLAGS_max_connection_idle);
-  options.max_connections = absl::GetFlag(FLAGS_max_connections);
-  options.unauthenticated_connection_timeout =
-      absl::GetFlag(FLAGS_unauthenticated_connection_timeout);
-  options.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
-  options.grpc_memory_bytes = absl::GetFlag(FLAGS_grpc_memory_bytes);
-  options.min_chunk_bytes = absl::GetFlag(FLAGS_min_chunk_bytes);
-  options.release_memory_interval =
-      absl::GetFlag(FLAGS_release_memory_interval);
-
+  AccessOptionsFromFlags(options);
+  ConnectionOptionsFromFlags(options);
   const absl::Status follower = FollowerOptionsFromFlags(options);
   if (!follower.ok()) return follower;
   return options;
+}
+
+// What the process needs before any thread starts: descriptors for the
+// connection cap, the allocator's and the storage pool's settings.
+void PrepareProcess(const modelstate::ServerOptions& options) {
+  // Each connection is a descriptor; the connection cap is set below the
+  // limit this leaves.
+  modelstate::RaiseOpenFileLimit();
+  // Before any thread starts (server/memory_release.h): gRPC's receive
+  // buffers stay for reuse between the periodic trims.
+  if (modelstate::IsTrimPeriod(options.release_memory_interval)) {
+    const absl::Status tuned = modelstate::KeepFreedMemoryForReuse();
+    if (!tuned.ok()) {
+      std::fprintf(stderr, "modelstated: warning: %s\n",
+                   std::string(tuned.message()).c_str());
+    }
+  }
+  // Freed tensor memory (the version a load replaced) stages the next load,
+  // which then neither faults nor zeroes fresh pages. The store's memory
+  // limit bounds the pool too (store/model_store.h, pooled_bytes).
+  modelstate::Storage::SetPoolLimit(absl::GetFlag(FLAGS_storage_pool_bytes));
+}
+
+// Blocks the stop signals (and SIGHUP, which reloads the auth policy) in
+// every thread started after this; one thread waits for them
+// (HandleSignals).
+sigset_t BlockStopSignals() {
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  return signals;
+}
+
+// Tells where the server listens.
+void AnnounceListeners(modelstate::Server& server,
+                       const modelstate::ServerOptions& options) {
+  std::fprintf(stderr, "modelstated: serving on port %d%s\n", server.port(),
+               options.tls_cert_file.empty() ? "" : " (TLS)");
+  if (server.metrics_port() != 0) {
+    std::fprintf(stderr, "modelstated: metrics on port %d\n",
+                 server.metrics_port());
+  }
+  if (!options.local_socket.empty()) {
+    std::fprintf(stderr, "modelstated: shared-memory fetches on %s\n",
+                 options.local_socket.c_str());
+  }
+  if (server.health_port() != 0) {
+    std::fprintf(stderr, "modelstated: health on port %d\n",
+                 server.health_port());
+  }
+  std::fflush(stderr);
+}
+
+// Reloads the auth policy on each SIGHUP; on a stop signal, drains the server
+// for up to `grace` and returns.
+void HandleSignals(const sigset_t& signals, modelstate::Server& server,
+                   absl::Duration grace) {
+  int signal = 0;
+  while (sigwait(&signals, &signal) == 0 && signal == SIGHUP) {
+    const absl::Status reloaded = server.ReloadAuthPolicy();
+    // Reload logs its own outcome; only the no-policy case is said here.
+    if (absl::IsFailedPrecondition(reloaded)) {
+      std::fprintf(stderr, "modelstated: SIGHUP ignored: %s\n",
+                   std::string(reloaded.message()).c_str());
+    }
+  }
+  std::fprintf(stderr, "modelstated: signal %d, draining for up to %s\n",
+               signal, absl::FormatDuration(grace).c_str());
+  server.Shutdown(grace);
 }
 
 int main(int argc, char** argv) {
@@ -317,33 +409,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   const modelstate::ServerOptions& options = *parsed;
-  // Each connection is a descriptor; the connection cap is set below the
-  // limit this leaves.
-  modelstate::RaiseOpenFileLimit();
-  // Before any thread starts (server/memory_release.h): gRPC's receive
-  // buffers stay for reuse between the periodic trims.
-  if (modelstate::IsTrimPeriod(options.release_memory_interval)) {
-    const absl::Status tuned = modelstate::KeepFreedMemoryForReuse();
-    if (!tuned.ok()) {
-      std::fprintf(stderr, "modelstated: warning: %s\n",
-                   std::string(tuned.message()).c_str());
-    }
-  }
-
-  // Freed tensor memory (the version a load replaced) stages the next load,
-  // which then neither faults nor zeroes fresh pages. The store's memory
-  // limit bounds the pool too (store/model_store.h, pooled_bytes).
-  modelstate::Storage::SetPoolLimit(absl::GetFlag(FLAGS_storage_pool_bytes));
-
-  // Block the stop signals (and SIGHUP, which reloads the auth policy) in
-  // every thread; one thread waits for them.
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGTERM);
-  sigaddset(&stop_signals, SIGINT);
-  sigaddset(&stop_signals, SIGHUP);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
-
+  PrepareProcess(options);
+  const sigset_t stop_signals = BlockStopSignals();
   absl::StatusOr<std::unique_ptr<modelstate::Server>> server =
       modelstate::Server::BuildAndStart(options);
   if (!server.ok()) {
@@ -351,36 +418,10 @@ int main(int argc, char** argv) {
                  server.status().ToString().c_str());
     return 1;
   }
-  std::fprintf(stderr, "modelstated: serving on port %d%s\n", (*server)->port(),
-               options.tls_cert_file.empty() ? "" : " (TLS)");
-  if ((*server)->metrics_port() != 0) {
-    std::fprintf(stderr, "modelstated: metrics on port %d\n",
-                 (*server)->metrics_port());
-  }
-  if (!options.local_socket.empty()) {
-    std::fprintf(stderr, "modelstated: shared-memory fetches on %s\n",
-                 options.local_socket.c_str());
-  }
-  if ((*server)->health_port() != 0) {
-    std::fprintf(stderr, "modelstated: health on port %d\n",
-                 (*server)->health_port());
-  }
-  std::fflush(stderr);
-
+  AnnounceListeners(**server, options);
   const absl::Duration grace = absl::GetFlag(FLAGS_shutdown_grace);
   std::thread signal_waiter([&stop_signals, &server, grace] {
-    int signal = 0;
-    while (sigwait(&stop_signals, &signal) == 0 && signal == SIGHUP) {
-      const absl::Status reloaded = (*server)->ReloadAuthPolicy();
-      // Reload logs its own outcome; only the no-policy case is said here.
-      if (absl::IsFailedPrecondition(reloaded)) {
-        std::fprintf(stderr, "modelstated: SIGHUP ignored: %s\n",
-                     std::string(reloaded.message()).c_str());
-      }
-    }
-    std::fprintf(stderr, "modelstated: signal %d, draining for up to %s\n",
-                 signal, absl::FormatDuration(grace).c_str());
-    (*server)->Shutdown(grace);
+    HandleSignals(stop_signals, **server, grace);
   });
   (*server)->Wait();
   signal_waiter.join();

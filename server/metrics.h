@@ -15,8 +15,6 @@
 
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
-#include "store/follower.h"
-#include "store/model_store.h"
 #include "grpcpp/support/status.h"
 #include "prometheus/collectable.h"
 #include "prometheus/counter.h"
@@ -24,6 +22,8 @@
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
 #include "server/connection_gate.h"
+#include "store/follower.h"
+#include "store/model_store.h"
 
 namespace modelstate {
 

@@ -1,6 +1,8 @@
 // The modelstate.v1.ModelState service over the gRPC callback API. Each handler
-// delegates to the ModelStore, converts statuses and records one log line;
-// streaming handlers are reactors with one write in flight.
+// passes the access gate, delegates to the ModelStore, converts statuses and
+// records one log line; streaming handlers are reactors with one write in
+// flight. The handlers live by family: fetch_call (StateDict), load_call
+// (LoadStateDict), watch_call (WatchModel) and unary_calls (the rest).
 #ifndef MODELSTATE_SERVER_MODEL_STATE_SERVICE_H_
 #define MODELSTATE_SERVER_MODEL_STATE_SERVICE_H_
 
@@ -12,12 +14,11 @@
 
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "access/access_policy.h"
+#include "access/access_gate.h"
 #include "common/limits.h"
+#include "modelstate/v1/model_state.grpc.pb.h"
 #include "store/model_store.h"
 #include "store/version_wait.h"
-#include "modelstate/v1/model_state.grpc.pb.h"
-#include "server/auth.h"
 
 namespace modelstate {
 
@@ -36,11 +37,9 @@ struct ServiceOptions {
   // Consistent reads: the longest a call with min_version waits for the model
   // to reach it, whatever the client's deadline (see MinVersionDeadline).
   absl::Duration max_version_wait = absl::Seconds(60);
-  // Authentication and authorization: the policy in force, or null to let
-  // every caller do everything; the audit log of writes, or null for none.
-  // Both must outlive the service.
-  AccessControl* access = nullptr;
-  AuditLog* audit = nullptr;
+  // Who may do what, and the audit line of every write; null lets every
+  // caller do everything and audits nothing. Must outlive the service.
+  const AccessGate* gate = nullptr;
   // Told the peer (grpc::ServerContext::peer()) of every call whose caller
   // was authenticated (every call without a policy); may be empty.
   std::function<void(const std::string& peer)> on_admitted;
@@ -142,30 +141,23 @@ class ModelStateService final
   // for the UNAVAILABLE answer to reach it (rather than the client's own
   // DEADLINE_EXCEEDED).
   absl::Time MinVersionDeadline(const grpc::ServerContextBase& context) const;
-  // Who calls through `context`: anonymous without a policy, otherwise its
-  // principal, or Unauthenticated (counted in the metrics by reason).
+  // The access gate every call passes.
+  const AccessGate& gate() const { return *options_.gate; }
+  // Who calls through `context` (AccessGate::Authenticate of its
+  // credentials); the peer is told to options().on_admitted on success.
   absl::StatusOr<Caller> Authenticate(const grpc::ServerContextBase& context);
-  // As above, for credentials that came another way (the shared-memory
-  // side channel's token).
-  absl::StatusOr<Caller> Authenticate(const CallerCredentials& credentials);
-  // OK when `caller` may do `action` on `model`, otherwise PermissionDenied
-  // naming the role needed (counted in the metrics).
-  absl::Status Authorize(const Caller& caller, Action action,
-                         absl::string_view model);
-  // Both, for a call whose model is known at its start; the caller on success.
+  // Authenticate, then AccessGate::Authorize, for a call whose model is known
+  // at its start; the caller on success.
   absl::StatusOr<Caller> Admit(const grpc::ServerContextBase& context,
                                Action action, absl::string_view model);
-  // Writes one audit line for a write that finished with `code`; `caller` is
-  // null when the caller was not authenticated.
-  void Audit(const Caller* caller, Action action, const std::string& model,
-             int64_t version, uint64_t bytes, grpc::StatusCode code,
-             const std::string& peer);
 
  private:
   friend class WatchReactor;
   void Forget(WatchReactor* reactor);
 
   ModelStore* store_;
+  // What options_.gate points to when none was given: no policy, no audit.
+  const AccessGate open_gate_{nullptr, nullptr};
   ServiceOptions options_;
   absl::Mutex watches_mu_;
   std::set<WatchReactor*> watches_ ABSL_GUARDED_BY(watches_mu_);

@@ -1,6 +1,7 @@
 // One log line per RPC on stderr: method, model, bytes, duration, status.
 // Strings that come from a request are escaped and cut short on every log
-// line (EscapeForLog), so that no request can forge a line or flood the log.
+// line (EscapeForLog, access/log_field.h), so that no request can forge a
+// line or flood the log.
 #ifndef MODELSTATE_SERVER_RPC_LOG_H_
 #define MODELSTATE_SERVER_RPC_LOG_H_
 
@@ -13,30 +14,12 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "common/limits.h"
+#include "access/log_field.h"
 #include "grpcpp/support/status.h"
 
 namespace modelstate {
 
 class Metrics;
-
-// The most bytes of a request's name (a model name: every valid one whole) and
-// of a status message that a log line shows.
-inline constexpr size_t kMaxLoggedNameBytes = kMaxModelNameLength;
-inline constexpr size_t kMaxLoggedMessageBytes = 200;
-
-// `text` made safe for one log line: printable ASCII stays as it is, except
-// '"' and '\\' (escaped as \" and \\); newline, carriage return and tab become
-// \n, \r and \t, and every other byte \xNN. Only the first `max_bytes` bytes
-// are shown, followed by "...(<size> bytes)" when `text` is longer, so a line
-// is bounded whatever the request held.
-std::string EscapeForLog(absl::string_view text, size_t max_bytes);
-
-// A log field without spaces: `text` itself when it is 1 to
-// kMaxLoggedNameBytes bytes of letters, digits and ._-:/[]@+% (every valid
-// model name, principal and peer address), "-" when empty, and otherwise
-// EscapeForLog(text, kMaxLoggedNameBytes) in double quotes.
-std::string LogField(absl::string_view text);
 
 // Collects what one RPC did; Log() writes it and counts it in `metrics`. Not
 // thread-safe (one per RPC).

@@ -12,7 +12,6 @@
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "common/file_util.h"
-#include "store/startup.h"
 #include "common/status_macros.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -23,6 +22,7 @@
 #include "proto/grpc_status.h"
 #include "server/header_check.h"
 #include "server/rpc_log.h"
+#include "store/startup.h"
 
 namespace modelstate {
 namespace {
@@ -30,20 +30,6 @@ namespace {
 // How long connections stay open after the last call of a graceful stop (see
 // Server::Shutdown).
 const absl::Duration kShutdownLinger = absl::Seconds(1);
-
-// The action of a ModelState method ("/modelstate.v1.ModelState/GetModel"),
-// if it is one.
-std::optional<Action> ActionOfMethod(absl::string_view method) {
-  if (!absl::ConsumePrefix(&method, "/modelstate.v1.ModelState/"))
-    return std::nullopt;
-  for (Action action :
-       {Action::kListModels, Action::kGetModel, Action::kStateDict,
-        Action::kWatchModel, Action::kLoadStateDict, Action::kRollbackModel,
-        Action::kCreateModel, Action::kDeleteModel}) {
-    if (method == ActionName(action)) return action;
-  }
-  return std::nullopt;
-}
 
 // Connections the health-only port keeps open at once, and the memory its
 // gRPC may hold for them (a probe's request is a few bytes).
@@ -291,6 +277,15 @@ absl::Status ValidateServerOptions(const ServerOptions& options) {
 
 }  // namespace
 
+bool IsLoopbackListen(const std::string& listen) {
+  const size_t colon = listen.rfind(':');
+  std::string host =
+      listen.substr(0, colon == std::string::npos ? listen.size() : colon);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']')
+    host = host.substr(1, host.size() - 2);
+  return host == "localhost" || host == "::1" || absl::StartsWith(host, "127.");
+}
+
 absl::Status Server::OpenStore(const ServerOptions& options) {
   StatePersister* persister = nullptr;
   if (!options.data_dir.empty()) {
@@ -315,14 +310,18 @@ absl::Status Server::OpenStore(const ServerOptions& options) {
       store_.get(), options.memory_limit_bytes,
       [this] { return service_ ? service_->active_calls() : 0; });
   metrics_->SetModelLabels(options.metrics_model_labels);
+  Metrics* metrics = metrics_.get();
+  access_gate_ = std::make_unique<AccessGate>(
+      policy_file_.get(), audit_.get(), [metrics](AuthFailure failure) {
+        metrics->RecordAuthFailure(AuthFailureName(failure));
+      });
   ServiceOptions service;
   service.default_chunk_bytes = options.chunk_bytes;
   service.log_rpcs = options.log_rpcs;
   service.stream_idle_timeout = options.stream_idle_timeout;
   service.metrics = metrics_.get();
   service.max_version_wait = options.max_version_wait;
-  service.access = access_.get();
-  service.audit = audit_.get();
+  service.gate = access_gate_.get();
   service.min_chunk_bytes = options.min_chunk_bytes;
   service.on_admitted = [this](const std::string& peer) {
     AdmitConnection(peer);
@@ -331,7 +330,7 @@ absl::Status Server::OpenStore(const ServerOptions& options) {
   return absl::OkStatus();
 }
 
-absl::Status Server::OpenAccessControl(const ServerOptions& options) {
+absl::Status Server::OpenPolicyAndAuditLog(const ServerOptions& options) {
   if (options.follow_open_reads && options.auth_policy_file.empty()) {
     std::fprintf(stderr,
                  "modelstated: WARNING: --follow_open_reads: every client that "
@@ -354,9 +353,9 @@ absl::Status Server::OpenAccessControl(const ServerOptions& options) {
     }
     return absl::OkStatus();
   }
-  ASSIGN_OR_RETURN(access_,
-                   AccessControl::Open(options.auth_policy_file,
-                                       options.auth_policy_poll_interval));
+  ASSIGN_OR_RETURN(policy_file_,
+                   PolicyFile::Open(options.auth_policy_file,
+                                    options.auth_policy_poll_interval));
   if (options.tls_cert_file.empty() && !IsLoopbackListen(options.listen)) {
     std::fprintf(stderr,
                  "modelstated: WARNING: bearer tokens travel in plaintext to "
@@ -367,9 +366,9 @@ absl::Status Server::OpenAccessControl(const ServerOptions& options) {
 }
 
 absl::Status Server::ReloadAuthPolicy() {
-  if (access_ == nullptr)
+  if (policy_file_ == nullptr)
     return absl::FailedPreconditionError("no --auth_policy to reload");
-  return access_->Reload();
+  return policy_file_->Reload();
 }
 
 absl::Status Server::ServeMetrics(const std::string& listen) {
@@ -517,16 +516,11 @@ absl::Status Server::Listen(
 grpc::Status Server::CheckHeaders(const std::string& method,
                                   const std::vector<std::string>& authorization,
                                   const grpc::AuthContext* peer) {
-  // Probes and schema discovery stay open, as the health port is.
-  if (absl::StartsWith(method, "/grpc.health.v1.Health/") ||
-      absl::StartsWith(method, "/grpc.reflection.")) {
-    return grpc::Status::OK;
-  }
   CallerCredentials credentials;
   credentials.authorization = authorization;
   credentials.certificate = CertificateNamesOf(peer);
   const grpc::Status status =
-      ToGrpcStatus(service_->Authenticate(credentials).status());
+      ToGrpcStatus(access_gate_->CheckHeaders(method, credentials));
   if (!status.ok()) LogRefusedCall(method, status);
   return status;
 }
@@ -548,8 +542,10 @@ void Server::LogRefusedCall(const std::string& method,
   RpcRecord record(action ? ActionName(*action) : "unknown",
                    logged && service_->options().log_rpcs, metrics_.get());
   record.Log(status);
-  if (logged && action && IsWrite(*action)) {
-    service_->Audit(nullptr, *action, "", 0, 0, status.error_code(), "");
+  if (logged && action) {
+    // The numbering of status codes is shared.
+    access_gate_->Audit(nullptr, *action, "", 0, 0,
+                        static_cast<absl::StatusCode>(status.error_code()), "");
   }
 }
 
@@ -569,22 +565,56 @@ void Server::OnAcceptingChanged(bool accepting) {
   SetServing(health_server_.get(), accepting);
 }
 
+std::shared_ptr<grpc::ServerCredentials> Server::CheckingCallHeaders(
+    const ServerOptions& options,
+    std::shared_ptr<grpc::ServerCredentials> credentials) {
+  if (policy_file_ == nullptr) return credentials;
+  return CheckingHeaders(
+      options.tls_cert_file.empty() ? nullptr : std::move(credentials),
+      [this](const std::string& method,
+             const std::vector<std::string>& authorization,
+             const grpc::AuthContext* peer) {
+        return CheckHeaders(method, authorization, peer);
+      });
+}
+
+absl::Status Server::ServeLocalTransfer(const ServerOptions& options) {
+  if (options.local_socket.empty()) return absl::OkStatus();
+  LocalTransferOptions local;
+  local.path = options.local_socket;
+  local.authorize = options.local_authorize;
+  local.export_bytes = options.local_export_bytes;
+  local.max_connections_per_uid = options.local_max_connections_per_uid;
+  if (!local.authorize && policy_file_ != nullptr) {
+    // The side channel's token answers to the same gate as the gRPC port.
+    const AccessGate* gate = access_gate_.get();
+    local.authorize = [gate](const LocalPeer&, const std::string& token,
+                             const FetchRequest& request) {
+      return gate->AdmitToken(token, Action::kStateDict, request.model);
+    };
+  }
+  ASSIGN_OR_RETURN(local_,
+                   LocalTransferServer::Start(store_.get(), std::move(local)));
+  return absl::OkStatus();
+}
+
+absl::Status Server::LoadStartupModels(const ServerOptions& options) {
+  std::vector<std::string> notes;
+  const absl::Status populated =
+      PopulateStore(StartupModels{options.demo_model, options.preload},
+                    data_dir_.get(), store_.get(), &notes);
+  for (const std::string& note : notes)
+    std::fprintf(stderr, "modelstated: %s\n", note.c_str());
+  return populated;
+}
+
 absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
     ServerOptions options) {
   RETURN_IF_ERROR(ValidateServerOptions(options));
   ASSIGN_OR_RETURN(auto credentials, Credentials(options));
   std::unique_ptr<Server> server(new Server());
-  RETURN_IF_ERROR(server->OpenAccessControl(options));
-  if (server->access_ != nullptr) {
-    Server* raw = server.get();
-    credentials =
-        CheckingHeaders(options.tls_cert_file.empty() ? nullptr : credentials,
-                        [raw](const std::string& method,
-                              const std::vector<std::string>& authorization,
-                              const grpc::AuthContext* peer) {
-                          return raw->CheckHeaders(method, authorization, peer);
-                        });
-  }
+  RETURN_IF_ERROR(server->OpenPolicyAndAuditLog(options));
+  credentials = server->CheckingCallHeaders(options, std::move(credentials));
   server->memory_releaser_ =
       std::make_unique<MemoryReleaser>(options.release_memory_interval);
   RETURN_IF_ERROR(server->OpenStore(options));
@@ -595,40 +625,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
   }
   absl::Status started = server->Listen(options, credentials);
   if (started.ok()) started = server->ServeMetrics(options.metrics_listen);
-  if (started.ok() && !options.local_socket.empty()) {
-    LocalTransferOptions local;
-    local.path = options.local_socket;
-    local.authorize = options.local_authorize;
-    local.export_bytes = options.local_export_bytes;
-    local.max_connections_per_uid = options.local_max_connections_per_uid;
-    if (!local.authorize && server->access_ != nullptr) {
-      // The side channel's token answers to the same policy as the gRPC port.
-      ModelStateService* service = server->service_.get();
-      local.authorize = [service](const LocalPeer&, const std::string& token,
-                                  const FetchRequest& request) -> absl::Status {
-        CallerCredentials credentials;
-        if (!token.empty())
-          credentials.authorization.push_back(absl::StrCat("Bearer ", token));
-        ASSIGN_OR_RETURN(const Caller caller,
-                         service->Authenticate(credentials));
-        return service->Authorize(caller, Action::kStateDict, request.model);
-      };
-    }
-    absl::StatusOr<std::unique_ptr<LocalTransferServer>> served =
-        LocalTransferServer::Start(server->store_.get(), std::move(local));
-    if (served.ok()) server->local_ = std::move(*served);
-    started = served.status();
-  }
+  if (started.ok()) started = server->ServeLocalTransfer(options);
   SetServing(server->server_.get(), false);
   SetServing(server->health_server_.get(), false);
-  std::vector<std::string> notes;
-  if (started.ok()) {
-    started =
-        PopulateStore(StartupModels{options.demo_model, options.preload},
-                      server->data_dir_.get(), server->store_.get(), &notes);
-  }
-  for (const std::string& note : notes)
-    std::fprintf(stderr, "modelstated: %s\n", note.c_str());
+  if (started.ok()) started = server->LoadStartupModels(options);
   if (!started.ok()) {
     server->Shutdown(absl::ZeroDuration());
     return started;

@@ -14,24 +14,27 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "access/access_gate.h"
+#include "access/audit_log.h"
+#include "access/policy_file.h"
 #include "client/client.h"
-#include "store/data_dir.h"
-#include "store/follower.h"
 #include "common/limits.h"
-#include "store/model_store.h"
 #include "grpcpp/generic/async_generic_service.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
 #include "prometheus/exposer.h"
-#include "server/auth.h"
 #include "server/connection_gate.h"
 #include "server/follower_upstream.h"
+#include "server/grpc_credentials.h"
 #include "server/local_transfer.h"
 #include "server/memory_release.h"
 #include "server/metrics.h"
 #include "server/model_state_service.h"
 #include "server/rpc_log.h"
+#include "store/data_dir.h"
+#include "store/follower.h"
+#include "store/model_store.h"
 
 namespace modelstate {
 
@@ -157,6 +160,9 @@ struct ServerOptions {
   bool follow_open_reads = false;
 };
 
+// True when `listen` ("host:port") only accepts connections from this host.
+bool IsLoopbackListen(const std::string& listen);
+
 class Server {
  public:
   // Starts serving: listens, reports NOT_SERVING while the demo and preload
@@ -208,7 +214,16 @@ class Server {
   // Opens the data directory (when set) and creates the store and service.
   absl::Status OpenStore(const ServerOptions& options);
   // Opens the auth policy and audit log, when asked for.
-  absl::Status OpenAccessControl(const ServerOptions& options);
+  absl::Status OpenPolicyAndAuditLog(const ServerOptions& options);
+  // The main port's credentials: with a policy, calls are first judged from
+  // their headers (CheckHeaders).
+  std::shared_ptr<grpc::ServerCredentials> CheckingCallHeaders(
+      const ServerOptions& options,
+      std::shared_ptr<grpc::ServerCredentials> credentials);
+  // Starts the shared-memory side channel, when asked for.
+  absl::Status ServeLocalTransfer(const ServerOptions& options);
+  // Loads the demo model and preloads (store/startup.h), logging its notes.
+  absl::Status LoadStartupModels(const ServerOptions& options);
   // Starts the metrics listener, when asked for.
   absl::Status ServeMetrics(const std::string& listen);
   // Follower mode: connects the upstream and makes the follower (not yet
@@ -222,8 +237,7 @@ class Server {
       const std::string& listen, int max_connections,
       const ServerOptions& options);
   // Whether a call may go on, from its headers alone (server/header_check.h):
-  // health and reflection always, everything else with credentials the
-  // policy knows.
+  // the access gate's AccessGate::CheckHeaders, as a gRPC status.
   grpc::Status CheckHeaders(const std::string& method,
                             const std::vector<std::string>& authorization,
                             const grpc::AuthContext* peer);
@@ -255,8 +269,9 @@ class Server {
   std::unique_ptr<ModelStore> store_;
   std::unique_ptr<Metrics> metrics_;
   // Before service_, which uses them.
-  std::unique_ptr<AccessControl> access_;
+  std::unique_ptr<PolicyFile> policy_file_;
   std::unique_ptr<AuditLog> audit_;
+  std::unique_ptr<AccessGate> access_gate_;
   std::unique_ptr<ModelStateService> service_;
   std::unique_ptr<GrpcUpstream> upstream_;
   std::unique_ptr<Follower> follower_;

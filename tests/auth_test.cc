@@ -3,8 +3,6 @@
 // mTLS certificates), policy reloads (file change, SIGHUP) with streams in
 // flight, the audit log, the auth-failure metrics, reflection off, and the
 // clients' token options (modelstatectl --token_file and $MODELSTATE_TOKEN).
-#include "server/auth.h"
-
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
@@ -31,6 +29,7 @@
 #include "grpcpp/create_channel.h"
 #include "gtest/gtest.h"
 #include "modelstate/v1/model_state.grpc.pb.h"
+#include "server/server.h"
 #include "tests/test_support.h"
 
 namespace modelstate {
