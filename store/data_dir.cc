@@ -15,9 +15,9 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
 #include "common/file_util.h"
+#include "common/status_macros.h"
 #include "model/module_factory.h"
 #include "model/safetensors.h"
-#include "common/status_macros.h"
 #include "nlohmann/json.hpp"
 
 namespace modelstate {
@@ -99,11 +99,11 @@ Json ManifestOf(const Snapshot& snapshot, const StateDict& state) {
               {"tensors", std::move(tensors)}};
 }
 
-// Rebuilds one persisted version, checking everything against its manifest.
-absl::StatusOr<Snapshot> ReadVersion(const std::string& dir,
-                                     const std::string& model,
-                                     int64_t version) {
-  const std::string base = dir + "/" + VersionName(version);
+// Reads the manifest of version `version` of `model` at `base` (the version's
+// path without suffix). DataLoss unless it is a modelstate manifest of that
+// version.
+absl::StatusOr<Json> ReadManifest(const std::string& base,
+                                  const std::string& model, int64_t version) {
   ASSIGN_OR_RETURN(std::string text, ReadFileToString(base + kManifestSuffix));
   Json manifest = Json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (manifest.is_discarded() || !manifest.is_object() ||
@@ -121,15 +121,40 @@ absl::StatusOr<Snapshot> ReadVersion(const std::string& dir,
     return absl::DataLossError(absl::StrCat(
         base, kManifestSuffix, ": names another model or version"));
   }
-  ASSIGN_OR_RETURN(SafetensorsFile file,
-                   ReadSafetensorsFile(base + kDataSuffix));
-  const Json& tensors = manifest["tensors"];
+  return manifest;
+}
+
+// Checks `tensor` against its manifest entry `info`: dtype, shape, checksum.
+absl::Status CheckAgainstManifest(const std::string& base,
+                                  const std::string& name, const Json& info,
+                                  const Tensor& tensor) {
+  uint64_t checksum = 0;
+  if (!info.contains("xxh3") || !info["xxh3"].is_string() ||
+      !absl::SimpleHexAtoi(info["xxh3"].get<std::string>(), &checksum) ||
+      info.value("dtype", "") != SafetensorsName(tensor.dtype()) ||
+      !info.contains("shape") || !info["shape"].is_array() ||
+      info["shape"].get<Shape>() != tensor.shape()) {
+    return absl::DataLossError(absl::StrCat(base, kDataSuffix, ": tensor \"",
+                                            name,
+                                            "\" differs from its manifest"));
+  }
+  if (tensor.Checksum() != checksum) {
+    return absl::DataLossError(absl::StrCat(
+        base, kDataSuffix, ": checksum mismatch for tensor \"", name, "\""));
+  }
+  return absl::OkStatus();
+}
+
+// The tensors of `file`, checked against the manifest's `tensors` and in its
+// order (the state dict's), with the keys of buffers added to `buffer_keys`.
+absl::StatusOr<StateDict> TensorsInManifestOrder(
+    const std::string& base, const Json& tensors, const SafetensorsFile& file,
+    std::vector<std::string>* buffer_keys) {
   if (tensors.size() != file.tensors.size()) {
     return absl::DataLossError(
         absl::StrCat(base, kDataSuffix, ": holds ", file.tensors.size(),
                      " tensors, the manifest lists ", tensors.size()));
   }
-  std::vector<std::string> buffer_keys;
   StateDict ordered;
   for (const Json& info : tensors) {
     if (!info.is_object() || !info.contains("name") ||
@@ -143,38 +168,45 @@ absl::StatusOr<Snapshot> ReadVersion(const std::string& dir,
       return absl::DataLossError(
           absl::StrCat(base, kDataSuffix, ": tensor \"", name, "\" missing"));
     }
-    uint64_t checksum = 0;
-    if (!info.contains("xxh3") || !info["xxh3"].is_string() ||
-        !absl::SimpleHexAtoi(info["xxh3"].get<std::string>(), &checksum) ||
-        info.value("dtype", "") != SafetensorsName(tensor->dtype()) ||
-        !info.contains("shape") || !info["shape"].is_array() ||
-        info["shape"].get<Shape>() != tensor->shape()) {
-      return absl::DataLossError(absl::StrCat(base, kDataSuffix, ": tensor \"",
-                                              name,
-                                              "\" differs from its manifest"));
-    }
-    if (tensor->Checksum() != checksum) {
-      return absl::DataLossError(absl::StrCat(
-          base, kDataSuffix, ": checksum mismatch for tensor \"", name, "\""));
-    }
+    RETURN_IF_ERROR(CheckAgainstManifest(base, name, info, *tensor));
     const TensorKind kind = info.value("kind", "parameter") == "buffer"
                                 ? TensorKind::kBuffer
                                 : TensorKind::kParameter;
-    if (kind == TensorKind::kBuffer) buffer_keys.push_back(name);
+    if (kind == TensorKind::kBuffer) buffer_keys->push_back(name);
     ordered.Set(name, *tensor, kind);
   }
+  return ordered;
+}
+
+// The module tree of a persisted state: built from `architecture` when it has
+// one, else from the keys.
+absl::StatusOr<ModulePtr> RebuildTree(const std::string& architecture,
+                                      const StateDict& ordered,
+                                      const std::vector<std::string>& buffers) {
+  if (architecture.empty()) return BuildModuleFromStateDict(ordered, buffers);
+  ASSIGN_OR_RETURN(ModulePtr built, BuildModuleFromSpec(architecture));
+  LoadOptions exact;
+  exact.assign = true;  // Keep the persisted tensors (and dtypes) as they
+                        // are, unconverted.
+  ASSIGN_OR_RETURN(LoadResult loaded, LoadStateDict(built, ordered, exact));
+  return std::move(loaded.model);
+}
+
+// Rebuilds one persisted version, checking everything against its manifest.
+absl::StatusOr<Snapshot> ReadVersion(const std::string& dir,
+                                     const std::string& model,
+                                     int64_t version) {
+  const std::string base = dir + "/" + VersionName(version);
+  ASSIGN_OR_RETURN(const Json manifest, ReadManifest(base, model, version));
+  ASSIGN_OR_RETURN(SafetensorsFile file,
+                   ReadSafetensorsFile(base + kDataSuffix));
+  std::vector<std::string> buffer_keys;
+  ASSIGN_OR_RETURN(
+      StateDict ordered,
+      TensorsInManifestOrder(base, manifest["tensors"], file, &buffer_keys));
   const std::string architecture = manifest["architecture"].get<std::string>();
-  ModulePtr root;
-  if (architecture.empty()) {
-    ASSIGN_OR_RETURN(root, BuildModuleFromStateDict(ordered, buffer_keys));
-  } else {
-    ASSIGN_OR_RETURN(ModulePtr built, BuildModuleFromSpec(architecture));
-    LoadOptions exact;
-    exact.assign = true;  // Keep the persisted tensors (and dtypes) as they
-                          // are, unconverted.
-    ASSIGN_OR_RETURN(LoadResult loaded, LoadStateDict(built, ordered, exact));
-    root = std::move(loaded.model);
-  }
+  ASSIGN_OR_RETURN(ModulePtr root,
+                   RebuildTree(architecture, ordered, buffer_keys));
   return Snapshot{model, version, std::move(root), architecture,
                   /*memo=*/nullptr};
 }

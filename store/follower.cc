@@ -7,8 +7,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "model/module_tree.h"
 #include "common/status_macros.h"
+#include "model/module_tree.h"
 
 namespace modelstate {
 namespace {

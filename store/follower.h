@@ -26,9 +26,9 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/optional.h"
+#include "model/state_dict.h"
 #include "store/model_store.h"
 #include "store/requests.h"
-#include "model/state_dict.h"
 
 namespace modelstate {
 

@@ -16,10 +16,10 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "common/status_macros.h"
-#include "model/test_util.h"
-#include "store/watch_queue.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "model/test_util.h"
+#include "store/watch_queue.h"
 
 namespace modelstate {
 namespace {

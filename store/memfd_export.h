@@ -17,7 +17,6 @@
 #ifndef MODELSTATE_STORE_MEMFD_EXPORT_H_
 #define MODELSTATE_STORE_MEMFD_EXPORT_H_
 
-
 #include <cstdint>
 #include <list>
 #include <memory>

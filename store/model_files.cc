@@ -3,8 +3,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/file_util.h"
-#include "model/safetensors.h"
 #include "common/status_macros.h"
+#include "model/safetensors.h"
 
 namespace modelstate {
 

@@ -1,10 +1,14 @@
 // The set of named model instances the daemon serves, with atomic loads and
-// point-in-time snapshots.
+// point-in-time snapshots: a facade over the classes that each keep one
+// concern of it (the catalog of versions, load sessions, the memory
+// accountant, events, persistence and reads; see below).
 //
 // Thread-safety: every method may be called from any thread. Readers
-// (GetSnapshot, List) hold the store's lock only to copy a pointer, and writers
-// hold it only to validate and swap pointers, so no reader ever waits for a
-// writer's data transfer or dtype conversion.
+// (GetSnapshot, List) hold the catalog's lock only to copy a pointer, and
+// writers hold it only to validate and swap pointers, so no reader ever waits
+// for a writer's data transfer or dtype conversion. Locks are taken in one
+// order: creates' and deletes' admin lock, a model's commit mutex, the events
+// lock, the catalog's lock; the memory accountant's lock is a leaf.
 #ifndef MODELSTATE_STORE_MODEL_STORE_H_
 #define MODELSTATE_STORE_MODEL_STORE_H_
 
@@ -24,75 +28,22 @@
 #include "absl/types/optional.h"
 #include "model/cast_cache.h"
 #include "model/module.h"
-#include "store/requests.h"
 #include "model/state_dict.h"
+#include "store/catalog.h"
+#include "store/catalog_writer.h"
+#include "store/events.h"
+#include "store/load_session.h"
+#include "store/requests.h"
+#include "store/snapshot.h"
 #include "store/state_dict_memo.h"
+#include "store/state_persister.h"
+#include "store/state_reader.h"
+#include "store/store_memory.h"
 
 namespace modelstate {
 
-// An immutable point-in-time view of a model. It shares storage with the model
-// and is never changed by later loads.
-struct Snapshot {
-  std::string model;
-  int64_t version = 0;
-  ModulePtr root;
-  // The architecture spec the model was created from; empty for models made
-  // from a checkpoint.
-  std::string architecture;
-  // The whole state dict that every fetch of this version shares, once built.
-  // The store gives each version it holds a memo of its own.
-  std::shared_ptr<StateDictMemo> memo;
-};
-
-class ModelStore;
-
-// A load that passed validation and holds its memory reservation. Receive the
-// tensors `inputs()` describes, then hand them with it to
-// ModelStore::CommitLoad. Destroying it without committing aborts the load,
-// releases the reservation and leaves the model unchanged.
-class PendingLoad {
- public:
-  ~PendingLoad();
-  PendingLoad(const PendingLoad&) = delete;
-  PendingLoad& operator=(const PendingLoad&) = delete;
-
-  const std::string& model() const { return request_.model; }
-  const std::vector<TensorSpec>& inputs() const { return inputs_; }
-  // Missing and unexpected keys as torch reports them (also when the load is
-  // not strict).
-  const LoadPlan& plan() const { return plan_; }
-  bool creates_model() const { return creates_model_; }
-  int64_t base_version() const { return base_.version; }
-  // Bytes reserved against the store's memory limit until commit or abort.
-  int64_t reserved_bytes() const { return reserved_bytes_; }
-
- private:
-  friend class ModelStore;
-  PendingLoad() = default;
-
-  ModelStore* store_ = nullptr;
-  std::vector<TensorSpec> inputs_;
-  LoadRequest request_;
-  LoadPlan plan_;
-  Snapshot base_;
-  bool creates_model_ = false;
-  int64_t reserved_bytes_ = 0;
-};
-
-// Where committed versions go to become durable (see store/data_dir.h). The
-// store calls it with the model's commit lock held, before the version becomes
-// visible.
-class StatePersister {
- public:
-  virtual ~StatePersister() = default;
-  // Makes `snapshot` durable (or schedules it, for asynchronous persisters). A
-  // non-OK status fails the create, load or rollback, which then changes
-  // nothing.
-  virtual absl::Status Persist(const Snapshot& snapshot) = 0;
-  // Removes every persisted version of `model`.
-  virtual absl::Status Remove(const std::string& model) = 0;
-};
-
+// Snapshot, PendingLoad, StatePersister, ValidateModelName and Summarize live
+// with their concerns (the headers above) and reach callers through this one.
 class ModelStore {
  public:
   struct Options {
@@ -302,88 +253,23 @@ class ModelStore {
   int pending_loads() const;
 
  private:
-  friend class PendingLoad;
-  struct Entry {
-    Snapshot current;
-    std::deque<Snapshot> history;  // Older retained versions, newest first.
-    // Serialises commits of this model, including their persisting; readers
-    // never take it.
-    std::shared_ptr<absl::Mutex> commit_mu = std::make_shared<absl::Mutex>();
-  };
-
-  // Version `version` (0: current) of a model's entry, or NotFound.
-  static absl::StatusOr<Snapshot> FindVersion(const Entry& entry,
-                                              int64_t version);
-  absl::Status CheckMemory(int64_t extra_bytes) const
-      ABSL_SHARED_LOCKS_REQUIRED(mu_);
-  // The state dict `options` select from `snapshot`: its memo's when they
-  // select the whole model, else built for the request.
-  absl::StatusOr<std::shared_ptr<const StateDict>> SelectState(
-      const Snapshot& snapshot, const StateDictOptions& options) const;
   // OK unless the store is a follower's (FailedPrecondition naming the
   // upstream).
   absl::Status CheckWritable() const;
-  // Delete without the follower-mode check.
-  absl::Status Erase(const std::string& name, Snapshot* erased = nullptr);
-  // Returns a pending load's reservation; `finished` also ends its count.
-  void Release(int64_t reserved_bytes, bool finished);
-  void AttachTree(const Module& root);
-  void Notify(const ModelEvent& event)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(events_mu_);
-  absl::Status Add(const std::string& name, ModulePtr root,
-                   std::string architecture, int64_t version, bool persist);
-  // Returns the commit mutex of `name`, or NotFound.
-  absl::StatusOr<std::shared_ptr<absl::Mutex>> CommitMutex(
-      const std::string& name) const;
-  // The commit of a load that creates its model.
-  absl::StatusOr<LoadOutcome> CommitCreatingLoad(
-      PendingLoad& load, absl::Span<const Tensor> tensors);
-  // Rebuilds the tree with `converted` (re-planned if another load committed
-  // first) and publishes it; returns the new version.
-  absl::StatusOr<int64_t> CommitConverted(const PendingLoad& load,
-                                          absl::Span<const Tensor> converted);
-  // With the model's commit mutex held: persists `next` and publishes it as
-  // the current version of the same entry (`commit_mu` identifies it).
-  absl::Status Publish(const std::shared_ptr<absl::Mutex>& commit_mu,
-                       const Snapshot& next, ModelEvent::Type event_type);
-
-  // Keeps the storage pool within the memory limit (registered only when
-  // there is one).
-  class PoolBudget;
+  // FailedPrecondition saying only a follower's store does `what`, unless it
+  // is one.
+  absl::Status CheckFollower(absl::string_view what) const;
 
   const Options options_;
-  std::shared_ptr<MemoryAccountant> accountant_;
-  std::unique_ptr<PoolBudget> pool_budget_;
+  // The concerns, each owned once and constructed in dependency order.
+  StoreMemory memory_;
   CastCache cast_cache_;
-
-  // Serialises creates and deletes (which persist and remove files). Taken
-  // first.
-  absl::Mutex admin_mu_;
-
-  // Serialises writers' swap-and-notify so listeners see events in commit
-  // order. Taken after any commit mutex and before mu_.
-  absl::Mutex events_mu_;
-  std::map<int64_t, std::function<void(const ModelEvent&)>> listeners_
-      ABSL_GUARDED_BY(events_mu_);
-  int64_t next_listener_id_ ABSL_GUARDED_BY(events_mu_) = 1;
-  bool replica_synced_ ABSL_GUARDED_BY(events_mu_) = false;
-
-  mutable absl::Mutex mu_ ABSL_ACQUIRED_AFTER(events_mu_);
-  std::map<std::string, Entry> models_ ABSL_GUARDED_BY(mu_);
-  std::map<std::string, int64_t> retired_versions_ ABSL_GUARDED_BY(mu_);
-  // Written with mu_ held; atomic because the pool budget reads it from
-  // whichever thread frees a storage, possibly one holding mu_.
-  std::atomic<int64_t> reserved_bytes_{0};
-  int pending_loads_ ABSL_GUARDED_BY(mu_) = 0;
+  Catalog catalog_;
+  StoreEvents events_;
+  CatalogWriter writer_;
+  LoadSessions loads_;
+  StateReader reader_;
 };
-
-// A model's summary: its root class, and the tensor count and bytes of its
-// full state dict.
-ModelSummary Summarize(const Snapshot& snapshot);
-
-// Returns OK for a model name of 1 to 128 characters from [A-Za-z0-9._-] that
-// does not start with '.'; InvalidArgument otherwise.
-absl::Status ValidateModelName(absl::string_view name);
 
 }  // namespace modelstate
 

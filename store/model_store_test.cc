@@ -13,9 +13,9 @@
 #include "absl/time/time.h"
 #include "common/limits.h"
 #include "common/sanitizers.h"
-#include "model/test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "model/test_util.h"
 
 namespace modelstate {
 namespace {

@@ -15,4 +15,14 @@ std::vector<TensorDescription> DescribeTensors(const StateDict& state) {
   return tensors;
 }
 
+StateDictOptions ToStateDictOptions(const FetchRequest& request) {
+  StateDictOptions options;
+  options.module = request.module;
+  options.keep_module_prefix = request.keep_module_prefix;
+  options.recurse = request.recurse;
+  options.include_buffers = request.include_buffers;
+  options.keys = request.keys;
+  return options;
+}
+
 }  // namespace modelstate

@@ -76,7 +76,6 @@ struct ModelEvent {
   int64_t version = 0;
 };
 
-
 // One model at one version, as ListModels shows it.
 struct ModelSummary {
   std::string name;

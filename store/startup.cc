@@ -3,8 +3,8 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
-#include "store/model_files.h"
 #include "common/status_macros.h"
+#include "store/model_files.h"
 
 namespace modelstate {
 namespace {

@@ -7,12 +7,12 @@
 #include <thread>
 #include <vector>
 
-#include "store/model_store.h"
-#include "model/module_tree.h"
 #include "common/sanitizers.h"
-#include "model/test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "model/module_tree.h"
+#include "model/test_util.h"
+#include "store/model_store.h"
 
 namespace modelstate {
 namespace {
