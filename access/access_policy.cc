@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/file_util.h"
+#include "common/limits.h"
 #include "common/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -23,12 +24,6 @@ namespace {
 
 using Json = nlohmann::json;
 using Hash = std::array<uint8_t, 32>;
-
-// Bounds on what a policy may hold: names are logged, globs are matched per
-// call.
-constexpr size_t kMaxPrincipalNameLength = 128;
-constexpr size_t kMaxGlobLength = 256;
-constexpr size_t kMaxCertificateNameLength = 1024;
 
 Hash Sha256(absl::string_view data) {
   Hash hash{};

@@ -6,7 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
-#include "access/log_field.h"
+#include "common/log_field.h"
 
 namespace modelstate {
 

@@ -3,7 +3,7 @@
 // the RPC log:
 //   audit: time=<RFC 3339> principal=<name> action=<RPC> model="<name>"
 //   version=<n> bytes=<n> status=<CODE> peer=<address>
-// The model name is escaped and cut as EscapeForLog does (access/log_field.h).
+// The model name is escaped and cut as EscapeForLog does (common/log_field.h).
 //
 // Thread-safety: an AuditLog may be written from any thread; FormatAuditLine
 // is a pure function.

@@ -1,7 +1,6 @@
 // What a caller presents, as plain values a transport fills in: the values of
 // its "authorization" metadata, the names of its verified client certificate.
-// The "Bearer <token>" form of an authorization value is read and written
-// here and nowhere else.
+// The "Bearer <token>" form of an authorization value is common/bearer.h's.
 //
 // Thread-safety: plain values and pure functions.
 #ifndef MODELSTATE_ACCESS_CREDENTIALS_H_
@@ -12,6 +11,7 @@
 #include <vector>
 
 #include "absl/strings/string_view.h"
+#include "common/bearer.h"
 
 namespace modelstate {
 
@@ -41,15 +41,6 @@ struct CallerCredentials {
   // Of a client certificate the transport verified; empty without one.
   CertificateNames certificate;
 };
-
-// The authorization value that presents `token`: "Bearer <token>".
-std::string BearerAuthorization(absl::string_view token);
-
-// The token of an authorization value "Bearer <token>" (RFC 6750: the scheme
-// in any case, one space, then a token of printable ASCII without spaces), or
-// nullopt when `authorization` is not of that form. The token is a view into
-// `authorization`.
-std::optional<absl::string_view> BearerTokenOf(absl::string_view authorization);
 
 }  // namespace modelstate
 

@@ -15,6 +15,7 @@
 #include "absl/time/clock.h"
 #include "client/client.h"
 #include "client/local_fetch.h"
+#include "common/bearer.h"
 #include "common/file_util.h"
 #include "common/limits.h"
 #include "common/status_macros.h"
@@ -204,7 +205,7 @@ void Client::Prepare(grpc::ClientContext* context) const {
     context->set_deadline(absl::ToChronoTime(absl::Now() + options_.timeout));
   }
   if (!options_.token.empty())
-    context->AddMetadata("authorization", "Bearer " + options_.token);
+    context->AddMetadata("authorization", BearerAuthorization(options_.token));
 }
 
 absl::StatusOr<std::vector<ModelSummary>> Client::ListModels() {

@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/bearer.h"
 #include "common/status_macros.h"
 #include "proto/chunk_frame.h"
 #include "proto/convert.h"
@@ -197,7 +198,7 @@ void ResumableFetch::Open(const FetchRequest& request) {
   if (deadline_ != absl::InfiniteFuture())
     attempt_->context.set_deadline(absl::ToChronoTime(deadline_));
   if (!token_.empty())
-    attempt_->context.AddMetadata("authorization", "Bearer " + token_);
+    attempt_->context.AddMetadata("authorization", BearerAuthorization(token_));
   attempt_->cancel_scope =
       std::make_unique<CancelScope>(transfer_.canceller, &attempt_->context);
   v1::StateDictRequest proto = ToProto(request);

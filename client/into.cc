@@ -16,6 +16,7 @@
 #include "client/fetch_call.h"
 #include "client/local_fetch.h"
 #include "common/status_macros.h"
+#include "model/state_dict.h"
 #include "proto/convert.h"
 #include "transfer/transfer.h"
 
@@ -76,11 +77,8 @@ absl::StatusOr<std::vector<const Destination*>> MatchDestinations(
       continue;
     }
     if (found->second->shape != entry.shape) {
-      mismatched.push_back(absl::StrCat(
-          "size mismatch for ", entry.key, ": copying a param with shape ",
-          TorchSizeString(entry.shape),
-          " from checkpoint, the shape in current model is ",
-          TorchSizeString(found->second->shape), "."));
+      mismatched.push_back(
+          SizeMismatchText(entry.key, entry.shape, found->second->shape));
     }
     targets.push_back(found->second);
     by_key.erase(found);

@@ -1,5 +1,5 @@
-// Protocol and input limits, in one place: the server, the client, the core's
-// validators and docs/protocol.md all use these numbers.
+// Protocol and input limits, in one place: the server, the client, the
+// validators of model/ and store/, and docs/protocol.md all use these numbers.
 #ifndef MODELSTATE_COMMON_LIMITS_H_
 #define MODELSTATE_COMMON_LIMITS_H_
 
@@ -40,6 +40,12 @@ inline constexpr uint32_t kMaxLocalFrameBytes = 64u << 20;
 // Status messages sent to a peer are cut to this many bytes, so that a
 // message quoting hostile input stays small.
 inline constexpr size_t kMaxStatusMessageBytes = 3072;
+
+// What an access policy may hold: names are logged, globs are matched per
+// call.
+inline constexpr size_t kMaxPrincipalNameLength = 128;
+inline constexpr size_t kMaxGlobLength = 256;
+inline constexpr size_t kMaxCertificateNameLength = 1024;
 
 // Model names: 1 to this many characters from [A-Za-z0-9._-], not starting
 // with '.'.

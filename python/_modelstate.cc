@@ -380,9 +380,8 @@ class PyClient {
       if (!ok) return absl::CancelledError("the allocator raised");
       return destinations;
     };
-    const int64_t version = runner.Run<int64_t>([&] {
-      return client_->StateDictInto(request, allocator, transfer, into);
-    });
+    const int64_t version = runner.Run<int64_t>(
+        [&] { return client_->FetchInto(request, allocator, transfer, into); });
     return py::make_tuple(version, written);
   }
 
@@ -424,7 +423,7 @@ class PyClient {
     transfer.canceller = runner.canceller();
     transfer.progress = runner.Progress(std::move(progress));
     const LoadOutcome outcome = runner.Run<LoadOutcome>(
-        [&] { return client_->LoadStateDict(request, state, transfer); });
+        [&] { return client_->Load(request, state, transfer); });
     return py::make_tuple(outcome.version, outcome.missing_keys,
                           outcome.unexpected_keys, outcome.created);
   }

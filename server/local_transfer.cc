@@ -18,6 +18,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/file_util.h"
 #include "common/limits.h"
 #include "common/status_macros.h"
 #include "proto/convert.h"
@@ -76,21 +77,11 @@ absl::Status FillRegion(int fd, const std::vector<Tensor>& tensors,
                         const std::function<absl::Status(size_t)>& report) {
   uint64_t unreported = 0;
   for (size_t i = 0; i < tensors.size(); ++i) {
-    const uint8_t* data = tensors[i].data();
-    size_t left = tensors[i].num_bytes();
-    uint64_t at = offsets[i];
-    while (left > 0) {
-      const ssize_t wrote = pwrite(fd, data, left, static_cast<off_t>(at));
-      if (wrote < 0 && errno == EINTR) continue;
-      if (wrote <= 0) {
-        return absl::ResourceExhaustedError(
-            absl::StrCat("cannot write the region: ",
-                         wrote < 0 ? std::strerror(errno) : "no progress"));
-      }
-      data += wrote;
-      left -= static_cast<size_t>(wrote);
-      at += static_cast<uint64_t>(wrote);
-    }
+    const absl::Status written =
+        WriteFullyAt(fd, offsets[i], tensors[i].data(), tensors[i].num_bytes(),
+                     "the region");
+    // Whatever the errno, the client's region could not take the bytes.
+    if (!written.ok()) return absl::ResourceExhaustedError(written.message());
     unreported += tensors[i].num_bytes();
     if (unreported >= kProgressBytes && i + 1 < tensors.size()) {
       RETURN_IF_ERROR(report(i + 1));

@@ -1,6 +1,6 @@
 // One log line per RPC on stderr: method, model, bytes, duration, status.
 // Strings that come from a request are escaped and cut short on every log
-// line (EscapeForLog, access/log_field.h), so that no request can forge a
+// line (EscapeForLog, common/log_field.h), so that no request can forge a
 // line or flood the log.
 #ifndef MODELSTATE_SERVER_RPC_LOG_H_
 #define MODELSTATE_SERVER_RPC_LOG_H_
@@ -14,7 +14,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "access/log_field.h"
+#include "common/log_field.h"
 #include "grpcpp/support/status.h"
 
 namespace modelstate {

@@ -13,7 +13,6 @@
 #include "absl/strings/str_cat.h"
 #include "common/file_util.h"
 #include "common/status_macros.h"
-#include "xxhash.h"
 
 namespace modelstate {
 namespace {
@@ -71,7 +70,7 @@ absl::Status CopyAndVerify(int fd, uint64_t size,
         if (written <= i) return;
       }
       Populate(base + offsets[i], tensors[i].num_bytes());
-      if (XXH3_64bits(base + offsets[i], tensors[i].num_bytes()) ==
+      if (ChecksumOf(base + offsets[i], tensors[i].num_bytes()) ==
           tensors[i].Checksum())
         continue;
       corrupt = absl::DataLossError(

@@ -1,4 +1,4 @@
-#include "access/credentials.h"
+#include "common/bearer.h"
 
 #include <algorithm>
 

@@ -1,4 +1,4 @@
-#include "access/log_field.h"
+#include "common/log_field.h"
 
 #include <algorithm>
 

@@ -3,8 +3,8 @@
 // audit log and the server's RPC log.
 //
 // Thread-safety: pure functions.
-#ifndef MODELSTATE_ACCESS_LOG_FIELD_H_
-#define MODELSTATE_ACCESS_LOG_FIELD_H_
+#ifndef MODELSTATE_COMMON_LOG_FIELD_H_
+#define MODELSTATE_COMMON_LOG_FIELD_H_
 
 #include <cstddef>
 #include <string>
@@ -34,4 +34,4 @@ std::string LogField(absl::string_view text);
 
 }  // namespace modelstate
 
-#endif  // MODELSTATE_ACCESS_LOG_FIELD_H_
+#endif  // MODELSTATE_COMMON_LOG_FIELD_H_
