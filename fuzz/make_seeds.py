@@ -67,11 +67,11 @@ def factory_seeds():
     ]
     for i, layer in enumerate(layers):
         write(t, "layer_%02d.json" % i, json.dumps(layer, separators=(",", ":")))
-    # Issue 13: Builder::Build <-> the Sequential factory recursed once per level.
+    # A crash once found: Builder::Build <-> the Sequential factory recursed once per level.
     depth = 10000
     write(t, "repro_nested_10000_deep.json",
           '{"type":"Sequential","modules":[' * depth + '{"type":"ReLU"}' + "]}" * depth)
-    # Issue 13: signed overflow in the Conv fan-in product before the shape check.
+    # A crash once found: signed overflow in the Conv fan-in product before the shape check.
     write(t, "repro_conv_fan_in_overflow.json",
           '{"type":"Conv2d","args":[4,8,[4611686018427387904,4]]}')
     write(t, "repro_conv_transpose_fan_in_overflow.json",
@@ -89,7 +89,7 @@ def tree_seeds():
     write(t, "nested.txt", "encoder.layers.0.attn.in_proj_weight\nencoder.layers.1.w\nhead")
     write(t, "conflict.txt", "a\na.b")
     write(t, "empty_component.txt", "a..b\n.x\ny.")
-    # Issue 13: FreezeFlatNode recursed once per dotted component.
+    # A crash once found: FreezeFlatNode recursed once per dotted component.
     write(t, "repro_key_100000_components.txt", ".".join(["a"] * 100000))
     write(t, "repro_key_too_long.txt", "k" * 5000)
 
