@@ -9,8 +9,8 @@
 #include <string>
 #include <vector>
 
-#include "transfer/transfer.h"
 #include "fuzzer/FuzzedDataProvider.h"
+#include "transfer/transfer.h"
 
 namespace modelstate {
 namespace {

@@ -7,8 +7,8 @@
 #include <cstdint>
 #include <string>
 
-#include "transfer/transfer.h"
 #include "proto/convert.h"
+#include "transfer/transfer.h"
 
 namespace modelstate {
 namespace {

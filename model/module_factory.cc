@@ -5,11 +5,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "model/initializers.h"
 #include "common/limits.h"
+#include "common/status_macros.h"
+#include "model/initializers.h"
 #include "model/module_layers.h"
 #include "model/spec_args.h"
-#include "common/status_macros.h"
 
 namespace modelstate {
 namespace {

@@ -35,8 +35,8 @@ struct BuildOptions {
 // initialisation; the same seed gives the same tensors. Returns
 // InvalidArgument, naming the JSON path, for malformed JSON, an unknown type
 // or argument, a bad value, a size that overflows int64, modules nested more
-// than kMaxSpecDepth (common/limits.h) deep, a spec longer than kMaxSpecBytes or
-// a model of more than kMaxModules modules.
+// than kMaxSpecDepth (common/limits.h) deep, a spec longer than kMaxSpecBytes
+// or a model of more than kMaxModules modules.
 absl::StatusOr<ModulePtr> BuildModuleFromSpec(absl::string_view spec_json,
                                               const BuildOptions& options = {});
 

@@ -8,10 +8,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/limits.h"
-#include "model/module_version.h"
-#include "model/test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "model/module_version.h"
+#include "model/test_util.h"
 
 namespace modelstate {
 namespace {

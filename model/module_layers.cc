@@ -6,8 +6,8 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "model/module_version.h"
 #include "common/status_macros.h"
+#include "model/module_version.h"
 
 namespace modelstate {
 namespace {

@@ -14,8 +14,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/file_util.h"
-#include "model/names.h"
 #include "common/status_macros.h"
+#include "model/names.h"
 #include "nlohmann/json.hpp"
 
 namespace modelstate {

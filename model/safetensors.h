@@ -70,8 +70,8 @@ absl::StatusOr<SafetensorsFile> ReadSafetensors(
 // Reads the file at `path`. Files of 1 MiB and more are memory-mapped
 // (read-only, private) and the tensors borrow the mapping; smaller ones are
 // read into memory. I/O failures are reported as ErrnoToStatus
-// (common/file_util.h) and a file that shrinks while read as DataLoss; otherwise
-// errors as ParseSafetensorsHeader.
+// (common/file_util.h) and a file that shrinks while read as DataLoss;
+// otherwise errors as ParseSafetensorsHeader.
 absl::StatusOr<SafetensorsFile> ReadSafetensorsFile(const std::string& path);
 
 // Returns the serialized header (length prefix, JSON, space padding to a

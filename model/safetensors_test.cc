@@ -12,9 +12,9 @@
 
 #include "common/file_util.h"
 #include "common/status_macros.h"
-#include "model/test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "model/test_util.h"
 
 namespace modelstate {
 namespace {

@@ -3,9 +3,9 @@
 #include "model/state_dict.h"
 
 #include "absl/strings/str_cat.h"
-#include "model/test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "model/test_util.h"
 
 namespace modelstate {
 namespace {

@@ -5,10 +5,10 @@
 #include <string>
 #include <vector>
 
+#include "gtest/gtest.h"
 #include "model/module_factory.h"
 #include "model/state_dict.h"
 #include "model/tensor.h"
-#include "gtest/gtest.h"
 
 namespace modelstate {
 

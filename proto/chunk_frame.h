@@ -7,10 +7,10 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "transfer/transfer.h"
 #include "grpcpp/impl/codegen/proto_utils.h"
 #include "grpcpp/support/byte_buffer.h"
 #include "modelstate/v1/model_state.pb.h"
+#include "transfer/transfer.h"
 
 namespace modelstate {
 

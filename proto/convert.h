@@ -9,10 +9,10 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "store/requests.h"
 #include "model/state_dict.h"
-#include "transfer/transfer.h"
 #include "modelstate/v1/model_state.pb.h"
+#include "store/requests.h"
+#include "transfer/transfer.h"
 
 namespace modelstate {
 

@@ -3,9 +3,9 @@
 // fails.
 #include "proto/convert.h"
 
-#include "model/test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "model/test_util.h"
 
 namespace modelstate {
 namespace {

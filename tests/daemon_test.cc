@@ -9,10 +9,10 @@
 
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "model/safetensors.h"
 #include "gmock/gmock.h"
 #include "grpcpp/create_channel.h"
 #include "gtest/gtest.h"
+#include "model/safetensors.h"
 #include "modelstate/v1/model_state.grpc.pb.h"
 #include "tests/test_support.h"
 

@@ -11,9 +11,9 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "model/module_factory.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "model/module_factory.h"
 #include "tests/test_support.h"
 
 namespace modelstate {

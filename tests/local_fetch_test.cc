@@ -27,12 +27,12 @@
 #include "absl/time/clock.h"
 #include "client/client.h"
 #include "common/limits.h"
-#include "store/memfd_export.h"
 #include "common/status_macros.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "proto/convert.h"
 #include "proto/local_frame.h"
+#include "store/memfd_export.h"
 #include "tests/test_support.h"
 
 namespace modelstate {

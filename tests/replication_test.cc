@@ -29,9 +29,9 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "access/access_policy.h"
-#include "model/module_factory.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "model/module_factory.h"
 #include "tests/proxy.h"
 #include "tests/test_support.h"
 

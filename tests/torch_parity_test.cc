@@ -11,11 +11,11 @@
 #include <string>
 
 #include "absl/strings/escaping.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
 #include "model/module_factory.h"
 #include "model/safetensors.h"
 #include "model/state_dict.h"
-#include "gmock/gmock.h"
-#include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 
 namespace modelstate {
