@@ -2,6 +2,7 @@
 // (FetchStreaming) or piece by piece into the caller's storage
 // (FetchToWriter). Resuming after a dropped connection is fetch_call.h's.
 #include <functional>
+#include <map>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -21,24 +22,77 @@ using ReceivedTensorCallback =
     std::function<absl::Status(const v1::Manifest& manifest, size_t index,
                                const TransferEntry& entry, Tensor tensor)>;
 
+// Hands tensors on in manifest order when shared entries' bytes do not
+// travel: a shared entry goes out, as its source's tensor, once every entry
+// before it has.
+class SharedTensorOrder {
+ public:
+  SharedTensorOrder(const std::vector<TransferEntry>& entries,
+                    const ReceivedTensorCallback& on_tensor)
+      : entries_(entries), on_tensor_(on_tensor) {
+    for (const TransferEntry& entry : entries) {
+      if (entry.shared_with >= 0) kept_[entry.shared_with] = Tensor();
+    }
+  }
+
+  // Called with each received tensor and its manifest index, in order.
+  absl::Status Received(const v1::Manifest& manifest, size_t index,
+                        Tensor tensor) {
+    RETURN_IF_ERROR(HandOnSharedBefore(manifest, index));
+    auto kept = kept_.find(static_cast<int64_t>(index));
+    if (kept != kept_.end()) kept->second = tensor;
+    next_ = index + 1;
+    return on_tensor_(manifest, index, entries_[index], std::move(tensor));
+  }
+
+  // Hands on the shared entries after the last received one.
+  absl::Status Finish(const v1::Manifest& manifest) {
+    return HandOnSharedBefore(manifest, entries_.size());
+  }
+
+ private:
+  absl::Status HandOnSharedBefore(const v1::Manifest& manifest, size_t end) {
+    for (; next_ < end; ++next_) {
+      const TransferEntry& entry = entries_[next_];
+      RETURN_IF_ERROR(
+          on_tensor_(manifest, next_, entry, kept_.at(entry.shared_with)));
+    }
+    return absl::OkStatus();
+  }
+
+  const std::vector<TransferEntry>& entries_;
+  const ReceivedTensorCallback& on_tensor_;
+  std::map<int64_t, Tensor> kept_;  // Sources of shared entries.
+  size_t next_ = 0;
+};
+
 // Fetches `fetch`, handing each tensor to `on_tensor` as it completes, packed
-// as `packing` says. Returns the version.
+// as `packing` says; a tensor held under several keys travels once. Returns
+// the version.
 absl::StatusOr<int64_t> ReceiveTensors(
     grpc::Channel* channel, absl::Time deadline, const std::string& token,
-    const FetchRequest& fetch, const TransferOptions& transfer,
-    TensorPacking packing, const ReceivedTensorCallback& on_tensor) {
+    FetchRequest fetch, const TransferOptions& transfer, TensorPacking packing,
+    const ReceivedTensorCallback& on_tensor) {
+  fetch.accept_shared_tensors = true;
   ResumableFetch call(channel, deadline, token, fetch, transfer);
   ASSIGN_OR_RETURN(StartedFetch started, StartAndAnnounce(call, transfer));
   const v1::Manifest& manifest = started.manifest;
+  std::vector<size_t> manifest_index;
+  for (size_t i = 0; i < started.entries.size(); ++i) {
+    if (started.entries[i].shared_with < 0) manifest_index.push_back(i);
+  }
+  SharedTensorOrder order(started.entries, on_tensor);
   absl::StatusOr<std::unique_ptr<ChunkReceiver>> receiver =
       ChunkReceiver::Create(
-          std::move(started.entries),
-          [&](size_t index, const TransferEntry& entry, Tensor tensor) {
-            return on_tensor(manifest, index, entry, std::move(tensor));
+          SentEntries(started.entries),
+          [&](size_t index, const TransferEntry&, Tensor tensor) {
+            return order.Received(manifest, manifest_index[index],
+                                  std::move(tensor));
           },
           /*min_chunk_bytes=*/0, packing);
   if (!receiver.ok()) return call.Abandon(receiver.status());
   RETURN_IF_ERROR(call.ReadToEnd(**receiver));
+  RETURN_IF_ERROR(order.Finish(manifest));
   return manifest.version();
 }
 
@@ -126,7 +180,10 @@ absl::StatusOr<int64_t> Client::FetchStreaming(
 absl::StatusOr<int64_t> Client::FetchToWriter(const FetchRequest& fetch,
                                               const TransferOptions& transfer,
                                               const PieceWriter& write) {
-  ResumableFetch call(channel_.get(), Deadline(), options_.token, fetch,
+  // Pieces are written by manifest index: every key's bytes must come.
+  FetchRequest every_key = fetch;
+  every_key.accept_shared_tensors = false;
+  ResumableFetch call(channel_.get(), Deadline(), options_.token, every_key,
                       transfer);
   ASSIGN_OR_RETURN(StartedFetch started, StartAndAnnounce(call, transfer));
   PieceWriterSink sink(write);

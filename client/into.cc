@@ -101,45 +101,95 @@ absl::StatusOr<std::vector<const Destination*>> MatchDestinations(
       "cannot fetch into the destinations: ", absl::StrJoin(problems, " ")));
 }
 
+// Per entry whose bytes travel (SentEntries), every destination they fill:
+// its own, and those of the entries shared with it whose memory differs
+// (tied parameters in one tensor need one write).
+using SentTargets = std::vector<std::vector<const Destination*>>;
+
+// Per entry, the index among SentEntries(entries) of the entry whose bytes
+// it gets (its own, or its source's when shared).
+std::vector<size_t> SentIndexes(const std::vector<TransferEntry>& entries) {
+  std::vector<size_t> sent_index(entries.size());
+  size_t sent = 0;
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const int64_t source = entries[i].shared_with;
+    sent_index[i] = source < 0 ? sent++ : sent_index[source];
+  }
+  return sent_index;
+}
+
+SentTargets TargetsOfSentEntries(
+    const std::vector<TransferEntry>& entries,
+    const std::vector<const Destination*>& targets) {
+  const std::vector<size_t> sent_index = SentIndexes(entries);
+  SentTargets sent(std::count_if(
+      entries.begin(), entries.end(),
+      [](const TransferEntry& entry) { return entry.shared_with < 0; }));
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const Destination* target = targets[i];
+    if (target == nullptr) continue;
+    std::vector<const Destination*>& filled = sent[sent_index[i]];
+    const bool same_memory =
+        std::any_of(filled.begin(), filled.end(), [&](const Destination* d) {
+          return d->data == target->data && d->dtype == target->dtype;
+        });
+    if (!same_memory) filled.push_back(target);
+  }
+  return sent;
+}
+
+// The keys `targets` fills from the first `sent_written` sent entries, in
+// manifest order.
+void AddWrittenKeys(const std::vector<TransferEntry>& entries,
+                    const std::vector<const Destination*>& targets,
+                    size_t sent_written, std::vector<std::string>* written) {
+  if (written == nullptr) return;
+  const std::vector<size_t> sent_index = SentIndexes(entries);
+  for (size_t i = 0; i < entries.size(); ++i) {
+    if (targets[i] != nullptr && sent_index[i] < sent_written)
+      written->push_back(entries[i].key);
+  }
+}
+
 // Writes a transfer straight into caller-owned destinations (IntoOptions::
 // allow_partial_write): each piece is copied, or cast element by element,
 // where it belongs. A tensor without a destination is verified and dropped.
 class DestinationSink : public TensorSink {
  public:
-  // `entries` and `targets` (one per entry) must outlive the sink.
-  DestinationSink(const std::vector<TransferEntry>& entries,
-                  const std::vector<const Destination*>& targets,
-                  std::vector<std::string>* written)
-      : entries_(entries), targets_(targets), written_(written) {}
+  // `sent` and `targets` (one list per sent entry) must outlive the sink.
+  DestinationSink(const std::vector<TransferEntry>& sent,
+                  const SentTargets& targets)
+      : sent_(sent), targets_(targets) {}
 
   absl::Status Write(size_t index, uint64_t offset,
                      absl::string_view piece) override {
-    const Destination* target = targets_[index];
-    if (target == nullptr) return absl::OkStatus();
-    if (offset == 0) Written(index);
-    const DType dtype = entries_[index].dtype;
-    if (dtype == target->dtype) {
-      std::memcpy(static_cast<uint8_t*>(target->data) + offset, piece.data(),
-                  piece.size());
-    } else {
-      Cast(dtype, *target, offset, piece);
+    touched_ = std::max(touched_, index + 1);
+    const DType dtype = sent_[index].dtype;
+    uint8_t carry[8];
+    std::memcpy(carry, carry_, sizeof(carry));
+    for (const Destination* target : targets_[index]) {
+      if (dtype == target->dtype) {
+        std::memcpy(static_cast<uint8_t*>(target->data) + offset, piece.data(),
+                    piece.size());
+      } else {
+        // Each target's cast starts from the bytes the last piece left.
+        std::memcpy(carry_, carry, sizeof(carry));
+        Cast(dtype, *target, offset, piece);
+      }
     }
     return absl::OkStatus();
   }
 
   absl::Status Complete(size_t index) override {
     // A tensor without bytes had no Write to count it.
-    if (targets_[index] != nullptr && !started_) Written(index);
-    started_ = false;
+    touched_ = std::max(touched_, index + 1);
     return absl::OkStatus();
   }
 
- private:
-  void Written(size_t index) {
-    started_ = true;
-    if (written_ != nullptr) written_->push_back(entries_[index].key);
-  }
+  // How many sent entries (a prefix) had bytes written, or were empty.
+  size_t touched() const { return touched_; }
 
+ private:
   // Converts a piece of `dtype` elements `offset` bytes into its tensor to
   // the target's dtype. Elements may straddle pieces: their first bytes wait
   // in carry_.
@@ -166,24 +216,21 @@ class DestinationSink : public TensorSink {
     std::memcpy(carry_, piece.data(), piece.size());
   }
 
-  const std::vector<TransferEntry>& entries_;
-  const std::vector<const Destination*>& targets_;
-  std::vector<std::string>* written_;
-  bool started_ = false;  // The current tensor was counted as written.
+  const std::vector<TransferEntry>& sent_;
+  const SentTargets& targets_;
+  size_t touched_ = 0;
   uint8_t carry_[8] = {};
 };
 
-// Copies verified staged tensors into their destinations.
-void CopyStaged(const std::vector<Tensor>& staged,
-                const std::vector<const Destination*>& targets,
-                std::vector<std::string>* written,
-                const std::vector<TransferEntry>& entries) {
+// Copies verified staged tensors (one per sent entry) into their
+// destinations.
+void CopyStaged(const std::vector<Tensor>& staged, const SentTargets& targets) {
   for (size_t i = 0; i < staged.size(); ++i) {
-    if (targets[i] == nullptr) continue;
-    ConvertElements(staged[i].dtype(), staged[i].data(), targets[i]->dtype,
-                    targets[i]->data,
-                    static_cast<size_t>(staged[i].num_elements()));
-    if (written != nullptr) written->push_back(entries[i].key);
+    for (const Destination* target : targets[i]) {
+      ConvertElements(staged[i].dtype(), staged[i].data(), target->dtype,
+                      target->data,
+                      static_cast<size_t>(staged[i].num_elements()));
+    }
   }
 }
 
@@ -194,15 +241,20 @@ using DestinationResolver =
         const v1::Manifest&, const std::vector<TransferEntry>&)>;
 
 // Receives a fetch straight into its destinations (allow_partial_write).
+// The keys written, finished or not, go to `written`.
 absl::Status ReceiveInPlace(ResumableFetch& call,
                             const std::vector<TransferEntry>& entries,
                             const std::vector<const Destination*>& targets,
                             std::vector<std::string>* written) {
-  DestinationSink sink(entries, targets, written);
+  const std::vector<TransferEntry> sent = SentEntries(entries);
+  const SentTargets sent_targets = TargetsOfSentEntries(entries, targets);
+  DestinationSink sink(sent, sent_targets);
   absl::StatusOr<std::unique_ptr<ChunkReceiver>> receiver =
-      ChunkReceiver::CreateIntoSink(entries, &sink);
+      ChunkReceiver::CreateIntoSink(sent, &sink);
   if (!receiver.ok()) return call.Abandon(receiver.status());
-  return call.ReadToEnd(**receiver);
+  const absl::Status received = call.ReadToEnd(**receiver);
+  AddWrittenKeys(entries, targets, sink.touched(), written);
+  return received;
 }
 
 // Receives a fetch into staging tensors and copies them into their
@@ -214,7 +266,7 @@ absl::Status ReceiveStaged(ResumableFetch& call,
   std::vector<Tensor> staged;
   absl::StatusOr<std::unique_ptr<ChunkReceiver>> receiver =
       ChunkReceiver::Create(
-          entries,
+          SentEntries(entries),
           [&](size_t, const TransferEntry&, Tensor tensor) {
             staged.push_back(std::move(tensor));
             return absl::OkStatus();
@@ -222,7 +274,8 @@ absl::Status ReceiveStaged(ResumableFetch& call,
           /*min_chunk_bytes=*/0, TensorPacking::kPackSmall);
   if (!receiver.ok()) return call.Abandon(receiver.status());
   RETURN_IF_ERROR(call.ReadToEnd(**receiver));
-  CopyStaged(staged, targets, written, entries);
+  CopyStaged(staged, TargetsOfSentEntries(entries, targets));
+  AddWrittenKeys(entries, targets, staged.size(), written);
   return absl::OkStatus();
 }
 
@@ -233,7 +286,9 @@ absl::StatusOr<int64_t> FetchIntoOverGrpc(
     const FetchRequest& fetch, const DestinationResolver& resolve,
     const TransferOptions& transfer, const IntoOptions& into) {
   if (into.written_keys != nullptr) into.written_keys->clear();
-  ResumableFetch call(channel, deadline, token, fetch, transfer);
+  FetchRequest shared_once = fetch;
+  shared_once.accept_shared_tensors = true;
+  ResumableFetch call(channel, deadline, token, shared_once, transfer);
   ASSIGN_OR_RETURN(const v1::Manifest* manifest, call.Start());
   absl::StatusOr<std::vector<TransferEntry>> entries =
       ToTransferEntries(manifest->tensors());
@@ -268,7 +323,9 @@ absl::StatusOr<absl::optional<int64_t>> FetchIntoThroughSharedMemory(
             return absl::OkStatus();
           }));
   if (!fetched.has_value()) return absl::nullopt;
-  CopyStaged(fetched->tensors, targets, into.written_keys, fetched->entries);
+  CopyStaged(fetched->tensors, TargetsOfSentEntries(fetched->entries, targets));
+  AddWrittenKeys(fetched->entries, targets, fetched->tensors.size(),
+                 into.written_keys);
   return fetched->manifest.version();
 }
 

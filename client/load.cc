@@ -162,11 +162,18 @@ absl::StatusOr<LoadOutcome> SendLoad(RawLoadCall& call, const LoadRequest& load,
                                      uint32_t chunk_bytes,
                                      const ProgressCallback& progress,
                                      const std::shared_ptr<LentMemory>& lent) {
-  ChunkSender sender(state.Tensors(), chunk_bytes);
+  // A tensor held under several keys (tied parameters) goes out once.
+  const std::vector<int64_t> shared = SharedEntries(state);
+  std::vector<Tensor> sent;
+  for (size_t i = 0; i < state.size(); ++i) {
+    if (shared[i] < 0) sent.push_back(state.entries()[i].tensor);
+  }
+  ChunkSender sender(std::move(sent), chunk_bytes);
   SendHasher hasher(sender.tensors());
   v1::LoadStateDictRequest message;
   *message.mutable_header() =
       ToLoadHeaderWithoutChecksums(load, state, sender.total_bytes());
+  MarkSharedTensors(state, shared, message.mutable_header()->mutable_tensors());
   bool open = call.Write(SerializeToByteBuffer(message));
   ChunkSender::Chunk chunk;
   while (open && sender.Next(&chunk)) {

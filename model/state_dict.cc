@@ -586,6 +586,22 @@ class TreeRebuilder {
 
 }  // namespace
 
+std::vector<int64_t> SharedEntries(const StateDict& state) {
+  std::vector<int64_t> shared(state.size(), -1);
+  absl::flat_hash_map<BytesIdentity, int64_t> first;
+  for (size_t i = 0; i < state.size(); ++i) {
+    const Tensor& tensor = state.entries()[i].tensor;
+    if (tensor.num_bytes() == 0) continue;
+    auto [found, added] =
+        first.emplace(IdentityOf(tensor), static_cast<int64_t>(i));
+    if (added) continue;
+    const Tensor& earlier = state.entries()[found->second].tensor;
+    if (earlier.dtype() == tensor.dtype() && earlier.shape() == tensor.shape())
+      shared[i] = found->second;
+  }
+  return shared;
+}
+
 absl::StatusOr<ModulePtr> ApplyLoad(const ModulePtr& root,
                                     absl::string_view submodule_path,
                                     const LoadPlan& plan,

@@ -132,6 +132,11 @@ absl::Status AppendStateDict(const ModulePtr& root,
 absl::StatusOr<StateDict> GetStateDict(const ModulePtr& root,
                                        const StateDictOptions& options = {});
 
+// Per entry of `state`, the index of the first earlier entry holding the same
+// tensor (same bytes, dtype and shape: torch's tied parameters), or -1. Empty
+// tensors are never shared.
+std::vector<int64_t> SharedEntries(const StateDict& state);
+
 // Returns `state` with every floating tensor (IsFloatingPoint) converted to
 // `dtype` as torch's
 // `.to(dtype)` does; other tensors are shared unchanged. InvalidArgument unless

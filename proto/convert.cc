@@ -2,6 +2,7 @@
 
 #include <utility>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
@@ -57,6 +58,9 @@ v1::StateDictRequest ToProto(const FetchRequest& request) {
   proto.set_own_tensors_only(!request.recurse);
   proto.set_exclude_buffers(!request.include_buffers);
   if (request.dtype) proto.set_cast_floating_to(ToProto(*request.dtype));
+  for (const auto& [key, dtype] : request.key_dtypes)
+    (*proto.mutable_key_dtypes())[key] = ToProto(dtype);
+  proto.set_accept_shared_tensors(request.accept_shared_tensors);
   return proto;
 }
 
@@ -74,6 +78,10 @@ absl::StatusOr<FetchRequest> FromProto(const v1::StateDictRequest& proto) {
   if (proto.cast_floating_to() != v1::DTYPE_UNSPECIFIED) {
     ASSIGN_OR_RETURN(request.dtype, FromProto(proto.cast_floating_to()));
   }
+  for (const auto& [key, dtype] : proto.key_dtypes()) {
+    ASSIGN_OR_RETURN(request.key_dtypes[key], FromProto(dtype));
+  }
+  request.accept_shared_tensors = proto.accept_shared_tensors();
   return request;
 }
 
@@ -186,6 +194,7 @@ v1::Manifest ToManifest(const FetchPlan& plan, uint64_t total_bytes) {
   manifest.set_model(plan.model);
   manifest.set_version(plan.version);
   ToTensorInfos(*plan.state, manifest.mutable_tensors());
+  MarkSharedTensors(*plan.state, plan.shared_with, manifest.mutable_tensors());
   manifest.set_total_bytes(total_bytes);
   return manifest;
 }
@@ -194,11 +203,24 @@ absl::StatusOr<std::vector<TransferEntry>> ToTransferEntries(
     const TensorInfos& infos) {
   std::vector<TransferEntry> entries;
   entries.reserve(infos.size());
+  absl::flat_hash_map<absl::string_view, int64_t> index_of;
   for (const v1::TensorInfo& info : infos) {
     ASSIGN_OR_RETURN(TensorDescription tensor, FromProto(info));
-    entries.push_back(TransferEntry{std::move(tensor.name), tensor.dtype,
-                                    std::move(tensor.shape), tensor.checksum});
+    TransferEntry entry{std::move(tensor.name), tensor.dtype,
+                        std::move(tensor.shape), tensor.checksum};
+    if (!info.shared_with().empty()) {
+      auto source = index_of.find(info.shared_with());
+      if (source == index_of.end()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "tensor \"", entry.key, "\" is shared with \"", info.shared_with(),
+            "\", which is not an earlier tensor"));
+      }
+      entry.shared_with = source->second;
+    }
+    index_of.emplace(info.name(), static_cast<int64_t>(entries.size()));
+    entries.push_back(std::move(entry));
   }
+  RETURN_IF_ERROR(CheckSharedEntries(entries));
   return entries;
 }
 
@@ -221,6 +243,15 @@ v1::LoadHeader ToLoadHeader(const LoadRequest& request, const StateDict& state,
         ->set_xxh3_64(state.entries()[i].tensor.Checksum());
   }
   return header;
+}
+
+void MarkSharedTensors(const StateDict& state,
+                       const std::vector<int64_t>& shared, TensorInfos* infos) {
+  for (size_t i = 0; i < shared.size(); ++i) {
+    if (shared[i] < 0) continue;
+    infos->Mutable(static_cast<int>(i))
+        ->set_shared_with(state.entries()[shared[i]].key);
+  }
 }
 
 v1::LoadHeader ToLoadHeaderWithoutChecksums(const LoadRequest& request,

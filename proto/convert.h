@@ -72,6 +72,10 @@ v1::LoadHeader ToLoadHeader(const LoadRequest& request, const StateDict& state,
 v1::LoadHeader ToLoadHeaderWithoutChecksums(const LoadRequest& request,
                                             const StateDict& state,
                                             uint64_t total_bytes);
+// Sets TensorInfo.shared_with in `infos` (one per entry of `state`) from
+// `shared` (SharedEntries(state)): those tensors' bytes are not sent.
+void MarkSharedTensors(const StateDict& state,
+                       const std::vector<int64_t>& shared, TensorInfos* infos);
 // The request of a header: buffer keys from the tensors' kinds, class names.
 // InvalidArgument for an unknown tensor kind.
 absl::StatusOr<LoadRequest> FromProto(const v1::LoadHeader& header);

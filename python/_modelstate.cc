@@ -264,6 +264,11 @@ FetchRequest ToFetchRequest(const std::string& model, const py::dict& args) {
     request.include_buffers = args["include_buffers"].cast<bool>();
   if (args.contains("dtype") && !args["dtype"].is_none())
     request.dtype = ParseDType(args["dtype"].cast<std::string>());
+  if (args.contains("key_dtypes") && !args["key_dtypes"].is_none()) {
+    for (const auto& [key, dtype] :
+         args["key_dtypes"].cast<std::map<std::string, std::string>>())
+      request.key_dtypes[key] = ParseDType(dtype);
+  }
   return request;
 }
 
@@ -403,15 +408,22 @@ class PyClient {
     const std::set<std::string> buffers(request.buffer_keys.begin(),
                                         request.buffer_keys.end());
     modelstate::StateDict state;
+    // Keys over the same memory (tied parameters) share one storage, so
+    // that the tensor goes out once.
+    std::map<std::pair<const uint8_t*, size_t>, std::shared_ptr<const Storage>>
+        borrowed;
     for (const py::handle& item : tensors) {
       auto t = item.cast<py::tuple>();
       const auto key = t[0].cast<std::string>();
       const auto* data =
           reinterpret_cast<const uint8_t*>(t[3].cast<uintptr_t>());
+      const auto size = t[4].cast<size_t>();
       // Python keeps the memory alive for the whole call: borrow, never copy.
-      Tensor tensor = ValueOrRaise(
-          Tensor::View(ParseDType(t[1].cast<std::string>()), t[2].cast<Shape>(),
-                       Storage::Borrow(data, t[4].cast<size_t>(), nullptr), 0));
+      std::shared_ptr<const Storage>& storage = borrowed[{data, size}];
+      if (storage == nullptr) storage = Storage::Borrow(data, size, nullptr);
+      Tensor tensor =
+          ValueOrRaise(Tensor::View(ParseDType(t[1].cast<std::string>()),
+                                    t[2].cast<Shape>(), storage, 0));
       RaiseIfError(state.Insert(key, std::move(tensor),
                                 buffers.count(key) > 0
                                     ? TensorKind::kBuffer

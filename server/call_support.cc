@@ -19,6 +19,8 @@ absl::Status CheckRequestNames(const v1::StateDictRequest& request) {
   RETURN_IF_ERROR(CheckRequestNames(request.model(), request.module()));
   for (const std::string& key : request.keys())
     RETURN_IF_ERROR(CheckNameSize("key", key, kMaxKeyLength));
+  for (const auto& [key, dtype] : request.key_dtypes())
+    RETURN_IF_ERROR(CheckNameSize("key", key, kMaxKeyLength));
   return absl::OkStatus();
 }
 

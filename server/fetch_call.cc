@@ -141,7 +141,7 @@ class StateDictReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
     if (proto.chunk_bytes() != 0)
       chunk_bytes = std::max(chunk_bytes, service.min_chunk_bytes);
     ASSIGN_OR_RETURN(const FetchPlan plan, store->Fetch(request));
-    sender_ = std::make_unique<ChunkSender>(plan.state->Tensors(), chunk_bytes,
+    sender_ = std::make_unique<ChunkSender>(plan.SentTensors(), chunk_bytes,
                                             plan.offset);
     v1::StateDictResponse manifest;
     *manifest.mutable_manifest() = ToManifest(plan, sender_->total_bytes());

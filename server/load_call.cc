@@ -138,8 +138,9 @@ class LoadReactor : public grpc::ServerReadReactor<grpc::ByteBuffer>,
     ASSIGN_OR_RETURN(pending_,
                      BeginLoad(std::move(request), ToTensorSpecs(entries)));
     ASSIGN_OR_RETURN(receiver_, ChunkReceiver::CreateVerifyingAtEnd(
-                                    std::move(entries),
+                                    SentEntries(entries),
                                     service_->options().min_chunk_bytes));
+    entries_ = std::move(entries);
     if (receiver_->total_bytes() != header.total_bytes()) {
       return absl::InvalidArgumentError(absl::StrCat(
           "header says ", header.total_bytes(),
@@ -180,9 +181,10 @@ class LoadReactor : public grpc::ServerReadReactor<grpc::ByteBuffer>,
         absl::MakeConstSpan(end.xxh3_64().data(), end.xxh3_64().size()));
     receiver_.reset();
     if (!tensors.ok()) return tensors.status();
-    ASSIGN_OR_RETURN(
-        const LoadOutcome outcome,
-        store_->CommitLoad(std::move(pending_), *std::move(tensors)));
+    ASSIGN_OR_RETURN(std::vector<Tensor> all,
+                     WithSharedTensors(entries_, *std::move(tensors)));
+    ASSIGN_OR_RETURN(const LoadOutcome outcome,
+                     store_->CommitLoad(std::move(pending_), std::move(all)));
     *response_ = SerializeToByteBuffer(ToProto(outcome));
     version_ = outcome.version;
     committed_ = true;
@@ -213,6 +215,8 @@ class LoadReactor : public grpc::ServerReadReactor<grpc::ByteBuffer>,
   RpcRecord record_;
   grpc::ByteBuffer buffer_;
   v1::LoadStateDictRequest request_;  // A message other than a chunk.
+  // The header's tensors; those shared with another get no bytes.
+  std::vector<TransferEntry> entries_;
   std::unique_ptr<PendingLoad> pending_;
   std::unique_ptr<ChunkReceiver> receiver_;
   bool committed_ = false;

@@ -112,6 +112,9 @@ absl::StatusOr<FetchRequest> AuthorizedFetch(
     const v1::LocalFetchRequest& request) {
   ASSIGN_OR_RETURN(FetchRequest fetch, FromProto(request.request()));
   if (authorize) RETURN_IF_ERROR(authorize(peer, request.token(), fetch));
+  // A region holds every tensor at its own offset; copies on one host cost
+  // little, so shared tensors are filled once per key.
+  fetch.accept_shared_tensors = false;
   return fetch;
 }
 

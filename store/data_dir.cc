@@ -81,15 +81,22 @@ absl::optional<int64_t> ParseVersionFile(absl::string_view name,
   return version;
 }
 
+// The manifest of a persisted version. A tensor held under several keys
+// (tied parameters) names its first key as "shared_with", so that it is held
+// once again when read back; the safetensors file has it under every key.
 Json ManifestOf(const Snapshot& snapshot, const StateDict& state) {
   Json tensors = Json::array();
-  for (const StateDict::Entry& entry : state.entries()) {
+  const std::vector<int64_t> shared = SharedEntries(state);
+  for (size_t i = 0; i < state.size(); ++i) {
+    const StateDict::Entry& entry = state.entries()[i];
     tensors.push_back(
         {{"name", entry.key},
          {"kind", entry.kind == TensorKind::kBuffer ? "buffer" : "parameter"},
          {"dtype", std::string(SafetensorsName(entry.tensor.dtype()))},
          {"shape", entry.tensor.shape()},
          {"xxh3", absl::StrFormat("%016x", entry.tensor.Checksum())}});
+    if (shared[i] >= 0)
+      tensors.back()["shared_with"] = state.entries()[shared[i]].key;
   }
   return Json{{"format", kManifestFormat},
               {"model", snapshot.model},
@@ -145,6 +152,26 @@ absl::Status CheckAgainstManifest(const std::string& base,
   return absl::OkStatus();
 }
 
+// The tensor to hold for manifest entry `info` (whose file tensor,
+// `tensor`, passed its checks): the earlier entry it names as "shared_with",
+// or `tensor`. DataLoss when that entry is missing or holds other bytes.
+absl::StatusOr<const Tensor*> SharedSource(const std::string& base,
+                                           const Json& info,
+                                           const StateDict& earlier,
+                                           const Tensor* tensor) {
+  if (!info.contains("shared_with")) return tensor;
+  const Tensor* source =
+      info["shared_with"].is_string()
+          ? earlier.Find(info["shared_with"].get<std::string>())
+          : nullptr;
+  if (source == nullptr || !source->BitwiseEquals(*tensor)) {
+    return absl::DataLossError(absl::StrCat(
+        base, kManifestSuffix, ": tensor \"", info["name"].get<std::string>(),
+        "\" is shared with a tensor it does not equal"));
+  }
+  return source;
+}
+
 // The tensors of `file`, checked against the manifest's `tensors` and in its
 // order (the state dict's), with the keys of buffers added to `buffer_keys`.
 absl::StatusOr<StateDict> TensorsInManifestOrder(
@@ -169,6 +196,7 @@ absl::StatusOr<StateDict> TensorsInManifestOrder(
           absl::StrCat(base, kDataSuffix, ": tensor \"", name, "\" missing"));
     }
     RETURN_IF_ERROR(CheckAgainstManifest(base, name, info, *tensor));
+    ASSIGN_OR_RETURN(tensor, SharedSource(base, info, ordered, tensor));
     const TensorKind kind = info.value("kind", "parameter") == "buffer"
                                 ? TensorKind::kBuffer
                                 : TensorKind::kParameter;

@@ -120,6 +120,32 @@ TEST(DataDirTest, PersistedVersionsRestoreExactly) {
   EXPECT_EQ(DataDir::Open(path).value()->Restore().models.size(), 1u);
 }
 
+TEST(DataDirTest, TiedTensorsStayOneTensorWhenRestored) {
+  const ScratchDir scratch;
+  auto data_dir = DataDir::Open(scratch.path()).value();
+  ModelStore store(Persisting(data_dir.get()));
+  StateDict tied;
+  const Tensor embedding = FullTensor(DType::kFloat32, {8, 4}, 2);
+  tied.Set("embed.weight", embedding);
+  tied.Set("head.weight", embedding);
+  tied.Set("head.bias", FullTensor(DType::kFloat32, {8}, 0));
+  LoadRequest create("lm");
+  create.create_if_missing = true;
+  ASSERT_TRUE(store.Load(create, tied).ok());
+
+  RestoreReport report = DataDir::Open(scratch.path()).value()->Restore();
+  EXPECT_THAT(report.problems, IsEmpty());
+  ASSERT_EQ(report.models.size(), 1u);
+  ExpectSameState(report.models[0].snapshot.root,
+                  store.GetSnapshot("lm").value().root);
+  const StateDict restored =
+      GetStateDict(report.models[0].snapshot.root).value();
+  EXPECT_TRUE(restored.Find("embed.weight")
+                  ->SharesBytesWith(*restored.Find("head.weight")));
+  EXPECT_FALSE(restored.Find("head.bias")
+                   ->SharesBytesWith(*restored.Find("head.weight")));
+}
+
 TEST(DataDirTest, RestoreReportsAndSkipsDamagedAndForeignFiles) {
   const ScratchDir scratch;
   const std::string& path = scratch.path();

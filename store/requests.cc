@@ -15,6 +15,25 @@ std::vector<TensorDescription> DescribeTensors(const StateDict& state) {
   return tensors;
 }
 
+std::vector<Tensor> FetchPlan::SentTensors() const {
+  std::vector<Tensor> sent;
+  sent.reserve(state->size());
+  for (size_t i = 0; i < state->size(); ++i) {
+    if (shared_with.empty() || shared_with[i] < 0)
+      sent.push_back(state->entries()[i].tensor);
+  }
+  return sent;
+}
+
+uint64_t FetchPlan::SentBytes() const {
+  if (shared_with.empty()) return state->TotalBytes();
+  uint64_t bytes = 0;
+  for (size_t i = 0; i < state->size(); ++i) {
+    if (shared_with[i] < 0) bytes += state->entries()[i].tensor.num_bytes();
+  }
+  return bytes;
+}
+
 StateDictOptions ToStateDictOptions(const FetchRequest& request) {
   StateDictOptions options;
   options.module = request.module;

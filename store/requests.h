@@ -51,6 +51,12 @@ struct FetchRequest {
   bool include_buffers = true;
   // Cast floating tensors to this floating dtype (torch's `.to(dtype)`).
   absl::optional<DType> dtype;
+  // Per emitted key: cast that floating tensor to this floating dtype instead
+  // (a refresh asks for each destination's own dtype).
+  std::map<std::string, DType> key_dtypes;
+  // The receiver takes a tensor held under several keys once (see
+  // FetchPlan::shared_with).
+  bool accept_shared_tensors = false;
 };
 
 // What a fetch serves: an immutable state dict of one version, tensors in
@@ -61,8 +67,16 @@ struct FetchPlan {
   // Shared by every fetch of the same selection while the version lives
   // (store/state_dict_memo.h).
   std::shared_ptr<const StateDict> state;
-  // Where the data starts (FetchRequest::offset), at most state's total bytes.
+  // Where the data starts (FetchRequest::offset), at most the sent bytes.
   uint64_t offset = 0;
+  // With FetchRequest::accept_shared_tensors, per entry of `state` the index
+  // of the earlier entry whose bytes it shares (torch's tied parameters), or
+  // -1; such entries send no bytes. Empty otherwise: every entry sends its own.
+  std::vector<int64_t> shared_with;
+
+  // The tensors whose bytes travel, in order: all but the shared ones.
+  std::vector<Tensor> SentTensors() const;
+  uint64_t SentBytes() const;
 };
 
 // A change to the set of models, as WatchModel streams it.

@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "model/names.h"
 
 namespace modelstate {
 
@@ -34,12 +35,14 @@ absl::StatusOr<FetchPlan> StateReader::Fetch(const FetchRequest& request) {
   plan.version = snapshot.version;
   ASSIGN_OR_RETURN(plan.state,
                    SelectState(snapshot, ToStateDictOptions(request)));
-  if (request.dtype.has_value()) {
-    ASSIGN_OR_RETURN(StateDict cast,
-                     CastFloatingForFetch(*plan.state, *request.dtype));
+  if (request.dtype.has_value() || !request.key_dtypes.empty()) {
+    ASSIGN_OR_RETURN(StateDict cast, CastForFetch(*plan.state, request));
     plan.state = std::make_shared<const StateDict>(std::move(cast));
   }
-  const uint64_t total_bytes = plan.state->TotalBytes();
+  if (request.accept_shared_tensors) {
+    plan.shared_with = SharedEntries(*plan.state);
+  }
+  const uint64_t total_bytes = plan.SentBytes();
   if (request.offset > total_bytes) {
     return absl::OutOfRangeError(absl::StrCat(
         "offset ", request.offset, " is past the end of version ", plan.version,
@@ -120,31 +123,79 @@ ModelSummary Summarize(const Snapshot& snapshot) {
 
 absl::StatusOr<StateDict> StateReader::CastFloatingForFetch(
     const StateDict& state, DType dtype) {
-  if (!IsFloatingPoint(dtype)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("can only cast floating tensors to a floating dtype, not ",
-                     TorchName(dtype)));
+  FetchRequest request;
+  request.dtype = dtype;
+  return CastForFetch(state, request);
+}
+
+namespace {
+
+absl::Status CheckFloatingCast(DType dtype) {
+  if (IsFloatingPoint(dtype)) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("can only cast floating tensors to a floating dtype, not ",
+                   TorchName(dtype)));
+}
+
+// InvalidArgument unless every key of `key_dtypes` names a floating tensor of
+// `state` and a floating dtype.
+absl::Status CheckKeyDtypes(const StateDict& state,
+                            const std::map<std::string, DType>& key_dtypes) {
+  for (const auto& [key, dtype] : key_dtypes) {
+    const Tensor* tensor = state.Find(key);
+    if (tensor == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("key_dtypes names ", QuotedForMessage(key),
+                       ", which the request does not select"));
+    }
+    if (tensor->dtype() == dtype) continue;
+    RETURN_IF_ERROR(CheckFloatingCast(dtype));
+    if (!IsFloatingPoint(tensor->dtype())) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "cannot cast ", QuotedForMessage(key), " of dtype ",
+          TorchName(tensor->dtype()), ": only floating tensors are cast"));
+    }
   }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<StateDict> StateReader::CastForFetch(
+    const StateDict& state, const FetchRequest& request) {
+  if (request.dtype.has_value())
+    RETURN_IF_ERROR(CheckFloatingCast(*request.dtype));
+  RETURN_IF_ERROR(CheckKeyDtypes(state, request.key_dtypes));
   cast_cache_.Purge();
   StateDict out;
   for (const StateDict::Entry& entry : state.entries()) {
-    if (!IsFloatingPoint(entry.tensor.dtype())) {
+    const auto named = request.key_dtypes.find(entry.key);
+    const absl::optional<DType> dtype = named != request.key_dtypes.end()
+                                            ? absl::make_optional(named->second)
+                                            : request.dtype;
+    if (!dtype.has_value() || !IsFloatingPoint(entry.tensor.dtype()) ||
+        entry.tensor.dtype() == *dtype) {
       out.Set(entry.key, entry.tensor, entry.kind);
       continue;
     }
-    // Kept only while it fits the limit; computed either way.
-    const bool remember =
-        memory_.limit_bytes() <= 0 ||
-        memory_.CheckFits(NumBytes(dtype, entry.tensor.shape()).value()).ok();
-    ASSIGN_OR_RETURN(Tensor cast,
-                     cast_cache_.Get(entry.tensor, dtype, remember));
-    if (remember) memory_.AttachStorage(cast);
+    ASSIGN_OR_RETURN(Tensor cast, CastTensor(entry.tensor, *dtype));
     out.Set(entry.key, std::move(cast), entry.kind);
   }
   for (const auto& [path, version] : state.metadata()) {
     out.SetModuleVersion(path, version);
   }
   return out;
+}
+
+absl::StatusOr<Tensor> StateReader::CastTensor(const Tensor& tensor,
+                                               DType dtype) {
+  // Kept only while it fits the limit; computed either way.
+  const bool remember =
+      memory_.limit_bytes() <= 0 ||
+      memory_.CheckFits(NumBytes(dtype, tensor.shape()).value()).ok();
+  ASSIGN_OR_RETURN(Tensor cast, cast_cache_.Get(tensor, dtype, remember));
+  if (remember) memory_.AttachStorage(cast);
+  return cast;
 }
 
 }  // namespace modelstate

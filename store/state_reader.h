@@ -36,6 +36,14 @@ class StateReader {
                                                  DType dtype);
 
  private:
+  // `state` with each floating tensor cast to its key's entry of
+  // `request.key_dtypes`, else to `request.dtype` when set. InvalidArgument
+  // for a key `state` lacks or a cast that is not floating to floating.
+  absl::StatusOr<StateDict> CastForFetch(const StateDict& state,
+                                         const FetchRequest& request);
+  // `tensor` as `dtype`, through the cast cache.
+  absl::StatusOr<Tensor> CastTensor(const Tensor& tensor, DType dtype);
+
   // The state dict `options` select from `snapshot`: its memo's when they
   // select the whole model, else built for the request.
   absl::StatusOr<std::shared_ptr<const StateDict>> SelectState(

@@ -186,5 +186,93 @@ TEST(UseCasesTest, PendingLoadsAreCapped) {
   EXPECT_TRUE(store.Load({"net"}, state).ok());
 }
 
+TEST(UseCasesTest, FetchCastsEachNamedKeyToItsOwnDtype) {
+  ModelStore store;
+  ASSERT_TRUE(store.CreateFromSpec("net", kNet, 1).ok());
+  FetchRequest request{"net"};
+  request.key_dtypes = {{"0.weight", DType::kBFloat16},
+                        {"2.bias", DType::kFloat16},
+                        {"1.num_batches_tracked", DType::kInt64}};
+  request.dtype = DType::kFloat64;
+  const FetchPlan plan = store.Fetch(request).value();
+  const StateDict& state = *plan.state;
+  EXPECT_EQ(state.Find("0.weight")->dtype(), DType::kBFloat16);
+  EXPECT_EQ(state.Find("2.bias")->dtype(), DType::kFloat16);
+  // Keys not named take `dtype`; a same-dtype entry is sent as it is.
+  EXPECT_EQ(state.Find("0.bias")->dtype(), DType::kFloat64);
+  EXPECT_EQ(state.Find("1.num_batches_tracked")->dtype(), DType::kInt64);
+  const Tensor stored = *store.Fetch({"net"}).value().state->Find("0.weight");
+  EXPECT_TRUE(state.Find("0.weight")
+                  ->BitwiseEquals(stored.CastTo(DType::kBFloat16).value()));
+
+  FetchRequest unknown{"net"};
+  unknown.key_dtypes = {{"0.nope", DType::kFloat16}};
+  EXPECT_EQ(store.Fetch(unknown).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  FetchRequest integer{"net"};
+  integer.key_dtypes = {{"1.num_batches_tracked", DType::kFloat16}};
+  EXPECT_EQ(store.Fetch(integer).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  FetchRequest to_integer{"net"};
+  to_integer.key_dtypes = {{"0.weight", DType::kInt8}};
+  EXPECT_EQ(store.Fetch(to_integer).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // Only selected keys may be named.
+  FetchRequest unselected{"net"};
+  unselected.keys = {"0.bias"};
+  unselected.key_dtypes = {{"0.weight", DType::kFloat16}};
+  EXPECT_EQ(store.Fetch(unselected).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// A model created from a state dict whose two keys hold one tensor (an
+// embedding tied to the output layer).
+StateDict TiedState() {
+  StateDict state;
+  const Tensor embedding = FullTensor(DType::kFloat32, {64, 16}, 1);
+  state.Set("embed.weight", embedding);
+  state.Set("body.weight", FullTensor(DType::kFloat32, {16, 16}, 2));
+  state.Set("head.weight", embedding);
+  return state;
+}
+
+TEST(UseCasesTest, TiedTensorsAreStoredOnceAndSentOnceWhenAccepted) {
+  ModelStore store;
+  LoadRequest create{"lm"};
+  create.create_if_missing = true;
+  ASSERT_TRUE(store.Load(create, TiedState()).ok());
+  const int64_t tied_bytes = store.live_bytes();
+  ModelStore untied_store;
+  StateDict untied = TiedState();
+  untied.Set("head.weight", FullTensor(DType::kFloat32, {64, 16}, 1));
+  ASSERT_TRUE(untied_store.Load(create, untied).ok());
+  EXPECT_EQ(untied_store.live_bytes() - tied_bytes, 64 * 16 * 4);
+
+  FetchRequest request{"lm"};
+  FetchPlan plan = store.Fetch(request).value();
+  EXPECT_TRUE(plan.shared_with.empty());
+  EXPECT_EQ(plan.SentBytes(), (2 * 64 * 16 + 16 * 16) * 4);
+  request.accept_shared_tensors = true;
+  plan = store.Fetch(request).value();
+  EXPECT_THAT(plan.shared_with, ElementsAre(-1, -1, 0));
+  EXPECT_EQ(plan.SentBytes(), (64 * 16 + 16 * 16) * 4);
+  EXPECT_EQ(plan.SentTensors().size(), 2u);
+  // A cast keeps them one tensor.
+  request.dtype = DType::kBFloat16;
+  EXPECT_THAT(store.Fetch(request).value().shared_with, ElementsAre(-1, -1, 0));
+
+  // A load of one key reaches its tied twin, as torch's in-place copy does.
+  StateDict one;
+  one.Set("head.weight", FullTensor(DType::kFloat32, {64, 16}, 9));
+  LoadRequest non_strict{"lm"};
+  non_strict.strict = false;
+  ASSERT_TRUE(store.Load(non_strict, one).ok());
+  const StateDict after = *store.Fetch({"lm"}).value().state;
+  EXPECT_TRUE(
+      after.Find("embed.weight")->SharesBytesWith(*after.Find("head.weight")));
+  EXPECT_TRUE(after.Find("embed.weight")
+                  ->BitwiseEquals(FullTensor(DType::kFloat32, {64, 16}, 9)));
+}
+
 }  // namespace
 }  // namespace modelstate

@@ -15,6 +15,10 @@ absl::StatusOr<std::vector<uint64_t>> TransferSizes(
   sizes.reserve(entries.size());
   uint64_t total = 0;
   for (const TransferEntry& entry : entries) {
+    if (entry.shared_with >= 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tensor \"", entry.key, "\" is shared and carries no bytes"));
+    }
     absl::StatusOr<int64_t> bytes = NumBytes(entry.dtype, entry.shape);
     if (!bytes.ok()) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -27,6 +31,63 @@ absl::StatusOr<std::vector<uint64_t>> TransferSizes(
     sizes.push_back(static_cast<uint64_t>(*bytes));
   }
   return sizes;
+}
+
+std::vector<TransferEntry> SentEntries(
+    const std::vector<TransferEntry>& entries) {
+  std::vector<TransferEntry> sent;
+  sent.reserve(entries.size());
+  for (const TransferEntry& entry : entries) {
+    if (entry.shared_with < 0) sent.push_back(entry);
+  }
+  return sent;
+}
+
+bool HasSharedEntries(const std::vector<TransferEntry>& entries) {
+  for (const TransferEntry& entry : entries) {
+    if (entry.shared_with >= 0) return true;
+  }
+  return false;
+}
+
+absl::Status CheckSharedEntries(const std::vector<TransferEntry>& entries) {
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const int64_t source = entries[i].shared_with;
+    if (source < 0) continue;
+    const bool valid = static_cast<size_t>(source) < i &&
+                       entries[source].shared_with < 0 &&
+                       entries[source].dtype == entries[i].dtype &&
+                       entries[source].shape == entries[i].shape;
+    if (!valid) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tensor \"", entries[i].key,
+          "\" is shared with a tensor that is not an earlier unshared tensor "
+          "of the same dtype and shape"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<Tensor>> WithSharedTensors(
+    const std::vector<TransferEntry>& entries, std::vector<Tensor> sent) {
+  if (!HasSharedEntries(entries)) return sent;
+  std::vector<Tensor> all;
+  all.reserve(entries.size());
+  size_t next = 0;
+  for (const TransferEntry& entry : entries) {
+    if (entry.shared_with < 0) {
+      all.push_back(std::move(sent.at(next++)));
+      continue;
+    }
+    const Tensor& source = all[entry.shared_with];
+    if (entry.checksum != 0 && entry.checksum != source.Checksum()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tensor \"", entry.key, "\" is shared with \"",
+          entries[entry.shared_with].key, "\" but its checksum differs"));
+    }
+    all.push_back(source);
+  }
+  return all;
 }
 
 ChunkReceiver::ChunkReceiver(std::vector<TransferEntry> entries,

@@ -36,12 +36,35 @@ struct TransferEntry {
   DType dtype;
   Shape shape;
   uint64_t checksum = 0;  // XXH3-64 of the tensor's bytes.
+  // The index of an earlier entry of the same transfer whose tensor this one
+  // is (a shared tensor: torch's tied parameters), or -1. Its bytes do not
+  // travel: senders and receivers skip it (SentEntries).
+  int64_t shared_with = -1;
 };
 
 // Returns the byte size of every entry and checks the whole transfer:
-// InvalidArgument for a bad shape or a total that overflows.
+// InvalidArgument for a bad shape or a total that overflows, and for a shared
+// entry (whose bytes do not travel: pass SentEntries).
 absl::StatusOr<std::vector<uint64_t>> TransferSizes(
     const std::vector<TransferEntry>& entries);
+
+// The entries whose bytes travel, in order: every entry but the shared ones.
+std::vector<TransferEntry> SentEntries(
+    const std::vector<TransferEntry>& entries);
+
+// True when some entry is shared with an earlier one.
+bool HasSharedEntries(const std::vector<TransferEntry>& entries);
+
+// Checks each entry's shared_with: -1, or an earlier entry that is itself not
+// shared, of the same dtype and shape. InvalidArgument naming the key
+// otherwise.
+absl::Status CheckSharedEntries(const std::vector<TransferEntry>& entries);
+
+// The tensors of every entry from those of SentEntries(entries) (`sent`, in
+// order): a shared entry gets its source's tensor. InvalidArgument when a
+// shared entry's checksum is known (non-zero) and differs from its source's.
+absl::StatusOr<std::vector<Tensor>> WithSharedTensors(
+    const std::vector<TransferEntry>& entries, std::vector<Tensor> sent);
 
 // Where a receiver puts the tensors it makes.
 enum class TensorPacking {

@@ -165,6 +165,41 @@ TEST(TransferTest, SenderPiecesAliasTensorStorage) {
   EXPECT_EQ(chunk.pieces.size(), 4u);  // the empty tensor contributes no piece
 }
 
+TEST(TransferTest, SharedEntriesTravelOnceAndAreCheckedAgainstTheirSource) {
+  const Tensor tied = FullTensor(DType::kFloat32, {4}, 3);
+  const Tensor other = FullTensor(DType::kFloat32, {4}, 1);
+  std::vector<TransferEntry> entries = EntriesOf({tied, other, tied});
+  entries[2].shared_with = 0;
+  ASSERT_TRUE(CheckSharedEntries(entries).ok());
+  EXPECT_TRUE(HasSharedEntries(entries));
+  const std::vector<TransferEntry> sent = SentEntries(entries);
+  ASSERT_EQ(sent.size(), 2u);
+  EXPECT_EQ(sent[1].key, "t1");
+  EXPECT_EQ(TransferSizes(entries).status().code(),
+            absl::StatusCode::kInvalidArgument);
+
+  const std::vector<Tensor> all =
+      WithSharedTensors(entries, {tied, other}).value();
+  ASSERT_EQ(all.size(), 3u);
+  EXPECT_TRUE(all[2].SharesBytesWith(all[0]));
+  entries[2].checksum = other.Checksum();
+  EXPECT_EQ(WithSharedTensors(entries, {tied, other}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+
+  // Only an earlier, unshared entry of the same dtype and shape may be named.
+  std::vector<TransferEntry> later = EntriesOf({tied, tied});
+  later[0].shared_with = 1;
+  EXPECT_FALSE(CheckSharedEntries(later).ok());
+  std::vector<TransferEntry> chained = EntriesOf({tied, tied, tied});
+  chained[1].shared_with = 0;
+  chained[2].shared_with = 1;
+  EXPECT_FALSE(CheckSharedEntries(chained).ok());
+  std::vector<TransferEntry> reshaped =
+      EntriesOf({tied, FullTensor(DType::kFloat32, {2, 2}, 3)});
+  reshaped[1].shared_with = 0;
+  EXPECT_FALSE(CheckSharedEntries(reshaped).ok());
+}
+
 TEST(TransferTest, BadStreamsAreRefused) {
   const std::vector<Tensor> tensors = SampleTensors();
   const std::string first(reinterpret_cast<const char*>(tensors[0].data()), 12);

@@ -147,6 +147,46 @@ def _load_targets(net, described, strict):
     return collections.OrderedDict((key, tensors[key]) for key in keys)
 
 
+_FLOATING = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn",
+             "float8_e5m2"}
+
+
+def _destinations(fetched, targets):
+    """(key, dtype, shape, data_ptr) of each fetched key's target tensor."""
+    destinations = []
+    for key, _, _, shape, _, _ in fetched:
+        tensor = targets[key].detach()
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            raise ValueError(
+                '"{}" must be a contiguous CPU tensor to be refreshed '
+                "in place".format(key))
+        destinations.append((key, _dtype_name(tensor.dtype), list(shape),
+                             tensor.data_ptr()))
+    return destinations
+
+
+def _selected_keys(described, targets):
+    """The keys a refresh fetches: None (every key, which lets the server
+    serve its shared whole-model state dict) when ``targets`` has them all."""
+    if len(targets) == len(described):
+        return None
+    return [d[0] for d in described if d[0] in targets]
+
+
+def _server_casts(described, targets):
+    """key -> dtype name for each floating tensor whose destination is of
+    another floating dtype: the server casts those (None when there are
+    none)."""
+    stored = {d[0]: d[2] for d in described}
+    casts = {}
+    for key, tensor in targets.items():
+        wanted = _dtype_name(tensor.dtype)
+        if (stored[key] != wanted and stored[key] in _FLOATING
+                and wanted in _FLOATING):
+            casts[key] = wanted
+    return casts or None
+
+
 def _fetch_args(module, keep_module_prefix, keys, recurse, include_buffers,
                 dtype, version):
     return {"module": module, "keep_module_prefix": keep_module_prefix,
@@ -186,8 +226,10 @@ class Client:
     """A connection to a modelstate server. Create with ``connect``.
     Thread-safe: several threads may call it at once."""
 
-    def __init__(self, native):
+    def __init__(self, native, local=False):
         self._c = native
+        # Fetches go through the same-host socket (connect's local_socket).
+        self._local = local
 
     def models(self):
         """Returns every model, ordered by name, as ``ModelInfo``."""
@@ -264,37 +306,75 @@ class Client:
 
     def refresh(self, model, net, module=None, strict=True, version=None,
                 allow_partial_write=False, chunk_bytes=0, progress=None,
-                min_version=None):
+                min_version=None, cast_on_server=True):
         """Copies the server's weights into ``net``'s own tensors in place, as
         ``net.load_state_dict(server_state_dict, strict)`` would, without
-        allocating them: every ``data_ptr()`` stays the same, dtypes are cast
-        on the fly (torch's ``copy_``), checksums verified. Returns the version
-        fetched.
+        allocating them: every ``data_ptr()`` stays the same, checksums
+        verified. Returns the version fetched.
 
         net: an nn.Module (or a dict of contiguous CPU tensors) shaped like
         ``module`` of the model (None: the whole model); keys are relative to
         ``module``. strict: as torch's; the key and size checks run on the
-        manifest before any byte moves and raise RuntimeError with torch's
-        text. allow_partial_write: False (default) receives everything into a
+        model's manifest before any byte moves and raise RuntimeError with
+        torch's text. Only the keys ``net`` has are fetched: an adapter-only
+        ``net`` moves the adapter's bytes, not the model's (through the
+        same-host socket, ``local_socket``, every key of the selection is
+        copied from shared memory and cast here instead).
+        cast_on_server: True (default) has the server cast each floating
+        tensor to the dtype of the tensor it fills, so a bfloat16 ``net``
+        refreshing from a float32 model moves and stages half the bytes;
+        False fetches the stored dtypes and casts here (torch's ``copy_``
+        rule, bit for bit the same result).
+        allow_partial_write: False (default) receives everything into a
         staging copy and writes ``net`` only once the whole fetch arrived
         intact, so a failed refresh leaves ``net`` unchanged (cost: the
-        model's bytes once more, briefly); True writes straight into ``net``
+        fetched bytes once more, briefly); True writes straight into ``net``
         (no extra memory) but a failure midway leaves ``net`` partly updated.
-        min_version: as for ``state_dict``.
+        min_version: as for ``state_dict``; the fetch never serves an older
+        version than the manifest the checks ran on.
         """
-        def allocate(described):
-            shapes = {d[0]: d[3] for d in described}
-            targets = _load_targets(net, described, strict)
-            destinations = []
-            for key, tensor in targets.items():
-                tensor = tensor.detach()
-                if tensor.device.type != "cpu" or not tensor.is_contiguous():
-                    raise ValueError(
-                        '"{}" must be a contiguous CPU tensor to be refreshed '
-                        "in place".format(key))
-                destinations.append((key, _dtype_name(tensor.dtype),
-                                     list(shapes[key]), tensor.data_ptr()))
-            return destinations
+        if self._local:
+            return self._refresh_as_fetched(model, net, module, strict,
+                                            version, allow_partial_write,
+                                            chunk_bytes, progress, min_version)
+        raw = self._c.get_model(model, module or "", version or 0,
+                                min_version or 0)
+        prefix = module + "." if module else ""
+        described = [(name[len(prefix):], kind, dtype, shape)
+                     for name, kind, dtype, shape, _, _ in raw["tensors"]]
+        targets = _load_targets(net, described, strict)
+        if not targets:
+            return raw["version"]
+        args = _fetch_args(module, False, _selected_keys(described, targets),
+                           True, True, None, version)
+        if cast_on_server:
+            args["key_dtypes"] = _server_casts(described, targets)
+        args["min_version"] = None if version else raw["version"]
+
+        def allocate(fetched):
+            for key, _, _, _, _, _ in fetched:
+                if key not in targets:
+                    raise RuntimeError(
+                        'the server sent "{}", which the manifest checked '
+                        "before the fetch did not have: model \"{}\" was "
+                        "recreated meanwhile; refresh again".format(key, model))
+            return _destinations(fetched, targets)
+
+        fetched_version, _ = self._c.fetch_into(
+            model, args, allocate, allow_partial_write, chunk_bytes, progress)
+        return fetched_version
+
+    def _refresh_as_fetched(self, model, net, module, strict, version,
+                            allow_partial_write, chunk_bytes, progress,
+                            min_version):
+        """refresh through the same-host socket, which serves fetches only:
+        one fetch of the selection, checked against ``net`` on its own
+        manifest (copies from shared memory cost little, so every key comes,
+        as stored, and is cast here)."""
+        def allocate(fetched):
+            targets = _load_targets(net, fetched, strict)
+            return _destinations(
+                [d for d in fetched if d[0] in targets], targets)
 
         args = _fetch_args(module, False, None, True, True, None, version)
         args["min_version"] = min_version
@@ -414,4 +494,4 @@ def connect(target, tls_ca=None, tls_cert=None, tls_key=None, use_tls=False,
     return Client(_modelstate.Client.connect(
         target, tls_ca or "", tls_cert or "", tls_key or "", use_tls,
         lb_policy or "", float(timeout or 0), own_connection, token,
-        local_socket or ""))
+        local_socket or ""), local=bool(local_socket) or target.startswith("unix:"))

@@ -156,6 +156,93 @@ def test_refresh_casts_into_the_nets_dtype(client, fresh_name):
         same(local.state_dict(), expected)
 
 
+def _nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _bytes_moved(client, name, net, **kwargs):
+    """(version, total bytes the refresh's fetch carried)."""
+    totals = []
+    version = client.refresh(name, net, progress=lambda done, total: totals.append(total),
+                             **kwargs)
+    return version, (totals[-1] if totals else 0)
+
+
+def test_refresh_fetches_only_the_keys_the_target_has(client, fresh_name):
+    name = fresh_name()
+    net = make("transformer")
+    client.create(name, net)
+    full = net.state_dict()
+    smallest = sorted(full, key=lambda k: full[k].numel())[:3]
+    adapter = collections.OrderedDict((k, torch.zeros_like(full[k])) for k in smallest)
+    _, moved = _bytes_moved(client, name, adapter, strict=False)
+    assert moved == _nbytes(adapter.values())
+    assert moved < _nbytes(full.values()) / 4
+    same(adapter, collections.OrderedDict((k, full[k]) for k in adapter))
+    # Strict: the manifest decides missing and unexpected keys before a byte
+    # moves, with torch's text.
+    totals = []
+    with pytest.raises(RuntimeError) as caught:
+        client.refresh(name, adapter, progress=lambda d, t: totals.append(t))
+    assert "Unexpected key(s) in state_dict" in str(caught.value)
+    assert totals == []
+
+
+def test_refresh_casts_on_the_server_to_each_tensors_dtype(client, fresh_name):
+    name = fresh_name()
+    net = make("transformer")
+    client.create(name, net)
+    stored = _nbytes(net.state_dict().values())
+    on_server = MODELS["transformer"]().to(torch.bfloat16)
+    _, moved = _bytes_moved(client, name, on_server)
+    assert moved == stored // 2
+    here = MODELS["transformer"]().to(torch.bfloat16)
+    _, moved_here = _bytes_moved(client, name, here, cast_on_server=False)
+    assert moved_here == stored
+    same(on_server.state_dict(), here.state_dict())
+    # Mixed dtypes: each tensor arrives as its own.
+    mixed = MODELS["transformer"]()
+    first = next(iter(mixed.parameters()))
+    first.data = first.data.to(torch.float16)
+    client.refresh(name, mixed)
+    expected = collections.OrderedDict(
+        (k, v.to(mixed.state_dict()[k].dtype)) for k, v in net.state_dict().items())
+    same(mixed.state_dict(), expected)
+
+
+class TiedLM(nn.Module):
+    """An embedding shared with the output layer, as language models tie them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(512, 64)
+        self.body = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 512, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def test_tied_parameters_are_sent_once_and_refreshed_in_place(client, fresh_name):
+    name = fresh_name()
+    torch.manual_seed(0)
+    net = TiedLM()
+    client.create(name, net)
+    embedding = net.embed.weight.numel() * 4
+    unique = embedding + _nbytes(net.body.parameters())
+    local = TiedLM()
+    pointer = local.embed.weight.data_ptr()
+    for partial in (False, True):
+        with torch.no_grad():
+            local.embed.weight.zero_()
+        _, moved = _bytes_moved(client, name, local, allow_partial_write=partial)
+        assert moved == unique
+        assert local.head.weight.data_ptr() == local.embed.weight.data_ptr() == pointer
+        same(local.state_dict(), net.state_dict())
+    # A reader's state dict still has both keys, with equal values.
+    fetched = client.state_dict(name)
+    assert list(fetched) == list(net.state_dict())
+    assert fetched["head.weight"].equal(fetched["embed.weight"])
+
+
 def test_refresh_errors_equal_torch_and_leave_the_net_alone(client, fresh_name):
     name = fresh_name()
     client.create(name, Net())
