@@ -155,13 +155,15 @@ absl::StatusOr<std::vector<Tensor>> ViewsOf(
   return tensors;
 }
 
-// Maps the region read-only (its pages exist already, so this only fills
-// page tables) and returns the tensors as views of the mapping.
+// Maps the region copy-on-write (its pages exist already, so this only fills
+// page tables) and returns the tensors as views of the mapping: the caller
+// may write them, and gets private copies of the pages it writes.
 absl::StatusOr<std::vector<Tensor>> MapRegion(
     int region, uint64_t size, const std::vector<TransferEntry>& entries,
     const v1::LocalManifest& manifest) {
-  // Mapped through a read-only descriptor: a shared mapping of a writable
-  // one could be made writable later, which F_SEAL_WRITE refuses (EBUSY).
+  // Mapped through a read-only descriptor, which F_SEAL_WRITE tolerates; a
+  // private mapping never writes the memfd, and its untouched pages show
+  // what the daemon writes there.
   UniqueFd read_only;
   if (size > 0) {
     read_only = UniqueFd(open(absl::StrCat("/proc/self/fd/", region).c_str(),
@@ -173,9 +175,9 @@ absl::StatusOr<std::vector<Tensor>> MapRegion(
   }
   // Not populated yet: the fallocated pages are zeroed on first touch, which
   // the daemon's writes do anyway (see Populate).
-  ASSIGN_OR_RETURN(
-      std::shared_ptr<const void> mapping,
-      Map(read_only.get(), size, PROT_READ, MAP_SHARED, "the region"));
+  ASSIGN_OR_RETURN(std::shared_ptr<const void> mapping,
+                   Map(read_only.get(), size, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE, "the region"));
   return ViewsOf(std::move(mapping), size, entries, manifest);
 }
 

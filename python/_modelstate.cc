@@ -272,6 +272,26 @@ FetchRequest ToFetchRequest(const std::string& model, const py::dict& args) {
   return request;
 }
 
+// A fetched tensor's bytes as a writable Python buffer, for torch.frombuffer:
+// the tensor (and the mapping or block it views) lives as long as this object,
+// which torch keeps alive with every tensor made over it.
+class TensorBytes {
+ public:
+  explicit TensorBytes(Tensor tensor) : tensor_(std::move(tensor)) {}
+
+  py::buffer_info Buffer() const {
+    // Fetched memory is the caller's to write: a private (copy-on-write)
+    // mapping of the daemon's export or region, or a received block.
+    auto* data = const_cast<uint8_t*>(tensor_.data());
+    return py::buffer_info(data, 1, py::format_descriptor<uint8_t>::format(), 1,
+                           {static_cast<py::ssize_t>(tensor_.num_bytes())},
+                           {1});
+  }
+
+ private:
+  Tensor tensor_;
+};
+
 // The client as Python sees it; shared with the watchers it starts.
 class PyClient {
  public:
@@ -355,6 +375,29 @@ class PyClient {
       status = client_->DeleteModel(model);
     }
     RaiseIfError(status);
+  }
+
+  // Fetches into memory of the C++ client's (through the same-host socket, a
+  // mapping of the daemon's export): returns (version, [(key, kind, dtype,
+  // shape, TensorBytes)]) in manifest order.
+  py::tuple FetchViews(const std::string& model, const py::dict& args,
+                       uint32_t chunk_bytes, py::object progress) {
+    const FetchRequest request = ToFetchRequest(model, args);
+    CallRunner runner;
+    TransferOptions transfer;
+    transfer.chunk_bytes = chunk_bytes;
+    transfer.canceller = runner.canceller();
+    transfer.progress = runner.Progress(std::move(progress));
+    const FetchedStateDict fetched = runner.Run<FetchedStateDict>(
+        [&] { return client_->Fetch(request, transfer); });
+    py::list tensors;
+    for (const StateDict::Entry& entry : fetched.state.entries()) {
+      tensors.append(py::make_tuple(
+          entry.key, entry.kind == TensorKind::kBuffer ? "buffer" : "parameter",
+          std::string(TorchName(entry.tensor.dtype())), entry.tensor.shape(),
+          TensorBytes(entry.tensor)));
+    }
+    return py::make_tuple(fetched.version, tensors);
   }
 
   // Fetches into memory that `allocate(descriptions)` returns as
@@ -573,6 +616,8 @@ PYBIND11_MODULE(_modelstate, m) {
       .def("fetch_into", &PyClient::FetchInto, py::arg("model"),
            py::arg("args"), py::arg("allocate"), py::arg("allow_partial_write"),
            py::arg("chunk_bytes"), py::arg("progress"))
+      .def("fetch_views", &PyClient::FetchViews, py::arg("model"),
+           py::arg("args"), py::arg("chunk_bytes"), py::arg("progress"))
       .def("load", &PyClient::Load, py::arg("model"), py::arg("tensors"),
            py::arg("args"), py::arg("chunk_bytes"), py::arg("progress"))
       .def("watch", [](const PyClient& self, const std::string& model,
@@ -581,6 +626,8 @@ PYBIND11_MODULE(_modelstate, m) {
       });
   m.def("plan_load_into", &PlanLoadInto, py::arg("layout"), py::arg("fetched"),
         py::arg("strict"));
+  py::class_<TensorBytes>(m, "TensorBytes", py::buffer_protocol())
+      .def_buffer(&TensorBytes::Buffer);
   py::class_<Watcher>(m, "Watcher")
       .def("next", &Watcher::Next)
       .def("close", &Watcher::Close);

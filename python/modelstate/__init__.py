@@ -280,9 +280,18 @@ class Client:
         reached, of the same version.
 
         Each tensor is allocated by torch and filled by C++ with the GIL
-        released. Raises TypeError naming the key for a dtype torch 1.13 lacks
+        released. Through the same-host socket (``local_socket``) the tensors
+        are instead views of the daemon's export (or of the region it filled),
+        mapped copy-on-write: no private copy exists until a tensor is
+        written, and then only of the pages written. Raises TypeError naming the key for a dtype torch 1.13 lacks
         (unsigned 16/32/64-bit, float8) unless ``dtype`` casts it.
         """
+        args = _fetch_args(module, keep_module_prefix, keys, recurse,
+                           include_buffers, dtype, version)
+        args["min_version"] = min_version
+        if self._local:
+            return self._state_dict_as_views(model, args, chunk_bytes,
+                                             progress)
         tensors = []
 
         def allocate(described):
@@ -294,14 +303,28 @@ class Client:
                                      tensor.data_ptr()))
             return destinations
 
-        args = _fetch_args(module, keep_module_prefix, keys, recurse,
-                           include_buffers, dtype, version)
-        args["min_version"] = min_version
         # Fresh memory nobody else sees: write in place, no staging copy.
         fetched_version, _ = self._c.fetch_into(model, args, allocate, True,
                                                 chunk_bytes, progress)
         result = StateDict(tensors)
         result.version = fetched_version
+        return result
+
+    def _state_dict_as_views(self, model, args, chunk_bytes, progress):
+        """state_dict through the same-host socket: every tensor a view of
+        the daemon's export (or of the region it filled), mapped
+        copy-on-write, so no private copy exists until a tensor is written
+        (and then only of the pages written)."""
+        version, fetched = self._c.fetch_views(model, args, chunk_bytes,
+                                               progress)
+        result = StateDict()
+        for name, _, dtype_name, shape, data in fetched:
+            dtype = _torch_dtype(dtype_name, name)
+            if memoryview(data).nbytes == 0:
+                result[name] = torch.empty(shape, dtype=dtype)
+            else:
+                result[name] = torch.frombuffer(data, dtype=dtype).view(shape)
+        result.version = version
         return result
 
     def refresh(self, model, net, module=None, strict=True, version=None,

@@ -74,3 +74,33 @@ def test_absent_socket_falls_back_to_tcp(local_daemon):
     client = modelstate.connect(local_daemon.address, timeout=60,
                                 local_socket=local_daemon.local_socket + ".absent")
     same(client.state_dict("local_mlp"), tcp.state_dict("local_mlp"))
+
+
+def _private_bytes():
+    """This process's anonymous memory: its own allocations and the pages it
+    copied on write (a mapping's untouched pages are the file's)."""
+    with open("/proc/self/smaps_rollup") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return int(fields["Anonymous"].split()[0]) * 1024
+
+
+def test_state_dict_through_shared_memory_is_a_copy_on_write_mapping(local_daemon):
+    tcp = modelstate.connect(local_daemon.address, timeout=60)
+    torch.manual_seed(0)
+    big = {"w": torch.randn(8 << 20), "b": torch.randn(16)}  # 32 MiB
+    tcp.load_state_dict("local_big", big, create=True)
+    local = modelstate.connect(unused_tcp_address(), timeout=60,
+                               local_socket=local_daemon.local_socket)
+    local.state_dict("local_big")  # The daemon makes its export once.
+
+    before = _private_bytes()
+    mapped = local.state_dict("local_big")
+    grown = _private_bytes() - before
+    same(mapped, big)
+    assert grown < (8 << 20), grown  # No private copy of the 32 MiB.
+
+    # Writing a tensor copies only its pages; the daemon's state is untouched.
+    mapped["w"][:1024].fill_(7.0)
+    assert mapped["w"][0].item() == 7.0
+    same(local.state_dict("local_big"), big)
+    same(tcp.state_dict("local_big"), big)
