@@ -14,6 +14,11 @@ its own):
   py.state_dict      c.state_dict(model)
   py.refresh         c.refresh(model, net), allow_partial_write=False
   py.refresh_partial c.refresh(model, net, allow_partial_write=True)
+  py.state_dict_local c.state_dict(model) through the same-host socket
+                     (local_socket), after one untimed fetch that has the
+                     daemon make its export; reports the growth of the
+                     process's anonymous memory too (0 when the tensors are
+                     the mapping, the model's size for a private copy)
   py.refresh_again   c.refresh(model, net) once untimed, then timed: the
                      steady state of a worker (its staging memory is the
                      client's already), against py.refresh, a process's first
@@ -45,7 +50,7 @@ MiB = 1 << 20
 PROTO = "proto/modelstate/v1/model_state.proto"
 CONTENDERS = ["cpp.state_dict", "cpp.into", "cpp.into_partial", "py.state_dict",
               "py.refresh", "py.refresh_partial", "py.refresh_again",
-              "grpcio.refresh"]
+              "py.state_dict_local", "grpcio.refresh"]
 CPP_MODES = {"cpp.state_dict": "state-dict", "cpp.into": "into",
              "cpp.into_partial": "into-partial"}
 WORKER_TIMEOUT_S = 300
@@ -66,6 +71,16 @@ def _status_bytes(field):
     raise RuntimeError("no %s in /proc/self/status" % field)
 
 
+def _anonymous_bytes():
+    """Anonymous memory of this process: its allocations and copied-on-write
+    pages, not the pages a mapping of the daemon's export shares."""
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Anonymous:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no Anonymous in /proc/self/smaps_rollup")
+
+
 def _net_for(shapes):
     """An nn.Module holding one zeroed (touched) float32 parameter per key, as
     a worker's model whose weights refresh overwrites."""
@@ -82,6 +97,23 @@ def _report(seconds, nbytes, extra=None):
            "hwm": _status_bytes("VmHWM")}
     out.update(extra or {})
     print(json.dumps(out), flush=True)
+
+
+def worker_local(address, model, local_socket):
+    import modelstate
+    manifest = modelstate.connect(address).info(model)
+    nbytes = sum(t.nbytes for t in manifest.tensors.values())
+    c = modelstate.connect(address, local_socket=local_socket)
+    del c.state_dict(model)[next(iter(manifest.tensors))]  # the export
+    anonymous = _anonymous_bytes()
+    rss_base = _status_bytes("VmRSS")
+    _peak_rss_reset()
+    start = time.monotonic()
+    sd = c.state_dict(model)
+    seconds = time.monotonic() - start
+    assert len(sd) == len(manifest.tensors)
+    _report(seconds, nbytes, {"rss_before": rss_base, "rss_base": rss_base,
+                              "anonymous": _anonymous_bytes() - anonymous})
 
 
 def worker_modelstate(mode, address, model):
@@ -168,10 +200,11 @@ def _grpcio_refresh(stub, pb, model, params, xxhash):
 class Daemon:
     """modelstated on 127.0.0.1, port 0; its stderr drained by a thread."""
 
-    def __init__(self, binary):
+    def __init__(self, binary, local_socket):
         self.process = subprocess.Popen(
             [binary, "--listen=127.0.0.1:0", "--demo_model=",
-             "--log_rpcs=false", "--retain_versions=1"],
+             "--log_rpcs=false", "--retain_versions=1",
+             "--local_socket=" + local_socket],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, text=True)
         lines = queue.Queue()
@@ -232,7 +265,7 @@ def run_contender(name, args, address, stubs):
     else:
         command = [sys.executable, __file__, "--worker=" + name,
                    "--address=" + address, "--model=" + args.model,
-                   "--stubs=" + stubs]
+                   "--stubs=" + stubs, "--local_socket=" + args.local_socket]
     out = subprocess.run(command, check=True, capture_output=True, text=True,
                          timeout=WORKER_TIMEOUT_S).stdout.strip().splitlines()
     if name in CPP_MODES:
@@ -258,6 +291,8 @@ def build_rows(samples, model_bytes):
             "Python c.refresh(model, net, allow_partial_write=True)",
         "py.refresh_again": "Python c.refresh(model, net), the second in a "
                             "process",
+        "py.state_dict_local": "Python c.state_dict(model) through the "
+                               "same-host socket (a mapping)",
         "grpcio.refresh": "grpcio client into net's tensors, XXH3 verified",
     }
     for name in CONTENDERS:
@@ -276,6 +311,10 @@ def build_rows(samples, model_bytes):
         per_rep = [a / b for a, b in zip(gbps[num], gbps[den])]
         rows.append((rid, "%s / %s, per repetition" % (num, den), "ratio",
                      per_rep, (">=", limit) if limit else None))
+    anonymous = [s["anonymous"] / MiB for s in samples["py.state_dict_local"]]
+    rows.append(("anon.py.state_dict_local", "anonymous memory the "
+                 "shared-memory state_dict added (a private copy would add "
+                 "the model)", "MiB", anonymous, ("<=", 64)))
     # The target bounds the process's peak; the runtime's own RSS (Debian's
     # python3 with torch imported, ~235 MiB before any tensor) is reported
     # apart, and the peak is also judged net of it (the data path's share).
@@ -327,7 +366,9 @@ def to_json(rows):
 
 
 def drive(args):
-    daemon = Daemon(args.daemon_binary)
+    work = tempfile.mkdtemp(prefix="pybench-")
+    args.local_socket = os.path.join(work, "modelstated.local")
+    daemon = Daemon(args.daemon_binary, args.local_socket)
     try:
         model_bytes = create_model(daemon.address, args.model, args.tensors,
                                    args.model_mib * MiB)
@@ -344,6 +385,7 @@ def drive(args):
                           file=sys.stderr, flush=True)
     finally:
         daemon.stop()
+        os.rmdir(work)
     rows = build_rows(samples, model_bytes)
     table = to_markdown(rows)
     header = "Model: %d float32 tensors, %d MiB; %d repetitions.\n\n" % (
@@ -369,9 +411,12 @@ def main():
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--address", help=argparse.SUPPRESS)
     parser.add_argument("--stubs", help=argparse.SUPPRESS)
+    parser.add_argument("--local_socket", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "grpcio.refresh":
         return worker_grpcio(args.address, args.model, args.stubs)
+    if args.worker == "py.state_dict_local":
+        return worker_local(args.address, args.model, args.local_socket)
     if args.worker:
         return worker_modelstate(args.worker, args.address, args.model)
     args.bench_binary = os.path.join(args.build_dir, "bench", "modelstate_bench")
