@@ -142,6 +142,16 @@ class CallRunner {
   }
 
   // A progress callback that calls `progress(done, total)` in Python.
+  // How a call of this runner transfers: `chunk_bytes` per message,
+  // `progress` called with the GIL, cancelled with the runner.
+  TransferOptions Transfer(uint32_t chunk_bytes, py::object progress) {
+    TransferOptions transfer;
+    transfer.chunk_bytes = chunk_bytes;
+    transfer.canceller = canceller();
+    transfer.progress = Progress(std::move(progress));
+    return transfer;
+  }
+
   ProgressCallback Progress(py::object progress) {
     if (progress.is_none()) return nullptr;
     auto shared = std::make_shared<py::object>(std::move(progress));
@@ -384,10 +394,8 @@ class PyClient {
                        uint32_t chunk_bytes, py::object progress) {
     const FetchRequest request = ToFetchRequest(model, args);
     CallRunner runner;
-    TransferOptions transfer;
-    transfer.chunk_bytes = chunk_bytes;
-    transfer.canceller = runner.canceller();
-    transfer.progress = runner.Progress(std::move(progress));
+    const TransferOptions transfer =
+        runner.Transfer(chunk_bytes, std::move(progress));
     const FetchedStateDict fetched = runner.Run<FetchedStateDict>(
         [&] { return client_->Fetch(request, transfer); });
     py::list tensors;
@@ -407,10 +415,8 @@ class PyClient {
                       uint32_t chunk_bytes, py::object progress) {
     const FetchRequest request = ToFetchRequest(model, args);
     CallRunner runner;
-    TransferOptions transfer;
-    transfer.chunk_bytes = chunk_bytes;
-    transfer.canceller = runner.canceller();
-    transfer.progress = runner.Progress(std::move(progress));
+    const TransferOptions transfer =
+        runner.Transfer(chunk_bytes, std::move(progress));
     std::vector<std::string> written;
     IntoOptions into;
     into.allow_partial_write = allow_partial_write;
@@ -473,10 +479,8 @@ class PyClient {
                                     : TensorKind::kParameter));
     }
     CallRunner runner;
-    TransferOptions transfer;
-    transfer.chunk_bytes = chunk_bytes;
-    transfer.canceller = runner.canceller();
-    transfer.progress = runner.Progress(std::move(progress));
+    const TransferOptions transfer =
+        runner.Transfer(chunk_bytes, std::move(progress));
     const LoadOutcome outcome = runner.Run<LoadOutcome>(
         [&] { return client_->Load(request, state, transfer); });
     return py::make_tuple(outcome.version, outcome.missing_keys,

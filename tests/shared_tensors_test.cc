@@ -131,24 +131,44 @@ TEST_F(SharedTensorsTest, FetchIntoFillsEveryDestinationOfATiedTensor) {
   EXPECT_EQ(tied.back(), 0x3f80);  // 1.0 in bfloat16.
 }
 
-TEST_F(SharedTensorsTest, ALoadNamingABadSourceIsRefusedAndChangesNothing) {
-  auto stub = v1::ModelState::NewStub(
-      grpc::CreateChannel("127.0.0.1:" + std::to_string(server_->port()),
-                          grpc::InsecureChannelCredentials()));
+// The header of a load of TiedState(5) into "lm" whose third key names
+// `source` as the tensor it shares, with every checksum when `checksummed`.
+v1::LoadStateDictRequest SharedHeader(const std::string& source,
+                                      bool checksummed) {
   const StateDict update = TiedState(5);
+  v1::LoadStateDictRequest request;
+  v1::LoadHeader* header = request.mutable_header();
+  header->set_model("lm");
+  ToTensorInfos(update, header->mutable_tensors());
+  for (int i = 0; checksummed && i < 3; ++i) {
+    header->mutable_tensors(i)->set_xxh3_64(
+        update.entries()[i].tensor.Checksum());
+  }
+  header->mutable_tensors(2)->set_shared_with(source);
+  header->set_total_bytes(kEmbeddingBytes + kBodyBytes);
+  return request;
+}
+
+// Sends `messages` as one load to `server` and returns its status.
+grpc::Status SendLoad(const Server& server,
+                      const std::vector<v1::LoadStateDictRequest>& messages) {
+  auto stub = v1::ModelState::NewStub(
+      grpc::CreateChannel("127.0.0.1:" + std::to_string(server.port()),
+                          grpc::InsecureChannelCredentials()));
+  grpc::ClientContext context;
+  v1::LoadStateDictResponse response;
+  auto writer = stub->LoadStateDict(&context, &response);
+  for (const v1::LoadStateDictRequest& message : messages) {
+    if (!writer->Write(message)) break;
+  }
+  writer->WritesDone();
+  return writer->Finish();
+}
+
+TEST_F(SharedTensorsTest, ALoadNamingABadSourceIsRefusedAndChangesNothing) {
   for (const std::string& source : {"nope", "head.weight", "body.weight"}) {
-    grpc::ClientContext context;
-    v1::LoadStateDictResponse response;
-    auto writer = stub->LoadStateDict(&context, &response);
-    v1::LoadStateDictRequest request;
-    v1::LoadHeader* header = request.mutable_header();
-    header->set_model("lm");
-    ToTensorInfos(update, header->mutable_tensors());
-    header->mutable_tensors(2)->set_shared_with(source);
-    header->set_total_bytes(kEmbeddingBytes + kBodyBytes);
-    writer->Write(request);
-    writer->WritesDone();
-    const grpc::Status status = writer->Finish();
+    const grpc::Status status =
+        SendLoad(*server_, {SharedHeader(source, /*checksummed=*/false)});
     EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
         << source;
     EXPECT_THAT(status.error_message(), HasSubstr("head.weight"));
@@ -159,25 +179,11 @@ TEST_F(SharedTensorsTest, ALoadNamingABadSourceIsRefusedAndChangesNothing) {
 }
 
 TEST_F(SharedTensorsTest, ASharedKeyWhoseChecksumDiffersIsRefused) {
-  auto stub = v1::ModelState::NewStub(
-      grpc::CreateChannel("127.0.0.1:" + std::to_string(server_->port()),
-                          grpc::InsecureChannelCredentials()));
   const StateDict update = TiedState(5);
-  grpc::ClientContext context;
-  v1::LoadStateDictResponse response;
-  auto writer = stub->LoadStateDict(&context, &response);
-  v1::LoadStateDictRequest request;
-  v1::LoadHeader* header = request.mutable_header();
-  header->set_model("lm");
-  ToTensorInfos(update, header->mutable_tensors());
-  for (int i = 0; i < 3; ++i)
-    header->mutable_tensors(i)->set_xxh3_64(
-        update.entries()[i].tensor.Checksum());
-  header->mutable_tensors(2)->set_shared_with("embed.weight");
-  header->mutable_tensors(2)->set_xxh3_64(
+  v1::LoadStateDictRequest header =
+      SharedHeader("embed.weight", /*checksummed=*/true);
+  header.mutable_header()->mutable_tensors(2)->set_xxh3_64(
       update.entries()[1].tensor.Checksum());
-  header->set_total_bytes(kEmbeddingBytes + kBodyBytes);
-  writer->Write(request);
   // One chunk (under the minimum chunk size only as the last one).
   v1::LoadStateDictRequest chunk;
   chunk.mutable_chunk()->set_offset(0);
@@ -186,12 +192,9 @@ TEST_F(SharedTensorsTest, ASharedKeyWhoseChecksumDiffersIsRefused) {
     chunk.mutable_chunk()->mutable_data()->append(
         reinterpret_cast<const char*>(tensor.data()), tensor.num_bytes());
   }
-  writer->Write(chunk);
   v1::LoadStateDictRequest end;
   end.mutable_end()->set_total_bytes(kEmbeddingBytes + kBodyBytes);
-  writer->Write(end);
-  writer->WritesDone();
-  const grpc::Status status = writer->Finish();
+  const grpc::Status status = SendLoad(*server_, {header, chunk, end});
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(status.error_message(), HasSubstr("checksum differs"));
 }
