@@ -18,7 +18,8 @@ cleanup() {
 }
 trap cleanup EXIT
 echo "image: $IMAGE"
-buildah inspect --type image --format '{{.OCIv1.Config.User}} {{.OCIv1.Config.Entrypoint}}' "$IMAGE"
+echo "user and entrypoint: $(buildah inspect --type image \
+  --format '{{.OCIv1.Config.User}} {{.OCIv1.Config.Entrypoint}}' "$IMAGE")"
 buildah run --isolation chroot "$container" -- /usr/local/bin/modelstated \
   --listen="127.0.0.1:$port" --health_listen="127.0.0.1:$health" --demo_model=demo \
   --data_dir=/var/lib/modelstate >"$log" 2>&1 &
@@ -30,7 +31,7 @@ done
 echo "health (port $health): $("$CTL" --server="127.0.0.1:$health" health)"
 echo "user inside: $(buildah run --isolation chroot "$container" -- id -u)"
 "$CTL" --server="127.0.0.1:$port" models
-"$CTL" --server="127.0.0.1:$port" pull demo /tmp/modelstate-image-demo.safetensors
+"$CTL" --server="127.0.0.1:$port" fetch demo /tmp/modelstate-image-demo.safetensors
 # SIGTERM to the daemon itself (chroot isolation shares the host's process table): it drains
 # and exits 0, and buildah run returns with it.
 daemon_pid="$(pgrep -f -- "--listen=127.0.0.1:$port" | grep -vx "$pid" | tail -1)"
