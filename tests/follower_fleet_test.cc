@@ -3,7 +3,8 @@
 // lags behind the follower's address never takes it back; a primary restarted
 // with an empty data dir empties nobody until its epoch is adopted; a follower
 // reconnects within --follow_retry_max however long its upstream was away;
-// its metrics tell how far behind it is during a sync and while disconnected.
+// its metrics tell how far behind it is during a sync and while disconnected;
+// --new_epoch starts another history, and the epoch flags are checked.
 #include <sys/stat.h>
 
 #include <cstdio>
@@ -302,6 +303,50 @@ TEST(FollowerFleetTest, AnEmptyPrimaryEmptiesNobodyUntilItsEpochIsAdopted) {
   EXPECT_THAT(follower.Log(),
               HasSubstr("follow: adopted epoch " + EpochName(second_epoch)));
   EXPECT_FALSE(Exists(held_file));
+}
+
+// A primary keeps its data dir's epoch across restarts; --new_epoch starts
+// another history on the same models. The epoch flags are refused where they
+// do not apply.
+TEST(FollowerFleetTest, NewEpochStartsAnotherHistoryAndEpochFlagsAreChecked) {
+  const ScratchDir scratch;
+  const std::vector<std::string> args = {"--demo_model=", "--log_rpcs=false",
+                                         "--data_dir=" + scratch.file("data")};
+  auto start = [&args](std::vector<std::string> extra) {
+    extra.insert(extra.begin(), args.begin(), args.end());
+    return std::make_unique<Daemon>(extra);
+  };
+  auto primary = start({});
+  const uint64_t first = LoggedEpoch(*primary);
+  ASSERT_TRUE(ConnectTo(primary->address())->CreateModel("net", kNet, 1).ok());
+  EXPECT_EQ(primary->Stop(SIGTERM, 30), 0);
+  primary = start({});
+  EXPECT_EQ(LoggedEpoch(*primary), first);
+  EXPECT_EQ(primary->Stop(SIGTERM, 30), 0);
+  primary = start({"--new_epoch"});
+  const uint64_t second = LoggedEpoch(*primary);
+  EXPECT_NE(second, first);
+  EXPECT_NE(second, 0u);
+  EXPECT_THAT(primary->Log(),
+              HasSubstr("(new: --new_epoch; it was " + EpochName(first)));
+  EXPECT_EQ(VersionOf(*ConnectTo(primary->address()), "net").version, 1);
+
+  const std::string daemon =
+      testing_support::DaemonPath() + " --listen=127.0.0.1:0 --log_rpcs=false ";
+  const testing_support::CommandResult new_follower =
+      testing_support::RunCommand(daemon + "--follow=127.0.0.1:1 --new_epoch");
+  EXPECT_EQ(new_follower.exit_code, 1);
+  EXPECT_THAT(new_follower.output,
+              HasSubstr("--new_epoch can't be used with --follow"));
+  const testing_support::CommandResult adopting_primary =
+      testing_support::RunCommand(daemon + "--adopt_epoch=any");
+  EXPECT_EQ(adopting_primary.exit_code, 1);
+  EXPECT_THAT(adopting_primary.output,
+              HasSubstr("--adopt_epoch needs --follow"));
+  const testing_support::CommandResult bad = testing_support::RunCommand(
+      daemon + "--follow=127.0.0.1:1 --adopt_epoch=yes");
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_THAT(bad.output, HasSubstr("--adopt_epoch wants an epoch"));
 }
 
 // The longest stretch of [from, to] without any of `times`.
