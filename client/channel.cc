@@ -28,6 +28,12 @@
 namespace modelstate {
 namespace {
 
+// Whole milliseconds, at least 1; INT_MAX (gRPC's "never") beyond.
+int Millis(absl::Duration duration) {
+  return static_cast<int>(
+      std::clamp<int64_t>(absl::ToInt64Milliseconds(duration), 1, INT_MAX));
+}
+
 // Sets the channel arguments of ClientOptions' keepalive (none when
 // keepalive_time is infinite); InvalidArgument for a non-positive duration.
 absl::Status ApplyKeepalive(const ClientOptions& options,
@@ -39,19 +45,36 @@ absl::Status ApplyKeepalive(const ClientOptions& options,
   }
   if (options.keepalive_time == absl::InfiniteDuration())
     return absl::OkStatus();
-  // Whole milliseconds, at least 1; INT_MAX (gRPC's "never") beyond.
-  auto millis = [](absl::Duration duration) {
-    return static_cast<int>(
-        std::clamp<int64_t>(absl::ToInt64Milliseconds(duration), 1, INT_MAX));
-  };
-  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, millis(options.keepalive_time));
-  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, millis(options.keepalive_timeout));
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, Millis(options.keepalive_time));
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, Millis(options.keepalive_timeout));
   // A connection without calls may be just as dead, and the next call on it
   // would hang; modelstated accepts pings without calls.
   args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   // gRPC stops pinging after two pings unless the client sent data in
   // between, which a client that only receives (a watch) never does.
   args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  return absl::OkStatus();
+}
+
+// The least time a connection attempt gets with a bounded reconnect backoff:
+// a TCP and TLS handshake over a slow link takes a few round trips.
+constexpr absl::Duration kMinConnectAttempt = absl::Seconds(2);
+
+// Sets the channel arguments of ClientOptions::max_reconnect_backoff (none
+// when infinite); InvalidArgument when it is not positive.
+absl::Status ApplyReconnectBackoff(const ClientOptions& options,
+                                   grpc::ChannelArguments& args) {
+  const absl::Duration max = options.max_reconnect_backoff;
+  if (max <= absl::ZeroDuration())
+    return absl::InvalidArgumentError("max_reconnect_backoff must be positive");
+  if (max == absl::InfiniteDuration()) return absl::OkStatus();
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS,
+              Millis(std::min(max, absl::Seconds(1))));
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, Millis(max));
+  // gRPC's name for the time one connection attempt may take (20 s by
+  // default): an attempt hung on a silent network holds the next one back.
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS,
+              Millis(std::max(max, kMinConnectAttempt)));
   return absl::OkStatus();
 }
 
@@ -169,6 +192,7 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(
   if (options.own_connection)
     args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   RETURN_IF_ERROR(ApplyKeepalive(options, args));
+  RETURN_IF_ERROR(ApplyReconnectBackoff(options, args));
   const bool tls = options.use_tls || !options.tls_ca_file.empty() ||
                    !options.tls_cert_file.empty();
   if (tls) {

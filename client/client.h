@@ -77,6 +77,14 @@ struct ClientOptions {
   // Both must be positive.
   absl::Duration keepalive_time = absl::InfiniteDuration();
   absl::Duration keepalive_timeout = absl::Seconds(20);
+  // The longest gRPC waits between attempts to reconnect a channel whose
+  // connection failed or dropped: its backoff starts at the smaller of 1 s and
+  // this and grows to this, and an attempt may take the larger of this and
+  // 2 s before it counts as failed. Infinite (the default) keeps gRPC's own
+  // (1 s growing to 120 s, 20 s per attempt), after which a server back from a
+  // long absence may wait minutes for a client that has calls to make (a
+  // follower). Must be positive.
+  absl::Duration max_reconnect_backoff = absl::InfiniteDuration();
   // Verify every checksum of a shared-memory fetch that maps the daemon's
   // sealed export (zero copy), as every other fetch does. Off by default: the
   // daemon verified the export when it made it, nothing can change it since,

@@ -163,6 +163,7 @@ v1::GetModelResponse ToProto(const ModelManifest& manifest) {
   proto.set_architecture_json(manifest.architecture_json);
   proto.mutable_class_names()->insert(manifest.class_names.begin(),
                                       manifest.class_names.end());
+  proto.set_epoch(manifest.epoch);
   return proto;
 }
 
@@ -180,6 +181,7 @@ absl::StatusOr<ModelManifest> FromProto(const v1::GetModelResponse& proto) {
   manifest.architecture_json = proto.architecture_json();
   manifest.class_names.insert(proto.class_names().begin(),
                               proto.class_names().end());
+  manifest.epoch = proto.epoch();
   return manifest;
 }
 
@@ -196,6 +198,7 @@ v1::Manifest ToManifest(const FetchPlan& plan, uint64_t total_bytes) {
   ToTensorInfos(*plan.state, manifest.mutable_tensors());
   MarkSharedTensors(*plan.state, plan.shared_with, manifest.mutable_tensors());
   manifest.set_total_bytes(total_bytes);
+  manifest.set_epoch(plan.epoch);
   return manifest;
 }
 
@@ -350,11 +353,13 @@ v1::WatchModelResponse ToProto(const ModelEvent& event) {
   }
   proto.set_model(event.model);
   proto.set_version(event.version);
+  proto.set_epoch(event.epoch);
   return proto;
 }
 
 absl::StatusOr<ModelEvent> FromProto(const v1::WatchModelResponse& proto) {
-  ModelEvent event{ModelEvent::Type::kUpdated, proto.model(), proto.version()};
+  ModelEvent event{ModelEvent::Type::kUpdated, proto.model(), proto.version(),
+                   proto.epoch()};
   switch (proto.type()) {
     case v1::WatchModelResponse::CREATED:
       event.type = ModelEvent::Type::kCreated;

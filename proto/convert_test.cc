@@ -155,6 +155,7 @@ TEST(ConvertTest, TensorDescriptionsAndManifests) {
   manifest.tensors = {tensor};
   manifest.architecture_json = "{}";
   manifest.class_names = {{"", "Net"}, {"fc", "Linear"}};
+  manifest.epoch = 0x9f3c2a1b4d5e6f70;
   const ModelManifest round = FromProto(ToProto(manifest)).value();
   EXPECT_EQ(round.summary.name, "policy");
   EXPECT_EQ(round.summary.version, 9);
@@ -167,12 +168,15 @@ TEST(ConvertTest, TensorDescriptionsAndManifests) {
   EXPECT_EQ(round.tensors[0].name, "bn.running_var");
   EXPECT_EQ(round.architecture_json, "{}");
   EXPECT_EQ(round.class_names, manifest.class_names);
+  EXPECT_EQ(round.epoch, 0x9f3c2a1b4d5e6f70u);
+  EXPECT_EQ(ToProto(manifest).epoch(), 0x9f3c2a1b4d5e6f70u);
 }
 
 TEST(ConvertTest, FetchPlanManifest) {
   FetchPlan plan;
   plan.model = "policy";
   plan.version = 4;
+  plan.epoch = 0xab;
   StateDict state;
   state.Set("w", FullTensor(DType::kFloat32, {2}, 1));
   plan.state = std::make_shared<const StateDict>(state);
@@ -180,6 +184,7 @@ TEST(ConvertTest, FetchPlanManifest) {
   EXPECT_EQ(manifest.model(), "policy");
   EXPECT_EQ(manifest.version(), 4);
   EXPECT_EQ(manifest.total_bytes(), 8u);
+  EXPECT_EQ(manifest.epoch(), 0xabu);
   ASSERT_EQ(manifest.tensors_size(), 1);
   EXPECT_EQ(manifest.tensors(0).xxh3_64(), state.Find("w")->Checksum());
 }
@@ -197,10 +202,11 @@ TEST(ConvertTest, LoadOutcomeAndEvents) {
         ModelEvent::Type::kDeleted, ModelEvent::Type::kCurrent,
         ModelEvent::Type::kAbsent, ModelEvent::Type::kListed}) {
     const ModelEvent event =
-        FromProto(ToProto(ModelEvent{type, "m", 3})).value();
+        FromProto(ToProto(ModelEvent{type, "m", 3, 0xfeedu})).value();
     EXPECT_EQ(event.type, type);
     EXPECT_EQ(event.model, "m");
     EXPECT_EQ(event.version, 3);
+    EXPECT_EQ(event.epoch, 0xfeedu);
   }
   v1::WatchModelResponse unknown;
   EXPECT_EQ(FromProto(unknown).status().code(),

@@ -46,13 +46,19 @@ absl::StatusOr<ModelManifest> GrpcUpstream::Describe(const std::string& model,
 
 absl::StatusOr<StateDict> GrpcUpstream::Fetch(
     const std::string& model, int64_t version,
-    const std::vector<std::string>& keys) {
+    const std::vector<std::string>& keys,
+    const std::function<void(uint64_t)>& progress) {
   FetchRequest request(model);
   request.version = version;
   request.keys = keys;
   TransferOptions transfer;
   transfer.canceller = &canceller_;
   transfer.max_resumes = kFetchResumes;
+  if (progress) {
+    transfer.progress = [&progress](uint64_t received, uint64_t) {
+      progress(received);
+    };
+  }
   // Versions share the tensors a load left unchanged: a packed block would
   // keep the replaced neighbours of a kept tensor alive.
   transfer.packing = TensorPacking::kOwnStorage;

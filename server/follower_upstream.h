@@ -30,7 +30,8 @@ class GrpcUpstream : public Upstream {
                                          int64_t version) override;
   absl::StatusOr<StateDict> Fetch(
       const std::string& model, int64_t version,
-      const std::vector<std::string>& keys) override;
+      const std::vector<std::string>& keys,
+      const std::function<void(uint64_t)>& progress) override;
   void Cancel() override;
 
  private:

@@ -160,7 +160,22 @@ ABSL_FLAG(bool, follow_open_reads, false,
           "caller; without it such a follower refuses to start");
 ABSL_FLAG(absl::Duration, follow_retry_max, absl::Seconds(10),
           "while the --follow upstream is unreachable, retries back off "
-          "exponentially from 100ms up to this");
+          "exponentially from 100ms up to this; so do gRPC's reconnection "
+          "attempts (from 1s or less), so a returning upstream is reached "
+          "within about this");
+// Epochs: which history of the primary versions belong to. See
+// docs/operations.md, "Primary lost its data".
+ABSL_FLAG(std::string, adopt_epoch, "",
+          "with --follow: the epoch (16 hex digits, as the upstream's log and "
+          "modelstate_follower_upstream_epoch_info show it) of another "
+          "history this follower may take on when its upstream has it, "
+          "replacing every model it holds; \"any\" takes on whatever the "
+          "upstream has; empty: keep serving what is held and log loudly");
+ABSL_FLAG(bool, new_epoch, false,
+          "a primary's: start a new epoch (history) even if --data_dir kept "
+          "one, e.g. after restoring the data dir from a backup; its followers "
+          "keep what they hold until told to --adopt_epoch it. Remove it "
+          "after that start: every start with it makes another history");
 // Follower keepalive: a silent upstream (TCP open, no bytes) is dropped and
 // retried instead of followed forever. See docs/operations.md, "Followers".
 ABSL_FLAG(absl::Duration, follow_keepalive_time, absl::Seconds(30),
@@ -214,6 +229,10 @@ absl::Status FollowerOptionsFromFlags(modelstate::ServerOptions& options) {
     options.follow_client.token = *std::move(token);
   }
   options.follow_max_backoff = absl::GetFlag(FLAGS_follow_retry_max);
+  absl::StatusOr<modelstate::EpochAdoption> adoption =
+      modelstate::ParseEpochAdoption(absl::GetFlag(FLAGS_adopt_epoch));
+  if (!adoption.ok()) return adoption.status();
+  options.adopt_epoch = *adoption;
   options.follow_open_reads = absl::GetFlag(FLAGS_follow_open_reads);
   options.follow_client.keepalive_time =
       absl::GetFlag(FLAGS_follow_keepalive_time);
@@ -313,6 +332,7 @@ absl::StatusOr<modelstate::ServerOptions> OptionsFromFlags() {
   }
   options.sync_durability = durability == "sync";
   options.retain_versions = absl::GetFlag(FLAGS_retain_versions);
+  options.new_epoch = absl::GetFlag(FLAGS_new_epoch);
   options.max_version_wait = absl::GetFlag(FLAGS_max_version_wait);
   AccessOptionsFromFlags(options);
   ConnectionOptionsFromFlags(options);

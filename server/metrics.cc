@@ -9,6 +9,7 @@
 #include "prometheus/client_metric.h"
 #include "prometheus/metric_family.h"
 #include "server/rpc_log.h"
+#include "store/lineage.h"
 
 namespace modelstate {
 namespace {
@@ -73,54 +74,114 @@ prometheus::MetricFamily Counter(std::string name, std::string help,
   return family;
 }
 
+// The follower's gauges of its state now.
+void AddFollowerGauges(const FollowerStats& stats,
+                       std::vector<prometheus::MetricFamily>& families) {
+  auto gauge = [&families](const char* name, const char* help, double value) {
+    auto family = Gauge(name, help);
+    AddSample(family, value);
+    families.push_back(std::move(family));
+  };
+  gauge("modelstate_follower_connected",
+        "1 while the upstream's watch is up and listed.", stats.connected);
+  gauge("modelstate_follower_synced",
+        "1 once the first full listing was mirrored.", stats.synced);
+  gauge("modelstate_follower_lag_versions",
+        "Versions the upstream showed (as last seen, also while "
+        "disconnected) that are not here yet, summed over models.",
+        static_cast<double>(stats.lag_versions));
+  gauge("modelstate_follower_last_heard_seconds",
+        "Seconds since the upstream was last heard from: 0 while its watch "
+        "is up.",
+        absl::ToDoubleSeconds(stats.since_heard));
+  gauge("modelstate_follower_behind_seconds",
+        "Seconds since the upstream first showed a version not here yet, for "
+        "the model longest behind; 0 when caught up.",
+        absl::ToDoubleSeconds(stats.behind));
+  gauge("modelstate_follower_sync_bytes_in_flight",
+        "Bytes the sync in progress still has to fetch.",
+        static_cast<double>(stats.sync_bytes_in_flight));
+  gauge("modelstate_follower_epoch_refused",
+        "1 while the upstream is of another epoch (another history of its "
+        "primary) that this follower was not told to adopt.",
+        stats.epoch_refused);
+  if (stats.upstream_epoch == 0) return;
+  auto epoch = Gauge("modelstate_follower_upstream_epoch_info",
+                     "The upstream's epoch, as its last listing showed it.");
+  AddSample(epoch, 1, {{"epoch", EpochName(stats.upstream_epoch)}});
+  families.push_back(std::move(epoch));
+}
+
+// Each model's version on the upstream as last seen, and how long it has
+// been behind, labelled with its name.
+void AddFollowerModelGauges(const std::vector<ModelLag>& lags,
+                            std::vector<prometheus::MetricFamily>& families) {
+  auto upstream = Gauge("modelstate_follower_upstream_version",
+                        "Each model's version on the upstream, as last seen "
+                        "by the watch (0: the upstream lacks it).");
+  auto behind = Gauge("modelstate_follower_model_behind_seconds",
+                      "Seconds since the upstream first showed a version of "
+                      "the model not here yet; 0 when caught up.");
+  for (const ModelLag& lag : lags) {
+    AddSample(upstream, static_cast<double>(lag.upstream_version),
+              {{"model", lag.model}});
+    AddSample(behind, absl::ToDoubleSeconds(lag.behind),
+              {{"model", lag.model}});
+  }
+  families.push_back(std::move(upstream));
+  families.push_back(std::move(behind));
+}
+
+std::vector<prometheus::MetricFamily> FollowerCounters(
+    const FollowerStats& stats) {
+  return {
+      Counter("modelstate_follower_syncs_total",
+              "Upstream versions committed here.", stats.syncs),
+      Counter("modelstate_follower_deletes_total",
+              "Models removed because the upstream removed them.",
+              stats.deletes),
+      Counter("modelstate_follower_upstream_failures_total",
+              "Watches of the upstream that ended in an error.",
+              stats.upstream_failures),
+      Counter("modelstate_follower_sync_failures_total",
+              "Syncs of one model that failed (memory limit, refused "
+              "tree) while the others went on.",
+              stats.sync_failures),
+      Counter("modelstate_follower_stale_answers_total",
+              "Answers of the upstream older than what is held here (it "
+              "lags): kept, not applied.",
+              stats.stale_answers),
+      Counter("modelstate_follower_fetched_tensors_total",
+              "Tensors fetched from the upstream.", stats.tensors_fetched),
+      Counter("modelstate_follower_fetched_bytes_total",
+              "Tensor bytes fetched from the upstream.",
+              static_cast<double>(stats.bytes_fetched)),
+      Counter("modelstate_follower_reused_tensors_total",
+              "Tensors of synced versions shared with ones already held.",
+              stats.tensors_reused),
+      Counter("modelstate_follower_reused_bytes_total",
+              "Bytes of those tensors (not fetched).",
+              static_cast<double>(stats.bytes_reused)),
+  };
+}
+
 class FollowerCollector : public prometheus::Collectable {
  public:
-  explicit FollowerCollector(const Follower* follower) : follower_(follower) {}
+  FollowerCollector(const Follower* follower, bool model_labels)
+      : follower_(follower), model_labels_(model_labels) {}
 
   std::vector<prometheus::MetricFamily> Collect() const override {
     const FollowerStats stats = follower_->stats();
-    auto connected = Gauge("modelstate_follower_connected",
-                           "1 while the upstream's watch is up and listed.");
-    AddSample(connected, stats.connected ? 1 : 0);
-    auto synced = Gauge("modelstate_follower_synced",
-                        "1 once the first full listing was mirrored.");
-    AddSample(synced, stats.synced ? 1 : 0);
-    auto lag = Gauge("modelstate_follower_lag_versions",
-                     "Versions the upstream announced that are not here yet, "
-                     "summed over models.");
-    AddSample(lag, static_cast<double>(stats.lag_versions));
-    return {
-        connected,
-        synced,
-        lag,
-        Counter("modelstate_follower_syncs_total",
-                "Upstream versions committed here.", stats.syncs),
-        Counter("modelstate_follower_deletes_total",
-                "Models removed because the upstream removed them.",
-                stats.deletes),
-        Counter("modelstate_follower_upstream_failures_total",
-                "Watches of the upstream that ended in an error.",
-                stats.upstream_failures),
-        Counter("modelstate_follower_sync_failures_total",
-                "Syncs of one model that failed (memory limit, refused "
-                "tree) while the others went on.",
-                stats.sync_failures),
-        Counter("modelstate_follower_fetched_tensors_total",
-                "Tensors fetched from the upstream.", stats.tensors_fetched),
-        Counter("modelstate_follower_fetched_bytes_total",
-                "Tensor bytes fetched from the upstream.",
-                static_cast<double>(stats.bytes_fetched)),
-        Counter("modelstate_follower_reused_tensors_total",
-                "Tensors of synced versions shared with ones already held.",
-                stats.tensors_reused),
-        Counter("modelstate_follower_reused_bytes_total",
-                "Bytes of those tensors (not fetched).",
-                static_cast<double>(stats.bytes_reused)),
-    };
+    std::vector<prometheus::MetricFamily> families = FollowerCounters(stats);
+    AddFollowerGauges(stats, families);
+    if (model_labels_)
+      AddFollowerModelGauges(follower_->model_lags(), families);
+    return families;
   }
 
  private:
   const Follower* follower_;
+  const bool model_labels_;
 };
 
 }  // namespace
@@ -140,7 +201,11 @@ class StateCollector : public prometheus::Collectable {
     const std::vector<ModelSummary> models = store_->Summaries();
     auto count = Gauge("modelstate_models", "Models held.");
     AddSample(count, static_cast<double>(models.size()));
-    std::vector<prometheus::MetricFamily> families = {count};
+    auto epoch = Gauge("modelstate_epoch_info",
+                       "The epoch of the history this daemon's versions "
+                       "belong to (0000000000000000: not known yet).");
+    AddSample(epoch, 1, {{"epoch", EpochName(store_->epoch())}});
+    std::vector<prometheus::MetricFamily> families = {count, epoch};
     if (model_labels_) AddPerModelGauges(models, families);
     auto live = Gauge("modelstate_memory_live_bytes",
                       "Tensor bytes alive: models, retained versions, "
@@ -180,8 +245,8 @@ class StateCollector : public prometheus::Collectable {
 };
 
 std::shared_ptr<prometheus::Collectable> FollowerMetrics(
-    const Follower* follower) {
-  return std::make_shared<FollowerCollector>(follower);
+    const Follower* follower, bool model_labels) {
+  return std::make_shared<FollowerCollector>(follower, model_labels);
 }
 
 namespace {

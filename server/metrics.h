@@ -67,13 +67,16 @@ class Metrics {
 };
 
 // A follower's state, read at every scrape (modelstated --follow):
-// modelstate_follower_{connected,synced,lag_versions} gauges and
+// modelstate_follower_{connected,synced,lag_versions,last_heard_seconds,
+// behind_seconds,sync_bytes_in_flight,epoch_refused} and
+// modelstate_follower_upstream_epoch_info gauges,
 // modelstate_follower_{syncs,deletes,upstream_failures,sync_failures,
-// fetched_tensors,
-// fetched_bytes,reused_tensors,reused_bytes}_total counters. `follower` must
-// outlive the collectable's use.
+// stale_answers,fetched_tensors,fetched_bytes,reused_tensors,reused_bytes}_total
+// counters and, with `model_labels`, per model
+// modelstate_follower_{upstream_version,model_behind_seconds}. `follower`
+// must outlive the collectable's use.
 std::shared_ptr<prometheus::Collectable> FollowerMetrics(
-    const Follower* follower);
+    const Follower* follower, bool model_labels);
 
 // The main port's connections, read at every scrape:
 // modelstate_connections_open and modelstate_accepting gauges and

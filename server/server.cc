@@ -199,6 +199,15 @@ absl::Status CheckDataDirAccess(const ServerOptions& options,
       "--follow_open_reads to serve them to everyone on purpose"));
 }
 
+// How a follower reaches its upstream: as --follow_* say, and reconnecting
+// within follow_max_backoff once it is back, whatever gRPC's backoff had
+// grown to while it was away.
+ClientOptions FollowClient(const ServerOptions& options) {
+  ClientOptions client = options.follow_client;
+  client.max_reconnect_backoff = options.follow_max_backoff;
+  return client;
+}
+
 // How long a follower's start waits for ProbeUpstreamAccess's answer.
 constexpr absl::Duration kUpstreamProbeTimeout = absl::Seconds(3);
 
@@ -211,7 +220,7 @@ constexpr absl::Duration kUpstreamProbeTimeout = absl::Seconds(3);
 absl::Status ProbeUpstreamAccess(const ServerOptions& options) {
   if (!options.auth_policy_file.empty() || options.follow_open_reads)
     return absl::OkStatus();
-  ClientOptions probe = options.follow_client;
+  ClientOptions probe = FollowClient(options);
   probe.timeout = kUpstreamProbeTimeout;
   probe.own_connection = true;
   ASSIGN_OR_RETURN(std::unique_ptr<Client> client,
@@ -270,6 +279,15 @@ absl::Status ValidateServerOptions(const ServerOptions& options) {
   }
   if (options.follow_max_backoff <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("--follow_retry_max must be positive");
+  }
+  if (!options.follow.empty() && options.new_epoch) {
+    return absl::InvalidArgumentError(
+        "--new_epoch can't be used with --follow: a follower's epoch is its "
+        "upstream's (see --adopt_epoch)");
+  }
+  if (options.follow.empty() &&
+      (options.adopt_epoch.any || options.adopt_epoch.epoch != 0)) {
+    return absl::InvalidArgumentError("--adopt_epoch needs --follow");
   }
   RETURN_IF_ERROR(ValidateFollowerAccess(options));
   return ValidateConnectionLimits(options);
@@ -371,7 +389,8 @@ absl::Status Server::ReloadAuthPolicy() {
   return policy_file_->Reload();
 }
 
-absl::Status Server::ServeMetrics(const std::string& listen) {
+absl::Status Server::ServeMetrics(const std::string& listen,
+                                  bool model_labels) {
   if (listen.empty()) return absl::OkStatus();
   // prometheus-cpp reports a listener it cannot start by throwing.
   try {
@@ -388,7 +407,7 @@ absl::Status Server::ServeMetrics(const std::string& listen) {
     exposer_->RegisterCollectable(connection_metrics_);
   }
   if (follower_) {
-    follower_metrics_ = FollowerMetrics(follower_.get());
+    follower_metrics_ = FollowerMetrics(follower_.get(), model_labels);
     exposer_->RegisterCollectable(follower_metrics_);
   }
   const std::vector<int> ports = exposer_->GetListeningPorts();
@@ -400,9 +419,10 @@ absl::Status Server::PrepareFollower(const ServerOptions& options) {
   if (options.follow.empty()) return absl::OkStatus();
   RETURN_IF_ERROR(ProbeUpstreamAccess(options));
   ASSIGN_OR_RETURN(
-      upstream_, GrpcUpstream::Connect(options.follow, options.follow_client));
+      upstream_, GrpcUpstream::Connect(options.follow, FollowClient(options)));
   FollowerOptions follower_options;
   follower_options.max_backoff = options.follow_max_backoff;
+  follower_options.adoption = options.adopt_epoch;
   follower_options.log = [](const std::string& line) {
     std::fprintf(stderr, "modelstated: %s\n", line.c_str());
   };
@@ -600,9 +620,13 @@ absl::Status Server::ServeLocalTransfer(const ServerOptions& options) {
 
 absl::Status Server::LoadStartupModels(const ServerOptions& options) {
   std::vector<std::string> notes;
-  const absl::Status populated =
+  absl::Status populated =
       PopulateStore(StartupModels{options.demo_model, options.preload},
                     data_dir_.get(), store_.get(), &notes);
+  // A follower takes its upstream's epoch (store/follower.h).
+  if (populated.ok() && options.follow.empty()) {
+    populated = EstablishPrimaryEpoch(options.new_epoch, store_.get(), &notes);
+  }
   for (const std::string& note : notes)
     std::fprintf(stderr, "modelstated: %s\n", note.c_str());
   return populated;
@@ -624,7 +648,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::BuildAndStart(
     options.demo_model.clear();
   }
   absl::Status started = server->Listen(options, credentials);
-  if (started.ok()) started = server->ServeMetrics(options.metrics_listen);
+  if (started.ok())
+    started = server->ServeMetrics(options.metrics_listen,
+                                   options.metrics_model_labels);
   if (started.ok()) started = server->ServeLocalTransfer(options);
   SetServing(server->server_.get(), false);
   SetServing(server->health_server_.get(), false);

@@ -34,6 +34,7 @@
 #include "server/rpc_log.h"
 #include "store/data_dir.h"
 #include "store/follower.h"
+#include "store/lineage.h"
 #include "store/model_store.h"
 
 namespace modelstate {
@@ -150,8 +151,15 @@ struct ServerOptions {
   // How to reach `follow`: TLS files, credentials (`timeout` is ignored).
   ClientOptions follow_client;
   // Waits between attempts to reach an unavailable upstream double up to
-  // this.
+  // this, and so do gRPC's between attempts to reconnect to it.
   absl::Duration follow_max_backoff = absl::Seconds(10);
+  // Which other epoch (another history of the primary, store/lineage.h) the
+  // follower may take on, replacing what it holds; by default none, and it
+  // keeps serving what it holds.
+  EpochAdoption adopt_epoch;
+  // A primary's: start a new epoch even if the data dir kept one (after
+  // restoring the data dir from a backup, say). Refused with `follow`.
+  bool new_epoch = false;
   // A follower of an upstream that authenticates (it is given credentials
   // for it, or refuses an unauthenticated ListModels at start) must have an
   // auth_policy_file of its own, so that it serves no more openly than its
@@ -224,8 +232,9 @@ class Server {
   absl::Status ServeLocalTransfer(const ServerOptions& options);
   // Loads the demo model and preloads (store/startup.h), logging its notes.
   absl::Status LoadStartupModels(const ServerOptions& options);
-  // Starts the metrics listener, when asked for.
-  absl::Status ServeMetrics(const std::string& listen);
+  // Starts the metrics listener, when asked for; `model_labels` as
+  // ServerOptions::metrics_model_labels.
+  absl::Status ServeMetrics(const std::string& listen, bool model_labels);
   // Follower mode: connects the upstream and makes the follower (not yet
   // running).
   absl::Status PrepareFollower(const ServerOptions& options);

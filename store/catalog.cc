@@ -1,5 +1,6 @@
 #include "store/catalog.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -102,13 +103,14 @@ absl::StatusOr<int64_t> Catalog::VersionForNew(const std::string& name,
         absl::StrCat("model \"", name, "\" already exists"));
   }
   if (version > 0) return version;
-  auto retired = retired_versions_.find(name);
-  return retired == retired_versions_.end() ? 1 : retired->second + 1;
+  auto deleted = lineage_.deleted.find(name);
+  return deleted == lineage_.deleted.end() ? 1 : deleted->second + 1;
 }
 
 void Catalog::Insert(Snapshot snapshot) {
   absl::MutexLock lock(&mu_);
   std::string name = snapshot.model;
+  lineage_.deleted.erase(name);
   models_[std::move(name)].current = std::move(snapshot);
 }
 
@@ -132,14 +134,46 @@ absl::Status Catalog::Advance(const std::shared_ptr<absl::Mutex>& commit_mu,
   return absl::OkStatus();
 }
 
-absl::StatusOr<Snapshot> Catalog::Remove(const std::string& name) {
+absl::StatusOr<Snapshot> Catalog::Remove(const std::string& name,
+                                         int64_t deleted_at, bool remember) {
   absl::MutexLock lock(&mu_);
   auto it = models_.find(name);
   if (it == models_.end()) return ModelNotFound(name);
   Snapshot removed = std::move(it->second.current);
-  retired_versions_[name] = removed.version;
+  if (remember) lineage_.deleted[name] = std::max(removed.version, deleted_at);
   models_.erase(it);
   return removed;
+}
+
+Lineage Catalog::lineage() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return lineage_;
+}
+
+uint64_t Catalog::epoch() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return lineage_.epoch;
+}
+
+void Catalog::SetLineage(Lineage lineage) {
+  absl::MutexLock lock(&mu_);
+  for (const auto& [name, entry] : models_) lineage.deleted.erase(name);
+  lineage_ = std::move(lineage);
+}
+
+int64_t Catalog::DeletedVersion(const std::string& name) const {
+  absl::ReaderMutexLock lock(&mu_);
+  auto deleted = lineage_.deleted.find(name);
+  return deleted == lineage_.deleted.end() ? 0 : deleted->second;
+}
+
+bool Catalog::RecordDeletion(const std::string& name, int64_t version) {
+  absl::MutexLock lock(&mu_);
+  if (models_.count(name) > 0) return false;
+  int64_t& known = lineage_.deleted[name];
+  if (known >= version) return false;
+  known = version;
+  return true;
 }
 
 }  // namespace modelstate

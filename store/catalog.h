@@ -1,6 +1,7 @@
 // The catalog of models the store holds: each one's current version, the older
-// versions it retains, its commit lock, and the last version of deleted names
-// (so that a name used again continues its numbering).
+// versions it retains, its commit lock, and its lineage (store/lineage.h): the
+// epoch its versions belong to and the last version of deleted names (so that
+// a name used again continues its numbering).
 //
 // Thread-safety: every method may be called from any thread. Readers hold the
 // catalog's lock only to copy a pointer, and writers only to validate and swap
@@ -22,6 +23,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "store/lineage.h"
 #include "store/snapshot.h"
 
 namespace modelstate {
@@ -67,8 +69,23 @@ class Catalog {
   // since, even if created again.
   absl::Status Advance(const std::shared_ptr<absl::Mutex>& commit_mu,
                        const Snapshot& next);
-  // Removes `name` and returns its current version, or NotFound.
-  absl::StatusOr<Snapshot> Remove(const std::string& name);
+  // Removes `name` and returns its current version, or NotFound. With
+  // `remember`, the name's last version is remembered (lineage().deleted) as
+  // the later of its current version and `deleted_at`.
+  absl::StatusOr<Snapshot> Remove(const std::string& name,
+                                  int64_t deleted_at = 0, bool remember = true);
+
+  // The epoch and the deleted names not held now.
+  Lineage lineage() const;
+  uint64_t epoch() const;
+  // Replaces the lineage; deleted names that are held are left out.
+  void SetLineage(Lineage lineage);
+  // The version `name` had when it was deleted; 0 if it is held or none is
+  // remembered.
+  int64_t DeletedVersion(const std::string& name) const;
+  // Remembers that `name` was deleted at `version` unless it is held or a
+  // later deletion is remembered. Returns whether anything changed.
+  bool RecordDeletion(const std::string& name, int64_t version);
 
  private:
   struct Entry {
@@ -86,7 +103,7 @@ class Catalog {
   const int retain_versions_;
   mutable absl::Mutex mu_;
   std::map<std::string, Entry> models_ ABSL_GUARDED_BY(mu_);
-  std::map<std::string, int64_t> retired_versions_ ABSL_GUARDED_BY(mu_);
+  Lineage lineage_ ABSL_GUARDED_BY(mu_);
 };
 
 // Returns OK for a model name of 1 to 128 characters from [A-Za-z0-9._-] that

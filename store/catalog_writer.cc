@@ -1,5 +1,6 @@
 #include "store/catalog_writer.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -38,7 +39,8 @@ absl::Status CatalogWriter::Add(const std::string& name, ModulePtr root,
   });
 }
 
-absl::Status CatalogWriter::Erase(const std::string& name, Snapshot* erased) {
+absl::Status CatalogWriter::Erase(const std::string& name, Snapshot* erased,
+                                  int64_t deleted_at, bool remember) {
   absl::MutexLock admin(&admin_mu_);
   ASSIGN_OR_RETURN(std::shared_ptr<absl::Mutex> commit_mu,
                    catalog_.CommitMutex(name));
@@ -46,13 +48,37 @@ absl::Status CatalogWriter::Erase(const std::string& name, Snapshot* erased) {
   absl::Status removed =
       persister_ != nullptr ? persister_->Remove(name) : absl::OkStatus();
   RETURN_IF_ERROR(events_.Commit([&]() -> absl::StatusOr<ModelEvent> {
-    ASSIGN_OR_RETURN(Snapshot current, catalog_.Remove(name));
-    ModelEvent event{ModelEvent::Type::kDeleted, name, current.version};
+    ASSIGN_OR_RETURN(Snapshot current,
+                     catalog_.Remove(name, deleted_at, remember));
+    ModelEvent event{
+        ModelEvent::Type::kDeleted, name,
+        remember ? std::max(current.version, deleted_at) : current.version};
     if (erased != nullptr) *erased = std::move(current);
     return event;
   }));
+  if (remember && removed.ok()) removed = PersistLineage();
   // The model is gone from memory either way; a leftover file is reported.
   return removed;
+}
+
+absl::Status CatalogWriter::PersistLineage() {
+  if (persister_ == nullptr) return absl::OkStatus();
+  return persister_->PersistLineage(catalog_.lineage());
+}
+
+absl::Status CatalogWriter::ChangeLineage(
+    absl::FunctionRef<void(Lineage&)> change) {
+  absl::MutexLock admin(&admin_mu_);
+  Lineage lineage = catalog_.lineage();
+  change(lineage);
+  if (persister_ != nullptr)
+    RETURN_IF_ERROR(persister_->PersistLineage(lineage));
+  // Under the events lock, so that every event after it carries the new
+  // epoch and none before it does.
+  return events_.CommitSilently([&] {
+    catalog_.SetLineage(lineage);
+    return absl::OkStatus();
+  });
 }
 
 absl::Status CatalogWriter::Publish(
@@ -82,23 +108,86 @@ absl::StatusOr<Snapshot> CatalogWriter::Rollback(const std::string& name,
   return next;
 }
 
-absl::Status CatalogWriter::ApplyReplicated(Snapshot snapshot) {
+namespace {
+
+// Aborted: the upstream that sent version `version` of `model` lags behind
+// what this store holds (`held`, or its deletion at `deleted`).
+absl::Status UpstreamBehind(const std::string& model, int64_t version,
+                            int64_t held, int64_t deleted) {
+  return absl::AbortedError(absl::StrCat(
+      "version ", version, " of model \"", model, "\" is not newer than ",
+      held > 0 ? absl::StrCat("version ", held, ", held here")
+               : absl::StrCat("its deletion at version ", deleted),
+      ": the upstream lags"));
+}
+
+}  // namespace
+
+absl::Status CatalogWriter::ApplyReplicated(Snapshot snapshot,
+                                            ReplicaWrite how) {
   RETURN_IF_ERROR(ValidateModelName(snapshot.model));
   if (snapshot.version <= 0)
     return absl::InvalidArgumentError("replicated version must be positive");
   absl::StatusOr<Snapshot> current = catalog_.GetSnapshot(snapshot.model);
-  if (current.ok() && current->version < snapshot.version) {
+  if (how == ReplicaWrite::kReplace) {
+    if (current.ok()) {
+      RETURN_IF_ERROR(Erase(snapshot.model, nullptr, 0, /*remember=*/false));
+    }
+  } else if (current.ok()) {
     ASSIGN_OR_RETURN(std::shared_ptr<absl::Mutex> commit_mu,
                      catalog_.CommitMutex(snapshot.model));
     absl::MutexLock commit(commit_mu.get());
+    // Checked again under the commit mutex: only this writer moves it.
+    ASSIGN_OR_RETURN(Snapshot held, catalog_.GetSnapshot(snapshot.model));
+    if (snapshot.version <= held.version)
+      return UpstreamBehind(snapshot.model, snapshot.version, held.version, 0);
     return Publish(commit_mu, snapshot, ModelEvent::Type::kUpdated);
+  } else if (const int64_t deleted = catalog_.DeletedVersion(snapshot.model);
+             deleted >= snapshot.version) {
+    return UpstreamBehind(snapshot.model, snapshot.version, 0, deleted);
   }
-  // Version numbers only grow on one upstream, so a version at or below ours
-  // means the upstream lost or replaced the model: mirror that.
-  if (current.ok()) RETURN_IF_ERROR(Erase(snapshot.model));
   const std::string name = snapshot.model;
   return Add(name, std::move(snapshot.root), std::move(snapshot.architecture),
              snapshot.version, /*persist=*/true);
+}
+
+absl::Status CatalogWriter::RemoveReplicated(const std::string& name,
+                                             int64_t deleted_at,
+                                             ReplicaWrite how) {
+  RETURN_IF_ERROR(ValidateModelName(name));
+  absl::StatusOr<Snapshot> current = catalog_.GetSnapshot(name);
+  if (how == ReplicaWrite::kReplace) {
+    if (!current.ok()) return absl::OkStatus();
+    return Erase(name, nullptr, deleted_at, /*remember=*/deleted_at > 0);
+  }
+  if (deleted_at <= 0)
+    return absl::InvalidArgumentError("a deletion needs its version");
+  if (current.ok()) {
+    if (current->version > deleted_at) {
+      return absl::AbortedError(
+          absl::StrCat("model \"", name, "\" was deleted at version ",
+                       deleted_at, ", before version ", current->version,
+                       " held here: the upstream lags"));
+    }
+    absl::Status erased = Erase(name, nullptr, deleted_at);
+    // Gone meanwhile: remember the deletion all the same.
+    if (erased.code() != absl::StatusCode::kNotFound) return erased;
+  }
+  return RememberDeletion(name, deleted_at);
+}
+
+absl::Status CatalogWriter::RememberDeletion(const std::string& name,
+                                             int64_t deleted_at) {
+  absl::MutexLock admin(&admin_mu_);
+  bool changed = false;
+  RETURN_IF_ERROR(
+      events_.CommitIfAny([&]() -> absl::StatusOr<absl::optional<ModelEvent>> {
+        changed = catalog_.RecordDeletion(name, deleted_at);
+        if (!changed) return absl::nullopt;
+        // Followers of this store learn of the deletion too.
+        return ModelEvent{ModelEvent::Type::kDeleted, name, deleted_at};
+      }));
+  return changed ? PersistLineage() : absl::OkStatus();
 }
 
 }  // namespace modelstate

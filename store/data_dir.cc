@@ -29,6 +29,9 @@ constexpr char kManifestSuffix[] = ".manifest.json";
 // Present once a daemon with an access policy has used the directory. Model
 // names never start with '.', so it cannot be a model's.
 constexpr char kAccessPolicyMarker[] = ".written-under-auth-policy";
+// The lineage record (store/lineage.h); not a model's name either.
+constexpr char kLineageFile[] = ".lineage.json";
+constexpr char kLineageFormat[] = "modelstate-lineage-v1";
 constexpr char kDataSuffix[] = ".safetensors";
 constexpr char kTempPrefix[] = ".tmp-";
 constexpr char kManifestFormat[] = "modelstate-manifest-v1";
@@ -106,6 +109,13 @@ Json ManifestOf(const Snapshot& snapshot, const StateDict& state) {
               {"tensors", std::move(tensors)}};
 }
 
+// Whether `json` is an object whose `key` is the string `value` (nlohmann's
+// value() throws for a field of another type).
+bool HasString(const Json& json, const char* key, absl::string_view value) {
+  return json.is_object() && json.contains(key) && json[key].is_string() &&
+         json[key].get<std::string>() == value;
+}
+
 // Reads the manifest of version `version` of `model` at `base` (the version's
 // path without suffix). DataLoss unless it is a modelstate manifest of that
 // version.
@@ -113,8 +123,8 @@ absl::StatusOr<Json> ReadManifest(const std::string& base,
                                   const std::string& model, int64_t version) {
   ASSIGN_OR_RETURN(std::string text, ReadFileToString(base + kManifestSuffix));
   Json manifest = Json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (manifest.is_discarded() || !manifest.is_object() ||
-      manifest.value("format", "") != kManifestFormat ||
+  if (manifest.is_discarded() ||
+      !HasString(manifest, "format", kManifestFormat) ||
       !manifest.contains("tensors") || !manifest["tensors"].is_array() ||
       !manifest.contains("version") ||
       !manifest["version"].is_number_integer() ||
@@ -123,7 +133,7 @@ absl::StatusOr<Json> ReadManifest(const std::string& base,
     return absl::DataLossError(
         absl::StrCat(base, kManifestSuffix, ": not a modelstate manifest"));
   }
-  if (manifest.value("model", "") != model ||
+  if (!HasString(manifest, "model", model) ||
       manifest["version"].get<int64_t>() != version) {
     return absl::DataLossError(absl::StrCat(
         base, kManifestSuffix, ": names another model or version"));
@@ -138,7 +148,7 @@ absl::Status CheckAgainstManifest(const std::string& base,
   uint64_t checksum = 0;
   if (!info.contains("xxh3") || !info["xxh3"].is_string() ||
       !absl::SimpleHexAtoi(info["xxh3"].get<std::string>(), &checksum) ||
-      info.value("dtype", "") != SafetensorsName(tensor.dtype()) ||
+      !HasString(info, "dtype", SafetensorsName(tensor.dtype())) ||
       !info.contains("shape") || !info["shape"].is_array() ||
       info["shape"].get<Shape>() != tensor.shape()) {
     return absl::DataLossError(absl::StrCat(base, kDataSuffix, ": tensor \"",
@@ -197,7 +207,7 @@ absl::StatusOr<StateDict> TensorsInManifestOrder(
     }
     RETURN_IF_ERROR(CheckAgainstManifest(base, name, info, *tensor));
     ASSIGN_OR_RETURN(tensor, SharedSource(base, info, ordered, tensor));
-    const TensorKind kind = info.value("kind", "parameter") == "buffer"
+    const TensorKind kind = HasString(info, "kind", "buffer")
                                 ? TensorKind::kBuffer
                                 : TensorKind::kParameter;
     if (kind == TensorKind::kBuffer) buffer_keys->push_back(name);
@@ -237,6 +247,61 @@ absl::StatusOr<Snapshot> ReadVersion(const std::string& dir,
                    RebuildTree(architecture, ordered, buffer_keys));
   return Snapshot{model, version, std::move(root), architecture,
                   /*memo=*/nullptr};
+}
+
+std::string LineageText(const Lineage& lineage) {
+  Json deleted = Json::object();
+  for (const auto& [model, version] : lineage.deleted) deleted[model] = version;
+  return Json{{"format", kLineageFormat},
+              {"epoch", EpochName(lineage.epoch)},
+              {"adopting", lineage.adopting},
+              {"deleted", std::move(deleted)}}
+             .dump(1) +
+         "\n";
+}
+
+// The lineage of `text` (LineageText's); DataLoss if it is not one.
+absl::StatusOr<Lineage> ParseLineage(const std::string& path,
+                                     const std::string& text) {
+  const Json json = Json::parse(text, nullptr, /*allow_exceptions=*/false);
+  Lineage lineage;
+  const bool shaped =
+      !json.is_discarded() && HasString(json, "format", kLineageFormat) &&
+      json.contains("epoch") && json["epoch"].is_string() &&
+      absl::SimpleHexAtoi(json["epoch"].get<std::string>(), &lineage.epoch) &&
+      json.contains("adopting") && json["adopting"].is_boolean() &&
+      json.contains("deleted") && json["deleted"].is_object();
+  if (!shaped) {
+    return absl::DataLossError(
+        absl::StrCat(path, ": not a modelstate lineage record"));
+  }
+  lineage.adopting = json["adopting"].get<bool>();
+  for (const auto& [model, version] : json["deleted"].items()) {
+    if (!ValidateModelName(model).ok() || !version.is_number_integer() ||
+        version.get<int64_t>() <= 0) {
+      return absl::DataLossError(
+          absl::StrCat(path, ": bad deletion entry \"", model, "\""));
+    }
+    lineage.deleted[model] = version.get<int64_t>();
+  }
+  return lineage;
+}
+
+// The lineage kept at `dir`: none (epoch 0) without a record; a record that
+// does not parse is reported to `problems` and read as none.
+Lineage ReadLineage(const std::string& dir,
+                    std::vector<std::string>* problems) {
+  const std::string path = dir + "/" + kLineageFile;
+  struct stat info;
+  if (stat(path.c_str(), &info) != 0) return Lineage{};
+  absl::StatusOr<std::string> text = ReadFileToString(path);
+  absl::StatusOr<Lineage> lineage =
+      text.ok() ? ParseLineage(path, *text) : text.status();
+  if (lineage.ok()) return *std::move(lineage);
+  problems->push_back(absl::StrCat(lineage.status().message(),
+                                   "; read as no lineage (a new epoch for a "
+                                   "primary)"));
+  return Lineage{};
 }
 
 }  // namespace
@@ -341,6 +406,13 @@ absl::Status DataDir::Persist(const Snapshot& snapshot) {
   return absl::OkStatus();
 }
 
+absl::Status DataDir::PersistLineage(const Lineage& lineage) {
+  const std::string text = LineageText(lineage);
+  return WriteFileAtomically(path_, kLineageFile, [&](const auto& write_all) {
+    return write_all(text.data(), text.size());
+  });
+}
+
 absl::Status DataDir::Remove(const std::string& model) {
   RETURN_IF_ERROR(ValidateModelName(model));
   const std::string dir = path_ + "/" + model;
@@ -357,9 +429,14 @@ absl::Status DataDir::Remove(const std::string& model) {
 
 RestoreReport DataDir::Restore() const {
   RestoreReport report;
+  report.lineage = ReadLineage(path_, &report.problems);
   for (const std::string& model : ListDir(path_)) {
-    if (model == kAccessPolicyMarker) continue;
+    if (model == kAccessPolicyMarker || model == kLineageFile) continue;
     const std::string dir = path_ + "/" + model;
+    if (absl::StartsWith(model, kTempPrefix)) {
+      unlink(dir.c_str());  // An interrupted write of a record here.
+      continue;
+    }
     if (!IsDirectory(dir) || !ValidateModelName(model).ok()) {
       report.problems.push_back(
           absl::StrCat(dir, ": not a model directory; left alone"));
@@ -425,11 +502,18 @@ absl::Status AsyncPersister::Remove(const std::string& model) {
   return absl::OkStatus();
 }
 
+absl::Status AsyncPersister::PersistLineage(const Lineage& lineage) {
+  absl::MutexLock lock(&mu_);
+  pending_lineage_ = lineage;
+  return absl::OkStatus();
+}
+
 void AsyncPersister::Flush() {
   absl::MutexLock lock(&mu_);
   mu_.Await(absl::Condition(
       +[](AsyncPersister* self) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-        return self->pending_.empty() && !self->busy_;
+        return self->pending_.empty() && !self->pending_lineage_ &&
+               !self->busy_;
       },
       this));
 }
@@ -438,22 +522,32 @@ void AsyncPersister::Run() {
   while (true) {
     std::string model;
     absl::optional<Snapshot> work;
+    absl::optional<Lineage> lineage;
     {
       absl::MutexLock lock(&mu_);
       mu_.Await(absl::Condition(
           +[](AsyncPersister* self) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-            return !self->pending_.empty() || self->stopping_;
+            return !self->pending_.empty() || self->pending_lineage_ ||
+                   self->stopping_;
           },
           this));
-      if (pending_.empty()) return;  // Stopping with nothing left to write.
-      auto next = pending_.begin();
-      model = next->first;
-      work = std::move(next->second);
-      pending_.erase(next);
+      if (pending_.empty() && !pending_lineage_) return;  // Stopping, done.
+      if (!pending_.empty()) {
+        auto next = pending_.begin();
+        model = next->first;
+        work = std::move(next->second);
+        pending_.erase(next);
+      } else {
+        // After the models: a deletion it remembers follows its removal.
+        lineage = std::move(pending_lineage_);
+        pending_lineage_.reset();
+        model = "the lineage record";
+      }
       busy_ = true;
     }
-    absl::Status status =
-        work ? target_->Persist(*work) : target_->Remove(model);
+    absl::Status status = lineage ? target_->PersistLineage(*lineage)
+                          : work  ? target_->Persist(*work)
+                                  : target_->Remove(model);
     if (status.ok()) {
       ++written_;
     } else {

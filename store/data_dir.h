@@ -5,7 +5,9 @@
 // DIR/<model>/<version>.manifest.json the architecture spec, tensor kinds and
 // XXH3-64 checksums. Each file is written to a temporary name, fsynced,
 // renamed, and the directory fsynced; the manifest goes last, so a version
-// whose manifest exists is complete. See docs/operations.md.
+// whose manifest exists is complete. DIR/.lineage.json holds the store's
+// lineage (store/lineage.h): its epoch and the deletions it remembers. See
+// docs/operations.md.
 #ifndef MODELSTATE_STORE_DATA_DIR_H_
 #define MODELSTATE_STORE_DATA_DIR_H_
 
@@ -25,6 +27,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/types/optional.h"
+#include "store/lineage.h"
 #include "store/model_store.h"
 
 namespace modelstate {
@@ -44,6 +47,8 @@ struct RestoredModel {
 
 struct RestoreReport {
   std::vector<RestoredModel> models;
+  // What the directory's lineage record says; empty (epoch 0) without one.
+  Lineage lineage;
   // One line per file or version that was skipped, and why.
   std::vector<std::string> problems;
 };
@@ -66,11 +71,16 @@ class DataDir : public StatePersister {
   // Deletes the model's directory.
   absl::Status Remove(const std::string& model) override;
 
+  // Replaces DIR/.lineage.json with `lineage`, atomically and durably.
+  // Errors as Persist.
+  absl::Status PersistLineage(const Lineage& lineage) override;
+
   // Reads every model's newest version that verifies: manifest parsed, file
   // read (memory-mapped when large), every tensor's name, dtype, shape and
   // checksum matching the manifest, and the model rebuilt. Anything that fails
   // is reported and skipped (an older durable version is tried next); unrelated
   // files are reported and left alone; leftover temporary files are deleted.
+  // A lineage record that does not parse is reported and read as none.
   RestoreReport Restore() const;
 
   // Records, durably, that a daemon with an access policy used the
@@ -106,6 +116,7 @@ class AsyncPersister : public StatePersister {
 
   absl::Status Persist(const Snapshot& snapshot) override;
   absl::Status Remove(const std::string& model) override;
+  absl::Status PersistLineage(const Lineage& lineage) override;
 
   // Blocks until nothing is pending or being written.
   void Flush();
@@ -120,6 +131,8 @@ class AsyncPersister : public StatePersister {
   absl::Mutex mu_;
   // Per model: the newest snapshot to write, or nothing to remove it.
   std::map<std::string, absl::optional<Snapshot>> pending_ ABSL_GUARDED_BY(mu_);
+  // The newest lineage to write, written after the models pending with it.
+  absl::optional<Lineage> pending_lineage_ ABSL_GUARDED_BY(mu_);
   bool busy_ ABSL_GUARDED_BY(mu_) = false;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::atomic<int64_t> failures_{0};

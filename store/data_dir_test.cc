@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <thread>
 #include <vector>
 
@@ -17,6 +18,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "model/test_util.h"
+#include "store/startup.h"
 
 namespace modelstate {
 namespace {
@@ -159,6 +161,7 @@ TEST(DataDirTest, RestoreReportsAndSkipsDamagedAndForeignFiles) {
         store.Load(name, GetStateDict(MustBuild(kCnn, 9)).value()).ok());
   }
   ASSERT_TRUE(store.Create("only", MustBuild(kCnn), kCnn).ok());
+  ASSERT_TRUE(store.Create("typed", MustBuild(kCnn), kCnn).ok());
   // Truncate the newest version of one model, flip a data byte of another's,
   // and corrupt the only version of a third.
   const std::string truncated =
@@ -175,6 +178,10 @@ TEST(DataDirTest, RestoreReportsAndSkipsDamagedAndForeignFiles) {
     file.write(&byte, 1);
   }
   std::ofstream(VersionPath(path, "only", 1, ".manifest.json")) << "{not json";
+  // JSON whose fields have other types than a manifest's.
+  std::ofstream(VersionPath(path, "typed", 1, ".manifest.json"))
+      << R"({"format": 1, "model": 2, "version": 1, "architecture": "",
+             "tensors": [{"name": "0.weight", "dtype": 3, "kind": 4}]})";
   std::ofstream(path + "/notes.txt") << "hello";
   std::ofstream(path + "/fine/README") << "hello";
   std::ofstream(path + "/fine/.tmp-00000000000000000009.safetensors.1.1")
@@ -195,6 +202,7 @@ TEST(DataDirTest, RestoreReportsAndSkipsDamagedAndForeignFiles) {
   EXPECT_THAT(problems, HasSubstr("model flipped version 2 skipped: "));
   EXPECT_THAT(problems, HasSubstr("checksum mismatch"));
   EXPECT_THAT(problems, HasSubstr("model only: no version verifies"));
+  EXPECT_THAT(problems, HasSubstr("model typed: no version verifies"));
   EXPECT_THAT(problems, HasSubstr("notes.txt: not a model directory"));
   EXPECT_THAT(problems, HasSubstr("README: unrelated file"));
   EXPECT_FALSE(
@@ -215,6 +223,80 @@ TEST(DataDirTest, TheAccessPolicyMarkIsKeptAndIsNoModel) {
   const RestoreReport report = reopened->Restore();
   EXPECT_THAT(report.problems, ::testing::IsEmpty());
   ASSERT_EQ(report.models.size(), 1u);
+}
+
+// The lineage record keeps the epoch and every deletion, so that after a
+// restart a name created again continues its numbering and a follower still
+// tells a deleted model from one its upstream has not created yet.
+TEST(DataDirTest, TheLineageRecordKeepsTheEpochAndDeletionsAcrossRestarts) {
+  const ScratchDir scratch;
+  {
+    auto data_dir = DataDir::Open(scratch.path()).value();
+    EXPECT_EQ(data_dir->Restore().lineage, Lineage{});
+    ModelStore store(Persisting(data_dir.get()));
+    ASSERT_TRUE(store.RecordEpoch(0x9f3c2a1b4d5e6f70).ok());
+    for (const char* name : {"gone", "back", "kept"})
+      ASSERT_TRUE(store.Create(name, MustBuild(kCnn), kCnn).ok());
+    ASSERT_TRUE(
+        store.Load("gone", GetStateDict(MustBuild(kCnn, 2)).value()).ok());
+    ASSERT_TRUE(store.Delete("gone").ok());
+    ASSERT_TRUE(store.Delete("back").ok());
+    ASSERT_TRUE(store.Create("back", MustBuild(kCnn), kCnn).ok());
+    EXPECT_EQ(store.GetSnapshot("back").value().version, 2);
+  }
+  auto reopened = DataDir::Open(scratch.path()).value();
+  const RestoreReport report = reopened->Restore();
+  EXPECT_THAT(report.problems, IsEmpty());
+  EXPECT_EQ(report.lineage.epoch, 0x9f3c2a1b4d5e6f70u);
+  EXPECT_FALSE(report.lineage.adopting);
+  // "back" is held again: only what is deleted now is remembered (the record
+  // may still name it, and the store leaves it out).
+  EXPECT_EQ(report.lineage.deleted.at("gone"), 2);
+  ModelStore store(Persisting(reopened.get()));
+  std::vector<std::string> notes;
+  ASSERT_TRUE(PopulateStore({}, reopened.get(), &store, &notes).ok());
+  EXPECT_EQ(store.epoch(), 0x9f3c2a1b4d5e6f70u);
+  EXPECT_EQ(store.lineage().deleted,
+            (std::map<std::string, int64_t>{{"gone", 2}}));
+  ASSERT_TRUE(store.Create("gone", MustBuild(kCnn), kCnn).ok());
+  EXPECT_EQ(store.GetSnapshot("gone").value().version, 3);
+}
+
+TEST(DataDirTest, ADamagedLineageRecordIsReportedAndReadAsNone) {
+  const ScratchDir scratch;
+  std::ofstream(scratch.path() + "/.lineage.json") << "{\"format\": 1}";
+  std::ofstream(scratch.path() + "/.tmp-.lineage.json.1.1") << "partial";
+  const RestoreReport report = DataDir::Open(scratch.path()).value()->Restore();
+  EXPECT_EQ(report.lineage, Lineage{});
+  EXPECT_THAT(::testing::PrintToString(report.problems),
+              HasSubstr(".lineage.json: not a modelstate lineage record"));
+  EXPECT_THAT(::testing::PrintToString(report.problems),
+              ::testing::Not(HasSubstr(".tmp-")));
+  EXPECT_FALSE(
+      std::ifstream(scratch.path() + "/.tmp-.lineage.json.1.1").good());
+}
+
+// A primary keeps the epoch its data dir kept, makes one when there is none,
+// and a new one on request.
+TEST(DataDirTest, APrimaryKeepsItsEpochUnlessItHasNoneOrIsToldToStartAnew) {
+  const ScratchDir scratch;
+  auto start = [&scratch](bool new_epoch, std::vector<std::string>* notes) {
+    auto data_dir = DataDir::Open(scratch.path()).value();
+    ModelStore store(Persisting(data_dir.get()));
+    EXPECT_TRUE(PopulateStore({}, data_dir.get(), &store, notes).ok());
+    EXPECT_TRUE(EstablishPrimaryEpoch(new_epoch, &store, notes).ok());
+    return store.epoch();
+  };
+  std::vector<std::string> notes;
+  const uint64_t first = start(false, &notes);
+  EXPECT_NE(first, 0u);
+  EXPECT_THAT(::testing::PrintToString(notes), HasSubstr("(new: no lineage"));
+  EXPECT_EQ(start(false, &notes), first);
+  const uint64_t renewed = start(true, &notes);
+  EXPECT_NE(renewed, first);
+  EXPECT_THAT(::testing::PrintToString(notes),
+              HasSubstr("(new: --new_epoch; it was " + EpochName(first)));
+  EXPECT_EQ(start(false, &notes), renewed);
 }
 
 TEST(DataDirTest, FullDiskFailsASyncLoadAndChangesNothing) {
@@ -276,6 +358,9 @@ class GatedPersister : public StatePersister {
   absl::Status Remove(const std::string& model) override {
     return target_->Remove(model);
   }
+  absl::Status PersistLineage(const Lineage& lineage) override {
+    return target_->PersistLineage(lineage);
+  }
 
   // Waits until the writer is held at the gate; false after `timeout`.
   bool WaitUntilHeld(absl::Duration timeout) {
@@ -318,8 +403,10 @@ TEST(DataDirTest, AsyncPersisterSkipsSupersededVersions) {
                   store.GetSnapshot("m").value().root);
   ASSERT_TRUE(store.Delete("m").ok());
   async.Flush();
-  EXPECT_EQ(async.written(), 3);
-  EXPECT_TRUE(DataDir::Open(path).value()->Restore().models.empty());
+  EXPECT_EQ(async.written(), 4);  // And the removal, then the lineage.
+  const RestoreReport after = DataDir::Open(path).value()->Restore();
+  EXPECT_TRUE(after.models.empty());
+  EXPECT_EQ(after.lineage.deleted, (std::map<std::string, int64_t>{{"m", 51}}));
 }
 
 TEST(RetainedVersionsTest, RollbackUnderConcurrentReaders) {

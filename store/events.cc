@@ -9,13 +9,35 @@ namespace modelstate {
 StoreEvents::StoreEvents(const Catalog& catalog, std::string replica_of)
     : catalog_(catalog), replica_of_(std::move(replica_of)) {}
 
+ModelEvent StoreEvents::Stamped(ModelEvent event) const {
+  event.epoch = catalog_.epoch();
+  return event;
+}
+
 absl::Status StoreEvents::Commit(
     absl::FunctionRef<absl::StatusOr<ModelEvent>()> change) {
+  return CommitIfAny([&]() -> absl::StatusOr<absl::optional<ModelEvent>> {
+    absl::StatusOr<ModelEvent> event = change();
+    if (!event.ok()) return event.status();
+    return *std::move(event);
+  });
+}
+
+absl::Status StoreEvents::CommitIfAny(
+    absl::FunctionRef<absl::StatusOr<absl::optional<ModelEvent>>()> change) {
   absl::MutexLock lock(&mu_);
-  absl::StatusOr<ModelEvent> event = change();
+  absl::StatusOr<absl::optional<ModelEvent>> event = change();
   if (!event.ok()) return event.status();
-  for (const auto& [id, listener] : listeners_) listener(*event);
+  if (!event->has_value()) return absl::OkStatus();
+  const ModelEvent stamped = Stamped(**event);
+  for (const auto& [id, listener] : listeners_) listener(stamped);
   return absl::OkStatus();
+}
+
+absl::Status StoreEvents::CommitSilently(
+    absl::FunctionRef<absl::Status()> change) {
+  absl::MutexLock lock(&mu_);
+  return change();
 }
 
 int64_t StoreEvents::Register(Listener listener) {
@@ -33,9 +55,10 @@ int64_t StoreEvents::Watch(const std::string& model, Listener listener) {
   absl::MutexLock lock(&mu_);
   // Holding mu_ orders this first event before any later commit's.
   absl::StatusOr<Snapshot> current = catalog_.GetSnapshot(model);
-  listener(current.ok()
-               ? ModelEvent{ModelEvent::Type::kCurrent, model, current->version}
-               : ModelEvent{ModelEvent::Type::kAbsent, model, 0});
+  listener(Stamped(
+      current.ok()
+          ? ModelEvent{ModelEvent::Type::kCurrent, model, current->version}
+          : ModelEvent{ModelEvent::Type::kAbsent, model, 0}));
   return Register(
       [model, listener = std::move(listener)](const ModelEvent& event) {
         if (event.model == model) listener(event);
@@ -50,16 +73,21 @@ absl::StatusOr<int64_t> StoreEvents::WatchAll(Listener listener) {
   }
   // Holding mu_ orders the listing before any later commit's event.
   for (const Snapshot& snapshot : catalog_.List()) {
-    listener(ModelEvent{ModelEvent::Type::kCurrent, snapshot.model,
-                        snapshot.version});
+    listener(Stamped(ModelEvent{ModelEvent::Type::kCurrent, snapshot.model,
+                                snapshot.version}));
   }
-  listener(ModelEvent{ModelEvent::Type::kListed, "", 0});
+  // The deletions it remembers, so that a follower that missed one learns
+  // it, and tells a model deleted here from one this store has not seen yet.
+  for (const auto& [model, version] : catalog_.lineage().deleted) {
+    listener(Stamped(ModelEvent{ModelEvent::Type::kDeleted, model, version}));
+  }
+  listener(Stamped(ModelEvent{ModelEvent::Type::kListed, "", 0}));
   return Register(std::move(listener));
 }
 
-void StoreEvents::MarkReplicaSynced() {
+void StoreEvents::MarkReplicaSynced(bool synced) {
   absl::MutexLock lock(&mu_);
-  replica_synced_ = true;
+  replica_synced_ = synced;
 }
 
 void StoreEvents::RemoveListener(int64_t id) {

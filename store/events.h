@@ -20,6 +20,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/types/optional.h"
 #include "store/catalog.h"
 #include "store/requests.h"
 
@@ -39,17 +40,25 @@ class StoreEvents {
   // listener with the event it returns before releasing the lock. Returns
   // `change`'s error, telling no one.
   absl::Status Commit(absl::FunctionRef<absl::StatusOr<ModelEvent>()> change);
+  // As Commit, for a change that announces an event only when it returns one.
+  absl::Status CommitIfAny(
+      absl::FunctionRef<absl::StatusOr<absl::optional<ModelEvent>>()> change);
+  // As Commit, for a change that announces nothing (the lineage's: every
+  // event after it carries the new epoch).
+  absl::Status CommitSilently(absl::FunctionRef<absl::Status()> change);
 
   // See ModelStore::AddListener, Watch, WatchAll, MarkReplicaSynced and
   // RemoveListener.
   int64_t AddListener(Listener listener);
   int64_t Watch(const std::string& model, Listener listener);
   absl::StatusOr<int64_t> WatchAll(Listener listener);
-  void MarkReplicaSynced();
+  void MarkReplicaSynced(bool synced);
   void RemoveListener(int64_t id);
 
  private:
   int64_t Register(Listener listener) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // `event` stamped with the catalog's epoch.
+  ModelEvent Stamped(ModelEvent event) const;
 
   const Catalog& catalog_;
   const std::string replica_of_;

@@ -31,16 +31,26 @@ constexpr char kNet[] = R"({"type": "Sequential", "modules": [
     {"type": "ReLU"}, {"type": "Linear", "args": [64, 8]}]})";
 
 // Serves a store as an upstream. Disconnect() makes every call, and the watch
-// in flight, fail with Unavailable until Reconnect().
+// in flight, fail with Unavailable until Reconnect(). Like a load-balanced
+// address, it can be made to answer from another store: Serve() moves every
+// call there (ending the watch in flight), AnswerFrom() only Describe and
+// Fetch.
 class FakeUpstream : public Upstream {
  public:
-  explicit FakeUpstream(ModelStore* store) : store_(store) {}
+  explicit FakeUpstream(ModelStore* store) : watched_(store), answers_(store) {}
 
   std::string name() const override { return "fake-primary:1"; }
 
   absl::Status WatchAll(
       const std::function<bool(const ModelEvent&)>& on_event) override {
     RETURN_IF_ERROR(Reachable());
+    ModelStore* store;
+    int64_t serving;
+    {
+      absl::MutexLock lock(&mu_);
+      store = watched_;
+      serving = serving_;
+    }
     auto queue = std::make_shared<Queue>();
     auto push = [queue](const ModelEvent& event) {
       absl::MutexLock lock(&queue->mu);
@@ -50,12 +60,12 @@ class FakeUpstream : public Upstream {
     // model named "".
     int64_t id;
     if (legacy_) {
-      id = store_->Watch("", push);
+      id = store->Watch("", push);
     } else {
-      ASSIGN_OR_RETURN(id, store_->WatchAll(push));
+      ASSIGN_OR_RETURN(id, store->WatchAll(push));
     }
     absl::Status status;
-    while ((status = Reachable()).ok()) {
+    while ((status = Reachable(serving)).ok()) {
       ModelEvent event{};
       {
         absl::MutexLock lock(&queue->mu);
@@ -70,7 +80,7 @@ class FakeUpstream : public Upstream {
       }
       if (!on_event(event)) break;
     }
-    store_->RemoveListener(id);
+    store->RemoveListener(id);
     return status;
   }
 
@@ -79,18 +89,22 @@ class FakeUpstream : public Upstream {
     RETURN_IF_ERROR(Reachable());
     FetchRequest request(model);
     request.version = version;
-    return store_->Describe(request);
+    return answers()->Describe(request);
   }
 
   absl::StatusOr<StateDict> Fetch(
       const std::string& model, int64_t version,
-      const std::vector<std::string>& keys) override {
+      const std::vector<std::string>& keys,
+      const std::function<void(uint64_t)>& progress) override {
     RETURN_IF_ERROR(Reachable());
     FetchRequest request(model);
     request.version = version;
     request.keys = keys;
-    ASSIGN_OR_RETURN(FetchPlan plan, store_->Fetch(request));
+    ASSIGN_OR_RETURN(FetchPlan plan, answers()->Fetch(request));
+    if (progress) progress(plan.state->TotalBytes() / 2);
+    RETURN_IF_ERROR(PassFetchGate());
     fetched_bytes_ += plan.state->TotalBytes();
+    if (progress) progress(plan.state->TotalBytes());
     return *plan.state;
   }
 
@@ -107,6 +121,32 @@ class FakeUpstream : public Upstream {
     absl::MutexLock lock(&mu_);
     down_ = false;
   }
+  // Every call goes to `store` from now on; the watch in flight ends.
+  void Serve(ModelStore* store) {
+    absl::MutexLock lock(&mu_);
+    watched_ = store;
+    answers_ = store;
+    ++serving_;
+  }
+  // Describe and Fetch go to `store`; the watch stays where it is.
+  void AnswerFrom(ModelStore* store) {
+    absl::MutexLock lock(&mu_);
+    answers_ = store;
+  }
+  // Fetches wait, half done, until ReleaseFetches (or fail with Unavailable,
+  // with `fail`).
+  void HoldFetches(bool fail = false) {
+    absl::MutexLock lock(&mu_);
+    fetch_gate_ = fail ? Gate::kFail : Gate::kHold;
+  }
+  void ReleaseFetches() {
+    absl::MutexLock lock(&mu_);
+    fetch_gate_ = Gate::kOpen;
+  }
+  int fetches_held() const {
+    absl::MutexLock lock(&mu_);
+    return fetches_held_;
+  }
   uint64_t fetched_bytes() const { return fetched_bytes_; }
   void set_legacy(bool legacy) { legacy_ = legacy; }
 
@@ -115,17 +155,41 @@ class FakeUpstream : public Upstream {
     absl::Mutex mu;
     LatestEventQueue events ABSL_GUARDED_BY(mu);
   };
+  enum class Gate { kOpen, kHold, kFail };
 
-  absl::Status Reachable() const {
+  ModelStore* answers() const {
+    absl::MutexLock lock(&mu_);
+    return answers_;
+  }
+  absl::Status PassFetchGate() {
+    absl::MutexLock lock(&mu_);
+    if (fetch_gate_ == Gate::kFail)
+      return absl::UnavailableError("fake upstream drops fetches");
+    ++fetches_held_;
+    auto passable = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return fetch_gate_ != Gate::kHold || cancelled_;
+    };
+    mu_.Await(absl::Condition(&passable));
+    --fetches_held_;
+    return cancelled_ ? absl::CancelledError("cancelled") : absl::OkStatus();
+  }
+  // OK while reachable (and, given `serving`, still serving the same store).
+  absl::Status Reachable(int64_t serving = -1) const {
     absl::MutexLock lock(&mu_);
     if (cancelled_) return absl::CancelledError("cancelled");
     if (down_) return absl::UnavailableError("fake upstream is down");
+    if (serving >= 0 && serving != serving_)
+      return absl::UnavailableError("fake upstream moved to another server");
     return absl::OkStatus();
   }
-  ModelStore* store_;
   mutable absl::Mutex mu_;
+  ModelStore* watched_ ABSL_GUARDED_BY(mu_);
+  ModelStore* answers_ ABSL_GUARDED_BY(mu_);
+  int64_t serving_ ABSL_GUARDED_BY(mu_) = 0;
   bool down_ ABSL_GUARDED_BY(mu_) = false;
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+  Gate fetch_gate_ ABSL_GUARDED_BY(mu_) = Gate::kOpen;
+  int fetches_held_ ABSL_GUARDED_BY(mu_) = 0;
   std::atomic<uint64_t> fetched_bytes_{0};
   std::atomic<bool> legacy_{false};
 };
@@ -302,23 +366,164 @@ TEST(SyncModelTest, TiedTensorsTravelOnceAndStayShared) {
                   ->SharesBytesWith(*mirrored.Find("head.weight")));
 }
 
-TEST(SyncModelTest, UpstreamThatRestartedWithOtherStateIsMirrored) {
+constexpr uint64_t kEpochA = 0xa1a1a1a1a1a1a1a1;
+constexpr uint64_t kEpochB = 0xb2b2b2b2b2b2b2b2;
+
+void SetEpoch(ModelStore& store, uint64_t epoch) {
+  ASSERT_TRUE(store.RecordEpoch(epoch).ok());
+}
+
+// A replica behind a load balancer that has not caught up yet answers with
+// an older version of the same history: the follower keeps what it holds.
+TEST(SyncModelTest, ALaggingUpstreamNeverTakesTheFollowerBackwards) {
   ModelStore primary(PrimaryOptions());
+  ModelStore lagging(ReplicaOptions());
   ModelStore replica(ReplicaOptions());
+  for (ModelStore* store : {&primary, &lagging, &replica})
+    SetEpoch(*store, kEpochA);
+  FakeUpstream to_primary(&primary);
+  FakeUpstream to_lagging(&lagging);
+  ASSERT_TRUE(primary.CreateFromSpec("net", kNet, 1).ok());
+  ASSERT_TRUE(SyncModel(lagging, to_primary, "net").ok());
+  ASSERT_TRUE(primary.Load(LoadRequest("net"), Filled(primary, "net", 2)).ok());
+  ASSERT_TRUE(SyncModel(replica, to_primary, "net").value().committed);
+
+  const SyncOutcome outcome = SyncModel(replica, to_lagging, "net").value();
+  EXPECT_TRUE(outcome.stale);
+  EXPECT_FALSE(outcome.committed);
+  EXPECT_EQ(outcome.version, 1);
+  EXPECT_EQ(to_lagging.fetched_bytes(), 0u);
+  ExpectMirrored(primary, replica, "net");
+  // The store itself refuses to go back, or to delete what is newer.
+  const Snapshot old = lagging.GetSnapshot("net").value();
+  EXPECT_EQ(replica.ApplyReplicated(old).code(), absl::StatusCode::kAborted);
+  EXPECT_EQ(replica.RemoveReplicated("net", 1).code(),
+            absl::StatusCode::kAborted);
+  ExpectMirrored(primary, replica, "net");
+}
+
+// Another history (a primary that restarted without its data) is taken on
+// only when asked: kReplace mirrors it whatever the versions, retained ones
+// included; a forward sync refuses a manifest of another epoch.
+TEST(SyncModelTest, AnotherEpochIsRefusedForwardAndReplacesWhenAdopted) {
+  ModelStore primary(PrimaryOptions());
+  ModelStore replica(ReplicaOptions(3));
+  SetEpoch(primary, kEpochA);
+  SetEpoch(replica, kEpochA);
   FakeUpstream upstream(&primary);
   ASSERT_TRUE(primary.CreateFromSpec("net", kNet, 1).ok());
   ASSERT_TRUE(primary.Load(LoadRequest("net"), Filled(primary, "net", 2)).ok());
   ASSERT_TRUE(SyncModel(replica, upstream, "net").ok());
-  // A new upstream process without the old state: version 1 again, other
-  // bytes. The follower mirrors it rather than keeping a version 2 that no
-  // longer exists anywhere.
   ModelStore restarted(PrimaryOptions());
+  SetEpoch(restarted, kEpochB);
   FakeUpstream new_upstream(&restarted);
   ASSERT_TRUE(restarted.CreateFromSpec("net", kNet, 9).ok());
-  SyncOutcome outcome = SyncModel(replica, new_upstream, "net").value();
+
+  absl::StatusOr<SyncOutcome> refused = SyncModel(replica, new_upstream, "net");
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kAborted);
+  EXPECT_THAT(refused.status().message(),
+              HasSubstr("of epoch b2b2b2b2b2b2b2b2"));
+  ExpectMirrored(primary, replica, "net");
+
+  ASSERT_TRUE(replica.BeginAdoption(kEpochB).ok());
+  SyncOptions replace;
+  replace.how = ReplicaWrite::kReplace;
+  SyncOutcome outcome =
+      SyncModel(replica, new_upstream, "net", replace).value();
   EXPECT_TRUE(outcome.committed);
   EXPECT_EQ(outcome.version, 1);
   ExpectMirrored(restarted, replica, "net");
+  EXPECT_EQ(replica.RetainedVersions("net").value(), (std::vector<int64_t>{1}));
+}
+
+TEST(ReplicaStoreTest, RemembersDeletionsSoALaggingUpstreamCannotBringOneBack) {
+  ModelStore primary(PrimaryOptions());
+  ModelStore replica(ReplicaOptions());
+  ASSERT_TRUE(primary.CreateFromSpec("net", kNet, 1).ok());
+  Snapshot net = primary.GetSnapshot("net").value();
+  net.version = 3;
+  ASSERT_TRUE(replica.ApplyReplicated(net).ok());
+  std::vector<std::string> events;
+  const int64_t id = replica.AddListener([&events](const ModelEvent& event) {
+    events.push_back(absl::StrCat(static_cast<int>(event.type), "@",
+                                  event.model, "@", event.version));
+  });
+  ASSERT_TRUE(replica.RemoveReplicated("net", 3).ok());
+  EXPECT_EQ(replica.DeletedVersion("net"), 3);
+  for (int64_t version : {2, 3}) {
+    net.version = version;
+    EXPECT_EQ(replica.ApplyReplicated(net).code(), absl::StatusCode::kAborted);
+  }
+  // Created again after its deletion: versions continue past it.
+  net.version = 4;
+  ASSERT_TRUE(replica.ApplyReplicated(net).ok());
+  EXPECT_EQ(replica.DeletedVersion("net"), 0);
+  // A deletion of a model not held is remembered and passed on, once.
+  ASSERT_TRUE(replica.RemoveReplicated("other", 5).ok());
+  ASSERT_TRUE(replica.RemoveReplicated("other", 5).ok());
+  EXPECT_EQ(replica.DeletedVersion("other"), 5);
+  replica.RemoveListener(id);
+  EXPECT_THAT(events,
+              ::testing::ElementsAre("2@net@3", "0@net@4", "2@other@5"));
+  // Listings carry what is deleted, after what is held.
+  replica.MarkReplicaSynced();
+  std::vector<std::string> listed;
+  replica.RemoveListener(
+      replica
+          .WatchAll([&listed](const ModelEvent& event) {
+            listed.push_back(absl::StrCat(static_cast<int>(event.type), "@",
+                                          event.model, "@", event.version));
+          })
+          .value());
+  EXPECT_THAT(listed, ::testing::ElementsAre("3@net@4", "2@other@5", "5@@0"));
+  // An adoption forgets them, and lists nothing to followers until done.
+  ASSERT_TRUE(replica.BeginAdoption(kEpochB).ok());
+  EXPECT_EQ(replica.DeletedVersion("other"), 0);
+  EXPECT_EQ(replica.WatchAll([](const ModelEvent&) {}).status().code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_TRUE(replica.lineage().adopting);
+  ASSERT_TRUE(replica.EndAdoption().ok());
+  EXPECT_EQ(replica.lineage().epoch, kEpochB);
+  EXPECT_FALSE(replica.lineage().adopting);
+}
+
+TEST(DecideModelTest, EveryCase) {
+  using M = ModelAction;
+  struct Case {
+    ModelPosition held, upstream;
+    bool adopting;
+    ModelAction action;
+  };
+  const Case cases[] = {
+      // Within one epoch.
+      {{4, 0}, {4, 0}, false, M::kNothing},
+      {{4, 0}, {5, 0}, false, M::kSync},
+      {{4, 0}, {1, 0}, false, M::kKeepUpstreamBehind},
+      {{0, 0}, {1, 0}, false, M::kSync},
+      {{0, 3}, {3, 0}, false, M::kKeepUpstreamBehind},
+      {{0, 3}, {4, 0}, false, M::kSync},
+      {{4, 0}, {0, 4}, false, M::kRemove},
+      {{4, 0}, {0, 6}, false, M::kRemove},
+      {{4, 0}, {0, 3}, false, M::kKeepUpstreamBehind},
+      {{0, 0}, {0, 3}, false, M::kRememberDeletion},
+      {{0, 2}, {0, 3}, false, M::kRememberDeletion},
+      {{0, 3}, {0, 3}, false, M::kNothing},
+      {{4, 0}, {0, 0}, false, M::kKeepUnconfirmed},
+      {{0, 3}, {0, 0}, false, M::kNothing},
+      // Adopting another epoch: the upstream's state, whatever it is.
+      {{4, 0}, {1, 0}, true, M::kReplace},
+      {{4, 0}, {9, 0}, true, M::kReplace},
+      {{4, 0}, {0, 0}, true, M::kDrop},
+      {{4, 0}, {0, 2}, true, M::kDrop},
+      {{0, 0}, {0, 2}, true, M::kRememberDeletion},
+      {{0, 0}, {0, 0}, true, M::kNothing},
+  };
+  for (const Case& c : cases) {
+    EXPECT_EQ(DecideModel(c.held, c.upstream, c.adopting), c.action)
+        << "held " << c.held.version << "/" << c.held.deleted_at
+        << ", upstream " << c.upstream.version << "/" << c.upstream.deleted_at
+        << (c.adopting ? ", adopting" : "");
+  }
 }
 
 TEST(SyncModelTest, FetchedTensorThatDiffersFromTheManifestIsRefused) {
@@ -377,15 +582,16 @@ TEST(ReplicaStoreTest, RefusesEveryWriteNamingTheUpstreamAndChangesNothing) {
   for (size_t i = 0; i < after.tensors.size(); ++i)
     EXPECT_EQ(after.tensors[i].checksum, before.tensors[i].checksum);
   // And a primary's store refuses the replica-only API.
-  EXPECT_EQ(primary.RemoveReplicated("net").code(),
+  EXPECT_EQ(primary.RemoveReplicated("net", 1).code(),
             absl::StatusCode::kFailedPrecondition);
 }
 
 // Runs a follower on a thread of its own until destroyed.
 class RunningFollower {
  public:
-  RunningFollower(ModelStore* store, Upstream* upstream)
-      : follower_(store, upstream, Options()),
+  RunningFollower(ModelStore* store, Upstream* upstream,
+                  EpochAdoption adoption = {})
+      : follower_(store, upstream, Options(adoption)),
         thread_([this] { follower_.Run(); }) {}
   ~RunningFollower() {
     follower_.Stop();
@@ -397,10 +603,18 @@ class RunningFollower {
     absl::MutexLock lock(&mu_);
     return log_;
   }
+  // How many lines of the log hold `needle`.
+  int Logged(const std::string& needle) {
+    int count = 0;
+    for (const std::string& line : log())
+      count += line.find(needle) != std::string::npos;
+    return count;
+  }
 
  private:
-  FollowerOptions Options() {
+  FollowerOptions Options(EpochAdoption adoption) {
     FollowerOptions options;
+    options.adoption = adoption;
     options.min_backoff = absl::Milliseconds(5);
     options.max_backoff = absl::Milliseconds(50);
     options.log = [this](const std::string& line) {
@@ -544,6 +758,255 @@ TEST(FollowerTest, SaysSoWhenTheUpstreamCannotWatchAllModels) {
                  std::string::npos;
   }
   EXPECT_TRUE(explained);
+}
+
+// Records a store's events from some point on.
+class EventRecorder {
+ public:
+  explicit EventRecorder(ModelStore* store) : store_(store) {
+    id_ = store_->AddListener([this](const ModelEvent& event) {
+      absl::MutexLock lock(&mu_);
+      events_.push_back(absl::StrCat(static_cast<int>(event.type), "@",
+                                     event.model, "@", event.version));
+    });
+  }
+  ~EventRecorder() { store_->RemoveListener(id_); }
+  std::vector<std::string> events() {
+    absl::MutexLock lock(&mu_);
+    return events_;
+  }
+
+ private:
+  ModelStore* store_;
+  int64_t id_;
+  absl::Mutex mu_;
+  std::vector<std::string> events_ ABSL_GUARDED_BY(mu_);
+};
+
+// The follower's address leads to a replica that lags (a Service in front of
+// the primary and its replicas): it keeps its newer versions and the models
+// the replica does not have yet, and moves on only with the replica.
+TEST(FollowerTest, ALaggingUpstreamNeverMakesItGoBackwardsOrDelete) {
+  ModelStore primary(PrimaryOptions());
+  ModelStore lagging(ReplicaOptions());
+  ModelStore replica(ReplicaOptions());
+  SetEpoch(primary, kEpochA);
+  SetEpoch(lagging, kEpochA);
+  FakeUpstream to_primary(&primary);
+  ASSERT_TRUE(primary.CreateFromSpec("net", kNet, 1).ok());
+  ASSERT_TRUE(SyncModel(lagging, to_primary, "net").ok());
+  lagging.MarkReplicaSynced();
+  for (int i = 2; i <= 4; ++i) {
+    ASSERT_TRUE(
+        primary.Load(LoadRequest("net"), Filled(primary, "net", i)).ok());
+  }
+  ASSERT_TRUE(primary.CreateFromSpec("fresh", kNet, 2).ok());
+  FakeUpstream upstream(&primary);
+  RunningFollower follower(&replica, &upstream);
+  ASSERT_TRUE(WaitFor([&] {
+    return follower->synced() && VersionOf(replica, "net") == 4 &&
+           VersionOf(replica, "fresh") == 1;
+  }));
+  EXPECT_EQ(replica.epoch(), kEpochA);
+
+  EventRecorder events(&replica);
+  upstream.Serve(&lagging);
+  ASSERT_TRUE(WaitFor([&] {
+    return follower->stats().connected &&
+           follower->stats().upstream_failures >= 1 &&
+           follower->stats().stale_answers >= 2;
+  }));
+  ExpectMirrored(primary, replica, "net");
+  ExpectMirrored(primary, replica, "fresh");
+  EXPECT_THAT(events.events(), ::testing::IsEmpty());
+  EXPECT_EQ(follower->stats().deletes, 0);
+  EXPECT_EQ(follower.Logged("follow: keeping net version 4: fake-primary:1 "
+                            "shows it version 1 (it lags)"),
+            1);
+  EXPECT_EQ(follower.Logged("follow: keeping fresh version 1: it is not on "
+                            "fake-primary:1, which remembers no deletion"),
+            1);
+
+  // The replica catches up and goes past: so does the follower, from it.
+  ASSERT_TRUE(primary.Load(LoadRequest("net"), Filled(primary, "net", 5)).ok());
+  ASSERT_TRUE(SyncModel(lagging, to_primary, "net").ok());
+  ASSERT_TRUE(WaitFor([&] { return VersionOf(replica, "net") == 5; }));
+  ExpectMirrored(primary, replica, "net");
+  // A deletion the replica mirrors, of the version held, is one.
+  ASSERT_TRUE(primary.Delete("net").ok());
+  ASSERT_TRUE(lagging.RemoveReplicated("net", 5).ok());
+  ASSERT_TRUE(WaitFor([&] { return VersionOf(replica, "net") == 0; }));
+  EXPECT_THAT(events.events(), ::testing::ElementsAre("1@net@5", "2@net@5"));
+  EXPECT_EQ(follower->stats().deletes, 1);
+}
+
+// Round robin over the primary and a lagging replica: the watch is the
+// primary's, a describe the replica's. The follower does not take the older
+// answer, and retries until an answer has what the watch showed.
+TEST(FollowerTest, AnAnswerOlderThanTheWatchIsRetriedNotApplied) {
+  ModelStore primary(PrimaryOptions());
+  ModelStore lagging(ReplicaOptions());
+  ModelStore replica(ReplicaOptions());
+  SetEpoch(primary, kEpochA);
+  SetEpoch(lagging, kEpochA);
+  FakeUpstream to_primary(&primary);
+  ASSERT_TRUE(primary.CreateFromSpec("net", kNet, 1).ok());
+  ASSERT_TRUE(SyncModel(lagging, to_primary, "net").ok());
+  FakeUpstream upstream(&primary);
+  RunningFollower follower(&replica, &upstream);
+  ASSERT_TRUE(WaitFor([&] { return follower->synced(); }));
+  upstream.AnswerFrom(&lagging);
+  ASSERT_TRUE(primary.Load(LoadRequest("net"), Filled(primary, "net", 2)).ok());
+  ASSERT_TRUE(WaitFor([&] {
+    return follower.Logged("after its watch showed version 2") >= 2;
+  }));
+  EXPECT_EQ(VersionOf(replica, "net"), 1);
+  EXPECT_EQ(follower->stats().lag_versions, 1);
+  upstream.AnswerFrom(&primary);
+  ASSERT_TRUE(WaitFor([&] { return VersionOf(replica, "net") == 2; }));
+  ExpectMirrored(primary, replica, "net");
+}
+
+// The primary lost its data and started another history: the follower keeps
+// serving what it holds and says so, at most once a minute, until told to
+// adopt the new epoch; then it mirrors it whatever the versions.
+TEST(FollowerTest, AnotherEpochChangesNothingUntilAdopted) {
+  ModelStore primary(PrimaryOptions());
+  ModelStore replica(ReplicaOptions(2));
+  SetEpoch(primary, kEpochA);
+  ASSERT_TRUE(primary.CreateFromSpec("net", kNet, 1).ok());
+  ASSERT_TRUE(primary.Load(LoadRequest("net"), Filled(primary, "net", 2)).ok());
+  ASSERT_TRUE(primary.CreateFromSpec("extra", kNet, 1).ok());
+  ModelStore restarted(PrimaryOptions());
+  SetEpoch(restarted, kEpochB);
+  ASSERT_TRUE(restarted.CreateFromSpec("net", kNet, 7).ok());
+  ASSERT_TRUE(restarted.CreateFromSpec("other", kNet, 7).ok());
+  FakeUpstream upstream(&primary);
+  {
+    RunningFollower follower(&replica, &upstream);
+    ASSERT_TRUE(WaitFor([&] {
+      return follower->synced() && VersionOf(replica, "extra") == 1;
+    }));
+    EventRecorder events(&replica);
+    upstream.Serve(&restarted);
+    ASSERT_TRUE(WaitFor([&] {
+      return follower->stats().epoch_refused &&
+             follower->stats().upstream_failures >= 4;
+    }));
+    ExpectMirrored(primary, replica, "net");
+    ExpectMirrored(primary, replica, "extra");
+    EXPECT_EQ(VersionOf(replica, "other"), 0);
+    EXPECT_THAT(events.events(), ::testing::IsEmpty());
+    EXPECT_EQ(replica.epoch(), kEpochA);
+    EXPECT_EQ(follower->stats().upstream_epoch, kEpochB);
+    EXPECT_EQ(follower.Logged("follow: WARNING: upstream fake-primary:1 is of "
+                              "epoch b2b2b2b2b2b2b2b2, another history than "
+                              "this follower's a1a1a1a1a1a1a1a1"),
+              1);
+    EXPECT_EQ(follower.Logged("restart with --adopt_epoch=b2b2b2b2b2b2b2b2"),
+              1);
+    // Only the loud line, not one per retry.
+    EXPECT_EQ(follower.Logged("FAILED_PRECONDITION"), 0);
+  }
+  // Another epoch than the one allowed changes nothing either.
+  {
+    FakeUpstream again(&restarted);
+    RunningFollower follower(&replica, &again,
+                             ParseEpochAdoption("c3").value());
+    ASSERT_TRUE(WaitFor([&] { return follower->stats().epoch_refused; }));
+    EXPECT_EQ(replica.epoch(), kEpochA);
+  }
+  FakeUpstream again(&restarted);
+  RunningFollower follower(&replica, &again,
+                           ParseEpochAdoption(EpochName(kEpochB)).value());
+  ASSERT_TRUE(WaitFor([&] {
+    return follower->stats().connected && !replica.lineage().adopting;
+  }));
+  EXPECT_EQ(replica.epoch(), kEpochB);
+  ExpectMirrored(restarted, replica, "net");
+  ExpectMirrored(restarted, replica, "other");
+  EXPECT_EQ(VersionOf(replica, "extra"), 0);
+  EXPECT_EQ(replica.RetainedVersions("net").value(), (std::vector<int64_t>{1}));
+  EXPECT_EQ(follower.Logged("follow: adopted epoch b2b2b2b2b2b2b2b2"), 1);
+  EXPECT_FALSE(follower->stats().epoch_refused);
+  // From here on, its ordinary history.
+  ASSERT_TRUE(
+      restarted.Load(LoadRequest("net"), Filled(restarted, "net", 3)).ok());
+  ASSERT_TRUE(WaitFor([&] { return VersionOf(replica, "net") == 2; }));
+  ExpectMirrored(restarted, replica, "net");
+}
+
+// Syncs run on a thread of their own: while one is held, the watch still
+// reads every commit, so the lag counts what the upstream has, and the bytes
+// the sync still has to fetch show.
+TEST(FollowerTest, TheWatchIsReadWhileASyncRuns) {
+  ModelStore primary(PrimaryOptions());
+  ModelStore replica(ReplicaOptions());
+  ASSERT_TRUE(primary.CreateFromSpec("net", kNet, 1).ok());
+  FakeUpstream upstream(&primary);
+  RunningFollower follower(&replica, &upstream);
+  ASSERT_TRUE(WaitFor([&] { return VersionOf(replica, "net") == 1; }));
+  upstream.HoldFetches();
+  ASSERT_TRUE(primary.Load(LoadRequest("net"), Filled(primary, "net", 2)).ok());
+  ASSERT_TRUE(WaitFor([&] { return upstream.fetches_held() == 1; }));
+  for (int i = 3; i <= 6; ++i) {
+    ASSERT_TRUE(
+        primary.Load(LoadRequest("net"), Filled(primary, "net", i)).ok());
+  }
+  ASSERT_TRUE(WaitFor([&] { return follower->stats().lag_versions == 5; }));
+  const uint64_t all =
+      primary.Describe(FetchRequest("net")).value().summary.num_bytes;
+  FollowerStats stats = follower->stats();
+  EXPECT_GT(stats.sync_bytes_in_flight, 0u);
+  EXPECT_LT(stats.sync_bytes_in_flight, all);
+  absl::SleepFor(absl::Milliseconds(50));
+  EXPECT_GE(follower->stats().behind, absl::Milliseconds(50));
+  const std::vector<ModelLag> lags = follower->model_lags();
+  ASSERT_EQ(lags.size(), 1u);
+  EXPECT_EQ(lags[0].model, "net");
+  EXPECT_EQ(lags[0].upstream_version, 6);
+  EXPECT_EQ(lags[0].held_version, 1);
+  EXPECT_GE(lags[0].behind, absl::Milliseconds(50));
+  EXPECT_TRUE(stats.connected);
+  EXPECT_EQ(stats.since_heard, absl::ZeroDuration());
+
+  upstream.ReleaseFetches();
+  ASSERT_TRUE(WaitFor([&] { return VersionOf(replica, "net") == 6; }));
+  ASSERT_TRUE(WaitFor([&] { return follower->stats().lag_versions == 0; }));
+  stats = follower->stats();
+  EXPECT_EQ(stats.sync_bytes_in_flight, 0u);
+  EXPECT_EQ(stats.behind, absl::ZeroDuration());
+  EXPECT_EQ(follower->model_lags()[0].behind, absl::ZeroDuration());
+}
+
+// Versions the follower heard of but could not fetch before the upstream
+// went away still count as lag; how long ago it heard from it shows.
+TEST(FollowerTest, LagStaysMeaningfulWhileTheUpstreamIsAway) {
+  ModelStore primary(PrimaryOptions());
+  ModelStore replica(ReplicaOptions());
+  ASSERT_TRUE(primary.CreateFromSpec("net", kNet, 1).ok());
+  FakeUpstream upstream(&primary);
+  RunningFollower follower(&replica, &upstream);
+  ASSERT_TRUE(WaitFor([&] { return follower->stats().connected; }));
+  upstream.HoldFetches(/*fail=*/true);
+  ASSERT_TRUE(primary.Load(LoadRequest("net"), Filled(primary, "net", 2)).ok());
+  ASSERT_TRUE(primary.Load(LoadRequest("net"), Filled(primary, "net", 3)).ok());
+  ASSERT_TRUE(WaitFor([&] { return follower->stats().lag_versions == 2; }));
+  upstream.Disconnect();
+  ASSERT_TRUE(WaitFor([&] { return !follower->stats().connected; }));
+  absl::SleepFor(absl::Milliseconds(100));
+  const FollowerStats away = follower->stats();
+  EXPECT_EQ(away.lag_versions, 2);
+  EXPECT_GE(away.since_heard, absl::Milliseconds(100));
+  EXPECT_GE(away.behind, absl::Milliseconds(100));
+  EXPECT_EQ(VersionOf(replica, "net"), 1);
+
+  upstream.ReleaseFetches();
+  upstream.Reconnect();
+  ASSERT_TRUE(WaitFor([&] { return VersionOf(replica, "net") == 3; }));
+  ASSERT_TRUE(WaitFor([&] { return follower->stats().connected; }));
+  EXPECT_EQ(follower->stats().lag_versions, 0);
+  EXPECT_EQ(follower->stats().since_heard, absl::ZeroDuration());
 }
 
 }  // namespace

@@ -161,18 +161,55 @@ absl::StatusOr<int64_t> ModelStore::WatchAll(
   return events_.WatchAll(std::move(listener));
 }
 
-void ModelStore::MarkReplicaSynced() { events_.MarkReplicaSynced(); }
+void ModelStore::MarkReplicaSynced() { events_.MarkReplicaSynced(true); }
 
 void ModelStore::RemoveListener(int64_t id) { events_.RemoveListener(id); }
 
-absl::Status ModelStore::ApplyReplicated(Snapshot snapshot) {
+absl::Status ModelStore::ApplyReplicated(Snapshot snapshot, ReplicaWrite how) {
   RETURN_IF_ERROR(CheckFollower("applies replicated versions"));
-  return writer_.ApplyReplicated(std::move(snapshot));
+  return writer_.ApplyReplicated(std::move(snapshot), how);
 }
 
-absl::Status ModelStore::RemoveReplicated(const std::string& name) {
+absl::Status ModelStore::RemoveReplicated(const std::string& name,
+                                          int64_t deleted_at,
+                                          ReplicaWrite how) {
   RETURN_IF_ERROR(CheckFollower("removes replicated models"));
-  return writer_.Erase(name);
+  return writer_.RemoveReplicated(name, deleted_at, how);
+}
+
+Lineage ModelStore::lineage() const { return catalog_.lineage(); }
+
+uint64_t ModelStore::epoch() const { return catalog_.epoch(); }
+
+int64_t ModelStore::DeletedVersion(const std::string& name) const {
+  return catalog_.DeletedVersion(name);
+}
+
+void ModelStore::RestoreLineage(Lineage lineage) {
+  catalog_.SetLineage(std::move(lineage));
+}
+
+absl::Status ModelStore::RecordEpoch(uint64_t epoch) {
+  return writer_.ChangeLineage([epoch](Lineage& lineage) {
+    lineage.epoch = epoch;
+    lineage.adopting = false;
+  });
+}
+
+absl::Status ModelStore::BeginAdoption(uint64_t epoch) {
+  RETURN_IF_ERROR(CheckFollower("adopts epochs"));
+  events_.MarkReplicaSynced(false);
+  return writer_.ChangeLineage([epoch](Lineage& lineage) {
+    lineage.epoch = epoch;
+    lineage.adopting = true;
+    lineage.deleted.clear();
+  });
+}
+
+absl::Status ModelStore::EndAdoption() {
+  RETURN_IF_ERROR(CheckFollower("adopts epochs"));
+  return writer_.ChangeLineage(
+      [](Lineage& lineage) { lineage.adopting = false; });
 }
 
 absl::Status ModelStore::CheckMemoryFor(int64_t extra_bytes) const {

@@ -32,6 +32,7 @@
 #include "store/catalog.h"
 #include "store/catalog_writer.h"
 #include "store/events.h"
+#include "store/lineage.h"
 #include "store/load_session.h"
 #include "store/requests.h"
 #include "store/snapshot.h"
@@ -204,15 +205,20 @@ class ModelStore {
 
   // Follower mode only (Options::replica_of; store/follower.h): makes
   // `snapshot` the current version of its model with the upstream's version
-  // number. A new model is created; a version above the current one is
-  // committed as a load would be (the current one is retained); a version at
-  // or below the current one (an upstream that restarted with other state)
-  // replaces the model, as a delete then a create. Persists first; on any
-  // error (InvalidArgument for a bad name or version, FailedPrecondition
-  // outside follower mode, ResourceExhausted, the persister's) the model is
-  // unchanged.
-  absl::Status ApplyReplicated(Snapshot snapshot);
+  // number, persisting it first. kForward (within the store's epoch): a new
+  // model is created and a version above the current one is committed as a
+  // load would be (the current one is retained); a version at or below the
+  // current one, or of a model deleted at that version or later, is refused
+  // with Aborted (the upstream lags). kReplace (taking on a new epoch): the
+  // model's versions, retained ones included, are dropped and `snapshot` is
+  // its only version. On any error (InvalidArgument for a bad name or
+  // version, FailedPrecondition outside follower mode, ResourceExhausted, the
+  // persister's) the model is unchanged, except that kReplace may have
+  // dropped it.
+  absl::Status ApplyReplicated(Snapshot snapshot,
+                               ReplicaWrite how = ReplicaWrite::kForward);
 
+  // ResourceExhausted if `extra_bytes` more live bytes would exceed the memory
   // ResourceExhausted if `extra_bytes` more live bytes would exceed the memory
   // limit (with what pending loads reserve); OK otherwise. A follower asks
   // before fetching a version's new tensors.
@@ -226,9 +232,35 @@ class ModelStore {
   absl::Status ChargeIfFits(const MemoryCharge& charge, int64_t bytes,
                             int64_t metadata_bytes = 0) const;
 
-  // Follower mode only: removes `name` as Delete does. NotFound if absent,
-  // FailedPrecondition outside follower mode.
-  absl::Status RemoveReplicated(const std::string& name);
+  // Follower mode only: the upstream deleted `name` at version `deleted_at`.
+  // kForward: removes the model as Delete does unless it holds a later
+  // version (Aborted: the upstream lags), and remembers the deletion (also of
+  // a model not held) so that a lagging upstream cannot bring it back.
+  // kReplace: removes it whatever its version, remembering `deleted_at` when
+  // positive. FailedPrecondition outside follower mode; the persister's error.
+  absl::Status RemoveReplicated(const std::string& name, int64_t deleted_at,
+                                ReplicaWrite how = ReplicaWrite::kForward);
+
+  // The store's lineage (store/lineage.h): the epoch of its versions and the
+  // deletions it remembers.
+  Lineage lineage() const;
+  uint64_t epoch() const;
+  // The version `name` had when it was deleted, if it is not held and its
+  // deletion is remembered; 0 otherwise.
+  int64_t DeletedVersion(const std::string& name) const;
+  // At start, before anything is served: the lineage the data dir kept.
+  void RestoreLineage(Lineage lineage);
+  // Names the epoch of the versions held (a primary's new history, a
+  // follower's first upstream), keeping the deletions remembered, and
+  // persists it. The persister's error leaves the lineage unchanged.
+  absl::Status RecordEpoch(uint64_t epoch);
+  // Follower mode only: starts taking on `epoch`, another history: forgets
+  // the deletions remembered, marks the lineage as adopting (persisted, so a
+  // restart resumes it) and refuses watches over all models again until
+  // MarkReplicaSynced, since what it holds meanwhile mixes two histories.
+  absl::Status BeginAdoption(uint64_t epoch);
+  // Follower mode only: every model now is of the adopted epoch.
+  absl::Status EndAdoption();
 
   // Removes a listener added by AddListener or Watch. Once it returns, the
   // listener is not running and will not be called again.

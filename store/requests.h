@@ -67,6 +67,8 @@ struct FetchPlan {
   // Shared by every fetch of the same selection while the version lives
   // (store/state_dict_memo.h).
   std::shared_ptr<const StateDict> state;
+  // The epoch of the store's history (store/lineage.h); 0: unknown.
+  uint64_t epoch = 0;
   // Where the data starts (FetchRequest::offset), at most the sent bytes.
   uint64_t offset = 0;
   // With FetchRequest::accept_shared_tensors, per entry of `state` the index
@@ -87,7 +89,10 @@ struct ModelEvent {
   enum class Type { kCreated, kUpdated, kDeleted, kCurrent, kAbsent, kListed };
   Type type;
   std::string model;
+  // For kDeleted, the version the model had when it was deleted.
   int64_t version = 0;
+  // The epoch of the sender's history (store/lineage.h); 0: unknown.
+  uint64_t epoch = 0;
 };
 
 // One model at one version, as ListModels shows it.
@@ -122,6 +127,9 @@ struct ModelManifest {
   // described subtree: with the tensors' kinds, what a follower needs to
   // rebuild an identical tree (model/module_tree.h).
   std::map<std::string, std::string> class_names;
+  // The epoch of the describing store's history (store/lineage.h), which
+  // `version` is a version of; 0: unknown.
+  uint64_t epoch = 0;
 };
 
 // torch's `model.get_submodule(module).load_state_dict(state, strict, assign)`
@@ -148,6 +156,9 @@ struct LoadRequest {
   // With create_if_missing: module path ("" for the root) -> torch class name,
   // used in torch's messages ("for Net:") and for class-specific load rules.
   std::map<std::string, std::string> class_names;
+  // The epoch of the describing store's history (store/lineage.h), which
+  // `version` is a version of; 0: unknown.
+  uint64_t epoch = 0;
 };
 
 // torch's load_state_dict return value, plus the version committed.

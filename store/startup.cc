@@ -29,6 +29,7 @@ absl::Status PopulateStore(const StartupModels& models, DataDir* data_dir,
     RestoreReport report = data_dir->Restore();
     for (const std::string& problem : report.problems)
       notes->push_back(absl::StrCat("restore: ", problem));
+    store->RestoreLineage(report.lineage);
     for (RestoredModel& model : report.models) {
       const Snapshot& snapshot = model.snapshot;
       RETURN_IF_ERROR(store->Restore(snapshot.model, snapshot.root,
@@ -46,6 +47,24 @@ absl::Status PopulateStore(const StartupModels& models, DataDir* data_dir,
     if (restored.count(name) > 0) continue;
     RETURN_IF_ERROR(AddSeed(name, LoadModelFile(path), store));
   }
+  return absl::OkStatus();
+}
+
+absl::Status EstablishPrimaryEpoch(bool new_epoch, ModelStore* store,
+                                   std::vector<std::string>* notes) {
+  const uint64_t kept = store->epoch();
+  if (kept != 0 && !new_epoch) {
+    notes->push_back(absl::StrCat("epoch ", EpochName(kept)));
+    return absl::OkStatus();
+  }
+  const uint64_t epoch = NewEpoch();
+  RETURN_IF_ERROR(store->RecordEpoch(epoch));
+  notes->push_back(absl::StrCat(
+      "epoch ", EpochName(epoch), " (new: ",
+      new_epoch ? absl::StrCat("--new_epoch; it was ", EpochName(kept))
+                : "no lineage record; followers of an earlier epoch keep "
+                  "theirs until told to adopt this one",
+      ")"));
   return absl::OkStatus();
 }
 

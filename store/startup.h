@@ -22,13 +22,20 @@ struct StartupModels {
   std::vector<std::pair<std::string, std::string>> preload;
 };
 
-// Fills `store` at start: first every model `data_dir` restores (when set),
-// then the demo and the preloads of `models` that were not restored (the
-// persisted state wins over the seed). Appends one line per restored model
-// and per damaged file skipped to `notes`. Returns the first preload's or
-// create's error, prefixed with the model's name.
+// Fills `store` at start: first the lineage and every model `data_dir`
+// restores (when set), then the demo and the preloads of `models` that were
+// not restored (the persisted state wins over the seed). Appends one line per
+// restored model and per damaged file skipped to `notes`. Returns the first
+// preload's or create's error, prefixed with the model's name.
 absl::Status PopulateStore(const StartupModels& models, DataDir* data_dir,
                            ModelStore* store, std::vector<std::string>* notes);
+
+// A primary's epoch (store/lineage.h), once PopulateStore ran: the one its data
+// dir kept, or a new one when it kept none (no data dir, an empty one, or one
+// from before epochs) or when `new_epoch` asks for it. Appends a line naming
+// the epoch and why to `notes`. Returns the persister's error.
+absl::Status EstablishPrimaryEpoch(bool new_epoch, ModelStore* store,
+                                   std::vector<std::string>* notes);
 
 }  // namespace modelstate
 

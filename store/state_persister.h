@@ -8,6 +8,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "store/lineage.h"
 #include "store/snapshot.h"
 
 namespace modelstate {
@@ -24,6 +25,10 @@ class StatePersister {
   virtual absl::Status Persist(const Snapshot& snapshot) = 0;
   // Removes every persisted version of `model`.
   virtual absl::Status Remove(const std::string& model) = 0;
+  // Makes `lineage` (the epoch and the deleted names) durable, replacing the
+  // one kept before. The store calls it after a delete and when its epoch
+  // changes, one call at a time.
+  virtual absl::Status PersistLineage(const Lineage& lineage) = 0;
 };
 
 }  // namespace modelstate

@@ -33,6 +33,7 @@ absl::StatusOr<FetchPlan> StateReader::Fetch(const FetchRequest& request) {
   FetchPlan plan;
   plan.model = snapshot.model;
   plan.version = snapshot.version;
+  plan.epoch = catalog_.epoch();
   ASSIGN_OR_RETURN(plan.state,
                    SelectState(snapshot, ToStateDictOptions(request)));
   if (request.dtype.has_value() || !request.key_dtypes.empty()) {
@@ -98,6 +99,7 @@ absl::StatusOr<ModelManifest> StateReader::Describe(
   manifest.tensors = DescribeTensors(state);
   manifest.architecture_json = snapshot.architecture;
   manifest.class_names = ClassNames(module, request.module);
+  manifest.epoch = catalog_.epoch();
   return manifest;
 }
 

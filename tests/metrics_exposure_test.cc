@@ -139,6 +139,40 @@ TEST(MetricsExposureTest, WithoutModelLabelsNoScrapeNamesAModel) {
   EXPECT_THAT(page, Not(HasSubstr("modelstate_model_bytes")));
 }
 
+// A follower's per-model series (its upstream's versions, how long each
+// model has been behind) name models too, and go with the others.
+TEST(MetricsExposureTest, AFollowersPerModelSeriesFollowTheSameSwitch) {
+  Daemon primary(DaemonArgs());
+  ASSERT_TRUE(
+      ConnectTo(primary.address())->CreateModel(kSecretModel, kNet, 1).ok());
+  for (const bool labels : {true, false}) {
+    SCOPED_TRACE(labels ? "with model labels" : "without model labels");
+    Daemon follower(DaemonArgs(
+        {"--follow=" + primary.address(),
+         absl::StrCat("--metrics_model_labels=", labels ? "true" : "false")}));
+    const int metrics = MetricsPort(follower);
+    ASSERT_GT(metrics, 0);
+    ASSERT_TRUE(testing_support::WaitUntil([&] {
+      return testing_support::MetricValue(metrics,
+                                          "modelstate_follower_connected") == 1;
+    }));
+    const std::string page = HttpGet(metrics, "/metrics");
+    EXPECT_THAT(page, HasSubstr("\nmodelstate_follower_lag_versions 0"));
+    EXPECT_THAT(page, HasSubstr("\nmodelstate_follower_behind_seconds 0"));
+    const std::string series = absl::StrCat(
+        "modelstate_follower_upstream_version{model=\"", kSecretModel, "\"} 1");
+    if (labels) {
+      EXPECT_THAT(page, HasSubstr(series));
+      EXPECT_THAT(page, HasSubstr(absl::StrCat(
+                            "modelstate_follower_model_behind_seconds{model=\"",
+                            kSecretModel, "\"} 0")));
+    } else {
+      EXPECT_THAT(page, Not(HasSubstr(kSecretModel)));
+      EXPECT_THAT(page, Not(HasSubstr("modelstate_follower_upstream_version")));
+    }
+  }
+}
+
 // More stalled clients than prometheus-cpp's two threads: with threads to
 // spare, the scrape is answered at once rather than after their timeout.
 TEST(MetricsExposureTest, AFewStalledClientsDoNotDelayAScrape) {

@@ -62,6 +62,7 @@ CuttingProxy::CuttingProxy(int upstream_port, std::vector<uint64_t> cuts)
   listener_ = ListenOnLoopback(&port_);
   EXPECT_GE(listener_, 0);
   EXPECT_EQ(pipe(stop_pipe_), 0);
+  EXPECT_EQ(pipe(order_pipe_), 0);
   thread_ = std::thread([this] { Run(); });
 }
 
@@ -73,6 +74,39 @@ CuttingProxy::~CuttingProxy() {
   close(listener_);
   close(stop_pipe_[0]);
   close(stop_pipe_[1]);
+  close(order_pipe_[0]);
+  close(order_pipe_[1]);
+}
+
+void CuttingProxy::Redirect(int port) {
+  redirect_to_ = port;
+  drop_all_ = true;
+  const char byte = 0;
+  EXPECT_EQ(write(order_pipe_[1], &byte, 1), 1);
+}
+
+void CuttingProxy::Isolate() {
+  isolated_ = true;
+  drop_all_ = true;
+  const char byte = 0;
+  EXPECT_EQ(write(order_pipe_[1], &byte, 1), 1);
+}
+
+void CuttingProxy::Heal() { isolated_ = false; }
+
+std::vector<absl::Time> CuttingProxy::accept_times() const {
+  absl::MutexLock lock(&accepts_mu_);
+  return accept_times_;
+}
+
+void CuttingProxy::TakeOrders() {
+  char bytes[64];
+  if (read(order_pipe_[0], bytes, sizeof bytes) <= 0) return;
+  const int port = redirect_to_.exchange(-1);
+  if (port >= 0) upstream_port_ = port;
+  if (!drop_all_.exchange(false)) return;
+  for (Pair& pair : pairs_) Close(pair);
+  pairs_.clear();
 }
 
 std::string CuttingProxy::address() const {
@@ -92,7 +126,11 @@ void CuttingProxy::Accept() {
   Pair pair;
   pair.client = accept(listener_, nullptr, nullptr);
   if (pair.client < 0) return;
-  if (absl::Now() < refuse_until_ ||
+  {
+    absl::MutexLock lock(&accepts_mu_);
+    accept_times_.push_back(absl::Now());
+  }
+  if (isolated_ || absl::Now() < refuse_until_ ||
       (pair.server = ConnectToLoopback(upstream_port_)) < 0) {
     Close(pair);
     return;
@@ -114,6 +152,9 @@ bool CuttingProxy::Forward(Pair& pair, bool downstream) {
   const ssize_t n = recv(from, buffer, want, 0);
   if (n <= 0 || !SendAll(to, buffer, static_cast<size_t>(n))) return false;
   if (!downstream) return true;
+  if (const uint64_t rate = rate_.load(); rate > 0) {
+    absl::SleepFor(absl::Seconds(static_cast<double>(n) / rate));
+  }
   downstream_bytes_ += static_cast<uint64_t>(n);
   pair.budget -= static_cast<uint64_t>(n);
   if (pair.budget > 0) return true;
@@ -125,18 +166,23 @@ bool CuttingProxy::Forward(Pair& pair, bool downstream) {
 void CuttingProxy::Run() {
   for (;;) {
     std::vector<pollfd> fds = {{stop_pipe_[0], POLLIN, 0},
-                               {listener_, POLLIN, 0}};
+                               {listener_, POLLIN, 0},
+                               {order_pipe_[0], POLLIN, 0}};
     for (const Pair& pair : pairs_) {
       fds.push_back({pair.client, POLLIN, 0});
       fds.push_back({pair.server, POLLIN, 0});
     }
     if (poll(fds.data(), fds.size(), -1) < 0) return;
     if (fds[0].revents != 0) return;
+    if (fds[2].revents != 0) {
+      TakeOrders();
+      continue;
+    }
     for (size_t i = 0; i < pairs_.size(); ++i) {
       Pair& pair = pairs_[i];
       bool open = true;
-      if (fds[2 + 2 * i].revents != 0) open = Forward(pair, false);
-      if (open && fds[3 + 2 * i].revents != 0) open = Forward(pair, true);
+      if (fds[3 + 2 * i].revents != 0) open = Forward(pair, false);
+      if (open && fds[4 + 2 * i].revents != 0) open = Forward(pair, true);
       if (!open) Close(pair);
     }
     pairs_.erase(

@@ -12,6 +12,8 @@
 #include <thread>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 
 namespace modelstate::testing_support {
@@ -50,6 +52,20 @@ class CuttingProxy {
   // away); call it from on_cut.
   void RefuseUntil(absl::Time until) { refuse_until_ = until; }
 
+  // From any thread: drops every connection, and sends later ones to
+  // 127.0.0.1:`port` (a load balancer that lands elsewhere).
+  void Redirect(int port);
+  // From any thread: drops every connection and closes new ones at once
+  // until Heal() (a host that went away).
+  void Isolate();
+  void Heal();
+  // From any thread: forwards at most about `bytes_per_second` from the server
+  // to the client, over every connection together (a shaped link); 0: as
+  // fast as it can.
+  void Throttle(uint64_t bytes_per_second) { rate_ = bytes_per_second; }
+  // When each connection was accepted, closed at once or not, oldest first.
+  std::vector<absl::Time> accept_times() const;
+
  private:
   struct Pair {
     int client = -1;
@@ -58,6 +74,8 @@ class CuttingProxy {
   };
 
   static void Close(Pair& pair);
+  // Applies what Redirect, Isolate and Heal asked for.
+  void TakeOrders();
   void Accept();
   bool Forward(Pair& pair, bool downstream);
   void Run();
@@ -72,6 +90,14 @@ class CuttingProxy {
   int listener_ = -1;
   int port_ = 0;
   int stop_pipe_[2] = {-1, -1};
+  // Wakes the proxy's thread for TakeOrders.
+  int order_pipe_[2] = {-1, -1};
+  std::atomic<int> redirect_to_{-1};
+  std::atomic<bool> drop_all_{false};
+  std::atomic<bool> isolated_{false};
+  std::atomic<uint64_t> rate_{0};
+  mutable absl::Mutex accepts_mu_;
+  std::vector<absl::Time> accept_times_ ABSL_GUARDED_BY(accepts_mu_);
   std::function<void(int)> on_cut_;
   std::atomic<uint64_t> downstream_bytes_{0};
   std::atomic<int> connections_{0};
