@@ -171,7 +171,7 @@ def test_block(block, tmp_path):
         return
     if block.verb == "skip":
         pytest.skip("%s: %s" % (block.id, block.argument))
-    if block.language == "python" and not PYTHON_DIR:
+    if (block.language == "python" or "import modelstate" in block.text) and not PYTHON_DIR:
         pytest.skip("%s: built without the Python client (MODELSTATE_BUILD_PYTHON=OFF)" % block.id)
     run(block, tmp_path)
 
