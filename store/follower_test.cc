@@ -936,6 +936,27 @@ TEST(FollowerTest, AnotherEpochChangesNothingUntilAdopted) {
   ExpectMirrored(restarted, replica, "net");
 }
 
+// An upstream whose epoch changes during a watch (a follower upstream that
+// adopted another history): the follower applies nothing of the new epoch's
+// events, lists again and decides on the whole listing.
+TEST(FollowerTest, AnEpochChangeDuringTheWatchIsListedAgainNotApplied) {
+  ModelStore primary(PrimaryOptions());
+  ModelStore replica(ReplicaOptions());
+  SetEpoch(primary, kEpochA);
+  ASSERT_TRUE(primary.CreateFromSpec("net", kNet, 1).ok());
+  FakeUpstream upstream(&primary);
+  RunningFollower follower(&replica, &upstream);
+  ASSERT_TRUE(WaitFor([&] { return follower->stats().connected; }));
+  SetEpoch(primary, kEpochB);
+  ASSERT_TRUE(primary.Load(LoadRequest("net"), Filled(primary, "net", 2)).ok());
+  ASSERT_TRUE(WaitFor([&] { return follower->stats().epoch_refused; }));
+  EXPECT_EQ(VersionOf(replica, "net"), 1);
+  EXPECT_EQ(replica.epoch(), kEpochA);
+  EXPECT_EQ(follower.Logged("changed its epoch from a1a1a1a1a1a1a1a1 to "
+                            "b2b2b2b2b2b2b2b2 during the watch"),
+            1);
+}
+
 // Syncs run on a thread of their own: while one is held, the watch still
 // reads every commit, so the lag counts what the upstream has, and the bytes
 // the sync still has to fetch show.
