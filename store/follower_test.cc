@@ -920,7 +920,8 @@ TEST(FollowerTest, AnotherEpochChangesNothingUntilAdopted) {
   RunningFollower follower(&replica, &again,
                            ParseEpochAdoption(EpochName(kEpochB)).value());
   ASSERT_TRUE(WaitFor([&] {
-    return follower->stats().connected && !replica.lineage().adopting;
+    return follower->stats().connected && !replica.lineage().adopting &&
+           follower.Logged("follow: mirrored all") >= 1;
   }));
   EXPECT_EQ(replica.epoch(), kEpochB);
   ExpectMirrored(restarted, replica, "net");
