@@ -804,27 +804,33 @@ void Follower::Reconciled(const std::string& model,
 
 void Follower::ListingMirrored() {
   bool adopted;
-  bool first;
   {
     absl::MutexLock lock(&mu_);
     adopted = adopting_;
     adopting_ = false;
     replaced_.clear();
-    stats_.connected = watch_up_ && mirroring_watch_ == watch_number_;
-    first = !stats_.synced;
-    stats_.synced = true;
   }
   if (adopted) {
+    // On error the record still says adopting: the next listing adopts
+    // again.
     const absl::Status ended = store_->EndAdoption();
-    // Its record says adopting still: the next listing adopts again.
-    if (!ended.ok()) Log(absl::StrCat("follow: ", ended.ToString()));
-    Log(absl::StrCat("follow: adopted epoch ", EpochName(store_->epoch()),
-                     " of ", upstream_->name()));
+    Log(ended.ok()
+            ? absl::StrCat("follow: adopted epoch ", EpochName(store_->epoch()),
+                           " of ", upstream_->name())
+            : absl::StrCat("follow: cannot record the adoption: ",
+                           ended.ToString()));
   }
   store_->MarkReplicaSynced();
   Log(absl::StrCat("follow: mirrored all ", store_->List().size(),
                    " models of ", upstream_->name(),
                    "; following its commits"));
+  bool first;
+  {
+    absl::MutexLock lock(&mu_);
+    stats_.connected = watch_up_ && mirroring_watch_ == watch_number_;
+    first = !stats_.synced;
+    stats_.synced = true;
+  }
   if (first && options_.on_first_sync) options_.on_first_sync();
 }
 

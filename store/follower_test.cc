@@ -920,7 +920,8 @@ TEST(FollowerTest, AnotherEpochChangesNothingUntilAdopted) {
   RunningFollower follower(&replica, &again,
                            ParseEpochAdoption(EpochName(kEpochB)).value());
   ASSERT_TRUE(WaitFor([&] {
-    return follower->stats().connected && !replica.lineage().adopting;
+    return follower->stats().connected && !replica.lineage().adopting &&
+           follower.Logged("follow: mirrored all") >= 1;
   }));
   EXPECT_EQ(replica.epoch(), kEpochB);
   ExpectMirrored(restarted, replica, "net");
@@ -934,6 +935,27 @@ TEST(FollowerTest, AnotherEpochChangesNothingUntilAdopted) {
       restarted.Load(LoadRequest("net"), Filled(restarted, "net", 3)).ok());
   ASSERT_TRUE(WaitFor([&] { return VersionOf(replica, "net") == 2; }));
   ExpectMirrored(restarted, replica, "net");
+}
+
+// An upstream whose epoch changes during a watch (a follower upstream that
+// adopted another history): the follower applies nothing of the new epoch's
+// events, lists again and decides on the whole listing.
+TEST(FollowerTest, AnEpochChangeDuringTheWatchIsListedAgainNotApplied) {
+  ModelStore primary(PrimaryOptions());
+  ModelStore replica(ReplicaOptions());
+  SetEpoch(primary, kEpochA);
+  ASSERT_TRUE(primary.CreateFromSpec("net", kNet, 1).ok());
+  FakeUpstream upstream(&primary);
+  RunningFollower follower(&replica, &upstream);
+  ASSERT_TRUE(WaitFor([&] { return follower->stats().connected; }));
+  SetEpoch(primary, kEpochB);
+  ASSERT_TRUE(primary.Load(LoadRequest("net"), Filled(primary, "net", 2)).ok());
+  ASSERT_TRUE(WaitFor([&] { return follower->stats().epoch_refused; }));
+  EXPECT_EQ(VersionOf(replica, "net"), 1);
+  EXPECT_EQ(replica.epoch(), kEpochA);
+  EXPECT_EQ(follower.Logged("changed its epoch from a1a1a1a1a1a1a1a1 to "
+                            "b2b2b2b2b2b2b2b2 during the watch"),
+            1);
 }
 
 // Syncs run on a thread of their own: while one is held, the watch still

@@ -300,8 +300,8 @@ TEST(FollowerFleetTest, AnEmptyPrimaryEmptiesNobodyUntilItsEpochIsAdopted) {
   EXPECT_THAT(HttpGet(metrics, "/metrics"),
               HasSubstr("modelstate_epoch_info{epoch=\"" +
                         EpochName(second_epoch) + "\"} 1"));
-  EXPECT_THAT(follower.Log(),
-              HasSubstr("follow: adopted epoch " + EpochName(second_epoch)));
+  EXPECT_TRUE(follower.WaitForLog(
+      "follow: adopted epoch " + EpochName(second_epoch), kWait));
   EXPECT_FALSE(Exists(held_file));
 }
 
