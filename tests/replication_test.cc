@@ -32,11 +32,16 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "model/module_factory.h"
+#include "tests/follower_support.h"
 #include "tests/proxy.h"
 #include "tests/test_support.h"
 
 namespace modelstate {
 namespace {
+
+using follower_support::FollowerArgs;
+using follower_support::Version;
+using follower_support::VersionOf;
 
 using ::testing::HasSubstr;
 using ::testing::Not;
@@ -55,34 +60,6 @@ constexpr char kNet[] = R"({"type": "Sequential", "modules": [
 
 // Every wait in this file is bounded by this.
 constexpr absl::Duration kWait = absl::Seconds(60);
-
-// Flags of a quiet follower of `upstream` that retries fast.
-std::vector<std::string> FollowerArgs(const std::string& upstream,
-                                      std::vector<std::string> extra = {}) {
-  std::vector<std::string> args = {"--follow=" + upstream, "--log_rpcs=false",
-                                   "--follow_retry_max=200ms",
-                                   "--metrics_listen=127.0.0.1:0"};
-  args.insert(args.end(), extra.begin(), extra.end());
-  return args;
-}
-
-struct Version {
-  int64_t version = 0;  // 0: the model is absent.
-  std::map<std::string, uint64_t> checksums;
-  bool operator==(const Version& other) const {
-    return version == other.version && checksums == other.checksums;
-  }
-};
-
-Version VersionOf(Client& client, const std::string& model) {
-  Version out;
-  absl::StatusOr<ModelManifest> manifest = client.GetModel(model);
-  if (!manifest.ok()) return out;
-  out.version = manifest->version;
-  for (const TensorDescription& tensor : manifest->tensors)
-    out.checksums[tensor.name] = tensor.checksum;
-  return out;
-}
 
 std::map<std::string, uint64_t> Checksums(const StateDict& state) {
   std::map<std::string, uint64_t> out;
