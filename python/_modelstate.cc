@@ -233,8 +233,10 @@ std::shared_ptr<const ModuleLayout> ToLayout(const py::handle& item,
 }
 
 // torch's load_state_dict checks (PlanLoad) of a module's layout against
-// (key, dtype, shape) tuples: (None, keys to fill) or (torch's error text,
-// None). Other errors (duplicate keys) raise.
+// (key, dtype, shape) tuples: (None, keys to fill, casts) or (torch's error
+// text, None, None), where casts maps each key whose stored and destination
+// dtypes are both floating and differ to the destination's dtype (what a
+// refresh asks the server to convert). Other errors (duplicate keys) raise.
 py::tuple PlanLoadInto(const py::object& layout, const py::list& fetched,
                        bool strict) {
   std::vector<TensorSpec> inputs;
@@ -250,11 +252,20 @@ py::tuple PlanLoadInto(const py::object& layout, const py::list& fetched,
   absl::StatusOr<LoadPlan> plan =
       PlanLoad(*ToLayout(layout, 0), inputs, options);
   if (absl::IsFailedPrecondition(plan.status()))
-    return py::make_tuple(std::string(plan.status().message()), py::none());
+    return py::make_tuple(std::string(plan.status().message()), py::none(),
+                          py::none());
   RaiseIfError(plan.status());
   py::list keys;
-  for (size_t input : plan->apply_order) keys.append(inputs[input].key);
-  return py::make_tuple(py::none(), keys);
+  py::dict casts;
+  for (size_t input : plan->apply_order) {
+    const TensorSpec& spec = inputs[input];
+    keys.append(spec.key);
+    const DType wanted = plan->targets[input]->dtype;
+    if (wanted != spec.dtype && IsFloatingPoint(wanted) &&
+        IsFloatingPoint(spec.dtype))
+      casts[py::str(spec.key)] = std::string(TorchName(wanted));
+  }
+  return py::make_tuple(py::none(), keys, casts);
 }
 
 FetchRequest ToFetchRequest(const std::string& model, const py::dict& args) {

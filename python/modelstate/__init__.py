@@ -131,24 +131,28 @@ def _dict_layout(net, tensors):
 
 
 def _load_targets(net, described, strict):
+    """The key -> local tensor pairs of ``_load_plan``."""
+    return _load_plan(net, described, strict)[0]
+
+
+def _load_plan(net, described, strict):
     """torch's load_state_dict checks of ``net`` (an nn.Module or a dict of
     tensors) against the fetched (key, kind, dtype, shape, ...) descriptions,
     run by the C++ rule the daemon applies: the key -> local tensor pairs to
-    fill; RuntimeError with torch's text otherwise."""
+    fill, and key -> dtype name of those the server should cast (floating
+    tensors whose destination is of another floating dtype); RuntimeError
+    with torch's text otherwise."""
     tensors = {}
     if isinstance(net, torch.nn.Module):
         layout = _layout_of(net, "", tensors)
     else:
         layout = _dict_layout(net, tensors)
     fetched = [(d[0], d[2], list(d[3])) for d in described]
-    error, keys = _modelstate.plan_load_into(layout, fetched, strict)
+    error, keys, casts = _modelstate.plan_load_into(layout, fetched, strict)
     if error is not None:
         raise RuntimeError(error)
-    return collections.OrderedDict((key, tensors[key]) for key in keys)
-
-
-_FLOATING = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn",
-             "float8_e5m2"}
+    return (collections.OrderedDict((key, tensors[key]) for key in keys),
+            casts)
 
 
 def _destinations(fetched, targets):
@@ -171,20 +175,6 @@ def _selected_keys(described, targets):
     if len(targets) == len(described):
         return None
     return [d[0] for d in described if d[0] in targets]
-
-
-def _server_casts(described, targets):
-    """key -> dtype name for each floating tensor whose destination is of
-    another floating dtype: the server casts those (None when there are
-    none)."""
-    stored = {d[0]: d[2] for d in described}
-    casts = {}
-    for key, tensor in targets.items():
-        wanted = _dtype_name(tensor.dtype)
-        if (stored[key] != wanted and stored[key] in _FLOATING
-                and wanted in _FLOATING):
-            casts[key] = wanted
-    return casts or None
 
 
 def _fetch_args(module, keep_module_prefix, keys, recurse, include_buffers,
@@ -365,13 +355,13 @@ class Client:
         prefix = module + "." if module else ""
         described = [(name[len(prefix):], kind, dtype, shape)
                      for name, kind, dtype, shape, _, _ in raw["tensors"]]
-        targets = _load_targets(net, described, strict)
+        targets, casts = _load_plan(net, described, strict)
         if not targets:
             return raw["version"]
         args = _fetch_args(module, False, _selected_keys(described, targets),
                            True, True, None, version)
         if cast_on_server:
-            args["key_dtypes"] = _server_casts(described, targets)
+            args["key_dtypes"] = casts or None
         args["min_version"] = None if version else raw["version"]
 
         def allocate(fetched):
